@@ -1,0 +1,123 @@
+//! The audit record: one per request, allowed or denied. The filter publishes
+//! it as filter state `wasm.tollgate_audit` (JSON); Envoy's gRPC and file
+//! access loggers ship it to the collector. Never contains the virtual key,
+//! the prompt or the completion.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the record layout; bumped on any incompatible change.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Filter-state name Envoy's access loggers are configured to read.
+pub const FILTER_STATE_KEY: &str = "wasm.tollgate_audit";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    #[default]
+    Allowed,
+    Denied,
+}
+
+/// Why a request was allowed or denied, as a stable machine-readable code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Forwarded to the provider.
+    #[default]
+    Ok,
+    MissingKey,
+    UnknownKey,
+    RevokedKey,
+    ExpiredKey,
+    ModelNotAllowed,
+    InvalidRequest,
+    BodyTooLarge,
+    RateLimited,
+    QuotaExhausted,
+    BudgetExhausted,
+    UnknownRoute,
+    NoPolicy,
+    /// Shared data kept refusing the bucket update (bounded CAS retries ran out).
+    StoreContention,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Ok => "ok",
+            Reason::MissingKey => "missing_key",
+            Reason::UnknownKey => "unknown_key",
+            Reason::RevokedKey => "revoked_key",
+            Reason::ExpiredKey => "expired_key",
+            Reason::ModelNotAllowed => "model_not_allowed",
+            Reason::InvalidRequest => "invalid_request",
+            Reason::BodyTooLarge => "body_too_large",
+            Reason::RateLimited => "rate_limited",
+            Reason::QuotaExhausted => "quota_exhausted",
+            Reason::BudgetExhausted => "budget_exhausted",
+            Reason::UnknownRoute => "unknown_route",
+            Reason::NoPolicy => "no_policy",
+            Reason::StoreContention => "store_contention",
+        }
+    }
+}
+
+/// Token counts by class. `*_estimated` / `output_reserved` are what was
+/// reserved before forwarding; the others come from the provider's `usage`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tokens {
+    pub input_estimated: u64,
+    pub output_reserved: u64,
+    pub input: Option<u64>,
+    pub output: Option<u64>,
+    pub cache_write: Option<u64>,
+    pub cache_read: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub schema: u32,
+    pub request_id: String,
+    /// Request start, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// `false` while the request is in flight: a record still provisional at
+    /// log time means the client or upstream went away before the end.
+    pub complete: bool,
+    pub key_id: Option<String>,
+    pub user: Option<String>,
+    pub team: Option<String>,
+    pub project: Option<String>,
+    pub app: Option<String>,
+    pub agent: Option<String>,
+    pub environment: Option<String>,
+    pub cost_center: Option<String>,
+    pub groups: Vec<String>,
+    pub route: String,
+    pub provider: String,
+    pub model_requested: Option<String>,
+    pub model_served: Option<String>,
+    pub stream: bool,
+    pub decision: Outcome,
+    pub reason: Reason,
+    /// Human-readable detail of a denial (the message the client saw).
+    pub detail: Option<String>,
+    /// HTTP status returned to the client (0 if none yet).
+    pub status: u16,
+    pub tokens: Tokens,
+    pub cost_usd: Option<f64>,
+    /// From request start to the end of the response, milliseconds.
+    pub latency_ms: Option<u64>,
+    /// The bucket that decided a denial (`key:alice-laptop:requests_per_minute`).
+    pub bucket: Option<String>,
+}
+
+impl AuditRecord {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<AuditRecord, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}

@@ -1,0 +1,61 @@
+//! Bounded compare-and-swap updates of one cell in shared data.
+//!
+//! Shared data has one global lock per process; a CAS fails only when another
+//! worker wrote the same key between our read and our write. Retries are
+//! bounded so a pathological hot key cannot spin a worker: after
+//! [`MAX_ATTEMPTS`] the update gives up with [`Contention`], which callers
+//! count and handle (deny at admission, log at reconciliation).
+//!
+//! Creation race: the host ignores `cas` when a key does not exist, so two
+//! workers could both create the same key and one debit would be lost. A key
+//! is therefore created with [`CREATE_CAS`], a CAS value the host hands out
+//! only after 2^32 - 1 writes: on a missing key the write creates it, and if
+//! another worker created it first the write fails with a mismatch and we
+//! retry on the existing value.
+
+use super::cell::Cell;
+use crate::host::{SharedStore, StoreError};
+
+pub const MAX_ATTEMPTS: u32 = 8;
+pub const CREATE_CAS: u32 = u32::MAX;
+
+/// The CAS retries ran out (or the host refused the write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Contention;
+
+/// What an update closure decides for the current cell.
+pub enum Step<T> {
+    /// Write the new cell and return `T`.
+    Write(Cell, T),
+    /// Leave the cell as it is and return `T` (a denial reads only).
+    Keep(T),
+}
+
+/// Reads the cell at `key`, lets `decide` compute the next state, and writes
+/// it with CAS, retrying on conflicts. `decide` may run several times.
+pub fn update<T>(
+    store: &dyn SharedStore,
+    key: &str,
+    mut decide: impl FnMut(Option<Cell>) -> Step<T>,
+) -> Result<T, Contention> {
+    for _ in 0..MAX_ATTEMPTS {
+        let (cell, cas) = match store.get(key) {
+            None => (None, CREATE_CAS),
+            Some((bytes, cas)) => (Cell::decode(&bytes), cas),
+        };
+        match decide(cell) {
+            Step::Keep(out) => return Ok(out),
+            Step::Write(next, out) => match store.set(key, &next.encode(), cas) {
+                Ok(()) => return Ok(out),
+                Err(StoreError::CasMismatch) => continue,
+                Err(StoreError::Failed) => return Err(Contention),
+            },
+        }
+    }
+    Err(Contention)
+}
+
+/// Reads a cell without writing.
+pub fn read(store: &dyn SharedStore, key: &str) -> Option<Cell> {
+    store.get(key).and_then(|(bytes, _)| Cell::decode(&bytes))
+}

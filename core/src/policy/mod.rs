@@ -1,0 +1,196 @@
+//! The policy: who may call which models, within which limits.
+//!
+//! Loading has two phases: `raw` mirrors the JSON with serde, `compile` checks
+//! it and builds the runtime [`Policy`] (hash index of keys, compiled model
+//! patterns, resolved limits, pool membership). The filter's `on_configure`
+//! and the CLI's `policy check` run the same code.
+
+mod compile;
+pub mod error;
+pub mod pattern;
+pub mod raw;
+
+pub use compile::compile;
+pub use error::{PolicyError, PolicyReport};
+pub use pattern::ModelPattern;
+
+use hashbrown::HashMap;
+
+/// A compiled, validated policy. Immutable; a reload builds a new one.
+#[derive(Debug, Default)]
+pub struct Policy {
+    keys: Vec<Key>,
+    index: HashMap<[u8; 32], usize>,
+    pub pools: Vec<Pool>,
+    pub groups: Vec<String>,
+    prices: Vec<(ModelPattern, Price)>,
+    pub settings: Settings,
+}
+
+/// Identity attributes of a key, carried into every audit record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub user: Option<String>,
+    pub team: Option<String>,
+    pub project: Option<String>,
+    pub app: Option<String>,
+    pub agent: Option<String>,
+    pub environment: Option<String>,
+    pub cost_center: Option<String>,
+    pub groups: Vec<String>,
+}
+
+/// One virtual key, with everything resolved: its own limits (key, else most
+/// restrictive group value, else defaults), its allowlist, its pools.
+#[derive(Debug, Clone)]
+pub struct Key {
+    pub id: String,
+    pub identity: Identity,
+    pub limits: Limits,
+    pub models: ModelSet,
+    /// Indexes into [`Policy::pools`] of every pool this key draws from.
+    pub pools: Vec<usize>,
+    pub revoked: bool,
+    pub expires_at_ms: Option<u64>,
+}
+
+/// Limits of one key or one pool; `None` means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Limits {
+    pub requests_per_minute: Option<u64>,
+    pub input_tokens_per_minute: Option<u64>,
+    pub output_tokens_per_minute: Option<u64>,
+    pub tokens_per_day: Option<u64>,
+    pub budget_usd_per_day: Option<f64>,
+    pub budget_usd_per_month: Option<f64>,
+}
+
+/// A shared pool (`team:payments`): every key whose attribute matches draws
+/// from its buckets too.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    pub name: String,
+    pub limits: Limits,
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+    pub cache_write: f64,
+    pub cache_read: f64,
+}
+
+/// The models a key may call.
+#[derive(Debug, Clone, Default)]
+pub struct ModelSet {
+    patterns: Vec<ModelPattern>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnknownRoutes {
+    #[default]
+    Deny,
+    Pass,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    pub unknown_routes: UnknownRoutes,
+    pub cache_reads_count_toward_input_limit: bool,
+    /// Minutes east of UTC for daily and monthly windows.
+    pub utc_offset_minutes: i32,
+    pub time_zone: String,
+    pub default_price: Option<Price>,
+}
+
+impl Policy {
+    /// O(1) lookup by the SHA-256 of a virtual key.
+    pub fn lookup(&self, key_sha256: &[u8; 32]) -> Option<&Key> {
+        self.index.get(key_sha256).and_then(|i| self.keys.get(*i))
+    }
+
+    /// Position of a key in [`Policy::keys`], for per-request state that
+    /// must not borrow the policy.
+    pub fn lookup_index(&self, key_sha256: &[u8; 32]) -> Option<usize> {
+        self.index.get(key_sha256).copied()
+    }
+
+    pub fn key(&self, index: usize) -> Option<&Key> {
+        self.keys.get(index)
+    }
+
+    pub fn keys(&self) -> &[Key] {
+        &self.keys
+    }
+
+    pub fn pool(&self, index: usize) -> Option<&Pool> {
+        self.pools.get(index)
+    }
+
+    /// The price of a model: the first matching pattern in `prices` (exact
+    /// names before globs), else the policy's `default_price`.
+    pub fn price(&self, model: &str) -> Option<Price> {
+        self.prices
+            .iter()
+            .find(|(p, _)| p.matches(model))
+            .map(|(_, price)| *price)
+            .or(self.settings.default_price)
+    }
+
+    /// Every distinct model pattern named anywhere (allowlists and prices).
+    pub fn model_patterns(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .keys
+            .iter()
+            .flat_map(|k| k.models.patterns.iter().map(|p| p.as_str().to_string()))
+            .chain(self.prices.iter().map(|(p, _)| p.as_str().to_string()))
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+}
+
+impl ModelSet {
+    pub fn new(patterns: Vec<ModelPattern>) -> ModelSet {
+        ModelSet { patterns }
+    }
+
+    pub fn allows(&self, model: &str) -> bool {
+        self.patterns.iter().any(|p| p.matches(model))
+    }
+
+    /// `claude-haiku-*, claude-sonnet-*` for error messages.
+    pub fn describe(&self) -> String {
+        if self.patterns.is_empty() {
+            return "no models".to_string();
+        }
+        self.patterns
+            .iter()
+            .map(ModelPattern::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl Key {
+    /// Whether the key may be used at `now_ms`; the reason is the client-facing
+    /// message when not.
+    pub fn check_valid(&self, now_ms: u64) -> Result<(), KeyRefusal> {
+        if self.revoked {
+            return Err(KeyRefusal::Revoked);
+        }
+        match self.expires_at_ms {
+            Some(at) if now_ms >= at => Err(KeyRefusal::Expired(at)),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRefusal {
+    Revoked,
+    Expired(u64),
+}

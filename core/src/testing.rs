@@ -1,0 +1,214 @@
+//! In-memory fakes of the host for tests: a shared-data store with Envoy's
+//! exact semantics (CAS ignored on missing keys, no deletion) that can inject
+//! CAS conflicts, and a builder-style request host.
+
+use crate::host::{HeaderList, Host, SharedStore, StoreError};
+use std::cell::{Cell as StdCell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// Shared data as Envoy implements it: a global CAS counter starting at 1,
+/// `set` with a non-zero `cas` fails on an existing key whose CAS differs,
+/// and creates a missing key whatever `cas` says.
+#[derive(Debug, Default)]
+pub struct MemStore {
+    map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    next_cas: StdCell<u32>,
+    /// Number of upcoming `set` calls that find the key changed under them
+    /// (as if another worker wrote in between).
+    conflicts: StdCell<u32>,
+    /// Number of `set` calls that hit a CAS mismatch so far.
+    pub mismatches: StdCell<u32>,
+}
+
+impl MemStore {
+    pub fn new() -> Rc<MemStore> {
+        Rc::new(MemStore { next_cas: StdCell::new(1), ..Default::default() })
+    }
+
+    /// The next `n` conditional writes lose a race: another writer bumps the
+    /// key's CAS first.
+    pub fn inject_conflicts(&self, n: u32) {
+        self.conflicts.set(n);
+    }
+
+    fn bump(&self) -> u32 {
+        let c = self.next_cas.get();
+        self.next_cas.set(c.wrapping_add(1).max(1));
+        c
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.borrow().is_empty()
+    }
+}
+
+impl SharedStore for MemStore {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.map.borrow().get(key).cloned()
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        if self.conflicts.get() > 0 {
+            self.conflicts.set(self.conflicts.get() - 1);
+            let bumped = self.bump();
+            if let Some(entry) = self.map.borrow_mut().get_mut(key) {
+                entry.1 = bumped;
+            }
+            if cas != 0 {
+                self.mismatches.set(self.mismatches.get() + 1);
+                return Err(StoreError::CasMismatch);
+            }
+        }
+        let new_cas = self.bump();
+        let mut map = self.map.borrow_mut();
+        match map.get_mut(key) {
+            Some(entry) => {
+                if cas != 0 && cas != entry.1 {
+                    self.mismatches.set(self.mismatches.get() + 1);
+                    return Err(StoreError::CasMismatch);
+                }
+                *entry = (value.to_vec(), new_cas);
+            }
+            None => {
+                map.insert(key.to_string(), (value.to_vec(), new_cas));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A request as the filter would see it, and everything the core did to it.
+#[derive(Debug)]
+pub struct FakeHost {
+    pub store: Rc<MemStore>,
+    pub request_headers: HeaderList,
+    pub request_body: Vec<u8>,
+    pub response_headers: HeaderList,
+    /// The response chunk the next `response_body` call returns.
+    pub response_chunk: Vec<u8>,
+    /// Every audit record published, in order (JSON).
+    pub audit: Vec<Vec<u8>>,
+    pub now_ms: u64,
+}
+
+impl Default for FakeHost {
+    fn default() -> Self {
+        FakeHost {
+            store: MemStore::new(),
+            request_headers: Vec::new(),
+            request_body: Vec::new(),
+            response_headers: Vec::new(),
+            response_chunk: Vec::new(),
+            audit: Vec::new(),
+            now_ms: 1_795_000_000_000,
+        }
+    }
+}
+
+impl FakeHost {
+    pub fn new() -> FakeHost {
+        FakeHost::default()
+    }
+
+    pub fn with_store(mut self, store: Rc<MemStore>) -> FakeHost {
+        self.store = store;
+        self
+    }
+
+    pub fn with_request_header(mut self, name: &str, value: &str) -> FakeHost {
+        self.request_headers.push((name.to_string(), value.as_bytes().to_vec()));
+        self
+    }
+
+    pub fn with_body(mut self, body: &str) -> FakeHost {
+        self.request_body = body.as_bytes().to_vec();
+        self
+    }
+
+    pub fn with_response_header(mut self, name: &str, value: &str) -> FakeHost {
+        self.response_headers.push((name.to_string(), value.as_bytes().to_vec()));
+        self
+    }
+
+    pub fn at(mut self, now_ms: u64) -> FakeHost {
+        self.now_ms = now_ms;
+        self
+    }
+
+    pub fn body_len(&self) -> usize {
+        self.request_body.len()
+    }
+
+    pub fn request_header(&self, name: &str) -> Option<String> {
+        crate::host::header(&self.request_headers, name).map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    pub fn response_header(&self, name: &str) -> Option<String> {
+        crate::host::header(&self.response_headers, name).map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// The last audit record published, parsed.
+    pub fn last_audit(&self) -> Option<crate::audit::AuditRecord> {
+        self.audit.last().and_then(|r| crate::audit::AuditRecord::from_json(r).ok())
+    }
+}
+
+fn set_header(list: &mut HeaderList, name: &str, value: Option<&[u8]>) {
+    list.retain(|(n, _)| n != name);
+    if let Some(v) = value {
+        list.push((name.to_string(), v.to_vec()));
+    }
+}
+
+impl SharedStore for FakeHost {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.store.get(key)
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        self.store.set(key, value, cas)
+    }
+}
+
+impl Host for FakeHost {
+    fn request_headers(&self) -> HeaderList {
+        self.request_headers.clone()
+    }
+
+    fn set_request_header(&mut self, name: &str, value: Option<&[u8]>) {
+        set_header(&mut self.request_headers, name, value);
+    }
+
+    fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        Some(self.request_body.get(..size.min(self.request_body.len()))?.to_vec())
+    }
+
+    fn replace_request_body(&mut self, body: &[u8]) {
+        self.request_body = body.to_vec();
+    }
+
+    fn response_headers(&self) -> HeaderList {
+        self.response_headers.clone()
+    }
+
+    fn set_response_header(&mut self, name: &str, value: Option<&[u8]>) {
+        set_header(&mut self.response_headers, name, value);
+    }
+
+    fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        Some(self.response_chunk.get(..size.min(self.response_chunk.len()))?.to_vec())
+    }
+
+    fn set_audit_record(&mut self, record: &[u8]) {
+        self.audit.push(record.to_vec());
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+}
