@@ -14,7 +14,7 @@
 //! - [`testing`]: an in-memory fake host for tests.
 //!
 //! ```
-//! use tollgate_core::{flow::RequestFlow, host::Decision, policy, testing::FakeHost};
+//! use tollgate_core::{flow::RequestFlow, host::Decision, policy, testing::{FakeHost, MemStore}};
 //! use std::rc::Rc;
 //!
 //! let key = "tg-example-key";
@@ -25,17 +25,27 @@
 //! );
 //! let (policy, _) = policy::compile(json.as_bytes(), "policy.json", 0).unwrap();
 //! let policy = Rc::new(policy);
-//! let mut host = FakeHost::new()
-//!     .with_request_header(":path", "/v1/messages")
-//!     .with_request_header("x-api-key", key)
-//!     .with_body(r#"{"model":"claude-haiku-4-5","max_tokens":16,"messages":[]}"#);
+//! let store = MemStore::new();
+//! let request = || {
+//!     FakeHost::new()
+//!         .with_store(store.clone())
+//!         .with_request_header(":path", "/v1/messages")
+//!         .with_request_header("x-api-key", key)
+//!         .with_body(r#"{"model":"claude-haiku-4-5","max_tokens":16,"messages":[]}"#)
+//! };
+//! let mut host = request();
 //! let mut flow = RequestFlow::new(policy.clone());
 //! assert_eq!(flow.on_request_headers(&mut host, false), Decision::Pause);
-//! assert_eq!(flow.on_request_body(&mut host, host.body_len(), true), Decision::Continue);
+//! let n = host.body_len();
+//! assert_eq!(flow.on_request_body(&mut host, n, true), Decision::Continue);
+//! assert_eq!(host.request_header("x-api-key"), None); // never sent upstream
+//!
 //! // The second request in the same minute finds the bucket empty.
+//! let mut host = request();
 //! let mut flow = RequestFlow::new(policy);
 //! flow.on_request_headers(&mut host, false);
-//! match flow.on_request_body(&mut host, host.body_len(), true) {
+//! let n = host.body_len();
+//! match flow.on_request_body(&mut host, n, true) {
 //!     Decision::Reply(r) => assert_eq!(r.status, 429),
 //!     other => panic!("expected 429, got {other:?}"),
 //! }

