@@ -11,7 +11,11 @@ mod run;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "Govern LLM API traffic in Envoy: virtual keys, token buckets, budgets, audit")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Govern LLM API traffic in Envoy: virtual keys, token buckets, budgets, audit"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

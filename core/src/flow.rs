@@ -44,7 +44,9 @@ pub struct FilterOptions {
 
 impl Default for FilterOptions {
     fn default() -> Self {
-        FilterOptions { hold_request_headers: true }
+        FilterOptions {
+            hold_request_headers: true,
+        }
     }
 }
 
@@ -86,7 +88,10 @@ impl RequestFlow {
             info: RequestInfo::default(),
             admission: None,
             response: Response::default(),
-            audit: AuditRecord { schema: SCHEMA_VERSION, ..Default::default() },
+            audit: AuditRecord {
+                schema: SCHEMA_VERSION,
+                ..Default::default()
+            },
             finished: false,
         }
     }
@@ -96,7 +101,10 @@ impl RequestFlow {
     }
 
     fn clock(&self, now: u64) -> Clock {
-        Clock { now, utc_offset_min: self.policy.settings.utc_offset_minutes }
+        Clock {
+            now,
+            utc_offset_min: self.policy.settings.utc_offset_minutes,
+        }
     }
 
     pub fn on_request_headers(&mut self, host: &mut impl Host, end_of_stream: bool) -> Decision {
@@ -124,42 +132,98 @@ impl RequestFlow {
                     "missing API key: send your Tollgate virtual key in x-api-key or Authorization: Bearer".to_string(), None, None);
             }
             Presented::Conflicting => {
-                return self.deny(host, ErrorKind::Unauthenticated, Reason::UnknownKey,
-                    "x-api-key and Authorization carry different keys: send one virtual key".to_string(), None, None);
+                return self.deny(
+                    host,
+                    ErrorKind::Unauthenticated,
+                    Reason::UnknownKey,
+                    "x-api-key and Authorization carry different keys: send one virtual key"
+                        .to_string(),
+                    None,
+                    None,
+                );
             }
         };
         let Some(index) = self.policy.lookup_index(&hash) else {
-            return self.deny(host, ErrorKind::Unauthenticated, Reason::UnknownKey, "invalid x-api-key".to_string(), None, None);
+            return self.deny(
+                host,
+                ErrorKind::Unauthenticated,
+                Reason::UnknownKey,
+                "invalid x-api-key".to_string(),
+                None,
+                None,
+            );
         };
         self.key = Some(index);
         let policy = self.policy.clone();
         let Some(key) = policy.key(index) else {
-            return self.deny(host, ErrorKind::Internal, Reason::NoPolicy, "key index out of range".to_string(), None, None);
+            return self.deny(
+                host,
+                ErrorKind::Internal,
+                Reason::NoPolicy,
+                "key index out of range".to_string(),
+                None,
+                None,
+            );
         };
         self.fill_identity(index);
         match key.check_valid(now) {
             Ok(()) => {}
             Err(KeyRefusal::Revoked) => {
-                return self.deny(host, ErrorKind::Unauthenticated, Reason::RevokedKey, "this API key has been revoked".to_string(), None, None);
+                return self.deny(
+                    host,
+                    ErrorKind::Unauthenticated,
+                    Reason::RevokedKey,
+                    "this API key has been revoked".to_string(),
+                    None,
+                    None,
+                );
             }
             Err(KeyRefusal::Expired(at)) => {
                 let msg = format!("this API key expired at {}", format_rfc3339(at));
-                return self.deny(host, ErrorKind::Unauthenticated, Reason::ExpiredKey, msg, None, None);
+                return self.deny(
+                    host,
+                    ErrorKind::Unauthenticated,
+                    Reason::ExpiredKey,
+                    msg,
+                    None,
+                    None,
+                );
             }
         }
 
         if self.route == Route::Other && policy.settings.unknown_routes == UnknownRoutes::Deny {
-            let path = header(&headers, ":path").map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
+            let path = header(&headers, ":path")
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .unwrap_or_default();
             let msg = format!("{path} is not an LLM API route served by this gateway");
-            return self.deny(host, ErrorKind::NotFound, Reason::UnknownRoute, msg, None, None);
+            return self.deny(
+                host,
+                ErrorKind::NotFound,
+                Reason::UnknownRoute,
+                msg,
+                None,
+                None,
+            );
         }
 
         if end_of_stream {
             if self.route.is_llm() {
-                return self.deny(host, ErrorKind::InvalidRequest, Reason::InvalidRequest,
-                    "request body is required".to_string(), None, None);
+                return self.deny(
+                    host,
+                    ErrorKind::InvalidRequest,
+                    Reason::InvalidRequest,
+                    "request body is required".to_string(),
+                    None,
+                    None,
+                );
             }
-            return self.admit(host, Demand { requests: 1.0, ..Default::default() });
+            return self.admit(
+                host,
+                Demand {
+                    requests: 1.0,
+                    ..Default::default()
+                },
+            );
         }
         if self.options.hold_request_headers {
             Decision::Pause
@@ -169,7 +233,9 @@ impl RequestFlow {
     }
 
     fn fill_identity(&mut self, index: usize) {
-        let Some(key) = self.policy.key(index) else { return };
+        let Some(key) = self.policy.key(index) else {
+            return;
+        };
         let id = &key.identity;
         let a = &mut self.audit;
         a.key_id = Some(key.id.clone());
@@ -183,7 +249,12 @@ impl RequestFlow {
         a.groups = id.groups.clone();
     }
 
-    pub fn on_request_body(&mut self, host: &mut impl Host, body_size: usize, end_of_stream: bool) -> Decision {
+    pub fn on_request_body(
+        &mut self,
+        host: &mut impl Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Decision {
         if self.finished || self.key.is_none() {
             return Decision::Continue;
         }
@@ -192,36 +263,86 @@ impl RequestFlow {
             return Decision::Pause;
         }
         if !self.route.is_llm() {
-            return self.admit(host, Demand { requests: 1.0, ..Default::default() });
+            return self.admit(
+                host,
+                Demand {
+                    requests: 1.0,
+                    ..Default::default()
+                },
+            );
         }
         let body = host.request_body(body_size).unwrap_or_default();
         let info = match usage::inspect_request(self.route, &body) {
             Ok(info) => info,
-            Err(e) => return self.deny(host, ErrorKind::InvalidRequest, Reason::InvalidRequest, e.0, None, None),
+            Err(e) => {
+                return self.deny(
+                    host,
+                    ErrorKind::InvalidRequest,
+                    Reason::InvalidRequest,
+                    e.0,
+                    None,
+                    None,
+                )
+            }
         };
         self.audit.stream = info.stream;
         self.audit.model_requested = info.model.clone();
         self.info = info;
         let Some(model) = self.info.model.clone() else {
-            return self.deny(host, ErrorKind::InvalidRequest, Reason::InvalidRequest, "model: field required".to_string(), None, None);
+            return self.deny(
+                host,
+                ErrorKind::InvalidRequest,
+                Reason::InvalidRequest,
+                "model: field required".to_string(),
+                None,
+                None,
+            );
         };
         let policy = self.policy.clone();
         let Some(key) = self.key.and_then(|i| policy.key(i)) else {
             return Decision::Continue;
         };
         if !key.models.allows(&model) {
-            let msg = format!("model {model} is not allowed for this key (allowed: {})", key.models.describe());
-            return self.deny(host, ErrorKind::ModelNotAllowed, Reason::ModelNotAllowed, msg, None, None);
+            let msg = format!(
+                "model {model} is not allowed for this key (allowed: {})",
+                key.models.describe()
+            );
+            return self.deny(
+                host,
+                ErrorKind::ModelNotAllowed,
+                Reason::ModelNotAllowed,
+                msg,
+                None,
+                None,
+            );
         }
 
         let demand = if self.route == Route::AnthropicCountTokens {
             // Counting tokens costs a request, never tokens.
-            Demand { requests: 1.0, ..Default::default() }
+            Demand {
+                requests: 1.0,
+                ..Default::default()
+            }
         } else {
             let input = self.info.input_estimate as f64;
             let output = self.info.max_tokens.unwrap_or(DEFAULT_OUTPUT_RESERVATION) as f64;
-            let usd = policy.price(&model).map(|p| cost(&p, &Usage { input: input as u64, output: output as u64, ..Default::default() }));
-            Demand { requests: 1.0, input_tokens: input, output_tokens: output, day_tokens: input + output, usd: usd.unwrap_or(0.0) }
+            let usd = policy.price(&model).map(|p| {
+                cost(
+                    &p,
+                    &Usage {
+                        input: input as u64,
+                        output: output as u64,
+                        ..Default::default()
+                    },
+                )
+            });
+            Demand {
+                requests: 1.0,
+                input_tokens: input,
+                output_tokens: output,
+                day_tokens: input + output,
+                usd: usd.unwrap_or(0.0),
+            }
         };
         self.audit.tokens.input_estimated = demand.input_tokens as u64;
         self.audit.tokens.output_reserved = demand.output_tokens as u64;
@@ -244,10 +365,18 @@ impl RequestFlow {
                 host.set_audit_record(&self.audit.to_json());
                 Decision::Continue
             }
-            Err(Denial::Limited { bucket, wait_ms, states }) => {
+            Err(Denial::Limited {
+                bucket,
+                wait_ms,
+                states,
+            }) => {
                 let retry = wait_ms.div_ceil(1000).max(1);
                 let quota = bucket.metric.is_quota();
-                let unit = if matches!(bucket.metric, Metric::UsdPerDay | Metric::UsdPerMonth) { "USD " } else { "" };
+                let unit = if matches!(bucket.metric, Metric::UsdPerDay | Metric::UsdPerMonth) {
+                    "USD "
+                } else {
+                    ""
+                };
                 let msg = format!(
                     "{} limit of {unit}{} reached for {}; {} in {}s",
                     bucket.metric.name(),
@@ -257,23 +386,51 @@ impl RequestFlow {
                     retry
                 );
                 let (kind, reason) = match bucket.metric {
-                    Metric::UsdPerDay | Metric::UsdPerMonth => (ErrorKind::QuotaExhausted, Reason::BudgetExhausted),
+                    Metric::UsdPerDay | Metric::UsdPerMonth => {
+                        (ErrorKind::QuotaExhausted, Reason::BudgetExhausted)
+                    }
                     Metric::TokensPerDay => (ErrorKind::QuotaExhausted, Reason::QuotaExhausted),
                     _ => (ErrorKind::RateLimited, Reason::RateLimited),
                 };
-                self.admission = Some(Admission { reservations: Vec::new(), states });
+                self.admission = Some(Admission {
+                    reservations: Vec::new(),
+                    states,
+                });
                 self.deny(host, kind, reason, msg, Some(retry), Some(bucket.label()))
             }
-            Err(Denial::Contention) => self.deny(host, ErrorKind::RateLimited, Reason::StoreContention,
-                "rate limiter busy; retry shortly".to_string(), Some(1), None),
+            Err(Denial::Contention) => self.deny(
+                host,
+                ErrorKind::RateLimited,
+                Reason::StoreContention,
+                "rate limiter busy; retry shortly".to_string(),
+                Some(1),
+                None,
+            ),
         }
     }
 
-    fn deny(&mut self, host: &mut impl Host, kind: ErrorKind, reason: Reason, message: String,
-            retry_after: Option<u64>, bucket: Option<String>) -> Decision {
-        let mut reply = error_reply(self.provider(), kind, &message, &self.audit.request_id, retry_after);
+    fn deny(
+        &mut self,
+        host: &mut impl Host,
+        kind: ErrorKind,
+        reason: Reason,
+        message: String,
+        retry_after: Option<u64>,
+        bucket: Option<String>,
+    ) -> Decision {
+        let mut reply = error_reply(
+            self.provider(),
+            kind,
+            &message,
+            &self.audit.request_id,
+            retry_after,
+        );
         if let Some(admission) = &self.admission {
-            reply.headers.extend(rate_limit_headers(self.provider(), &admission.states, host.now_ms()));
+            reply.headers.extend(rate_limit_headers(
+                self.provider(),
+                &admission.states,
+                host.now_ms(),
+            ));
         }
         self.audit.decision = Outcome::Denied;
         self.audit.reason = reason;
@@ -297,14 +454,19 @@ impl RequestFlow {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         self.response.status = status;
-        self.response.stream = header(&headers, "content-type")
-            .is_some_and(|ct| ct.windows(17).any(|w| w.eq_ignore_ascii_case(b"text/event-stream")));
-        self.response.encoded = header(&headers, "content-encoding").is_some_and(|e| !e.eq_ignore_ascii_case(b"identity"));
+        self.response.stream = header(&headers, "content-type").is_some_and(|ct| {
+            ct.windows(17)
+                .any(|w| w.eq_ignore_ascii_case(b"text/event-stream"))
+        });
+        self.response.encoded = header(&headers, "content-encoding")
+            .is_some_and(|e| !e.eq_ignore_ascii_case(b"identity"));
         if self.response.stream {
             self.response.sse = Some(StreamUsage::new(self.route));
         }
         if let Some(admission) = &self.admission {
-            for (name, value) in rate_limit_headers(self.provider(), &admission.states, host.now_ms()) {
+            for (name, value) in
+                rate_limit_headers(self.provider(), &admission.states, host.now_ms())
+            {
                 host.set_response_header(&name, Some(value.as_bytes()));
             }
         }
@@ -314,7 +476,12 @@ impl RequestFlow {
         Decision::Continue
     }
 
-    pub fn on_response_body(&mut self, host: &mut impl Host, body_size: usize, end_of_stream: bool) -> Decision {
+    pub fn on_response_body(
+        &mut self,
+        host: &mut impl Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Decision {
         if self.finished {
             return Decision::Continue;
         }
@@ -359,7 +526,9 @@ impl RequestFlow {
 
     /// Works out actual usage and settles every reservation.
     fn settle(&mut self, host: &mut impl Host, complete: bool) {
-        let Some(admission) = self.admission.take() else { return };
+        let Some(admission) = self.admission.take() else {
+            return;
+        };
         let now = host.now_ms();
         self.audit.latency_ms = Some(now.saturating_sub(self.audit.timestamp_ms));
         let seen = match &self.response.sse {
@@ -381,14 +550,16 @@ impl RequestFlow {
             requests: 1.0,
             input_tokens: self.audit.tokens.input_estimated as f64,
             output_tokens: self.audit.tokens.output_reserved as f64,
-            day_tokens: (self.audit.tokens.input_estimated + self.audit.tokens.output_reserved) as f64,
+            day_tokens: (self.audit.tokens.input_estimated + self.audit.tokens.output_reserved)
+                as f64,
             usd: 0.0,
         };
         let count_cache_reads = self.policy.settings.cache_reads_count_toward_input_limit;
         let actual = match seen {
-            _ if self.route == Route::AnthropicCountTokens || !self.route.is_llm() => {
-                Demand { requests: 1.0, ..Default::default() }
-            }
+            _ if self.route == Route::AnthropicCountTokens || !self.route.is_llm() => Demand {
+                requests: 1.0,
+                ..Default::default()
+            },
             Some(u) => {
                 let t = &mut self.audit.tokens;
                 t.input = Some(u.input);
@@ -406,7 +577,10 @@ impl RequestFlow {
                 }
             }
             // An upstream error without usage consumed nothing: refund.
-            None if complete && self.response.status >= 400 => Demand { requests: 1.0, ..Default::default() },
+            None if complete && self.response.status >= 400 => Demand {
+                requests: 1.0,
+                ..Default::default()
+            },
             // Success (or an abort) without readable usage: charge the reservation.
             None => {
                 self.audit.detail = Some(if self.response.encoded {
@@ -414,21 +588,36 @@ impl RequestFlow {
                 } else {
                     "no usage in response; charged the reservation".to_string()
                 });
-                let usd = self.price().map(|p| cost(&p, &Usage {
-                    input: self.audit.tokens.input_estimated,
-                    output: self.audit.tokens.output_reserved,
-                    ..Default::default()
-                }));
-                Demand { usd: usd.unwrap_or(0.0), ..reserved }
+                let usd = self.price().map(|p| {
+                    cost(
+                        &p,
+                        &Usage {
+                            input: self.audit.tokens.input_estimated,
+                            output: self.audit.tokens.output_reserved,
+                            ..Default::default()
+                        },
+                    )
+                });
+                Demand {
+                    usd: usd.unwrap_or(0.0),
+                    ..reserved
+                }
             }
         };
         if meter::settle(host, &admission.reservations, &actual, self.clock(now)).is_err() {
-            log::warn!("tollgate: settlement of {} hit shared-data contention", self.audit.request_id);
+            log::warn!(
+                "tollgate: settlement of {} hit shared-data contention",
+                self.audit.request_id
+            );
         }
     }
 
     fn price(&self) -> Option<Price> {
-        let model = self.audit.model_served.as_deref().or(self.audit.model_requested.as_deref())?;
+        let model = self
+            .audit
+            .model_served
+            .as_deref()
+            .or(self.audit.model_requested.as_deref())?;
         self.policy.price(model)
     }
 
@@ -444,13 +633,19 @@ impl RequestFlow {
 
 /// USD for a usage at a price (USD per million tokens of each class).
 pub fn cost(p: &Price, u: &Usage) -> f64 {
-    (u.input as f64 * p.input + u.output as f64 * p.output + u.cache_write as f64 * p.cache_write
+    (u.input as f64 * p.input
+        + u.output as f64 * p.output
+        + u.cache_write as f64 * p.cache_write
         + u.cache_read as f64 * p.cache_read)
         / 1_000_000.0
 }
 
 fn trim_num(v: f64) -> String {
-    if v.fract() == 0.0 { format!("{}", v as u64) } else { format!("{v:.2}") }
+    if v.fract() == 0.0 {
+        format!("{}", v as u64)
+    } else {
+        format!("{v:.2}")
+    }
 }
 
 /// Go-style duration as OpenAI prints it: `20ms`, `1s`, `6m0s`, `1h2m3s`.
@@ -469,16 +664,33 @@ fn go_duration(ms: u64) -> String {
 
 /// The caller's own most restrictive bucket per metric, as the provider's
 /// rate-limit headers.
-fn rate_limit_headers(provider: Provider, states: &[BucketState], now: u64) -> Vec<(String, String)> {
+fn rate_limit_headers(
+    provider: Provider,
+    states: &[BucketState],
+    now: u64,
+) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let remaining = |s: &BucketState| s.view.remaining.max(0.0).floor() as u64;
     match provider {
         Provider::Anthropic => {
-            for (metric, name) in [(Metric::Requests, "requests"), (Metric::InputTokens, "input-tokens"), (Metric::OutputTokens, "output-tokens")] {
+            for (metric, name) in [
+                (Metric::Requests, "requests"),
+                (Metric::InputTokens, "input-tokens"),
+                (Metric::OutputTokens, "output-tokens"),
+            ] {
                 if let Some(s) = meter::most_restrictive(states, metric) {
-                    out.push((format!("anthropic-ratelimit-{name}-limit"), trim_num(s.bucket.limit)));
-                    out.push((format!("anthropic-ratelimit-{name}-remaining"), remaining(s).to_string()));
-                    out.push((format!("anthropic-ratelimit-{name}-reset"), format_rfc3339(s.view.reset_at.max(now))));
+                    out.push((
+                        format!("anthropic-ratelimit-{name}-limit"),
+                        trim_num(s.bucket.limit),
+                    ));
+                    out.push((
+                        format!("anthropic-ratelimit-{name}-remaining"),
+                        remaining(s).to_string(),
+                    ));
+                    out.push((
+                        format!("anthropic-ratelimit-{name}-reset"),
+                        format_rfc3339(s.view.reset_at.max(now)),
+                    ));
                 }
             }
         }
@@ -486,12 +698,30 @@ fn rate_limit_headers(provider: Provider, states: &[BucketState], now: u64) -> V
             let tokens = [Metric::InputTokens, Metric::OutputTokens]
                 .iter()
                 .filter_map(|m| meter::most_restrictive(states, *m))
-                .min_by(|a, b| (a.view.remaining / a.bucket.limit).total_cmp(&(b.view.remaining / b.bucket.limit)));
-            for (s, name) in [(meter::most_restrictive(states, Metric::Requests), "requests"), (tokens, "tokens")] {
+                .min_by(|a, b| {
+                    (a.view.remaining / a.bucket.limit)
+                        .total_cmp(&(b.view.remaining / b.bucket.limit))
+                });
+            for (s, name) in [
+                (
+                    meter::most_restrictive(states, Metric::Requests),
+                    "requests",
+                ),
+                (tokens, "tokens"),
+            ] {
                 if let Some(s) = s {
-                    out.push((format!("x-ratelimit-limit-{name}"), trim_num(s.bucket.limit)));
-                    out.push((format!("x-ratelimit-remaining-{name}"), remaining(s).to_string()));
-                    out.push((format!("x-ratelimit-reset-{name}"), go_duration(s.view.reset_at.saturating_sub(now))));
+                    out.push((
+                        format!("x-ratelimit-limit-{name}"),
+                        trim_num(s.bucket.limit),
+                    ));
+                    out.push((
+                        format!("x-ratelimit-remaining-{name}"),
+                        remaining(s).to_string(),
+                    ));
+                    out.push((
+                        format!("x-ratelimit-reset-{name}"),
+                        go_duration(s.view.reset_at.saturating_sub(now)),
+                    ));
                 }
             }
         }
@@ -501,7 +731,11 @@ fn rate_limit_headers(provider: Provider, states: &[BucketState], now: u64) -> V
 
 /// Turns a local reply into header pairs for hosts that need `&str`s.
 pub fn reply_headers(reply: &LocalReply) -> Vec<(&str, &str)> {
-    reply.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect()
+    reply
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect()
 }
 
 #[cfg(test)]

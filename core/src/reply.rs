@@ -133,13 +133,22 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
         assert_eq!(v["type"], "error");
         assert_eq!(v["error"]["type"], "rate_limit_error");
-        assert_eq!(v["error"]["message"], "requests_per_minute limit of 2 reached");
+        assert_eq!(
+            v["error"]["message"],
+            "requests_per_minute limit of 2 reached"
+        );
         assert_eq!(v["request_id"], "req-1");
     }
 
     #[test]
     fn openai_quota_error_uses_insufficient_quota_and_stops_retries() {
-        let r = error_reply(Provider::OpenAi, ErrorKind::QuotaExhausted, "spent", "req-2", Some(60));
+        let r = error_reply(
+            Provider::OpenAi,
+            ErrorKind::QuotaExhausted,
+            "spent",
+            "req-2",
+            Some(60),
+        );
         assert_eq!(r.status, 429);
         assert_eq!(r.header("x-should-retry"), Some("false"));
         let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
@@ -150,7 +159,13 @@ mod tests {
 
     #[test]
     fn openai_unknown_key_is_invalid_api_key() {
-        let r = error_reply(Provider::OpenAi, ErrorKind::Unauthenticated, "bad key", "r", None);
+        let r = error_reply(
+            Provider::OpenAi,
+            ErrorKind::Unauthenticated,
+            "bad key",
+            "r",
+            None,
+        );
         assert_eq!(r.status, 401);
         let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
         assert_eq!(v["error"]["code"], "invalid_api_key");

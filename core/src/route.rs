@@ -83,8 +83,14 @@ mod tests {
     #[test]
     fn classifies_provider_paths_ignoring_query_and_trailing_slash() {
         assert_eq!(Route::classify(b"/v1/messages"), Route::AnthropicMessages);
-        assert_eq!(Route::classify(b"/v1/messages?beta=true"), Route::AnthropicMessages);
-        assert_eq!(Route::classify(b"/v1/messages/count_tokens"), Route::AnthropicCountTokens);
+        assert_eq!(
+            Route::classify(b"/v1/messages?beta=true"),
+            Route::AnthropicMessages
+        );
+        assert_eq!(
+            Route::classify(b"/v1/messages/count_tokens"),
+            Route::AnthropicCountTokens
+        );
         assert_eq!(Route::classify(b"/v1/chat/completions/"), Route::OpenAiChat);
         assert_eq!(Route::classify(b"/v1/responses"), Route::OpenAiResponses);
         assert_eq!(Route::classify(b"/v1/models"), Route::Other);

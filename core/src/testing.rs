@@ -23,7 +23,10 @@ pub struct MemStore {
 
 impl MemStore {
     pub fn new() -> Rc<MemStore> {
-        Rc::new(MemStore { next_cas: StdCell::new(1), ..Default::default() })
+        Rc::new(MemStore {
+            next_cas: StdCell::new(1),
+            ..Default::default()
+        })
     }
 
     /// The next `n` conditional writes lose a race: another writer bumps the
@@ -121,7 +124,8 @@ impl FakeHost {
     }
 
     pub fn with_request_header(mut self, name: &str, value: &str) -> FakeHost {
-        self.request_headers.push((name.to_string(), value.as_bytes().to_vec()));
+        self.request_headers
+            .push((name.to_string(), value.as_bytes().to_vec()));
         self
     }
 
@@ -131,7 +135,8 @@ impl FakeHost {
     }
 
     pub fn with_response_header(mut self, name: &str, value: &str) -> FakeHost {
-        self.response_headers.push((name.to_string(), value.as_bytes().to_vec()));
+        self.response_headers
+            .push((name.to_string(), value.as_bytes().to_vec()));
         self
     }
 
@@ -145,16 +150,20 @@ impl FakeHost {
     }
 
     pub fn request_header(&self, name: &str) -> Option<String> {
-        crate::host::header(&self.request_headers, name).map(|v| String::from_utf8_lossy(v).into_owned())
+        crate::host::header(&self.request_headers, name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
     }
 
     pub fn response_header(&self, name: &str) -> Option<String> {
-        crate::host::header(&self.response_headers, name).map(|v| String::from_utf8_lossy(v).into_owned())
+        crate::host::header(&self.response_headers, name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
     }
 
     /// The last audit record published, parsed.
     pub fn last_audit(&self) -> Option<crate::audit::AuditRecord> {
-        self.audit.last().and_then(|r| crate::audit::AuditRecord::from_json(r).ok())
+        self.audit
+            .last()
+            .and_then(|r| crate::audit::AuditRecord::from_json(r).ok())
     }
 }
 
@@ -185,7 +194,11 @@ impl Host for FakeHost {
     }
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
-        Some(self.request_body.get(..size.min(self.request_body.len()))?.to_vec())
+        Some(
+            self.request_body
+                .get(..size.min(self.request_body.len()))?
+                .to_vec(),
+        )
     }
 
     fn replace_request_body(&mut self, body: &[u8]) {
@@ -201,7 +214,11 @@ impl Host for FakeHost {
     }
 
     fn response_body(&self, size: usize) -> Option<Vec<u8>> {
-        Some(self.response_chunk.get(..size.min(self.response_chunk.len()))?.to_vec())
+        Some(
+            self.response_chunk
+                .get(..size.min(self.response_chunk.len()))?
+                .to_vec(),
+        )
     }
 
     fn set_audit_record(&mut self, record: &[u8]) {

@@ -21,12 +21,16 @@ pub enum Presented {
 /// Reads the virtual key from `x-api-key` or `Authorization: Bearer <key>`.
 /// Surrounding whitespace is trimmed; an empty value counts as missing.
 pub fn presented(headers: &HeaderList) -> Presented {
-    let api_key = header(headers, "x-api-key").map(trim).filter(|v| !v.is_empty());
+    let api_key = header(headers, "x-api-key")
+        .map(trim)
+        .filter(|v| !v.is_empty());
     let bearer = header(headers, "authorization")
         .map(trim)
         .and_then(|v| {
             let scheme = v.get(..7)?;
-            scheme.eq_ignore_ascii_case(b"bearer ").then(|| trim(v.get(7..).unwrap_or_default()))
+            scheme
+                .eq_ignore_ascii_case(b"bearer ")
+                .then(|| trim(v.get(7..).unwrap_or_default()))
         })
         .filter(|v| !v.is_empty());
     match (api_key, bearer) {
@@ -38,8 +42,14 @@ pub fn presented(headers: &HeaderList) -> Presented {
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
-    let end = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     v.get(start..end).unwrap_or_default()
 }
 
@@ -57,17 +67,32 @@ mod tests {
     use super::*;
 
     fn h(pairs: &[(&str, &str)]) -> HeaderList {
-        pairs.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect()
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect()
     }
 
     #[test]
     fn reads_x_api_key_or_bearer_and_trims() {
         let k = sha256(b"tg-abc");
-        assert_eq!(presented(&h(&[("x-api-key", " tg-abc ")])), Presented::Key(k));
-        assert_eq!(presented(&h(&[("authorization", "Bearer tg-abc")])), Presented::Key(k));
-        assert_eq!(presented(&h(&[("authorization", "bearer   tg-abc")])), Presented::Key(k));
         assert_eq!(
-            presented(&h(&[("x-api-key", "tg-abc"), ("authorization", "Bearer tg-abc")])),
+            presented(&h(&[("x-api-key", " tg-abc ")])),
+            Presented::Key(k)
+        );
+        assert_eq!(
+            presented(&h(&[("authorization", "Bearer tg-abc")])),
+            Presented::Key(k)
+        );
+        assert_eq!(
+            presented(&h(&[("authorization", "bearer   tg-abc")])),
+            Presented::Key(k)
+        );
+        assert_eq!(
+            presented(&h(&[
+                ("x-api-key", "tg-abc"),
+                ("authorization", "Bearer tg-abc")
+            ])),
             Presented::Key(k)
         );
     }
@@ -76,9 +101,15 @@ mod tests {
     fn empty_basic_or_conflicting_keys_are_not_keys() {
         assert_eq!(presented(&h(&[])), Presented::Missing);
         assert_eq!(presented(&h(&[("x-api-key", "  ")])), Presented::Missing);
-        assert_eq!(presented(&h(&[("authorization", "Basic dXNlcg==")])), Presented::Missing);
         assert_eq!(
-            presented(&h(&[("x-api-key", "tg-a"), ("authorization", "Bearer tg-b")])),
+            presented(&h(&[("authorization", "Basic dXNlcg==")])),
+            Presented::Missing
+        );
+        assert_eq!(
+            presented(&h(&[
+                ("x-api-key", "tg-a"),
+                ("authorization", "Bearer tg-b")
+            ])),
             Presented::Conflicting
         );
     }

@@ -51,15 +51,23 @@ impl Host for Hostcalls {
     }
 
     fn set_request_header(&mut self, name: &str, value: Option<&[u8]>) {
-        log_status("set request header", hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, value));
+        log_status(
+            "set request header",
+            hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, value),
+        );
     }
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
-        hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size).ok().flatten()
+        hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+            .ok()
+            .flatten()
     }
 
     fn replace_request_body(&mut self, body: &[u8]) {
-        log_status("replace request body", hostcalls::set_buffer(BufferType::HttpRequestBody, 0, usize::MAX, body));
+        log_status(
+            "replace request body",
+            hostcalls::set_buffer(BufferType::HttpRequestBody, 0, usize::MAX, body),
+        );
     }
 
     fn response_headers(&self) -> HeaderList {
@@ -67,16 +75,24 @@ impl Host for Hostcalls {
     }
 
     fn set_response_header(&mut self, name: &str, value: Option<&[u8]>) {
-        log_status("set response header", hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, value));
+        log_status(
+            "set response header",
+            hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, value),
+        );
     }
 
     fn response_body(&self, size: usize) -> Option<Vec<u8>> {
-        hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size).ok().flatten()
+        hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
+            .ok()
+            .flatten()
     }
 
     fn set_audit_record(&mut self, record: &[u8]) {
         // The SDK joins the path; Envoy stores it as filter state `wasm.tollgate_audit`.
-        log_status("publish audit record", hostcalls::set_property(vec!["tollgate_audit"], Some(record)));
+        log_status(
+            "publish audit record",
+            hostcalls::set_property(vec!["tollgate_audit"], Some(record)),
+        );
     }
 
     fn now_ms(&self) -> u64 {
@@ -89,19 +105,34 @@ pub fn parse_options(bytes: &[u8]) -> Result<FilterOptions, String> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(FilterOptions::default());
     }
-    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("vm configuration: {e}"))?;
-    let obj = v.as_object().ok_or("vm configuration must be a JSON object")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("vm configuration: {e}"))?;
+    let obj = v
+        .as_object()
+        .ok_or("vm configuration must be a JSON object")?;
     if let Some(name) = obj.keys().find(|k| *k != "hold_request_headers") {
-        return Err(format!("vm configuration: unknown field {name:?} (known: hold_request_headers)"));
+        return Err(format!(
+            "vm configuration: unknown field {name:?} (known: hold_request_headers)"
+        ));
     }
     let hold = match obj.get("hold_request_headers") {
         None => true,
-        Some(b) => b.as_bool().ok_or("vm configuration: hold_request_headers must be true or false")?,
+        Some(b) => b
+            .as_bool()
+            .ok_or("vm configuration: hold_request_headers must be true or false")?,
     };
-    Ok(FilterOptions { hold_request_headers: hold })
+    Ok(FilterOptions {
+        hold_request_headers: hold,
+    })
 }
 
 /// The answer when no valid policy was ever loaded: fail closed.
 pub fn no_policy_reply() -> LocalReply {
-    error_reply(Provider::Anthropic, ErrorKind::Internal, "tollgate has no valid policy loaded", "", None)
+    error_reply(
+        Provider::Anthropic,
+        ErrorKind::Internal,
+        "tollgate has no valid policy loaded",
+        "",
+        None,
+    )
 }

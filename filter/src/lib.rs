@@ -34,7 +34,11 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
-        if let Ok(Some(bytes)) = proxy_wasm::hostcalls::get_buffer(proxy_wasm::types::BufferType::VmConfiguration, 0, usize::MAX) {
+        if let Ok(Some(bytes)) = proxy_wasm::hostcalls::get_buffer(
+            proxy_wasm::types::BufferType::VmConfiguration,
+            0,
+            usize::MAX,
+        ) {
             match host::parse_options(&bytes) {
                 Ok(options) => self.options = options,
                 Err(e) => {
@@ -50,7 +54,11 @@ impl RootContext for Root {
     /// reload. Returning false rejects the new policy and keeps the last good
     /// one live. Never touches bucket state: balances must survive reloads.
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let bytes = match proxy_wasm::hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX) {
+        let bytes = match proxy_wasm::hostcalls::get_buffer(
+            proxy_wasm::types::BufferType::PluginConfiguration,
+            0,
+            usize::MAX,
+        ) {
             Ok(Some(b)) => b,
             _ => {
                 log::error!("no policy in the plugin configuration");
@@ -63,7 +71,11 @@ impl RootContext for Root {
                 for w in &report.warnings {
                     log::warn!("policy warning: {w}");
                 }
-                log::info!("policy loaded: {} keys, {} pools", policy.keys().len(), policy.pools.len());
+                log::info!(
+                    "policy loaded: {} keys, {} pools",
+                    policy.keys().len(),
+                    policy.pools.len()
+                );
                 self.policy = Some(Rc::new(policy));
                 true
             }
@@ -78,7 +90,10 @@ impl RootContext for Root {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
-            flow: self.policy.clone().map(|p| RequestFlow::with_options(p, self.options)),
+            flow: self
+                .policy
+                .clone()
+                .map(|p| RequestFlow::with_options(p, self.options)),
         }))
     }
 
@@ -100,7 +115,11 @@ fn act(decision: Decision) -> Action {
         Decision::Pause => Action::Pause,
         Decision::Reply(reply) => {
             let headers = tollgate_core::flow::reply_headers(&reply);
-            if let Err(status) = proxy_wasm::hostcalls::send_http_response(reply.status as u32, headers, Some(reply.body.as_bytes())) {
+            if let Err(status) = proxy_wasm::hostcalls::send_http_response(
+                reply.status as u32,
+                headers,
+                Some(reply.body.as_bytes()),
+            ) {
                 log::error!("local reply failed: {status:?}");
             }
             Action::Pause

@@ -1,1 +1,333 @@
-//! End-to-end harness (see e2e/).
+//! End-to-end harness: starts `tollgate run --upstream mock` (the pinned real
+//! Envoy with the real tollgate.wasm, the real collector and the mock
+//! provider) on free ports in a temporary directory, and stops it on drop.
+//! Logs are printed only when a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use serde_json::Value;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use reqwest::blocking::Response;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn artifact(var: &str, default: &str) -> PathBuf {
+    let path = std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join(default));
+    assert!(
+        path.exists(),
+        "{} not found at {} — run the tests with `make test`, which builds it",
+        var,
+        path.display()
+    );
+    path
+}
+
+/// SHA-256 hex of a virtual key, as policies store it.
+pub fn sha(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+pub struct Gateway {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub base: String,
+    pub admin: String,
+    pub mock: String,
+    pub audit_db: PathBuf,
+    pub audit_log: PathBuf,
+    pub policy: PathBuf,
+    http: reqwest::blocking::Client,
+}
+
+/// Options for starting a gateway.
+pub struct Options {
+    pub mock_event_delay_ms: u64,
+    pub concurrency: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            mock_event_delay_ms: 5,
+            concurrency: 2,
+        }
+    }
+}
+
+impl Gateway {
+    pub fn start(policy_json: &str) -> Gateway {
+        Gateway::start_with(policy_json, Options::default())
+    }
+
+    pub fn start_with(policy_json: &str, opts: Options) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("policy.json");
+        std::fs::write(&policy, policy_json).unwrap();
+        let state = dir.path().join("state");
+        let stdout = std::fs::File::create(dir.path().join("tollgate.out")).unwrap();
+        let stderr = std::fs::File::create(dir.path().join("tollgate.err")).unwrap();
+        let child = Command::new(artifact("TOLLGATE_BIN", "target/debug/tollgate"))
+            .current_dir(workspace())
+            .args([
+                "run",
+                "--upstream",
+                "mock",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--collector",
+                "127.0.0.1:0",
+                "--audit-flush-ms",
+                "100",
+                "--envoy-log-level",
+                "info",
+            ])
+            .arg("--concurrency")
+            .arg(opts.concurrency.to_string())
+            .arg("--mock-event-delay-ms")
+            .arg(opts.mock_event_delay_ms.to_string())
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--wasm")
+            .arg(artifact("TOLLGATE_WASM", "target/tollgate.wasm"))
+            .arg("--envoy")
+            .arg(artifact("TOLLGATE_ENVOY", ".venv/bin/envoy"))
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("starting tollgate run");
+        let mut gw = Gateway {
+            child: Some(child),
+            base: String::new(),
+            admin: String::new(),
+            mock: String::new(),
+            audit_db: state.join("audit.db"),
+            audit_log: state.join("audit.jsonl"),
+            policy,
+            dir,
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        };
+        let ready = state.join("ready.json");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                    gw.base = format!("http://{}", v["listen"].as_str().unwrap());
+                    gw.admin = format!("http://{}", v["admin"].as_str().unwrap());
+                    gw.mock = format!("http://{}", v["mock"].as_str().unwrap());
+                    return gw;
+                }
+            }
+            if let Some(status) = gw.child.as_mut().unwrap().try_wait().unwrap() {
+                gw.dump_logs();
+                panic!("tollgate run exited early: {status}");
+            }
+            if Instant::now() > deadline {
+                gw.dump_logs();
+                panic!("gateway not ready after 90s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// POSTs JSON with the virtual key in `x-api-key` (Anthropic style).
+    pub fn post(&self, path: &str, key: Option<&str>, body: &str) -> Response {
+        let mut req = self
+            .http
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        req.send().unwrap()
+    }
+
+    /// POSTs JSON with extra headers.
+    pub fn post_with(&self, path: &str, headers: &[(&str, &str)], body: &str) -> Response {
+        let mut req = self
+            .http
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        req.send().unwrap()
+    }
+
+    pub fn client(&self) -> &reqwest::blocking::Client {
+        &self.http
+    }
+
+    /// Every request the mock provider received.
+    pub fn mock_requests(&self) -> Vec<Value> {
+        self.http
+            .get(format!("{}/__mock/requests", self.mock))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    pub fn mock_violations(&self) -> Vec<Value> {
+        self.http
+            .get(format!("{}/__mock/violations", self.mock))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    /// Replaces the policy file (by rename, as an editor's save would).
+    pub fn write_policy(&self, json: &str) {
+        let tmp = self.dir.path().join(".policy.json.tmp");
+        std::fs::write(&tmp, json).unwrap();
+        std::fs::rename(&tmp, &self.policy).unwrap();
+    }
+
+    /// All audit records in the collector's database (via `tollgate audit tail`).
+    pub fn audit_records(&self) -> Vec<Value> {
+        let out = Command::new(artifact("TOLLGATE_BIN", "target/debug/tollgate"))
+            .args(["audit", "tail", "--format", "json", "-n", "100000", "--db"])
+            .arg(&self.audit_db)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "audit tail failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Polls the collector until the complete record of `request_id` is stored.
+    pub fn audit_record(&self, request_id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(r) = self
+                .audit_records()
+                .into_iter()
+                .find(|r| r["request_id"] == request_id && r["complete"] == true)
+            {
+                return r;
+            }
+            if Instant::now() > deadline {
+                self.dump_logs();
+                panic!("no complete audit record for request {request_id} after 15s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Envoy's stats from the admin interface, filtered by prefix.
+    pub fn stats(&self, filter: &str) -> String {
+        self.http
+            .get(format!("{}/stats?filter={filter}", self.admin))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        let path = match name {
+            "envoy" => self.dir.path().join("state/envoy.log"),
+            other => self.dir.path().join(other),
+        };
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    fn dump_logs(&self) {
+        for name in ["tollgate.out", "tollgate.err", "envoy"] {
+            eprintln!("----- {name} -----\n{}", self.log(name));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        self.stop();
+    }
+}
+
+/// Reads a streamed body, returning each chunk with its arrival time since
+/// the request was sent.
+pub fn read_chunks(mut resp: Response, started: Instant) -> Vec<(Duration, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match resp.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.push((started.elapsed(), buf[..n].to_vec())),
+            Err(e) => panic!("stream read failed: {e}"),
+        }
+    }
+}
+
+/// A policy with the given keys (`(id, virtual key, extra JSON fields)`) and
+/// default limits.
+pub fn policy(defaults: &str, keys: &[(&str, &str, &str)]) -> String {
+    let keys: Vec<String> = keys
+        .iter()
+        .map(|(id, key, extra)| {
+            let extra = if extra.is_empty() {
+                String::new()
+            } else {
+                format!(", {extra}")
+            };
+            format!(r#"{{"id": "{id}", "key_sha256": "{}"{extra}}}"#, sha(key))
+        })
+        .collect();
+    format!(
+        r#"{{"version": 1, "defaults": {defaults}, "keys": [{}]}}"#,
+        keys.join(",\n")
+    )
+}

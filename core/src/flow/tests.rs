@@ -26,7 +26,11 @@ fn policy(extra_keys: &str) -> Rc<Policy> {
         crate::vkey::sha256_hex(ALICE),
         crate::vkey::sha256_hex(BOB)
     );
-    Rc::new(crate::policy::compile(json.as_bytes(), "test.json", 0).unwrap().0)
+    Rc::new(
+        crate::policy::compile(json.as_bytes(), "test.json", 0)
+            .unwrap()
+            .0,
+    )
 }
 
 fn request(path: &str, key: &str, body: &str) -> FakeHost {
@@ -60,7 +64,8 @@ fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap()
 }
 
-const SONNET: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
+const SONNET: &str =
+    r#"{"model":"claude-sonnet-4-5","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
 
 #[test]
 fn forwards_allowed_request_without_virtual_key_or_accept_encoding() {
@@ -72,7 +77,10 @@ fn forwards_allowed_request_without_virtual_key_or_accept_encoding() {
     assert_eq!(host.request_header("authorization"), None);
     assert_eq!(host.request_header("accept-encoding"), None);
     let rec = host.last_audit().unwrap();
-    assert!(!rec.complete, "a provisional record is published at request time");
+    assert!(
+        !rec.complete,
+        "a provisional record is published at request time"
+    );
     assert_eq!(rec.key_id.as_deref(), Some("alice-laptop"));
     assert_eq!(rec.user.as_deref(), Some("alice@example.com"));
     assert_eq!(rec.model_requested.as_deref(), Some("claude-sonnet-4-5"));
@@ -89,17 +97,25 @@ fn unknown_key_gets_anthropic_401_before_upstream() {
     assert_eq!(b["error"]["message"], "invalid x-api-key");
     assert_eq!(b["request_id"], "req-1");
     let rec = host.last_audit().unwrap();
-    assert_eq!((rec.reason, rec.status, rec.complete), (Reason::UnknownKey, 401, true));
+    assert_eq!(
+        (rec.reason, rec.status, rec.complete),
+        (Reason::UnknownKey, 401, true)
+    );
 }
 
 #[test]
 fn missing_key_on_openai_route_gets_openai_shaped_401() {
-    let mut host = FakeHost::new().with_request_header(":path", "/v1/chat/completions").with_body("{}");
+    let mut host = FakeHost::new()
+        .with_request_header(":path", "/v1/chat/completions")
+        .with_body("{}");
     let r = reply(RequestFlow::new(policy("")).on_request_headers(&mut host, false));
     assert_eq!(r.status, 401);
     let b = json(&r.body);
     assert_eq!(b["error"]["code"], "invalid_api_key");
-    assert!(b["error"]["message"].as_str().unwrap().starts_with("missing API key"));
+    assert!(b["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("missing API key"));
 }
 
 #[test]
@@ -107,7 +123,10 @@ fn revoked_key_says_revoked() {
     let mut host = request("/v1/messages", BOB, SONNET);
     let r = reply(RequestFlow::new(policy("")).on_request_headers(&mut host, false));
     assert_eq!(r.status, 401);
-    assert_eq!(json(&r.body)["error"]["message"], "this API key has been revoked");
+    assert_eq!(
+        json(&r.body)["error"]["message"],
+        "this API key has been revoked"
+    );
 }
 
 #[test]
@@ -118,7 +137,10 @@ fn expired_key_says_when() {
     );
     let mut host = request("/v1/messages", "tg-old", SONNET);
     let r = reply(RequestFlow::new(policy(&extra)).on_request_headers(&mut host, false));
-    assert_eq!(json(&r.body)["error"]["message"], "this API key expired at 2020-01-01T00:00:00Z");
+    assert_eq!(
+        json(&r.body)["error"]["message"],
+        "this API key expired at 2020-01-01T00:00:00Z"
+    );
     assert_eq!(host.last_audit().unwrap().reason, Reason::ExpiredKey);
 }
 
@@ -141,7 +163,10 @@ fn malformed_json_is_a_400_not_a_crash() {
     let mut host = request("/v1/messages", ALICE, "{\"model\": ");
     let r = reply(send(&mut RequestFlow::new(policy("")), &mut host));
     assert_eq!(r.status, 400);
-    let msg = json(&r.body)["error"]["message"].as_str().unwrap().to_string();
+    let msg = json(&r.body)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(msg.starts_with("request body is not valid JSON"), "{msg}");
 }
 
@@ -158,7 +183,10 @@ fn third_request_in_a_minute_gets_429_with_retry_after_and_headers() {
     let store = MemStore::new();
     for _ in 0..2 {
         let mut host = request("/v1/messages", ALICE, SONNET).with_store(store.clone());
-        assert_eq!(send(&mut RequestFlow::new(p.clone()), &mut host), Decision::Continue);
+        assert_eq!(
+            send(&mut RequestFlow::new(p.clone()), &mut host),
+            Decision::Continue
+        );
     }
     let mut host = request("/v1/messages", ALICE, SONNET).with_store(store.clone());
     let r = reply(send(&mut RequestFlow::new(p), &mut host));
@@ -166,7 +194,10 @@ fn third_request_in_a_minute_gets_429_with_retry_after_and_headers() {
     assert_eq!(r.header("retry-after"), Some("30"));
     assert_eq!(r.header("x-should-retry"), None);
     assert_eq!(r.header("anthropic-ratelimit-requests-limit"), Some("2"));
-    assert_eq!(r.header("anthropic-ratelimit-requests-remaining"), Some("0"));
+    assert_eq!(
+        r.header("anthropic-ratelimit-requests-remaining"),
+        Some("0")
+    );
     let b = json(&r.body);
     assert_eq!(b["error"]["type"], "rate_limit_error");
     assert_eq!(
@@ -174,7 +205,10 @@ fn third_request_in_a_minute_gets_429_with_retry_after_and_headers() {
         "requests_per_minute limit of 2 reached for key:alice-laptop; retry in 30s"
     );
     let rec = host.last_audit().unwrap();
-    assert_eq!(rec.bucket.as_deref(), Some("key:alice-laptop:requests_per_minute"));
+    assert_eq!(
+        rec.bucket.as_deref(),
+        Some("key:alice-laptop:requests_per_minute")
+    );
     assert_eq!(rec.reason, Reason::RateLimited);
 }
 
@@ -184,20 +218,34 @@ fn charges_json_usage_at_end_and_credits_the_unused_reservation() {
     let mut host = request("/v1/messages", ALICE, SONNET);
     let mut flow = RequestFlow::new(p);
     send(&mut flow, &mut host);
-    host.response_headers = vec![(":status".into(), b"200".to_vec()), ("content-type".into(), b"application/json".to_vec())];
+    host.response_headers = vec![
+        (":status".into(), b"200".to_vec()),
+        ("content-type".into(), b"application/json".to_vec()),
+    ];
     flow.on_response_headers(&mut host, false);
-    assert_eq!(host.response_header("anthropic-ratelimit-requests-remaining").as_deref(), Some("1"));
+    assert_eq!(
+        host.response_header("anthropic-ratelimit-requests-remaining")
+            .as_deref(),
+        Some("1")
+    );
     host.response_chunk = br#"{"id":"msg_1","model":"claude-sonnet-4-5-20250929","usage":{"input_tokens":12,"output_tokens":40}}"#.to_vec();
     let n = host.response_chunk.len();
     flow.on_response_body(&mut host, n, true);
     let rec = host.last_audit().unwrap();
     assert!(rec.complete);
     assert_eq!((rec.tokens.input, rec.tokens.output), (Some(12), Some(40)));
-    assert_eq!(rec.model_served.as_deref(), Some("claude-sonnet-4-5-20250929"));
+    assert_eq!(
+        rec.model_served.as_deref(),
+        Some("claude-sonnet-4-5-20250929")
+    );
     // 12 * $3/M + 40 * $15/M
     assert!((rec.cost_usd.unwrap() - 0.000636).abs() < 1e-12);
     // Pool output bucket: 100 reserved, 40 used -> 960 left.
-    let cell = crate::meter::store::read(&*host.store, "tollgate/1/pool:team:payments/output_tokens_per_minute").unwrap();
+    let cell = crate::meter::store::read(
+        &*host.store,
+        "tollgate/1/pool:team:payments/output_tokens_per_minute",
+    )
+    .unwrap();
     assert_eq!(cell.value, 960.0);
 }
 
@@ -206,12 +254,20 @@ fn upstream_error_without_usage_refunds_the_reservation() {
     let mut host = request("/v1/messages", ALICE, SONNET);
     let mut flow = RequestFlow::new(policy(""));
     send(&mut flow, &mut host);
-    host.response_headers = vec![(":status".into(), b"529".to_vec()), ("content-type".into(), b"application/json".to_vec())];
+    host.response_headers = vec![
+        (":status".into(), b"529".to_vec()),
+        ("content-type".into(), b"application/json".to_vec()),
+    ];
     flow.on_response_headers(&mut host, false);
-    host.response_chunk = br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#.to_vec();
+    host.response_chunk =
+        br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#.to_vec();
     let n = host.response_chunk.len();
     flow.on_response_body(&mut host, n, true);
-    let cell = crate::meter::store::read(&*host.store, "tollgate/1/pool:team:payments/output_tokens_per_minute").unwrap();
+    let cell = crate::meter::store::read(
+        &*host.store,
+        "tollgate/1/pool:team:payments/output_tokens_per_minute",
+    )
+    .unwrap();
     assert_eq!(cell.value, 1000.0);
     assert_eq!(host.last_audit().unwrap().status, 529);
 }
@@ -222,7 +278,11 @@ fn client_abort_before_any_usage_charges_the_reservation() {
     let mut flow = RequestFlow::new(policy(""));
     send(&mut flow, &mut host);
     flow.on_end(&mut host);
-    let cell = crate::meter::store::read(&*host.store, "tollgate/1/pool:team:payments/output_tokens_per_minute").unwrap();
+    let cell = crate::meter::store::read(
+        &*host.store,
+        "tollgate/1/pool:team:payments/output_tokens_per_minute",
+    )
+    .unwrap();
     assert_eq!(cell.value, 900.0);
     assert!(!host.last_audit().unwrap().complete);
 }
@@ -233,10 +293,19 @@ fn charges_stream_usage_at_end() {
     let mut host = request("/v1/messages", ALICE, body);
     let mut flow = RequestFlow::new(policy(""));
     send(&mut flow, &mut host);
-    host.response_headers = vec![(":status".into(), b"200".to_vec()), ("content-type".into(), b"text/event-stream; charset=utf-8".to_vec())];
+    host.response_headers = vec![
+        (":status".into(), b"200".to_vec()),
+        (
+            "content-type".into(),
+            b"text/event-stream; charset=utf-8".to_vec(),
+        ),
+    ];
     flow.on_response_headers(&mut host, false);
     let stream = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-sonnet-4-5\",\"usage\":{\"input_tokens\":7,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":55}}\n\n";
-    for (i, part) in [&stream[..30], &stream[30..120], &stream[120..]].iter().enumerate() {
+    for (i, part) in [&stream[..30], &stream[30..120], &stream[120..]]
+        .iter()
+        .enumerate()
+    {
         host.response_chunk = part.as_bytes().to_vec();
         flow.on_response_body(&mut host, part.len(), i == 2);
     }
@@ -256,8 +325,16 @@ fn unknown_route_is_denied_with_404_by_default() {
 #[test]
 fn without_header_hold_the_headers_continue_and_the_body_decides() {
     let mut host = request("/v1/messages", ALICE, SONNET);
-    let mut flow = RequestFlow::with_options(policy(""), FilterOptions { hold_request_headers: false });
-    assert_eq!(flow.on_request_headers(&mut host, false), Decision::Continue);
+    let mut flow = RequestFlow::with_options(
+        policy(""),
+        FilterOptions {
+            hold_request_headers: false,
+        },
+    );
+    assert_eq!(
+        flow.on_request_headers(&mut host, false),
+        Decision::Continue
+    );
     assert_eq!(flow.on_request_body(&mut host, 10, false), Decision::Pause);
     let n = host.body_len();
     assert_eq!(flow.on_request_body(&mut host, n, true), Decision::Continue);

@@ -66,18 +66,27 @@ impl Refill {
     pub fn current(self, cell: Option<Cell>, limit: f64, now: Millis, utc_offset_min: i32) -> Cell {
         match self {
             Refill::PerMinute => match cell {
-                None => Cell { value: limit, stamp: now },
+                None => Cell {
+                    value: limit,
+                    stamp: now,
+                },
                 Some(c) => {
                     let elapsed_ms = now.saturating_sub(c.stamp) as f64;
                     let refilled = c.value + elapsed_ms * limit / 60_000.0;
-                    Cell { value: refilled.min(limit), stamp: now.max(c.stamp) }
+                    Cell {
+                        value: refilled.min(limit),
+                        stamp: now.max(c.stamp),
+                    }
                 }
             },
             Refill::Day | Refill::Month => {
                 let window = self.window(now, utc_offset_min);
                 match cell {
                     Some(c) if c.stamp == window.start => c,
-                    _ => Cell { value: 0.0, stamp: window.start },
+                    _ => Cell {
+                        value: 0.0,
+                        stamp: window.start,
+                    },
                 }
             }
         }
@@ -106,8 +115,14 @@ impl Refill {
     /// Applies a debit (positive) or credit (negative) to a current cell.
     pub fn charge(self, current: Cell, amount: f64) -> Cell {
         match self {
-            Refill::PerMinute => Cell { value: current.value - amount, ..current },
-            Refill::Day | Refill::Month => Cell { value: (current.value + amount).max(0.0), ..current },
+            Refill::PerMinute => Cell {
+                value: current.value - amount,
+                ..current
+            },
+            Refill::Day | Refill::Month => Cell {
+                value: (current.value + amount).max(0.0),
+                ..current
+            },
         }
     }
 
@@ -116,7 +131,10 @@ impl Refill {
         match self {
             Refill::PerMinute => {
                 let missing = (limit - current.value).max(0.0);
-                View { remaining: current.value, reset_at: now + (missing * 60_000.0 / limit).ceil() as u64 }
+                View {
+                    remaining: current.value,
+                    reset_at: now + (missing * 60_000.0 / limit).ceil() as u64,
+                }
             }
             Refill::Day | Refill::Month => View {
                 remaining: limit - current.value,
@@ -126,7 +144,14 @@ impl Refill {
     }
 
     /// Milliseconds until `amount` would fit.
-    pub fn wait_ms(self, current: Cell, limit: f64, amount: f64, now: Millis, utc_offset_min: i32) -> u64 {
+    pub fn wait_ms(
+        self,
+        current: Cell,
+        limit: f64,
+        amount: f64,
+        now: Millis,
+        utc_offset_min: i32,
+    ) -> u64 {
         match self {
             Refill::PerMinute => {
                 let missing = (amount - current.value).max(0.0);
@@ -143,7 +168,10 @@ mod tests {
 
     #[test]
     fn cell_round_trips_and_rejects_foreign_bytes() {
-        let c = Cell { value: -12.5, stamp: 1_700_000_000_123 };
+        let c = Cell {
+            value: -12.5,
+            stamp: 1_700_000_000_123,
+        };
         assert_eq!(Cell::decode(&c.encode()), Some(c));
         assert_eq!(Cell::decode(b""), None);
         assert_eq!(Cell::decode(&[2u8; CELL_LEN]), None);
@@ -153,20 +181,50 @@ mod tests {
     fn bucket_refills_continuously_and_clamps_to_capacity() {
         let r = Refill::PerMinute;
         // 60 per minute = 1 per second; 0 left at t=0, 1.5 s later 1.5 left.
-        let c = r.current(Some(Cell { value: 0.0, stamp: 0 }), 60.0, 1_500, 0);
+        let c = r.current(
+            Some(Cell {
+                value: 0.0,
+                stamp: 0,
+            }),
+            60.0,
+            1_500,
+            0,
+        );
         assert_eq!(c.value, 1.5);
         // An hour later the balance is the capacity, not 3,600.
-        let c = r.current(Some(Cell { value: 0.0, stamp: 0 }), 60.0, 3_600_000, 0);
+        let c = r.current(
+            Some(Cell {
+                value: 0.0,
+                stamp: 0,
+            }),
+            60.0,
+            3_600_000,
+            0,
+        );
         assert_eq!(c.value, 60.0);
         // A lowered limit clamps an old full balance on read.
-        let c = r.current(Some(Cell { value: 100.0, stamp: 0 }), 10.0, 0, 0);
+        let c = r.current(
+            Some(Cell {
+                value: 100.0,
+                stamp: 0,
+            }),
+            10.0,
+            0,
+            0,
+        );
         assert_eq!(c.value, 10.0);
     }
 
     #[test]
     fn debt_delays_the_next_request_until_refilled() {
         let r = Refill::PerMinute;
-        let c = r.charge(Cell { value: 10.0, stamp: 0 }, 70.0); // 60 in debt
+        let c = r.charge(
+            Cell {
+                value: 10.0,
+                stamp: 0,
+            },
+            70.0,
+        ); // 60 in debt
         assert_eq!(c.value, -60.0);
         assert!(!r.fits(c, 600.0, 1.0));
         // 600/min = 10/s: 61 tokens missing takes 6.1 s.
@@ -177,11 +235,27 @@ mod tests {
     fn calendar_window_resets_at_the_boundary() {
         let r = Refill::Day;
         let day = 86_400_000;
-        let used = Cell { value: 500.0, stamp: 0 };
+        let used = Cell {
+            value: 500.0,
+            stamp: 0,
+        };
         assert_eq!(r.current(Some(used), 1000.0, day - 1, 0), used);
-        assert_eq!(r.current(Some(used), 1000.0, day, 0), Cell { value: 0.0, stamp: day });
+        assert_eq!(
+            r.current(Some(used), 1000.0, day, 0),
+            Cell {
+                value: 0.0,
+                stamp: day
+            }
+        );
         assert_eq!(r.wait_ms(used, 1000.0, 1.0, day - 5_000, 0), 5_000);
         assert!(r.fits(used, 1000.0, 10_000.0));
-        assert!(!r.fits(Cell { value: 1000.0, stamp: 0 }, 1000.0, 1.0));
+        assert!(!r.fits(
+            Cell {
+                value: 1000.0,
+                stamp: 0
+            },
+            1000.0,
+            1.0
+        ));
     }
 }

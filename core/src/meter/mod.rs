@@ -105,7 +105,11 @@ pub fn buckets_for(policy: &Policy, key: &Key) -> Vec<Bucket> {
     let mut add = |scope: String, limits: &Limits| {
         for metric in Metric::ALL {
             if let Some(limit) = metric.limit(limits) {
-                out.push(Bucket { scope: scope.clone(), metric, limit });
+                out.push(Bucket {
+                    scope: scope.clone(),
+                    metric,
+                    limit,
+                });
             }
         }
     };
@@ -169,7 +173,11 @@ pub struct Admission {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Denial {
     /// This bucket cannot take the request until `wait_ms` from now.
-    Limited { bucket: Bucket, wait_ms: u64, states: Vec<BucketState> },
+    Limited {
+        bucket: Bucket,
+        wait_ms: u64,
+        states: Vec<BucketState>,
+    },
     /// Shared data kept refusing the update.
     Contention,
 }
@@ -189,12 +197,22 @@ fn reserve_amount(bucket: &Bucket, demand: &Demand) -> f64 {
 /// Checks every bucket, then reserves in each. A request that fits all of
 /// them at the check but loses a race at reservation gives back what it took
 /// and is denied by the bucket that refused.
-pub fn admit(store: &dyn SharedStore, buckets: &[Bucket], demand: &Demand, clock: Clock) -> Result<Admission, Denial> {
+pub fn admit(
+    store: &dyn SharedStore,
+    buckets: &[Bucket],
+    demand: &Demand,
+    clock: Clock,
+) -> Result<Admission, Denial> {
     let mut states = Vec::with_capacity(buckets.len());
     let mut worst: Option<(usize, u64)> = None;
     for (i, b) in buckets.iter().enumerate() {
         let refill = b.metric.refill();
-        let current = refill.current(store::read(store, &b.store_key()), b.limit, clock.now, clock.utc_offset_min);
+        let current = refill.current(
+            store::read(store, &b.store_key()),
+            b.limit,
+            clock.now,
+            clock.utc_offset_min,
+        );
         let amount = reserve_amount(b, demand);
         if amount > 0.0 && !refill.fits(current, b.limit, amount) {
             let wait = refill.wait_ms(current, b.limit, amount, clock.now, clock.utc_offset_min);
@@ -202,11 +220,18 @@ pub fn admit(store: &dyn SharedStore, buckets: &[Bucket], demand: &Demand, clock
                 worst = Some((i, wait));
             }
         }
-        states.push(BucketState { bucket: b.clone(), view: refill.view(current, b.limit, clock.now, clock.utc_offset_min) });
+        states.push(BucketState {
+            bucket: b.clone(),
+            view: refill.view(current, b.limit, clock.now, clock.utc_offset_min),
+        });
     }
     if let Some((i, wait_ms)) = worst {
         let bucket = buckets.get(i).cloned().ok_or(Denial::Contention)?;
-        return Err(Denial::Limited { bucket, wait_ms, states });
+        return Err(Denial::Limited {
+            bucket,
+            wait_ms,
+            states,
+        });
     }
 
     let mut reservations: Vec<Reservation> = Vec::with_capacity(buckets.len());
@@ -217,7 +242,8 @@ pub fn admit(store: &dyn SharedStore, buckets: &[Bucket], demand: &Demand, clock
         let result = store::update(store, &b.store_key(), |cell| {
             let current = refill.current(cell, b.limit, clock.now, clock.utc_offset_min);
             if amount > 0.0 && !refill.fits(current, b.limit, amount) {
-                let wait = refill.wait_ms(current, b.limit, amount, clock.now, clock.utc_offset_min);
+                let wait =
+                    refill.wait_ms(current, b.limit, amount, clock.now, clock.utc_offset_min);
                 return Step::Keep(Err((wait, current)));
             }
             let next = refill.charge(current, amount);
@@ -225,13 +251,26 @@ pub fn admit(store: &dyn SharedStore, buckets: &[Bucket], demand: &Demand, clock
         });
         match result {
             Ok(Ok(next)) => {
-                states.push(BucketState { bucket: b.clone(), view: refill.view(next, b.limit, clock.now, clock.utc_offset_min) });
-                reservations.push(Reservation { bucket: b.clone(), amount });
+                states.push(BucketState {
+                    bucket: b.clone(),
+                    view: refill.view(next, b.limit, clock.now, clock.utc_offset_min),
+                });
+                reservations.push(Reservation {
+                    bucket: b.clone(),
+                    amount,
+                });
             }
             Ok(Err((wait_ms, current))) => {
                 let _ = release(store, &reservations, clock);
-                states.push(BucketState { bucket: b.clone(), view: refill.view(current, b.limit, clock.now, clock.utc_offset_min) });
-                return Err(Denial::Limited { bucket: b.clone(), wait_ms, states });
+                states.push(BucketState {
+                    bucket: b.clone(),
+                    view: refill.view(current, b.limit, clock.now, clock.utc_offset_min),
+                });
+                return Err(Denial::Limited {
+                    bucket: b.clone(),
+                    wait_ms,
+                    states,
+                });
             }
             Err(Contention) => {
                 let _ = release(store, &reservations, clock);
@@ -239,26 +278,51 @@ pub fn admit(store: &dyn SharedStore, buckets: &[Bucket], demand: &Demand, clock
             }
         }
     }
-    Ok(Admission { reservations, states })
+    Ok(Admission {
+        reservations,
+        states,
+    })
 }
 
 /// Gives every reservation back (a race lost at admission).
-fn release(store: &dyn SharedStore, reservations: &[Reservation], clock: Clock) -> Result<(), Contention> {
-    adjust(store, reservations.iter().map(|r| (&r.bucket, -r.amount)), clock)
+fn release(
+    store: &dyn SharedStore,
+    reservations: &[Reservation],
+    clock: Clock,
+) -> Result<(), Contention> {
+    adjust(
+        store,
+        reservations.iter().map(|r| (&r.bucket, -r.amount)),
+        clock,
+    )
 }
 
 /// Settles a request: each bucket is debited `actual - reserved` (a credit
 /// when the request used less than it reserved). Per-minute buckets may go
 /// into debt; calendar quotas never below zero.
-pub fn settle(store: &dyn SharedStore, reservations: &[Reservation], actual: &Demand, clock: Clock) -> Result<(), Contention> {
+pub fn settle(
+    store: &dyn SharedStore,
+    reservations: &[Reservation],
+    actual: &Demand,
+    clock: Clock,
+) -> Result<(), Contention> {
     adjust(
         store,
-        reservations.iter().map(|r| (&r.bucket, actual.amount(r.bucket.metric).max(0.0) - r.amount)),
+        reservations.iter().map(|r| {
+            (
+                &r.bucket,
+                actual.amount(r.bucket.metric).max(0.0) - r.amount,
+            )
+        }),
         clock,
     )
 }
 
-fn adjust<'a>(store: &dyn SharedStore, deltas: impl Iterator<Item = (&'a Bucket, f64)>, clock: Clock) -> Result<(), Contention> {
+fn adjust<'a>(
+    store: &dyn SharedStore,
+    deltas: impl Iterator<Item = (&'a Bucket, f64)>,
+    clock: Clock,
+) -> Result<(), Contention> {
     let mut result = Ok(());
     for (b, delta) in deltas {
         if delta == 0.0 {
@@ -278,12 +342,15 @@ fn adjust<'a>(store: &dyn SharedStore, deltas: impl Iterator<Item = (&'a Bucket,
 
 /// The most restrictive state per metric: lowest remaining, then lowest limit.
 pub fn most_restrictive(states: &[BucketState], metric: Metric) -> Option<&BucketState> {
-    states.iter().filter(|s| s.bucket.metric == metric).min_by(|a, b| {
-        a.view
-            .remaining
-            .total_cmp(&b.view.remaining)
-            .then(a.bucket.limit.total_cmp(&b.bucket.limit))
-    })
+    states
+        .iter()
+        .filter(|s| s.bucket.metric == metric)
+        .min_by(|a, b| {
+            a.view
+                .remaining
+                .total_cmp(&b.view.remaining)
+                .then(a.bucket.limit.total_cmp(&b.bucket.limit))
+        })
 }
 
 #[cfg(test)]

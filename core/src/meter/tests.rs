@@ -7,15 +7,25 @@ use super::*;
 use crate::testing::MemStore;
 
 fn bucket(metric: Metric, limit: f64) -> Bucket {
-    Bucket { scope: "key:k".to_string(), metric, limit }
+    Bucket {
+        scope: "key:k".to_string(),
+        metric,
+        limit,
+    }
 }
 
 fn clock(now: u64) -> Clock {
-    Clock { now, utc_offset_min: 0 }
+    Clock {
+        now,
+        utc_offset_min: 0,
+    }
 }
 
 fn one_request() -> Demand {
-    Demand { requests: 1.0, ..Default::default() }
+    Demand {
+        requests: 1.0,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -25,7 +35,9 @@ fn admits_up_to_the_limit_then_names_the_bucket() {
     assert!(admit(&*s, &b, &one_request(), clock(0)).is_ok());
     assert!(admit(&*s, &b, &one_request(), clock(0)).is_ok());
     match admit(&*s, &b, &one_request(), clock(0)) {
-        Err(Denial::Limited { bucket, wait_ms, .. }) => {
+        Err(Denial::Limited {
+            bucket, wait_ms, ..
+        }) => {
             assert_eq!(bucket.label(), "key:k:requests_per_minute");
             assert_eq!(wait_ms, 30_000); // 2/min: one request every 30 s
         }
@@ -40,8 +52,16 @@ fn admits_up_to_the_limit_then_names_the_bucket() {
 fn most_restrictive_bucket_decides_and_nothing_is_reserved_on_denial() {
     let s = MemStore::new();
     let key = bucket(Metric::OutputTokens, 1000.0);
-    let pool = Bucket { scope: "pool:team:payments".into(), metric: Metric::OutputTokens, limit: 100.0 };
-    let demand = Demand { requests: 1.0, output_tokens: 500.0, ..Default::default() };
+    let pool = Bucket {
+        scope: "pool:team:payments".into(),
+        metric: Metric::OutputTokens,
+        limit: 100.0,
+    };
+    let demand = Demand {
+        requests: 1.0,
+        output_tokens: 500.0,
+        ..Default::default()
+    };
     // 500 > pool capacity 100: capped to 100, fits the full pool once.
     let a = admit(&*s, &[key.clone(), pool.clone()], &demand, clock(0)).unwrap();
     assert_eq!(a.reservations[1].amount, 100.0);
@@ -58,16 +78,45 @@ fn most_restrictive_bucket_decides_and_nothing_is_reserved_on_denial() {
 fn settlement_credits_unused_and_debits_overrun_into_debt() {
     let s = MemStore::new();
     let b = [bucket(Metric::OutputTokens, 600.0)];
-    let reserved = Demand { output_tokens: 500.0, ..Default::default() };
+    let reserved = Demand {
+        output_tokens: 500.0,
+        ..Default::default()
+    };
     let a = admit(&*s, &b, &reserved, clock(0)).unwrap();
-    settle(&*s, &a.reservations, &Demand { output_tokens: 100.0, ..Default::default() }, clock(0)).unwrap();
+    settle(
+        &*s,
+        &a.reservations,
+        &Demand {
+            output_tokens: 100.0,
+            ..Default::default()
+        },
+        clock(0),
+    )
+    .unwrap();
     assert_eq!(store::read(&*s, &b[0].store_key()).unwrap().value, 500.0);
     let a = admit(&*s, &b, &reserved, clock(0)).unwrap();
-    settle(&*s, &a.reservations, &Demand { output_tokens: 900.0, ..Default::default() }, clock(0)).unwrap();
+    settle(
+        &*s,
+        &a.reservations,
+        &Demand {
+            output_tokens: 900.0,
+            ..Default::default()
+        },
+        clock(0),
+    )
+    .unwrap();
     let cell = store::read(&*s, &b[0].store_key()).unwrap();
     assert_eq!(cell.value, -400.0);
     // In debt: the next request waits until 401 tokens refilled at 10/s.
-    match admit(&*s, &b, &Demand { output_tokens: 1.0, ..Default::default() }, clock(0)) {
+    match admit(
+        &*s,
+        &b,
+        &Demand {
+            output_tokens: 1.0,
+            ..Default::default()
+        },
+        clock(0),
+    ) {
         Err(Denial::Limited { wait_ms, .. }) => assert_eq!(wait_ms, 40_100),
         other => panic!("expected debt to deny, got {other:?}"),
     }
@@ -87,8 +136,15 @@ fn cas_conflicts_are_retried_and_no_debit_is_lost() {
 #[test]
 fn exhausted_cas_retries_deny_with_contention_and_release_earlier_reservations() {
     let s = MemStore::new();
-    let b = [bucket(Metric::Requests, 100.0), bucket(Metric::InputTokens, 1000.0)];
-    let d = Demand { requests: 1.0, input_tokens: 10.0, ..Default::default() };
+    let b = [
+        bucket(Metric::Requests, 100.0),
+        bucket(Metric::InputTokens, 1000.0),
+    ];
+    let d = Demand {
+        requests: 1.0,
+        input_tokens: 10.0,
+        ..Default::default()
+    };
     admit(&*s, &b, &d, clock(0)).unwrap();
     // First bucket's write succeeds, then every attempt on the second loses.
     let s2 = s.clone();
@@ -113,12 +169,33 @@ fn creation_race_is_closed_by_the_impossible_cas() {
         if first {
             first = false;
             assert!(cell.is_none());
-            s.set("k", &cell::Cell { value: 5.0, stamp: 0 }.encode(), 0).unwrap();
-            return Step::Write(cell::Cell { value: 9.0, stamp: 0 }, ());
+            s.set(
+                "k",
+                &cell::Cell {
+                    value: 5.0,
+                    stamp: 0,
+                }
+                .encode(),
+                0,
+            )
+            .unwrap();
+            return Step::Write(
+                cell::Cell {
+                    value: 9.0,
+                    stamp: 0,
+                },
+                (),
+            );
         }
         // Second attempt sees the other worker's value instead of clobbering it.
         assert_eq!(cell.unwrap().value, 5.0);
-        Step::Write(cell::Cell { value: 4.0, stamp: 0 }, ())
+        Step::Write(
+            cell::Cell {
+                value: 4.0,
+                stamp: 0,
+            },
+            (),
+        )
     });
     assert!(r.is_ok());
     assert_eq!(store::read(&*s, "k").unwrap().value, 4.0);
@@ -129,11 +206,25 @@ fn creation_race_is_closed_by_the_impossible_cas() {
 fn daily_quota_admits_while_anything_is_left_and_resets_at_midnight() {
     let s = MemStore::new();
     let b = [bucket(Metric::TokensPerDay, 1000.0)];
-    let d = Demand { day_tokens: 800.0, ..Default::default() };
+    let d = Demand {
+        day_tokens: 800.0,
+        ..Default::default()
+    };
     let a = admit(&*s, &b, &d, clock(1000)).unwrap();
-    settle(&*s, &a.reservations, &Demand { day_tokens: 1200.0, ..Default::default() }, clock(2000)).unwrap();
+    settle(
+        &*s,
+        &a.reservations,
+        &Demand {
+            day_tokens: 1200.0,
+            ..Default::default()
+        },
+        clock(2000),
+    )
+    .unwrap();
     match admit(&*s, &b, &d, clock(3000)) {
-        Err(Denial::Limited { bucket, wait_ms, .. }) => {
+        Err(Denial::Limited {
+            bucket, wait_ms, ..
+        }) => {
             assert!(bucket.metric.is_quota());
             assert_eq!(wait_ms, 86_400_000 - 3000);
         }

@@ -64,7 +64,11 @@ impl Checker<'_> {
         let mut money = |name: &str, v: Option<f64>| -> Option<f64> {
             let v = v?;
             if !(v.is_finite() && v > 0.0) {
-                self.error(format!("{path}.{name}"), Some(num(v)), "must be a positive amount of USD");
+                self.error(
+                    format!("{path}.{name}"),
+                    Some(num(v)),
+                    "must be a positive amount of USD",
+                );
                 return None;
             }
             Some(v)
@@ -82,7 +86,11 @@ impl Checker<'_> {
     fn price(&mut self, path: &str, raw: &RawPrice) -> Price {
         let mut amount = |name: &str, v: f64| -> f64 {
             if !(v.is_finite() && v >= 0.0) {
-                self.error(format!("{path}.{name}"), Some(num(v)), "must be a non-negative USD amount per million tokens");
+                self.error(
+                    format!("{path}.{name}"),
+                    Some(num(v)),
+                    "must be a non-negative USD amount per million tokens",
+                );
                 return 0.0;
             }
             v
@@ -109,24 +117,50 @@ fn num(v: f64) -> String {
 /// For each limit field: the key's own value, else the most restrictive value
 /// among its groups, else the default.
 fn resolve(own: &Limits, groups: &[&Limits], defaults: &Limits) -> Limits {
-    fn pick<T: Copy + PartialOrd>(own: Option<T>, groups: impl Iterator<Item = Option<T>>, default: Option<T>) -> Option<T> {
+    fn pick<T: Copy + PartialOrd>(
+        own: Option<T>,
+        groups: impl Iterator<Item = Option<T>>,
+        default: Option<T>,
+    ) -> Option<T> {
         own.or_else(|| {
-            groups
-                .flatten()
-                .fold(None, |acc: Option<T>, v| match acc {
-                    Some(a) if a <= v => Some(a),
-                    _ => Some(v),
-                })
+            groups.flatten().fold(None, |acc: Option<T>, v| match acc {
+                Some(a) if a <= v => Some(a),
+                _ => Some(v),
+            })
         })
         .or(default)
     }
     Limits {
-        requests_per_minute: pick(own.requests_per_minute, groups.iter().map(|g| g.requests_per_minute), defaults.requests_per_minute),
-        input_tokens_per_minute: pick(own.input_tokens_per_minute, groups.iter().map(|g| g.input_tokens_per_minute), defaults.input_tokens_per_minute),
-        output_tokens_per_minute: pick(own.output_tokens_per_minute, groups.iter().map(|g| g.output_tokens_per_minute), defaults.output_tokens_per_minute),
-        tokens_per_day: pick(own.tokens_per_day, groups.iter().map(|g| g.tokens_per_day), defaults.tokens_per_day),
-        budget_usd_per_day: pick(own.budget_usd_per_day, groups.iter().map(|g| g.budget_usd_per_day), defaults.budget_usd_per_day),
-        budget_usd_per_month: pick(own.budget_usd_per_month, groups.iter().map(|g| g.budget_usd_per_month), defaults.budget_usd_per_month),
+        requests_per_minute: pick(
+            own.requests_per_minute,
+            groups.iter().map(|g| g.requests_per_minute),
+            defaults.requests_per_minute,
+        ),
+        input_tokens_per_minute: pick(
+            own.input_tokens_per_minute,
+            groups.iter().map(|g| g.input_tokens_per_minute),
+            defaults.input_tokens_per_minute,
+        ),
+        output_tokens_per_minute: pick(
+            own.output_tokens_per_minute,
+            groups.iter().map(|g| g.output_tokens_per_minute),
+            defaults.output_tokens_per_minute,
+        ),
+        tokens_per_day: pick(
+            own.tokens_per_day,
+            groups.iter().map(|g| g.tokens_per_day),
+            defaults.tokens_per_day,
+        ),
+        budget_usd_per_day: pick(
+            own.budget_usd_per_day,
+            groups.iter().map(|g| g.budget_usd_per_day),
+            defaults.budget_usd_per_day,
+        ),
+        budget_usd_per_month: pick(
+            own.budget_usd_per_month,
+            groups.iter().map(|g| g.budget_usd_per_month),
+            defaults.budget_usd_per_month,
+        ),
     }
 }
 
@@ -134,8 +168,16 @@ const POOL_KINDS: [&str; 5] = ["team", "project", "user", "app", "agent"];
 
 /// Parses and validates policy JSON. `file` names the source in errors;
 /// `now_ms` decides which `expires_at` values deserve a warning.
-pub fn compile(json: &[u8], file: &str, now_ms: u64) -> Result<(Policy, PolicyReport), Vec<PolicyError>> {
-    let mut c = Checker { file, errors: Vec::new(), warnings: Vec::new() };
+pub fn compile(
+    json: &[u8],
+    file: &str,
+    now_ms: u64,
+) -> Result<(Policy, PolicyReport), Vec<PolicyError>> {
+    let mut c = Checker {
+        file,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
     let raw: RawPolicy = match serde_json::from_slice(json) {
         Ok(raw) => raw,
         Err(e) => {
@@ -144,16 +186,27 @@ pub fn compile(json: &[u8], file: &str, now_ms: u64) -> Result<(Policy, PolicyRe
         }
     };
     if raw.version != 1 {
-        c.error("version", Some(raw.version.to_string()), "unsupported policy version (expected 1)");
+        c.error(
+            "version",
+            Some(raw.version.to_string()),
+            "unsupported policy version (expected 1)",
+        );
     }
 
-    let default_models = raw.defaults.models.as_deref().map(|m| c.patterns("defaults.models", m));
+    let default_models = raw
+        .defaults
+        .models
+        .as_deref()
+        .map(|m| c.patterns("defaults.models", m));
     let default_limits = c.limits("defaults.limits", &raw.defaults.limits);
 
     let mut groups: HashMap<&str, (Option<Vec<ModelPattern>>, Limits)> = HashMap::new();
     for (name, g) in &raw.groups {
         let path = format!("groups.{name}");
-        let models = g.models.as_deref().map(|m| c.patterns(&format!("{path}.models"), m));
+        let models = g
+            .models
+            .as_deref()
+            .map(|m| c.patterns(&format!("{path}.models"), m));
         let limits = c.limits(&format!("{path}.limits"), &g.limits);
         groups.insert(name.as_str(), (models, limits));
     }
@@ -164,10 +217,20 @@ pub fn compile(json: &[u8], file: &str, now_ms: u64) -> Result<(Policy, PolicyRe
         let path = format!("pools.{name}");
         match name.split_once(':') {
             Some((kind, value)) if POOL_KINDS.contains(&kind) && !value.is_empty() => {}
-            _ => c.error(&path, Some(quote(name)), format!("pool names are <kind>:<value> with kind one of {}", POOL_KINDS.join(", "))),
+            _ => c.error(
+                &path,
+                Some(quote(name)),
+                format!(
+                    "pool names are <kind>:<value> with kind one of {}",
+                    POOL_KINDS.join(", ")
+                ),
+            ),
         }
         pool_index.insert(name.as_str(), pools.len());
-        pools.push(Pool { name: name.clone(), limits: c.limits(&path, limits) });
+        pools.push(Pool {
+            name: name.clone(),
+            limits: c.limits(&path, limits),
+        });
     }
 
     let mut prices = Vec::with_capacity(raw.prices.len());
@@ -186,11 +249,19 @@ pub fn compile(json: &[u8], file: &str, now_ms: u64) -> Result<(Policy, PolicyRe
         None | Some("deny") => UnknownRoutes::Deny,
         Some("pass") => UnknownRoutes::Pass,
         Some(other) => {
-            c.error("settings.unknown_routes", Some(quote(other)), "must be \"deny\" or \"pass\"");
+            c.error(
+                "settings.unknown_routes",
+                Some(quote(other)),
+                "must be \"deny\" or \"pass\"",
+            );
             UnknownRoutes::Deny
         }
     };
-    let time_zone = raw.settings.time_zone.clone().unwrap_or_else(|| "UTC".to_string());
+    let time_zone = raw
+        .settings
+        .time_zone
+        .clone()
+        .unwrap_or_else(|| "UTC".to_string());
     let utc_offset_minutes = match time::parse_offset_minutes(&time_zone) {
         Ok(m) => m,
         Err(reason) => {
@@ -198,7 +269,11 @@ pub fn compile(json: &[u8], file: &str, now_ms: u64) -> Result<(Policy, PolicyRe
             0
         }
     };
-    let default_price = raw.settings.default_price.as_ref().map(|p| c.price("settings.default_price", p));
+    let default_price = raw
+        .settings
+        .default_price
+        .as_ref()
+        .map(|p| c.price("settings.default_price", p));
 
     let mut keys = Vec::with_capacity(raw.keys.len());
     let mut index: HashMap<[u8; 32], usize> = HashMap::with_capacity(raw.keys.len());
@@ -206,23 +281,44 @@ pub fn compile(json: &[u8], file: &str, now_ms: u64) -> Result<(Policy, PolicyRe
     for (i, k) in raw.keys.iter().enumerate() {
         let path = format!("keys[{i}]");
         if k.id.is_empty() {
-            c.error(format!("{path}.id"), Some(quote(&k.id)), "key id cannot be empty");
+            c.error(
+                format!("{path}.id"),
+                Some(quote(&k.id)),
+                "key id cannot be empty",
+            );
         } else if let Some(first) = ids.insert(k.id.as_str(), i) {
-            c.error(format!("{path}.id"), Some(quote(&k.id)), format!("duplicate key id (also keys[{first}].id)"));
+            c.error(
+                format!("{path}.id"),
+                Some(quote(&k.id)),
+                format!("duplicate key id (also keys[{first}].id)"),
+            );
         }
         let mut hash = [0u8; 32];
-        let hex_ok = k.key_sha256.len() == 64 && hex::decode_to_slice(&k.key_sha256, &mut hash).is_ok();
+        let hex_ok =
+            k.key_sha256.len() == 64 && hex::decode_to_slice(&k.key_sha256, &mut hash).is_ok();
         if !hex_ok {
-            c.error(format!("{path}.key_sha256"), Some(quote(&k.key_sha256)), "must be 64 hex characters (the SHA-256 of the virtual key)");
+            c.error(
+                format!("{path}.key_sha256"),
+                Some(quote(&k.key_sha256)),
+                "must be 64 hex characters (the SHA-256 of the virtual key)",
+            );
         } else if let Some(first) = index.get(&hash) {
-            c.error(format!("{path}.key_sha256"), Some(quote(&k.key_sha256)), format!("duplicate key hash (also keys[{first}].key_sha256)"));
+            c.error(
+                format!("{path}.key_sha256"),
+                Some(quote(&k.key_sha256)),
+                format!("duplicate key hash (also keys[{first}].key_sha256)"),
+            );
         }
 
         let mut key_groups: Vec<&(Option<Vec<ModelPattern>>, Limits)> = Vec::new();
         for (j, g) in k.groups.iter().enumerate() {
             match groups.get(g.as_str()) {
                 Some(group) => key_groups.push(group),
-                None => c.error(format!("{path}.groups[{j}]"), Some(quote(g)), "unknown group (not defined under \"groups\")"),
+                None => c.error(
+                    format!("{path}.groups[{j}]"),
+                    Some(quote(g)),
+                    "unknown group (not defined under \"groups\")",
+                ),
             }
         }
         let own = c.limits(&format!("{path}.limits"), &k.limits);
@@ -247,7 +343,11 @@ pub fn compile(json: &[u8], file: &str, now_ms: u64) -> Result<(Policy, PolicyRe
             Some(text) => match time::parse_rfc3339(text) {
                 Ok(ms) => {
                     if ms <= now_ms {
-                        c.warn(format!("{path}.expires_at"), Some(quote(text)), "already expired: this key is refused");
+                        c.warn(
+                            format!("{path}.expires_at"),
+                            Some(quote(text)),
+                            "already expired: this key is refused",
+                        );
                     }
                     Some(ms)
                 }
@@ -302,11 +402,19 @@ pub fn compile(json: &[u8], file: &str, now_ms: u64) -> Result<(Policy, PolicyRe
         prices,
         settings: Settings {
             unknown_routes,
-            cache_reads_count_toward_input_limit: raw.settings.cache_reads_count_toward_input_limit.unwrap_or(false),
+            cache_reads_count_toward_input_limit: raw
+                .settings
+                .cache_reads_count_toward_input_limit
+                .unwrap_or(false),
             utc_offset_minutes,
             time_zone,
             default_price,
         },
     };
-    Ok((policy, PolicyReport { warnings: c.warnings }))
+    Ok((
+        policy,
+        PolicyReport {
+            warnings: c.warnings,
+        },
+    ))
 }

@@ -16,7 +16,11 @@ pub struct PolicyError {
 
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let path = if self.path.is_empty() { "$" } else { &self.path };
+        let path = if self.path.is_empty() {
+            "$"
+        } else {
+            &self.path
+        };
         match &self.value {
             Some(v) => write!(f, "{}: {}: {} (value: {})", self.file, path, self.reason, v),
             None => write!(f, "{}: {}: {}", self.file, path, self.reason),

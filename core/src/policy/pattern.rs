@@ -66,7 +66,9 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
             },
         }
     }
-    pattern.get(p..).is_some_and(|rest| rest.iter().all(|c| *c == b'*'))
+    pattern
+        .get(p..)
+        .is_some_and(|rest| rest.iter().all(|c| *c == b'*'))
 }
 
 #[cfg(test)]
@@ -74,7 +76,9 @@ mod tests {
     use super::*;
 
     fn m(p: &str, t: &str) -> bool {
-        ModelPattern::parse(p).map(|p| p.matches(t)).unwrap_or(false)
+        ModelPattern::parse(p)
+            .map(|p| p.matches(t))
+            .unwrap_or(false)
     }
 
     #[test]
@@ -96,6 +100,9 @@ mod tests {
             ModelPattern::parse("claude-[ab]").err().as_deref(),
             Some("'[' is not supported in model patterns (only '*' and '?')")
         );
-        assert_eq!(ModelPattern::parse("").err().as_deref(), Some("empty model pattern"));
+        assert_eq!(
+            ModelPattern::parse("").err().as_deref(),
+            Some("empty model pattern")
+        );
     }
 }

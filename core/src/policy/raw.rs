@@ -94,4 +94,3 @@ pub struct RawSettings {
     /// are denied when a money budget applies.
     pub default_price: Option<RawPrice>,
 }
-

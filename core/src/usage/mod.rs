@@ -26,7 +26,13 @@ impl Usage {
     /// Tokens charged to input-tokens-per-minute buckets: input plus cache
     /// writes, plus cache reads only when the policy says so.
     pub fn input_for_limit(&self, count_cache_reads: bool) -> u64 {
-        self.input + self.cache_write + if count_cache_reads { self.cache_read } else { 0 }
+        self.input
+            + self.cache_write
+            + if count_cache_reads {
+                self.cache_read
+            } else {
+                0
+            }
     }
 
     /// Every token of every class (daily token quotas count these).
@@ -61,7 +67,11 @@ pub fn inspect_request(route: Route, body: &[u8]) -> Result<RequestInfo, Request
         .ok_or_else(|| RequestError("request body must be a JSON object".to_string()))?;
     let model = match obj.get("model") {
         Some(serde_json::Value::String(m)) if !m.is_empty() => Some(m.clone()),
-        Some(_) => return Err(RequestError("model: must be a non-empty string".to_string())),
+        Some(_) => {
+            return Err(RequestError(
+                "model: must be a non-empty string".to_string(),
+            ))
+        }
         None => None,
     };
     let max_field = match route {
@@ -69,12 +79,13 @@ pub fn inspect_request(route: Route, body: &[u8]) -> Result<RequestInfo, Request
         Route::OpenAiChat if obj.contains_key("max_completion_tokens") => "max_completion_tokens",
         _ => "max_tokens",
     };
-    let max_tokens = match obj.get(max_field) {
-        None | Some(serde_json::Value::Null) => None,
-        Some(n) => Some(n.as_u64().ok_or_else(|| {
-            RequestError(format!("{max_field}: must be a non-negative integer"))
-        })?),
-    };
+    let max_tokens =
+        match obj.get(max_field) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(n) => Some(n.as_u64().ok_or_else(|| {
+                RequestError(format!("{max_field}: must be a non-negative integer"))
+            })?),
+        };
     let stream = obj.get("stream").and_then(|s| s.as_bool()).unwrap_or(false);
     let include_usage = obj
         .get("stream_options")
@@ -104,15 +115,28 @@ pub fn parse_json_usage(route: Route, body: &[u8]) -> Option<(Usage, Option<Stri
             cache_read: n("cache_read_input_tokens"),
         },
         crate::route::Provider::OpenAi => {
-            let prompt = u.get("prompt_tokens").or(u.get("input_tokens")).and_then(|x| x.as_u64()).unwrap_or(0);
-            let out = u.get("completion_tokens").or(u.get("output_tokens")).and_then(|x| x.as_u64()).unwrap_or(0);
+            let prompt = u
+                .get("prompt_tokens")
+                .or(u.get("input_tokens"))
+                .and_then(|x| x.as_u64())
+                .unwrap_or(0);
+            let out = u
+                .get("completion_tokens")
+                .or(u.get("output_tokens"))
+                .and_then(|x| x.as_u64())
+                .unwrap_or(0);
             let cached = u
                 .get("prompt_tokens_details")
                 .or(u.get("input_tokens_details"))
                 .and_then(|d| d.get("cached_tokens"))
                 .and_then(|x| x.as_u64())
                 .unwrap_or(0);
-            Usage { input: prompt.saturating_sub(cached), output: out, cache_write: 0, cache_read: cached }
+            Usage {
+                input: prompt.saturating_sub(cached),
+                output: out,
+                cache_write: 0,
+                cache_read: cached,
+            }
         }
     };
     Some((usage, model))
@@ -130,7 +154,10 @@ pub struct StreamUsage {
 
 impl StreamUsage {
     pub fn new(route: Route) -> StreamUsage {
-        StreamUsage { route: Some(route), ..Default::default() }
+        StreamUsage {
+            route: Some(route),
+            ..Default::default()
+        }
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
@@ -146,15 +173,24 @@ impl StreamUsage {
     }
 
     fn data(&mut self, data: &[u8]) {
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else { return };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+            return;
+        };
         let Some(route) = self.route else { return };
         let u = match v.get("type").and_then(|t| t.as_str()) {
             Some("message_start") => v.get("message").and_then(|m| m.get("usage")),
             Some("message_delta") => v.get("usage"),
-            _ => v.get("usage").or(v.get("response").and_then(|r| r.get("usage"))),
+            _ => v
+                .get("usage")
+                .or(v.get("response").and_then(|r| r.get("usage"))),
         };
         let Some(u) = u else { return };
-        if let Some(m) = v.get("message").and_then(|m| m.get("model")).or(v.get("model")).and_then(|m| m.as_str()) {
+        if let Some(m) = v
+            .get("message")
+            .and_then(|m| m.get("model"))
+            .or(v.get("model"))
+            .and_then(|m| m.as_str())
+        {
             self.model = Some(m.to_string());
         }
         let wrapped = serde_json::json!({ "usage": u });
@@ -163,8 +199,16 @@ impl StreamUsage {
             self.usage = Some(Usage {
                 input: if new.input > 0 { new.input } else { prev.input },
                 output: new.output.max(prev.output),
-                cache_write: if new.cache_write > 0 { new.cache_write } else { prev.cache_write },
-                cache_read: if new.cache_read > 0 { new.cache_read } else { prev.cache_read },
+                cache_write: if new.cache_write > 0 {
+                    new.cache_write
+                } else {
+                    prev.cache_write
+                },
+                cache_read: if new.cache_read > 0 {
+                    new.cache_read
+                } else {
+                    prev.cache_read
+                },
             });
         }
     }

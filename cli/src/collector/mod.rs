@@ -1,0 +1,278 @@
+//! The audit collector: Envoy's gRPC AccessLogService. Envoy streams batches
+//! of access-log entries and expects no answer (the protocol is lossy by
+//! design), so the service never blocks the stream on the database: entries
+//! go into a bounded queue drained by one writer that inserts in batches.
+//! A full queue drops the entry and counts it; the file access log keeps the
+//! durable copy.
+
+pub mod store;
+
+use anyhow::Result;
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::{
+    AccessLogService, AccessLogServiceServer,
+};
+use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::LogEntries;
+use envoy_types::pb::envoy::service::accesslog::v3::{
+    StreamAccessLogsMessage, StreamAccessLogsResponse,
+};
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use store::AuditStore;
+use tokio::sync::mpsc;
+use tollgate_core::audit::{AuditRecord, FILTER_STATE_KEY};
+
+/// Records waiting for the writer; past this, new ones are dropped (counted).
+pub const QUEUE_CAPACITY: usize = 65_536;
+const BATCH: usize = 512;
+
+/// Counters of what the collector saw, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub received: AtomicU64,
+    pub stored: AtomicU64,
+    /// Entries without Tollgate's filter state (another filter's traffic).
+    pub without_record: AtomicU64,
+    pub invalid: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// Unpacks the filter state value. Envoy wraps the wasm property (raw bytes)
+/// as `google.protobuf.BytesValue`; accept `StringValue` too, and an `Any`
+/// whose value is the JSON itself.
+fn unpack(any: &Any) -> Vec<u8> {
+    if any.type_url.ends_with("google.protobuf.BytesValue") {
+        if let Ok(v) = <Vec<u8> as Message>::decode(any.value.as_slice()) {
+            return v;
+        }
+    }
+    if any.type_url.ends_with("google.protobuf.StringValue") {
+        if let Ok(v) = <String as Message>::decode(any.value.as_slice()) {
+            return v.into_bytes();
+        }
+    }
+    any.value.clone()
+}
+
+/// The Tollgate records carried by one message; `Err` for an entry whose
+/// filter state is not a valid record. Entries without the state are skipped.
+pub fn records_from_message(msg: &StreamAccessLogsMessage) -> Vec<Result<AuditRecord, String>> {
+    let Some(LogEntries::HttpLogs(logs)) = &msg.log_entries else {
+        return Vec::new();
+    };
+    logs.log_entry
+        .iter()
+        .filter_map(|entry| {
+            entry
+                .common_properties
+                .as_ref()?
+                .filter_state_objects
+                .get(FILTER_STATE_KEY)
+        })
+        .map(|any| {
+            AuditRecord::from_json(&unpack(any)).map_err(|e| format!("invalid audit record: {e}"))
+        })
+        .collect()
+}
+
+struct Service {
+    queue: mpsc::Sender<AuditRecord>,
+    stats: Arc<Stats>,
+}
+
+#[tonic::async_trait]
+impl AccessLogService for Service {
+    async fn stream_access_logs(
+        &self,
+        request: tonic::Request<tonic::Streaming<StreamAccessLogsMessage>>,
+    ) -> Result<tonic::Response<StreamAccessLogsResponse>, tonic::Status> {
+        let mut stream = request.into_inner();
+        while let Some(msg) = stream.message().await? {
+            let entries = match &msg.log_entries {
+                Some(LogEntries::HttpLogs(l)) => l.log_entry.len() as u64,
+                _ => 0,
+            };
+            self.stats.received.fetch_add(entries, Ordering::Relaxed);
+            let records = records_from_message(&msg);
+            self.stats.without_record.fetch_add(
+                entries.saturating_sub(records.len() as u64),
+                Ordering::Relaxed,
+            );
+            for r in records {
+                match r {
+                    Ok(record) => {
+                        if self.queue.try_send(record).is_err() {
+                            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(
+                                "audit queue full: record dropped (the file access log keeps it)"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        self.stats.invalid.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("{e}");
+                    }
+                }
+            }
+        }
+        Ok(tonic::Response::new(StreamAccessLogsResponse {}))
+    }
+}
+
+async fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, store: AuditStore, stats: Arc<Stats>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let records = std::mem::take(&mut batch);
+        let store = store.clone();
+        let n = records.len() as u64;
+        match tokio::task::spawn_blocking(move || store.insert_batch(&records)).await {
+            Ok(Ok(_)) => {
+                stats.stored.fetch_add(n, Ordering::Relaxed);
+            }
+            Ok(Err(e)) => tracing::error!("storing {n} audit records failed: {e:#}"),
+            Err(e) => tracing::error!("audit writer task failed: {e}"),
+        }
+    }
+}
+
+/// Serves the AccessLogService on `listener` until `shutdown` resolves, then
+/// flushes every queued record to the store before returning.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    store: AuditStore,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    serve_with_stats(listener, store, Arc::new(Stats::default()), shutdown).await
+}
+
+pub async fn serve_with_stats(
+    listener: tokio::net::TcpListener,
+    store: AuditStore,
+    stats: Arc<Stats>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+    let writer = tokio::spawn(write_loop(rx, store, stats.clone()));
+    let service = Service { queue: tx, stats };
+    tonic::transport::Server::builder()
+        .add_service(AccessLogServiceServer::new(service))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    // The server (and with it the last sender) is gone: the writer drains
+    // what is queued and ends.
+    writer.await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::data::accesslog::v3::{AccessLogCommon, HttpAccessLogEntry};
+    use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
+    use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::HttpAccessLogEntries;
+
+    fn entry(state: Option<Any>) -> HttpAccessLogEntry {
+        let mut common = AccessLogCommon::default();
+        if let Some(any) = state {
+            common
+                .filter_state_objects
+                .insert(FILTER_STATE_KEY.to_string(), any);
+        }
+        HttpAccessLogEntry {
+            common_properties: Some(common),
+            ..Default::default()
+        }
+    }
+
+    fn bytes_value(json: &str) -> Any {
+        Any {
+            type_url: "type.googleapis.com/google.protobuf.BytesValue".into(),
+            value: json.as_bytes().to_vec().encode_to_vec(),
+        }
+    }
+
+    fn message(entries: Vec<HttpAccessLogEntry>) -> StreamAccessLogsMessage {
+        StreamAccessLogsMessage {
+            identifier: None,
+            log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+                log_entry: entries,
+            })),
+        }
+    }
+
+    fn json(id: &str) -> String {
+        serde_json::to_string(&AuditRecord {
+            request_id: id.into(),
+            complete: true,
+            route: "anthropic.messages".into(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn extracts_records_from_bytes_and_string_values_and_skips_other_entries() {
+        let string_value = Any {
+            type_url: "type.googleapis.com/google.protobuf.StringValue".into(),
+            value: json("s").encode_to_vec(),
+        };
+        let bad = bytes_value("{not json");
+        let out = records_from_message(&message(vec![
+            entry(Some(bytes_value(&json("b")))),
+            entry(Some(string_value)),
+            entry(None),
+            entry(Some(bad)),
+        ]));
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0].as_ref().unwrap().request_id, "b");
+        assert_eq!(out[1].as_ref().unwrap().request_id, "s");
+        assert!(out[2]
+            .as_ref()
+            .unwrap_err()
+            .starts_with("invalid audit record: "));
+    }
+
+    #[tokio::test]
+    async fn stores_streamed_entries_and_flushes_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(&dir.path().join("a.db")).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let stats = Arc::new(Stats::default());
+        let server = tokio::spawn(serve_with_stats(
+            listener,
+            store.clone(),
+            stats.clone(),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let mut client = AccessLogServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let msgs = vec![
+            message(vec![
+                entry(Some(bytes_value(&json("r1")))),
+                entry(Some(bytes_value(&json("r2")))),
+            ]),
+            message(vec![entry(Some(bytes_value(&json("r3")))), entry(None)]),
+        ];
+        client
+            .stream_access_logs(tokio_stream::iter(msgs))
+            .await
+            .unwrap();
+        let _ = stop_tx.send(());
+        server.await.unwrap().unwrap();
+        assert_eq!(store.count().unwrap(), 3);
+        assert!(store.get("r3").unwrap().is_some());
+        assert_eq!(stats.received.load(Ordering::Relaxed), 4);
+        assert_eq!(stats.without_record.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
+    }
+}

@@ -1,0 +1,40 @@
+//! `tollgate mock`: the mock provider on its own.
+
+use crate::mock::{self, MockConfig};
+use anyhow::{Context, Result};
+use std::net::SocketAddr;
+
+/// The "real" keys the mock expects Envoy to inject (demo and tests only).
+pub const DEFAULT_ANTHROPIC_KEY: &str = "sk-ant-mock-real-key";
+pub const DEFAULT_OPENAI_KEY: &str = "sk-openai-mock-real-key";
+
+#[derive(clap::Args, Debug)]
+pub struct MockArgs {
+    #[arg(long, default_value = "127.0.0.1:9612")]
+    pub listen: SocketAddr,
+    /// The x-api-key the mock expects on Anthropic routes.
+    #[arg(long, default_value = DEFAULT_ANTHROPIC_KEY)]
+    pub anthropic_key: String,
+    /// The bearer token the mock expects on OpenAI routes.
+    #[arg(long, default_value = DEFAULT_OPENAI_KEY)]
+    pub openai_key: String,
+    /// Delay between streamed events.
+    #[arg(long, default_value_t = 20)]
+    pub event_delay_ms: u64,
+}
+
+pub fn run(args: MockArgs) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        println!("mock provider listening on {}", listener.local_addr()?);
+        let config = MockConfig {
+            anthropic_key: args.anthropic_key,
+            openai_key: args.openai_key,
+            event_delay_ms: args.event_delay_ms,
+        };
+        mock::serve(listener, config, crate::collector_cmd::shutdown_signal()).await
+    })
+}
