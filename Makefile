@@ -23,7 +23,7 @@ help: ## Show this help
 demo: build envoy ## Build, start the gateway with the example policy and the mock provider, run a short tour (DEMO_EXIT=1 exits after it)
 	@scripts/demo.sh
 
-test: build envoy ## Install what is needed, then run every unit and end-to-end test
+test: build envoy lint ## Install what is needed, then run every unit and end-to-end test
 	$(CARGO) test --workspace --no-fail-fast
 
 build: wasm cli ## Build tollgate.wasm and the tollgate CLI
@@ -56,9 +56,11 @@ unit: ## Unit tests only (no Envoy)
 e2e: build envoy ## End-to-end tests only (real Envoy)
 	$(CARGO) test -p tollgate-e2e
 
-lint: ## clippy with the no-panic lints, and rustfmt check
+lint: wasm-target ## clippy (no unwrap/expect/panic on the request path) and rustfmt check
+	@echo "==> lint"
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --target $(WASM_TARGET) --profile wasm -p tollgate-filter -- -D warnings
 
 fmt: ## Format the code
 	$(CARGO) fmt --all

@@ -36,7 +36,12 @@ call() {
   status=$(head -1 "$STATE/headers" | tr -d '\r')
   echo "$status"
   grep -iE '^(retry-after|anthropic-ratelimit-requests-remaining|x-should-retry):' "$STATE/headers" | tr -d '\r' || true
-  echo "$out" | head -c 400; echo
+  # Bodies compacted to one line for reading.
+  echo "$out" | python3 -c 'import json,sys
+t=sys.stdin.read()
+try: t=json.dumps(json.loads(t))
+except ValueError: pass
+print(t[:300] + ("…" if len(t) > 300 else ""))' 
   [[ "$status" == *" $want "* ]] || fail "$name: expected $want, got: $status"
 }
 
