@@ -1,420 +1,223 @@
-//! Phase two of loading: check the raw policy and build the runtime form.
+//! Loading a policy: parse, check the whole document against the schema and
+//! its cross-references (collecting every error), then build the runtime
+//! [`Policy`] from the serde structs in `raw`.
 
 use super::error::{PolicyError, PolicyReport};
 use super::pattern::ModelPattern;
 use super::raw::{RawLimits, RawPolicy, RawPrice};
-use super::{Identity, Key, Limits, ModelSet, Policy, Pool, Price, Settings, UnknownRoutes};
+use super::schema::{self, show, Problem};
+use super::{Identity, Key, Limits, ModelSet, Policy, Pool, Price, Settings, UnknownRoutes, POOL_KINDS};
 use crate::time;
 use hashbrown::HashMap;
+use serde_json::Value;
 
-struct Checker<'a> {
-    file: &'a str,
-    errors: Vec<PolicyError>,
-    warnings: Vec<PolicyError>,
+/// Parses and validates policy JSON. `file` names the source in errors;
+/// `now_ms` decides which `expires_at` values deserve a warning.
+pub fn compile(json: &[u8], file: &str, now_ms: u64) -> Result<(Policy, PolicyReport), Vec<PolicyError>> {
+    let at = |p: Problem| PolicyError { file: file.to_string(), path: p.path, value: p.value, reason: p.reason };
+    let value: Value = serde_json::from_slice(json).map_err(|e| {
+        vec![at(Problem { path: String::new(), value: None, reason: format!("invalid JSON: {e}") })]
+    })?;
+    let mut problems = Vec::new();
+    schema::check(&value, &schema::POLICY, "", &mut problems);
+    cross_references(&value, &mut problems);
+    if !problems.is_empty() {
+        return Err(problems.into_iter().map(at).collect());
+    }
+    let raw: RawPolicy = serde_json::from_value(value)
+        .map_err(|e| vec![at(Problem { path: String::new(), value: None, reason: e.to_string() })])?;
+    let warnings = expiry_warnings(&raw, now_ms).into_iter().map(at).collect();
+    Ok((build(raw), PolicyReport { warnings }))
 }
 
-impl Checker<'_> {
-    fn error(&mut self, path: impl Into<String>, value: Option<String>, reason: impl Into<String>) {
-        self.errors.push(PolicyError {
-            file: self.file.to_string(),
-            path: path.into(),
-            value,
-            reason: reason.into(),
-        });
-    }
-
-    fn warn(&mut self, path: impl Into<String>, value: Option<String>, reason: impl Into<String>) {
-        self.warnings.push(PolicyError {
-            file: self.file.to_string(),
-            path: path.into(),
-            value,
-            reason: reason.into(),
-        });
-    }
-
-    fn patterns(&mut self, path: &str, list: &[String]) -> Vec<ModelPattern> {
-        let mut out = Vec::with_capacity(list.len());
-        for (i, text) in list.iter().enumerate() {
-            match ModelPattern::parse(text) {
-                Ok(p) => out.push(p),
-                Err(reason) => self.error(format!("{path}[{i}]"), Some(quote(text)), reason),
+/// Checks that need more than one value: unique key ids and hashes, groups
+/// that exist. Run on the raw document so they are reported together with
+/// shape errors.
+fn cross_references(doc: &Value, out: &mut Vec<Problem>) {
+    let groups = doc.get("groups").and_then(Value::as_object);
+    let Some(keys) = doc.get("keys").and_then(Value::as_array) else { return };
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let mut hashes: HashMap<String, usize> = HashMap::new();
+    for (i, k) in keys.iter().enumerate() {
+        if let Some(id) = k.get("id").and_then(Value::as_str) {
+            if let Some(first) = ids.insert(id, i) {
+                out.push(Problem {
+                    path: format!("keys[{i}].id"),
+                    value: Some(show(&Value::String(id.into()))),
+                    reason: format!("duplicate key id (also keys[{first}].id)"),
+                });
             }
         }
-        out
-    }
-
-    fn limits(&mut self, path: &str, raw: &RawLimits) -> Limits {
-        let mut count = |name: &str, v: Option<f64>| -> Option<u64> {
-            let v = v?;
-            if !(v.is_finite() && v > 0.0 && v.fract() == 0.0 && v <= 1e15) {
-                self.error(
-                    format!("{path}.{name}"),
-                    Some(num(v)),
-                    "must be a positive whole number",
-                );
-                return None;
+        if let Some(h) = k.get("key_sha256").and_then(Value::as_str).filter(|h| h.len() == 64) {
+            if let Some(first) = hashes.insert(h.to_ascii_lowercase(), i) {
+                out.push(Problem {
+                    path: format!("keys[{i}].key_sha256"),
+                    value: Some(show(&Value::String(h.into()))),
+                    reason: format!("duplicate key hash (also keys[{first}].key_sha256): two entries for one virtual key"),
+                });
             }
-            Some(v as u64)
-        };
-        let requests_per_minute = count("requests_per_minute", raw.requests_per_minute);
-        let input_tokens_per_minute = count("input_tokens_per_minute", raw.input_tokens_per_minute);
-        let output_tokens_per_minute =
-            count("output_tokens_per_minute", raw.output_tokens_per_minute);
-        let tokens_per_day = count("tokens_per_day", raw.tokens_per_day);
-        let mut money = |name: &str, v: Option<f64>| -> Option<f64> {
-            let v = v?;
-            if !(v.is_finite() && v > 0.0) {
-                self.error(
-                    format!("{path}.{name}"),
-                    Some(num(v)),
-                    "must be a positive amount of USD",
-                );
-                return None;
-            }
-            Some(v)
-        };
-        Limits {
-            requests_per_minute,
-            input_tokens_per_minute,
-            output_tokens_per_minute,
-            tokens_per_day,
-            budget_usd_per_day: money("budget_usd_per_day", raw.budget_usd_per_day),
-            budget_usd_per_month: money("budget_usd_per_month", raw.budget_usd_per_month),
         }
-    }
-
-    fn price(&mut self, path: &str, raw: &RawPrice) -> Price {
-        let mut amount = |name: &str, v: f64| -> f64 {
-            if !(v.is_finite() && v >= 0.0) {
-                self.error(
-                    format!("{path}.{name}"),
-                    Some(num(v)),
-                    "must be a non-negative USD amount per million tokens",
-                );
-                return 0.0;
+        for (j, g) in k.get("groups").and_then(Value::as_array).into_iter().flatten().enumerate() {
+            let Some(name) = g.as_str() else { continue };
+            if !groups.is_some_and(|gs| gs.contains_key(name)) {
+                let defined: Vec<&str> = groups.map(|gs| gs.keys().map(String::as_str).collect()).unwrap_or_default();
+                out.push(Problem {
+                    path: format!("keys[{i}].groups[{j}]"),
+                    value: Some(show(g)),
+                    reason: if defined.is_empty() {
+                        "unknown group (no groups are defined under \"groups\")".to_string()
+                    } else {
+                        format!("unknown group (defined: {})", defined.join(", "))
+                    },
+                });
             }
-            v
-        };
-        Price {
-            input: amount("input", raw.input),
-            output: amount("output", raw.output),
-            cache_write: amount("cache_write", raw.cache_write.unwrap_or(raw.input * 1.25)),
-            cache_read: amount("cache_read", raw.cache_read.unwrap_or(raw.input * 0.1)),
         }
     }
 }
 
-fn quote(s: &str) -> String {
-    serde_json::Value::String(s.to_string()).to_string()
+fn expiry_warnings(raw: &RawPolicy, now_ms: u64) -> Vec<Problem> {
+    raw.keys
+        .iter()
+        .enumerate()
+        .filter_map(|(i, k)| {
+            let text = k.expires_at.as_deref()?;
+            let at = time::parse_rfc3339(text).ok()?;
+            (at <= now_ms).then(|| Problem {
+                path: format!("keys[{i}].expires_at"),
+                value: Some(show(&Value::String(text.into()))),
+                reason: "already expired: this key is refused".to_string(),
+            })
+        })
+        .collect()
 }
 
-fn num(v: f64) -> String {
-    serde_json::Number::from_f64(v)
-        .map(|n| n.to_string())
-        .unwrap_or_else(|| v.to_string())
+fn limits(raw: &RawLimits) -> Limits {
+    let count = |v: Option<f64>| v.map(|v| v as u64);
+    Limits {
+        requests_per_minute: count(raw.requests_per_minute),
+        input_tokens_per_minute: count(raw.input_tokens_per_minute),
+        output_tokens_per_minute: count(raw.output_tokens_per_minute),
+        tokens_per_day: count(raw.tokens_per_day),
+        budget_usd_per_day: raw.budget_usd_per_day,
+        budget_usd_per_month: raw.budget_usd_per_month,
+    }
+}
+
+/// Prices not given for cache classes follow Anthropic's published ratios.
+fn price(raw: &RawPrice) -> Price {
+    Price {
+        input: raw.input,
+        output: raw.output,
+        cache_write: raw.cache_write.unwrap_or(raw.input * 1.25),
+        cache_read: raw.cache_read.unwrap_or(raw.input * 0.1),
+    }
+}
+
+fn patterns(list: &[String]) -> Vec<ModelPattern> {
+    list.iter().filter_map(|p| ModelPattern::parse(p).ok()).collect()
 }
 
 /// For each limit field: the key's own value, else the most restrictive value
 /// among its groups, else the default.
 fn resolve(own: &Limits, groups: &[&Limits], defaults: &Limits) -> Limits {
-    fn pick<T: Copy + PartialOrd>(
-        own: Option<T>,
-        groups: impl Iterator<Item = Option<T>>,
-        default: Option<T>,
-    ) -> Option<T> {
-        own.or_else(|| {
-            groups.flatten().fold(None, |acc: Option<T>, v| match acc {
-                Some(a) if a <= v => Some(a),
-                _ => Some(v),
-            })
-        })
+    fn pick<T: Copy + PartialOrd>(own: Option<T>, groups: impl Iterator<Item = Option<T>>, default: Option<T>) -> Option<T> {
+        own.or_else(|| groups.flatten().fold(None, |acc: Option<T>, v| match acc {
+            Some(a) if a <= v => Some(a),
+            _ => Some(v),
+        }))
         .or(default)
     }
+    macro_rules! field {
+        ($f:ident) => {
+            pick(own.$f, groups.iter().map(|g| g.$f), defaults.$f)
+        };
+    }
     Limits {
-        requests_per_minute: pick(
-            own.requests_per_minute,
-            groups.iter().map(|g| g.requests_per_minute),
-            defaults.requests_per_minute,
-        ),
-        input_tokens_per_minute: pick(
-            own.input_tokens_per_minute,
-            groups.iter().map(|g| g.input_tokens_per_minute),
-            defaults.input_tokens_per_minute,
-        ),
-        output_tokens_per_minute: pick(
-            own.output_tokens_per_minute,
-            groups.iter().map(|g| g.output_tokens_per_minute),
-            defaults.output_tokens_per_minute,
-        ),
-        tokens_per_day: pick(
-            own.tokens_per_day,
-            groups.iter().map(|g| g.tokens_per_day),
-            defaults.tokens_per_day,
-        ),
-        budget_usd_per_day: pick(
-            own.budget_usd_per_day,
-            groups.iter().map(|g| g.budget_usd_per_day),
-            defaults.budget_usd_per_day,
-        ),
-        budget_usd_per_month: pick(
-            own.budget_usd_per_month,
-            groups.iter().map(|g| g.budget_usd_per_month),
-            defaults.budget_usd_per_month,
-        ),
+        requests_per_minute: field!(requests_per_minute),
+        input_tokens_per_minute: field!(input_tokens_per_minute),
+        output_tokens_per_minute: field!(output_tokens_per_minute),
+        tokens_per_day: field!(tokens_per_day),
+        budget_usd_per_day: field!(budget_usd_per_day),
+        budget_usd_per_month: field!(budget_usd_per_month),
     }
 }
 
-const POOL_KINDS: [&str; 5] = ["team", "project", "user", "app", "agent"];
+/// Builds the runtime policy from a document that passed every check.
+fn build(raw: RawPolicy) -> Policy {
+    let default_models = raw.defaults.models.as_deref().map(patterns).unwrap_or_default();
+    let default_limits = limits(&raw.defaults.limits);
+    let groups: HashMap<&str, (Option<Vec<ModelPattern>>, Limits)> = raw
+        .groups
+        .iter()
+        .map(|(name, g)| (name.as_str(), (g.models.as_deref().map(patterns), limits(&g.limits))))
+        .collect();
+    let pools: Vec<Pool> = raw.pools.iter().map(|(name, l)| Pool { name: name.clone(), limits: limits(l) }).collect();
+    let pool_index: HashMap<&str, usize> = raw.pools.keys().enumerate().map(|(i, name)| (name.as_str(), i)).collect();
 
-/// Parses and validates policy JSON. `file` names the source in errors;
-/// `now_ms` decides which `expires_at` values deserve a warning.
-pub fn compile(
-    json: &[u8],
-    file: &str,
-    now_ms: u64,
-) -> Result<(Policy, PolicyReport), Vec<PolicyError>> {
-    let mut c = Checker {
-        file,
-        errors: Vec::new(),
-        warnings: Vec::new(),
-    };
-    let raw: RawPolicy = match serde_json::from_slice(json) {
-        Ok(raw) => raw,
-        Err(e) => {
-            c.error("", None, e.to_string());
-            return Err(c.errors);
-        }
-    };
-    if raw.version != 1 {
-        c.error(
-            "version",
-            Some(raw.version.to_string()),
-            "unsupported policy version (expected 1)",
-        );
-    }
-
-    let default_models = raw
-        .defaults
-        .models
-        .as_deref()
-        .map(|m| c.patterns("defaults.models", m));
-    let default_limits = c.limits("defaults.limits", &raw.defaults.limits);
-
-    let mut groups: HashMap<&str, (Option<Vec<ModelPattern>>, Limits)> = HashMap::new();
-    for (name, g) in &raw.groups {
-        let path = format!("groups.{name}");
-        let models = g
-            .models
-            .as_deref()
-            .map(|m| c.patterns(&format!("{path}.models"), m));
-        let limits = c.limits(&format!("{path}.limits"), &g.limits);
-        groups.insert(name.as_str(), (models, limits));
-    }
-
-    let mut pools = Vec::with_capacity(raw.pools.len());
-    let mut pool_index: HashMap<&str, usize> = HashMap::new();
-    for (name, limits) in &raw.pools {
-        let path = format!("pools.{name}");
-        match name.split_once(':') {
-            Some((kind, value)) if POOL_KINDS.contains(&kind) && !value.is_empty() => {}
-            _ => c.error(
-                &path,
-                Some(quote(name)),
-                format!(
-                    "pool names are <kind>:<value> with kind one of {}",
-                    POOL_KINDS.join(", ")
-                ),
-            ),
-        }
-        pool_index.insert(name.as_str(), pools.len());
-        pools.push(Pool {
-            name: name.clone(),
-            limits: c.limits(&path, limits),
-        });
-    }
-
-    let mut prices = Vec::with_capacity(raw.prices.len());
-    for (pattern, p) in &raw.prices {
-        let path = format!("prices.{pattern}");
-        let price = c.price(&path, p);
-        match ModelPattern::parse(pattern) {
-            Ok(mp) => prices.push((mp, price)),
-            Err(reason) => c.error(&path, Some(quote(pattern)), reason),
-        }
-    }
+    let mut prices: Vec<(ModelPattern, Price)> = raw
+        .prices
+        .iter()
+        .filter_map(|(p, v)| Some((ModelPattern::parse(p).ok()?, price(v))))
+        .collect();
     // Exact names win over globs; among globs the longer (more specific) first.
     prices.sort_by_key(|(p, _)| (!p.is_exact(), std::cmp::Reverse(p.as_str().len())));
 
-    let unknown_routes = match raw.settings.unknown_routes.as_deref() {
-        None | Some("deny") => UnknownRoutes::Deny,
-        Some("pass") => UnknownRoutes::Pass,
-        Some(other) => {
-            c.error(
-                "settings.unknown_routes",
-                Some(quote(other)),
-                "must be \"deny\" or \"pass\"",
-            );
-            UnknownRoutes::Deny
-        }
-    };
-    let time_zone = raw
-        .settings
-        .time_zone
-        .clone()
-        .unwrap_or_else(|| "UTC".to_string());
-    let utc_offset_minutes = match time::parse_offset_minutes(&time_zone) {
-        Ok(m) => m,
-        Err(reason) => {
-            c.error("settings.time_zone", Some(quote(&time_zone)), reason);
-            0
-        }
-    };
-    let default_price = raw
-        .settings
-        .default_price
-        .as_ref()
-        .map(|p| c.price("settings.default_price", p));
-
     let mut keys = Vec::with_capacity(raw.keys.len());
-    let mut index: HashMap<[u8; 32], usize> = HashMap::with_capacity(raw.keys.len());
-    let mut ids: HashMap<&str, usize> = HashMap::with_capacity(raw.keys.len());
-    for (i, k) in raw.keys.iter().enumerate() {
-        let path = format!("keys[{i}]");
-        if k.id.is_empty() {
-            c.error(
-                format!("{path}.id"),
-                Some(quote(&k.id)),
-                "key id cannot be empty",
-            );
-        } else if let Some(first) = ids.insert(k.id.as_str(), i) {
-            c.error(
-                format!("{path}.id"),
-                Some(quote(&k.id)),
-                format!("duplicate key id (also keys[{first}].id)"),
-            );
-        }
+    let mut index = HashMap::with_capacity(raw.keys.len());
+    for k in &raw.keys {
         let mut hash = [0u8; 32];
-        let hex_ok =
-            k.key_sha256.len() == 64 && hex::decode_to_slice(&k.key_sha256, &mut hash).is_ok();
-        if !hex_ok {
-            c.error(
-                format!("{path}.key_sha256"),
-                Some(quote(&k.key_sha256)),
-                "must be 64 hex characters (the SHA-256 of the virtual key)",
-            );
-        } else if let Some(first) = index.get(&hash) {
-            c.error(
-                format!("{path}.key_sha256"),
-                Some(quote(&k.key_sha256)),
-                format!("duplicate key hash (also keys[{first}].key_sha256)"),
-            );
+        if hex::decode_to_slice(k.key_sha256.to_ascii_lowercase(), &mut hash).is_ok() {
+            index.insert(hash, keys.len());
         }
-
-        let mut key_groups: Vec<&(Option<Vec<ModelPattern>>, Limits)> = Vec::new();
-        for (j, g) in k.groups.iter().enumerate() {
-            match groups.get(g.as_str()) {
-                Some(group) => key_groups.push(group),
-                None => c.error(
-                    format!("{path}.groups[{j}]"),
-                    Some(quote(g)),
-                    "unknown group (not defined under \"groups\")",
-                ),
-            }
-        }
-        let own = c.limits(&format!("{path}.limits"), &k.limits);
-        let group_limits: Vec<&Limits> = key_groups.iter().map(|(_, l)| l).collect();
-        let limits = resolve(&own, &group_limits, &default_limits);
-
-        let group_models: Vec<ModelPattern> = key_groups
-            .iter()
-            .filter_map(|(m, _)| m.as_ref())
-            .flatten()
-            .cloned()
-            .collect();
-        let has_group_models = key_groups.iter().any(|(m, _)| m.is_some());
-        let models = if has_group_models {
-            ModelSet::new(group_models)
+        let member_of: Vec<&(Option<Vec<ModelPattern>>, Limits)> =
+            k.groups.iter().filter_map(|g| groups.get(g.as_str())).collect();
+        let group_limits: Vec<&Limits> = member_of.iter().map(|(_, l)| l).collect();
+        let models = if member_of.iter().any(|(m, _)| m.is_some()) {
+            ModelSet::new(member_of.iter().filter_map(|(m, _)| m.as_ref()).flatten().cloned().collect())
         } else {
-            ModelSet::new(default_models.clone().unwrap_or_default())
-        };
-
-        let expires_at_ms = match &k.expires_at {
-            None => None,
-            Some(text) => match time::parse_rfc3339(text) {
-                Ok(ms) => {
-                    if ms <= now_ms {
-                        c.warn(
-                            format!("{path}.expires_at"),
-                            Some(quote(text)),
-                            "already expired: this key is refused",
-                        );
-                    }
-                    Some(ms)
-                }
-                Err(reason) => {
-                    c.error(format!("{path}.expires_at"), Some(quote(text)), reason);
-                    None
-                }
-            },
-        };
-
-        let identity = Identity {
-            user: k.user.clone(),
-            team: k.team.clone(),
-            project: k.project.clone(),
-            app: k.app.clone(),
-            agent: k.agent.clone(),
-            environment: k.environment.clone(),
-            cost_center: k.cost_center.clone(),
-            groups: k.groups.clone(),
+            ModelSet::new(default_models.clone())
         };
         let key_pools = POOL_KINDS
             .iter()
             .zip([&k.team, &k.project, &k.user, &k.app, &k.agent])
-            .filter_map(|(kind, value)| {
-                let value = value.as_deref()?;
-                pool_index.get(format!("{kind}:{value}").as_str()).copied()
-            })
+            .filter_map(|(kind, value)| pool_index.get(format!("{kind}:{}", value.as_deref()?).as_str()).copied())
             .collect();
-
-        if hex_ok {
-            index.entry(hash).or_insert(keys.len());
-        }
         keys.push(Key {
             id: k.id.clone(),
-            identity,
-            limits,
+            identity: Identity {
+                user: k.user.clone(),
+                team: k.team.clone(),
+                project: k.project.clone(),
+                app: k.app.clone(),
+                agent: k.agent.clone(),
+                environment: k.environment.clone(),
+                cost_center: k.cost_center.clone(),
+                groups: k.groups.clone(),
+            },
+            limits: resolve(&limits(&k.limits), &group_limits, &default_limits),
             models,
             pools: key_pools,
             revoked: k.revoked,
-            expires_at_ms,
+            expires_at_ms: k.expires_at.as_deref().and_then(|t| time::parse_rfc3339(t).ok()),
         });
     }
 
-    if !c.errors.is_empty() {
-        return Err(c.errors);
-    }
-    let policy = Policy {
+    let time_zone = raw.settings.time_zone.clone().unwrap_or_else(|| "UTC".to_string());
+    Policy {
         keys,
         index,
-        pools,
         groups: raw.groups.keys().cloned().collect(),
+        pools,
         prices,
         settings: Settings {
-            unknown_routes,
-            cache_reads_count_toward_input_limit: raw
-                .settings
-                .cache_reads_count_toward_input_limit
-                .unwrap_or(false),
-            utc_offset_minutes,
+            unknown_routes: match raw.settings.unknown_routes.as_deref() {
+                Some("pass") => UnknownRoutes::Pass,
+                _ => UnknownRoutes::Deny,
+            },
+            cache_reads_count_toward_input_limit: raw.settings.cache_reads_count_toward_input_limit.unwrap_or(false),
+            utc_offset_minutes: time::parse_offset_minutes(&time_zone).unwrap_or(0),
             time_zone,
-            default_price,
+            default_price: raw.settings.default_price.as_ref().map(price),
         },
-    };
-    Ok((
-        policy,
-        PolicyReport {
-            warnings: c.warnings,
-        },
-    ))
+    }
 }

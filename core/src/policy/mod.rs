@@ -9,12 +9,17 @@ mod compile;
 pub mod error;
 pub mod pattern;
 pub mod raw;
+pub mod schema;
 
 pub use compile::compile;
 pub use error::{PolicyError, PolicyReport};
 pub use pattern::ModelPattern;
 
 use hashbrown::HashMap;
+
+/// Identity attributes that name pools: `team: payments` draws from
+/// `team:payments`.
+pub const POOL_KINDS: [&str; 5] = ["team", "project", "user", "app", "agent"];
 
 /// A compiled, validated policy. Immutable; a reload builds a new one.
 #[derive(Debug, Default)]
@@ -194,3 +199,6 @@ pub enum KeyRefusal {
     Revoked,
     Expired(u64),
 }
+
+#[cfg(test)]
+mod tests;

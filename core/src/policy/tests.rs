@@ -1,0 +1,86 @@
+//! Every rejected case in `policies/tests/rejected.json` with its exact
+//! messages, and the example policy's compiled form.
+
+use super::*;
+use serde_json::Value;
+
+const REJECTED: &str = include_str!("../../../policies/tests/rejected.json");
+const EXAMPLE: &str = include_str!("../../../policies/example.json");
+
+fn case_text(case: &Value) -> String {
+    match case.get("policy_text").and_then(Value::as_str) {
+        Some(t) => t.to_string(),
+        None => case["policy"].to_string(),
+    }
+}
+
+#[test]
+fn every_rejected_case_reports_every_error_with_path_value_and_reason() {
+    let cases: Vec<Value> = serde_json::from_str(REJECTED).unwrap();
+    assert!(cases.len() >= 14);
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let errors = match compile(case_text(case).as_bytes(), "policy.json", 0) {
+            Ok(_) => panic!("case {name:?} was accepted"),
+            Err(e) => e.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        };
+        let expected: Vec<&str> = case["errors"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
+        assert_eq!(errors, expected, "case {name:?}");
+    }
+}
+
+#[test]
+fn example_policy_compiles_with_resolved_limits_models_and_pools() {
+    let (p, report) = compile(EXAMPLE.as_bytes(), "example.json", 0).unwrap();
+    assert!(report.warnings.is_empty());
+    assert_eq!(p.keys().len(), 4);
+    let alice = p.lookup(&crate::vkey::sha256(b"tg-demo-alice")).unwrap();
+    assert_eq!(alice.id, "alice-laptop");
+    assert_eq!(alice.limits.requests_per_minute, Some(50));
+    assert!(alice.models.allows("claude-sonnet-4-5") && !alice.models.allows("claude-opus-4-1"));
+    let pools: Vec<&str> = alice.pools.iter().map(|i| p.pool(*i).unwrap().name.as_str()).collect();
+    assert_eq!(pools, ["team:payments", "project:chatbot"]);
+    // Bob: contractors group limits, defaults for the rest.
+    let bob = p.lookup(&crate::vkey::sha256(b"tg-demo-bob")).unwrap();
+    assert_eq!(bob.limits.tokens_per_day, Some(200_000));
+    assert_eq!(bob.limits.requests_per_minute, Some(60));
+    assert_eq!(bob.models.describe(), "claude-haiku-*");
+    assert_eq!(p.price("claude-sonnet-4-5").map(|x| x.output), Some(15.0));
+    assert_eq!(p.price("gpt-4o-mini").map(|x| x.input), Some(0.15), "longer glob wins");
+    assert_eq!(p.price("llama-3"), None);
+}
+
+#[test]
+fn most_restrictive_group_limit_applies_when_the_key_sets_none() {
+    let json = format!(
+        r#"{{"version":1,"defaults":{{"limits":{{"requests_per_minute":100}}}},
+            "groups":{{"a":{{"limits":{{"requests_per_minute":30,"tokens_per_day":10}}}},"b":{{"limits":{{"requests_per_minute":20}}}}}},
+            "keys":[{{"id":"k","key_sha256":"{}","groups":["a","b"],"limits":{{"tokens_per_day":50}}}}]}}"#,
+        crate::vkey::sha256_hex("tg-k")
+    );
+    let (p, _) = compile(json.as_bytes(), "p.json", 0).unwrap();
+    let k = &p.keys()[0];
+    assert_eq!(k.limits.requests_per_minute, Some(20));
+    assert_eq!(k.limits.tokens_per_day, Some(50), "the key's own value wins");
+    assert!(k.models.describe() == "no models", "no group lists models and no defaults: nothing allowed");
+}
+
+#[test]
+fn expired_keys_are_a_warning_not_an_error() {
+    let json = format!(
+        r#"{{"version":1,"keys":[{{"id":"old","key_sha256":"{}","expires_at":"2020-01-01T00:00:00Z"}}]}}"#,
+        crate::vkey::sha256_hex("tg-old")
+    );
+    let (_, report) = compile(json.as_bytes(), "p.json", 1_700_000_000_000).unwrap();
+    let w: Vec<String> = report.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(w, ["p.json: keys[0].expires_at: already expired: this key is refused (value: \"2020-01-01T00:00:00Z\")"]);
+}
+
+#[test]
+fn lookup_is_by_hash_and_case_insensitive_in_the_file() {
+    let upper = crate::vkey::sha256_hex("tg-x").to_ascii_uppercase();
+    let json = format!(r#"{{"version":1,"keys":[{{"id":"x","key_sha256":"{upper}"}}]}}"#);
+    let (p, _) = compile(json.as_bytes(), "p.json", 0).unwrap();
+    assert_eq!(p.lookup(&crate::vkey::sha256(b"tg-x")).map(|k| k.id.as_str()), Some("x"));
+    assert!(p.lookup(&crate::vkey::sha256(b"tg-y")).is_none());
+}
