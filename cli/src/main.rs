@@ -4,8 +4,10 @@
 mod audit;
 mod collector;
 mod collector_cmd;
+mod key_cmd;
 mod mock;
 mod mock_cmd;
+mod policy_cmd;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +35,10 @@ enum Command {
     Audit(audit::AuditArgs),
     /// Run the mock provider that replays recorded Anthropic/OpenAI exchanges.
     Mock(mock_cmd::MockArgs),
+    /// Validate policies, render Envoy's filter config, print the JSON Schema.
+    Policy(policy_cmd::PolicyArgs),
+    /// Mint virtual keys.
+    Key(key_cmd::KeyArgs),
 }
 
 fn main() {
@@ -42,6 +48,8 @@ fn main() {
         Command::Collector(args) => collector_cmd::run(args),
         Command::Audit(args) => audit::run(args),
         Command::Mock(args) => mock_cmd::run(args),
+        Command::Policy(args) => policy_cmd::run(args),
+        Command::Key(args) => key_cmd::run(args),
     };
     if let Err(e) = result {
         eprintln!("tollgate: {e:#}");

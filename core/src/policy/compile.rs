@@ -6,17 +6,32 @@ use super::error::{PolicyError, PolicyReport};
 use super::pattern::ModelPattern;
 use super::raw::{RawLimits, RawPolicy, RawPrice};
 use super::schema::{self, show, Problem};
-use super::{Identity, Key, Limits, ModelSet, Policy, Pool, Price, Settings, UnknownRoutes, POOL_KINDS};
+use super::{
+    Identity, Key, Limits, ModelSet, Policy, Pool, Price, Settings, UnknownRoutes, POOL_KINDS,
+};
 use crate::time;
 use hashbrown::HashMap;
 use serde_json::Value;
 
 /// Parses and validates policy JSON. `file` names the source in errors;
 /// `now_ms` decides which `expires_at` values deserve a warning.
-pub fn compile(json: &[u8], file: &str, now_ms: u64) -> Result<(Policy, PolicyReport), Vec<PolicyError>> {
-    let at = |p: Problem| PolicyError { file: file.to_string(), path: p.path, value: p.value, reason: p.reason };
+pub fn compile(
+    json: &[u8],
+    file: &str,
+    now_ms: u64,
+) -> Result<(Policy, PolicyReport), Vec<PolicyError>> {
+    let at = |p: Problem| PolicyError {
+        file: file.to_string(),
+        path: p.path,
+        value: p.value,
+        reason: p.reason,
+    };
     let value: Value = serde_json::from_slice(json).map_err(|e| {
-        vec![at(Problem { path: String::new(), value: None, reason: format!("invalid JSON: {e}") })]
+        vec![at(Problem {
+            path: String::new(),
+            value: None,
+            reason: format!("invalid JSON: {e}"),
+        })]
     })?;
     let mut problems = Vec::new();
     schema::check(&value, &schema::POLICY, "", &mut problems);
@@ -24,8 +39,13 @@ pub fn compile(json: &[u8], file: &str, now_ms: u64) -> Result<(Policy, PolicyRe
     if !problems.is_empty() {
         return Err(problems.into_iter().map(at).collect());
     }
-    let raw: RawPolicy = serde_json::from_value(value)
-        .map_err(|e| vec![at(Problem { path: String::new(), value: None, reason: e.to_string() })])?;
+    let raw: RawPolicy = serde_json::from_value(value).map_err(|e| {
+        vec![at(Problem {
+            path: String::new(),
+            value: None,
+            reason: e.to_string(),
+        })]
+    })?;
     let warnings = expiry_warnings(&raw, now_ms).into_iter().map(at).collect();
     Ok((build(raw), PolicyReport { warnings }))
 }
@@ -35,7 +55,9 @@ pub fn compile(json: &[u8], file: &str, now_ms: u64) -> Result<(Policy, PolicyRe
 /// shape errors.
 fn cross_references(doc: &Value, out: &mut Vec<Problem>) {
     let groups = doc.get("groups").and_then(Value::as_object);
-    let Some(keys) = doc.get("keys").and_then(Value::as_array) else { return };
+    let Some(keys) = doc.get("keys").and_then(Value::as_array) else {
+        return;
+    };
     let mut ids: HashMap<&str, usize> = HashMap::new();
     let mut hashes: HashMap<String, usize> = HashMap::new();
     for (i, k) in keys.iter().enumerate() {
@@ -48,7 +70,11 @@ fn cross_references(doc: &Value, out: &mut Vec<Problem>) {
                 });
             }
         }
-        if let Some(h) = k.get("key_sha256").and_then(Value::as_str).filter(|h| h.len() == 64) {
+        if let Some(h) = k
+            .get("key_sha256")
+            .and_then(Value::as_str)
+            .filter(|h| h.len() == 64)
+        {
             if let Some(first) = hashes.insert(h.to_ascii_lowercase(), i) {
                 out.push(Problem {
                     path: format!("keys[{i}].key_sha256"),
@@ -57,10 +83,18 @@ fn cross_references(doc: &Value, out: &mut Vec<Problem>) {
                 });
             }
         }
-        for (j, g) in k.get("groups").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        for (j, g) in k
+            .get("groups")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
             let Some(name) = g.as_str() else { continue };
             if !groups.is_some_and(|gs| gs.contains_key(name)) {
-                let defined: Vec<&str> = groups.map(|gs| gs.keys().map(String::as_str).collect()).unwrap_or_default();
+                let defined: Vec<&str> = groups
+                    .map(|gs| gs.keys().map(String::as_str).collect())
+                    .unwrap_or_default();
                 out.push(Problem {
                     path: format!("keys[{i}].groups[{j}]"),
                     value: Some(show(g)),
@@ -114,17 +148,25 @@ fn price(raw: &RawPrice) -> Price {
 }
 
 fn patterns(list: &[String]) -> Vec<ModelPattern> {
-    list.iter().filter_map(|p| ModelPattern::parse(p).ok()).collect()
+    list.iter()
+        .filter_map(|p| ModelPattern::parse(p).ok())
+        .collect()
 }
 
 /// For each limit field: the key's own value, else the most restrictive value
 /// among its groups, else the default.
 fn resolve(own: &Limits, groups: &[&Limits], defaults: &Limits) -> Limits {
-    fn pick<T: Copy + PartialOrd>(own: Option<T>, groups: impl Iterator<Item = Option<T>>, default: Option<T>) -> Option<T> {
-        own.or_else(|| groups.flatten().fold(None, |acc: Option<T>, v| match acc {
-            Some(a) if a <= v => Some(a),
-            _ => Some(v),
-        }))
+    fn pick<T: Copy + PartialOrd>(
+        own: Option<T>,
+        groups: impl Iterator<Item = Option<T>>,
+        default: Option<T>,
+    ) -> Option<T> {
+        own.or_else(|| {
+            groups.flatten().fold(None, |acc: Option<T>, v| match acc {
+                Some(a) if a <= v => Some(a),
+                _ => Some(v),
+            })
+        })
         .or(default)
     }
     macro_rules! field {
@@ -144,15 +186,37 @@ fn resolve(own: &Limits, groups: &[&Limits], defaults: &Limits) -> Limits {
 
 /// Builds the runtime policy from a document that passed every check.
 fn build(raw: RawPolicy) -> Policy {
-    let default_models = raw.defaults.models.as_deref().map(patterns).unwrap_or_default();
+    let default_models = raw
+        .defaults
+        .models
+        .as_deref()
+        .map(patterns)
+        .unwrap_or_default();
     let default_limits = limits(&raw.defaults.limits);
     let groups: HashMap<&str, (Option<Vec<ModelPattern>>, Limits)> = raw
         .groups
         .iter()
-        .map(|(name, g)| (name.as_str(), (g.models.as_deref().map(patterns), limits(&g.limits))))
+        .map(|(name, g)| {
+            (
+                name.as_str(),
+                (g.models.as_deref().map(patterns), limits(&g.limits)),
+            )
+        })
         .collect();
-    let pools: Vec<Pool> = raw.pools.iter().map(|(name, l)| Pool { name: name.clone(), limits: limits(l) }).collect();
-    let pool_index: HashMap<&str, usize> = raw.pools.keys().enumerate().map(|(i, name)| (name.as_str(), i)).collect();
+    let pools: Vec<Pool> = raw
+        .pools
+        .iter()
+        .map(|(name, l)| Pool {
+            name: name.clone(),
+            limits: limits(l),
+        })
+        .collect();
+    let pool_index: HashMap<&str, usize> = raw
+        .pools
+        .keys()
+        .enumerate()
+        .map(|(i, name)| (name.as_str(), i))
+        .collect();
 
     let mut prices: Vec<(ModelPattern, Price)> = raw
         .prices
@@ -169,18 +233,32 @@ fn build(raw: RawPolicy) -> Policy {
         if hex::decode_to_slice(k.key_sha256.to_ascii_lowercase(), &mut hash).is_ok() {
             index.insert(hash, keys.len());
         }
-        let member_of: Vec<&(Option<Vec<ModelPattern>>, Limits)> =
-            k.groups.iter().filter_map(|g| groups.get(g.as_str())).collect();
+        let member_of: Vec<&(Option<Vec<ModelPattern>>, Limits)> = k
+            .groups
+            .iter()
+            .filter_map(|g| groups.get(g.as_str()))
+            .collect();
         let group_limits: Vec<&Limits> = member_of.iter().map(|(_, l)| l).collect();
         let models = if member_of.iter().any(|(m, _)| m.is_some()) {
-            ModelSet::new(member_of.iter().filter_map(|(m, _)| m.as_ref()).flatten().cloned().collect())
+            ModelSet::new(
+                member_of
+                    .iter()
+                    .filter_map(|(m, _)| m.as_ref())
+                    .flatten()
+                    .cloned()
+                    .collect(),
+            )
         } else {
             ModelSet::new(default_models.clone())
         };
         let key_pools = POOL_KINDS
             .iter()
             .zip([&k.team, &k.project, &k.user, &k.app, &k.agent])
-            .filter_map(|(kind, value)| pool_index.get(format!("{kind}:{}", value.as_deref()?).as_str()).copied())
+            .filter_map(|(kind, value)| {
+                pool_index
+                    .get(format!("{kind}:{}", value.as_deref()?).as_str())
+                    .copied()
+            })
             .collect();
         keys.push(Key {
             id: k.id.clone(),
@@ -198,11 +276,18 @@ fn build(raw: RawPolicy) -> Policy {
             models,
             pools: key_pools,
             revoked: k.revoked,
-            expires_at_ms: k.expires_at.as_deref().and_then(|t| time::parse_rfc3339(t).ok()),
+            expires_at_ms: k
+                .expires_at
+                .as_deref()
+                .and_then(|t| time::parse_rfc3339(t).ok()),
         });
     }
 
-    let time_zone = raw.settings.time_zone.clone().unwrap_or_else(|| "UTC".to_string());
+    let time_zone = raw
+        .settings
+        .time_zone
+        .clone()
+        .unwrap_or_else(|| "UTC".to_string());
     Policy {
         keys,
         index,
@@ -214,7 +299,10 @@ fn build(raw: RawPolicy) -> Policy {
                 Some("pass") => UnknownRoutes::Pass,
                 _ => UnknownRoutes::Deny,
             },
-            cache_reads_count_toward_input_limit: raw.settings.cache_reads_count_toward_input_limit.unwrap_or(false),
+            cache_reads_count_toward_input_limit: raw
+                .settings
+                .cache_reads_count_toward_input_limit
+                .unwrap_or(false),
             utc_offset_minutes: time::parse_offset_minutes(&time_zone).unwrap_or(0),
             time_zone,
             default_price: raw.settings.default_price.as_ref().map(price),

@@ -10,7 +10,10 @@ use serde_json::{json, Map, Value};
 pub enum Ty {
     Object(&'static [Field]),
     /// An object whose keys are names chosen by the user.
-    Map { key: Leaf, value: &'static Ty },
+    Map {
+        key: Leaf,
+        value: &'static Ty,
+    },
     Array(&'static Ty),
     Leaf(Leaf),
 }
@@ -48,11 +51,21 @@ pub enum Leaf {
 }
 
 const fn field(name: &'static str, ty: &'static Ty, doc: &'static str) -> Field {
-    Field { name, ty, required: false, doc }
+    Field {
+        name,
+        ty,
+        required: false,
+        doc,
+    }
 }
 
 const fn required(name: &'static str, ty: &'static Ty, doc: &'static str) -> Field {
-    Field { name, ty, required: true, doc }
+    Field {
+        name,
+        ty,
+        required: true,
+        doc,
+    }
 }
 
 static BOOL: Ty = Ty::Leaf(Leaf::Bool);
@@ -64,9 +77,21 @@ static MODEL_LIST: Ty = Ty::Array(&Ty::Leaf(Leaf::ModelPattern));
 static TEXT_LIST: Ty = Ty::Array(&TEXT);
 
 pub static LIMITS: Ty = Ty::Object(&[
-    field("requests_per_minute", &COUNT, "Requests per minute (token bucket, continuous refill)."),
-    field("input_tokens_per_minute", &COUNT, "Input tokens per minute (input + cache writes; cache reads only if settings say so)."),
-    field("output_tokens_per_minute", &COUNT, "Output tokens per minute; max_tokens is reserved up front."),
+    field(
+        "requests_per_minute",
+        &COUNT,
+        "Requests per minute (token bucket, continuous refill).",
+    ),
+    field(
+        "input_tokens_per_minute",
+        &COUNT,
+        "Input tokens per minute (input + cache writes; cache reads only if settings say so).",
+    ),
+    field(
+        "output_tokens_per_minute",
+        &COUNT,
+        "Output tokens per minute; max_tokens is reserved up front.",
+    ),
     field("tokens_per_day", &COUNT, "All tokens per calendar day."),
     field("budget_usd_per_day", &USD, "USD per calendar day."),
     field("budget_usd_per_month", &USD, "USD per calendar month."),
@@ -75,23 +100,55 @@ pub static LIMITS: Ty = Ty::Object(&[
 static PRICE: Ty = Ty::Object(&[
     required("input", &PRICE_AMOUNT, "USD per million input tokens."),
     required("output", &PRICE_AMOUNT, "USD per million output tokens."),
-    field("cache_write", &PRICE_AMOUNT, "USD per million cache-write tokens (default 1.25 x input)."),
-    field("cache_read", &PRICE_AMOUNT, "USD per million cache-read tokens (default 0.1 x input)."),
+    field(
+        "cache_write",
+        &PRICE_AMOUNT,
+        "USD per million cache-write tokens (default 1.25 x input).",
+    ),
+    field(
+        "cache_read",
+        &PRICE_AMOUNT,
+        "USD per million cache-read tokens (default 0.1 x input).",
+    ),
 ]);
 
 static DEFAULTS: Ty = Ty::Object(&[
-    field("models", &MODEL_LIST, "Models of keys whose groups list none."),
-    field("limits", &LIMITS, "Per-key limits when neither the key nor its groups set one."),
+    field(
+        "models",
+        &MODEL_LIST,
+        "Models of keys whose groups list none.",
+    ),
+    field(
+        "limits",
+        &LIMITS,
+        "Per-key limits when neither the key nor its groups set one.",
+    ),
 ]);
 
 static GROUP: Ty = Ty::Object(&[
-    field("models", &MODEL_LIST, "Models members may call (a key gets the union of its groups' lists)."),
-    field("limits", &LIMITS, "Per-key limits for members (the most restrictive group wins)."),
+    field(
+        "models",
+        &MODEL_LIST,
+        "Models members may call (a key gets the union of its groups' lists).",
+    ),
+    field(
+        "limits",
+        &LIMITS,
+        "Per-key limits for members (the most restrictive group wins).",
+    ),
 ]);
 
 static KEY: Ty = Ty::Object(&[
-    required("id", &TEXT, "Stable identifier, shown in audit records and errors."),
-    required("key_sha256", &Ty::Leaf(Leaf::Sha256Hex), "SHA-256 (hex) of the virtual key; the key itself is never stored."),
+    required(
+        "id",
+        &TEXT,
+        "Stable identifier, shown in audit records and errors.",
+    ),
+    required(
+        "key_sha256",
+        &Ty::Leaf(Leaf::Sha256Hex),
+        "SHA-256 (hex) of the virtual key; the key itself is never stored.",
+    ),
     field("user", &TEXT, "User identity (also the pool user:<value>)."),
     field("team", &TEXT, "Team (pool team:<value>)."),
     field("project", &TEXT, "Project (pool project:<value>)."),
@@ -101,24 +158,69 @@ static KEY: Ty = Ty::Object(&[
     field("cost_center", &TEXT, "Cost center, for audit."),
     field("groups", &TEXT_LIST, "Groups (defined under \"groups\")."),
     field("limits", &LIMITS, "This key's own limits."),
-    field("expires_at", &Ty::Leaf(Leaf::Rfc3339), "RFC 3339 time after which the key is refused."),
+    field(
+        "expires_at",
+        &Ty::Leaf(Leaf::Rfc3339),
+        "RFC 3339 time after which the key is refused.",
+    ),
     field("revoked", &BOOL, "Refuse this key."),
 ]);
 
 static SETTINGS: Ty = Ty::Object(&[
-    field("unknown_routes", &Ty::Leaf(Leaf::UnknownRoutes), "\"deny\" (default, 404) or \"pass\" for paths outside the LLM APIs."),
-    field("cache_reads_count_toward_input_limit", &BOOL, "Count cache reads toward input tokens per minute (default false)."),
-    field("time_zone", &Ty::Leaf(Leaf::TimeZone), "Zone of daily and monthly windows: UTC or a fixed offset such as +02:00."),
-    field("default_price", &PRICE, "Price of models absent from \"prices\"."),
+    field(
+        "unknown_routes",
+        &Ty::Leaf(Leaf::UnknownRoutes),
+        "\"deny\" (default, 404) or \"pass\" for paths outside the LLM APIs.",
+    ),
+    field(
+        "cache_reads_count_toward_input_limit",
+        &BOOL,
+        "Count cache reads toward input tokens per minute (default false).",
+    ),
+    field(
+        "time_zone",
+        &Ty::Leaf(Leaf::TimeZone),
+        "Zone of daily and monthly windows: UTC or a fixed offset such as +02:00.",
+    ),
+    field(
+        "default_price",
+        &PRICE,
+        "Price of models absent from \"prices\".",
+    ),
 ]);
 
 pub static POLICY: Ty = Ty::Object(&[
-    required("version", &Ty::Leaf(Leaf::PolicyVersion), "Policy format version; 1."),
+    required(
+        "version",
+        &Ty::Leaf(Leaf::PolicyVersion),
+        "Policy format version; 1.",
+    ),
     field("defaults", &DEFAULTS, "Defaults for every key."),
-    field("groups", &Ty::Map { key: Leaf::Text, value: &GROUP }, "Groups by name."),
-    field("pools", &Ty::Map { key: Leaf::PoolName, value: &LIMITS }, "Shared limits by identity attribute (team:payments)."),
+    field(
+        "groups",
+        &Ty::Map {
+            key: Leaf::Text,
+            value: &GROUP,
+        },
+        "Groups by name.",
+    ),
+    field(
+        "pools",
+        &Ty::Map {
+            key: Leaf::PoolName,
+            value: &LIMITS,
+        },
+        "Shared limits by identity attribute (team:payments).",
+    ),
     field("keys", &Ty::Array(&KEY), "Virtual keys."),
-    field("prices", &Ty::Map { key: Leaf::ModelPattern, value: &PRICE }, "USD per million tokens by model pattern."),
+    field(
+        "prices",
+        &Ty::Map {
+            key: Leaf::ModelPattern,
+            value: &PRICE,
+        },
+        "USD per million tokens by model pattern.",
+    ),
     field("settings", &SETTINGS, "Gateway behaviour."),
 ]);
 
@@ -152,7 +254,10 @@ pub fn show(v: &Value) -> String {
 }
 
 fn join(path: &str, name: &str) -> String {
-    let plain = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let plain = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     match (path.is_empty(), plain) {
         (true, true) => name.to_string(),
         (false, true) => format!("{path}.{name}"),
@@ -162,11 +267,21 @@ fn join(path: &str, name: &str) -> String {
 
 /// Walks `v` against `ty`, pushing every problem.
 pub fn check(v: &Value, ty: &Ty, path: &str, out: &mut Vec<Problem>) {
-    let mut push = |path: String, value: Option<String>, reason: String| out.push(Problem { path, value, reason });
+    let mut push = |path: String, value: Option<String>, reason: String| {
+        out.push(Problem {
+            path,
+            value,
+            reason,
+        })
+    };
     match ty {
         Ty::Object(fields) => {
             let Some(obj) = v.as_object() else {
-                push(path.to_string(), Some(show(v)), format!("expected an object, found {}", kind(v)));
+                push(
+                    path.to_string(),
+                    Some(show(v)),
+                    format!("expected an object, found {}", kind(v)),
+                );
                 return;
             };
             for (name, value) in obj {
@@ -177,12 +292,18 @@ pub fn check(v: &Value, ty: &Ty, path: &str, out: &mut Vec<Problem>) {
                         out.push(Problem {
                             path: join(path, name),
                             value: None,
-                            reason: format!("unknown field (expected one of: {})", known.join(", ")),
+                            reason: format!(
+                                "unknown field (expected one of: {})",
+                                known.join(", ")
+                            ),
                         });
                     }
                 }
             }
-            for f in fields.iter().filter(|f| f.required && !obj.contains_key(f.name)) {
+            for f in fields
+                .iter()
+                .filter(|f| f.required && !obj.contains_key(f.name))
+            {
                 out.push(Problem {
                     path: path.to_string(),
                     value: None,
@@ -192,20 +313,32 @@ pub fn check(v: &Value, ty: &Ty, path: &str, out: &mut Vec<Problem>) {
         }
         Ty::Map { key, value } => {
             let Some(obj) = v.as_object() else {
-                push(path.to_string(), Some(show(v)), format!("expected an object, found {}", kind(v)));
+                push(
+                    path.to_string(),
+                    Some(show(v)),
+                    format!("expected an object, found {}", kind(v)),
+                );
                 return;
             };
             for (name, item) in obj {
                 let item_path = join(path, name);
                 if let Err(reason) = leaf(&Value::String(name.clone()), *key) {
-                    out.push(Problem { path: item_path.clone(), value: Some(show(&Value::String(name.clone()))), reason });
+                    out.push(Problem {
+                        path: item_path.clone(),
+                        value: Some(show(&Value::String(name.clone()))),
+                        reason,
+                    });
                 }
                 check(item, value, &item_path, out);
             }
         }
         Ty::Array(item) => {
             let Some(arr) = v.as_array() else {
-                push(path.to_string(), Some(show(v)), format!("expected an array, found {}", kind(v)));
+                push(
+                    path.to_string(),
+                    Some(show(v)),
+                    format!("expected an array, found {}", kind(v)),
+                );
                 return;
             };
             for (i, x) in arr.iter().enumerate() {
@@ -222,10 +355,20 @@ pub fn check(v: &Value, ty: &Ty, path: &str, out: &mut Vec<Problem>) {
 
 /// Checks one scalar against its rule.
 pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
-    let text = |v: &Value| v.as_str().map(str::to_string).ok_or_else(|| format!("expected a string, found {}", kind(v)));
-    let number = |v: &Value| v.as_f64().ok_or_else(|| format!("expected a number, found {}", kind(v)));
+    let text = |v: &Value| {
+        v.as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("expected a string, found {}", kind(v)))
+    };
+    let number = |v: &Value| {
+        v.as_f64()
+            .ok_or_else(|| format!("expected a number, found {}", kind(v)))
+    };
     match rule {
-        Leaf::Bool => v.as_bool().map(|_| ()).ok_or_else(|| format!("expected true or false, found {}", kind(v))),
+        Leaf::Bool => v
+            .as_bool()
+            .map(|_| ())
+            .ok_or_else(|| format!("expected true or false, found {}", kind(v))),
         Leaf::Text => {
             let s = text(v)?;
             if s.trim().is_empty() {
@@ -237,7 +380,10 @@ pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
         Leaf::Sha256Hex => {
             let s = text(v)?;
             if s.len() != 64 {
-                return Err(format!("must be 64 hex characters (the SHA-256 of the virtual key), found {}", s.len()));
+                return Err(format!(
+                    "must be 64 hex characters (the SHA-256 of the virtual key), found {}",
+                    s.len()
+                ));
             }
             if !s.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err("must be 64 hex characters (the SHA-256 of the virtual key): contains a non-hex character".to_string());
@@ -249,7 +395,9 @@ pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
         Leaf::PositiveCount => {
             let n = number(v)?;
             if n <= 0.0 {
-                return Err("must be a positive whole number (omit the field for no limit)".to_string());
+                return Err(
+                    "must be a positive whole number (omit the field for no limit)".to_string(),
+                );
             }
             if n.fract() != 0.0 || n > 1e15 {
                 return Err("must be a positive whole number".to_string());
@@ -258,7 +406,9 @@ pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
         }
         Leaf::PositiveUsd => {
             if number(v)? <= 0.0 {
-                return Err("must be a positive amount of USD (omit the field for no budget)".to_string());
+                return Err(
+                    "must be a positive amount of USD (omit the field for no budget)".to_string(),
+                );
             }
             Ok(())
         }
@@ -272,7 +422,10 @@ pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
             let s = text(v)?;
             match s.split_once(':') {
                 Some((k, rest)) if super::POOL_KINDS.contains(&k) && !rest.is_empty() => Ok(()),
-                _ => Err(format!("pool names are <kind>:<value> with kind one of {}", super::POOL_KINDS.join(", "))),
+                _ => Err(format!(
+                    "pool names are <kind>:<value> with kind one of {}",
+                    super::POOL_KINDS.join(", ")
+                )),
             }
         }
         Leaf::PolicyVersion => match v.as_u64() {
@@ -291,8 +444,14 @@ pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
 pub fn json_schema() -> Value {
     let mut root = to_schema(&POLICY, "");
     if let Some(obj) = root.as_object_mut() {
-        obj.insert("$schema".into(), json!("https://json-schema.org/draft/2020-12/schema"));
-        obj.insert("$id".into(), json!("https://tollgate.dev/schema/policy-v1.json"));
+        obj.insert(
+            "$schema".into(),
+            json!("https://json-schema.org/draft/2020-12/schema"),
+        );
+        obj.insert(
+            "$id".into(),
+            json!("https://tollgate.dev/schema/policy-v1.json"),
+        );
         obj.insert("title".into(), json!("Tollgate policy"));
     }
     root
@@ -305,8 +464,13 @@ fn to_schema(ty: &Ty, doc: &str) -> Value {
             for f in fields.iter() {
                 props.insert(f.name.to_string(), to_schema(f.ty, f.doc));
             }
-            let req: Vec<&str> = fields.iter().filter(|f| f.required).map(|f| f.name).collect();
-            let mut o = json!({ "type": "object", "properties": props, "additionalProperties": false });
+            let req: Vec<&str> = fields
+                .iter()
+                .filter(|f| f.required)
+                .map(|f| f.name)
+                .collect();
+            let mut o =
+                json!({ "type": "object", "properties": props, "additionalProperties": false });
             if !req.is_empty() {
                 o["required"] = json!(req);
             }
@@ -332,14 +496,22 @@ fn leaf_schema(rule: Leaf) -> Value {
     match rule {
         Leaf::Bool => json!({ "type": "boolean" }),
         Leaf::Text => json!({ "type": "string", "minLength": 1, "pattern": "\\S" }),
-        Leaf::ModelPattern => json!({ "type": "string", "minLength": 1, "pattern": "^[^\\[\\]{}\\s]+$" }),
+        Leaf::ModelPattern => {
+            json!({ "type": "string", "minLength": 1, "pattern": "^[^\\[\\]{}\\s]+$" })
+        }
         Leaf::Sha256Hex => json!({ "type": "string", "pattern": "^[0-9a-fA-F]{64}$" }),
-        Leaf::Rfc3339 => json!({ "type": "string", "pattern": "^\\d{4}-\\d{2}-\\d{2}([Tt ]\\d{2}:\\d{2}:\\d{2}(\\.\\d+)?([Zz]|[+-]\\d{2}:\\d{2}))?$" }),
-        Leaf::TimeZone => json!({ "type": "string", "pattern": "^(UTC|Z|Etc/UTC|[+-]\\d{2}:\\d{2})$" }),
+        Leaf::Rfc3339 => {
+            json!({ "type": "string", "pattern": "^\\d{4}-\\d{2}-\\d{2}([Tt ]\\d{2}:\\d{2}:\\d{2}(\\.\\d+)?([Zz]|[+-]\\d{2}:\\d{2}))?$" })
+        }
+        Leaf::TimeZone => {
+            json!({ "type": "string", "pattern": "^(UTC|Z|Etc/UTC|[+-]\\d{2}:\\d{2})$" })
+        }
         Leaf::PositiveCount => json!({ "type": "integer", "exclusiveMinimum": 0, "maximum": 1e15 }),
         Leaf::PositiveUsd => json!({ "type": "number", "exclusiveMinimum": 0 }),
         Leaf::Price => json!({ "type": "number", "minimum": 0 }),
-        Leaf::PoolName => json!({ "type": "string", "pattern": "^(team|project|user|app|agent):.+$" }),
+        Leaf::PoolName => {
+            json!({ "type": "string", "pattern": "^(team|project|user|app|agent):.+$" })
+        }
         Leaf::PolicyVersion => json!({ "const": 1 }),
         Leaf::UnknownRoutes => json!({ "enum": ["deny", "pass"] }),
     }

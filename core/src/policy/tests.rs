@@ -24,7 +24,12 @@ fn every_rejected_case_reports_every_error_with_path_value_and_reason() {
             Ok(_) => panic!("case {name:?} was accepted"),
             Err(e) => e.iter().map(ToString::to_string).collect::<Vec<_>>(),
         };
-        let expected: Vec<&str> = case["errors"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
+        let expected: Vec<&str> = case["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap())
+            .collect();
         assert_eq!(errors, expected, "case {name:?}");
     }
 }
@@ -38,7 +43,11 @@ fn example_policy_compiles_with_resolved_limits_models_and_pools() {
     assert_eq!(alice.id, "alice-laptop");
     assert_eq!(alice.limits.requests_per_minute, Some(50));
     assert!(alice.models.allows("claude-sonnet-4-5") && !alice.models.allows("claude-opus-4-1"));
-    let pools: Vec<&str> = alice.pools.iter().map(|i| p.pool(*i).unwrap().name.as_str()).collect();
+    let pools: Vec<&str> = alice
+        .pools
+        .iter()
+        .map(|i| p.pool(*i).unwrap().name.as_str())
+        .collect();
     assert_eq!(pools, ["team:payments", "project:chatbot"]);
     // Bob: contractors group limits, defaults for the rest.
     let bob = p.lookup(&crate::vkey::sha256(b"tg-demo-bob")).unwrap();
@@ -46,7 +55,11 @@ fn example_policy_compiles_with_resolved_limits_models_and_pools() {
     assert_eq!(bob.limits.requests_per_minute, Some(60));
     assert_eq!(bob.models.describe(), "claude-haiku-*");
     assert_eq!(p.price("claude-sonnet-4-5").map(|x| x.output), Some(15.0));
-    assert_eq!(p.price("gpt-4o-mini").map(|x| x.input), Some(0.15), "longer glob wins");
+    assert_eq!(
+        p.price("gpt-4o-mini").map(|x| x.input),
+        Some(0.15),
+        "longer glob wins"
+    );
     assert_eq!(p.price("llama-3"), None);
 }
 
@@ -61,8 +74,15 @@ fn most_restrictive_group_limit_applies_when_the_key_sets_none() {
     let (p, _) = compile(json.as_bytes(), "p.json", 0).unwrap();
     let k = &p.keys()[0];
     assert_eq!(k.limits.requests_per_minute, Some(20));
-    assert_eq!(k.limits.tokens_per_day, Some(50), "the key's own value wins");
-    assert!(k.models.describe() == "no models", "no group lists models and no defaults: nothing allowed");
+    assert_eq!(
+        k.limits.tokens_per_day,
+        Some(50),
+        "the key's own value wins"
+    );
+    assert!(
+        k.models.describe() == "no models",
+        "no group lists models and no defaults: nothing allowed"
+    );
 }
 
 #[test]
@@ -81,6 +101,10 @@ fn lookup_is_by_hash_and_case_insensitive_in_the_file() {
     let upper = crate::vkey::sha256_hex("tg-x").to_ascii_uppercase();
     let json = format!(r#"{{"version":1,"keys":[{{"id":"x","key_sha256":"{upper}"}}]}}"#);
     let (p, _) = compile(json.as_bytes(), "p.json", 0).unwrap();
-    assert_eq!(p.lookup(&crate::vkey::sha256(b"tg-x")).map(|k| k.id.as_str()), Some("x"));
+    assert_eq!(
+        p.lookup(&crate::vkey::sha256(b"tg-x"))
+            .map(|k| k.id.as_str()),
+        Some("x")
+    );
     assert!(p.lookup(&crate::vkey::sha256(b"tg-y")).is_none());
 }
