@@ -66,15 +66,18 @@ impl RootContext for Root {
             }
         };
         let now = Hostcalls.now();
-        match policy::compile(&bytes, "<plugin configuration>", now) {
+        let result = policy::compile(&bytes, "<plugin configuration>", now);
+        let took_ms = Hostcalls.now().saturating_sub(now);
+        match result {
             Ok((policy, report)) => {
                 for w in &report.warnings {
                     log::warn!("policy warning: {w}");
                 }
                 log::info!(
-                    "policy loaded: {} keys, {} pools",
+                    "policy loaded: {} keys, {} pools, {} bytes, compiled in {took_ms} ms",
                     policy.keys().len(),
-                    policy.pools.len()
+                    policy.pools.len(),
+                    bytes.len()
                 );
                 self.policy = Some(Rc::new(policy));
                 true
