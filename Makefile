@@ -15,7 +15,7 @@ export TOLLGATE_ENVOY := $(abspath $(ENVOY))
 export TOLLGATE_WASM  := $(abspath $(WASM))
 export TOLLGATE_BIN   := $(abspath $(TOLLGATE))
 
-.PHONY: help demo test build wasm cli envoy wasm-target unit e2e lint fmt clean
+.PHONY: help demo test build wasm cli envoy wasm-target unit e2e lint fmt clean bench-policy
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ unit: ## Unit tests only (no Envoy)
 
 e2e: build envoy ## End-to-end tests only (real Envoy)
 	$(CARGO) test -p tollgate-e2e
+
+bench-policy: build envoy ## Policy scale: check time, load time, in-VM compile time and memory at 0/1k/10k/100k keys
+	@scripts/bench-policy.sh
 
 lint: wasm-target ## clippy (no unwrap/expect/panic on the request path) and rustfmt check
 	@echo "==> lint"
