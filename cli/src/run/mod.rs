@@ -23,9 +23,10 @@ pub struct RunArgs {
     /// Policy file (JSON); edits apply to the next request without a restart.
     #[arg(long, default_value = "policies/example.json")]
     pub policy: PathBuf,
-    /// Provider base URL for both Anthropic and OpenAI routes, or `mock` for the built-in mock provider.
-    #[arg(long, default_value = "https://api.anthropic.com")]
-    pub upstream: String,
+    /// Provider base URL for both Anthropic and OpenAI routes, or `mock` for the built-in mock provider
+    /// (default: https://api.anthropic.com for Anthropic routes, https://api.openai.com for OpenAI routes).
+    #[arg(long)]
+    pub upstream: Option<String>,
     /// Overrides --upstream for Anthropic routes (/v1/messages...).
     #[arg(long)]
     pub anthropic_upstream: Option<String>,
@@ -178,7 +179,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     ));
 
     let mut mock_addr = None;
-    let (anthropic, openai) = if args.upstream == "mock" {
+    let (anthropic, openai) = if args.upstream.as_deref() == Some("mock") {
         let listener = TcpListener::bind(args.mock_listen)
             .await
             .with_context(|| format!("binding mock provider {}", args.mock_listen))?;
@@ -192,15 +193,17 @@ async fn run_async(args: RunArgs) -> Result<()> {
         tokio::spawn(mock::serve(listener, config, stopped(stop_rx.clone())));
         (Upstream::local(addr.port()), Upstream::local(addr.port()))
     } else {
-        let base = Upstream::parse(&args.upstream)?;
-        let pick = |o: &Option<String>, default: &Upstream| -> Result<Upstream> {
-            o.as_deref()
-                .map(Upstream::parse)
-                .unwrap_or_else(|| Ok(default.clone()))
+        // One --upstream serves both route families; per-provider flags win.
+        let pick = |own: &Option<String>, default: &str| -> Result<Upstream> {
+            Upstream::parse(
+                own.as_deref()
+                    .or(args.upstream.as_deref())
+                    .unwrap_or(default),
+            )
         };
         (
-            pick(&args.anthropic_upstream, &base)?,
-            pick(&args.openai_upstream, &base)?,
+            pick(&args.anthropic_upstream, "https://api.anthropic.com")?,
+            pick(&args.openai_upstream, "https://api.openai.com")?,
         )
     };
 
