@@ -1,0 +1,76 @@
+//! Anthropic Messages usage. JSON: `usage.{input_tokens, output_tokens,
+//! cache_creation_input_tokens, cache_read_input_tokens}`. Stream:
+//! `message_start.message.usage` carries the input counts; every
+//! `message_delta.usage` is cumulative (the last one wins; it always has
+//! `output_tokens` and may repeat the input fields).
+
+use super::Usage;
+use serde::Deserialize;
+
+#[derive(Deserialize, Default)]
+struct RawUsage {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow)]
+    model: Option<&'a str>,
+    usage: Option<RawUsage>,
+}
+
+#[derive(Deserialize)]
+struct StreamEvent<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    #[serde(borrow)]
+    message: Option<Message<'a>>,
+    usage: Option<RawUsage>,
+}
+
+fn merge(into: &mut Usage, u: &RawUsage) {
+    if let Some(v) = u.input_tokens {
+        into.input = v;
+    }
+    if let Some(v) = u.output_tokens {
+        into.output = v;
+    }
+    if let Some(v) = u.cache_creation_input_tokens {
+        into.cache_write = v;
+    }
+    if let Some(v) = u.cache_read_input_tokens {
+        into.cache_read = v;
+    }
+}
+
+pub fn json(body: &[u8]) -> Option<(Usage, Option<String>)> {
+    let m: Message = serde_json::from_slice(body).ok()?;
+    let mut usage = Usage::default();
+    merge(&mut usage, m.usage.as_ref()?);
+    Some((usage, m.model.map(str::to_string)))
+}
+
+/// Applies one stream event's data; returns whether it carried usage.
+pub fn stream_event(data: &[u8], usage: &mut Option<Usage>, model: &mut Option<String>) -> bool {
+    let Ok(e) = serde_json::from_slice::<StreamEvent>(data) else {
+        return false;
+    };
+    let raw = match e.kind {
+        "message_start" => e.message.and_then(|m| {
+            *model = m.model.map(str::to_string);
+            m.usage
+        }),
+        "message_delta" => e.usage,
+        _ => None,
+    };
+    match raw {
+        Some(u) => {
+            merge(usage.get_or_insert_with(Usage::default), &u);
+            true
+        }
+        None => false,
+    }
+}

@@ -1,0 +1,81 @@
+//! OpenAI usage. Chat Completions: `usage.{prompt_tokens, completion_tokens,
+//! prompt_tokens_details.cached_tokens}`; streams carry it only in a final
+//! chunk with empty `choices` when `stream_options.include_usage` is set.
+//! Responses: `usage.{input_tokens, output_tokens,
+//! input_tokens_details.cached_tokens}`; streams end with
+//! `response.completed` / `.incomplete` / `.failed` carrying the response.
+//!
+//! OpenAI's prompt / input counts include cached tokens; normalised `input`
+//! excludes them and `cache_read` holds them.
+
+use super::Usage;
+use serde::Deserialize;
+
+#[derive(Deserialize, Default)]
+struct Details {
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    prompt_tokens_details: Option<Details>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    input_tokens_details: Option<Details>,
+}
+
+impl RawUsage {
+    fn normalise(&self) -> Usage {
+        let prompt = self.prompt_tokens.or(self.input_tokens).unwrap_or(0);
+        let cached = self
+            .prompt_tokens_details
+            .as_ref()
+            .or(self.input_tokens_details.as_ref())
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0);
+        Usage {
+            input: prompt.saturating_sub(cached),
+            output: self.completion_tokens.or(self.output_tokens).unwrap_or(0),
+            cache_write: 0,
+            cache_read: cached.min(prompt),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Body<'a> {
+    #[serde(borrow)]
+    model: Option<&'a str>,
+    usage: Option<RawUsage>,
+    /// Responses stream events wrap the response.
+    #[serde(borrow)]
+    response: Option<Box<Body<'a>>>,
+}
+
+pub fn json(body: &[u8]) -> Option<(Usage, Option<String>)> {
+    let b: Body = serde_json::from_slice(body).ok()?;
+    Some((b.usage?.normalise(), b.model.map(str::to_string)))
+}
+
+/// Applies one stream event's data (a chat chunk or a Responses event).
+pub fn stream_event(data: &[u8], usage: &mut Option<Usage>, model: &mut Option<String>) -> bool {
+    let Ok(b) = serde_json::from_slice::<Body>(data) else {
+        return false;
+    };
+    let (m, u) = match b.response {
+        Some(r) => (r.model, r.usage),
+        None => (b.model, b.usage),
+    };
+    if let Some(m) = m {
+        *model = Some(m.to_string());
+    }
+    match u {
+        Some(u) => {
+            *usage = Some(u.normalise());
+            true
+        }
+        None => false,
+    }
+}
