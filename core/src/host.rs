@@ -45,6 +45,8 @@ pub trait Host: SharedStore {
     /// The current response body chunk (`size` bytes). Not buffered: for a
     /// stream this is only the newest chunk.
     fn response_body(&self, size: usize) -> Option<Vec<u8>>;
+    /// Replaces the current response body chunk with `body`.
+    fn replace_response_body(&mut self, body: &[u8]);
     /// Publishes the audit record as filter state (`wasm.tollgate_audit`),
     /// where Envoy's access loggers read it.
     fn set_audit_record(&mut self, record: &[u8]);

@@ -221,6 +221,10 @@ impl Host for FakeHost {
         )
     }
 
+    fn replace_response_body(&mut self, body: &[u8]) {
+        self.response_chunk = body.to_vec();
+    }
+
     fn set_audit_record(&mut self, record: &[u8]) {
         self.audit.push(record.to_vec());
     }

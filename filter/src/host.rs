@@ -87,6 +87,13 @@ impl Host for Hostcalls {
             .flatten()
     }
 
+    fn replace_response_body(&mut self, body: &[u8]) {
+        log_status(
+            "replace response body",
+            hostcalls::set_buffer(BufferType::HttpResponseBody, 0, usize::MAX, body),
+        );
+    }
+
     fn set_audit_record(&mut self, record: &[u8]) {
         // The SDK joins the path; Envoy stores it as filter state `wasm.tollgate_audit`.
         log_status(

@@ -339,3 +339,54 @@ fn without_header_hold_the_headers_continue_and_the_body_decides() {
     let n = host.body_len();
     assert_eq!(flow.on_request_body(&mut host, n, true), Decision::Continue);
 }
+
+#[test]
+fn openai_stream_without_include_usage_is_asked_for_usage_and_the_extra_chunk_stripped() {
+    let body =
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut host = request("/v1/chat/completions", ALICE, body)
+        .with_request_header("content-length", &body.len().to_string());
+    let mut flow = RequestFlow::new(policy(""));
+    assert_eq!(send(&mut flow, &mut host), Decision::Continue);
+    let sent: serde_json::Value = serde_json::from_slice(&host.request_body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    assert_eq!(
+        host.request_header("content-length"),
+        Some(host.request_body.len().to_string())
+    );
+
+    host.response_headers = vec![
+        (":status".into(), b"200".to_vec()),
+        ("content-type".into(), b"text/event-stream".to_vec()),
+    ];
+    flow.on_response_headers(&mut host, false);
+    let chunks = [
+        "data: {\"model\":\"gpt-4o-mini\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\ndata: {\"model\":\"gpt-4o-mini\",\"choi",
+        "ces\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n",
+    ];
+    let mut forwarded = String::new();
+    for (i, c) in chunks.iter().enumerate() {
+        host.response_chunk = c.as_bytes().to_vec();
+        flow.on_response_body(&mut host, c.len(), i == 1);
+        forwarded.push_str(&String::from_utf8_lossy(&host.response_chunk));
+    }
+    assert!(
+        !forwarded.contains("prompt_tokens"),
+        "the client did not ask for the usage chunk: {forwarded}"
+    );
+    assert!(forwarded.contains("\"content\":\"hi\"") && forwarded.ends_with("data: [DONE]\n\n"));
+    let rec = host.last_audit().unwrap();
+    assert_eq!(
+        (rec.tokens.input, rec.tokens.output),
+        (Some(9), Some(2)),
+        "usage charged even though the client never asked"
+    );
+}
+
+#[test]
+fn openai_stream_that_asked_for_usage_is_left_alone() {
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    let mut host = request("/v1/chat/completions", ALICE, body);
+    send(&mut RequestFlow::new(policy("")), &mut host);
+    assert_eq!(host.request_body, body.as_bytes());
+}
