@@ -227,6 +227,10 @@ impl RequestFlow {
                 },
             );
         }
+        // Published now so that a request that never reaches the body
+        // decision (Envoy's own 413, a client that goes away) is still
+        // audited with its identity; the collector adds Envoy's status.
+        host.set_audit_record(&self.audit.to_json());
         if self.options.hold_request_headers {
             Decision::Pause
         } else {
@@ -319,6 +323,22 @@ impl RequestFlow {
             );
         }
 
+        let budgets = meter::buckets_for(&policy, key)
+            .iter()
+            .any(|b| matches!(b.metric, Metric::UsdPerDay | Metric::UsdPerMonth));
+        if budgets && policy.price(&model).is_none() && self.route != Route::AnthropicCountTokens {
+            let msg = format!(
+                "model {model} has no price in the policy and a USD budget applies to this key; add it under \"prices\" or set settings.default_price"
+            );
+            return self.deny(
+                host,
+                ErrorKind::ModelNotAllowed,
+                Reason::ModelNotAllowed,
+                msg,
+                None,
+                None,
+            );
+        }
         let demand = if self.route == Route::AnthropicCountTokens {
             // Counting tokens costs a request, never tokens.
             Demand {
@@ -554,6 +574,14 @@ impl RequestFlow {
     fn finish(&mut self, host: &mut impl Host) {
         if self.finished {
             return;
+        }
+        if self.admission.is_none() && self.response.status == 413 {
+            // Envoy refused the body (over the buffer limit) before this
+            // filter could decide: the request was denied, not served.
+            self.audit.decision = Outcome::Denied;
+            self.audit.reason = Reason::BodyTooLarge;
+            self.audit.detail =
+                Some("request body over the gateway's buffer limit (refused by Envoy)".to_string());
         }
         self.settle(host, true);
         self.audit.complete = true;

@@ -253,3 +253,54 @@ fn concurrent_clients_are_charged_exactly_what_the_provider_reported() {
         "debits equal reported usage exactly"
     );
 }
+
+#[test]
+fn body_over_the_buffer_limit_gets_a_provider_shaped_413_and_an_audit_record() {
+    let gw = Gateway::start(&sdk_policy());
+    let big = format!(
+        r#"{{"model":"claude-haiku-4-5","max_tokens":5,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(33 << 20)
+    );
+    let r = gw.post_with(
+        "/v1/messages",
+        &[("x-api-key", "tg-sdk-main"), ("x-request-id", "e2e-413")],
+        &big,
+    );
+    assert_eq!(r.status(), 413);
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "request_too_large");
+    assert_eq!(
+        v["error"]["message"],
+        "request body exceeds this gateway's limit of 33554432 bytes"
+    );
+    assert_eq!(v["request_id"], "e2e-413");
+    let r = gw.post_with(
+        "/v1/chat/completions",
+        &[("authorization", "Bearer tg-sdk-main")],
+        &big,
+    );
+    assert_eq!(r.status(), 413);
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["error"]["code"], "request_too_large");
+    assert!(gw.mock_requests().is_empty());
+    // No complete record exists; the provisional one carries identity and Envoy's status.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let rec = loop {
+        if let Some(r) = gw
+            .audit_records()
+            .into_iter()
+            .find(|r| r["request_id"] == "e2e-413")
+        {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit record for the 413"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(rec["key_id"], "sdk-main");
+    assert_eq!(rec["status"], 413);
+    assert_eq!(rec["reason"], "body_too_large");
+}

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use store::AuditStore;
 use tokio::sync::mpsc;
-use tollgate_core::audit::{AuditRecord, FILTER_STATE_KEY};
+use tollgate_core::audit::{AuditRecord, Outcome, Reason, FILTER_STATE_KEY};
 
 /// Records waiting for the writer; past this, new ones are dropped (counted).
 pub const QUEUE_CAPACITY: usize = 65_536;
@@ -65,16 +65,44 @@ pub fn records_from_message(msg: &StreamAccessLogsMessage) -> Vec<Result<AuditRe
     logs.log_entry
         .iter()
         .filter_map(|entry| {
-            entry
+            let any = entry
                 .common_properties
                 .as_ref()?
                 .filter_state_objects
-                .get(FILTER_STATE_KEY)
-        })
-        .map(|any| {
-            AuditRecord::from_json(&unpack(any)).map_err(|e| format!("invalid audit record: {e}"))
+                .get(FILTER_STATE_KEY)?;
+            let code = entry
+                .response
+                .as_ref()
+                .and_then(|r| r.response_code)
+                .map(|c| c.value as u16);
+            Some(
+                AuditRecord::from_json(&unpack(any))
+                    .map(|r| with_envoy_status(r, code))
+                    .map_err(|e| format!("invalid audit record: {e}")),
+            )
         })
         .collect()
+}
+
+/// A record the filter never completed (Envoy answered itself, or the client
+/// or upstream went away) takes its status from Envoy's access-log entry.
+/// A 413 is Envoy refusing a body over the buffer limit.
+pub fn with_envoy_status(mut r: AuditRecord, code: Option<u16>) -> AuditRecord {
+    if r.complete {
+        return r;
+    }
+    if let Some(code) = code.filter(|c| *c > 0) {
+        if r.status == 0 {
+            r.status = code;
+        }
+        if code == 413 && r.reason == Reason::Ok {
+            r.decision = Outcome::Denied;
+            r.reason = Reason::BodyTooLarge;
+            r.detail =
+                Some("request body over the gateway's buffer limit (refused by Envoy)".to_string());
+        }
+    }
+    r
 }
 
 struct Service {

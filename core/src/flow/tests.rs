@@ -390,3 +390,37 @@ fn openai_stream_that_asked_for_usage_is_left_alone() {
     send(&mut RequestFlow::new(policy("")), &mut host);
     assert_eq!(host.request_body, body.as_bytes());
 }
+
+#[test]
+fn unpriced_model_is_denied_when_a_budget_applies() {
+    let extra = format!(
+        r#",{{"id":"capped","key_sha256":"{}","groups":["engineering"],"limits":{{"budget_usd_per_day":5}}}}"#,
+        crate::vkey::sha256_hex("tg-capped")
+    );
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[]}"#;
+    let mut host = request("/v1/chat/completions", "tg-capped", body);
+    let r = reply(send(&mut RequestFlow::new(policy(&extra)), &mut host));
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        json(&r.body)["error"]["message"],
+        "model gpt-4o-mini has no price in the policy and a USD budget applies to this key; add it under \"prices\" or set settings.default_price"
+    );
+    // Without a budget the same model is fine (it costs nothing toward budgets).
+    let mut host = request("/v1/chat/completions", ALICE, body);
+    assert_eq!(
+        send(&mut RequestFlow::new(policy("")), &mut host),
+        Decision::Continue
+    );
+}
+
+#[test]
+fn identity_is_published_before_the_body_arrives() {
+    let mut host = request("/v1/messages", ALICE, SONNET);
+    let mut flow = RequestFlow::new(policy(""));
+    assert_eq!(flow.on_request_headers(&mut host, false), Decision::Pause);
+    let rec = host.last_audit().unwrap();
+    assert_eq!(
+        (rec.key_id.as_deref(), rec.complete),
+        (Some("alice-laptop"), false)
+    );
+}
