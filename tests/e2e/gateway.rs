@@ -254,3 +254,22 @@ fn sse_reaches_the_client_event_by_event() {
         "streamed usage is charged: {rec}"
     );
 }
+
+#[test]
+fn unknown_route_gets_a_provider_shaped_404_by_default() {
+    let gw = Gateway::start(&gateway_policy());
+    let r = gw
+        .client()
+        .get(gw.url("/v1/models"))
+        .header("x-api-key", ALICE)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().unwrap();
+    assert_eq!(body["error"]["type"], "not_found_error");
+    assert_eq!(
+        body["error"]["message"],
+        "/v1/models is not an LLM API route served by this gateway"
+    );
+    assert!(gw.mock_requests().is_empty());
+}

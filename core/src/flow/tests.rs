@@ -424,3 +424,31 @@ fn identity_is_published_before_the_body_arrives() {
         (Some("alice-laptop"), false)
     );
 }
+
+#[test]
+fn compressed_response_charges_the_reservation_and_says_why() {
+    let mut host = request("/v1/messages", ALICE, SONNET);
+    let mut flow = RequestFlow::new(policy(""));
+    send(&mut flow, &mut host);
+    host.response_headers = vec![
+        (":status".into(), b"200".to_vec()),
+        ("content-type".into(), b"application/json".to_vec()),
+        ("content-encoding".into(), b"gzip".to_vec()),
+    ];
+    flow.on_response_headers(&mut host, false);
+    host.response_chunk = vec![0x1f, 0x8b, 0x08, 0x00];
+    flow.on_response_body(&mut host, 4, true);
+    let rec = host.last_audit().unwrap();
+    assert_eq!(
+        rec.detail.as_deref(),
+        Some("response was compressed; charged the reservation")
+    );
+    assert_eq!(rec.tokens.output, None);
+    // The pool's output bucket keeps the whole reservation (100 of 1000).
+    let cell = crate::meter::store::read(
+        &*host.store,
+        "tollgate/1/pool:team:payments/output_tokens_per_minute",
+    )
+    .unwrap();
+    assert_eq!(cell.value, 900.0);
+}
