@@ -475,13 +475,21 @@ impl RequestFlow {
             &self.audit.request_id,
             retry_after,
         );
-        if let Some(admission) = &self.admission {
-            reply.headers.extend(rate_limit_headers(
-                self.provider(),
-                &admission.states,
-                host.now_ms(),
-            ));
-        }
+        let now = host.now_ms();
+        let states = match (&self.admission, self.key.and_then(|i| self.policy.key(i))) {
+            (Some(admission), _) => admission.states.clone(),
+            // Refused before admission (bad body, model): still tell a known
+            // caller where their buckets stand.
+            (None, Some(key)) => meter::states(
+                host,
+                &meter::buckets_for(&self.policy, key),
+                self.clock(now),
+            ),
+            (None, None) => Vec::new(),
+        };
+        reply
+            .headers
+            .extend(rate_limit_headers(self.provider(), &states, now));
         self.audit.decision = Outcome::Denied;
         self.audit.reason = reason;
         self.audit.detail = Some(message);

@@ -156,6 +156,11 @@ fn denies_model_outside_group_allowlist() {
         b["error"]["message"],
         "model claude-opus-4-1 is not allowed for this key (allowed: claude-sonnet-*, gpt-4o*)"
     );
+    // A known caller still sees their own bucket state, untouched.
+    assert_eq!(
+        r.header("anthropic-ratelimit-requests-remaining"),
+        Some("2")
+    );
 }
 
 #[test]

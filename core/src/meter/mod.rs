@@ -284,6 +284,27 @@ pub fn admit(
     })
 }
 
+/// Every bucket's state now, without reserving anything (for the headers of
+/// a request refused before admission).
+pub fn states(store: &dyn SharedStore, buckets: &[Bucket], clock: Clock) -> Vec<BucketState> {
+    buckets
+        .iter()
+        .map(|b| {
+            let refill = b.metric.refill();
+            let current = refill.current(
+                store::read(store, &b.store_key()),
+                b.limit,
+                clock.now,
+                clock.utc_offset_min,
+            );
+            BucketState {
+                bucket: b.clone(),
+                view: refill.view(current, b.limit, clock.now, clock.utc_offset_min),
+            }
+        })
+        .collect()
+}
+
 /// Gives every reservation back (a race lost at admission).
 fn release(
     store: &dyn SharedStore,
