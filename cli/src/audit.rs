@@ -16,6 +16,12 @@ pub struct AuditArgs {
 enum AuditCommand {
     /// Show the newest records (and follow new ones with --follow).
     Tail(TailArgs),
+    /// Import a JSON-lines audit log (Envoy's file access log) idempotently.
+    Import {
+        file: PathBuf,
+        #[arg(long, default_value = ".tollgate/audit.db")]
+        db: PathBuf,
+    },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +47,19 @@ struct TailArgs {
 pub fn run(args: AuditArgs) -> Result<()> {
     match args.command {
         AuditCommand::Tail(t) => tail(t),
+        AuditCommand::Import { file, db } => {
+            let store = AuditStore::open(&db)?;
+            let s = store.import_jsonl(&file)?;
+            println!(
+                "imported {}: {} records read, {} new or completed, {} already stored, {} invalid lines",
+                file.display(),
+                s.lines,
+                s.stored,
+                s.lines - s.stored - s.invalid,
+                s.invalid
+            );
+            Ok(())
+        }
     }
 }
 

@@ -9,6 +9,7 @@ mod mock;
 mod mock_cmd;
 mod policy_cmd;
 mod run;
+mod usage_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +40,8 @@ enum Command {
     Policy(policy_cmd::PolicyArgs),
     /// Mint virtual keys.
     Key(key_cmd::KeyArgs),
+    /// Usage report: requests, tokens by class, cost and denials by key, user, team, project, app, agent, model or day.
+    Usage(usage_cmd::UsageArgs),
 }
 
 fn main() {
@@ -50,6 +53,7 @@ fn main() {
         Command::Mock(args) => mock_cmd::run(args),
         Command::Policy(args) => policy_cmd::run(args),
         Command::Key(args) => key_cmd::run(args),
+        Command::Usage(args) => usage_cmd::run(args),
     };
     if let Err(e) = result {
         eprintln!("tollgate: {e:#}");

@@ -19,6 +19,11 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
+/// The `tollgate` binary under test.
+pub fn tollgate_bin() -> PathBuf {
+    artifact("TOLLGATE_BIN", "target/debug/tollgate")
+}
+
 fn artifact(var: &str, default: &str) -> PathBuf {
     let path = std::env::var_os(var)
         .map(PathBuf::from)
@@ -44,6 +49,8 @@ pub struct Gateway {
     pub base: String,
     pub admin: String,
     pub mock: String,
+    /// The in-process collector's HTTP address (dashboard, metrics, API).
+    pub collector_http: Option<String>,
     pub audit_db: PathBuf,
     pub audit_log: PathBuf,
     pub policy: PathBuf,
@@ -54,6 +61,8 @@ pub struct Gateway {
 pub struct Options {
     pub mock_event_delay_ms: u64,
     pub concurrency: u32,
+    /// Send audit records to this collector instead of an in-process one.
+    pub external_collector: Option<String>,
 }
 
 impl Default for Options {
@@ -61,6 +70,7 @@ impl Default for Options {
         Options {
             mock_event_delay_ms: 5,
             concurrency: 2,
+            external_collector: None,
         }
     }
 }
@@ -77,10 +87,14 @@ impl Gateway {
         let state = dir.path().join("state");
         let stdout = std::fs::File::create(dir.path().join("tollgate.out")).unwrap();
         let stderr = std::fs::File::create(dir.path().join("tollgate.err")).unwrap();
-        let child = Command::new(artifact("TOLLGATE_BIN", "target/debug/tollgate"))
+        let mut cmd = Command::new(artifact("TOLLGATE_BIN", "target/debug/tollgate"));
+        cmd.arg("run");
+        if let Some(addr) = &opts.external_collector {
+            cmd.arg("--external-collector").arg(addr);
+        }
+        let child = cmd
             .current_dir(workspace())
             .args([
-                "run",
                 "--upstream",
                 "mock",
                 "--listen",
@@ -118,6 +132,7 @@ impl Gateway {
             base: String::new(),
             admin: String::new(),
             mock: String::new(),
+            collector_http: None,
             audit_db: state.join("audit.db"),
             audit_log: state.join("audit.jsonl"),
             policy,
@@ -135,6 +150,7 @@ impl Gateway {
                     gw.base = format!("http://{}", v["listen"].as_str().unwrap());
                     gw.admin = format!("http://{}", v["admin"].as_str().unwrap());
                     gw.mock = format!("http://{}", v["mock"].as_str().unwrap());
+                    gw.collector_http = v["collector_http"].as_str().map(|a| format!("http://{a}"));
                     return gw;
                 }
             }

@@ -5,6 +5,8 @@
 //! A full queue drops the entry and counts it; the file access log keeps the
 //! durable copy.
 
+pub mod http;
+pub mod report;
 pub mod store;
 
 use anyhow::Result;
@@ -167,14 +169,6 @@ async fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, store: AuditStore, stat
 
 /// Serves the AccessLogService on `listener` until `shutdown` resolves, then
 /// flushes every queued record to the store before returning.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    store: AuditStore,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
-    serve_with_stats(listener, store, Arc::new(Stats::default()), shutdown).await
-}
-
 pub async fn serve_with_stats(
     listener: tokio::net::TcpListener,
     store: AuditStore,

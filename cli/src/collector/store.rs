@@ -8,6 +8,17 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tollgate_core::audit::AuditRecord;
 
+/// What an import did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ImportStats {
+    /// Lines holding a record.
+    pub lines: usize,
+    /// Rows inserted or upgraded from provisional to complete.
+    pub stored: usize,
+    /// Lines that were not a valid record.
+    pub invalid: usize,
+}
+
 #[derive(Clone)]
 pub struct AuditStore {
     conn: Arc<Mutex<Connection>>,
@@ -167,7 +178,51 @@ impl AuditStore {
         Ok((out, last))
     }
 
-    #[allow(dead_code)] // used by tests; usage reports come next
+    /// Runs a read query with one integer parameter.
+    pub fn query<T>(
+        &self,
+        sql: &str,
+        param: u64,
+        map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| anyhow::anyhow!("audit store lock poisoned"))?;
+        let mut stmt = conn.prepare(sql)?;
+        let rows = stmt.query_map([param as i64], map)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<T>>>()?)
+    }
+
+    /// Imports a JSON-lines audit log (Envoy's file access log): one record
+    /// per line, lines without a record (`-`) skipped. Idempotent.
+    pub fn import_jsonl(&self, path: &Path) -> Result<ImportStats> {
+        use std::io::BufRead;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut stats = ImportStats::default();
+        let mut batch = Vec::with_capacity(1024);
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line?;
+            let line = line.trim();
+            if line.is_empty() || line == "-" {
+                continue;
+            }
+            stats.lines += 1;
+            match serde_json::from_str::<AuditRecord>(line) {
+                Ok(r) => batch.push(r),
+                Err(_) => stats.invalid += 1,
+            }
+            if batch.len() == 1024 {
+                stats.stored += self.insert_batch(&batch)?;
+                batch.clear();
+            }
+        }
+        stats.stored += self.insert_batch(&batch)?;
+        Ok(stats)
+    }
+
+    #[cfg_attr(not(test), allow(dead_code))] // tests and future tools
     pub fn count(&self) -> Result<u64> {
         let conn = self
             .conn
@@ -176,7 +231,7 @@ impl AuditStore {
         Ok(conn.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
-    #[allow(dead_code)] // used by tests; usage reports come next
+    #[cfg_attr(not(test), allow(dead_code))] // tests and future tools
     pub fn get(&self, request_id: &str) -> Result<Option<AuditRecord>> {
         let conn = self
             .conn

@@ -42,6 +42,13 @@ pub struct RunArgs {
     /// Collector's gRPC access-log listener.
     #[arg(long, default_value = "127.0.0.1:9611")]
     pub collector: SocketAddr,
+    /// Collector's HTTP listener: dashboard, /metrics, /api/usage.
+    #[arg(long, default_value = "127.0.0.1:9613")]
+    pub collector_http: SocketAddr,
+    /// Send audit records to a collector running elsewhere (`tollgate collector`)
+    /// instead of starting one in this process.
+    #[arg(long)]
+    pub external_collector: Option<SocketAddr>,
     /// Mock provider listener (with --upstream mock).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub mock_listen: SocketAddr,
@@ -78,6 +85,7 @@ struct Ready {
     listen: String,
     admin: String,
     collector: String,
+    collector_http: Option<String>,
     mock: Option<String>,
     audit_db: String,
     audit_log: String,
@@ -166,17 +174,38 @@ async fn run_async(args: RunArgs) -> Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    // Collector first: Envoy connects to it as soon as it starts.
-    let store = AuditStore::open(&layout.audit_db())?;
-    let collector_listener = TcpListener::bind(args.collector)
-        .await
-        .with_context(|| format!("binding collector {}", args.collector))?;
-    let collector_addr = collector_listener.local_addr()?;
-    let collector_task = tokio::spawn(collector::serve(
-        collector_listener,
-        store,
-        stopped(stop_rx.clone()),
-    ));
+    // Collector first: Envoy connects to it as soon as it starts. The file
+    // access log is imported at start so records the gRPC stream lost while
+    // no collector listened are recovered.
+    let (collector_addr, collector_http, collector_task) = match args.external_collector {
+        Some(addr) => (addr, None, None),
+        None => {
+            let store = AuditStore::open(&layout.audit_db())?;
+            crate::collector_cmd::import_at_start(&store, &layout.audit_log());
+            let grpc = TcpListener::bind(args.collector)
+                .await
+                .with_context(|| format!("binding collector {}", args.collector))?;
+            let http = TcpListener::bind(args.collector_http)
+                .await
+                .with_context(|| format!("binding collector http {}", args.collector_http))?;
+            let addr = grpc.local_addr()?;
+            let http_addr = http.local_addr()?;
+            let stats = std::sync::Arc::new(collector::Stats::default());
+            tokio::spawn(collector::http::serve(
+                http,
+                store.clone(),
+                stats.clone(),
+                stopped(stop_rx.clone()),
+            ));
+            let task = tokio::spawn(collector::serve_with_stats(
+                grpc,
+                store,
+                stats,
+                stopped(stop_rx.clone()),
+            ));
+            (addr, Some(http_addr), Some(task))
+        }
+    };
 
     let mut mock_addr = None;
     let (anthropic, openai) = if args.upstream.as_deref() == Some("mock") {
@@ -272,6 +301,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         listen: listen.to_string(),
         admin: admin.to_string(),
         collector: collector_addr.to_string(),
+        collector_http: collector_http.map(|a| a.to_string()),
         mock: mock_addr.map(|a| a.to_string()),
         audit_db: layout.audit_db().display().to_string(),
         audit_log: layout.audit_log().display().to_string(),
@@ -300,11 +330,20 @@ async fn run_async(args: RunArgs) -> Result<()> {
         "  policy:    {} ({key_count} keys); edits apply on save",
         args.policy.display()
     );
-    println!(
-        "  audit:     collector {collector_addr} -> {} (read with `tollgate audit tail --db {}`)",
-        layout.audit_db().display(),
-        layout.audit_db().display()
-    );
+    match collector_http {
+        Some(http) => {
+            println!(
+                "  audit:     collector {collector_addr} -> {} (`tollgate audit tail --db {}`)",
+                layout.audit_db().display(),
+                layout.audit_db().display()
+            );
+            println!("  dashboard: http://{http}/  (metrics: http://{http}/metrics)");
+        }
+        None => println!(
+            "  audit:     external collector {collector_addr}; durable copy {}",
+            layout.audit_log().display()
+        ),
+    }
     println!(
         "  envoy:     admin http://{admin}, log {}",
         layout.envoy_log().display()
@@ -314,11 +353,13 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let result = supervise(&mut child, &args.policy, &policy_json, &wasm, &layout).await;
     let _ = stop_tx.send(true);
     stop_envoy(&mut child).await;
-    match tokio::time::timeout(Duration::from_secs(10), collector_task).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => eprintln!("collector: {e:#}"),
-        Ok(Err(e)) => eprintln!("collector task: {e}"),
-        Err(_) => eprintln!("collector did not flush within 10s"),
+    if let Some(task) = collector_task {
+        match tokio::time::timeout(Duration::from_secs(10), task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => eprintln!("collector: {e:#}"),
+            Ok(Err(e)) => eprintln!("collector task: {e}"),
+            Err(_) => eprintln!("collector did not flush within 10s"),
+        }
     }
     let _ = std::fs::remove_file(layout.ready());
     println!("Tollgate stopped.");

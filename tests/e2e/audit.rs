@@ -1,0 +1,341 @@
+//! Audit and usage end to end: a record for every kind of request, usage
+//! totals equal to what the provider reported, metrics, and no loss across a
+//! collector restart.
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tollgate_e2e::{policy, tollgate_bin, Gateway, Options};
+
+const KEY: &str = "tg-audit-alice";
+const OTHER: &str = "tg-audit-bob";
+
+fn audit_policy() -> String {
+    let p = policy(
+        r#"{"models": ["claude-*", "gpt-4o*"], "limits": {"requests_per_minute": 1000}}"#,
+        &[
+            (
+                "alice",
+                KEY,
+                r#""user": "alice@example.com", "team": "payments", "app": "ide", "agent": "claude-code""#,
+            ),
+            (
+                "bob",
+                OTHER,
+                r#""user": "bob@example.com", "team": "search", "app": "bot", "limits": {"requests_per_minute": 1}"#,
+            ),
+            ("gone", "tg-audit-revoked", r#""revoked": true"#),
+        ],
+    );
+    format!(
+        "{}, \"prices\": {{\"claude-sonnet-4-*\": {{\"input\": 3, \"output\": 15}}, \"gpt-4o*\": {{\"input\": 2.5, \"output\": 10}}}}}}",
+        p.trim_end().trim_end_matches('}')
+    )
+}
+
+const MSG: &str =
+    r#"{"model":"claude-sonnet-4-5","max_tokens":300,"messages":[{"role":"user","content":"hi"}]}"#;
+
+#[test]
+fn every_kind_of_request_gets_one_record_and_usage_totals_match_the_provider() {
+    let gw = Gateway::start(&audit_policy());
+    let send = |id: &str, key: &str, body: &str, extra: &[(&str, &str)]| {
+        let mut h = vec![("x-api-key", key), ("x-request-id", id)];
+        h.extend_from_slice(extra);
+        let r = gw.post_with("/v1/messages", &h, body);
+        let status = r.status().as_u16();
+        // Read to the end: dropping a stream early is a client abort.
+        let _ = r.text();
+        status
+    };
+    assert_eq!(send("a-json", KEY, MSG, &[]), 200); // 61 in, 74 out
+    assert_eq!(
+        send(
+            "a-stream",
+            KEY,
+            r#"{"model":"claude-sonnet-4-5","max_tokens":300,"stream":true,"messages":[]}"#,
+            &[]
+        ),
+        200
+    ); // 23 / 118
+    assert_eq!(
+        send(
+            "a-cache",
+            KEY,
+            r#"{"model":"claude-sonnet-4-5","max_tokens":300,"stream":true,"messages":[]}"#,
+            &[("x-mock-exchange", "messages-stream-cache-read")]
+        ),
+        200
+    ); // 24 / 61 / cr 1207
+    assert_eq!(
+        send(
+            "a-529",
+            KEY,
+            MSG,
+            &[("x-mock-exchange", "error-overloaded")]
+        ),
+        529
+    );
+    assert_eq!(send("d-unknown", "tg-audit-nobody", MSG, &[]), 401);
+    assert_eq!(send("d-revoked", "tg-audit-revoked", MSG, &[]), 401);
+    assert_eq!(
+        send(
+            "d-model",
+            KEY,
+            r#"{"model":"o3-pro","max_tokens":5,"messages":[]}"#,
+            &[]
+        ),
+        403
+    );
+    assert_eq!(send("d-json", KEY, "{not json", &[]), 400);
+    assert_eq!(send("b-ok", OTHER, MSG, &[]), 200);
+    assert_eq!(send("d-rpm", OTHER, MSG, &[]), 429);
+
+    // A client that goes away mid-stream.
+    let addr = gw.base.trim_start_matches("http://").to_string();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":300,"stream":true,"messages":[]}"#;
+    write!(s, "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: {KEY}\r\nx-request-id: a-abort\r\nx-mock-delay-ms: 200\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut first = [0u8; 512];
+    let _ = s.read(&mut first).unwrap();
+    drop(s);
+
+    let expect = [
+        ("a-json", "allowed", "ok", 200),
+        ("a-stream", "allowed", "ok", 200),
+        ("a-cache", "allowed", "ok", 200),
+        ("a-529", "allowed", "ok", 529),
+        ("d-unknown", "denied", "unknown_key", 401),
+        ("d-revoked", "denied", "revoked_key", 401),
+        ("d-model", "denied", "model_not_allowed", 403),
+        ("d-json", "denied", "invalid_request", 400),
+        ("b-ok", "allowed", "ok", 200),
+        ("d-rpm", "denied", "rate_limited", 429),
+    ];
+    for (id, decision, reason, status) in expect {
+        let r = gw.audit_record(id);
+        assert_eq!(
+            (
+                r["decision"].as_str(),
+                r["reason"].as_str(),
+                r["status"].as_u64()
+            ),
+            (Some(decision), Some(reason), Some(status)),
+            "{id}: {r}"
+        );
+    }
+    let cache = gw.audit_record("a-cache");
+    assert_eq!(cache["tokens"]["cache_read"], 1207);
+    assert_eq!(
+        gw.audit_record("a-529")["tokens"]["output"],
+        serde_json::Value::Null,
+        "upstream error without usage"
+    );
+    // The aborted stream keeps its provisional record: identity, no completion.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let aborted = loop {
+        if let Some(r) = gw
+            .audit_records()
+            .into_iter()
+            .find(|r| r["request_id"] == "a-abort")
+        {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no record for the aborted stream"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        (
+            aborted["complete"].as_bool(),
+            aborted["stream"].as_bool(),
+            aborted["key_id"].as_str()
+        ),
+        (Some(false), Some(true), Some("alice"))
+    );
+
+    // Usage report totals equal what the mock provider reported, exactly.
+    let out = Command::new(tollgate_bin())
+        .args([
+            "usage", "--by", "team", "--since", "1h", "--format", "json", "--db",
+        ])
+        .arg(&gw.audit_db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let payments = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "payments")
+        .unwrap();
+    assert_eq!(payments["input_tokens"], 61 + 23 + 24, "{payments}");
+    assert_eq!(payments["output_tokens"], 74 + 118 + 61);
+    assert_eq!(payments["cache_read_tokens"], 1207);
+    assert_eq!(payments["denials"]["model_not_allowed"], 1);
+    let search = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "search")
+        .unwrap();
+    assert_eq!(
+        (
+            search["requests"].as_u64(),
+            search["denied"].as_u64(),
+            search["output_tokens"].as_u64()
+        ),
+        (Some(2), Some(1), Some(74))
+    );
+    let cost = payments["cost_usd"].as_f64().unwrap();
+    let want = (61.0 + 23.0 + 24.0) * 3e-6 + (74.0 + 118.0 + 61.0) * 15e-6 + 1207.0 * 0.3e-6;
+    assert!((cost - want).abs() < 1e-9, "cost {cost} want {want}");
+
+    // Prometheus metrics and the usage API from the collector.
+    let http = gw.collector_http.clone().unwrap();
+    let metrics = gw
+        .client()
+        .get(format!("{http}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(metrics.contains(r#"tollgate_requests_total{team="search",app="bot",agent="",model="claude-sonnet-4-5",decision="denied"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"tollgate_denials_total{reason="rate_limited"} 1"#));
+    assert!(metrics.contains("tollgate_collector_records_dropped_total 0"));
+    let api: serde_json::Value = gw
+        .client()
+        .get(format!("{http}/api/usage?by=team&since=1h"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        api["totals"]["output_tokens"],
+        report["totals"]["output_tokens"]
+    );
+    let bad = gw
+        .client()
+        .get(format!("{http}/api/usage?by=planet"))
+        .send()
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}
+
+fn collector(grpc: &str, http: &str, db: &std::path::Path) -> Child {
+    Command::new(tollgate_bin())
+        .args(["collector", "--listen", grpc, "--http", http, "--db"])
+        .arg(db)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+#[test]
+fn collector_restart_under_load_then_import_leaves_one_row_per_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let (grpc, http) = (free_port(), free_port());
+    let mut c = collector(&grpc, &http, &db);
+    std::thread::sleep(Duration::from_millis(500));
+    let gw = Gateway::start_with(
+        &audit_policy(),
+        Options {
+            external_collector: Some(grpc.clone()),
+            ..Options::default()
+        },
+    );
+
+    let mut sent = 0;
+    let started = Instant::now();
+    let mut restarted = false;
+    while started.elapsed() < Duration::from_secs(6) {
+        let status = gw
+            .post_with(
+                "/v1/messages",
+                &[
+                    ("x-api-key", KEY),
+                    ("x-request-id", &format!("steady-{sent}")),
+                ],
+                MSG,
+            )
+            .status();
+        assert_eq!(
+            status, 200,
+            "requests keep flowing while the collector is away"
+        );
+        sent += 1;
+        if !restarted && started.elapsed() > Duration::from_secs(2) {
+            c.kill().unwrap();
+            c.wait().unwrap();
+            std::thread::sleep(Duration::from_millis(1500));
+            c = collector(&grpc, &http, &db);
+            restarted = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    c.kill().unwrap();
+    c.wait().unwrap();
+
+    let out = Command::new(tollgate_bin())
+        .args(["audit", "import"])
+        .arg(&gw.audit_log)
+        .arg("--db")
+        .arg(&db)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("sent {sent}; {said}");
+    let out = Command::new(tollgate_bin())
+        .args(["audit", "tail", "--format", "json", "-n", "100000", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["complete"] == true)
+        .map(|r| r["request_id"].as_str().unwrap().to_string())
+        .collect();
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len(), "one row per request");
+    assert_eq!(
+        ids.len(),
+        sent,
+        "every request sent has exactly one complete record"
+    );
+    // Importing again changes nothing.
+    let out = Command::new(tollgate_bin())
+        .args(["audit", "import"])
+        .arg(&gw.audit_log)
+        .arg("--db")
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(", 0 new or completed,"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
