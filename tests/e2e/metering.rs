@@ -195,6 +195,7 @@ fn concurrent_clients_are_charged_exactly_what_the_provider_reported() {
         Options {
             mock_event_delay_ms: 1,
             concurrency: 2,
+            ..Options::default()
         },
     ));
     let per_client = 40;

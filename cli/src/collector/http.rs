@@ -50,16 +50,12 @@ fn error(status: StatusCode, msg: String) -> Response {
 }
 
 async fn usage(State(app): State<App>, Query(q): Query<HashMap<String, String>>) -> Response {
-    let by = match q.get("by").map(String::as_str).unwrap_or("team") {
-        s => match GroupBy::parse(s) {
-            Some(b) => b,
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("by={s}: use key, user, team, project, app, agent, model or day"),
-                )
-            }
-        },
+    let by_text = q.get("by").map(String::as_str).unwrap_or("team");
+    let Some(by) = GroupBy::parse(by_text) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("by={by_text}: use key, user, team, project, app, agent, model or day"),
+        );
     };
     let since = match parse_since(
         q.get("since").map(String::as_str).unwrap_or("7d"),

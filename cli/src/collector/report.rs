@@ -229,6 +229,7 @@ mod tests {
     use super::*;
     use tollgate_core::audit::{AuditRecord, Outcome, Reason, Tokens};
 
+    #[allow(clippy::too_many_arguments)]
     fn rec(
         id: &str,
         team: &str,
