@@ -15,7 +15,7 @@ export TOLLGATE_ENVOY := $(abspath $(ENVOY))
 export TOLLGATE_WASM  := $(abspath $(WASM))
 export TOLLGATE_BIN   := $(abspath $(TOLLGATE))
 
-.PHONY: help demo test build wasm cli envoy sdk wasm-target unit e2e lint fmt clean bench-policy
+.PHONY: help demo test build wasm cli envoy sdk chromium wasm-target unit e2e lint fmt clean bench-policy
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -23,7 +23,7 @@ help: ## Show this help
 demo: build envoy ## Build, start the gateway with the example policy and the mock provider, run a short tour (DEMO_EXIT=1 exits after it)
 	@scripts/demo.sh
 
-test: build envoy sdk lint ## Install what is needed, then run every unit and end-to-end test
+test: build envoy sdk chromium lint ## Install what is needed, then run every unit and end-to-end test
 	$(CARGO) test --workspace --no-fail-fast
 
 build: wasm cli ## Build tollgate.wasm and the tollgate CLI
@@ -56,6 +56,10 @@ $(VENV)/.sdk: tests/requirements.txt $(ENVOY)
 	@echo "==> installing the provider SDKs into $(VENV) (for end-to-end tests)"
 	@$(VENV)/bin/pip install --disable-pip-version-check -q -r tests/requirements.txt
 	@touch $@
+
+chromium: ## Install Debian's Chromium for the dashboard test (needs root, as on CI)
+	@command -v chromium >/dev/null || { echo "==> installing chromium (Debian) for the dashboard test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 unit: ## Unit tests only (no Envoy)
 	$(CARGO) test -p tollgate-core -p tollgate

@@ -339,3 +339,96 @@ fn collector_restart_under_load_then_import_leaves_one_row_per_request() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Renders the collector's dashboard in headless Chromium after real traffic
+/// and checks the real figures are on the page; the screenshot is kept in
+/// target/test-artifacts/dashboard.png.
+#[test]
+fn dashboard_shows_the_real_figures_in_a_browser() {
+    let chromium = std::env::var("TOLLGATE_CHROMIUM").unwrap_or_else(|_| "chromium".to_string());
+    let gw = Gateway::start(&audit_policy());
+    for i in 0..3 {
+        let r = gw.post_with(
+            "/v1/messages",
+            &[("x-api-key", KEY), ("x-request-id", &format!("dash-{i}"))],
+            MSG,
+        );
+        assert_eq!(r.status(), 200);
+    }
+    let r = gw.post_with(
+        "/v1/messages",
+        &[("x-api-key", OTHER), ("x-request-id", "dash-b1")],
+        MSG,
+    );
+    assert_eq!(r.status(), 200);
+    let r = gw.post_with(
+        "/v1/messages",
+        &[("x-api-key", OTHER), ("x-request-id", "dash-b2")],
+        MSG,
+    );
+    assert_eq!(r.status(), 429);
+    gw.audit_record("dash-b2");
+    gw.audit_record("dash-2");
+    let url = format!("{}/?since=1h", gw.collector_http.clone().unwrap());
+    let profile = tempfile::tempdir().unwrap();
+    let flags = |extra: &[&str]| {
+        let mut c = Command::new(&chromium);
+        c.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=5000",
+            "--window-size=1280,1100",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
+        .arg(&url);
+        c
+    };
+    let dom = flags(&["--dump-dom"])
+        .output()
+        .expect("running chromium (make chromium installs it)");
+    let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
+    assert!(
+        dom.contains(r#"data-loaded="true""#),
+        "dashboard did not load its data:\n{dom}"
+    );
+    // 3 x messages-basic for payments (61/74 tokens, $0.001293 each) and one for search.
+    assert!(dom.contains(r#"<b id="k-requests">5</b>"#), "{dom}");
+    assert!(dom.contains(r#"<b id="k-denied">1</b>"#));
+    assert!(
+        dom.contains(r#"<b id="k-tokens">540</b>"#),
+        "4 x (61 + 74) tokens"
+    );
+    assert!(dom.contains(r#"<b id="k-cost">$0.0052</b>"#));
+    assert!(
+        dom.contains(
+            r#"<tr data-name="payments"><td>payments</td><td>3</td><td>405</td><td>$0.0039</td>"#
+        ),
+        "{dom}"
+    );
+    assert!(dom.contains(r#"<tr data-name="rate_limited"><td>rate_limited</td><td>1</td>"#));
+    assert!(
+        dom.contains(r#"<tr data-name="bob"><td>bob</td><td>2</td><td>1</td>"#),
+        "keys with denials"
+    );
+
+    let artifacts =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = flags(&[&format!("--screenshot={}", shot.display())])
+        .output()
+        .unwrap();
+    assert!(
+        shot.exists(),
+        "no screenshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
