@@ -14,7 +14,7 @@
 //!    publish the final audit record (before Envoy's access loggers run).
 
 use crate::audit::{AuditRecord, Outcome, Reason, Tokens, SCHEMA_VERSION};
-use crate::host::{header, Decision, Host, LocalReply};
+use crate::host::{header, Decision, Host, LocalReply, Stat};
 use crate::meter::{self, Admission, BucketState, Clock, Demand, Denial, Metric};
 use crate::policy::{KeyRefusal, Policy, Price, UnknownRoutes};
 use crate::reply::{error_reply, ErrorKind};
@@ -413,6 +413,8 @@ impl RequestFlow {
                 self.audit.reason = Reason::Ok;
                 self.audit.complete = false;
                 host.set_audit_record(&self.audit.to_json());
+                host.stat(Stat::Decision(Reason::Ok), 1);
+                host.stat(Stat::ReservationsOutstanding, 1);
                 Decision::Continue
             }
             Err(Denial::Limited {
@@ -448,14 +450,17 @@ impl RequestFlow {
                 });
                 self.deny(host, kind, reason, msg, Some(retry), Some(bucket.label()))
             }
-            Err(Denial::Contention) => self.deny(
-                host,
-                ErrorKind::RateLimited,
-                Reason::StoreContention,
-                "rate limiter busy; retry shortly".to_string(),
-                Some(1),
-                None,
-            ),
+            Err(Denial::Contention) => {
+                host.stat(Stat::CasExhausted, 1);
+                self.deny(
+                    host,
+                    ErrorKind::RateLimited,
+                    Reason::StoreContention,
+                    "rate limiter busy; retry shortly".to_string(),
+                    Some(1),
+                    None,
+                )
+            }
         }
     }
 
@@ -498,6 +503,7 @@ impl RequestFlow {
         self.audit.complete = true;
         self.audit.latency_ms = Some(host.now_ms().saturating_sub(self.audit.timestamp_ms));
         host.set_audit_record(&self.audit.to_json());
+        host.stat(Stat::Decision(reason), 1);
         self.finished = true;
         Decision::Reply(reply)
     }
@@ -603,6 +609,7 @@ impl RequestFlow {
         let Some(admission) = self.admission.take() else {
             return;
         };
+        host.stat(Stat::ReservationsOutstanding, -1);
         let now = host.now_ms();
         self.audit.latency_ms = Some(now.saturating_sub(self.audit.timestamp_ms));
         let seen = match &self.response.sse {
@@ -657,6 +664,7 @@ impl RequestFlow {
             },
             // Success (or an abort) without readable usage: charge the reservation.
             None => {
+                host.stat(Stat::UsageUnreadable, 1);
                 self.audit.detail = Some(if self.response.encoded {
                     "response was compressed; charged the reservation".to_string()
                 } else {
@@ -679,6 +687,7 @@ impl RequestFlow {
             }
         };
         if meter::settle(host, &admission.reservations, &actual, self.clock(now)).is_err() {
+            host.stat(Stat::CasExhausted, 1);
             log::warn!(
                 "tollgate: settlement of {} hit shared-data contention",
                 self.audit.request_id

@@ -27,6 +27,39 @@ pub trait SharedStore {
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError>;
 }
 
+/// Counters and gauges the filter exports as Envoy stats
+/// (`wasmcustom.tollgate.*` on the admin `/stats` endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stat {
+    /// A decision by reason (`tollgate.decisions.rate_limited`, ...).
+    Decision(crate::audit::Reason),
+    /// Shared-data writes that lost a CAS race and were retried.
+    CasConflict,
+    /// Shared-data updates that gave up after the bounded CAS retries.
+    CasExhausted,
+    /// Responses whose usage could not be read (compressed, missing, cut).
+    UsageUnreadable,
+    /// Admitted requests not yet settled (gauge).
+    ReservationsOutstanding,
+}
+
+impl Stat {
+    /// The stat name; Envoy prefixes it with `wasmcustom.`.
+    pub fn name(self) -> String {
+        match self {
+            Stat::Decision(r) => format!("tollgate.decisions.{}", r.as_str()),
+            Stat::CasConflict => "tollgate.cas_conflicts".to_string(),
+            Stat::CasExhausted => "tollgate.cas_exhausted".to_string(),
+            Stat::UsageUnreadable => "tollgate.usage_unreadable".to_string(),
+            Stat::ReservationsOutstanding => "tollgate.reservations_outstanding".to_string(),
+        }
+    }
+
+    pub fn is_gauge(self) -> bool {
+        self == Stat::ReservationsOutstanding
+    }
+}
+
 /// Everything a request needs from its host besides shared data.
 pub trait Host: SharedStore {
     /// All request headers in one host call.
@@ -50,6 +83,8 @@ pub trait Host: SharedStore {
     /// Publishes the audit record as filter state (`wasm.tollgate_audit`),
     /// where Envoy's access loggers read it.
     fn set_audit_record(&mut self, record: &[u8]);
+    /// Adds `delta` to a counter or gauge.
+    fn stat(&mut self, stat: Stat, delta: i64);
     /// Wall-clock time in milliseconds since the Unix epoch. The core asks the
     /// host for the time once per phase and passes it down; nothing below the
     /// flow reads a clock.

@@ -96,6 +96,8 @@ pub struct FakeHost {
     pub response_chunk: Vec<u8>,
     /// Every audit record published, in order (JSON).
     pub audit: Vec<Vec<u8>>,
+    /// Stats as the filter would export them, by name.
+    pub stats: std::collections::BTreeMap<String, i64>,
     pub now_ms: u64,
 }
 
@@ -108,6 +110,7 @@ impl Default for FakeHost {
             response_headers: Vec::new(),
             response_chunk: Vec::new(),
             audit: Vec::new(),
+            stats: Default::default(),
             now_ms: 1_795_000_000_000,
         }
     }
@@ -227,6 +230,10 @@ impl Host for FakeHost {
 
     fn set_audit_record(&mut self, record: &[u8]) {
         self.audit.push(record.to_vec());
+    }
+
+    fn stat(&mut self, stat: crate::host::Stat, delta: i64) {
+        *self.stats.entry(stat.name()).or_default() += delta;
     }
 
     fn now_ms(&self) -> u64 {

@@ -2,9 +2,9 @@
 //! is turned into a core value here; nothing unwraps.
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MapType, Status};
+use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 use tollgate_core::flow::FilterOptions;
-use tollgate_core::host::{HeaderList, Host, LocalReply, SharedStore, StoreError};
+use tollgate_core::host::{HeaderList, Host, LocalReply, SharedStore, Stat, StoreError};
 use tollgate_core::reply::{error_reply, ErrorKind};
 use tollgate_core::route::Provider;
 
@@ -39,7 +39,12 @@ impl SharedStore for Hostcalls {
         let cas = if cas == 0 { None } else { Some(cas) };
         match hostcalls::set_shared_data(key, Some(value), cas) {
             Ok(()) => Ok(()),
-            Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
+            Err(Status::CasMismatch) => {
+                if let Some(id) = metric_id(Stat::CasConflict) {
+                    let _ = hostcalls::increment_metric(id, 1);
+                }
+                Err(StoreError::CasMismatch)
+            }
             Err(_) => Err(StoreError::Failed),
         }
     }
@@ -102,9 +107,38 @@ impl Host for Hostcalls {
         );
     }
 
+    fn stat(&mut self, stat: Stat, delta: i64) {
+        if let Some(id) = metric_id(stat) {
+            log_status("update stat", hostcalls::increment_metric(id, delta));
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.now()
     }
+}
+
+thread_local! {
+    /// Metric ids of this VM, defined on first use.
+    static METRICS: std::cell::RefCell<std::collections::HashMap<String, u32>> = Default::default();
+}
+
+fn metric_id(stat: Stat) -> Option<u32> {
+    let name = stat.name();
+    METRICS.with(|m| {
+        let mut m = m.borrow_mut();
+        if let Some(id) = m.get(&name) {
+            return Some(*id);
+        }
+        let kind = if stat.is_gauge() {
+            MetricType::Gauge
+        } else {
+            MetricType::Counter
+        };
+        let id = hostcalls::define_metric(kind, &name).ok()?;
+        m.insert(name, id);
+        Some(id)
+    })
 }
 
 /// VM configuration: deployment options, not policy. Empty means defaults.
