@@ -14,8 +14,10 @@ CARGO       := cargo
 export TOLLGATE_ENVOY := $(abspath $(ENVOY))
 export TOLLGATE_WASM  := $(abspath $(WASM))
 export TOLLGATE_BIN   := $(abspath $(TOLLGATE))
+# The PostgreSQL audit-store test's database (`make postgres` provides it).
+export TOLLGATE_PG_URL ?= postgres://tollgate:tollgate@127.0.0.1:5432/tollgate_test
 
-.PHONY: help demo test build wasm cli envoy sdk chromium wasm-target unit e2e lint fmt clean bench-policy
+.PHONY: help demo test build wasm cli envoy sdk chromium postgres wasm-target unit e2e lint fmt clean bench-policy
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -23,7 +25,7 @@ help: ## Show this help
 demo: build envoy ## Build, start the gateway with the example policy and the mock provider, run a short tour (DEMO_EXIT=1 exits after it)
 	@scripts/demo.sh
 
-test: build envoy sdk chromium lint ## Install what is needed, then run every unit and end-to-end test
+test: build envoy sdk chromium postgres lint ## Install what is needed, then run every unit and end-to-end test
 	$(CARGO) test --workspace --no-fail-fast
 
 build: wasm cli ## Build tollgate.wasm and the tollgate CLI
@@ -60,6 +62,16 @@ $(VENV)/.sdk: tests/requirements.txt $(ENVOY)
 chromium: ## Install Debian's Chromium for the dashboard test (needs root, as on CI)
 	@command -v chromium >/dev/null || { echo "==> installing chromium (Debian) for the dashboard test"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+postgres: ## Install and start Debian's PostgreSQL with a test database (needs root, as on CI)
+	@command -v pg_ctlcluster >/dev/null || { echo "==> installing postgresql (Debian) for the audit-store test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+	@v=$$(ls /usr/lib/postgresql | sort -n | tail -1); \
+	  pg_lsclusters -h | grep -q "^$$v main .* online" || pg_ctlcluster $$v main start
+	@runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_roles WHERE rolname='tollgate'" | grep -q 1 || \
+	  runuser -u postgres -- psql -qc "CREATE ROLE tollgate LOGIN PASSWORD 'tollgate'"
+	@runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_database WHERE datname='tollgate_test'" | grep -q 1 || \
+	  runuser -u postgres -- psql -qc "CREATE DATABASE tollgate_test OWNER tollgate"
 
 unit: ## Unit tests only (no Envoy)
 	$(CARGO) test -p tollgate-core -p tollgate

@@ -26,11 +26,13 @@ pub struct CollectorArgs {
 
 pub fn run(args: CollectorArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
+    // Opened before entering the runtime: the PostgreSQL client blocks on a
+    // runtime of its own, which tokio forbids inside an async context.
+    let store = AuditStore::open(&args.db)?;
+    if let Some(file) = &args.import {
+        import_at_start(&store, file);
+    }
     rt.block_on(async {
-        let store = AuditStore::open(&args.db)?;
-        if let Some(file) = &args.import {
-            import_at_start(&store, file);
-        }
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;

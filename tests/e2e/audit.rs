@@ -432,3 +432,117 @@ fn dashboard_shows_the_real_figures_in_a_browser() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The collector on PostgreSQL (a real server; `make postgres` starts it):
+/// records stored idempotently, usage report exact, import idempotent.
+#[test]
+fn collector_stores_in_postgresql_by_url() {
+    let url = std::env::var("TOLLGATE_PG_URL")
+        .expect("TOLLGATE_PG_URL (make test starts PostgreSQL and sets it)");
+    let team = format!("pg-{}", std::process::id());
+    let p = policy(
+        r#"{"models": ["claude-*"]}"#,
+        &[("pg-key", "tg-audit-pg", &format!(r#""team": "{team}""#))],
+    );
+    let (grpc, http) = (free_port(), free_port());
+    let mut c = Command::new(tollgate_bin())
+        .args([
+            "collector",
+            "--listen",
+            &grpc,
+            "--http",
+            &http,
+            "--db",
+            &url,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let gw = Gateway::start_with(
+        &p,
+        Options {
+            external_collector: Some(grpc.clone()),
+            ..Options::default()
+        },
+    );
+    for i in 0..3 {
+        let r = gw.post_with(
+            "/v1/messages",
+            &[
+                ("x-api-key", "tg-audit-pg"),
+                ("x-request-id", &format!("{team}-{i}")),
+            ],
+            MSG,
+        );
+        assert_eq!(r.status(), 200);
+        let _ = r.text();
+    }
+    let usage = || {
+        let out = Command::new(tollgate_bin())
+            .args([
+                "usage", "--by", "team", "--since", "1h", "--format", "json", "--db", &url,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == team.as_str())
+            .cloned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let row = loop {
+        if let Some(r) = usage().filter(|r| r["requests"] == 3) {
+            break r;
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            let out = c.wait_with_output().unwrap();
+            panic!(
+                "no PostgreSQL rows for {team}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(
+        (row["input_tokens"].as_u64(), row["output_tokens"].as_u64()),
+        (Some(3 * 61), Some(3 * 74))
+    );
+    let out = Command::new(tollgate_bin())
+        .args(["audit", "import"])
+        .arg(&gw.audit_log)
+        .args(["--db", &url])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(", 0 new or completed,"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = Command::new(tollgate_bin())
+        .args([
+            "audit", "tail", "--format", "json", "-n", "1000", "--db", &url,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains(&format!("\"request_id\":\"{team}-")))
+            .count(),
+        3
+    );
+    let _ = c.kill();
+    let _ = c.wait();
+}

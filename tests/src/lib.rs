@@ -105,6 +105,8 @@ impl Gateway {
             .args([
                 "--collector",
                 "127.0.0.1:0",
+                "--collector-http",
+                "127.0.0.1:0",
                 "--audit-flush-ms",
                 "100",
                 "--envoy-log-level",

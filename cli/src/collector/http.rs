@@ -81,21 +81,13 @@ fn escape(v: &str) -> String {
 async fn metrics(State(app): State<App>) -> Response {
     let store = app.store.clone();
     let rows = tokio::task::spawn_blocking(move || {
-        store.query(
+        store.rows(
             "SELECT COALESCE(team,''), COALESCE(app,''), COALESCE(agent,''), COALESCE(model_served, model_requested, ''),
-                    decision, reason, COUNT(*), COALESCE(SUM(input_tokens),0), COALESCE(SUM(output_tokens),0),
-                    COALESCE(SUM(cache_write_tokens),0), COALESCE(SUM(cache_read_tokens),0), COALESCE(SUM(cost_usd),0.0)
-             FROM audit WHERE timestamp_ms >= ?1 GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 7 DESC",
+                    decision, reason, COUNT(*), CAST(COALESCE(SUM(input_tokens),0) AS BIGINT),
+                    CAST(COALESCE(SUM(output_tokens),0) AS BIGINT), CAST(COALESCE(SUM(cache_write_tokens),0) AS BIGINT),
+                    CAST(COALESCE(SUM(cache_read_tokens),0) AS BIGINT), COALESCE(SUM(cost_usd),0)
+             FROM audit WHERE timestamp_ms >= $1 GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 7 DESC",
             0,
-            |r| {
-                Ok((
-                    [r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?],
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                    [r.get::<_, i64>(6)?, r.get::<_, i64>(7)?, r.get::<_, i64>(8)?, r.get::<_, i64>(9)?, r.get::<_, i64>(10)?],
-                    r.get::<_, f64>(11)?,
-                ))
-            },
         )
     })
     .await;
@@ -104,6 +96,15 @@ async fn metrics(State(app): State<App>) -> Response {
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
+    let rows = rows.into_iter().filter(|r| r.len() == 12).map(|r| {
+        (
+            [r[0].text(), r[1].text(), r[2].text(), r[3].text()],
+            r[4].text(),
+            r[5].text(),
+            [r[6].int(), r[7].int(), r[8].int(), r[9].int(), r[10].int()],
+            r[11].real(),
+        )
+    });
     // Bounded cardinality: the busiest MAX_SERIES values of each label keep
     // their name, the rest become "other".
     let mut seen: [HashMap<String, usize>; 4] = Default::default();

@@ -262,7 +262,7 @@ mod tests {
     #[tokio::test]
     async fn stores_streamed_entries_and_flushes_on_shutdown() {
         let dir = tempfile::tempdir().unwrap();
-        let store = AuditStore::open(&dir.path().join("a.db")).unwrap();
+        let store = AuditStore::open(dir.path().join("a.db")).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

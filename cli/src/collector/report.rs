@@ -23,16 +23,16 @@ pub enum GroupBy {
 }
 
 impl GroupBy {
-    fn sql(self) -> &'static str {
+    fn sql(self, store: &AuditStore) -> &'static str {
         match self {
             GroupBy::Key => "COALESCE(key_id, '(no key)')",
-            GroupBy::User => "COALESCE(user, '(none)')",
+            GroupBy::User => "COALESCE(\"user\", '(none)')",
             GroupBy::Team => "COALESCE(team, '(none)')",
             GroupBy::Project => "COALESCE(project, '(none)')",
             GroupBy::App => "COALESCE(app, '(none)')",
             GroupBy::Agent => "COALESCE(agent, '(none)')",
             GroupBy::Model => "COALESCE(model_served, model_requested, '(none)')",
-            GroupBy::Day => "date(timestamp_ms / 1000, 'unixepoch')",
+            GroupBy::Day => store.day_expr(),
         }
     }
 
@@ -87,44 +87,45 @@ pub fn parse_since(s: &str, now_ms: u64) -> Result<u64> {
 impl AuditStore {
     /// Aggregates complete and provisional records since `since_ms`.
     pub fn report(&self, by: GroupBy, since_ms: u64) -> Result<Report> {
+        // Portable SQL for SQLite and PostgreSQL: CASE sums, and BIGINT casts
+        // because PostgreSQL sums BIGINT columns into NUMERIC.
         let sql = format!(
-            "SELECT {g} AS name, COUNT(*), SUM(decision = 'allowed'), SUM(decision = 'denied'),
-                    COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0),
-                    COALESCE(SUM(cache_write_tokens), 0), COALESCE(SUM(cache_read_tokens), 0),
-                    COALESCE(SUM(cost_usd), 0.0)
-             FROM audit WHERE timestamp_ms >= ?1 GROUP BY name",
-            g = by.sql()
+            "SELECT {g} AS name, COUNT(*),
+                    SUM(CASE WHEN decision = 'allowed' THEN 1 ELSE 0 END),
+                    SUM(CASE WHEN decision = 'denied' THEN 1 ELSE 0 END),
+                    CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT), CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT),
+                    CAST(COALESCE(SUM(cache_write_tokens), 0) AS BIGINT), CAST(COALESCE(SUM(cache_read_tokens), 0) AS BIGINT),
+                    COALESCE(SUM(cost_usd), 0)
+             FROM audit WHERE timestamp_ms >= $1 GROUP BY 1",
+            g = by.sql(self)
         );
         let mut rows: BTreeMap<String, Row> = self
-            .query(&sql, since_ms, |r| {
-                Ok(Row {
-                    name: r.get(0)?,
-                    requests: r.get::<_, i64>(1)? as u64,
-                    allowed: r.get::<_, i64>(2)? as u64,
-                    denied: r.get::<_, i64>(3)? as u64,
-                    input_tokens: r.get::<_, i64>(4)? as u64,
-                    output_tokens: r.get::<_, i64>(5)? as u64,
-                    cache_write_tokens: r.get::<_, i64>(6)? as u64,
-                    cache_read_tokens: r.get::<_, i64>(7)? as u64,
-                    cost_usd: r.get(8)?,
-                    denials: BTreeMap::new(),
-                })
-            })?
+            .rows(&sql, since_ms as i64)?
             .into_iter()
-            .map(|r| (r.name.clone(), r))
+            .map(|r| {
+                let n = |i: usize| r.get(i).map(|c| c.int()).unwrap_or(0) as u64;
+                let row = Row {
+                    name: r.first().map(|c| c.text()).unwrap_or_default(),
+                    requests: n(1),
+                    allowed: n(2),
+                    denied: n(3),
+                    input_tokens: n(4),
+                    output_tokens: n(5),
+                    cache_write_tokens: n(6),
+                    cache_read_tokens: n(7),
+                    cost_usd: r.get(8).map(|c| c.real()).unwrap_or(0.0),
+                    denials: BTreeMap::new(),
+                };
+                (row.name.clone(), row)
+            })
             .collect();
         let sql = format!(
             "SELECT {g} AS name, reason, COUNT(*) FROM audit
-             WHERE timestamp_ms >= ?1 AND decision = 'denied' GROUP BY name, reason",
-            g = by.sql()
+             WHERE timestamp_ms >= $1 AND decision = 'denied' GROUP BY 1, 2",
+            g = by.sql(self)
         );
-        for (name, reason, n) in self.query(&sql, since_ms, |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })? {
+        for r in self.rows(&sql, since_ms as i64)? {
+            let (name, reason, n) = (r[0].text(), r[1].text(), r[2].int());
             if let Some(row) = rows.get_mut(&name) {
                 row.denials.insert(reason, n as u64);
             }
@@ -270,7 +271,7 @@ mod tests {
     #[test]
     fn groups_sums_and_counts_denials_by_reason() {
         let dir = tempfile::tempdir().unwrap();
-        let s = AuditStore::open(&dir.path().join("a.db")).unwrap();
+        let s = AuditStore::open(dir.path().join("a.db")).unwrap();
         let day = 86_400_000;
         s.insert_batch(&[
             rec("1", "payments", "m1", None, 10, 20, 0.5, 10 * day),

@@ -1,9 +1,11 @@
-//! The audit store: one row per request id in an embedded SQLite database.
-//! Inserts are idempotent, so replaying the gRPC stream or importing the
-//! file access log never duplicates a request.
+//! The audit store: one row per request id, in an embedded SQLite database
+//! by default or in PostgreSQL (`--db postgres://…`) for teams that outgrow
+//! one machine. Inserts are idempotent, so replaying the gRPC stream or
+//! importing the file access log never duplicates a request. Both backends
+//! run the same SQL (`$n` parameters, portable aggregates); only the day
+//! expression and the schema's key column differ.
 
 use anyhow::{Context, Result};
-use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tollgate_core::audit::AuditRecord;
@@ -20,17 +22,56 @@ pub struct ImportStats {
 }
 
 #[derive(Clone)]
-pub struct AuditStore {
-    conn: Arc<Mutex<Connection>>,
+enum Db {
+    Sqlite(Arc<Mutex<rusqlite::Connection>>),
+    Postgres(Arc<Mutex<postgres::Client>>),
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS audit (
-    request_id    TEXT PRIMARY KEY,
-    timestamp_ms  INTEGER NOT NULL,
+#[derive(Clone)]
+pub struct AuditStore {
+    db: Db,
+}
+
+/// One value of a query result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cell {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+}
+
+impl Cell {
+    pub fn int(&self) -> i64 {
+        match self {
+            Cell::Int(v) => *v,
+            Cell::Real(v) => *v as i64,
+            _ => 0,
+        }
+    }
+    pub fn real(&self) -> f64 {
+        match self {
+            Cell::Int(v) => *v as f64,
+            Cell::Real(v) => *v,
+            _ => 0.0,
+        }
+    }
+    pub fn text(&self) -> String {
+        match self {
+            Cell::Text(v) => v.clone(),
+            Cell::Int(v) => v.to_string(),
+            Cell::Real(v) => v.to_string(),
+            Cell::Null => String::new(),
+        }
+    }
+}
+
+const COLUMNS: &str = "
+    request_id    TEXT NOT NULL UNIQUE,
+    timestamp_ms  BIGINT NOT NULL,
     complete      INTEGER NOT NULL,
     key_id        TEXT,
-    user          TEXT,
+    \"user\"        TEXT,
     team          TEXT,
     project       TEXT,
     app           TEXT,
@@ -41,38 +82,115 @@ CREATE TABLE IF NOT EXISTS audit (
     decision      TEXT NOT NULL,
     reason        TEXT NOT NULL,
     status        INTEGER NOT NULL,
-    input_tokens  INTEGER,
-    output_tokens INTEGER,
-    cache_write_tokens INTEGER,
-    cache_read_tokens  INTEGER,
-    cost_usd      REAL,
-    record        TEXT NOT NULL
-);
+    input_tokens  BIGINT,
+    output_tokens BIGINT,
+    cache_write_tokens BIGINT,
+    cache_read_tokens  BIGINT,
+    cost_usd      DOUBLE PRECISION,
+    record        TEXT NOT NULL";
+
+const INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS audit_time ON audit(timestamp_ms);
-CREATE INDEX IF NOT EXISTS audit_key ON audit(key_id);
-";
+CREATE INDEX IF NOT EXISTS audit_key ON audit(key_id);";
+
+const UPSERT: &str = "INSERT INTO audit (request_id, timestamp_ms, complete, key_id, \"user\", team, project, app, agent,
+        route, model_requested, model_served, decision, reason, status,
+        input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_usd, record)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)
+     ON CONFLICT(request_id) DO UPDATE SET
+        timestamp_ms = excluded.timestamp_ms, complete = excluded.complete, key_id = excluded.key_id,
+        \"user\" = excluded.\"user\", team = excluded.team, project = excluded.project, app = excluded.app,
+        agent = excluded.agent, route = excluded.route, model_requested = excluded.model_requested,
+        model_served = excluded.model_served, decision = excluded.decision, reason = excluded.reason,
+        status = excluded.status, input_tokens = excluded.input_tokens,
+        output_tokens = excluded.output_tokens, cache_write_tokens = excluded.cache_write_tokens,
+        cache_read_tokens = excluded.cache_read_tokens, cost_usd = excluded.cost_usd,
+        record = excluded.record
+     WHERE audit.complete = 0 AND excluded.complete = 1";
+
+fn is_url(target: &str) -> bool {
+    target.starts_with("postgres://") || target.starts_with("postgresql://")
+}
+
+/// The row values of one record, in UPSERT order.
+struct RowValues {
+    ints: [Option<i64>; 7],
+    texts: [Option<String>; 13],
+    cost: Option<f64>,
+}
+
+fn values(r: &AuditRecord) -> Result<RowValues> {
+    let decision = serde_json::to_value(r.decision)?
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    Ok(RowValues {
+        ints: [
+            Some(r.timestamp_ms as i64),
+            Some(i64::from(r.complete)),
+            Some(i64::from(r.status)),
+            r.tokens.input.map(|v| v as i64),
+            r.tokens.output.map(|v| v as i64),
+            r.tokens.cache_write.map(|v| v as i64),
+            r.tokens.cache_read.map(|v| v as i64),
+        ],
+        texts: [
+            Some(r.request_id.clone()),
+            r.key_id.clone(),
+            r.user.clone(),
+            r.team.clone(),
+            r.project.clone(),
+            r.app.clone(),
+            r.agent.clone(),
+            Some(r.route.clone()),
+            r.model_requested.clone(),
+            r.model_served.clone(),
+            Some(decision),
+            Some(r.reason.as_str().to_string()),
+            Some(serde_json::to_string(r)?),
+        ],
+        cost: r.cost_usd,
+    })
+}
 
 impl AuditStore {
-    pub fn open(path: &Path) -> Result<AuditStore> {
-        if let Some(dir) = path.parent() {
+    /// Opens (creating if needed) the store at a SQLite path or a
+    /// `postgres://` URL.
+    pub fn open(target: impl AsRef<Path>) -> Result<AuditStore> {
+        let target = target.as_ref();
+        let text = target.to_string_lossy();
+        if is_url(&text) {
+            let mut client = postgres::Client::connect(&text, postgres::NoTls)
+                .with_context(|| format!("connecting to PostgreSQL {}", redact_url(&text)))?;
+            client.batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS audit (seq BIGSERIAL PRIMARY KEY, {COLUMNS});{INDEXES}"
+            ))?;
+            return Ok(AuditStore {
+                db: Db::Postgres(Arc::new(Mutex::new(client))),
+            });
+        }
+        if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let conn = Connection::open(path)
-            .with_context(|| format!("opening audit database {}", path.display()))?;
+        let conn = rusqlite::Connection::open(target)
+            .with_context(|| format!("opening audit database {}", target.display()))?;
         // WAL lets `tollgate audit tail` read while the collector writes.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, {COLUMNS});{INDEXES}"
+        ))?;
         Ok(AuditStore {
-            conn: Arc::new(Mutex::new(conn)),
+            db: Db::Sqlite(Arc::new(Mutex::new(conn))),
         })
     }
 
-    /// Opens an existing database for reading; a missing file is an error
+    /// Opens an existing store for reading; a missing SQLite file is an error
     /// that says how to create one.
-    pub fn open_existing(path: &Path) -> Result<AuditStore> {
-        if !path.exists() {
+    pub fn open_existing(target: impl AsRef<Path>) -> Result<AuditStore> {
+        let path = target.as_ref();
+        if !is_url(&path.to_string_lossy()) && !path.exists() {
             anyhow::bail!(
                 "no audit database at {} — start the gateway with `tollgate run` (or `tollgate collector --db {}`) first",
                 path.display(),
@@ -82,116 +200,153 @@ impl AuditStore {
         AuditStore::open(path)
     }
 
+    /// SQL for the UTC day of a record, per backend.
+    pub fn day_expr(&self) -> &'static str {
+        match self.db {
+            Db::Sqlite(_) => "date(timestamp_ms / 1000, 'unixepoch')",
+            Db::Postgres(_) => {
+                "to_char(to_timestamp(timestamp_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+            }
+        }
+    }
+
     /// Inserts records in one transaction. A complete record replaces a
     /// provisional one of the same request; nothing replaces a complete one.
     /// Returns how many rows were inserted or upgraded.
     pub fn insert_batch(&self, records: &[AuditRecord]) -> Result<usize> {
-        let mut conn = self
-            .conn
-            .lock()
-            .map_err(|_| anyhow::anyhow!("audit store lock poisoned"))?;
-        let tx = conn.transaction()?;
-        let mut changed = 0;
-        {
-            let mut stmt = tx.prepare_cached(
-                "INSERT INTO audit (request_id, timestamp_ms, complete, key_id, user, team, project, app, agent,
-                    route, model_requested, model_served, decision, reason, status,
-                    input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_usd, record)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)
-                 ON CONFLICT(request_id) DO UPDATE SET
-                    timestamp_ms = excluded.timestamp_ms, complete = excluded.complete, key_id = excluded.key_id,
-                    user = excluded.user, team = excluded.team, project = excluded.project, app = excluded.app,
-                    agent = excluded.agent, route = excluded.route, model_requested = excluded.model_requested,
-                    model_served = excluded.model_served, decision = excluded.decision, reason = excluded.reason,
-                    status = excluded.status, input_tokens = excluded.input_tokens,
-                    output_tokens = excluded.output_tokens, cache_write_tokens = excluded.cache_write_tokens,
-                    cache_read_tokens = excluded.cache_read_tokens, cost_usd = excluded.cost_usd,
-                    record = excluded.record
-                 WHERE audit.complete = 0 AND excluded.complete = 1",
-            )?;
-            for r in records {
-                let json = serde_json::to_string(r)?;
-                changed += stmt.execute(params![
-                    r.request_id,
-                    r.timestamp_ms as i64,
-                    r.complete,
-                    r.key_id,
-                    r.user,
-                    r.team,
-                    r.project,
-                    r.app,
-                    r.agent,
-                    r.route,
-                    r.model_requested,
-                    r.model_served,
-                    serde_json::to_value(r.decision)?
-                        .as_str()
-                        .unwrap_or_default(),
-                    r.reason.as_str(),
-                    r.status,
-                    r.tokens.input.map(|v| v as i64),
-                    r.tokens.output.map(|v| v as i64),
-                    r.tokens.cache_write.map(|v| v as i64),
-                    r.tokens.cache_read.map(|v| v as i64),
-                    r.cost_usd,
-                    json,
-                ])?;
+        let rows: Vec<RowValues> = records.iter().map(values).collect::<Result<_>>()?;
+        let mut changed = 0usize;
+        match &self.db {
+            Db::Sqlite(c) => {
+                let mut conn = c
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("audit store lock poisoned"))?;
+                let tx = conn.transaction()?;
+                {
+                    let mut stmt = tx.prepare_cached(UPSERT)?;
+                    for v in &rows {
+                        let [ts, complete, status, input, output, cw, cr] = &v.ints;
+                        let [id, key, user, team, project, app, agent, route, mreq, mserv, decision, reason, json] =
+                            &v.texts;
+                        changed += stmt.execute(rusqlite::params![
+                            id, ts, complete, key, user, team, project, app, agent, route, mreq,
+                            mserv, decision, reason, status, input, output, cw, cr, v.cost, json
+                        ])?;
+                    }
+                }
+                tx.commit()?;
+            }
+            Db::Postgres(c) => {
+                let mut client = c
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("audit store lock poisoned"))?;
+                let mut tx = client.transaction()?;
+                let stmt = tx.prepare(UPSERT)?;
+                for v in &rows {
+                    let [ts, complete, status, input, output, cw, cr] = &v.ints;
+                    let complete = complete.map(|c| c as i32);
+                    let status = status.map(|s| s as i32);
+                    let [id, key, user, team, project, app, agent, route, mreq, mserv, decision, reason, json] =
+                        &v.texts;
+                    changed += tx.execute(
+                        &stmt,
+                        &[
+                            id, ts, &complete, key, user, team, project, app, agent, route, mreq,
+                            mserv, decision, reason, &status, input, output, cw, cr, &v.cost, json,
+                        ],
+                    )? as usize;
+                }
+                tx.commit()?;
             }
         }
-        tx.commit()?;
         Ok(changed)
+    }
+
+    /// Runs a read query with one integer parameter (`$1`).
+    pub fn rows(&self, sql: &str, param: i64) -> Result<Vec<Vec<Cell>>> {
+        match &self.db {
+            Db::Sqlite(c) => {
+                let conn = c
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("audit store lock poisoned"))?;
+                let mut stmt = conn.prepare(sql)?;
+                let n = stmt.column_count();
+                let rows = stmt.query_map([param], |row| {
+                    (0..n)
+                        .map(|i| {
+                            Ok(match row.get_ref(i)? {
+                                rusqlite::types::ValueRef::Null => Cell::Null,
+                                rusqlite::types::ValueRef::Integer(v) => Cell::Int(v),
+                                rusqlite::types::ValueRef::Real(v) => Cell::Real(v),
+                                rusqlite::types::ValueRef::Text(t)
+                                | rusqlite::types::ValueRef::Blob(t) => {
+                                    Cell::Text(String::from_utf8_lossy(t).into_owned())
+                                }
+                            })
+                        })
+                        .collect::<rusqlite::Result<Vec<Cell>>>()
+                })?;
+                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            }
+            Db::Postgres(c) => {
+                let mut client = c
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("audit store lock poisoned"))?;
+                let mut out = Vec::new();
+                for row in client.query(sql, &[&param])? {
+                    let mut cells = Vec::with_capacity(row.len());
+                    for (i, col) in row.columns().iter().enumerate() {
+                        use postgres::types::Type;
+                        let t = col.type_();
+                        cells.push(if *t == Type::INT8 {
+                            row.get::<_, Option<i64>>(i).map_or(Cell::Null, Cell::Int)
+                        } else if *t == Type::INT4 {
+                            row.get::<_, Option<i32>>(i)
+                                .map_or(Cell::Null, |v| Cell::Int(v.into()))
+                        } else if *t == Type::FLOAT8 {
+                            row.get::<_, Option<f64>>(i).map_or(Cell::Null, Cell::Real)
+                        } else if *t == Type::NUMERIC {
+                            anyhow::bail!("query returns NUMERIC in column {i}: CAST it to BIGINT")
+                        } else {
+                            row.get::<_, Option<String>>(i)
+                                .map_or(Cell::Null, Cell::Text)
+                        });
+                    }
+                    out.push(cells);
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    fn records(&self, sql: &str, param: i64) -> Result<Vec<(i64, AuditRecord)>> {
+        self.rows(sql, param)?
+            .into_iter()
+            .map(|r| {
+                let seq = r.first().map(Cell::int).unwrap_or_default();
+                let json = r.get(1).map(Cell::text).unwrap_or_default();
+                Ok((seq, serde_json::from_str(&json)?))
+            })
+            .collect()
     }
 
     /// The newest `n` records, newest first.
     pub fn tail(&self, n: usize) -> Result<Vec<AuditRecord>> {
-        let conn = self
-            .conn
-            .lock()
-            .map_err(|_| anyhow::anyhow!("audit store lock poisoned"))?;
-        let mut stmt = conn
-            .prepare("SELECT record FROM audit ORDER BY timestamp_ms DESC, rowid DESC LIMIT ?1")?;
-        let rows = stmt.query_map([n as i64], |row| row.get::<_, String>(0))?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(serde_json::from_str(&row?)?);
-        }
-        Ok(out)
+        let rows = self.records(
+            "SELECT seq, record FROM audit ORDER BY timestamp_ms DESC, seq DESC LIMIT $1",
+            n as i64,
+        )?;
+        Ok(rows.into_iter().map(|(_, r)| r).collect())
     }
 
-    /// Records stored after `rowid`, oldest first, with the last rowid seen.
-    pub fn since(&self, rowid: i64) -> Result<(Vec<AuditRecord>, i64)> {
-        let conn = self
-            .conn
-            .lock()
-            .map_err(|_| anyhow::anyhow!("audit store lock poisoned"))?;
-        let mut stmt =
-            conn.prepare("SELECT rowid, record FROM audit WHERE rowid > ?1 ORDER BY rowid")?;
-        let rows = stmt.query_map([rowid], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
-        })?;
-        let (mut out, mut last) = (Vec::new(), rowid);
-        for row in rows {
-            let (id, json) = row?;
-            last = last.max(id);
-            out.push(serde_json::from_str(&json)?);
-        }
-        Ok((out, last))
-    }
-
-    /// Runs a read query with one integer parameter.
-    pub fn query<T>(
-        &self,
-        sql: &str,
-        param: u64,
-        map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-    ) -> Result<Vec<T>> {
-        let conn = self
-            .conn
-            .lock()
-            .map_err(|_| anyhow::anyhow!("audit store lock poisoned"))?;
-        let mut stmt = conn.prepare(sql)?;
-        let rows = stmt.query_map([param as i64], map)?;
-        Ok(rows.collect::<rusqlite::Result<Vec<T>>>()?)
+    /// Records stored after `seq`, oldest first, with the last seq seen.
+    pub fn since(&self, seq: i64) -> Result<(Vec<AuditRecord>, i64)> {
+        let rows = self.records(
+            "SELECT seq, record FROM audit WHERE seq > $1 ORDER BY seq",
+            seq,
+        )?;
+        let last = rows.iter().map(|(s, _)| *s).max().unwrap_or(seq);
+        Ok((rows.into_iter().map(|(_, r)| r).collect(), last))
     }
 
     /// Imports a JSON-lines audit log (Envoy's file access log): one record
@@ -224,30 +379,33 @@ impl AuditStore {
 
     #[cfg_attr(not(test), allow(dead_code))] // tests and future tools
     pub fn count(&self) -> Result<u64> {
-        let conn = self
-            .conn
-            .lock()
-            .map_err(|_| anyhow::anyhow!("audit store lock poisoned"))?;
-        Ok(conn.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get::<_, i64>(0))? as u64)
+        Ok(self
+            .rows("SELECT COUNT(*) FROM audit WHERE seq > $1", 0)?
+            .first()
+            .and_then(|r| r.first())
+            .map(Cell::int)
+            .unwrap_or(0) as u64)
     }
 
     #[cfg_attr(not(test), allow(dead_code))] // tests and future tools
     pub fn get(&self, request_id: &str) -> Result<Option<AuditRecord>> {
-        let conn = self
-            .conn
-            .lock()
-            .map_err(|_| anyhow::anyhow!("audit store lock poisoned"))?;
-        let json: Option<String> = conn
-            .query_row(
-                "SELECT record FROM audit WHERE request_id = ?1",
-                [request_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(match json {
-            Some(j) => Some(serde_json::from_str(&j)?),
-            None => None,
-        })
+        let all = self.records("SELECT seq, record FROM audit WHERE seq > $1", 0)?;
+        Ok(all
+            .into_iter()
+            .map(|(_, r)| r)
+            .find(|r| r.request_id == request_id))
+    }
+}
+
+/// A connection URL with its password replaced, for messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -269,7 +427,7 @@ mod tests {
     #[test]
     fn inserts_are_idempotent_by_request_id_and_complete_wins() {
         let dir = tempfile::tempdir().unwrap();
-        let store = AuditStore::open(&dir.path().join("a.db")).unwrap();
+        let store = AuditStore::open(dir.path().join("a.db")).unwrap();
         assert_eq!(store.insert_batch(&[record("r1", false)]).unwrap(), 1);
         assert_eq!(
             store.insert_batch(&[record("r1", false)]).unwrap(),
@@ -294,7 +452,7 @@ mod tests {
     #[test]
     fn tail_is_newest_first_and_keeps_the_whole_record() {
         let dir = tempfile::tempdir().unwrap();
-        let store = AuditStore::open(&dir.path().join("a.db")).unwrap();
+        let store = AuditStore::open(dir.path().join("a.db")).unwrap();
         let mut a = record("a", true);
         a.timestamp_ms = 1;
         a.decision = Outcome::Denied;

@@ -180,8 +180,14 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let (collector_addr, collector_http, collector_task) = match args.external_collector {
         Some(addr) => (addr, None, None),
         None => {
-            let store = AuditStore::open(&layout.audit_db())?;
-            crate::collector_cmd::import_at_start(&store, &layout.audit_log());
+            // On a blocking thread: store clients may block on a runtime of their own.
+            let (db, log) = (layout.audit_db(), layout.audit_log());
+            let store = tokio::task::spawn_blocking(move || -> Result<AuditStore> {
+                let store = AuditStore::open(&db)?;
+                crate::collector_cmd::import_at_start(&store, &log);
+                Ok(store)
+            })
+            .await??;
             let grpc = TcpListener::bind(args.collector)
                 .await
                 .with_context(|| format!("binding collector {}", args.collector))?;
