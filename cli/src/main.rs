@@ -7,6 +7,7 @@ mod collector_cmd;
 mod key_cmd;
 mod mock;
 mod mock_cmd;
+mod package;
 mod policy_cmd;
 mod run;
 mod usage_cmd;
@@ -40,6 +41,8 @@ enum Command {
     Policy(policy_cmd::PolicyArgs),
     /// Mint virtual keys.
     Key(key_cmd::KeyArgs),
+    /// Package tollgate.wasm as an OCI image (layout directory and tarball) for Istio and Envoy Gateway.
+    Package(package::PackageArgs),
     /// Usage report: requests, tokens by class, cost and denials by key, user, team, project, app, agent, model or day.
     Usage(usage_cmd::UsageArgs),
 }
@@ -54,6 +57,7 @@ fn main() {
         Command::Policy(args) => policy_cmd::run(args),
         Command::Key(args) => key_cmd::run(args),
         Command::Usage(args) => usage_cmd::run(args),
+        Command::Package(args) => package::run(args),
     };
     if let Err(e) = result {
         eprintln!("tollgate: {e:#}");
