@@ -98,6 +98,12 @@ impl RequestFlow {
         }
     }
 
+    /// Headers are held only when the deployment can (VM option) and the
+    /// policy does not say otherwise (Istio's WasmPlugin cannot hold).
+    fn holds_headers(&self) -> bool {
+        self.options.hold_request_headers && self.policy.settings.hold_request_headers
+    }
+
     fn provider(&self) -> Provider {
         self.route.provider()
     }
@@ -231,7 +237,7 @@ impl RequestFlow {
         // decision (Envoy's own 413, a client that goes away) is still
         // audited with its identity; the collector adds Envoy's status.
         host.set_audit_record(&self.audit.to_json());
-        if self.options.hold_request_headers {
+        if self.holds_headers() {
             Decision::Pause
         } else {
             Decision::Continue
@@ -386,7 +392,7 @@ impl RequestFlow {
         {
             return;
         }
-        if !self.options.hold_request_headers {
+        if !self.holds_headers() {
             return;
         }
         if let Some(new_body) = usage::inject::include_usage(body) {

@@ -45,10 +45,15 @@ pub struct RunArgs {
     /// Collector's HTTP listener: dashboard, /metrics, /api/usage.
     #[arg(long, default_value = "127.0.0.1:9613")]
     pub collector_http: SocketAddr,
-    /// Send audit records to a collector running elsewhere (`tollgate collector`)
-    /// instead of starting one in this process.
+    /// Send audit records to a collector running elsewhere (`tollgate collector`),
+    /// as HOST:PORT, instead of starting one in this process.
     #[arg(long)]
-    pub external_collector: Option<SocketAddr>,
+    pub external_collector: Option<String>,
+    /// Write the Envoy configuration (bootstrap, ECDS policy, SDS secrets, a copy of
+    /// the wasm) into --state-dir and exit, for an Envoy started elsewhere
+    /// (Docker Compose). Needs --external-collector.
+    #[arg(long)]
+    pub render_only: bool,
     /// Mock provider listener (with --upstream mock).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub mock_listen: SocketAddr,
@@ -158,12 +163,15 @@ async fn run_async(args: RunArgs) -> Result<()> {
             );
         }
     };
-    let wasm = std::fs::canonicalize(&args.wasm).with_context(|| {
+    let mut wasm = std::fs::canonicalize(&args.wasm).with_context(|| {
         format!(
             "filter module {} not found (build it with `make build`)",
             args.wasm.display()
         )
     })?;
+    if args.render_only && args.external_collector.is_none() {
+        bail!("--render-only needs --external-collector HOST:PORT (no collector runs in this process)");
+    }
     let envoy = envoy_binary(args.envoy.clone());
     std::fs::create_dir_all(&args.state_dir)?;
     let layout = Layout {
@@ -177,8 +185,19 @@ async fn run_async(args: RunArgs) -> Result<()> {
     // Collector first: Envoy connects to it as soon as it starts. The file
     // access log is imported at start so records the gRPC stream lost while
     // no collector listened are recovered.
-    let (collector_addr, collector_http, collector_task) = match args.external_collector {
-        Some(addr) => (addr, None, None),
+    let (collector_addr, collector_http, collector_task) = match &args.external_collector {
+        Some(addr) => {
+            let (host, port) = addr
+                .rsplit_once(':')
+                .and_then(|(h, p)| {
+                    Some((
+                        h.trim_matches(['[', ']']).to_string(),
+                        p.parse::<u16>().ok()?,
+                    ))
+                })
+                .with_context(|| format!("--external-collector {addr:?} must be HOST:PORT"))?;
+            ((host, port), None, None)
+        }
         None => {
             // On a blocking thread: store clients may block on a runtime of their own.
             let (db, log) = (layout.audit_db(), layout.audit_log());
@@ -194,7 +213,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
             let http = TcpListener::bind(args.collector_http)
                 .await
                 .with_context(|| format!("binding collector http {}", args.collector_http))?;
-            let addr = grpc.local_addr()?;
+            let local = grpc.local_addr()?;
+            let addr = (local.ip().to_string(), local.port());
             let http_addr = http.local_addr()?;
             let stats = std::sync::Arc::new(collector::Stats::default());
             tokio::spawn(collector::http::serve(
@@ -215,6 +235,9 @@ async fn run_async(args: RunArgs) -> Result<()> {
 
     let mut mock_addr = None;
     let (anthropic, openai) = if args.upstream.as_deref() == Some("mock") {
+        if args.render_only {
+            bail!("--render-only serves no mock provider: pass --upstream URL (e.g. http://mock:9612)");
+        }
         let listener = TcpListener::bind(args.mock_listen)
             .await
             .with_context(|| format!("binding mock provider {}", args.mock_listen))?;
@@ -271,6 +294,16 @@ async fn run_async(args: RunArgs) -> Result<()> {
         &render::secret("openai_api_key", &format!("Bearer {openai_key}"))?,
         0o600,
     )?;
+    if args.render_only {
+        // Envoy runs elsewhere with this directory mounted at the same path:
+        // reference a copy of the module that lives beside the config.
+        let copy = layout.dir.join("tollgate.wasm");
+        if copy != wasm {
+            std::fs::copy(&wasm, &copy)
+                .with_context(|| format!("copying the filter to {}", copy.display()))?;
+        }
+        wasm = copy;
+    }
     render::write_atomic(
         &layout.ecds(),
         &render::ecds(&policy_json, &wasm, true)?,
@@ -282,7 +315,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let gateway = Gateway {
         listen,
         admin_port: admin.port(),
-        collector: collector_addr,
+        collector: collector_addr.clone(),
         anthropic: anthropic.clone(),
         openai: openai.clone(),
         body_limit_bytes: args.body_limit,
@@ -295,6 +328,23 @@ async fn run_async(args: RunArgs) -> Result<()> {
         0o644,
     )?;
 
+    if args.render_only {
+        println!("Envoy configuration written to {}:", layout.dir.display());
+        println!("  bootstrap: {} (envoy -c)", layout.bootstrap().display());
+        println!(
+            "  policy:    {} (ECDS, watched: re-render to apply edits)",
+            layout.ecds().display()
+        );
+        println!(
+            "  secrets:   {} (mode 0600)",
+            layout.dir.join("secrets").display()
+        );
+        println!(
+            "  listener:  {listen}; audit to collector {}:{}",
+            gateway.collector.0, gateway.collector.1
+        );
+        return Ok(());
+    }
     let mut child = spawn_envoy(&envoy, &layout, args.concurrency, &args.envoy_log_level)?;
     let envoy_pid = child.id();
     if let Err(e) = wait_ready(&mut child, admin, listen, &layout).await {
@@ -306,7 +356,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
     let ready = Ready {
         listen: listen.to_string(),
         admin: admin.to_string(),
-        collector: collector_addr.to_string(),
+        collector: format!("{}:{}", collector_addr.0, collector_addr.1),
         collector_http: collector_http.map(|a| a.to_string()),
         mock: mock_addr.map(|a| a.to_string()),
         audit_db: layout.audit_db().display().to_string(),
@@ -339,14 +389,18 @@ async fn run_async(args: RunArgs) -> Result<()> {
     match collector_http {
         Some(http) => {
             println!(
-                "  audit:     collector {collector_addr} -> {} (`tollgate audit tail --db {}`)",
+                "  audit:     collector {}:{} -> {} (`tollgate audit tail --db {}`)",
+                collector_addr.0,
+                collector_addr.1,
                 layout.audit_db().display(),
                 layout.audit_db().display()
             );
             println!("  dashboard: http://{http}/  (metrics: http://{http}/metrics)");
         }
         None => println!(
-            "  audit:     external collector {collector_addr}; durable copy {}",
+            "  audit:     external collector {}:{}; durable copy {}",
+            collector_addr.0,
+            collector_addr.1,
             layout.audit_log().display()
         ),
     }

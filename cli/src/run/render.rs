@@ -110,7 +110,8 @@ impl Layout {
 pub struct Gateway {
     pub listen: std::net::SocketAddr,
     pub admin_port: u16,
-    pub collector: std::net::SocketAddr,
+    /// Collector host (IP or DNS name) and port.
+    pub collector: (String, u16),
     pub anthropic: Upstream,
     pub openai: Upstream,
     pub body_limit_bytes: u64,
@@ -180,8 +181,17 @@ pub fn bootstrap(gw: &Gateway, layout: &Layout) -> Result<String> {
             ("openai_address", q(&gw.openai.address)),
             ("openai_port", gw.openai.port.to_string()),
             ("openai_tls", tls_block(&gw.openai, &gw.ca_bundle)?),
-            ("collector_address", q(&gw.collector.ip().to_string())),
-            ("collector_port", gw.collector.port().to_string()),
+            ("collector_address", q(&gw.collector.0)),
+            ("collector_port", gw.collector.1.to_string()),
+            (
+                "collector_dns_type",
+                if gw.collector.0.parse::<std::net::IpAddr>().is_ok() {
+                    "STATIC"
+                } else {
+                    "STRICT_DNS"
+                }
+                .to_string(),
+            ),
         ],
     )
 }
@@ -271,7 +281,7 @@ mod tests {
         let gw = Gateway {
             listen: "127.0.0.1:8080".parse().unwrap(),
             admin_port: 9901,
-            collector: "127.0.0.1:9611".parse().unwrap(),
+            collector: ("127.0.0.1".to_string(), 9611),
             anthropic: Upstream::parse("https://api.anthropic.com").unwrap(),
             openai: Upstream::local(9612),
             body_limit_bytes: 1 << 25,

@@ -306,6 +306,7 @@ fn build(raw: RawPolicy) -> Policy {
             utc_offset_minutes: time::parse_offset_minutes(&time_zone).unwrap_or(0),
             time_zone,
             default_price: raw.settings.default_price.as_ref().map(price),
+            hold_request_headers: raw.settings.hold_request_headers.unwrap_or(true),
         },
     }
 }

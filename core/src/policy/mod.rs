@@ -108,6 +108,7 @@ pub struct Settings {
     pub utc_offset_minutes: i32,
     pub time_zone: String,
     pub default_price: Option<Price>,
+    pub hold_request_headers: bool,
 }
 
 impl Policy {

@@ -93,4 +93,8 @@ pub struct RawSettings {
     /// Price used for a model absent from `prices`; without it such models
     /// are denied when a money budget applies.
     pub default_price: Option<RawPrice>,
+    /// Whether request headers are held until the body decision. Needs
+    /// Envoy's `allow_on_headers_stop_iteration`; Istio's `WasmPlugin` cannot
+    /// set it, so policies rendered for Istio set this to false.
+    pub hold_request_headers: Option<bool>,
 }
