@@ -217,3 +217,31 @@ fn wait_for(gw: &Gateway, key: &str, status: u16) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn without_header_hold_a_denial_still_answers_and_nothing_completes_upstream() {
+    // Istio's WasmPlugin mode: headers go upstream before the body decision.
+    let p = base(false, 100_000).replacen(
+        "\"version\": 1,",
+        "\"version\": 1, \"settings\": {\"hold_request_headers\": false},",
+        1,
+    );
+    let gw = Gateway::start(&p);
+    let r = gw.post(
+        "/v1/messages",
+        Some(ALICE),
+        r#"{"model":"claude-opus-4-1","max_tokens":5,"messages":[]}"#,
+    );
+    assert_eq!(r.status(), 403);
+    let body: serde_json::Value = r.json().unwrap();
+    assert_eq!(body["error"]["type"], "permission_error");
+    assert!(
+        gw.mock_requests().is_empty(),
+        "the upstream request was reset before its body completed"
+    );
+    assert_eq!(
+        gw.post("/v1/messages", Some(ALICE), HAIKU).status(),
+        200,
+        "allowed requests flow"
+    );
+}

@@ -187,6 +187,11 @@ static SETTINGS: Ty = Ty::Object(&[
         &PRICE,
         "Price of models absent from \"prices\".",
     ),
+    field(
+        "hold_request_headers",
+        &BOOL,
+        "Hold request headers until the body decision (default true; false where the proxy cannot, e.g. Istio WasmPlugin).",
+    ),
 ]);
 
 pub static POLICY: Ty = Ty::Object(&[
