@@ -37,9 +37,12 @@ fn descriptor(media_type: &str, bytes: &[u8]) -> serde_json::Value {
     json!({ "mediaType": media_type, "digest": digest(bytes), "size": bytes.len() })
 }
 
-/// The blobs of the image: (digest, bytes) for config, layer and manifest,
-/// and the manifest's descriptor.
-pub fn image(wasm: &[u8], tag: &str) -> Result<(Vec<(String, Vec<u8>)>, serde_json::Value)> {
+/// A content-addressed blob: its digest and bytes.
+pub type Blob = (String, Vec<u8>);
+
+/// The blobs of the image (config, layer, manifest) and the manifest's
+/// descriptor.
+pub fn image(wasm: &[u8], tag: &str) -> Result<(Vec<Blob>, serde_json::Value)> {
     // Istio reads root_ids from the runtime config; Tollgate's root id is
     // "tollgate" (it must match the filter config's root_id).
     let config = serde_json::to_vec(
