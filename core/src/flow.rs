@@ -761,7 +761,10 @@ fn rate_limit_headers(
     now: u64,
 ) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    let remaining = |s: &BucketState| s.view.remaining.max(0.0).floor() as u64;
+    // One bucket as three headers: limit, remaining, reset.
+    let mut push =
+        |names: [String; 3], values: [String; 3]| out.extend(names.into_iter().zip(values));
+    let remaining = |s: &BucketState| s.view.remaining.max(0.0).floor().to_string();
     // Calendar quotas and budgets have no provider header; same shape, our
     // own prefix, on both route families.
     for (metric, name) in [
@@ -770,21 +773,21 @@ fn rate_limit_headers(
         (Metric::UsdPerMonth, "usd-per-month"),
     ] {
         if let Some(s) = meter::most_restrictive(states, metric) {
-            let left = s.view.remaining.max(0.0);
             let left = if metric == Metric::TokensPerDay {
-                left.floor().to_string()
+                remaining(s)
             } else {
-                format!("{left:.6}")
+                format!("{:.6}", s.view.remaining.max(0.0))
             };
-            out.push((
-                format!("tollgate-ratelimit-{name}-limit"),
-                trim_num(s.bucket.limit),
-            ));
-            out.push((format!("tollgate-ratelimit-{name}-remaining"), left));
-            out.push((
-                format!("tollgate-ratelimit-{name}-reset"),
-                format_rfc3339(s.view.reset_at),
-            ));
+            let names =
+                ["limit", "remaining", "reset"].map(|f| format!("tollgate-ratelimit-{name}-{f}"));
+            push(
+                names,
+                [
+                    trim_num(s.bucket.limit),
+                    left,
+                    format_rfc3339(s.view.reset_at),
+                ],
+            );
         }
     }
     match provider {
@@ -795,18 +798,16 @@ fn rate_limit_headers(
                 (Metric::OutputTokens, "output-tokens"),
             ] {
                 if let Some(s) = meter::most_restrictive(states, metric) {
-                    out.push((
-                        format!("anthropic-ratelimit-{name}-limit"),
-                        trim_num(s.bucket.limit),
-                    ));
-                    out.push((
-                        format!("anthropic-ratelimit-{name}-remaining"),
-                        remaining(s).to_string(),
-                    ));
-                    out.push((
-                        format!("anthropic-ratelimit-{name}-reset"),
-                        format_rfc3339(s.view.reset_at.max(now)),
-                    ));
+                    let names = ["limit", "remaining", "reset"]
+                        .map(|f| format!("anthropic-ratelimit-{name}-{f}"));
+                    push(
+                        names,
+                        [
+                            trim_num(s.bucket.limit),
+                            remaining(s),
+                            format_rfc3339(s.view.reset_at.max(now)),
+                        ],
+                    );
                 }
             }
         }
@@ -826,18 +827,16 @@ fn rate_limit_headers(
                 (tokens, "tokens"),
             ] {
                 if let Some(s) = s {
-                    out.push((
-                        format!("x-ratelimit-limit-{name}"),
-                        trim_num(s.bucket.limit),
-                    ));
-                    out.push((
-                        format!("x-ratelimit-remaining-{name}"),
-                        remaining(s).to_string(),
-                    ));
-                    out.push((
-                        format!("x-ratelimit-reset-{name}"),
-                        go_duration(s.view.reset_at.saturating_sub(now)),
-                    ));
+                    let names =
+                        ["limit", "remaining", "reset"].map(|f| format!("x-ratelimit-{f}-{name}"));
+                    push(
+                        names,
+                        [
+                            trim_num(s.bucket.limit),
+                            remaining(s),
+                            go_duration(s.view.reset_at.saturating_sub(now)),
+                        ],
+                    );
                 }
             }
         }
