@@ -17,7 +17,7 @@ export TOLLGATE_BIN   := $(abspath $(TOLLGATE))
 # The PostgreSQL audit-store test's database (`make postgres` provides it).
 export TOLLGATE_PG_URL ?= postgres://tollgate:tollgate@127.0.0.1:5432/tollgate_test
 
-.PHONY: help demo test build wasm cli envoy sdk chromium postgres wasm-target unit e2e lint fmt clean bench-policy
+.PHONY: bench help demo test build wasm cli envoy sdk chromium postgres wasm-target unit e2e lint fmt clean bench-policy
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -78,6 +78,14 @@ unit: ## Unit tests only (no Envoy)
 
 e2e: build envoy sdk ## End-to-end tests only (real Envoy)
 	$(CARGO) test -p tollgate-e2e
+
+bench: wasm envoy ## Overhead vs plain Envoy and a no-op wasm filter (S1-S5), one run; installs wrk
+	@command -v wrk >/dev/null || { echo "==> installing wrk (Debian)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	$(CARGO) build --release -p tollgate
+	$(CARGO) build --target $(WASM_TARGET) --profile wasm -p tollgate-bench-noop
+	@cp target/$(WASM_TARGET)/wasm/tollgate_bench_noop.wasm target/noop.wasm
+	@scripts/bench.py
+	@scripts/bench-policy.sh
 
 bench-policy: build envoy ## Policy scale: check time, load time, in-VM compile time and memory at 0/1k/10k/100k keys
 	@scripts/bench-policy.sh

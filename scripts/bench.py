@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""make bench: Tollgate's overhead against plain Envoy and a no-op wasm filter.
+
+One run, one machine, loopback, one mock provider and collector (from
+`tollgate run --upstream mock`), three Envoys from the same rendered
+bootstrap, one worker each:
+  none      no wasm filter
+  noop      a wasm filter whose callbacks all return Continue
+  tollgate  tollgate.wasm with a 10,000-key policy, audit on
+For each scenario and variant: Envoy CPU per request (from /proc, so the load
+tool's own limits do not distort it), throughput at saturation, p50/p99
+latency at low concurrency, time to first SSE byte, Envoy RSS; medians over
+several runs with their spread, and the ratios. Prints one table.
+"""
+import hashlib, http.client, json, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOLLGATE = os.environ.get("TOLLGATE_BENCH_BIN", os.path.join(ROOT, "target/release/tollgate"))
+ENVOY = os.environ.get("TOLLGATE_ENVOY", os.path.join(ROOT, ".venv/bin/envoy"))
+WASM = os.path.join(ROOT, "target/tollgate.wasm")
+NOOP = os.path.join(ROOT, "target/noop.wasm")
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "4"))
+TICK = os.sysconf("SC_CLK_TCK")
+work = tempfile.mkdtemp(prefix="tollgate-bench-")
+procs = []
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_mb(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_http(port, path="/ready", timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", path)
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"port {port} not ready")
+
+
+def policy(path):
+    keys = [{"id": f"key-{i}", "key_sha256": hashlib.sha256(f"tg-bench-{i}".encode()).hexdigest(), "team": f"team-{i % 50}"}
+            for i in range(10_000)]
+    keys.append({"id": "bench", "key_sha256": hashlib.sha256(b"tg-bench").hexdigest(), "team": "bench",
+                 "limits": {"requests_per_minute": 100_000_000, "input_tokens_per_minute": 1_000_000_000_000,
+                            "output_tokens_per_minute": 1_000_000_000_000}})
+    keys.append({"id": "limited", "key_sha256": hashlib.sha256(b"tg-bench-limited").hexdigest(),
+                 "limits": {"requests_per_minute": 1}})
+    json.dump({"version": 1, "defaults": {"models": ["claude-*", "gpt-*"]}, "keys": keys,
+               "prices": {"claude-*": {"input": 3, "output": 15}, "gpt-*": {"input": 0.15, "output": 0.6}}}, open(path, "w"))
+
+
+def start_gateway():
+    pol = os.path.join(work, "policy.json")
+    policy(pol)
+    state = os.path.join(work, "tollgate")
+    out = open(os.path.join(work, "tollgate.log"), "w")
+    p = subprocess.Popen([TOLLGATE, "run", "--policy", pol, "--upstream", "mock", "--listen", "127.0.0.1:0",
+                          "--admin", "127.0.0.1:0", "--collector", "127.0.0.1:0", "--collector-http", "127.0.0.1:0",
+                          "--state-dir", state, "--wasm", WASM, "--envoy", ENVOY, "--concurrency", "1",
+                          "--mock-event-delay-ms", "0", "--audit-flush-ms", "1000"], stdout=out, stderr=subprocess.STDOUT)
+    procs.append(p)
+    ready = os.path.join(state, "ready.json")
+    deadline = time.time() + 120
+    while not os.path.exists(ready):
+        if p.poll() is not None or time.time() > deadline:
+            raise SystemExit("tollgate run failed:\n" + open(os.path.join(work, "tollgate.log")).read())
+        time.sleep(0.1)
+    time.sleep(0.3)
+    return state, json.load(open(ready))
+
+
+def start_variant(name, state):
+    """Envoy from the same bootstrap: without the filter, or with the no-op."""
+    text = open(os.path.join(state, "envoy.yaml")).read()
+    listen, admin = free_port(), free_port()
+    text = re.sub(r"(admin:\n  address:\n    socket_address: \{ address: 127.0.0.1, port_value: )\d+", rf"\g<1>{admin}", text)
+    text = re.sub(r'(socket_address: \{ address: "127.0.0.1", port_value: )\d+( \}\n    # LLM)', rf"\g<1>{listen}\2", text)
+    text = text.replace(os.path.join(state, "audit.jsonl"), os.path.join(work, f"{name}-audit.jsonl"))
+    if name == "none":
+        start = text.index("          - name: tollgate\n")
+        end = text.index("          - name: inject_anthropic_key\n")
+        text = text[:start] + text[end:]
+    else:
+        ecds_dir = os.path.join(work, f"{name}-ecds")
+        os.makedirs(ecds_dir)
+        ecds = open(os.path.join(state, "ecds/tollgate.yaml")).read()
+        ecds = ecds.replace(WASM if WASM in ecds else os.path.realpath(WASM), NOOP).replace("vm_id: tollgate", "vm_id: noop")
+        open(os.path.join(ecds_dir, "tollgate.yaml"), "w").write(ecds)
+        text = text.replace(os.path.join(state, "ecds"), ecds_dir)
+    conf = os.path.join(work, f"{name}.yaml")
+    open(conf, "w").write(text)
+    p = subprocess.Popen([ENVOY, "-c", conf, "--concurrency", "1", "--disable-hot-restart", "--log-level", "warn"],
+                         stdout=open(os.path.join(work, f"{name}.log"), "w"), stderr=subprocess.STDOUT)
+    procs.append(p)
+    wait_http(admin)
+    return {"pid": p.pid, "listen": listen}
+
+
+LUA = """
+wrk.method = "POST"
+wrk.body = io.open(os.getenv("BENCH_BODY"), "rb"):read("*a")
+wrk.headers["content-type"] = "application/json"
+local key = os.getenv("BENCH_KEY")
+if os.getenv("BENCH_OPENAI") == "1" then wrk.headers["authorization"] = "Bearer " .. key else wrk.headers["x-api-key"] = key end
+local ex = os.getenv("BENCH_EXCHANGE")
+if ex ~= "" then wrk.headers["x-mock-exchange"] = ex end
+"""
+
+
+def bodies():
+    filler = ("Summarise the attached incident report and list the three most likely root causes. " * 200)
+    s1 = {"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": [{"role": "user", "content": filler[:16_000]}]}
+    s2 = {"model": "claude-sonnet-4-5", "max_tokens": 1024, "stream": True, "messages": [{"role": "user", "content": "Explain rate limiting."}]}
+    s3 = {"model": "gpt-4o-mini", "stream": True, "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": "Tell me a story."}]}
+    s5 = {"model": "claude-sonnet-4-5", "max_tokens": 256, "messages": [{"role": "user", "content": ("x" * 80 + " ") * 11_000}]}
+    out = {}
+    for name, b in [("s1", s1), ("s2", s2), ("s3", s3), ("s5", s5)]:
+        path = os.path.join(work, f"{name}.json")
+        json.dump(b, open(path, "w"))
+        out[name] = path
+    return out
+
+
+def scenarios(b):
+    return [
+        ("S1 messages 16 KB req / 1 KB resp", "/v1/messages", b["s1"], "tg-bench", "", False, 16),
+        ("S2 messages stream, 300 events", "/v1/messages", b["s2"], "tg-bench", "messages-stream-long", False, 16),
+        ("S3 chat stream with usage", "/v1/chat/completions", b["s3"], "tg-bench", "", True, 16),
+        ("S4 denied at the RPM bucket", "/v1/messages", b["s1"], "tg-bench-limited", "", False, 16),
+        ("S5 900 KB request", "/v1/messages", b["s5"], "tg-bench", "", False, 4),
+    ]
+
+
+def wrk(port, path, body, key, exchange, openai, conns, seconds):
+    env = dict(os.environ, BENCH_BODY=body, BENCH_KEY=key, BENCH_EXCHANGE=exchange, BENCH_OPENAI="1" if openai else "0")
+    lua = os.path.join(work, "post.lua")
+    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", lua, f"http://127.0.0.1:{port}{path}"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    n = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def ms(label):
+        m = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)\b", out)
+        v, unit = float(m.group(1)), m.group(2)
+        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+    return n, rps, ms("50"), ms("99")
+
+
+def ttfb(port, path, body, key, exchange, openai, n=15):
+    data = open(body, "rb").read()
+    times = []
+    for _ in range(n):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        h = {"content-type": "application/json", "x-mock-exchange": exchange} if exchange else {"content-type": "application/json"}
+        h["authorization" if openai else "x-api-key"] = ("Bearer " + key) if openai else key
+        t0 = time.perf_counter()
+        c.request("POST", path, data, h)
+        r = c.getresponse()
+        r.read(1)
+        times.append((time.perf_counter() - t0) * 1000)
+        r.read()
+        c.close()
+    return statistics.median(times)
+
+
+def med(xs):
+    return statistics.median(xs), (max(xs) - min(xs))
+
+
+def main():
+    open(os.path.join(work, "post.lua"), "w").write(LUA)
+    log(f"bench: working in {work}")
+    state, ready = start_gateway()
+    variants = {"tollgate": {"pid": ready["envoy_pid"], "listen": int(ready["listen"].rsplit(":", 1)[1])}}
+    variants["none"] = start_variant("none", state)
+    variants["noop"] = start_variant("noop", state)
+    b = bodies()
+    rows = []
+    for sc in scenarios(b):
+        name, path, body, key, exchange, openai, conns = sc
+        res = {}
+        for v in ["none", "noop", "tollgate"]:
+            pid, port = variants[v]["pid"], variants[v]["listen"]
+            wrk(port, path, body, key, exchange, openai, conns, 1)  # warm-up
+            cpu, rps, p50, p99 = [], [], [], []
+            for _ in range(RUNS):
+                c0 = cpu_seconds(pid)
+                n, r, _, _ = wrk(port, path, body, key, exchange, openai, conns, SECONDS)
+                cpu.append((cpu_seconds(pid) - c0) / n * 1e6)
+                rps.append(r)
+                _, _, a, z = wrk(port, path, body, key, exchange, openai, 2, 2)
+                p50.append(a)
+                p99.append(z)
+            t = ttfb(port, path, body, key, exchange, openai) if "stream" in name else None
+            res[v] = {"cpu": med(cpu), "rps": med(rps), "p50": med(p50), "p99": med(p99), "ttfb": t}
+            log(f"  {name:<36} {v:<9} cpu/req {res[v]['cpu'][0]:8.1f} us  rps {res[v]['rps'][0]:8.0f}  p50 {res[v]['p50'][0]:.2f} ms  p99 {res[v]['p99'][0]:.2f} ms" + (f"  ttfb {t:.2f} ms" if t else ""))
+        rows.append((name, res))
+    mem = {v: rss_mb(variants[v]["pid"]) for v in variants}
+    print(f"\nEnvoy 1.40, 1 worker each, {RUNS} runs x {SECONDS}s per cell, medians (spread = max - min)")
+    print(f"tollgate.wasm {os.path.getsize(WASM)} bytes; no-op wasm {os.path.getsize(NOOP)} bytes; policy 10,002 keys")
+    print(f"Envoy RSS after the run: none {mem['none']:.0f} MB, noop {mem['noop']:.0f} MB, tollgate {mem['tollgate']:.0f} MB\n")
+    hdr = f"{'scenario':<36} {'metric':<16} {'none':>14} {'noop':>14} {'tollgate':>14} {'tg/none':>8} {'tg/noop':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for name, res in rows:
+        for metric, label in [("cpu", "CPU us/req"), ("rps", "req/s"), ("p50", "p50 ms"), ("p99", "p99 ms")]:
+            vals = [res[v][metric] for v in ["none", "noop", "tollgate"]]
+            cells = " ".join(f"{m:8.2f} ±{s:<5.1f}" if m < 1000 else f"{m:8.0f} ±{s:<5.0f}" for m, s in vals)
+            print(f"{name:<36} {label:<16} {cells} {vals[2][0] / vals[0][0]:8.2f} {vals[2][0] / vals[1][0]:8.2f}")
+        if res["tollgate"]["ttfb"]:
+            t = [res[v]["ttfb"] for v in ["none", "noop", "tollgate"]]
+            print(f"{name:<36} {'first byte ms':<16} {t[0]:8.2f}       {t[1]:8.2f}       {t[2]:8.2f}       {t[2] / t[0]:8.2f} {t[2] / t[1]:8.2f}")
+        none, noop, tg = (res[v]["cpu"][0] for v in ["none", "noop", "tollgate"])
+        ratio = f"Tollgate adds {(tg - none) / (noop - none):.1f}x what the no-op adds" if noop - none > 2 else "no-op cost within noise: compare with S1"
+        print(f"{'':<36} {'added CPU us':<16} {'':>14} {noop - none:8.2f}       {tg - none:8.2f}       {ratio}")
+
+
+try:
+    main()
+finally:
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=10)
+        except Exception:
+            p.kill()
+    shutil.rmtree(work, ignore_errors=True)
