@@ -28,7 +28,7 @@ impl Route {
     /// Classifies a `:path` value; the query string is ignored.
     pub fn classify(path: &[u8]) -> Route {
         let path = match path.iter().position(|b| *b == b'?') {
-            Some(q) => &path[..q],
+            Some(q) => path.get(..q).unwrap_or(path),
             None => path,
         };
         let path = path.strip_suffix(b"/").unwrap_or(path);

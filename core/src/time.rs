@@ -93,7 +93,11 @@ pub fn parse_rfc3339(s: &str) -> Result<Millis, String> {
             }
             let frac = s.get(start..i.min(start + 3)).unwrap_or("0");
             let scale = [100, 10, 1];
-            ms += digits(frac, 0..frac.len()).unwrap_or(0) * scale[frac.len() - 1];
+            let unit = scale
+                .get(frac.len().saturating_sub(1))
+                .copied()
+                .unwrap_or(1);
+            ms += digits(frac, 0..frac.len()).unwrap_or(0) * unit;
         }
         match s.get(i..) {
             Some("Z" | "z") => {}

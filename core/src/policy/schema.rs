@@ -476,23 +476,23 @@ fn to_schema(ty: &Ty, doc: &str) -> Value {
                 .collect();
             let mut o =
                 json!({ "type": "object", "properties": props, "additionalProperties": false });
-            if !req.is_empty() {
-                o["required"] = json!(req);
+            if let (false, Some(m)) = (req.is_empty(), o.as_object_mut()) {
+                m.insert("required".into(), json!(req));
             }
             o
         }
         Ty::Map { key, value } => {
             let mut o = json!({ "type": "object", "additionalProperties": to_schema(value, "") });
-            if let Some(p) = leaf_schema(*key).get("pattern") {
-                o["propertyNames"] = json!({ "pattern": p });
+            if let (Some(p), Some(m)) = (leaf_schema(*key).get("pattern"), o.as_object_mut()) {
+                m.insert("propertyNames".into(), json!({ "pattern": p }));
             }
             o
         }
         Ty::Array(item) => json!({ "type": "array", "items": to_schema(item, "") }),
         Ty::Leaf(rule) => leaf_schema(*rule),
     };
-    if !doc.is_empty() {
-        s["description"] = json!(doc);
+    if let (false, Some(m)) = (doc.is_empty(), s.as_object_mut()) {
+        m.insert("description".into(), json!(doc));
     }
     s
 }

@@ -126,7 +126,12 @@ fn is_usage_only(event: &[u8]) -> bool {
         sse::Splitter::new().feed(&[event, b"\n\n"].concat(), |e| data = e.data.clone());
     }
     serde_json::from_slice::<serde_json::Value>(&data)
-        .map(|v| v["choices"].as_array().is_some_and(|c| c.is_empty()) && v["usage"].is_object())
+        .map(|v| {
+            v.get("choices")
+                .and_then(|c| c.as_array())
+                .is_some_and(|c| c.is_empty())
+                && v.get("usage").is_some_and(|u| u.is_object())
+        })
         .unwrap_or(false)
 }
 
