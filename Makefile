@@ -17,7 +17,7 @@ export TOLLGATE_BIN   := $(abspath $(TOLLGATE))
 # The PostgreSQL audit-store test's database (`make postgres` provides it).
 export TOLLGATE_PG_URL ?= postgres://tollgate:tollgate@127.0.0.1:5432/tollgate_test
 
-.PHONY: bench help demo test build wasm cli envoy sdk chromium postgres wasm-target unit e2e lint fmt clean bench-policy
+.PHONY: bench help demo test build wasm-trap wasm cli envoy sdk chromium postgres wasm-target unit e2e lint fmt clean bench-policy
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -25,7 +25,7 @@ help: ## Show this help
 demo: build envoy ## Build, start the gateway with the example policy and the mock provider, run a short tour (DEMO_EXIT=1 exits after it)
 	@scripts/demo.sh
 
-test: build envoy sdk chromium postgres lint ## Install what is needed, then run every unit and end-to-end test
+test: build wasm-trap envoy sdk chromium postgres lint ## Install what is needed, then run every unit and end-to-end test
 	$(CARGO) test --workspace --no-fail-fast
 
 build: wasm cli ## Build tollgate.wasm and the tollgate CLI
@@ -38,6 +38,10 @@ wasm: wasm-target ## Build the filter (target/tollgate.wasm)
 	$(CARGO) build --target $(WASM_TARGET) --profile wasm -p tollgate-filter
 	@cp target/$(WASM_TARGET)/wasm/tollgate_filter.wasm $(WASM)
 	@echo "    $(WASM): $$(stat -c %s $(WASM)) bytes"
+
+wasm-trap: wasm-target ## Test-only filter build that traps on request (for the failure-policy test)
+	$(CARGO) build --target $(WASM_TARGET) --profile wasm -p tollgate-filter --features test-trap --target-dir target/trap
+	@cp target/trap/$(WASM_TARGET)/wasm/tollgate_filter.wasm target/tollgate-trap.wasm
 
 cli: ## Build the tollgate CLI (collector, mock provider, run)
 	@echo "==> building the tollgate CLI"

@@ -132,6 +132,8 @@ fn act(decision: Decision) -> Action {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        #[cfg(feature = "test-trap")]
+        trap_if_asked();
         match &mut self.flow {
             Some(flow) => act(flow.on_request_headers(&mut Hostcalls, end_of_stream)),
             None => act(Decision::Reply(host::no_policy_reply())),
@@ -163,5 +165,17 @@ impl HttpContext for Http {
         if let Some(flow) = &mut self.flow {
             flow.on_end(&mut Hostcalls);
         }
+    }
+}
+
+/// Test-only (feature `test-trap`): trap the VM on demand.
+#[cfg(feature = "test-trap")]
+#[allow(clippy::panic)]
+fn trap_if_asked() {
+    if let Ok(Some(_)) = proxy_wasm::hostcalls::get_map_value(
+        proxy_wasm::types::MapType::HttpRequestHeaders,
+        "x-tollgate-test-trap",
+    ) {
+        panic!("test trap requested");
     }
 }

@@ -63,6 +63,8 @@ pub struct Options {
     pub concurrency: u32,
     /// Send audit records to this collector instead of an in-process one.
     pub external_collector: Option<String>,
+    /// Another filter build (the test-only trapping one).
+    pub wasm: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -71,6 +73,7 @@ impl Default for Options {
             mock_event_delay_ms: 5,
             concurrency: 2,
             external_collector: None,
+            wasm: None,
         }
     }
 }
@@ -121,7 +124,11 @@ impl Gateway {
             .arg("--state-dir")
             .arg(&state)
             .arg("--wasm")
-            .arg(artifact("TOLLGATE_WASM", "target/tollgate.wasm"))
+            .arg(
+                opts.wasm
+                    .clone()
+                    .unwrap_or_else(|| artifact("TOLLGATE_WASM", "target/tollgate.wasm")),
+            )
             .arg("--envoy")
             .arg(artifact("TOLLGATE_ENVOY", ".venv/bin/envoy"))
             .stdin(Stdio::null())
