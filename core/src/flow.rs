@@ -225,12 +225,14 @@ impl RequestFlow {
                     None,
                 );
             }
+            let buckets = self.buckets();
             return self.admit(
                 host,
                 Demand {
                     requests: 1.0,
                     ..Default::default()
                 },
+                &buckets,
             );
         }
         // Published now so that a request that never reaches the body
@@ -275,12 +277,14 @@ impl RequestFlow {
             return Decision::Pause;
         }
         if !self.route.is_llm() {
+            let buckets = self.buckets();
             return self.admit(
                 host,
                 Demand {
                     requests: 1.0,
                     ..Default::default()
                 },
+                &buckets,
             );
         }
         let body = host.request_body(body_size).unwrap_or_default();
@@ -329,7 +333,8 @@ impl RequestFlow {
             );
         }
 
-        let budgets = meter::buckets_for(&policy, key)
+        let buckets = self.buckets();
+        let budgets = buckets
             .iter()
             .any(|b| matches!(b.metric, Metric::UsdPerDay | Metric::UsdPerMonth));
         if budgets && policy.price(&model).is_none() && self.route != Route::AnthropicCountTokens {
@@ -374,7 +379,7 @@ impl RequestFlow {
         };
         self.audit.tokens.input_estimated = demand.input_tokens as u64;
         self.audit.tokens.output_reserved = demand.output_tokens as u64;
-        let decision = self.admit(host, demand);
+        let decision = self.admit(host, demand, &buckets);
         if decision == Decision::Continue {
             self.ask_for_stream_usage(host, &body);
         }
@@ -405,14 +410,25 @@ impl RequestFlow {
         }
     }
 
-    fn admit(&mut self, host: &mut impl Host, demand: Demand) -> Decision {
+    /// Every bucket the authenticated key touches (computed once per request).
+    fn buckets(&self) -> Vec<meter::Bucket> {
+        self.key
+            .and_then(|i| self.policy.key(i))
+            .map(|key| meter::buckets_for(&self.policy, key))
+            .unwrap_or_default()
+    }
+
+    fn admit(
+        &mut self,
+        host: &mut impl Host,
+        demand: Demand,
+        buckets: &[meter::Bucket],
+    ) -> Decision {
         let now = host.now_ms();
-        let policy = self.policy.clone();
-        let Some(key) = self.key.and_then(|i| policy.key(i)) else {
+        if self.key.is_none() {
             return Decision::Continue;
-        };
-        let buckets = meter::buckets_for(&policy, key);
-        match meter::admit(host, &buckets, &demand, self.clock(now)) {
+        }
+        match meter::admit(host, buckets, &demand, self.clock(now)) {
             Ok(admission) => {
                 self.admission = Some(admission);
                 self.audit.decision = Outcome::Allowed;
@@ -491,11 +507,7 @@ impl RequestFlow {
             (Some(admission), _) => admission.states.clone(),
             // Refused before admission (bad body, model): still tell a known
             // caller where their buckets stand.
-            (None, Some(key)) => meter::states(
-                host,
-                &meter::buckets_for(&self.policy, key),
-                self.clock(now),
-            ),
+            (None, Some(_)) => meter::states(host, &self.buckets(), self.clock(now)),
             (None, None) => Vec::new(),
         };
         reply

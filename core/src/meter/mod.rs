@@ -207,12 +207,7 @@ pub fn admit(
     let mut worst: Option<(usize, u64)> = None;
     for (i, b) in buckets.iter().enumerate() {
         let refill = b.metric.refill();
-        let current = refill.current(
-            store::read(store, &b.store_key()),
-            b.limit,
-            clock.now,
-            clock.utc_offset_min,
-        );
+        let current = current(store, b, clock);
         let amount = reserve_amount(b, demand);
         if amount > 0.0 && !refill.fits(current, b.limit, amount) {
             let wait = refill.wait_ms(current, b.limit, amount, clock.now, clock.utc_offset_min);
@@ -289,20 +284,26 @@ pub fn admit(
 pub fn states(store: &dyn SharedStore, buckets: &[Bucket], clock: Clock) -> Vec<BucketState> {
     buckets
         .iter()
-        .map(|b| {
-            let refill = b.metric.refill();
-            let current = refill.current(
-                store::read(store, &b.store_key()),
+        .map(|b| BucketState {
+            bucket: b.clone(),
+            view: b.metric.refill().view(
+                current(store, b, clock),
                 b.limit,
                 clock.now,
                 clock.utc_offset_min,
-            );
-            BucketState {
-                bucket: b.clone(),
-                view: refill.view(current, b.limit, clock.now, clock.utc_offset_min),
-            }
+            ),
         })
         .collect()
+}
+
+/// A bucket's stored cell brought up to `clock.now` (refilled, or a fresh window).
+fn current(store: &dyn SharedStore, b: &Bucket, clock: Clock) -> cell::Cell {
+    b.metric.refill().current(
+        store::read(store, &b.store_key()),
+        b.limit,
+        clock.now,
+        clock.utc_offset_min,
+    )
 }
 
 /// Gives every reservation back (a race lost at admission).
