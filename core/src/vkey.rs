@@ -21,9 +21,17 @@ pub enum Presented {
 /// Reads the virtual key from `x-api-key` or `Authorization: Bearer <key>`.
 /// Surrounding whitespace is trimmed; an empty value counts as missing.
 pub fn presented(headers: &HeaderList) -> Presented {
-    let api_key = header(headers, "x-api-key")
-        .map(trim)
+    // A header repeated with different values is as ambiguous as two
+    // different headers: refuse rather than pick one.
+    let mut api_keys = headers
+        .iter()
+        .filter(|(n, _)| n == "x-api-key")
+        .map(|(_, v)| trim(v))
         .filter(|v| !v.is_empty());
+    let api_key = api_keys.next();
+    if api_key.is_some_and(|first| api_keys.any(|other| other != first)) {
+        return Presented::Conflicting;
+    }
     let bearer = header(headers, "authorization")
         .map(trim)
         .and_then(|v| {
@@ -100,6 +108,14 @@ mod tests {
     #[test]
     fn empty_basic_or_conflicting_keys_are_not_keys() {
         assert_eq!(presented(&h(&[])), Presented::Missing);
+        assert_eq!(
+            presented(&h(&[("x-api-key", "tg-a"), ("x-api-key", "tg-b")])),
+            Presented::Conflicting
+        );
+        assert_eq!(
+            presented(&h(&[("x-api-key", "tg-a"), ("x-api-key", " tg-a")])),
+            Presented::Key(sha256(b"tg-a"))
+        );
         assert_eq!(presented(&h(&[("x-api-key", "  ")])), Presented::Missing);
         assert_eq!(
             presented(&h(&[("authorization", "Basic dXNlcg==")])),

@@ -112,6 +112,9 @@ pub async fn serve(
             "/__mock/exchanges",
             get(|State(s): State<AppState>| async move { Json(s.exchanges.as_ref().clone()) }),
         )
+        // Providers accept request bodies up to 32 MB (images, PDFs); axum's
+        // default limit is 2 MB.
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
