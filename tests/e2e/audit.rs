@@ -546,3 +546,62 @@ fn collector_stores_in_postgresql_by_url() {
     let _ = c.kill();
     let _ = c.wait();
 }
+
+#[test]
+fn collector_absent_at_start_loses_nothing_once_it_arrives_or_the_file_is_imported() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let (grpc, http) = (free_port(), free_port());
+    // Nothing listens on `grpc` yet.
+    let gw = Gateway::start_with(
+        &audit_policy(),
+        Options {
+            external_collector: Some(grpc.clone()),
+            ..Options::default()
+        },
+    );
+    for i in 0..10 {
+        let r = gw.post_with(
+            "/v1/messages",
+            &[("x-api-key", KEY), ("x-request-id", &format!("absent-{i}"))],
+            MSG,
+        );
+        assert_eq!(r.status(), 200, "requests flow without a collector");
+        let _ = r.text();
+    }
+    let mut c = collector(&grpc, &http, &db);
+    for i in 10..15 {
+        let r = gw.post_with(
+            "/v1/messages",
+            &[("x-api-key", KEY), ("x-request-id", &format!("absent-{i}"))],
+            MSG,
+        );
+        assert_eq!(r.status(), 200);
+        let _ = r.text();
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    c.kill().unwrap();
+    c.wait().unwrap();
+    let out = Command::new(tollgate_bin())
+        .args(["audit", "import"])
+        .arg(&gw.audit_log)
+        .arg("--db")
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(tollgate_bin())
+        .args(["audit", "tail", "--format", "json", "-n", "1000", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let complete = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("\"request_id\":\"absent-") && l.contains("\"complete\":true"))
+        .count();
+    assert_eq!(complete, 15, "every request has its complete record");
+}
