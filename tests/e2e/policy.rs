@@ -245,3 +245,52 @@ fn without_header_hold_a_denial_still_answers_and_nothing_completes_upstream() {
         "allowed requests flow"
     );
 }
+
+#[test]
+fn policy_reloaded_every_second_under_load_fails_no_request() {
+    let gw = Arc::new(Gateway::start(&base(false, 100_000)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (gw, stop, ok, failed) = (gw.clone(), stop.clone(), ok.clone(), failed.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = gw.post("/v1/messages", Some(ALICE), HAIKU);
+                    let good = r.status() == 200 && r.text().is_ok_and(|t| t.contains("\"usage\""));
+                    if good {
+                        ok.fetch_add(1, Ordering::Relaxed)
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    };
+                }
+            })
+        })
+        .collect();
+    // Six reloads, one a second, alternating two valid policies.
+    for i in 0..6 {
+        std::thread::sleep(Duration::from_millis(1000));
+        gw.write_policy(&base(i % 2 == 0, 100_000));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let reloads = gw.log("tollgate.out").matches("policy reloaded:").count();
+    eprintln!(
+        "{} ok, {} failed across {reloads} reloads",
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
+    assert!(
+        reloads >= 5,
+        "the policy was reloaded under load ({reloads} times)"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 50);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no request fails during reloads"
+    );
+}
