@@ -17,7 +17,7 @@ export TOLLGATE_BIN   := $(abspath $(TOLLGATE))
 # The PostgreSQL audit-store test's database (`make postgres` provides it).
 export TOLLGATE_PG_URL ?= postgres://tollgate:tollgate@127.0.0.1:5432/tollgate_test
 
-.PHONY: bench help demo test build wasm-trap wasm cli envoy sdk chromium postgres wasm-target unit e2e lint fmt clean bench-policy
+.PHONY: bench help demo test build wasm-trap fuzz fuzz-smoke wasm cli envoy sdk chromium postgres wasm-target unit e2e lint fmt clean bench-policy
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -25,7 +25,7 @@ help: ## Show this help
 demo: build envoy ## Build, start the gateway with the example policy and the mock provider, run a short tour (DEMO_EXIT=1 exits after it)
 	@scripts/demo.sh
 
-test: build wasm-trap envoy sdk chromium postgres lint ## Install what is needed, then run every unit and end-to-end test
+test: build wasm-trap envoy sdk chromium postgres lint fuzz-smoke ## Install what is needed, then run every unit and end-to-end test
 	$(CARGO) test --workspace --no-fail-fast
 
 build: wasm cli ## Build tollgate.wasm and the tollgate CLI
@@ -77,6 +77,23 @@ postgres: ## Install and start Debian's PostgreSQL with a test database (needs r
 	@runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_database WHERE datname='tollgate_test'" | grep -q 1 || \
 	  runuser -u postgres -- psql -qc "CREATE DATABASE tollgate_test OWNER tollgate"
 
+# Fuzzing: cargo-fuzz installed into the project (.tools), run on the
+# machine's stable toolchain with RUSTC_BOOTSTRAP=1 for the sanitizer flags.
+CARGO_FUZZ   := .tools/bin/cargo-fuzz
+FUZZ_TARGETS := estimate sse json_usage policy
+FUZZ_SECONDS ?= 600
+
+$(CARGO_FUZZ):
+	@echo "==> installing cargo-fuzz into .tools"
+	$(CARGO) install cargo-fuzz --locked --version 0.13.2 --root .tools
+
+fuzz: $(CARGO_FUZZ) ## Fuzz the estimator, SSE parser, usage parsers and policy compiler (FUZZ_SECONDS each, default 600)
+	@for t in $(FUZZ_TARGETS); do echo "==> fuzzing $$t for $(FUZZ_SECONDS)s"; \
+	  (cd fuzz && RUSTC_BOOTSTRAP=1 ../$(CARGO_FUZZ) run $$t -- -max_total_time=$(FUZZ_SECONDS)) || exit 1; done
+
+fuzz-smoke: ## Each fuzz target for 10 seconds (part of make test)
+	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=10
+
 unit: ## Unit tests only (no Envoy)
 	$(CARGO) test -p tollgate-core -p tollgate
 
@@ -104,4 +121,4 @@ fmt: ## Format the code
 	$(CARGO) fmt --all
 
 clean: ## Remove build output, the venv and local state
-	rm -rf target $(VENV) .tollgate
+	rm -rf target $(VENV) .tollgate .tools fuzz/target
