@@ -307,6 +307,14 @@ fn every_catalogued_bad_input_gets_its_documented_answer() {
             "message_stop",
         ),
     ];
+    let stream_body = br#"{"model":"claude-haiku-4-5","max_tokens":10,"stream":true}"#;
+    let mut cases = cases;
+    cases.extend([
+        ("SSE with garbage events between valid ones", post("/v1/messages", &format!("{}x-mock-exchange: messages-stream-garbage\r\nx-request-id: bi-garbage\r\n", key()), stream_body), 200, "msg_01Garbage"),
+        ("SSE truncated before its usage event", post("/v1/messages", &format!("{}x-mock-exchange: messages-stream-truncated\r\nx-request-id: bi-truncated\r\n", key()), stream_body), 200, "{\"type\":\"content_block_del"),
+        ("upstream 500 with a usage block", post("/v1/messages", &format!("{}x-mock-exchange: error-500-with-usage\r\nx-request-id: bi-500\r\n", key()), ok), 500, "api_error"),
+        ("upstream reset mid-stream", post("/v1/messages", &format!("{}x-mock-reset-after: 5\r\nx-request-id: bi-reset\r\n", key()), stream_body), 200, "message_start"),
+    ]);
     assert!(cases.len() >= 30, "the catalog has {} cases", cases.len());
     let mut failures = Vec::new();
     for (name, request, status, needle) in &cases {
@@ -325,6 +333,49 @@ fn every_catalogued_bad_input_gets_its_documented_answer() {
         cases.len(),
         failures.join("\n")
     );
+    // What each broken upstream answer was charged.
+    let tokens = |id: &str| {
+        let r = gw.audit_record(id);
+        (
+            r["tokens"]["input"].as_u64(),
+            r["tokens"]["output"].as_u64(),
+        )
+    };
+    assert_eq!(
+        tokens("bi-garbage"),
+        (Some(8), Some(9)),
+        "garbage events skipped, valid usage charged"
+    );
+    assert_eq!(
+        tokens("bi-truncated"),
+        (Some(8), Some(1)),
+        "a truncated stream charges what was seen"
+    );
+    assert_eq!(
+        tokens("bi-500"),
+        (Some(8), Some(4)),
+        "an error that reports usage is charged it"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let reset = loop {
+        if let Some(r) = gw
+            .audit_records()
+            .into_iter()
+            .find(|r| r["request_id"] == "bi-reset")
+        {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no record for the reset stream"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(
+        reset["complete"], false,
+        "an upstream reset leaves the record provisional: {reset}"
+    );
+    assert_eq!(reset["key_id"], "k");
     // After all of it the gateway still serves normally (no VM trapped).
     let (status, _) = raw(&gw, &post("/v1/messages", &key(), ok));
     assert_eq!(status, 200);

@@ -328,8 +328,14 @@ async fn provider(
         .header("content-type", ex.content_type.as_str())
         .header("request-id", request_id.as_str())
         .header("x-request-id", request_id.as_str());
+    // `x-mock-reset-after: N` aborts the stream after N events, as a provider
+    // connection dropping mid-answer would.
+    let reset_after = headers
+        .get("x-mock-reset-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
     let body = if ex.stream {
-        Body::from_stream(sse_chunks(text, delay, seq))
+        Body::from_stream(sse_chunks(text, delay, seq, reset_after))
     } else {
         Body::from(text)
     };
@@ -350,6 +356,7 @@ fn sse_chunks(
     text: String,
     delay_ms: u64,
     seed: u64,
+    reset_after: Option<usize>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
     let sep = if text.contains("\r\n\r\n") {
         "\r\n\r\n"
@@ -364,6 +371,14 @@ fn sse_chunks(
     tokio::spawn(async move {
         let mut i = 0;
         while i < events.len() {
+            if reset_after.is_some_and(|n| i >= n) {
+                let _ = tx
+                    .send(Err(std::io::Error::other(
+                        "mock provider: reset mid-stream",
+                    )))
+                    .await;
+                return;
+            }
             let mut chunk = events[i].clone();
             if i % 5 == 4 && i + 1 < events.len() {
                 i += 1;
