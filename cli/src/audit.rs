@@ -2,8 +2,9 @@
 
 use crate::collector::store::AuditStore;
 use anyhow::Result;
+use std::collections::HashSet;
 use std::path::PathBuf;
-use tollgate_core::audit::AuditRecord;
+use tollgate_core::audit::{AuditRecord, Outcome};
 use tollgate_core::time::format_rfc3339;
 
 #[derive(clap::Args, Debug)]
@@ -65,6 +66,9 @@ pub fn run(args: AuditArgs) -> Result<()> {
 
 fn tail(args: TailArgs) -> Result<()> {
     let store = AuditStore::open_existing(&args.db)?;
+    // Read before the newest rows: a record stored in between then shows up
+    // in both reads, once (skipped below), instead of in neither.
+    let mut last = store.last_seq()?;
     let mut records = store.tail(args.lines)?;
     records.reverse();
     if args.format == Format::Table {
@@ -76,60 +80,196 @@ fn tail(args: TailArgs) -> Result<()> {
     if !args.follow {
         return Ok(());
     }
-    let (_, mut last) = store.since(i64::MAX)?;
-    if last == i64::MAX {
-        last = store.since(0)?.1;
-    }
+    let mut shown: HashSet<String> = records.into_iter().map(|r| r.request_id).collect();
     loop {
         std::thread::sleep(std::time::Duration::from_millis(500));
         let (new, next) = store.since(last)?;
-        for r in &new {
+        for r in new.iter().filter(|r| !shown.contains(&r.request_id)) {
             print(r, args.format);
         }
+        // Only the first read can overlap the initial tail.
+        shown.clear();
         last = next;
     }
 }
 
+const WIDTHS: [usize; 11] = [20, 16, 20, 10, 22, 26, 24, 6, 7, 7, 9];
+
+/// Columns left-aligned except the numbers at the end (status onwards).
+fn line(cells: [&str; 11]) -> String {
+    let mut out = String::new();
+    for (i, (cell, width)) in cells.iter().zip(WIDTHS).enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        if i >= 7 {
+            out.push_str(&format!("{cell:>width$}"));
+        } else {
+            out.push_str(&format!("{cell:<width$}"));
+        }
+    }
+    out.trim_end().to_string()
+}
+
 fn header() -> String {
-    format!(
-        "{:<20} {:<16} {:<22} {:<10} {:<24} {:<26} {:>6} {:>7} {:>7} {:>9}",
-        "time", "key", "user", "team", "route", "model", "status", "input", "output", "cost"
-    )
+    line([
+        "time", "key", "user", "team", "route", "model", "decision", "status", "input", "output",
+        "cost",
+    ])
+}
+
+/// One table row. A record still provisional when Envoy logged it belongs to
+/// a request the client or upstream abandoned before the response ended.
+fn row(r: &AuditRecord) -> String {
+    let text = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_string());
+    let num = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+    let decision = match (r.decision, r.complete) {
+        (Outcome::Denied, _) => format!("denied {}", r.reason.as_str()),
+        (Outcome::Allowed, true) => "allowed".to_string(),
+        (Outcome::Allowed, false) => "aborted".to_string(),
+    };
+    let status = if r.status == 0 {
+        "-".to_string()
+    } else {
+        r.status.to_string()
+    };
+    // Before the provider reports usage, the estimate is all there is.
+    let input = r
+        .tokens
+        .input
+        .or(Some(r.tokens.input_estimated).filter(|v| *v > 0));
+    line([
+        &format_rfc3339(r.timestamp_ms),
+        &text(&r.key_id),
+        &text(&r.user),
+        &text(&r.team),
+        &r.route,
+        &text(&r.model_served.clone().or(r.model_requested.clone())),
+        &decision,
+        &status,
+        &num(input),
+        &num(r.tokens.output),
+        &r.cost_usd
+            .map_or_else(|| "-".to_string(), |c| format!("${c:.5}")),
+    ])
 }
 
 fn print(r: &AuditRecord, format: Format) {
     match format {
         Format::Json => println!("{}", serde_json::to_string(r).unwrap_or_default()),
-        Format::Table => {
-            let dash = || "-".to_string();
-            let model = r
-                .model_served
-                .clone()
-                .or(r.model_requested.clone())
-                .unwrap_or_else(dash);
-            let status = if r.decision == tollgate_core::audit::Outcome::Denied {
-                format!("{} {}", r.status, r.reason.as_str())
-            } else if !r.complete {
-                "in-flight/aborted".to_string()
-            } else {
-                r.status.to_string()
-            };
-            let n = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(dash);
-            println!(
-                "{:<20} {:<16} {:<22} {:<10} {:<24} {:<26} {:>6} {:>7} {:>7} {:>9}",
-                format_rfc3339(r.timestamp_ms),
-                r.key_id.clone().unwrap_or_else(dash),
-                r.user.clone().unwrap_or_else(dash),
-                r.team.clone().unwrap_or_else(dash),
-                r.route,
-                model,
-                status,
-                n(r.tokens
-                    .input
-                    .or(Some(r.tokens.input_estimated).filter(|v| *v > 0))),
-                n(r.tokens.output),
-                r.cost_usd.map(|c| format!("${c:.5}")).unwrap_or_else(dash)
-            );
+        Format::Table => println!("{}", row(r)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_core::audit::{Reason, Tokens};
+
+    fn parse(args: &[&str]) -> AuditArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            audit: AuditArgs,
         }
+        <Cli as clap::Parser>::try_parse_from(std::iter::once("audit").chain(args.iter().copied()))
+            .unwrap()
+            .audit
+    }
+
+    #[test]
+    fn audit_tail_defaults_and_flags() {
+        let AuditCommand::Tail(t) = parse(&["tail"]).command else {
+            unreachable!()
+        };
+        assert_eq!(t.db, PathBuf::from(".tollgate/audit.db"));
+        assert_eq!((t.lines, t.follow, t.format), (20, false, Format::Table));
+        let AuditCommand::Tail(t) = parse(&[
+            "tail", "-n", "5", "--follow", "--format", "json", "--db", "x.db",
+        ])
+        .command
+        else {
+            unreachable!()
+        };
+        assert_eq!(t.db, PathBuf::from("x.db"));
+        assert_eq!((t.lines, t.follow, t.format), (5, true, Format::Json));
+    }
+
+    #[test]
+    fn audit_tail_rows_show_identity_decision_tokens_and_cost() {
+        let served = AuditRecord {
+            request_id: "r1".into(),
+            timestamp_ms: 1_700_000_000_000,
+            complete: true,
+            key_id: Some("alice-laptop".into()),
+            user: Some("alice".into()),
+            team: Some("payments".into()),
+            route: "anthropic.messages".into(),
+            model_requested: Some("claude-sonnet-4-5".into()),
+            model_served: Some("claude-sonnet-4-5-20250929".into()),
+            status: 200,
+            tokens: Tokens {
+                input_estimated: 30,
+                input: Some(25),
+                output: Some(120),
+                ..Default::default()
+            },
+            cost_usd: Some(0.0021),
+            ..Default::default()
+        };
+        assert_eq!(
+            row(&served),
+            "2023-11-14T22:13:20Z alice-laptop     alice                payments   anthropic.messages     claude-sonnet-4-5-20250929 allowed                     200      25     120  $0.00210"
+        );
+        let denied = AuditRecord {
+            decision: Outcome::Denied,
+            reason: Reason::RateLimited,
+            status: 429,
+            model_served: None,
+            tokens: Tokens::default(),
+            cost_usd: None,
+            ..served.clone()
+        };
+        assert_eq!(
+            row(&denied),
+            "2023-11-14T22:13:20Z alice-laptop     alice                payments   anthropic.messages     claude-sonnet-4-5          denied rate_limited         429       -       -         -"
+        );
+        let aborted = AuditRecord {
+            complete: false,
+            status: 0,
+            key_id: None,
+            model_served: None,
+            tokens: Tokens {
+                input_estimated: 30,
+                ..Default::default()
+            },
+            cost_usd: None,
+            ..served.clone()
+        };
+        assert_eq!(
+            row(&aborted),
+            "2023-11-14T22:13:20Z -                alice                payments   anthropic.messages     claude-sonnet-4-5          aborted                       -      30       -         -"
+        );
+        assert_eq!(
+            header(),
+            "time                 key              user                 team       route                  model                      decision                 status   input  output      cost"
+        );
+    }
+
+    #[test]
+    fn audit_tail_on_a_missing_database_names_it_and_says_how_to_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("nothing-here.db");
+        let err = run(parse(&["tail", "--db", db.to_str().unwrap()]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "no audit database at {0} — start the gateway with `tollgate run` (or `tollgate collector --db {0}`) first",
+                db.display()
+            )
+        );
+        assert!(!db.exists(), "reading must not create the database");
     }
 }

@@ -18,12 +18,13 @@ use envoy_types::pb::envoy::service::accesslog::v3::{
     StreamAccessLogsMessage, StreamAccessLogsResponse,
 };
 use envoy_types::pb::google::protobuf::Any;
+use futures_util::FutureExt;
 use prost::Message;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use store::AuditStore;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tollgate_core::audit::{AuditRecord, Outcome, Reason, FILTER_STATE_KEY};
 
 /// Records waiting for the writer; past this, new ones are dropped (counted).
@@ -41,21 +42,31 @@ pub struct Stats {
     pub dropped: AtomicU64,
 }
 
-/// Unpacks the filter state value. Envoy wraps the wasm property (raw bytes)
-/// as `google.protobuf.BytesValue`; accept `StringValue` too, and an `Any`
-/// whose value is the JSON itself.
-fn unpack(any: &Any) -> Vec<u8> {
-    if any.type_url.ends_with("google.protobuf.BytesValue") {
-        if let Ok(v) = <Vec<u8> as Message>::decode(any.value.as_slice()) {
-            return v;
-        }
-    }
-    if any.type_url.ends_with("google.protobuf.StringValue") {
-        if let Ok(v) = <String as Message>::decode(any.value.as_slice()) {
-            return v.into_bytes();
-        }
-    }
-    any.value.clone()
+/// The audit record inside the filter state value. Envoy wraps a wasm
+/// property (raw bytes) as `google.protobuf.BytesValue`; a `StringValue`
+/// works too. A producer that put the JSON straight into the `Any` is
+/// accepted as well: JSON can happen to decode as a wrapper message (`{` reads
+/// as a protobuf group tag), so the raw value is tried whenever the
+/// unwrapped one is not a record. The error names the first attempt.
+fn record_from_any(any: &Any) -> Result<AuditRecord, String> {
+    let unwrapped = if any.type_url.ends_with("google.protobuf.BytesValue") {
+        <Vec<u8> as Message>::decode(any.value.as_slice()).ok()
+    } else if any.type_url.ends_with("google.protobuf.StringValue") {
+        <String as Message>::decode(any.value.as_slice())
+            .ok()
+            .map(String::into_bytes)
+    } else {
+        None
+    };
+    let first = match unwrapped {
+        Some(json) => match AuditRecord::from_json(&json) {
+            Ok(r) => return Ok(r),
+            Err(e) => Some(e),
+        },
+        None => None,
+    };
+    AuditRecord::from_json(&any.value)
+        .map_err(|raw| format!("invalid audit record: {}", first.unwrap_or(raw)))
 }
 
 /// The Tollgate records carried by one message; `Err` for an entry whose
@@ -77,11 +88,7 @@ pub fn records_from_message(msg: &StreamAccessLogsMessage) -> Vec<Result<AuditRe
                 .as_ref()
                 .and_then(|r| r.response_code)
                 .map(|c| c.value as u16);
-            Some(
-                AuditRecord::from_json(&unpack(any))
-                    .map(|r| with_envoy_status(r, code))
-                    .map_err(|e| format!("invalid audit record: {e}")),
-            )
+            Some(record_from_any(any).map(|r| with_envoy_status(r, code)))
         })
         .collect()
 }
@@ -110,6 +117,47 @@ pub fn with_envoy_status(mut r: AuditRecord, code: Option<u16>) -> AuditRecord {
 struct Service {
     queue: mpsc::Sender<AuditRecord>,
     stats: Arc<Stats>,
+    /// Becomes `true` when the collector shuts down.
+    stopping: watch::Receiver<bool>,
+}
+
+impl Service {
+    fn accept(&self, msg: &StreamAccessLogsMessage) {
+        let entries = match &msg.log_entries {
+            Some(LogEntries::HttpLogs(l)) => l.log_entry.len() as u64,
+            _ => 0,
+        };
+        self.stats.received.fetch_add(entries, Ordering::Relaxed);
+        let records = records_from_message(msg);
+        self.stats.without_record.fetch_add(
+            entries.saturating_sub(records.len() as u64),
+            Ordering::Relaxed,
+        );
+        for r in records {
+            match r {
+                Ok(record) => {
+                    if self.queue.try_send(record).is_err() {
+                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            "audit queue full: record dropped (the file access log keeps it)"
+                        );
+                    }
+                }
+                Err(e) => {
+                    self.stats.invalid.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once `stopping` turns `true`; never if its sender goes away
+/// without saying so.
+async fn stopped(mut stopping: watch::Receiver<bool>) {
+    if stopping.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 #[tonic::async_trait]
@@ -119,33 +167,26 @@ impl AccessLogService for Service {
         request: tonic::Request<tonic::Streaming<StreamAccessLogsMessage>>,
     ) -> Result<tonic::Response<StreamAccessLogsResponse>, tonic::Status> {
         let mut stream = request.into_inner();
-        while let Some(msg) = stream.message().await? {
-            let entries = match &msg.log_entries {
-                Some(LogEntries::HttpLogs(l)) => l.log_entry.len() as u64,
-                _ => 0,
-            };
-            self.stats.received.fetch_add(entries, Ordering::Relaxed);
-            let records = records_from_message(&msg);
-            self.stats.without_record.fetch_add(
-                entries.saturating_sub(records.len() as u64),
-                Ordering::Relaxed,
-            );
-            for r in records {
-                match r {
-                    Ok(record) => {
-                        if self.queue.try_send(record).is_err() {
-                            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(
-                                "audit queue full: record dropped (the file access log keeps it)"
-                            );
-                        }
-                    }
-                    Err(e) => {
-                        self.stats.invalid.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!("{e}");
-                    }
-                }
+        // Envoy keeps one stream per worker open for the life of the process
+        // and never half-closes it, so graceful shutdown (which waits for open
+        // streams) would wait forever: on shutdown the server ends the stream
+        // itself. Envoy reopens it on its next flush.
+        let stop = stopped(self.stopping.clone());
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut stop => break,
+                msg = stream.message() => match msg? {
+                    Some(msg) => self.accept(&msg),
+                    None => return Ok(tonic::Response::new(StreamAccessLogsResponse {})),
+                },
             }
+        }
+        // Keep what has already arrived; anything Envoy writes after this is
+        // lost, as on any stream reset (the file access log has it).
+        while let Some(Ok(Some(msg))) = stream.message().now_or_never() {
+            self.accept(&msg);
         }
         Ok(tonic::Response::new(StreamAccessLogsResponse {}))
     }
@@ -177,12 +218,22 @@ pub async fn serve_with_stats(
 ) -> Result<()> {
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
     let writer = tokio::spawn(write_loop(rx, store, stats.clone()));
-    let service = Service { queue: tx, stats };
+    let (stop_tx, stopping) = watch::channel(false);
+    let service = Service {
+        queue: tx,
+        stats,
+        stopping,
+    };
     tonic::transport::Server::builder()
         .add_service(AccessLogServiceServer::new(service))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
+            async move {
+                shutdown.await;
+                // Tell open streams too: tonic only stops accepting and
+                // waits for them.
+                let _ = stop_tx.send(true);
+            },
         )
         .await?;
     // The server (and with it the last sender) is gone: the writer drains
@@ -253,10 +304,50 @@ mod tests {
         assert_eq!(out.len(), 3);
         assert_eq!(out[0].as_ref().unwrap().request_id, "b");
         assert_eq!(out[1].as_ref().unwrap().request_id, "s");
-        assert!(out[2]
-            .as_ref()
-            .unwrap_err()
-            .starts_with("invalid audit record: "));
+        assert_eq!(
+            out[2].as_ref().unwrap_err(),
+            "invalid audit record: key must be a string at line 1 column 2"
+        );
+    }
+
+    #[test]
+    fn accepts_an_any_whose_value_is_the_json_itself() {
+        let raw = |type_url: &str| Any {
+            type_url: type_url.into(),
+            value: json("raw").into_bytes(),
+        };
+        let out = records_from_message(&message(vec![
+            entry(Some(raw(""))),
+            entry(Some(raw("type.googleapis.com/google.protobuf.BytesValue"))),
+            entry(Some(raw("type.googleapis.com/google.protobuf.StringValue"))),
+        ]));
+        let ids: Vec<_> = out
+            .iter()
+            .map(|r| r.as_ref().map(|r| r.request_id.as_str()))
+            .collect();
+        assert_eq!(ids, [Ok("raw"), Ok("raw"), Ok("raw")]);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking_envoy() {
+        let (queue, mut rx) = mpsc::channel(1);
+        let (_stop, stopping) = watch::channel(false);
+        let service = Service {
+            queue,
+            stats: Arc::new(Stats::default()),
+            stopping,
+        };
+        service.accept(&message(vec![
+            entry(Some(bytes_value(&json("kept")))),
+            entry(Some(bytes_value(&json("lost1")))),
+            entry(None),
+            entry(Some(bytes_value(&json("lost2")))),
+        ]));
+        let stats = &service.stats;
+        assert_eq!(stats.received.load(Ordering::Relaxed), 4);
+        assert_eq!(stats.without_record.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(rx.try_recv().unwrap().request_id, "kept");
     }
 
     #[tokio::test]
@@ -296,5 +387,47 @@ mod tests {
         assert_eq!(stats.received.load(Ordering::Relaxed), 4);
         assert_eq!(stats.without_record.load(Ordering::Relaxed), 1);
         assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_a_stream_envoy_keeps_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(dir.path().join("a.db")).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let stats = Arc::new(Stats::default());
+        let server = tokio::spawn(serve_with_stats(
+            listener,
+            store.clone(),
+            stats.clone(),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let mut client = AccessLogServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(message(vec![entry(Some(bytes_value(&json("open"))))]))
+            .await
+            .unwrap();
+        let call = tokio::spawn(async move {
+            client
+                .stream_access_logs(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        while stats.received.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let _ = stop_tx.send(());
+        tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .expect("serve returned while the stream was open")
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.count().unwrap(), 1);
+        drop(tx);
+        let _ = call.await;
     }
 }

@@ -21,6 +21,12 @@ pub struct ImportStats {
     pub invalid: usize,
 }
 
+/// The one parameter (`$1`) of a read query.
+enum Param<'a> {
+    Int(i64),
+    Text(&'a str),
+}
+
 #[derive(Clone)]
 enum Db {
     Sqlite(Arc<Mutex<rusqlite::Connection>>),
@@ -264,6 +270,10 @@ impl AuditStore {
 
     /// Runs a read query with one integer parameter (`$1`).
     pub fn rows(&self, sql: &str, param: i64) -> Result<Vec<Vec<Cell>>> {
+        self.query(sql, Param::Int(param))
+    }
+
+    fn query(&self, sql: &str, param: Param<'_>) -> Result<Vec<Vec<Cell>>> {
         match &self.db {
             Db::Sqlite(c) => {
                 let conn = c
@@ -271,6 +281,10 @@ impl AuditStore {
                     .map_err(|_| anyhow::anyhow!("audit store lock poisoned"))?;
                 let mut stmt = conn.prepare(sql)?;
                 let n = stmt.column_count();
+                let param: &dyn rusqlite::ToSql = match &param {
+                    Param::Int(v) => v,
+                    Param::Text(v) => v,
+                };
                 let rows = stmt.query_map([param], |row| {
                     (0..n)
                         .map(|i| {
@@ -292,8 +306,12 @@ impl AuditStore {
                 let mut client = c
                     .lock()
                     .map_err(|_| anyhow::anyhow!("audit store lock poisoned"))?;
+                let param: &(dyn postgres::types::ToSql + Sync) = match &param {
+                    Param::Int(v) => v,
+                    Param::Text(v) => v,
+                };
                 let mut out = Vec::new();
-                for row in client.query(sql, &[&param])? {
+                for row in client.query(sql, &[param])? {
                     let mut cells = Vec::with_capacity(row.len());
                     for (i, col) in row.columns().iter().enumerate() {
                         use postgres::types::Type;
@@ -319,8 +337,8 @@ impl AuditStore {
         }
     }
 
-    fn records(&self, sql: &str, param: i64) -> Result<Vec<(i64, AuditRecord)>> {
-        self.rows(sql, param)?
+    fn records(&self, sql: &str, param: Param<'_>) -> Result<Vec<(i64, AuditRecord)>> {
+        self.query(sql, param)?
             .into_iter()
             .map(|r| {
                 let seq = r.first().map(Cell::int).unwrap_or_default();
@@ -334,7 +352,7 @@ impl AuditStore {
     pub fn tail(&self, n: usize) -> Result<Vec<AuditRecord>> {
         let rows = self.records(
             "SELECT seq, record FROM audit ORDER BY timestamp_ms DESC, seq DESC LIMIT $1",
-            n as i64,
+            Param::Int(i64::try_from(n).unwrap_or(i64::MAX)),
         )?;
         Ok(rows.into_iter().map(|(_, r)| r).collect())
     }
@@ -343,10 +361,21 @@ impl AuditStore {
     pub fn since(&self, seq: i64) -> Result<(Vec<AuditRecord>, i64)> {
         let rows = self.records(
             "SELECT seq, record FROM audit WHERE seq > $1 ORDER BY seq",
-            seq,
+            Param::Int(seq),
         )?;
         let last = rows.iter().map(|(s, _)| *s).max().unwrap_or(seq);
         Ok((rows.into_iter().map(|(_, r)| r).collect(), last))
+    }
+
+    /// The position of the newest stored row (0 when empty), for reading
+    /// only what arrives after it with [`AuditStore::since`].
+    pub fn last_seq(&self) -> Result<i64> {
+        Ok(self
+            .rows("SELECT COALESCE(MAX(seq), $1) FROM audit", 0)?
+            .first()
+            .and_then(|r| r.first())
+            .map(Cell::int)
+            .unwrap_or(0))
     }
 
     /// Imports a JSON-lines audit log (Envoy's file access log): one record
@@ -389,11 +418,11 @@ impl AuditStore {
 
     #[cfg_attr(not(test), allow(dead_code))] // tests and future tools
     pub fn get(&self, request_id: &str) -> Result<Option<AuditRecord>> {
-        let all = self.records("SELECT seq, record FROM audit WHERE seq > $1", 0)?;
-        Ok(all
-            .into_iter()
-            .map(|(_, r)| r)
-            .find(|r| r.request_id == request_id))
+        let rows = self.records(
+            "SELECT seq, record FROM audit WHERE request_id = $1",
+            Param::Text(request_id),
+        )?;
+        Ok(rows.into_iter().next().map(|(_, r)| r))
     }
 }
 
@@ -466,6 +495,72 @@ mod tests {
             ["b", "a"]
         );
         assert_eq!(t[1], a);
+    }
+
+    #[test]
+    fn get_finds_one_request_and_since_reads_only_newer_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(dir.path().join("a.db")).unwrap();
+        assert_eq!(store.last_seq().unwrap(), 0);
+        store
+            .insert_batch(&[record("a", true), record("b", true)])
+            .unwrap();
+        let last = store.last_seq().unwrap();
+        store.insert_batch(&[record("c", false)]).unwrap();
+        assert_eq!(store.get("c").unwrap().unwrap(), record("c", false));
+        assert_eq!(store.get("nope").unwrap(), None);
+        let (new, next) = store.since(last).unwrap();
+        assert_eq!(
+            new.iter()
+                .map(|r| r.request_id.as_str())
+                .collect::<Vec<_>>(),
+            ["c"]
+        );
+        assert_eq!(next, store.last_seq().unwrap());
+        assert_eq!(store.since(next).unwrap(), (vec![], next));
+    }
+
+    #[test]
+    fn columns_hold_what_usage_reports_aggregate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(dir.path().join("a.db")).unwrap();
+        let mut r = record("r1", true);
+        r.key_id = Some("alice-laptop".into());
+        r.user = Some("alice".into());
+        r.team = Some("payments".into());
+        r.model_served = Some("claude-sonnet-4-5".into());
+        r.tokens.input = Some(25);
+        r.tokens.output = Some(120);
+        r.tokens.cache_read = Some(1000);
+        r.cost_usd = Some(0.5);
+        store.insert_batch(&[r]).unwrap();
+        let rows = store
+            .rows(
+                "SELECT key_id, \"user\", team, model_served, decision, reason, status,
+                        input_tokens, output_tokens, cache_write_tokens, cache_read_tokens,
+                        cost_usd, complete
+                 FROM audit WHERE timestamp_ms >= $1",
+                0,
+            )
+            .unwrap();
+        assert_eq!(
+            rows,
+            [vec![
+                Cell::Text("alice-laptop".into()),
+                Cell::Text("alice".into()),
+                Cell::Text("payments".into()),
+                Cell::Text("claude-sonnet-4-5".into()),
+                Cell::Text("allowed".into()),
+                Cell::Text("ok".into()),
+                Cell::Int(200),
+                Cell::Int(25),
+                Cell::Int(120),
+                Cell::Null,
+                Cell::Int(1000),
+                Cell::Real(0.5),
+                Cell::Int(1),
+            ]]
+        );
     }
 
     #[test]
