@@ -411,8 +411,10 @@ async fn run_async(args: RunArgs) -> Result<()> {
     println!("Press Ctrl-C to stop.");
 
     let result = supervise(&mut child, &args.policy, &policy_json, &wasm, &layout).await;
-    let _ = stop_tx.send(true);
+    // Envoy first: its last access-log entries still reach the collector,
+    // which then ends the streams and saves its queue.
     stop_envoy(&mut child).await;
+    let _ = stop_tx.send(true);
     if let Some(task) = collector_task {
         match tokio::time::timeout(Duration::from_secs(10), task).await {
             Ok(Ok(Ok(()))) => {}
