@@ -6,6 +6,7 @@
 
 use super::Usage;
 use serde::Deserialize;
+use std::borrow::Cow;
 
 #[derive(Deserialize, Default)]
 struct RawUsage {
@@ -15,17 +16,19 @@ struct RawUsage {
     cache_read_input_tokens: Option<u64>,
 }
 
+// Strings are `Cow` so that a value with a JSON escape (which cannot be
+// borrowed from the input) does not make the whole event unreadable.
 #[derive(Deserialize)]
 struct Message<'a> {
     #[serde(borrow)]
-    model: Option<&'a str>,
+    model: Option<Cow<'a, str>>,
     usage: Option<RawUsage>,
 }
 
 #[derive(Deserialize)]
 struct StreamEvent<'a> {
     #[serde(rename = "type", borrow)]
-    kind: &'a str,
+    kind: Cow<'a, str>,
     #[serde(borrow)]
     message: Option<Message<'a>>,
     usage: Option<RawUsage>,
@@ -50,7 +53,7 @@ pub fn json(body: &[u8]) -> Option<(Usage, Option<String>)> {
     let m: Message = serde_json::from_slice(body).ok()?;
     let mut usage = Usage::default();
     merge(&mut usage, m.usage.as_ref()?);
-    Some((usage, m.model.map(str::to_string)))
+    Some((usage, m.model.map(Cow::into_owned)))
 }
 
 /// Applies one stream event's data; returns whether it carried usage.
@@ -58,11 +61,17 @@ pub fn stream_event(data: &[u8], usage: &mut Option<Usage>, model: &mut Option<S
     let Ok(e) = serde_json::from_slice::<StreamEvent>(data) else {
         return false;
     };
-    let raw = match e.kind {
+    let raw = match e.kind.as_ref() {
+        // `message_start` names the model and carries the input counts (and
+        // an output count of 1 or so, replaced by the first `message_delta`).
         "message_start" => e.message.and_then(|m| {
-            *model = m.model.map(str::to_string);
+            if let Some(m) = m.model {
+                *model = Some(m.into_owned());
+            }
             m.usage
         }),
+        // Cumulative: each one replaces the counts it names; a mid-stream
+        // `error` simply leaves the last counts seen.
         "message_delta" => e.usage,
         _ => None,
     };

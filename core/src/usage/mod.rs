@@ -109,10 +109,17 @@ impl StreamUsage {
             &mut self.errored,
         );
         self.splitter.feed(chunk, |event| {
-            if event.name == "error" {
+            // Anthropic and the Responses API name their error events;
+            // Chat Completions sends an unnamed `data: {"error": ...}`.
+            if event.name == "error" || starts_with_error_object(&event.data) {
                 *errored = true;
             }
-            if !contains(&event.data, b"\"usage\"") {
+            // Content deltas are most of a stream: only events that carry a
+            // usage object are parsed, plus the first one naming the model
+            // (a stream without usage still says which model served it).
+            let wanted = has_usage_object(&event.data)
+                || (model.is_none() && contains(&event.data, b"\"model\""));
+            if !wanted {
                 return;
             }
             match provider {
@@ -129,10 +136,42 @@ impl StreamUsage {
     pub fn model(&self) -> Option<&str> {
         self.model.as_deref()
     }
+
+    /// Events dropped because they passed [`sse::MAX_EVENT_BYTES`].
+    pub fn dropped_events(&self) -> u64 {
+        self.splitter.dropped
+    }
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Whether `"usage"` appears as a key whose value is an object. Chat chunks
+/// of a stream with `include_usage` carry `"usage":null` on every content
+/// chunk, and the Responses API's `response.created` / `in_progress` events
+/// carry `"usage":null` too; neither is worth a JSON parse. A `"usage"`
+/// inside generated text is escaped (`\"usage\"`) and never matches.
+fn has_usage_object(data: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut rest = data;
+    while let Some(i) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        rest = rest.get(i + KEY.len()..).unwrap_or_default();
+        let mut after = rest.iter().filter(|b| !b.is_ascii_whitespace());
+        if after.next() == Some(&b':') && after.next() == Some(&b'{') {
+            return true;
+        }
+    }
+    false
+}
+
+fn starts_with_error_object(data: &[u8]) -> bool {
+    let start = data
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .and_then(|i| data.get(i..))
+        .unwrap_or_default();
+    start.starts_with(b"{\"error\"")
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 
 use super::Usage;
 use serde::Deserialize;
+use std::borrow::Cow;
 
 #[derive(Deserialize, Default)]
 struct Details {
@@ -47,16 +48,18 @@ impl RawUsage {
 #[derive(Deserialize)]
 struct Body<'a> {
     #[serde(borrow)]
-    model: Option<&'a str>,
+    model: Option<Cow<'a, str>>,
     usage: Option<RawUsage>,
-    /// Responses stream events wrap the response.
+    /// Responses stream events wrap the response: `response.completed`,
+    /// `.incomplete` and `.failed` carry its final usage; `.created` and
+    /// `.in_progress` carry `"usage": null`.
     #[serde(borrow)]
     response: Option<Box<Body<'a>>>,
 }
 
 pub fn json(body: &[u8]) -> Option<(Usage, Option<String>)> {
     let b: Body = serde_json::from_slice(body).ok()?;
-    Some((b.usage?.normalise(), b.model.map(str::to_string)))
+    Some((b.usage?.normalise(), b.model.map(Cow::into_owned)))
 }
 
 /// Applies one stream event's data (a chat chunk or a Responses event).
@@ -69,7 +72,7 @@ pub fn stream_event(data: &[u8], usage: &mut Option<Usage>, model: &mut Option<S
         None => (b.model, b.usage),
     };
     if let Some(m) = m {
-        *model = Some(m.to_string());
+        *model = Some(m.into_owned());
     }
     match u {
         Some(u) => {

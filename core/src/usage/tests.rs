@@ -44,13 +44,12 @@ fn every_sse_fixture_gives_the_same_usage_at_every_split_point() {
         let r = route(ex);
         let whole = stream(r, &[&body]);
         assert_eq!(whole.0, expected(ex), "{name}: one-shot usage");
-        if whole.0.is_some() {
-            assert_eq!(
-                whole.1.as_deref(),
-                ex["model"].as_str(),
-                "{name}: model served"
-            );
-        }
+        // The model is read even from streams that carry no usage.
+        assert_eq!(
+            whole.1.as_deref(),
+            ex["model"].as_str(),
+            "{name}: model served"
+        );
         for cut in 0..=body.len() {
             assert_eq!(
                 stream(r, &[&body[..cut], &body[cut..]]),
@@ -109,9 +108,13 @@ fn openai_cached_tokens_are_split_out_of_prompt_tokens() {
     );
 }
 
+/// The estimate against every fixture's recorded input (uncached input plus
+/// cache writes and reads: the whole prompt). Relative error is meaningless
+/// for a 10-token prompt, so a fixture passes within ±35% or within 12 tokens.
 #[test]
 fn estimator_error_against_every_fixture_is_reported_and_bounded() {
     let mut errors = Vec::new();
+    let mut failures = Vec::new();
     for ex in manifest() {
         let actual = match expected(&ex) {
             Some(u) => u.input + u.cache_write + u.cache_read,
@@ -123,23 +126,56 @@ fn estimator_error_against_every_fixture_is_reported_and_bounded() {
             }
             None => continue,
         };
+        let name = ex["name"].as_str().unwrap();
         let info = inspect_request(route(&ex), &file(ex["request"].as_str().unwrap())).unwrap();
-        let err = (info.input_estimate as f64 - actual as f64) / actual as f64;
+        let diff = info.input_estimate as f64 - actual as f64;
+        let err = diff / actual as f64;
         eprintln!(
-            "{:<28} actual {actual:>6} estimate {:>6} error {:+6.1}%",
-            ex["name"].as_str().unwrap(),
+            "{name:<28} actual {actual:>6} estimate {:>6} error {:+6.1}%",
             info.input_estimate,
             err * 100.0
         );
-        errors.push(err);
+        if err.abs() > 0.35 && diff.abs() > 12.0 {
+            failures.push(format!("{name}: {:+.1}%", err * 100.0));
+        }
+        errors.push((err, actual));
     }
-    let mean = errors.iter().map(|e| e.abs()).sum::<f64>() / errors.len() as f64;
-    let over = errors.iter().cloned().fold(f64::MIN, f64::max);
-    let under = errors.iter().cloned().fold(f64::MAX, f64::min);
-    eprintln!("estimate error over {} fixtures: mean |error| {:.1}%, worst over {:+.1}%, worst under {:+.1}%", errors.len(), mean * 100.0, over * 100.0, under * 100.0);
-    assert!(errors.len() >= 10);
-    assert!(mean < 0.35, "mean error {mean}");
-    assert!(over < 0.6 && under > -0.5, "worst {under} .. {over}");
+    let mean = errors.iter().map(|(e, _)| e.abs()).sum::<f64>() / errors.len() as f64;
+    let worst = |pick: &dyn Fn(&(f64, u64)) -> bool| {
+        errors
+            .iter()
+            .filter(|e| pick(e))
+            .map(|(e, _)| *e)
+            .fold(0.0_f64, |a, e| if e.abs() > a.abs() { e } else { a })
+    };
+    let big = errors.iter().filter(|(_, a)| *a >= 100).count();
+    let mean_big = errors
+        .iter()
+        .filter(|(_, a)| *a >= 100)
+        .map(|(e, _)| e.abs())
+        .sum::<f64>()
+        / big.max(1) as f64;
+    eprintln!(
+        "estimate error over {} fixtures: mean |error| {:.1}%, worst {:+.1}%; over the {big} prompts of 100+ tokens: mean |error| {:.1}%, worst {:+.1}%",
+        errors.len(),
+        mean * 100.0,
+        worst(&|_| true) * 100.0,
+        mean_big * 100.0,
+        worst(&|(_, a)| *a >= 100) * 100.0,
+    );
+    assert!(
+        errors.len() >= 15,
+        "only {} fixtures measured",
+        errors.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "outside ±35% and 12 tokens: {failures:?}"
+    );
+    assert!(
+        mean_big < 0.2,
+        "mean error on 100+ token prompts {mean_big}"
+    );
 }
 
 #[test]
@@ -183,22 +219,178 @@ fn request_fields_are_read_and_bad_ones_named() {
 
 #[test]
 fn images_and_documents_use_the_per_item_rule_not_their_base64_length() {
+    let est = |route, body: String| {
+        inspect_request(route, body.as_bytes())
+            .unwrap()
+            .input_estimate
+    };
+    // 400,000 base64 characters of an unrecognisable image: the size is
+    // unknown, so the per-image maximum (1,600), plus framing (4 + 3) and
+    // "what is this?" (4 words and a symbol: 4 tokens).
     let big = "A".repeat(400_000);
     let body = format!(
         r#"{{"model":"m","messages":[{{"role":"user","content":[{{"type":"image","source":{{"type":"base64","media_type":"image/png","data":"{big}"}}}},{{"type":"text","text":"what is this?"}}]}}]}}"#
     );
-    let r = inspect_request(Route::AnthropicMessages, body.as_bytes()).unwrap();
-    // One image, 4 tokens of message framing, and 17 characters of text
-    // ("user" + "what is this?") = 5 tokens.
-    assert_eq!(r.input_estimate, 1_600 + 4 + 5);
+    assert_eq!(est(Route::AnthropicMessages, body), 1_600 + 4 + 3 + 4);
+    // The same bytes as a document whose pages cannot be counted: 300,000
+    // bytes at 50 KB per page, 2,000 tokens per page.
     let doc = format!(
         r#"{{"model":"m","messages":[{{"role":"user","content":[{{"type":"document","source":{{"type":"base64","media_type":"application/pdf","data":"{big}"}}}}]}}]}}"#
     );
-    // 400,000 base64 chars = 300,000 bytes = 5 chunks of 60 KB.
+    assert_eq!(est(Route::AnthropicMessages, doc), 6 * 2_000 + 4 + 3);
+    // A document only referenced by URL counts one page.
+    let url = r#"{"model":"m","messages":[{"role":"user","content":[{"type":"document","source":{"type":"url","url":"https://example.com/a.pdf"}}]}]}"#;
     assert_eq!(
-        inspect_request(Route::AnthropicMessages, doc.as_bytes())
-            .unwrap()
-            .input_estimate,
-        5 * 2_500 + 4 + 2
+        est(Route::AnthropicMessages, url.to_string()),
+        2_000 + 4 + 3
     );
+    // A real PNG header: the fixture's 240x160 chart is 52 tokens.
+    let image = String::from_utf8(file("anthropic/messages-image.request.json")).unwrap();
+    let png = image
+        .split("\"data\": \"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let one = |route, block: String| {
+        est(
+            route,
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":[{block}]}}]}}"#),
+        )
+    };
+    assert_eq!(
+        one(
+            Route::AnthropicMessages,
+            format!(
+                r#"{{"type":"image","source":{{"type":"base64","media_type":"image/png","data":"{png}"}}}}"#
+            )
+        ),
+        52 + 4 + 3
+    );
+    // OpenAI: the same image in a data URL is one 512-px tile; low detail 85.
+    let chat = |detail: &str| {
+        one(
+            Route::OpenAiChat,
+            format!(
+                r#"{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{png}","detail":"{detail}"}}}}"#
+            ),
+        )
+    };
+    assert_eq!(chat("high"), 85 + 170 + 3 + 3);
+    assert_eq!(chat("low"), 85 + 3 + 3);
+    let responses = r#"{"model":"m","input":[{"role":"user","content":[{"type":"input_image","image_url":"https://example.com/x.png"}]}]}"#;
+    assert_eq!(
+        est(Route::OpenAiResponses, responses.to_string()),
+        765 + 3 + 3
+    );
+}
+
+#[test]
+fn a_text_document_counts_as_text_and_tool_inputs_as_json() {
+    let est = |body: &str| {
+        inspect_request(Route::AnthropicMessages, body.as_bytes())
+            .unwrap()
+            .input_estimate
+    };
+    let text = r#"{"model":"m","messages":[{"role":"user","content":[{"type":"document","source":{"type":"text","media_type":"text/plain","data":"hello world"}}]}]}"#;
+    assert_eq!(est(text), 2 + 4 + 3);
+    // `{"city": "Paris"}` as JSON: braces 1, key 1 + 2, value 1 + 1.
+    let tool_use = r#"{"model":"m","messages":[{"role":"assistant","content":[{"type":"tool_use","id":"toolu_01","name":"weather","input":{"city":"Paris"}}]}]}"#;
+    assert_eq!(est(tool_use), 1 + (1 + 3 + 2) + 4 + 3);
+    // Tools add Anthropic's tool-use system prompt: 346 on auto, 313 on any.
+    let tools = |choice: &str| {
+        est(&format!(
+            r#"{{"model":"m","tools":[{{"name":"t","input_schema":{{}}}}]{choice},"messages":[]}}"#
+        ))
+    };
+    assert_eq!(
+        tools("") - tools(r#","tool_choice":{"type":"any"}"#),
+        346 - 313
+    );
+}
+
+#[test]
+fn inspecting_never_panics_on_odd_shapes() {
+    for body in [
+        &b""[..],
+        b"   ",
+        b"{}",
+        b"null",
+        b"{\"messages\":{\"role\":\"user\"}}",
+        b"{\"messages\":\"hi\",\"input\":[1,true,null,{\"type\":5}]}",
+        b"{\"system\":[[[[]]]],\"tools\":\"x\",\"tool_choice\":[1]}",
+        b"{\"messages\":[{\"content\":[{\"type\":\"image\",\"source\":{\"data\":\"data:image/png;base64,\"}}]}]}",
+        b"{\"messages\":[{\"content\":[{\"type\":\"document\",\"source\":{\"data\":\"JVBERi0=\"}}]}]}",
+        b"{\"stream_options\":[true],\"max_tokens\":null,\"model\":null}",
+        b"\xff\xfe",
+    ] {
+        for route in [
+            Route::AnthropicMessages,
+            Route::AnthropicCountTokens,
+            Route::OpenAiChat,
+            Route::OpenAiResponses,
+            Route::Other,
+        ] {
+            let _ = inspect_request(route, body);
+        }
+    }
+    let deep = format!(
+        "{{\"messages\":{}{}}}",
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    assert!(inspect_request(Route::AnthropicMessages, deep.as_bytes())
+        .unwrap_err()
+        .0
+        .contains("recursion limit"));
+}
+
+#[test]
+fn only_events_with_a_usage_object_are_parsed() {
+    assert!(has_usage_object(
+        br#"{"choices":[],"usage":{"prompt_tokens":3}}"#
+    ));
+    assert!(has_usage_object(b"{\"usage\" :\n {\"output_tokens\":1}}"));
+    // Every chat chunk of an include_usage stream, and the Responses API's
+    // response.created, carry a null usage.
+    assert!(!has_usage_object(
+        br#"{"choices":[{"delta":{"content":"hi"}}],"usage":null}"#
+    ));
+    // Generated text that mentions "usage" is escaped inside the JSON.
+    assert!(!has_usage_object(
+        br#"{"delta":{"text":"the \"usage\": {"}}"#
+    ));
+    assert!(has_usage_object(
+        br#"{"usage":null,"response":{"usage":{"input_tokens":1}}}"#
+    ));
+}
+
+#[test]
+fn model_is_taken_from_a_stream_without_usage_and_errors_are_flagged() {
+    let mut s = StreamUsage::new(Route::OpenAiChat);
+    s.feed(b"data: {\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n");
+    s.feed(b"data: {\"error\":{\"message\":\"The server had an error\",\"type\":\"server_error\"}}\n\n");
+    assert_eq!(s.model(), Some("gpt-4o-mini-2024-07-18"));
+    assert_eq!(s.usage(), None);
+    assert!(s.errored);
+    // A Responses stream that fails still reports the usage it carries.
+    let mut s = StreamUsage::new(Route::OpenAiResponses);
+    s.feed(b"event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"model\":\"gpt-4o\",\"status\":\"failed\",\"usage\":{\"input_tokens\":30,\"input_tokens_details\":{\"cached_tokens\":10},\"output_tokens\":2}}}\n\n");
+    assert_eq!(
+        s.usage(),
+        Some(Usage {
+            input: 20,
+            output: 2,
+            cache_write: 0,
+            cache_read: 10
+        })
+    );
+}
+
+#[test]
+fn a_model_name_with_a_json_escape_is_still_read() {
+    let body = br#"{"model":"claude\u002dsonnet","usage":{"input_tokens":1,"output_tokens":2}}"#;
+    let (_, model) = parse_json_usage(Route::AnthropicMessages, body).unwrap();
+    assert_eq!(model.as_deref(), Some("claude-sonnet"));
 }
