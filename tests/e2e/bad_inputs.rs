@@ -3,7 +3,7 @@
 //! gateway keeps serving afterwards (no trapped VM).
 
 use std::io::{Read, Write};
-use tollgate_e2e::{policy, Gateway};
+use tollgate_e2e::{policy, Gateway, Options};
 
 const KEY: &str = "tg-bad-inputs-key";
 
@@ -383,4 +383,107 @@ fn every_catalogued_bad_input_gets_its_documented_answer() {
         !gw.log("envoy").contains("panic"),
         "a bad input trapped the VM"
     );
+}
+
+/// Catalog rows 36 and 37: an upstream that goes silent is cut off by
+/// Envoy's stream idle timeout (2 s here, 600 s as shipped). Before the
+/// response starts the client gets a provider-shaped 504 and the reservation
+/// is refunded; mid-stream the stream is cut and what was seen is charged.
+#[test]
+fn a_silent_upstream_is_cut_off_by_the_idle_timeout() {
+    let gw = Gateway::start_with(
+        &policy(
+            r#"{"models": ["claude-*", "gpt-*"], "limits": {"requests_per_minute": 100000}}"#,
+            &[("k", KEY, "")],
+        ),
+        Options {
+            stream_idle_timeout_s: Some(2),
+            ..Options::default()
+        },
+    );
+    let ok = br#"{"model":"claude-haiku-4-5","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+    let started = std::time::Instant::now();
+    let (status, text) = raw(
+        &gw,
+        &post(
+            "/v1/messages",
+            &format!(
+                "{}x-mock-stall-ms: 6000\r\nx-request-id: bi-stall\r\n",
+                key()
+            ),
+            ok,
+        ),
+    );
+    let waited = started.elapsed();
+    assert_eq!(status, 504, "{text}");
+    assert!(
+        text.contains(r#""type":"timeout_error""#)
+            && text.contains("sent nothing for 2s")
+            && text.contains(r#""request_id":"bi-stall""#),
+        "Anthropic-shaped timeout: {text}"
+    );
+    assert!(
+        waited >= std::time::Duration::from_secs(2) && waited < std::time::Duration::from_secs(5),
+        "cut off after the idle timeout, not the mock's 6 s: {waited:?}"
+    );
+    let record = gw.audit_record("bi-stall");
+    assert_eq!(record["status"], 504, "{record}");
+    assert_eq!(record["key_id"], "k");
+    assert_eq!(
+        record["tokens"]["output"],
+        serde_json::Value::Null,
+        "nothing was generated, the reservation is refunded: {record}"
+    );
+
+    let chat = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    let (status, text) = raw(
+        &gw,
+        &post(
+            "/v1/chat/completions",
+            &format!("authorization: Bearer {KEY}\r\nx-mock-stall-ms: 6000\r\n"),
+            chat,
+        ),
+    );
+    assert_eq!(status, 504, "{text}");
+    assert!(
+        text.contains(r#""code":"timeout""#) && text.contains(r#""type":"timeout_error""#),
+        "OpenAI-shaped timeout: {text}"
+    );
+
+    let stream_body = br#"{"model":"claude-haiku-4-5","max_tokens":10,"stream":true}"#;
+    let (status, text) = raw(
+        &gw,
+        &post(
+            "/v1/messages",
+            &format!(
+                "{}x-mock-stall-after: 3\r\nx-mock-stall-ms: 6000\r\nx-request-id: bi-stall-stream\r\n",
+                key()
+            ),
+            stream_body,
+        ),
+    );
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains("message_start") && !text.contains("message_stop"),
+        "the stream is cut after what was sent: {text}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let cut = loop {
+        if let Some(r) = gw
+            .audit_records()
+            .into_iter()
+            .find(|r| r["request_id"] == "bi-stall-stream")
+        {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no record for the stalled stream"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(cut["complete"], false, "{cut}");
+    assert_eq!(cut["key_id"], "k");
+    let (status, _) = raw(&gw, &post("/v1/messages", &key(), ok));
+    assert_eq!(status, 200, "the gateway serves on after the timeouts");
 }

@@ -65,6 +65,8 @@ pub struct Options {
     pub external_collector: Option<String>,
     /// Another filter build (the test-only trapping one).
     pub wasm: Option<PathBuf>,
+    /// Envoy's stream idle timeout in seconds (`tollgate run`'s default when unset).
+    pub stream_idle_timeout_s: Option<u64>,
 }
 
 impl Default for Options {
@@ -74,6 +76,7 @@ impl Default for Options {
             concurrency: 2,
             external_collector: None,
             wasm: None,
+            stream_idle_timeout_s: None,
         }
     }
 }
@@ -94,6 +97,9 @@ impl Gateway {
         cmd.arg("run");
         if let Some(addr) = &opts.external_collector {
             cmd.arg("--external-collector").arg(addr);
+        }
+        if let Some(s) = opts.stream_idle_timeout_s {
+            cmd.arg("--stream-idle-timeout").arg(s.to_string());
         }
         let child = cmd
             .current_dir(workspace())

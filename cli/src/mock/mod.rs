@@ -316,11 +316,13 @@ async fn provider(
         Some(m) => text.replace(&quoted, &serde_json::Value::String(m.clone()).to_string()),
         None => text.into_owned(),
     };
-    let delay = headers
-        .get("x-mock-delay-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(s.config.event_delay_ms);
+    let header_u64 = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let delay = header_u64("x-mock-delay-ms").unwrap_or(s.config.event_delay_ms);
     let status = StatusCode::from_u16(ex.status).unwrap_or(StatusCode::OK);
     let request_id = format!("req_mock_{seq:06}");
     let builder = Response::builder()
@@ -330,12 +332,25 @@ async fn provider(
         .header("x-request-id", request_id.as_str());
     // `x-mock-reset-after: N` aborts the stream after N events, as a provider
     // connection dropping mid-answer would.
-    let reset_after = headers
-        .get("x-mock-reset-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
+    let reset_after = header_u64("x-mock-reset-after").map(|n| n as usize);
+    // `x-mock-stall-ms: MS` holds the answer for MS milliseconds, as a
+    // provider that stops talking would: before the response headers, or,
+    // with `x-mock-stall-after: N`, after N streamed events.
+    let stall_ms = header_u64("x-mock-stall-ms").unwrap_or(0);
+    let stall = match header_u64("x-mock-stall-after") {
+        Some(after) if ex.stream => Some((after as usize, stall_ms)),
+        _ => {
+            tokio::time::sleep(Duration::from_millis(stall_ms)).await;
+            None
+        }
+    };
     let body = if ex.stream {
-        Body::from_stream(sse_chunks(text, delay, seq, reset_after))
+        Body::from_stream(sse_chunks(
+            text,
+            delay,
+            seq,
+            Interruption { reset_after, stall },
+        ))
     } else {
         Body::from(text)
     };
@@ -349,6 +364,15 @@ async fn provider(
     })
 }
 
+/// How a streamed answer breaks off, if it does (test headers).
+#[derive(Clone, Copy)]
+struct Interruption {
+    /// Abort the connection after this many events.
+    reset_after: Option<usize>,
+    /// After this many events, go silent for this many milliseconds.
+    stall: Option<(usize, u64)>,
+}
+
 /// Splits an SSE document into events and yields them with a delay between
 /// events and realistic chunking: every third event is cut in two at an
 /// arbitrary byte, every fifth travels with the next one.
@@ -356,7 +380,7 @@ fn sse_chunks(
     text: String,
     delay_ms: u64,
     seed: u64,
-    reset_after: Option<usize>,
+    cut: Interruption,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
     let sep = if text.contains("\r\n\r\n") {
         "\r\n\r\n"
@@ -371,7 +395,10 @@ fn sse_chunks(
     tokio::spawn(async move {
         let mut i = 0;
         while i < events.len() {
-            if reset_after.is_some_and(|n| i >= n) {
+            if let Some((_, ms)) = cut.stall.filter(|(after, _)| i == *after) {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            if cut.reset_after.is_some_and(|n| i >= n) {
                 let _ = tx
                     .send(Err(std::io::Error::other(
                         "mock provider: reset mid-stream",

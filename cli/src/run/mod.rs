@@ -78,6 +78,11 @@ pub struct RunArgs {
     /// How often Envoy flushes audit records to the collector (ms).
     #[arg(long, default_value_t = 1000)]
     pub audit_flush_ms: u64,
+    /// Seconds a request may go without a byte in either direction before
+    /// Envoy cuts it off (504 `timeout_error` before the response starts).
+    /// Generations pause between events; keep this generous.
+    #[arg(long, default_value_t = 600)]
+    pub stream_idle_timeout: u64,
     /// Envoy log level (trace, debug, info, warn, error).
     #[arg(long, default_value = "warn")]
     pub envoy_log_level: String,
@@ -320,6 +325,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         openai: openai.clone(),
         body_limit_bytes: args.body_limit,
         audit_flush_interval_ms: args.audit_flush_ms,
+        stream_idle_timeout_s: args.stream_idle_timeout,
         ca_bundle: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
     };
     render::write_atomic(

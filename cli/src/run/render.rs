@@ -116,6 +116,7 @@ pub struct Gateway {
     pub openai: Upstream,
     pub body_limit_bytes: u64,
     pub audit_flush_interval_ms: u64,
+    pub stream_idle_timeout_s: u64,
     pub ca_bundle: PathBuf,
 }
 
@@ -162,6 +163,7 @@ pub fn bootstrap(gw: &Gateway, layout: &Layout) -> Result<String> {
             ("listen_address", q(&gw.listen.ip().to_string())),
             ("listen_port", gw.listen.port().to_string()),
             ("body_limit_bytes", gw.body_limit_bytes.to_string()),
+            ("stream_idle_timeout", gw.stream_idle_timeout_s.to_string()),
             (
                 "audit_flush_interval",
                 format!("{}s", gw.audit_flush_interval_ms as f64 / 1000.0),
@@ -286,6 +288,7 @@ mod tests {
             openai: Upstream::local(9612),
             body_limit_bytes: 1 << 25,
             audit_flush_interval_ms: 1000,
+            stream_idle_timeout_s: 600,
             ca_bundle: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
         };
         let b = bootstrap(&gw, &layout).unwrap();
