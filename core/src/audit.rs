@@ -43,6 +43,24 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 14] = [
+        Reason::Ok,
+        Reason::MissingKey,
+        Reason::UnknownKey,
+        Reason::RevokedKey,
+        Reason::ExpiredKey,
+        Reason::ModelNotAllowed,
+        Reason::InvalidRequest,
+        Reason::BodyTooLarge,
+        Reason::RateLimited,
+        Reason::QuotaExhausted,
+        Reason::BudgetExhausted,
+        Reason::UnknownRoute,
+        Reason::NoPolicy,
+        Reason::StoreContention,
+    ];
+    pub const COUNT: usize = Reason::ALL.len();
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Ok => "ok",

@@ -128,10 +128,13 @@ impl RequestFlow {
 
         let presented = vkey::presented(&headers);
         // The virtual key never goes upstream, whatever happens next.
-        host.set_request_header("x-api-key", None);
-        host.set_request_header("authorization", None);
-        // Compressed responses would hide `usage`; ask for identity.
-        host.set_request_header("accept-encoding", None);
+        // Compressed responses would hide `usage`: drop accept-encoding so
+        // the provider answers in identity. One host call per header present.
+        for name in ["x-api-key", "authorization", "accept-encoding"] {
+            if header(&headers, name).is_some() {
+                host.set_request_header(name, None);
+            }
+        }
 
         let hash = match presented {
             Presented::Key(hash) => hash,
@@ -510,9 +513,11 @@ impl RequestFlow {
             (None, Some(_)) => meter::states(host, &self.buckets(), self.clock(now)),
             (None, None) => Vec::new(),
         };
-        reply
-            .headers
-            .extend(rate_limit_headers(self.provider(), &states, now));
+        reply.headers.extend(
+            rate_limit_headers(self.provider(), &states, now)
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v)),
+        );
         self.audit.decision = Outcome::Denied;
         self.audit.reason = reason;
         self.audit.detail = Some(message);
@@ -549,7 +554,7 @@ impl RequestFlow {
             for (name, value) in
                 rate_limit_headers(self.provider(), &admission.states, host.now_ms())
             {
-                host.set_response_header(&name, Some(value.as_bytes()));
+                host.set_response_header(name, Some(value.as_bytes()));
             }
         }
         if end_of_stream {
@@ -573,9 +578,10 @@ impl RequestFlow {
                     Some(sse) => {
                         sse.feed(&chunk);
                         if let Some(strip) = &mut self.response.strip {
-                            let out = strip.filter(&chunk, end_of_stream);
-                            if out != chunk {
-                                host.replace_response_body(&out);
+                            if let Some(out) = strip.filter(&chunk, end_of_stream) {
+                                if out != chunk {
+                                    host.replace_response_body(&out);
+                                }
                             }
                         }
                     }
@@ -765,33 +771,94 @@ fn go_duration(ms: u64) -> String {
     }
 }
 
+/// Header names of one bucket: limit, remaining, reset.
+type Names = [&'static str; 3];
+
+/// Calendar quotas and budgets have no provider header; same shape, our own
+/// prefix, on both route families.
+const QUOTA_HEADERS: [(Metric, Names); 3] = [
+    (
+        Metric::TokensPerDay,
+        [
+            "tollgate-ratelimit-tokens-per-day-limit",
+            "tollgate-ratelimit-tokens-per-day-remaining",
+            "tollgate-ratelimit-tokens-per-day-reset",
+        ],
+    ),
+    (
+        Metric::UsdPerDay,
+        [
+            "tollgate-ratelimit-usd-per-day-limit",
+            "tollgate-ratelimit-usd-per-day-remaining",
+            "tollgate-ratelimit-usd-per-day-reset",
+        ],
+    ),
+    (
+        Metric::UsdPerMonth,
+        [
+            "tollgate-ratelimit-usd-per-month-limit",
+            "tollgate-ratelimit-usd-per-month-remaining",
+            "tollgate-ratelimit-usd-per-month-reset",
+        ],
+    ),
+];
+
+const ANTHROPIC_HEADERS: [(Metric, Names); 3] = [
+    (
+        Metric::Requests,
+        [
+            "anthropic-ratelimit-requests-limit",
+            "anthropic-ratelimit-requests-remaining",
+            "anthropic-ratelimit-requests-reset",
+        ],
+    ),
+    (
+        Metric::InputTokens,
+        [
+            "anthropic-ratelimit-input-tokens-limit",
+            "anthropic-ratelimit-input-tokens-remaining",
+            "anthropic-ratelimit-input-tokens-reset",
+        ],
+    ),
+    (
+        Metric::OutputTokens,
+        [
+            "anthropic-ratelimit-output-tokens-limit",
+            "anthropic-ratelimit-output-tokens-remaining",
+            "anthropic-ratelimit-output-tokens-reset",
+        ],
+    ),
+];
+
+const OPENAI_REQUEST_HEADERS: Names = [
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+];
+const OPENAI_TOKEN_HEADERS: Names = [
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
+
 /// The caller's own most restrictive bucket per metric, as the provider's
-/// rate-limit headers.
+/// rate-limit headers. Names are static: only the values are formatted.
 fn rate_limit_headers(
     provider: Provider,
     states: &[BucketState],
     now: u64,
-) -> Vec<(String, String)> {
-    let mut out = Vec::new();
+) -> Vec<(&'static str, String)> {
+    let mut out = Vec::with_capacity(12);
     // One bucket as three headers: limit, remaining, reset.
-    let mut push =
-        |names: [String; 3], values: [String; 3]| out.extend(names.into_iter().zip(values));
+    let mut push = |names: Names, values: [String; 3]| out.extend(names.into_iter().zip(values));
     let remaining = |s: &BucketState| s.view.remaining.max(0.0).floor().to_string();
-    // Calendar quotas and budgets have no provider header; same shape, our
-    // own prefix, on both route families.
-    for (metric, name) in [
-        (Metric::TokensPerDay, "tokens-per-day"),
-        (Metric::UsdPerDay, "usd-per-day"),
-        (Metric::UsdPerMonth, "usd-per-month"),
-    ] {
+    for (metric, names) in QUOTA_HEADERS {
         if let Some(s) = meter::most_restrictive(states, metric) {
             let left = if metric == Metric::TokensPerDay {
                 remaining(s)
             } else {
                 format!("{:.6}", s.view.remaining.max(0.0))
             };
-            let names =
-                ["limit", "remaining", "reset"].map(|f| format!("tollgate-ratelimit-{name}-{f}"));
             push(
                 names,
                 [
@@ -804,14 +871,8 @@ fn rate_limit_headers(
     }
     match provider {
         Provider::Anthropic => {
-            for (metric, name) in [
-                (Metric::Requests, "requests"),
-                (Metric::InputTokens, "input-tokens"),
-                (Metric::OutputTokens, "output-tokens"),
-            ] {
+            for (metric, names) in ANTHROPIC_HEADERS {
                 if let Some(s) = meter::most_restrictive(states, metric) {
-                    let names = ["limit", "remaining", "reset"]
-                        .map(|f| format!("anthropic-ratelimit-{name}-{f}"));
                     push(
                         names,
                         [
@@ -831,16 +892,14 @@ fn rate_limit_headers(
                     (a.view.remaining / a.bucket.limit)
                         .total_cmp(&(b.view.remaining / b.bucket.limit))
                 });
-            for (s, name) in [
+            for (s, names) in [
                 (
                     meter::most_restrictive(states, Metric::Requests),
-                    "requests",
+                    OPENAI_REQUEST_HEADERS,
                 ),
-                (tokens, "tokens"),
+                (tokens, OPENAI_TOKEN_HEADERS),
             ] {
                 if let Some(s) = s {
-                    let names =
-                        ["limit", "remaining", "reset"].map(|f| format!("x-ratelimit-{f}-{name}"));
                     push(
                         names,
                         [

@@ -58,6 +58,22 @@ impl Stat {
     pub fn is_gauge(self) -> bool {
         self == Stat::ReservationsOutstanding
     }
+
+    /// How many distinct stats there are: [`Stat::index`] is below this.
+    pub const COUNT: usize = crate::audit::Reason::COUNT + 4;
+
+    /// A dense index, so a host can keep its metric handles in an array and
+    /// never format a name on the request path.
+    pub fn index(self) -> usize {
+        let reasons = crate::audit::Reason::COUNT;
+        match self {
+            Stat::Decision(r) => r as usize,
+            Stat::CasConflict => reasons,
+            Stat::CasExhausted => reasons + 1,
+            Stat::UsageUnreadable => reasons + 2,
+            Stat::ReservationsOutstanding => reasons + 3,
+        }
+    }
 }
 
 /// Everything a request needs from its host besides shared data.
@@ -126,4 +142,27 @@ pub fn header<'a>(headers: &'a HeaderList, name: &str) -> Option<&'a [u8]> {
         .iter()
         .find(|(n, _)| n == name)
         .map(|(_, v)| v.as_slice())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stat;
+    use crate::audit::Reason;
+
+    #[test]
+    fn every_stat_has_its_own_index_below_count() {
+        let mut stats: Vec<Stat> = Reason::ALL.iter().map(|r| Stat::Decision(*r)).collect();
+        stats.extend([
+            Stat::CasConflict,
+            Stat::CasExhausted,
+            Stat::UsageUnreadable,
+            Stat::ReservationsOutstanding,
+        ]);
+        let mut seen = [false; Stat::COUNT];
+        for s in stats {
+            assert!(!seen[s.index()], "{} shares index {}", s.name(), s.index());
+            seen[s.index()] = true;
+        }
+        assert!(seen.iter().all(|s| *s), "every index is used");
+    }
 }

@@ -119,15 +119,16 @@ impl Host for Hostcalls {
 }
 
 thread_local! {
-    /// Metric ids of this VM, defined on first use.
-    static METRICS: std::cell::RefCell<std::collections::HashMap<String, u32>> = Default::default();
+    /// Metric ids of this VM by `Stat::index`, defined on first use.
+    static METRICS: std::cell::RefCell<[Option<u32>; Stat::COUNT]> =
+        const { std::cell::RefCell::new([None; Stat::COUNT]) };
 }
 
 fn metric_id(stat: Stat) -> Option<u32> {
-    let name = stat.name();
     METRICS.with(|m| {
         let mut m = m.borrow_mut();
-        if let Some(id) = m.get(&name) {
+        let slot = m.get_mut(stat.index())?;
+        if let Some(id) = slot {
             return Some(*id);
         }
         let kind = if stat.is_gauge() {
@@ -135,8 +136,8 @@ fn metric_id(stat: Stat) -> Option<u32> {
         } else {
             MetricType::Counter
         };
-        let id = hostcalls::define_metric(kind, &name).ok()?;
-        m.insert(name, id);
+        let id = hostcalls::define_metric(kind, &stat.name()).ok()?;
+        *slot = Some(id);
         Some(id)
     })
 }

@@ -83,14 +83,26 @@ pub struct Bucket {
     pub scope: String,
     pub metric: Metric,
     pub limit: f64,
+    /// Its shared-data key, formatted once per request (see [`Bucket::store_key`]).
+    store_key: String,
 }
 
 impl Bucket {
+    pub fn new(scope: String, metric: Metric, limit: f64) -> Bucket {
+        let store_key = format!("tollgate/1/{scope}/{}", metric.name());
+        Bucket {
+            scope,
+            metric,
+            limit,
+            store_key,
+        }
+    }
+
     /// Fixed shared-data key: scope and metric, no time. Keys cannot be
     /// deleted in the ABI, so a name with a date in it would leak one key per
     /// bucket per day.
-    pub fn store_key(&self) -> String {
-        format!("tollgate/1/{}/{}", self.scope, self.metric.name())
+    pub fn store_key(&self) -> &str {
+        &self.store_key
     }
 
     /// `key:alice-laptop:requests_per_minute`, as named in errors and audit.
@@ -105,11 +117,7 @@ pub fn buckets_for(policy: &Policy, key: &Key) -> Vec<Bucket> {
     let mut add = |scope: String, limits: &Limits| {
         for metric in Metric::ALL {
             if let Some(limit) = metric.limit(limits) {
-                out.push(Bucket {
-                    scope: scope.clone(),
-                    metric,
-                    limit,
-                });
+                out.push(Bucket::new(scope.clone(), metric, limit));
             }
         }
     };
@@ -194,20 +202,27 @@ fn reserve_amount(bucket: &Bucket, demand: &Demand) -> f64 {
     }
 }
 
-/// Checks every bucket, then reserves in each. A request that fits all of
-/// them at the check but loses a race at reservation gives back what it took
-/// and is denied by the bucket that refused.
+/// Checks every bucket, then reserves in each, with one read and one
+/// write per bucket: the reservation is written with the CAS token of the
+/// read that checked it, and only a bucket another worker wrote in between
+/// is read again. A request that fits all of them at the check but loses a
+/// race at reservation gives back what it took and is denied by the bucket
+/// that refused.
 pub fn admit(
     store: &dyn SharedStore,
     buckets: &[Bucket],
     demand: &Demand,
     clock: Clock,
 ) -> Result<Admission, Denial> {
+    let reads: Vec<store::Read> = buckets
+        .iter()
+        .map(|b| store::read_with_cas(store, b.store_key()))
+        .collect();
     let mut states = Vec::with_capacity(buckets.len());
     let mut worst: Option<(usize, u64)> = None;
-    for (i, b) in buckets.iter().enumerate() {
+    for (i, (b, read)) in buckets.iter().zip(&reads).enumerate() {
         let refill = b.metric.refill();
-        let current = current(store, b, clock);
+        let current = refill.current(read.cell, b.limit, clock.now, clock.utc_offset_min);
         let amount = reserve_amount(b, demand);
         if amount > 0.0 && !refill.fits(current, b.limit, amount) {
             let wait = refill.wait_ms(current, b.limit, amount, clock.now, clock.utc_offset_min);
@@ -231,10 +246,10 @@ pub fn admit(
 
     let mut reservations: Vec<Reservation> = Vec::with_capacity(buckets.len());
     let mut states = Vec::with_capacity(buckets.len());
-    for b in buckets {
+    for (b, read) in buckets.iter().zip(reads) {
         let amount = reserve_amount(b, demand);
         let refill = b.metric.refill();
-        let result = store::update(store, &b.store_key(), |cell| {
+        let result = store::update_from(store, b.store_key(), Some(read), |cell| {
             let current = refill.current(cell, b.limit, clock.now, clock.utc_offset_min);
             if amount > 0.0 && !refill.fits(current, b.limit, amount) {
                 let wait =
@@ -299,7 +314,7 @@ pub fn states(store: &dyn SharedStore, buckets: &[Bucket], clock: Clock) -> Vec<
 /// A bucket's stored cell brought up to `clock.now` (refilled, or a fresh window).
 fn current(store: &dyn SharedStore, b: &Bucket, clock: Clock) -> cell::Cell {
     b.metric.refill().current(
-        store::read(store, &b.store_key()),
+        store::read(store, b.store_key()),
         b.limit,
         clock.now,
         clock.utc_offset_min,
@@ -351,7 +366,7 @@ fn adjust<'a>(
             continue;
         }
         let refill = b.metric.refill();
-        let r = store::update(store, &b.store_key(), |cell| {
+        let r = store::update(store, b.store_key(), |cell| {
             let current = refill.current(cell, b.limit, clock.now, clock.utc_offset_min);
             Step::Write(refill.charge(current, delta), ())
         });

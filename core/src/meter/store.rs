@@ -31,18 +31,48 @@ pub enum Step<T> {
     Keep(T),
 }
 
+/// A cell as read, with the CAS token a write must present
+/// ([`CREATE_CAS`] when the key does not exist yet).
+#[derive(Debug, Clone, Copy)]
+pub struct Read {
+    pub cell: Option<Cell>,
+    pub cas: u32,
+}
+
+/// Reads a cell and its CAS token in one host call.
+pub fn read_with_cas(store: &dyn SharedStore, key: &str) -> Read {
+    match store.get(key) {
+        None => Read {
+            cell: None,
+            cas: CREATE_CAS,
+        },
+        Some((bytes, cas)) => Read {
+            cell: Cell::decode(&bytes),
+            cas,
+        },
+    }
+}
+
 /// Reads the cell at `key`, lets `decide` compute the next state, and writes
 /// it with CAS, retrying on conflicts. `decide` may run several times.
 pub fn update<T>(
     store: &dyn SharedStore,
     key: &str,
+    decide: impl FnMut(Option<Cell>) -> Step<T>,
+) -> Result<T, Contention> {
+    update_from(store, key, None, decide)
+}
+
+/// [`update`] starting from a read already made (its CAS token guards the
+/// first write); only a retry after a conflict reads again.
+pub fn update_from<T>(
+    store: &dyn SharedStore,
+    key: &str,
+    mut first: Option<Read>,
     mut decide: impl FnMut(Option<Cell>) -> Step<T>,
 ) -> Result<T, Contention> {
     for _ in 0..MAX_ATTEMPTS {
-        let (cell, cas) = match store.get(key) {
-            None => (None, CREATE_CAS),
-            Some((bytes, cas)) => (Cell::decode(&bytes), cas),
-        };
+        let Read { cell, cas } = first.take().unwrap_or_else(|| read_with_cas(store, key));
         match decide(cell) {
             Step::Keep(out) => return Ok(out),
             Step::Write(next, out) => match store.set(key, &next.encode(), cas) {
@@ -57,5 +87,5 @@ pub fn update<T>(
 
 /// Reads a cell without writing.
 pub fn read(store: &dyn SharedStore, key: &str) -> Option<Cell> {
-    store.get(key).and_then(|(bytes, _)| Cell::decode(&bytes))
+    read_with_cas(store, key).cell
 }

@@ -7,11 +7,7 @@ use super::*;
 use crate::testing::MemStore;
 
 fn bucket(metric: Metric, limit: f64) -> Bucket {
-    Bucket {
-        scope: "key:k".to_string(),
-        metric,
-        limit,
-    }
+    Bucket::new("key:k".to_string(), metric, limit)
 }
 
 fn clock(now: u64) -> Clock {
@@ -52,11 +48,7 @@ fn admits_up_to_the_limit_then_names_the_bucket() {
 fn most_restrictive_bucket_decides_and_nothing_is_reserved_on_denial() {
     let s = MemStore::new();
     let key = bucket(Metric::OutputTokens, 1000.0);
-    let pool = Bucket {
-        scope: "pool:team:payments".into(),
-        metric: Metric::OutputTokens,
-        limit: 100.0,
-    };
+    let pool = Bucket::new("pool:team:payments".into(), Metric::OutputTokens, 100.0);
     let demand = Demand {
         requests: 1.0,
         output_tokens: 500.0,
@@ -70,7 +62,7 @@ fn most_restrictive_bucket_decides_and_nothing_is_reserved_on_denial() {
         other => panic!("expected the pool to refuse, got {other:?}"),
     }
     // The key bucket kept only the first reservation.
-    let cell = store::read(&*s, &key.store_key()).unwrap();
+    let cell = store::read(&*s, key.store_key()).unwrap();
     assert_eq!(cell.value, 500.0);
 }
 
@@ -93,7 +85,7 @@ fn settlement_credits_unused_and_debits_overrun_into_debt() {
         clock(0),
     )
     .unwrap();
-    assert_eq!(store::read(&*s, &b[0].store_key()).unwrap().value, 500.0);
+    assert_eq!(store::read(&*s, b[0].store_key()).unwrap().value, 500.0);
     let a = admit(&*s, &b, &reserved, clock(0)).unwrap();
     settle(
         &*s,
@@ -105,7 +97,7 @@ fn settlement_credits_unused_and_debits_overrun_into_debt() {
         clock(0),
     )
     .unwrap();
-    let cell = store::read(&*s, &b[0].store_key()).unwrap();
+    let cell = store::read(&*s, b[0].store_key()).unwrap();
     assert_eq!(cell.value, -400.0);
     // In debt: the next request waits until 401 tokens refilled at 10/s.
     match admit(
@@ -130,7 +122,7 @@ fn cas_conflicts_are_retried_and_no_debit_is_lost() {
     s.inject_conflicts(3);
     admit(&*s, &b, &one_request(), clock(0)).unwrap();
     assert_eq!(s.mismatches.get(), 3);
-    assert_eq!(store::read(&*s, &b[0].store_key()).unwrap().value, 98.0);
+    assert_eq!(store::read(&*s, b[0].store_key()).unwrap().value, 98.0);
 }
 
 #[test]
@@ -150,7 +142,7 @@ fn exhausted_cas_retries_deny_with_contention_and_release_earlier_reservations()
     let s2 = s.clone();
     let r = {
         // Conflicts start after the first bucket's successful write.
-        let first = store::update(&*s2, &b[0].store_key(), |c| {
+        let first = store::update(&*s2, b[0].store_key(), |c| {
             Step::Write(Refill::PerMinute.charge(c.unwrap(), 0.0), ())
         });
         assert!(first.is_ok());

@@ -26,6 +26,33 @@ pub fn compile(
         value: p.value,
         reason: p.reason,
     };
+    // Fast path: a valid document is checked while it streams and parsed
+    // straight into the typed structs. Anything it would refuse takes the
+    // DOM path below, which reports every error with its path.
+    if schema::conforms(json) {
+        if let Ok(raw) = serde_json::from_slice::<RawPolicy>(json) {
+            if references_resolve(&raw) {
+                let warnings = expiry_warnings(&raw, now_ms).into_iter().map(at).collect();
+                return Ok((build(raw), PolicyReport { warnings }));
+            }
+        }
+    }
+    compile_checked(json, file, now_ms)
+}
+
+/// The DOM path: parse, check the whole document against the schema and its
+/// cross-references, collecting every error.
+pub(super) fn compile_checked(
+    json: &[u8],
+    file: &str,
+    now_ms: u64,
+) -> Result<(Policy, PolicyReport), Vec<PolicyError>> {
+    let at = |p: Problem| PolicyError {
+        file: file.to_string(),
+        path: p.path,
+        value: p.value,
+        reason: p.reason,
+    };
     let value: Value = serde_json::from_slice(json).map_err(|e| {
         vec![at(Problem {
             path: String::new(),
@@ -107,6 +134,19 @@ fn cross_references(doc: &Value, out: &mut Vec<Problem>) {
             }
         }
     }
+}
+
+/// The typed twin of [`cross_references`] for the fast path: whether key
+/// ids and hashes are unique and every group a key names exists. When not,
+/// the DOM path says which.
+fn references_resolve(raw: &RawPolicy) -> bool {
+    let mut ids = hashbrown::HashSet::with_capacity(raw.keys.len());
+    let mut hashes = hashbrown::HashSet::with_capacity(raw.keys.len());
+    raw.keys.iter().all(|k| {
+        ids.insert(k.id.as_str())
+            && hashes.insert(k.key_sha256.to_ascii_lowercase())
+            && k.groups.iter().all(|g| raw.groups.contains_key(g))
+    })
 }
 
 fn expiry_warnings(raw: &RawPolicy, now_ms: u64) -> Vec<Problem> {

@@ -521,3 +521,111 @@ fn leaf_schema(rule: Leaf) -> Value {
         Leaf::UnknownRoutes => json!({ "enum": ["deny", "pass"] }),
     }
 }
+
+/// Whether a policy document conforms to [`POLICY`], decided in one
+/// streaming pass with no JSON DOM: the fast path of `compile` for the
+/// common case of a valid policy (a 100,000-key policy is a 12 MB document,
+/// and building its DOM is most of the cost of loading it). The leaves are
+/// checked by the same [`leaf`] rules as [`check`]; a document that does not
+/// conform goes through [`check`] for its precise errors.
+pub fn conforms(json: &[u8]) -> bool {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    matches!(Conform(&POLICY).deserialize(&mut de), Ok(true)) && de.end().is_ok()
+}
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+/// A value checked against a [`Ty`] as it streams past; `Ok(false)` at the
+/// first rule it breaks (the rest of the value is still consumed).
+#[derive(Clone, Copy)]
+struct Conform<'t>(&'t Ty);
+
+impl Conform<'_> {
+    fn scalar(self, v: Value) -> bool {
+        matches!(self.0, Ty::Leaf(rule) if leaf(&v, *rule).is_ok())
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Conform<'_> {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Conform<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a policy value")
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<bool, E> {
+        Ok(self.scalar(Value::Bool(b)))
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<bool, E> {
+        Ok(self.scalar(Value::from(n)))
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<bool, E> {
+        Ok(self.scalar(Value::from(n)))
+    }
+    fn visit_f64<E>(self, n: f64) -> Result<bool, E> {
+        Ok(self.scalar(Value::from(n)))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<bool, E> {
+        Ok(self.scalar(Value::String(s.to_string())))
+    }
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        Ok(self.scalar(Value::Null))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        let Ty::Array(item) = self.0 else {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            return Ok(false);
+        };
+        let mut ok = true;
+        while let Some(x) = seq.next_element_seed(Conform(item))? {
+            ok &= x;
+        }
+        Ok(ok)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        let mut ok = true;
+        match self.0 {
+            Ty::Object(fields) => {
+                // Fields seen, by position in `fields` (at most 64 per object).
+                let mut seen = 0u64;
+                while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match fields.iter().position(|f| f.name == name) {
+                        Some(i) => {
+                            seen |= 1 << i;
+                            let ty = fields.get(i).map_or(&POLICY, |f| f.ty);
+                            ok &= map.next_value_seed(Conform(ty))?;
+                        }
+                        None => {
+                            map.next_value::<IgnoredAny>()?;
+                            ok = false;
+                        }
+                    }
+                }
+                let required = fields
+                    .iter()
+                    .enumerate()
+                    .all(|(i, f)| !f.required || seen & (1 << i) != 0);
+                Ok(ok && required && fields.len() <= 64)
+            }
+            Ty::Map { key, value } => {
+                while let Some(name) = map.next_key::<String>()? {
+                    ok &= leaf(&Value::String(name), *key).is_ok();
+                    ok &= map.next_value_seed(Conform(value))?;
+                }
+                Ok(ok)
+            }
+            _ => {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(false)
+            }
+        }
+    }
+}

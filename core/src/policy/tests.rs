@@ -108,3 +108,40 @@ fn lookup_is_by_hash_and_case_insensitive_in_the_file() {
     );
     assert!(p.lookup(&crate::vkey::sha256(b"tg-y")).is_none());
 }
+
+#[test]
+fn valid_policies_take_the_streaming_path_and_compile_as_the_dom_path_does() {
+    let rich = r#"{"version":1,
+        "defaults":{"models":["claude-haiku-*"],"limits":{"requests_per_minute":60}},
+        "groups":{"eng":{"models":["claude-*"],"limits":{"tokens_per_day":1000}}},
+        "pools":{"team:payments":{"budget_usd_per_month":2000.5}},
+        "keys":[{"id":"a","key_sha256":"AB00000000000000000000000000000000000000000000000000000000000001",
+                 "user":"alice@example.com","team":"payments","groups":["eng"],
+                 "limits":{"output_tokens_per_minute":8000},"expires_at":"2027-06-30T00:00:00Z","revoked":false},
+                {"id":"b","key_sha256":"ab00000000000000000000000000000000000000000000000000000000000002"}],
+        "prices":{"claude-sonnet-4-*":{"input":3,"output":15,"cache_read":0.3}},
+        "settings":{"unknown_routes":"pass","time_zone":"+02:00","default_price":{"input":1,"output":2},
+                    "cache_reads_count_toward_input_limit":true,"hold_request_headers":false}}"#;
+    for doc in [EXAMPLE, rich] {
+        assert!(schema::conforms(doc.as_bytes()), "{doc}");
+        let (fast, fast_report) = compile(doc.as_bytes(), "p.json", 0).unwrap();
+        let (dom, dom_report) = compile::compile_checked(doc.as_bytes(), "p.json", 0).unwrap();
+        assert_eq!(format!("{:?}", fast.keys()), format!("{:?}", dom.keys()));
+        assert_eq!(format!("{:?}", fast.pools), format!("{:?}", dom.pools));
+        assert_eq!(
+            format!("{:?}", fast.settings),
+            format!("{:?}", dom.settings)
+        );
+        assert_eq!(fast.model_patterns(), dom.model_patterns());
+        assert_eq!(fast_report, dom_report);
+        for k in dom.keys() {
+            let hash: [u8; 32] = *dom
+                .index
+                .iter()
+                .find(|(_, i)| dom.key(**i).is_some_and(|d| d.id == k.id))
+                .unwrap()
+                .0;
+            assert_eq!(fast.lookup(&hash).map(|f| &f.id), Some(&k.id));
+        }
+    }
+}

@@ -83,3 +83,16 @@ pub fn stream_event(data: &[u8], usage: &mut Option<Usage>, model: &mut Option<S
         None => false,
     }
 }
+
+/// Whether a stream event of this name can carry usage, the model or an
+/// error. Content events (most of a stream) cannot; an unknown name is kept.
+pub fn may_carry_usage(event: &[u8]) -> bool {
+    !matches!(
+        event,
+        b"content_block_start"
+            | b"content_block_delta"
+            | b"content_block_stop"
+            | b"ping"
+            | b"message_stop"
+    )
+}

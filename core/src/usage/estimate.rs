@@ -94,58 +94,111 @@ const BLOB_MIN_CHARS: usize = 256;
 
 // ---------------------------------------------------------------- text
 
-/// Tokens of a piece of text by the character-class rule above. Runs of one
-/// class are consumed by tight byte loops: this is the hot loop of the
-/// estimator, run over every byte of every prompt.
+/// Byte classes of the character-class rule, one table lookup per byte.
+const LETTER: u8 = 0;
+const DIGIT: u8 = 1;
+/// `\n` and `\r`: a line break.
+const BREAK: u8 = 2;
+/// Space and tab.
+const BLANK: u8 = 3;
+/// ASCII punctuation and controls other than white space.
+const SYMBOL: u8 = 4;
+/// Form feed: ASCII white space that is no break and no blank; it starts a
+/// symbol run but does not continue one.
+const FEED: u8 = 5;
+/// The first byte of a multi-byte UTF-8 character (or a continuation byte).
+const NON_ASCII: u8 = 6;
+
+// Evaluated at compile time: an out-of-range index would fail the build,
+// never a request.
+#[allow(clippy::indexing_slicing)]
+static CLASS: [u8; 256] = {
+    let mut t = [NON_ASCII; 256];
+    let mut b = 0;
+    while b < 128 {
+        let c = b as u8;
+        t[b] = if c.is_ascii_alphabetic() {
+            LETTER
+        } else if c.is_ascii_digit() {
+            DIGIT
+        } else if c == b'\n' || c == b'\r' {
+            BREAK
+        } else if c == b' ' || c == b'\t' {
+            BLANK
+        } else if c == 0x0C {
+            FEED
+        } else {
+            SYMBOL
+        };
+        b += 1;
+    }
+    t
+};
+
+fn class(b: u8) -> u8 {
+    // The table has 256 entries: any u8 indexes it.
+    CLASS.get(usize::from(b)).copied().unwrap_or(NON_ASCII)
+}
+
+/// Index of the first byte at or after `i` whose class is not in `run`
+/// (a bit set of classes), or the length.
+fn run_end(bytes: &[u8], i: usize, run: u8) -> usize {
+    // An iterator rather than indexing: no bounds check per byte.
+    let rest = bytes.get(i..).unwrap_or_default();
+    i + rest
+        .iter()
+        .position(|b| run & (1 << class(*b)) == 0)
+        .unwrap_or(rest.len())
+}
+
+/// Tokens of a piece of text by the character-class rule above. ASCII runs
+/// are measured with one table lookup per byte (this is the estimator's hot
+/// loop, run over every byte of every prompt); only non-ASCII characters are
+/// decoded.
 fn text_tokens(s: &str) -> u64 {
     let bytes = s.as_bytes();
     let mut tokens = 0u64;
     let mut i = 0usize;
     while let Some(&c) = bytes.get(i) {
         let start = i;
-        let t = if c.is_ascii_alphabetic() {
-            i += 1;
-            letters_run(s, &mut i, false)
-        } else if c.is_ascii_digit() {
-            i += 1;
-            while bytes.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
+        let t = match class(c) {
+            LETTER => {
+                i = run_end(bytes, i + 1, 1 << LETTER);
+                if bytes.get(i).is_some_and(|b| !b.is_ascii()) {
+                    let run = (i - start) as u64;
+                    letters_run(s, &mut i, run, false)
+                } else {
+                    ((i - start) as u64).div_ceil(LETTERS_PER_TOKEN)
+                }
             }
-            ((i - start) as u64).div_ceil(DIGITS_PER_TOKEN)
-        } else if c == b'\n' || c == b'\r' {
-            // A line break and the indentation after it are one token.
-            i += 1;
-            while bytes
-                .get(i)
-                .is_some_and(|d| matches!(d, b'\n' | b'\r' | b' ' | b'\t'))
-            {
-                i += 1;
+            DIGIT => {
+                i = run_end(bytes, i + 1, 1 << DIGIT);
+                ((i - start) as u64).div_ceil(DIGITS_PER_TOKEN)
             }
-            1
-        } else if c == b' ' || c == b'\t' {
-            i += 1;
-            while bytes.get(i).is_some_and(|d| matches!(d, b' ' | b'\t')) {
-                i += 1;
-            }
-            // A single space rides on the next word.
-            u64::from(i - start > 1)
-        } else if c.is_ascii() {
-            i += 1;
-            while bytes.get(i).is_some_and(|d| {
-                d.is_ascii() && !d.is_ascii_alphanumeric() && !d.is_ascii_whitespace()
-            }) {
-                i += 1;
-            }
-            ((i - start) as u64).div_ceil(SYMBOLS_PER_TOKEN)
-        } else {
-            let Some(ch) = s.get(i..).and_then(|r| r.chars().next()) else {
-                break;
-            };
-            i += ch.len_utf8();
-            if is_one_token_per_char(ch) || !ch.is_alphabetic() {
+            BREAK => {
+                // A line break and the indentation after it are one token.
+                i = run_end(bytes, i + 1, (1 << BREAK) | (1 << BLANK));
                 1
-            } else {
-                letters_run(s, &mut i, true)
+            }
+            BLANK => {
+                i = run_end(bytes, i + 1, 1 << BLANK);
+                // A single space rides on the next word.
+                u64::from(i - start > 1)
+            }
+            SYMBOL | FEED => {
+                i = run_end(bytes, i + 1, 1 << SYMBOL);
+                ((i - start) as u64).div_ceil(SYMBOLS_PER_TOKEN)
+            }
+            _ => {
+                let Some(ch) = s.get(i..).and_then(|r| r.chars().next()) else {
+                    break;
+                };
+                i += ch.len_utf8();
+                if is_one_token_per_char(ch) || !ch.is_alphabetic() {
+                    1
+                } else {
+                    letters_run(s, &mut i, 1, true)
+                }
             }
         };
         tokens = tokens.saturating_add(t);
@@ -153,11 +206,10 @@ fn text_tokens(s: &str) -> u64 {
     tokens
 }
 
-/// Continues a run of letters that began one letter before `*i`; accented
+/// Continues a run of `run` letters that ends just before `*i`; accented
 /// and other non-ASCII letters stay in their word, at a denser rate.
-fn letters_run(s: &str, i: &mut usize, mut non_ascii: bool) -> u64 {
+fn letters_run(s: &str, i: &mut usize, mut run: u64, mut non_ascii: bool) -> u64 {
     let bytes = s.as_bytes();
-    let mut run = 1u64;
     loop {
         match bytes.get(*i) {
             Some(d) if d.is_ascii_alphabetic() => {

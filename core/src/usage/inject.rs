@@ -4,7 +4,7 @@
 //! usage-only chunk from the client's stream so clients that index
 //! `choices[0]` on every chunk keep working.
 
-use super::sse;
+use super::{contains, has_usage_object, sse};
 
 /// The request body with `stream_options.include_usage` set to true, or
 /// `None` if it cannot be rewritten (not a JSON object).
@@ -41,10 +41,6 @@ pub fn include_usage(body: &[u8]) -> Option<Vec<u8>> {
     serde_json::to_vec(&v).ok()
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 /// Removes the usage-only chunk (`"choices":[]` with `usage`) from a chat
 /// stream. Bytes are forwarded event by event: an incomplete event waits in
 /// the carry until its end arrives, so the client still gets every content
@@ -55,8 +51,16 @@ pub struct UsageChunkStripper {
 }
 
 impl UsageChunkStripper {
-    /// What to forward for this chunk (everything at the end of the stream).
-    pub fn filter(&mut self, chunk: &[u8], end_of_stream: bool) -> Vec<u8> {
+    /// What to forward for this chunk (everything at the end of the stream),
+    /// or `None` to forward the chunk as it is: a chunk of whole events none
+    /// of which carries a usage object passes without a copy.
+    pub fn filter(&mut self, chunk: &[u8], end_of_stream: bool) -> Option<Vec<u8>> {
+        if self.carry.is_empty()
+            && (end_of_stream || last_event_end(chunk) == chunk.len())
+            && !has_usage_object(chunk)
+        {
+            return None;
+        }
         self.carry.extend_from_slice(chunk);
         let cut = if end_of_stream {
             self.carry.len()
@@ -70,7 +74,7 @@ impl UsageChunkStripper {
                 out.extend_from_slice(event);
             }
         }
-        out
+        Some(out)
     }
 }
 
@@ -168,8 +172,9 @@ mod tests {
         .as_bytes();
         for cut in 0..=stream.len() {
             let mut s = UsageChunkStripper::default();
-            let mut out = s.filter(&stream[..cut], false);
-            out.extend(s.filter(&stream[cut..], true));
+            let (a, b) = stream.split_at(cut);
+            let mut out = s.filter(a, false).unwrap_or_else(|| a.to_vec());
+            out.extend(s.filter(b, true).unwrap_or_else(|| b.to_vec()));
             assert_eq!(out, want, "cut at {cut}");
         }
     }

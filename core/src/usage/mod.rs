@@ -92,9 +92,13 @@ pub struct StreamUsage {
 
 impl StreamUsage {
     pub fn new(route: Route) -> StreamUsage {
+        let provider = route.provider();
         StreamUsage {
-            provider: route.provider(),
-            splitter: sse::Splitter::new(),
+            provider,
+            splitter: sse::Splitter::with_filter(match provider {
+                Provider::Anthropic => anthropic::may_carry_usage,
+                Provider::OpenAi => openai::may_carry_usage,
+            }),
             usage: None,
             model: None,
             errored: false,
@@ -143,8 +147,27 @@ impl StreamUsage {
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// Offset of the first `needle` in `haystack`. Scans for the needle's
+/// first byte with a tight loop and compares only there: SSE data is
+/// scanned on every event, so this is on the streaming hot path.
+pub(crate) fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    let (&first, rest) = needle.split_first()?;
+    let mut from = 0;
+    while let Some(i) = haystack
+        .get(from..)
+        .and_then(|h| h.iter().position(|b| *b == first))
+    {
+        let at = from + i;
+        if haystack.get(at + 1..at + needle.len()) == Some(rest) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+pub(crate) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    find(haystack, needle).is_some()
 }
 
 /// Whether `"usage"` appears as a key whose value is an object. Chat chunks
@@ -152,10 +175,10 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// chunk, and the Responses API's `response.created` / `in_progress` events
 /// carry `"usage":null` too; neither is worth a JSON parse. A `"usage"`
 /// inside generated text is escaped (`\"usage\"`) and never matches.
-fn has_usage_object(data: &[u8]) -> bool {
+pub(crate) fn has_usage_object(data: &[u8]) -> bool {
     const KEY: &[u8] = b"\"usage\"";
     let mut rest = data;
-    while let Some(i) = rest.windows(KEY.len()).position(|w| w == KEY) {
+    while let Some(i) = find(rest, KEY) {
         rest = rest.get(i + KEY.len()..).unwrap_or_default();
         let mut after = rest.iter().filter(|b| !b.is_ascii_whitespace());
         if after.next() == Some(&b':') && after.next() == Some(&b'{') {

@@ -82,3 +82,10 @@ pub fn stream_event(data: &[u8], usage: &mut Option<Usage>, model: &mut Option<S
         None => false,
     }
 }
+
+/// Whether a stream event of this name can carry usage, the model or an
+/// error. Chat chunks have no name (kept); the Responses API's `*.delta`
+/// events carry only generated text.
+pub fn may_carry_usage(event: &[u8]) -> bool {
+    !event.ends_with(b".delta")
+}

@@ -46,6 +46,11 @@ pub struct Splitter {
     oversized: bool,
     /// Events dropped for their size.
     pub dropped: u64,
+    /// Whether an event of this name is wanted; the data of an unwanted one
+    /// is never copied and the event is not dispatched.
+    wanted: fn(&[u8]) -> bool,
+    /// The current event's name was not wanted.
+    unwanted: bool,
 }
 
 impl Default for Splitter {
@@ -58,6 +63,8 @@ impl Default for Splitter {
             at_start: true,
             oversized: false,
             dropped: 0,
+            wanted: |_| true,
+            unwanted: false,
         }
     }
 }
@@ -65,6 +72,16 @@ impl Default for Splitter {
 impl Splitter {
     pub fn new() -> Splitter {
         Splitter::default()
+    }
+
+    /// A splitter that dispatches only events whose name (empty when the
+    /// event has none) `wanted` accepts. Content deltas are most of a
+    /// stream's bytes: skipping them by name avoids copying their data.
+    pub fn with_filter(wanted: fn(&[u8]) -> bool) -> Splitter {
+        Splitter {
+            wanted,
+            ..Splitter::default()
+        }
     }
 
     /// Feeds a chunk and calls `on_event` for every event it completes.
@@ -120,13 +137,14 @@ impl Splitter {
         if line.is_empty() {
             if self.oversized {
                 self.dropped += 1;
-            } else if self.has_data {
+            } else if self.has_data && !self.unwanted {
                 on_event(&self.event);
             }
             self.event.name.clear();
             self.event.data.clear();
             self.has_data = false;
             self.oversized = false;
+            self.unwanted = false;
             return;
         }
         if self.oversized || line.first() == Some(&b':') {
@@ -143,6 +161,7 @@ impl Splitter {
             None => (line, &b""[..]),
         };
         match field {
+            b"data" if self.unwanted => self.has_data = true,
             b"data" => {
                 if self.event.data.len() + value.len() + 1 > MAX_EVENT_BYTES {
                     self.oversized = true;
@@ -157,7 +176,12 @@ impl Splitter {
             b"event" => {
                 // Reuses the name's buffer; valid UTF-8 is borrowed, not copied twice.
                 self.event.name.clear();
-                self.event.name.push_str(&String::from_utf8_lossy(value));
+                self.unwanted = !(self.wanted)(value);
+                if self.unwanted {
+                    self.event.data.clear();
+                } else {
+                    self.event.name.push_str(&String::from_utf8_lossy(value));
+                }
             }
             _ => {}
         }
@@ -258,5 +282,28 @@ mod tests {
         }
         s.feed(b"\ndata: ok\n\n", |e| out.push(e.data.len()));
         assert_eq!(out, vec![2]);
+    }
+
+    #[test]
+    fn a_filtered_splitter_skips_unwanted_events_at_every_split() {
+        let doc = b"event: content_block_delta\ndata: {\"usage\":{}}\n\nevent: message_delta\ndata: {\"a\":1}\n\ndata: unnamed\n\n";
+        let wanted: fn(&[u8]) -> bool = |name| name != b"content_block_delta";
+        for cut in 0..=doc.len() {
+            let mut s = Splitter::with_filter(wanted);
+            let mut out = Vec::new();
+            for part in [&doc[..cut], &doc[cut..]] {
+                s.feed(part, |e| {
+                    out.push((
+                        e.name.clone(),
+                        String::from_utf8_lossy(&e.data).into_owned(),
+                    ))
+                });
+            }
+            assert_eq!(
+                out,
+                vec![ev("message_delta", "{\"a\":1}"), ev("", "unnamed")],
+                "cut at {cut}"
+            );
+        }
     }
 }

@@ -1,0 +1,151 @@
+//! Cost of one request through the core, phase by phase, with the
+//! benchmark's S1 (16 KB request, recorded 1 KB response) and S2 (300-event
+//! stream) shapes and a 10,002-key policy. `make bench` runs it beside the
+//! Envoy figures: it says which phase of the filter's own work dominates
+//! (wasm in V8 runs the same code somewhat slower than native).
+//!
+//! Natively: `cargo run --release -p tollgate-core --example flow_cost [iterations] [s1|s2]`;
+//! in V8, as Envoy runs the filter: `make bench` builds it for wasm32-wasip1
+//! and runs it under Node.js (`scripts/run-wasi.mjs`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::rc::Rc;
+use std::time::Instant;
+use tollgate_core::flow::RequestFlow;
+use tollgate_core::host::Host;
+use tollgate_core::policy;
+use tollgate_core::testing::{FakeHost, MemStore};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+
+fn bench_policy() -> Vec<u8> {
+    let mut keys = Vec::new();
+    for i in 0..10_000 {
+        keys.push(format!(
+            r#"{{"id":"key-{i}","key_sha256":"{}","team":"team-{}"}}"#,
+            tollgate_core::vkey::sha256_hex(&format!("tg-bench-{i}")),
+            i % 50
+        ));
+    }
+    keys.push(format!(
+        r#"{{"id":"bench","key_sha256":"{}","team":"bench","limits":{{"requests_per_minute":100000000,"input_tokens_per_minute":1000000000000,"output_tokens_per_minute":1000000000000}}}}"#,
+        tollgate_core::vkey::sha256_hex("tg-bench")
+    ));
+    format!(
+        r#"{{"version":1,"defaults":{{"models":["claude-*","gpt-*"]}},"keys":[{}],"prices":{{"claude-*":{{"input":3,"output":15}}}}}}"#,
+        keys.join(",")
+    )
+    .into_bytes()
+}
+
+#[derive(Default)]
+struct Phases {
+    names: Vec<&'static str>,
+    ns: Vec<u128>,
+}
+
+impl Phases {
+    fn add(&mut self, i: usize, name: &'static str, t: Instant) -> Instant {
+        if self.names.len() <= i {
+            self.names.push(name);
+            self.ns.push(0);
+        }
+        self.ns[i] += t.elapsed().as_nanos();
+        Instant::now()
+    }
+}
+
+fn run(label: &str, iterations: u32, body: &str, response: &[u8], stream: bool) {
+    let (policy, _) = policy::compile(&bench_policy(), "bench", 0).unwrap();
+    let policy = Rc::new(policy);
+    let store = MemStore::new();
+    let chunks: Vec<&[u8]> = if stream {
+        response.split_inclusive(|b| *b == b'\n').collect()
+    } else {
+        vec![response]
+    };
+    let mut p = Phases::default();
+    for n in 0..iterations {
+        let mut host = FakeHost::new()
+            .with_store(store.clone())
+            .with_request_header(":path", "/v1/messages")
+            .with_request_header(":method", "POST")
+            .with_request_header("content-type", "application/json")
+            .with_request_header("x-api-key", "tg-bench")
+            .with_request_header("x-request-id", &format!("req-{n}"))
+            .with_body(body)
+            .with_response_header(":status", "200")
+            .with_response_header(
+                "content-type",
+                if stream {
+                    "text/event-stream"
+                } else {
+                    "application/json"
+                },
+            )
+            .at(1_795_000_000_000 + u64::from(n));
+        let t = Instant::now();
+        let mut flow = RequestFlow::new(policy.clone());
+        flow.on_request_headers(&mut host, false);
+        let t = p.add(0, "request headers", t);
+        let size = host.body_len();
+        flow.on_request_body(&mut host, size, true);
+        let t = p.add(1, "request body", t);
+        flow.on_response_headers(&mut host, false);
+        let mut t = p.add(2, "response headers", t);
+        for (i, c) in chunks.iter().enumerate() {
+            host.response_chunk = c.to_vec();
+            flow.on_response_body(&mut host, c.len(), i + 1 == chunks.len());
+        }
+        t = p.add(3, "response body", t);
+        flow.on_end(&mut host);
+        p.add(4, "end", t);
+        assert!(host.now_ms() > 0 && flow.tokens().output.is_some());
+    }
+    let total: u128 = p.ns.iter().sum();
+    println!(
+        "{label}: {:.1} us per request",
+        total as f64 / 1e3 / f64::from(iterations)
+    );
+    for (name, ns) in p.names.iter().zip(&p.ns) {
+        println!(
+            "  {name:<18} {:8.2} us",
+            *ns as f64 / 1e3 / f64::from(iterations)
+        );
+    }
+}
+
+fn main() {
+    let iterations = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(2_000);
+    let only = std::env::args().nth(2).unwrap_or_default();
+    let filler =
+        "Summarise the attached incident report and list the three most likely root causes. "
+            .repeat(200);
+    let s1 = format!(
+        r#"{{"model":"claude-sonnet-4-5","max_tokens":1024,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        &filler[..16_000]
+    );
+    let s2 = r#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true,"messages":[{"role":"user","content":"Explain rate limiting."}]}"#;
+    let read = |f: &str| std::fs::read(format!("{FIXTURES}/{f}")).unwrap();
+    if only != "s2" {
+        run(
+            "S1 16 KB request / 1 KB response",
+            iterations,
+            &s1,
+            &read("anthropic/messages-basic.response.json"),
+            false,
+        );
+    }
+    if only != "s1" {
+        run(
+            "S2 stream of 300 events",
+            iterations,
+            s2,
+            &read("anthropic/messages-stream-long.response.sse"),
+            true,
+        );
+    }
+}
