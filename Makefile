@@ -100,15 +100,21 @@ unit: ## Unit tests only (no Envoy)
 e2e: build envoy sdk ## End-to-end tests only (real Envoy)
 	$(CARGO) test -p tollgate-e2e
 
-bench: wasm envoy ## Overhead vs plain Envoy and a no-op wasm filter (S1-S5), one run; installs wrk
+bench: wasm envoy ## Overhead vs plain Envoy and no-op wasm filters (S1-S5), CPU split, phase costs, policy scale, estimate accuracy; installs wrk and perf
 	@command -v wrk >/dev/null || { echo "==> installing wrk (Debian)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	@command -v perf >/dev/null || { echo "==> installing perf (Debian linux-perf)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null || echo "    (no perf: the CPU split is skipped)"; }
 	$(CARGO) build --release -p tollgate
+	$(CARGO) build --release -p tollgate-core --example flow_cost
+	$(CARGO) build --target $(WASM_TARGET) --profile wasm -p tollgate-core --example flow_cost
 	$(CARGO) build --target $(WASM_TARGET) --profile wasm -p tollgate-bench-noop
 	@cp target/$(WASM_TARGET)/wasm/tollgate_bench_noop.wasm target/noop.wasm
 	@scripts/bench.py
-	@scripts/bench-policy.sh
+	@TOLLGATE_BIN=target/release/tollgate scripts/bench-policy.sh
+	@echo; echo "Input-token estimate against the recorded exchanges (provider's count vs Tollgate's estimate):"
+	@$(CARGO) test -q --release -p tollgate-core --lib estimator_error_against_every_fixture -- --nocapture 2>&1 | grep -E "actual|error"
 
-bench-policy: build envoy ## Policy scale: check time, load time, in-VM compile time and memory at 0/1k/10k/100k keys
+bench-policy: build envoy ## Policy scale: check time, load time, in-VM compile time, memory and CPU per request at 0/1k/10k/100k keys
+	@command -v wrk >/dev/null || { echo "==> installing wrk (Debian)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	@scripts/bench-policy.sh
 
 lint: wasm-target ## clippy (no unwrap/expect/panic on the request path) and rustfmt check

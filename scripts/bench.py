@@ -2,15 +2,19 @@
 """make bench: Tollgate's overhead against plain Envoy and a no-op wasm filter.
 
 One run, one machine, loopback, one mock provider and collector (from
-`tollgate run --upstream mock`), three Envoys from the same rendered
+`tollgate run --upstream mock`), four Envoys from the same rendered
 bootstrap, one worker each:
-  none      no wasm filter
-  noop      a wasm filter whose callbacks all return Continue
-  tollgate  tollgate.wasm with a 10,000-key policy, audit on
+  none         no wasm filter
+  noop         a wasm filter whose callbacks all return Continue
+  noop-buffer  the same filter holding the headers and buffering the body
+               until its end, as any filter must that decides on the body
+  tollgate     tollgate.wasm with a 10,000-key policy, audit on
 For each scenario and variant: Envoy CPU per request (from /proc, so the load
 tool's own limits do not distort it), throughput at saturation, p50/p99
 latency at low concurrency, time to first SSE byte, Envoy RSS; medians over
-several runs with their spread, and the ratios. Prints one table.
+several runs with their spread, and the ratios. Prints one table, then where
+Tollgate's Envoy spends its CPU on S1 (perf, by code region) and the cost of
+each filter phase in V8 and natively (core/examples/flow_cost.rs).
 """
 import hashlib, http.client, json, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time
 
@@ -112,7 +116,13 @@ def start_variant(name, state):
         ecds_dir = os.path.join(work, f"{name}-ecds")
         os.makedirs(ecds_dir)
         ecds = open(os.path.join(state, "ecds/tollgate.yaml")).read()
-        ecds = ecds.replace(WASM if WASM in ecds else os.path.realpath(WASM), NOOP).replace("vm_id: tollgate", "vm_id: noop")
+        ecds = ecds.replace(WASM if WASM in ecds else os.path.realpath(WASM), NOOP).replace("vm_id: tollgate", f"vm_id: {name}")
+        # The plugin configuration (the policy, for Tollgate) tells the no-op
+        # filter whether to buffer.
+        start = ecds.index("      configuration:\n")
+        end = ecds.index("\n", ecds.index("value:", start)) + 1
+        mode = "buffer" if name == "noop-buffer" else "continue"
+        ecds = ecds[:start] + f'      configuration:\n        "@type": type.googleapis.com/google.protobuf.StringValue\n        value: "{mode}"\n' + ecds[end:]
         open(os.path.join(ecds_dir, "tollgate.yaml"), "w").write(ecds)
         text = text.replace(os.path.join(state, "ecds"), ecds_dir)
     conf = os.path.join(work, f"{name}.yaml")
@@ -202,12 +212,13 @@ def main():
     variants = {"tollgate": {"pid": ready["envoy_pid"], "listen": int(ready["listen"].rsplit(":", 1)[1])}}
     variants["none"] = start_variant("none", state)
     variants["noop"] = start_variant("noop", state)
+    variants["noop-buffer"] = start_variant("noop-buffer", state)
     b = bodies()
     rows = []
     for sc in scenarios(b):
         name, path, body, key, exchange, openai, conns = sc
         res = {}
-        for v in ["none", "noop", "tollgate"]:
+        for v in VARIANTS:
             pid, port = variants[v]["pid"], variants[v]["listen"]
             wrk(port, path, body, key, exchange, openai, conns, 1)  # warm-up
             cpu, rps, p50, p99 = [], [], [], []
@@ -221,26 +232,97 @@ def main():
                 p99.append(z)
             t = ttfb(port, path, body, key, exchange, openai) if "stream" in name else None
             res[v] = {"cpu": med(cpu), "rps": med(rps), "p50": med(p50), "p99": med(p99), "ttfb": t}
-            log(f"  {name:<36} {v:<9} cpu/req {res[v]['cpu'][0]:8.1f} us  rps {res[v]['rps'][0]:8.0f}  p50 {res[v]['p50'][0]:.2f} ms  p99 {res[v]['p99'][0]:.2f} ms" + (f"  ttfb {t:.2f} ms" if t else ""))
+            log(f"  {name:<36} {v:<11} cpu/req {res[v]['cpu'][0]:8.1f} us  rps {res[v]['rps'][0]:8.0f}  p50 {res[v]['p50'][0]:.2f} ms  p99 {res[v]['p99'][0]:.2f} ms" + (f"  ttfb {t:.2f} ms" if t else ""))
         rows.append((name, res))
     mem = {v: rss_mb(variants[v]["pid"]) for v in variants}
     print(f"\nEnvoy 1.40, 1 worker each, {RUNS} runs x {SECONDS}s per cell, medians (spread = max - min)")
     print(f"tollgate.wasm {os.path.getsize(WASM)} bytes; no-op wasm {os.path.getsize(NOOP)} bytes; policy 10,002 keys")
-    print(f"Envoy RSS after the run: none {mem['none']:.0f} MB, noop {mem['noop']:.0f} MB, tollgate {mem['tollgate']:.0f} MB\n")
-    hdr = f"{'scenario':<36} {'metric':<16} {'none':>14} {'noop':>14} {'tollgate':>14} {'tg/none':>8} {'tg/noop':>8}"
+    print("Envoy RSS after the run: " + ", ".join(f"{v} {mem[v]:.0f} MB" for v in VARIANTS) + "\n")
+    hdr = f"{'scenario':<36} {'metric':<14}" + "".join(f" {v:>15}" for v in VARIANTS) + f" {'tg/none':>8} {'tg/noop':>8} {'tg/noop-b':>9}"
     print(hdr)
     print("-" * len(hdr))
     for name, res in rows:
         for metric, label in [("cpu", "CPU us/req"), ("rps", "req/s"), ("p50", "p50 ms"), ("p99", "p99 ms")]:
-            vals = [res[v][metric] for v in ["none", "noop", "tollgate"]]
-            cells = " ".join(f"{m:8.2f} ±{s:<5.1f}" if m < 1000 else f"{m:8.0f} ±{s:<5.0f}" for m, s in vals)
-            print(f"{name:<36} {label:<16} {cells} {vals[2][0] / vals[0][0]:8.2f} {vals[2][0] / vals[1][0]:8.2f}")
+            vals = [res[v][metric] for v in VARIANTS]
+            cells = "".join(f" {m:8.2f} ±{s:<5.1f}" if m < 1000 else f" {m:8.0f} ±{s:<5.0f}" for m, s in vals)
+            tg = vals[3][0]
+            print(f"{name:<36} {label:<14}{cells} {tg / vals[0][0]:8.2f} {tg / vals[1][0]:8.2f} {tg / vals[2][0]:9.2f}")
         if res["tollgate"]["ttfb"]:
-            t = [res[v]["ttfb"] for v in ["none", "noop", "tollgate"]]
-            print(f"{name:<36} {'first byte ms':<16} {t[0]:8.2f}       {t[1]:8.2f}       {t[2]:8.2f}       {t[2] / t[0]:8.2f} {t[2] / t[1]:8.2f}")
-        none, noop, tg = (res[v]["cpu"][0] for v in ["none", "noop", "tollgate"])
-        ratio = f"Tollgate adds {(tg - none) / (noop - none):.1f}x what the no-op adds" if noop - none > 2 else "no-op cost within noise: compare with S1"
-        print(f"{'':<36} {'added CPU us':<16} {'':>14} {noop - none:8.2f}       {tg - none:8.2f}       {ratio}")
+            t = [res[v]["ttfb"] for v in VARIANTS]
+            print(f"{name:<36} {'first byte ms':<14}" + "".join(f" {x:8.2f}      " for x in t) + f" {t[3] / t[0]:8.2f} {t[3] / t[1]:8.2f} {t[3] / t[2]:9.2f}")
+        none, noop, noopb, tg = (res[v]["cpu"][0] for v in VARIANTS)
+        ratio = f"Tollgate adds {(tg - none) / (noop - none):.1f}x what the no-op adds" if noop - none > 2 else "no-op cost within noise"
+        print(f"{'':<36} {'added CPU us':<14} {'':>15} {noop - none:8.2f}       {noopb - none:8.2f}       {tg - none:8.2f}       {ratio}")
+    profile(variants, b)
+    phases()
+
+
+def profile(variants, b):
+    """Where each Envoy spends its CPU on S1, sampled with perf: code the
+    V8 JIT emitted (the wasm filter itself), host calls made from it (the
+    proxy-wasm ABI), the rest of Envoy, and the kernel."""
+    if not shutil.which("perf") or subprocess.run(["perf", "stat", "-e", "cpu-clock", "true"], capture_output=True).returncode:
+        print("\n(perf is not available here: no CPU split)")
+        return
+    print("\nS1 CPU split by code region (perf, cpu-clock, 5 s of load each):")
+    name, path, body, key, exchange, openai, conns = scenarios(b)[0]
+    for v in VARIANTS:
+        data = os.path.join(work, f"{v}.perf")
+        rec = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "2999", "-g", "-p", str(variants[v]["pid"]),
+                                "-o", data, "--", "sleep", "5"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        c0 = cpu_seconds(variants[v]["pid"])
+        n, _, _, _ = wrk(variants[v]["listen"], path, body, key, exchange, openai, conns, 4)
+        per_req = (cpu_seconds(variants[v]["pid"]) - c0) / n * 1e6
+        rec.wait()
+        script = subprocess.run(["perf", "script", "-i", data, "-F", "ip,dso"], capture_output=True, text=True).stdout
+        split = regions(script)
+        total = sum(split.values()) or 1
+        print(f"  {v:<12} {per_req:7.1f} us/req: " + ", ".join(
+            f"{k} {100 * c / total:.0f}% ({per_req * c / total:.0f} us)" for k, c in sorted(split.items(), key=lambda x: -x[1])))
+
+
+def regions(script):
+    from collections import Counter
+    out = Counter()
+
+    def where(line):
+        if "perf-" in line or "[JIT]" in line:
+            return "jit"
+        if "kernel" in line:
+            return "kernel"
+        return "envoy"
+    for sample in script.split("\n\n"):
+        frames = [where(l) for l in sample.strip().splitlines() if l.strip()]
+        if not frames:
+            continue
+        if frames[0] == "jit":
+            out["wasm code"] += 1
+        elif "jit" in frames[1:]:
+            out["host calls from wasm"] += 1
+        elif frames[0] == "kernel":
+            out["kernel"] += 1
+        else:
+            out["envoy"] += 1
+    return out
+
+
+def phases():
+    """The filter's own work per phase, the same code in V8 (as Envoy runs
+    it, through Node.js's WASI) and natively."""
+    example = os.path.join(ROOT, "target/wasm32-wasip1/wasm/examples/flow_cost.wasm")
+    native = os.path.join(ROOT, "target/release/examples/flow_cost")
+    print("\nFilter phases, S1 and S2 shapes, 10,002-key policy (core/examples/flow_cost.rs):")
+    if shutil.which("node") and os.path.exists(example):
+        out = subprocess.run(["node", "--no-warnings", os.path.join(ROOT, "scripts/run-wasi.mjs"), example, "3000"],
+                             capture_output=True, text=True)
+        print("  in V8 (wasm, as in Envoy):\n" + "\n".join("    " + l for l in out.stdout.splitlines()))
+    if os.path.exists(native):
+        out = subprocess.run([native, "3000"], capture_output=True, text=True)
+        print("  native:\n" + "\n".join("    " + l for l in out.stdout.splitlines()))
+
+
+VARIANTS = ["none", "noop", "noop-buffer", "tollgate"]
 
 
 try:

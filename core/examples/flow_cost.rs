@@ -130,7 +130,40 @@ fn main() {
     );
     let s2 = r#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true,"messages":[{"role":"user","content":"Explain rate limiting."}]}"#;
     let read = |f: &str| std::fs::read(format!("{FIXTURES}/{f}")).unwrap();
-    if only != "s2" {
+    if only.is_empty() || only == "s5" {
+        let s5 = format!(
+            r#"{{"model":"claude-sonnet-4-5","max_tokens":256,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+            format!("{} ", "x".repeat(80)).repeat(11_000)
+        );
+        run(
+            "S5 900 KB request",
+            iterations / 20,
+            &s5,
+            &read("anthropic/messages-basic.response.json"),
+            false,
+        );
+    }
+    if only.is_empty() || only == "estimate" {
+        // The request inspector alone (parse + input-token estimate) on S1's body.
+        let t = Instant::now();
+        let mut tokens = 0;
+        for _ in 0..iterations {
+            let info = tollgate_core::usage::inspect_request(
+                tollgate_core::route::Route::AnthropicMessages,
+                s1.as_bytes(),
+            )
+            .unwrap();
+            tokens = info.input_estimate;
+        }
+        let ns = t.elapsed().as_nanos() as f64 / f64::from(iterations);
+        println!(
+            "estimate of S1's {} byte body ({tokens} tokens): {:.1} us, {:.2} ns per byte",
+            s1.len(),
+            ns / 1e3,
+            ns / s1.len() as f64
+        );
+    }
+    if only.is_empty() || only == "s1" {
         run(
             "S1 16 KB request / 1 KB response",
             iterations,
@@ -139,7 +172,7 @@ fn main() {
             false,
         );
     }
-    if only != "s1" {
+    if only.is_empty() || only == "s2" {
         run(
             "S2 stream of 300 events",
             iterations,

@@ -1,0 +1,18 @@
+// Runs a wasm32-wasip1 program in Node.js's V8, the engine Envoy runs
+// tollgate.wasm in, with the repository readable (for test fixtures).
+// Used by `make bench` for core/examples/flow_cost.rs:
+//   node scripts/run-wasi.mjs target/wasm32-wasip1/wasm/examples/flow_cost.wasm [args...]
+import { readFile } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { WASI } from 'node:wasi';
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+const wasi = new WASI({
+  version: 'preview1',
+  args: ['flow_cost', ...process.argv.slice(3)],
+  env: {},
+  preopens: { [root]: root },
+});
+const module = await WebAssembly.compile(await readFile(process.argv[2]));
+wasi.start(await WebAssembly.instantiate(module, wasi.getImportObject()));
