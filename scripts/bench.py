@@ -15,8 +15,11 @@ latency at low concurrency, time to first SSE byte, Envoy RSS; medians over
 several runs with their spread, and the ratios. Prints one table, then where
 Tollgate's Envoy spends its CPU on S1 (perf, by code region) and the cost of
 each filter phase in V8 and natively (core/examples/flow_cost.rs).
+
+BENCH_RUNS (3) and BENCH_SECONDS (4) set the runs per cell and their length;
+BENCH_SCENARIOS (e.g. S2,S3) limits the scenarios.
 """
-import hashlib, http.client, json, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time
+import hashlib, http.client, json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLLGATE = os.environ.get("TOLLGATE_BENCH_BIN", os.path.join(ROOT, "target/release/tollgate"))
@@ -47,7 +50,6 @@ def rss_mb(pid):
 
 
 def free_port():
-    import socket
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -184,11 +186,16 @@ def wrk(port, path, body, key, exchange, openai, conns, seconds):
     return n, rps, ms("50"), ms("99")
 
 
-def ttfb(port, path, body, key, exchange, openai, n=15):
+def ttfb(port, path, body, key, exchange, openai, n=31):
     data = open(body, "rb").read()
     times = []
     for _ in range(n):
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        # http.client writes the headers and the body separately: without
+        # TCP_NODELAY, Nagle holds the body until the headers' delayed ACK
+        # (~40 ms), which would swamp what is measured.
+        c.connect()
+        c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         h = {"content-type": "application/json", "x-mock-exchange": exchange} if exchange else {"content-type": "application/json"}
         h["authorization" if openai else "x-api-key"] = ("Bearer " + key) if openai else key
         t0 = time.perf_counter()
@@ -215,8 +222,11 @@ def main():
     variants["noop-buffer"] = start_variant("noop-buffer", state)
     b = bodies()
     rows = []
+    only = [x for x in os.environ.get("BENCH_SCENARIOS", "").split(",") if x]
     for sc in scenarios(b):
         name, path, body, key, exchange, openai, conns = sc
+        if only and name.split()[0] not in only:
+            continue
         res = {}
         for v in VARIANTS:
             pid, port = variants[v]["pid"], variants[v]["listen"]
@@ -264,7 +274,7 @@ def profile(variants, b):
     if not shutil.which("perf") or subprocess.run(["perf", "stat", "-e", "cpu-clock", "true"], capture_output=True).returncode:
         print("\n(perf is not available here: no CPU split)")
         return
-    print("\nS1 CPU split by code region (perf, cpu-clock, 5 s of load each):")
+    print("\nS1 CPU split by code region (perf, cpu-clock, 4 s of load each):")
     name, path, body, key, exchange, openai, conns = scenarios(b)[0]
     for v in VARIANTS:
         data = os.path.join(work, f"{v}.perf")
@@ -312,7 +322,7 @@ def phases():
     it, through Node.js's WASI) and natively."""
     example = os.path.join(ROOT, "target/wasm32-wasip1/wasm/examples/flow_cost.wasm")
     native = os.path.join(ROOT, "target/release/examples/flow_cost")
-    print("\nFilter phases, S1 and S2 shapes, 10,002-key policy (core/examples/flow_cost.rs):")
+    print("\nFilter phases, S1, S2 and S5 shapes and the estimator alone, 10,002-key policy (core/examples/flow_cost.rs):")
     if shutil.which("node") and os.path.exists(example):
         out = subprocess.run(["node", "--no-warnings", os.path.join(ROOT, "scripts/run-wasi.mjs"), example, "3000"],
                              capture_output=True, text=True)

@@ -229,14 +229,7 @@ impl RequestFlow {
                 );
             }
             let buckets = self.buckets();
-            return self.admit(
-                host,
-                Demand {
-                    requests: 1.0,
-                    ..Default::default()
-                },
-                &buckets,
-            );
+            return self.admit(host, Demand::one_request(), &buckets);
         }
         // Published now so that a request that never reaches the body
         // decision (Envoy's own 413, a client that goes away) is still
@@ -281,14 +274,7 @@ impl RequestFlow {
         }
         if !self.route.is_llm() {
             let buckets = self.buckets();
-            return self.admit(
-                host,
-                Demand {
-                    requests: 1.0,
-                    ..Default::default()
-                },
-                &buckets,
-            );
+            return self.admit(host, Demand::one_request(), &buckets);
         }
         let body = host.request_body(body_size).unwrap_or_default();
         let info = match usage::inspect_request(self.route, &body) {
@@ -355,10 +341,7 @@ impl RequestFlow {
         }
         let demand = if self.route == Route::AnthropicCountTokens {
             // Counting tokens costs a request, never tokens.
-            Demand {
-                requests: 1.0,
-                ..Default::default()
-            }
+            Demand::one_request()
         } else {
             let input = self.info.input_estimate as f64;
             let output = self.info.max_tokens.unwrap_or(DEFAULT_OUTPUT_RESERVATION) as f64;
@@ -661,10 +644,9 @@ impl RequestFlow {
         };
         let count_cache_reads = self.policy.settings.cache_reads_count_toward_input_limit;
         let actual = match seen {
-            _ if self.route == Route::AnthropicCountTokens || !self.route.is_llm() => Demand {
-                requests: 1.0,
-                ..Default::default()
-            },
+            _ if self.route == Route::AnthropicCountTokens || !self.route.is_llm() => {
+                Demand::one_request()
+            }
             Some(u) => {
                 let t = &mut self.audit.tokens;
                 t.input = Some(u.input);
@@ -682,10 +664,7 @@ impl RequestFlow {
                 }
             }
             // An upstream error without usage consumed nothing: refund.
-            None if complete && self.response.status >= 400 => Demand {
-                requests: 1.0,
-                ..Default::default()
-            },
+            None if complete && self.response.status >= 400 => Demand::one_request(),
             // Success (or an abort) without readable usage: charge the reservation.
             None => {
                 host.stat(Stat::UsageUnreadable, 1);

@@ -261,18 +261,29 @@ impl Gateway {
 
     /// Polls the collector until the complete record of `request_id` is stored.
     pub fn audit_record(&self, request_id: &str) -> Value {
+        self.poll_record(request_id, true)
+    }
+
+    /// Polls the collector until a record of `request_id` is stored, complete
+    /// or provisional (a request that never finished keeps the record
+    /// published before it went upstream).
+    pub fn any_audit_record(&self, request_id: &str) -> Value {
+        self.poll_record(request_id, false)
+    }
+
+    fn poll_record(&self, request_id: &str, complete: bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(r) = self
                 .audit_records()
                 .into_iter()
-                .find(|r| r["request_id"] == request_id && r["complete"] == true)
+                .find(|r| r["request_id"] == request_id && (!complete || r["complete"] == true))
             {
                 return r;
             }
             if Instant::now() > deadline {
                 self.dump_logs();
-                panic!("no complete audit record for request {request_id} after 15s");
+                panic!("no audit record for request {request_id} after 15s (complete only: {complete})");
             }
             std::thread::sleep(Duration::from_millis(200));
         }

@@ -140,6 +140,15 @@ pub struct Demand {
 }
 
 impl Demand {
+    /// One request and no tokens: a request that is not an LLM call, a
+    /// token count, or an upstream error that consumed nothing.
+    pub fn one_request() -> Demand {
+        Demand {
+            requests: 1.0,
+            ..Demand::default()
+        }
+    }
+
     fn amount(&self, metric: Metric) -> f64 {
         match metric {
             Metric::Requests => self.requests,

@@ -20,12 +20,7 @@ pub fn compile(
     file: &str,
     now_ms: u64,
 ) -> Result<(Policy, PolicyReport), Vec<PolicyError>> {
-    let at = |p: Problem| PolicyError {
-        file: file.to_string(),
-        path: p.path,
-        value: p.value,
-        reason: p.reason,
-    };
+    let at = |p: Problem| p.in_file(file);
     // Fast path: a valid document is checked while it streams and parsed
     // straight into the typed structs. Anything it would refuse takes the
     // DOM path below, which reports every error with its path.
@@ -47,12 +42,7 @@ pub(super) fn compile_checked(
     file: &str,
     now_ms: u64,
 ) -> Result<(Policy, PolicyReport), Vec<PolicyError>> {
-    let at = |p: Problem| PolicyError {
-        file: file.to_string(),
-        path: p.path,
-        value: p.value,
-        reason: p.reason,
-    };
+    let at = |p: Problem| p.in_file(file);
     let value: Value = serde_json::from_slice(json).map_err(|e| {
         vec![at(Problem {
             path: String::new(),

@@ -237,6 +237,18 @@ pub struct Problem {
     pub reason: String,
 }
 
+impl Problem {
+    /// The problem as a [`PolicyError`] naming `file`.
+    pub fn in_file(self, file: &str) -> super::error::PolicyError {
+        super::error::PolicyError {
+            file: file.to_string(),
+            path: self.path,
+            value: self.value,
+            reason: self.reason,
+        }
+    }
+}
+
 fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
