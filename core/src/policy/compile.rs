@@ -35,9 +35,11 @@ pub fn compile(
     compile_checked(json, file, now_ms)
 }
 
-/// The DOM path: parse, check the whole document against the schema and its
-/// cross-references, collecting every error.
-pub(super) fn compile_checked(
+/// The DOM path alone: parse, check the whole document against the schema
+/// and its cross-references, collecting every error. [`compile`] takes it
+/// for any document its streaming fast path would not accept; tests and the
+/// fuzzer hold the two paths to the same verdict.
+pub fn compile_checked(
     json: &[u8],
     file: &str,
     now_ms: u64,

@@ -11,7 +11,7 @@ pub mod pattern;
 pub mod raw;
 pub mod schema;
 
-pub use compile::compile;
+pub use compile::{compile, compile_checked};
 pub use error::{PolicyError, PolicyReport};
 pub use pattern::ModelPattern;
 

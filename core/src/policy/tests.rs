@@ -125,7 +125,7 @@ fn valid_policies_take_the_streaming_path_and_compile_as_the_dom_path_does() {
     for doc in [EXAMPLE, rich] {
         assert!(schema::conforms(doc.as_bytes()), "{doc}");
         let (fast, fast_report) = compile(doc.as_bytes(), "p.json", 0).unwrap();
-        let (dom, dom_report) = compile::compile_checked(doc.as_bytes(), "p.json", 0).unwrap();
+        let (dom, dom_report) = compile_checked(doc.as_bytes(), "p.json", 0).unwrap();
         assert_eq!(format!("{:?}", fast.keys()), format!("{:?}", dom.keys()));
         assert_eq!(format!("{:?}", fast.pools), format!("{:?}", dom.pools));
         assert_eq!(
