@@ -116,6 +116,13 @@ pub async fn serve(
         // default limit is 2 MB.
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(state);
+    // A provider flushes each SSE event as it is written; without
+    // TCP_NODELAY the first small event would wait for Envoy's delayed ACK
+    // (~40 ms) and every stream's time to first byte would measure that.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
