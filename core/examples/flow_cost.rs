@@ -1,10 +1,11 @@
 //! Cost of one request through the core, phase by phase, with the
-//! benchmark's S1 (16 KB request, recorded 1 KB response) and S2 (300-event
-//! stream) shapes and a 10,002-key policy. `make bench` runs it beside the
+//! benchmark's S1 (16 KB request, recorded 1 KB response), S2 (300-event
+//! stream) and S5 (900 KB request) shapes and a 10,002-key policy, and the
+//! request inspector (token estimate) alone on S1's body. `make bench` runs it beside the
 //! Envoy figures: it says which phase of the filter's own work dominates
 //! (wasm in V8 runs the same code somewhat slower than native).
 //!
-//! Natively: `cargo run --release -p tollgate-core --example flow_cost [iterations] [s1|s2]`;
+//! Natively: `cargo run --release -p tollgate-core --example flow_cost [iterations] [s1|s2|s5|estimate]`;
 //! in V8, as Envoy runs the filter: `make bench` builds it for wasm32-wasip1
 //! and runs it under Node.js (`scripts/run-wasi.mjs`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]

@@ -609,11 +609,10 @@ impl<'de> Visitor<'de> for Conform<'_> {
                 // Fields seen, by position in `fields` (at most 64 per object).
                 let mut seen = 0u64;
                 while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    match fields.iter().position(|f| f.name == name) {
-                        Some(i) => {
+                    match fields.iter().enumerate().find(|(_, f)| f.name == name) {
+                        Some((i, f)) => {
                             seen |= 1 << i;
-                            let ty = fields.get(i).map_or(&POLICY, |f| f.ty);
-                            ok &= map.next_value_seed(Conform(ty))?;
+                            ok &= map.next_value_seed(Conform(f.ty))?;
                         }
                         None => {
                             map.next_value::<IgnoredAny>()?;

@@ -4,7 +4,7 @@
 //! usage-only chunk from the client's stream so clients that index
 //! `choices[0]` on every chunk keep working.
 
-use super::{contains, has_usage_object, sse};
+use super::{contains, find, has_usage_object, sse};
 
 /// The request body with `stream_options.include_usage` set to true, or
 /// `None` if it cannot be rewritten (not a JSON object).
@@ -111,8 +111,8 @@ fn split_events(buf: &[u8]) -> Vec<&[u8]> {
 }
 
 fn last_event_end_first(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+    let lf = find(buf, b"\n\n").map(|p| p + 2);
+    let crlf = find(buf, b"\r\n\r\n").map(|p| p + 4);
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),

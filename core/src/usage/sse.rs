@@ -161,7 +161,8 @@ impl Splitter {
             None => (line, &b""[..]),
         };
         match field {
-            b"data" if self.unwanted => self.has_data = true,
+            // An unwanted event is never dispatched: its data is not kept.
+            b"data" if self.unwanted => {}
             b"data" => {
                 if self.event.data.len() + value.len() + 1 > MAX_EVENT_BYTES {
                     self.oversized = true;
