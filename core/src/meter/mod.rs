@@ -9,7 +9,10 @@
 //! decides and is named in the error.
 
 pub mod cell;
+pub mod metric;
 pub mod store;
+
+pub use metric::{Measure, Metric, METRICS};
 
 use crate::policy::{Key, Limits, Policy};
 use crate::time::Millis;
@@ -17,64 +20,6 @@ use cell::{Refill, View};
 use store::{Contention, Step};
 
 use crate::host::SharedStore;
-
-/// One limit kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Metric {
-    Requests,
-    InputTokens,
-    OutputTokens,
-    TokensPerDay,
-    UsdPerDay,
-    UsdPerMonth,
-}
-
-impl Metric {
-    pub const ALL: [Metric; 6] = [
-        Metric::Requests,
-        Metric::InputTokens,
-        Metric::OutputTokens,
-        Metric::TokensPerDay,
-        Metric::UsdPerDay,
-        Metric::UsdPerMonth,
-    ];
-
-    /// The policy field name, used in messages and bucket labels.
-    pub fn name(self) -> &'static str {
-        match self {
-            Metric::Requests => "requests_per_minute",
-            Metric::InputTokens => "input_tokens_per_minute",
-            Metric::OutputTokens => "output_tokens_per_minute",
-            Metric::TokensPerDay => "tokens_per_day",
-            Metric::UsdPerDay => "budget_usd_per_day",
-            Metric::UsdPerMonth => "budget_usd_per_month",
-        }
-    }
-
-    pub fn refill(self) -> Refill {
-        match self {
-            Metric::Requests | Metric::InputTokens | Metric::OutputTokens => Refill::PerMinute,
-            Metric::TokensPerDay | Metric::UsdPerDay => Refill::Day,
-            Metric::UsdPerMonth => Refill::Month,
-        }
-    }
-
-    /// Quotas and budgets cannot be retried away; per-minute buckets can.
-    pub fn is_quota(self) -> bool {
-        self.refill() != Refill::PerMinute
-    }
-
-    fn limit(self, limits: &Limits) -> Option<f64> {
-        match self {
-            Metric::Requests => limits.requests_per_minute.map(|v| v as f64),
-            Metric::InputTokens => limits.input_tokens_per_minute.map(|v| v as f64),
-            Metric::OutputTokens => limits.output_tokens_per_minute.map(|v| v as f64),
-            Metric::TokensPerDay => limits.tokens_per_day.map(|v| v as f64),
-            Metric::UsdPerDay => limits.budget_usd_per_day,
-            Metric::UsdPerMonth => limits.budget_usd_per_month,
-        }
-    }
-}
 
 /// A bucket: a limit of one key or pool.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,10 +60,8 @@ impl Bucket {
 pub fn buckets_for(policy: &Policy, key: &Key) -> Vec<Bucket> {
     let mut out = Vec::new();
     let mut add = |scope: String, limits: &Limits| {
-        for metric in Metric::ALL {
-            if let Some(limit) = metric.limit(limits) {
-                out.push(Bucket::new(scope.clone(), metric, limit));
-            }
+        for (metric, limit) in limits.iter() {
+            out.push(Bucket::new(scope.clone(), metric, limit));
         }
     };
     add(format!("key:{}", key.id), &key.limits);
@@ -135,7 +78,7 @@ pub struct Demand {
     pub requests: f64,
     pub input_tokens: f64,
     pub output_tokens: f64,
-    pub day_tokens: f64,
+    pub all_tokens: f64,
     pub usd: f64,
 }
 
@@ -150,12 +93,12 @@ impl Demand {
     }
 
     fn amount(&self, metric: Metric) -> f64 {
-        match metric {
-            Metric::Requests => self.requests,
-            Metric::InputTokens => self.input_tokens,
-            Metric::OutputTokens => self.output_tokens,
-            Metric::TokensPerDay => self.day_tokens,
-            Metric::UsdPerDay | Metric::UsdPerMonth => self.usd,
+        match metric.measure() {
+            Measure::Requests => self.requests,
+            Measure::InputTokens => self.input_tokens,
+            Measure::OutputTokens => self.output_tokens,
+            Measure::AllTokens => self.all_tokens,
+            Measure::Usd => self.usd,
         }
     }
 }

@@ -199,7 +199,7 @@ fn daily_quota_admits_while_anything_is_left_and_resets_at_midnight() {
     let s = MemStore::new();
     let b = [bucket(Metric::TokensPerDay, 1000.0)];
     let d = Demand {
-        day_tokens: 800.0,
+        all_tokens: 800.0,
         ..Default::default()
     };
     let a = admit(&*s, &b, &d, clock(1000)).unwrap();
@@ -207,7 +207,7 @@ fn daily_quota_admits_while_anything_is_left_and_resets_at_midnight() {
         &*s,
         &a.reservations,
         &Demand {
-            day_tokens: 1200.0,
+            all_tokens: 1200.0,
             ..Default::default()
         },
         clock(2000),

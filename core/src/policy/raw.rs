@@ -1,23 +1,31 @@
-//! Serde structs that mirror the policy JSON exactly. Unknown fields are
-//! rejected; `compile` turns these into the runtime `Policy`.
+//! Serde structs that mirror the policy JSON exactly, with typed leaves
+//! ([`super::leaf`]): unknown fields and bad values fail inside
+//! deserialisation, so a policy that parses is valid in every value and
+//! `compile` only checks what spans several values (unique ids, groups that
+//! exist) before building the runtime `Policy`.
 
+use super::leaf::{Count, PerMillion, PoolName, Sha256, Text, Time, TimeZone, Usd, Version};
+use super::pattern::ModelPattern;
+use super::{Limits, UnknownRoutes};
+use crate::meter::{Measure, Metric};
+use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPolicy {
-    pub version: u32,
+    pub version: Version,
     #[serde(default)]
     pub defaults: RawDefaults,
     #[serde(default)]
-    pub groups: BTreeMap<String, RawGroup>,
+    pub groups: BTreeMap<Text, RawGroup>,
     #[serde(default)]
-    pub pools: BTreeMap<String, RawLimits>,
+    pub pools: BTreeMap<PoolName, Limits>,
     #[serde(default)]
     pub keys: Vec<RawKey>,
     #[serde(default)]
-    pub prices: BTreeMap<String, RawPrice>,
+    pub prices: BTreeMap<ModelPattern, RawPrice>,
     #[serde(default)]
     pub settings: RawSettings,
 }
@@ -25,71 +33,60 @@ pub struct RawPolicy {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawDefaults {
-    pub models: Option<Vec<String>>,
+    pub models: Option<Vec<ModelPattern>>,
     #[serde(default)]
-    pub limits: RawLimits,
+    pub limits: Limits,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawGroup {
-    pub models: Option<Vec<String>>,
+    pub models: Option<Vec<ModelPattern>>,
     #[serde(default)]
-    pub limits: RawLimits,
+    pub limits: Limits,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct RawLimits {
-    pub requests_per_minute: Option<f64>,
-    pub input_tokens_per_minute: Option<f64>,
-    pub output_tokens_per_minute: Option<f64>,
-    pub tokens_per_day: Option<f64>,
-    pub budget_usd_per_day: Option<f64>,
-    pub budget_usd_per_month: Option<f64>,
-}
-
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawKey {
-    pub id: String,
-    pub key_sha256: String,
-    pub user: Option<String>,
-    pub team: Option<String>,
-    pub project: Option<String>,
-    pub app: Option<String>,
-    pub agent: Option<String>,
-    pub environment: Option<String>,
-    pub cost_center: Option<String>,
+    pub id: Text,
+    pub key_sha256: Sha256,
+    pub user: Option<Text>,
+    pub team: Option<Text>,
+    pub project: Option<Text>,
+    pub app: Option<Text>,
+    pub agent: Option<Text>,
+    pub environment: Option<Text>,
+    pub cost_center: Option<Text>,
     #[serde(default)]
-    pub groups: Vec<String>,
+    pub groups: Vec<Text>,
     #[serde(default)]
-    pub limits: RawLimits,
-    pub expires_at: Option<String>,
+    pub limits: Limits,
+    pub expires_at: Option<Time>,
     #[serde(default)]
     pub revoked: bool,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
+#[derive(Debug, Deserialize, Clone, Copy)]
 #[serde(deny_unknown_fields)]
 pub struct RawPrice {
-    pub input: f64,
-    pub output: f64,
-    pub cache_write: Option<f64>,
-    pub cache_read: Option<f64>,
+    pub input: PerMillion,
+    pub output: PerMillion,
+    pub cache_write: Option<PerMillion>,
+    pub cache_read: Option<PerMillion>,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawSettings {
     /// `"deny"` (default) or `"pass"` for paths outside the provider APIs.
-    pub unknown_routes: Option<String>,
+    pub unknown_routes: Option<UnknownRoutes>,
     /// Whether cache reads count toward input tokens per minute (default false,
     /// as Anthropic's own limiter does on current models).
     pub cache_reads_count_toward_input_limit: Option<bool>,
     /// Time zone of daily and monthly windows: `UTC` or a fixed offset such
     /// as `+02:00`.
-    pub time_zone: Option<String>,
+    pub time_zone: Option<TimeZone>,
     /// Price used for a model absent from `prices`; without it such models
     /// are denied when a money budget applies.
     pub default_price: Option<RawPrice>,
@@ -97,4 +94,36 @@ pub struct RawSettings {
     /// Envoy's `allow_on_headers_stop_iteration`; Istio's `WasmPlugin` cannot
     /// set it, so policies rendered for Istio set this to false.
     pub hold_request_headers: Option<bool>,
+}
+
+/// A `limits` object: its fields are the rows of the metric table, each a
+/// count or a USD amount as the row's measure says.
+impl<'de> Deserialize<'de> for Limits {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct LimitsVisitor;
+        impl<'de> Visitor<'de> for LimitsVisitor {
+            type Value = Limits;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of limits")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Limits, A::Error> {
+                let mut limits = Limits::default();
+                while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let Some(metric) = Metric::from_field(&name) else {
+                        return Err(serde::de::Error::unknown_field(&name, &[]));
+                    };
+                    if limits.get(metric).is_some() {
+                        return Err(serde::de::Error::duplicate_field(metric.name()));
+                    }
+                    let value = match metric.measure() {
+                        Measure::Usd => map.next_value::<Usd>()?.0,
+                        _ => map.next_value::<Count>()?.0 as f64,
+                    };
+                    limits.set(metric, value);
+                }
+                Ok(limits)
+            }
+        }
+        d.deserialize_map(LimitsVisitor)
+    }
 }
