@@ -8,6 +8,7 @@
 mod compile;
 pub mod error;
 pub mod leaf;
+pub mod limits;
 pub mod pattern;
 pub mod raw;
 pub mod schema;
@@ -15,9 +16,9 @@ pub mod schema;
 pub use crate::price::Price;
 pub use compile::{compile, compile_checked};
 pub use error::{PolicyError, PolicyReport};
+pub use limits::{Limit, Limits, StoreFailure};
 pub use pattern::ModelPattern;
 
-use crate::meter::Metric;
 use hashbrown::HashMap;
 
 /// Identity attributes that name pools: `team: payments` draws from
@@ -60,45 +61,6 @@ pub struct Key {
     pub pools: Vec<usize>,
     pub revoked: bool,
     pub expires_at_ms: Option<u64>,
-}
-
-/// Limits of one key or one pool, one per row of the metric table
-/// ([`crate::meter::METRICS`]); `None` means unlimited. Counts are whole
-/// numbers, budgets USD.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Limits([Option<f64>; Metric::COUNT]);
-
-impl Limits {
-    pub fn get(&self, metric: Metric) -> Option<f64> {
-        self.0.get(metric as usize).copied().flatten()
-    }
-
-    pub fn set(&mut self, metric: Metric, value: f64) {
-        if let Some(slot) = self.0.get_mut(metric as usize) {
-            *slot = Some(value);
-        }
-    }
-
-    /// Every limit that is set, in table order.
-    pub fn iter(&self) -> impl Iterator<Item = (Metric, f64)> + '_ {
-        Metric::all().filter_map(|m| Some((m, self.get(m)?)))
-    }
-
-    /// For each limit: this value if set, else the most restrictive value
-    /// among `groups`, else `defaults`.
-    pub fn resolve(&self, groups: &[&Limits], defaults: &Limits) -> Limits {
-        let mut out = Limits::default();
-        for metric in Metric::all() {
-            let group = groups
-                .iter()
-                .filter_map(|g| g.get(metric))
-                .min_by(f64::total_cmp);
-            if let Some(v) = self.get(metric).or(group).or(defaults.get(metric)) {
-                out.set(metric, v);
-            }
-        }
-        out
-    }
 }
 
 /// A shared pool (`team:payments`): every key whose attribute matches draws

@@ -4,11 +4,9 @@
 //! `compile` only checks what spans several values (unique ids, groups that
 //! exist) before building the runtime `Policy`.
 
-use super::leaf::{Count, PerMillion, PoolName, Sha256, Text, Time, TimeZone, Usd, Version};
+use super::leaf::{PerMillion, PoolName, Sha256, Text, Time, TimeZone, Version};
 use super::pattern::ModelPattern;
 use super::{Limits, UnknownRoutes};
-use crate::meter::{Measure, Metric};
-use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -94,36 +92,4 @@ pub struct RawSettings {
     /// Envoy's `allow_on_headers_stop_iteration`; Istio's `WasmPlugin` cannot
     /// set it, so policies rendered for Istio set this to false.
     pub hold_request_headers: Option<bool>,
-}
-
-/// A `limits` object: its fields are the rows of the metric table, each a
-/// count or a USD amount as the row's measure says.
-impl<'de> Deserialize<'de> for Limits {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct LimitsVisitor;
-        impl<'de> Visitor<'de> for LimitsVisitor {
-            type Value = Limits;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object of limits")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Limits, A::Error> {
-                let mut limits = Limits::default();
-                while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    let Some(metric) = Metric::from_field(&name) else {
-                        return Err(serde::de::Error::unknown_field(&name, &[]));
-                    };
-                    if limits.get(metric).is_some() {
-                        return Err(serde::de::Error::duplicate_field(metric.name()));
-                    }
-                    let value = match metric.measure() {
-                        Measure::Usd => map.next_value::<Usd>()?.0,
-                        _ => map.next_value::<Count>()?.0 as f64,
-                    };
-                    limits.set(metric, value);
-                }
-                Ok(limits)
-            }
-        }
-        d.deserialize_map(LimitsVisitor)
-    }
 }

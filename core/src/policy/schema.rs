@@ -18,6 +18,12 @@ pub enum Ty {
     },
     Array(&'static Ty),
     Leaf(Leaf),
+    /// A limit: its amount alone (`amount`, a leaf), or an object
+    /// (`settings`) with the amount under `limit` and how it behaves.
+    Limit {
+        amount: &'static Ty,
+        settings: &'static Ty,
+    },
 }
 
 /// A field of an object.
@@ -50,6 +56,8 @@ pub enum Leaf {
     PoolName,
     PolicyVersion,
     UnknownRoutes,
+    /// `local`, `closed` or `open`.
+    StoreFailure,
 }
 
 const fn field(name: &'static str, ty: &'static Ty, doc: &'static str) -> Field {
@@ -79,10 +87,35 @@ static MODEL_LIST: Ty = Ty::Array(&Ty::Leaf(Leaf::ModelPattern));
 static TEXT_LIST: Ty = Ty::Array(&TEXT);
 
 /// The `limits` object: one field per row of the metric table, a count or
-/// a USD amount as the row's measure says.
+/// a USD amount as the row's measure says, alone or with its settings.
 pub static LIMITS: Ty = Ty::Object(&LIMIT_FIELDS);
 
 static LIMIT_FIELDS: [Field; Metric::COUNT] = limit_fields();
+
+static COUNT_LIMIT: Ty = Ty::Limit {
+    amount: &COUNT,
+    settings: &Ty::Object(&limit_settings(&COUNT)),
+};
+static USD_LIMIT: Ty = Ty::Limit {
+    amount: &USD,
+    settings: &Ty::Object(&limit_settings(&USD)),
+};
+
+const fn limit_settings(amount: &'static Ty) -> [Field; 3] {
+    [
+        required("limit", amount, "The limit's amount."),
+        field(
+            "strict",
+            &BOOL,
+            "With a shared store (Redis): admit every request through it, never from a local lease (exact, one round trip).",
+        ),
+        field(
+            "on_store_failure",
+            &Ty::Leaf(Leaf::StoreFailure),
+            "With a shared store, when it cannot be reached: \"local\" (limit / replicas, default for per-minute limits), \"closed\" (503, default for quotas and budgets) or \"open\".",
+        ),
+    ]
+}
 
 // Const evaluation: `i < Metric::COUNT` bounds both arrays, and an
 // out-of-bounds index would fail the build, not a request.
@@ -93,8 +126,8 @@ const fn limit_fields() -> [Field; Metric::COUNT] {
     while i < Metric::COUNT {
         let spec = &METRICS[i];
         let ty = match spec.measure {
-            Measure::Usd => &USD,
-            _ => &COUNT,
+            Measure::Usd => &USD_LIMIT,
+            _ => &COUNT_LIMIT,
         };
         out[i] = field(spec.field, ty, spec.doc);
         i += 1;
@@ -372,6 +405,10 @@ pub fn check(v: &Value, ty: &Ty, path: &str, out: &mut Vec<Problem>) {
                 push(path.to_string(), Some(show(v)), reason);
             }
         }
+        Ty::Limit { amount, settings } => {
+            let ty = if v.is_object() { settings } else { amount };
+            check(v, ty, path, out);
+        }
     }
 }
 
@@ -406,6 +443,7 @@ pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
             None => Err(format!("expected the number 1, found {}", kind(v))),
         },
         Leaf::UnknownRoutes => leaf::unknown_routes(&text(v)?).map(|_| ()),
+        Leaf::StoreFailure => super::StoreFailure::parse(&text(v)?).map(|_| ()),
     }
 }
 
@@ -454,6 +492,9 @@ fn to_schema(ty: &Ty, doc: &str) -> Value {
         }
         Ty::Array(item) => json!({ "type": "array", "items": to_schema(item, "") }),
         Ty::Leaf(rule) => leaf_schema(*rule),
+        Ty::Limit { amount, settings } => {
+            json!({ "oneOf": [to_schema(amount, ""), to_schema(settings, "")] })
+        }
     };
     if let (false, Some(m)) = (doc.is_empty(), s.as_object_mut()) {
         m.insert("description".into(), json!(doc));
@@ -483,5 +524,6 @@ fn leaf_schema(rule: Leaf) -> Value {
         }
         Leaf::PolicyVersion => json!({ "const": 1 }),
         Leaf::UnknownRoutes => json!({ "enum": ["deny", "pass"] }),
+        Leaf::StoreFailure => json!({ "enum": ["local", "closed", "open"] }),
     }
 }
