@@ -29,7 +29,11 @@ fn fail(message: &str) -> ! {
 }
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = crate_dir
+        .parent()
+        .unwrap_or(crate_dir)
+        .join("tests/fixtures");
     println!("cargo:rerun-if-changed={}", root.display());
     let mut files = Vec::new();
     if let Err(e) = walk(&root, &mut files) {
