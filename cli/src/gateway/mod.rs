@@ -148,9 +148,7 @@ pub async fn start(
     collector: Collector,
     providers: Providers,
 ) -> Result<Running> {
-    let policy = load_policy(&opts.policy)?;
-    let wasm = find_wasm(&opts.wasm)?;
-    let layout = create_layout(&opts.state_dir)?;
+    let (policy, wasm, layout) = prepare(&opts)?;
     let stop = Stop::new();
     // Collector first: Envoy connects to it as soon as it starts.
     let collector = start_collector(collector, &layout, &stop).await?;
@@ -243,9 +241,7 @@ pub fn render_only(
     anthropic: Upstream,
     openai: Upstream,
 ) -> Result<Rendered> {
-    let policy = load_policy(&opts.policy)?;
-    let wasm = find_wasm(&opts.wasm)?;
-    let layout = create_layout(&opts.state_dir)?;
+    let (policy, wasm, layout) = prepare(&opts)?;
     let providers = remote(anthropic, openai);
     let copy = layout.dir.join("tollgate.wasm");
     if copy != wasm {
@@ -260,6 +256,15 @@ pub fn render_only(
         listen,
         collector,
     })
+}
+
+/// What is checked before anything starts: a valid policy, the filter
+/// module, the state directory.
+fn prepare(opts: &Options) -> Result<(policy_file::Loaded, PathBuf, Layout)> {
+    let policy = load_policy(&opts.policy)?;
+    let wasm = find_wasm(&opts.wasm)?;
+    let layout = create_layout(&opts.state_dir)?;
+    Ok((policy, wasm, layout))
 }
 
 fn load_policy(path: &Path) -> Result<policy_file::Loaded> {
