@@ -1,7 +1,7 @@
 //! Virtual keys: minting one, its policy entry (which holds only the key's
 //! SHA-256), and adding that entry to a policy file without reformatting it.
 
-use crate::gateway::render::write_atomic;
+use crate::atomic_file;
 use crate::policy_file;
 use anyhow::{bail, Context, Result};
 use rand::RngCore;
@@ -147,7 +147,7 @@ pub fn add_to_policy(path: &Path, entry: &serde_json::Value) -> Result<()> {
             errors.join("\n")
         );
     }
-    write_atomic(path, &updated, 0o644)
+    atomic_file::write(path, &updated, 0o644)
 }
 
 #[cfg(test)]
@@ -180,5 +180,36 @@ mod tests {
         // A "keys" field nested elsewhere is not the top-level one.
         let out = insert_key("{\"groups\": {\"keys\": []}, \"keys\": [1]}", "2").unwrap();
         assert_eq!(out, "{\"groups\": {\"keys\": []}, \"keys\": [1,\n  2]}");
+    }
+
+    #[test]
+    fn insert_reads_escapes_inside_strings() {
+        // `\\` ends in a backslash: the quote after it closes the string.
+        let out = insert_key(r#"{"note": "c:\\", "keys": []}"#, "1").unwrap();
+        assert_eq!(out, "{\"note\": \"c:\\\\\", \"keys\": [\n  1\n]}");
+        // An escaped quote does not: `keys` here is text, not a field.
+        let out = insert_key(r#"{"note": "\" \"keys\": [", "keys": [2]}"#, "3").unwrap();
+        assert_eq!(
+            out,
+            r#"{"note": "\" \"keys\": [", "keys": [2,"#.to_string() + "\n  3]}"
+        );
+    }
+
+    #[test]
+    fn entry_holds_the_hash_and_the_given_identity_only() {
+        let spec = KeySpec {
+            id: "ci-bot".into(),
+            attributes: vec![("team", "payments".into()), ("agent", "nightly".into())],
+            groups: vec!["eng".into()],
+            expires_at: None,
+        };
+        let e = entry(&spec, "tg-secret");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                r#"{{"id":"ci-bot","key_sha256":"{}","team":"payments","agent":"nightly","groups":["eng"]}}"#,
+                vkey::sha256_hex("tg-secret")
+            )
+        );
     }
 }

@@ -17,8 +17,8 @@ pub mod render;
 
 use crate::audit_service;
 use crate::collector::store::AuditStore;
-use crate::policy_file;
 use crate::shutdown::Stop;
+use crate::{atomic_file, policy_file};
 use anyhow::{bail, Context, Result};
 use render::{Gateway, Layout, Upstream};
 use std::fmt;
@@ -427,12 +427,12 @@ fn write_config(
     gateway: &Gateway,
     providers: &ProvidersAt,
 ) -> Result<()> {
-    render::write_atomic(
+    atomic_file::write(
         &layout.secret("anthropic"),
         &render::secret("anthropic_api_key", &providers.anthropic_key)?,
         0o600,
     )?;
-    render::write_atomic(
+    atomic_file::write(
         &layout.secret("openai"),
         &render::secret(
             "openai_api_key",
@@ -440,12 +440,12 @@ fn write_config(
         )?,
         0o600,
     )?;
-    render::write_atomic(
+    atomic_file::write(
         &layout.ecds(),
         &render::ecds(policy_json, wasm, true)?,
         0o644,
     )?;
-    render::write_atomic(
+    atomic_file::write(
         &layout.bootstrap(),
         &render::bootstrap(gateway, layout)?,
         0o644,
@@ -463,7 +463,7 @@ fn write_ready(s: &Summary, envoy_pid: Option<u32>) -> Result<()> {
         audit_log: s.layout.audit_log().display().to_string(),
         envoy_pid,
     };
-    render::write_atomic(
+    atomic_file::write(
         &s.layout.ready(),
         &serde_json::to_string_pretty(&ready)?,
         0o644,

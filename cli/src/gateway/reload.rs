@@ -5,7 +5,7 @@
 
 use super::render::{self, Layout};
 use crate::output::status;
-use crate::policy_file;
+use crate::{atomic_file, policy_file};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -48,7 +48,7 @@ impl PolicyWatch {
         self.last_seen = current;
         match policy_file::load(&self.path) {
             Ok(p) if p.json != self.live => {
-                render::write_atomic(
+                atomic_file::write(
                     &self.layout.ecds(),
                     &render::ecds(&p.json, &self.wasm, true)?,
                     0o644,
