@@ -82,15 +82,27 @@ impl Reason {
 }
 
 /// Token counts by class. `*_estimated` / `output_reserved` are what was
-/// reserved before forwarding; the others come from the provider's `usage`.
+/// reserved before forwarding; the others come from the provider's `usage`,
+/// normalised as [`crate::usage::Usage`] says. Fields added after schema 1
+/// carry serde defaults, so records written before them still read.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Tokens {
     pub input_estimated: u64,
     pub output_reserved: u64,
     pub input: Option<u64>,
     pub output: Option<u64>,
+    /// 5-minute cache writes (or writes whose lifetime was not reported).
     pub cache_write: Option<u64>,
     pub cache_read: Option<u64>,
+    /// 1-hour cache writes.
+    #[serde(default)]
+    pub cache_write_1h: Option<u64>,
+    /// Reasoning / thinking tokens: part of `output`, never priced apart.
+    #[serde(default)]
+    pub reasoning: Option<u64>,
+    /// Web searches the provider ran (and bills per 1,000).
+    #[serde(default)]
+    pub web_search_requests: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -124,6 +136,20 @@ pub struct AuditRecord {
     pub status: u16,
     pub tokens: Tokens,
     pub cost_usd: Option<f64>,
+    /// The tier that served the request, as the response reported it
+    /// (Anthropic `usage.service_tier`, OpenAI `service_tier`).
+    #[serde(default)]
+    pub service_tier: Option<String>,
+    /// Where inference ran, as the response reported it (Anthropic
+    /// `usage.inference_geo`).
+    #[serde(default)]
+    pub inference_geo: Option<String>,
+    /// Tier × region multiplier the price applied to the token classes.
+    #[serde(default)]
+    pub price_multiplier: Option<f64>,
+    /// Whether the price's long-context rates applied to the whole request.
+    #[serde(default)]
+    pub long_context: Option<bool>,
     /// From request start to the end of the response, milliseconds.
     pub latency_ms: Option<u64>,
     /// The bucket that decided a denial (`key:alice-laptop:requests_per_minute`).
@@ -137,5 +163,37 @@ impl AuditRecord {
 
     pub fn from_json(bytes: &[u8]) -> Result<AuditRecord, serde_json::Error> {
         serde_json::from_slice(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn records_written_before_the_pricing_fields_still_read() {
+        let old = br#"{"schema":1,"request_id":"r1","timestamp_ms":1,"complete":true,"key_id":"k","user":null,
+            "team":null,"project":null,"app":null,"agent":null,"environment":null,"cost_center":null,"groups":[],
+            "route":"anthropic.messages","provider":"anthropic","model_requested":"m","model_served":"m","stream":false,
+            "decision":"allowed","reason":"ok","detail":null,"status":200,
+            "tokens":{"input_estimated":1,"output_reserved":2,"input":3,"output":4,"cache_write":0,"cache_read":0},
+            "cost_usd":0.5,"latency_ms":9,"bucket":null}"#;
+        let r = AuditRecord::from_json(old).unwrap();
+        assert_eq!((r.tokens.output, r.cost_usd), (Some(4), Some(0.5)));
+        assert_eq!(
+            (
+                r.tokens.cache_write_1h,
+                r.service_tier.as_deref(),
+                r.long_context
+            ),
+            (None, None, None)
+        );
+        // And a new record round-trips with them.
+        let mut new = r.clone();
+        new.tokens.web_search_requests = Some(3);
+        new.service_tier = Some("priority".into());
+        new.price_multiplier = Some(2.0);
+        assert_eq!(AuditRecord::from_json(&new.to_json()).unwrap(), new);
     }
 }

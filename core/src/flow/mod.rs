@@ -278,12 +278,7 @@ impl RequestFlow {
             return Ok(Demand::one_request());
         }
         let price = policy.price(&model);
-        let budgeted = || {
-            meter::buckets_for(&policy, key)
-                .iter()
-                .any(|b| b.metric.is_usd())
-        };
-        if price.is_none() && budgeted() {
+        if price.is_none() && meter::budget_applies(&policy, key) {
             return Err(Refusal::UnpricedModel { model });
         }
         let input = self.info.input_estimate;
@@ -529,7 +524,7 @@ impl RequestFlow {
                 if let Some(m) = sse.model() {
                     self.audit.model_served = Some(m.to_string());
                 }
-                sse.usage()
+                sse.usage().cloned()
             }
             None if !self.response.body.is_empty() && !self.response.truncated => {
                 usage::parse_json_usage(self.route, &self.response.body).map(|(u, model)| {
@@ -549,9 +544,19 @@ impl RequestFlow {
                 t.input = Some(u.input);
                 t.output = Some(u.output);
                 t.cache_write = Some(u.cache_write);
+                t.cache_write_1h = Some(u.cache_write_1h);
                 t.cache_read = Some(u.cache_read);
-                let usd = self.price().map(|p| p.cost(&u));
-                self.audit.cost_usd = usd;
+                t.reasoning = Some(u.reasoning);
+                t.web_search_requests = Some(u.web_search_requests);
+                let policy = self.policy.clone();
+                let quote = self.price_in(&policy).map(|p| p.quote(&u));
+                let a = &mut self.audit;
+                a.cost_usd = quote.map(|q| q.usd);
+                a.price_multiplier = quote.map(|q| q.multiplier);
+                a.long_context = quote.map(|q| q.long_context);
+                a.service_tier = u.service_tier.clone();
+                a.inference_geo = u.inference_geo.clone();
+                let usd = a.cost_usd;
                 Demand {
                     requests: 1.0,
                     input_tokens: u.input_for_limit(count_cache_reads) as f64,
@@ -580,19 +585,23 @@ impl RequestFlow {
                     input_tokens: reserved.input as f64,
                     output_tokens: reserved.output as f64,
                     all_tokens: reserved.total() as f64,
-                    usd: self.price().map_or(0.0, |p| p.cost(&reserved)),
+                    usd: self
+                        .price_in(&self.policy)
+                        .map_or(0.0, |p| p.cost(&reserved)),
                 }
             }
         }
     }
 
-    fn price(&self) -> Option<Price> {
+    /// The price of the model that served the request (else the one asked
+    /// for) in a policy.
+    fn price_in<'p>(&self, policy: &'p Policy) -> Option<&'p Price> {
         let model = self
             .audit
             .model_served
             .as_deref()
             .or(self.audit.model_requested.as_deref())?;
-        self.policy.price(model)
+        policy.price(model)
     }
 
     /// The audit record as it stands (for the filter's logs and tests).

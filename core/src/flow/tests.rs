@@ -396,13 +396,15 @@ fn unpriced_model_is_denied_when_a_budget_applies() {
         r#",{{"id":"capped","key_sha256":"{}","groups":["engineering"],"limits":{{"budget_usd_per_day":5}}}}"#,
         crate::vkey::sha256_hex("tg-capped")
     );
-    let body = r#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[]}"#;
+    // The group allows `gpt-4o*`; the shipped table prices gpt-4o and
+    // gpt-4o-mini (so the policy loads) but not every model of the glob.
+    let body = r#"{"model":"gpt-4o-audio-preview","max_tokens":10,"messages":[]}"#;
     let mut host = request("/v1/chat/completions", "tg-capped", body);
     let r = reply(send(&mut RequestFlow::new(policy(&extra)), &mut host));
     assert_eq!(r.status, 403);
     assert_eq!(
         json(&r.body)["error"]["message"],
-        "model gpt-4o-mini has no price in the policy and a USD budget applies to this key; add it under \"prices\" or set settings.default_price"
+        "model gpt-4o-audio-preview has no price in the policy and a USD budget applies to this key; add it under \"prices\" or set settings.default_price"
     );
     // Without a budget the same model is fine (it costs nothing toward budgets).
     let mut host = request("/v1/chat/completions", ALICE, body);
@@ -448,4 +450,112 @@ fn compressed_response_charges_the_reservation_and_says_why() {
         .unwrap()
         .slot(crate::meter::Metric::from_field("output_tokens_per_minute").unwrap());
     assert_eq!(cell.value, 900.0);
+}
+
+/// A key allowed `claude-*` with a daily budget, and the price of the two
+/// models the pricing fixtures name.
+fn priced_policy() -> Rc<Policy> {
+    let json = format!(
+        r#"{{"version": 1,
+            "keys": [{{"id": "finops", "key_sha256": "{}", "groups": ["eng"],
+                       "limits": {{"budget_usd_per_day": 50}}}}],
+            "groups": {{"eng": {{"models": ["claude-*"]}}}},
+            "prices": {{
+              "claude-opus-5-5": {{"input": 5, "output": 25, "cache_write": 6.25, "cache_write_1h": 10,
+                                   "cache_read": 0.5, "web_search_per_thousand": 10,
+                                   "tiers": {{"priority": 2, "batch": 0.5}}, "regions": {{"us": 1.1}}}},
+              "claude-haiku-5-5": {{"input": 0.1, "output": 0.5, "cache_read": 0.01,
+                                    "long_context": {{"above_input_tokens": 100000, "input": 0.5, "output": 2.5}}}}
+            }}}}"#,
+        crate::vkey::sha256_hex("tg-finops")
+    );
+    Rc::new(
+        crate::policy::compile(json.as_bytes(), "test.json", 0)
+            .unwrap()
+            .0,
+    )
+}
+
+/// Sends a request and replays a recorded response in one chunk.
+fn replay(body: &str, content_type: &str, response: &[u8]) -> FakeHost {
+    let mut host = request("/v1/messages", "tg-finops", body);
+    let mut flow = RequestFlow::new(priced_policy());
+    assert_eq!(send(&mut flow, &mut host), Decision::Continue);
+    host.response_headers = vec![
+        (":status".into(), b"200".to_vec()),
+        ("content-type".into(), content_type.as_bytes().to_vec()),
+    ];
+    flow.on_response_headers(&mut host, false);
+    host.response_chunk = response.to_vec();
+    flow.on_response_body(&mut host, response.len(), true);
+    host
+}
+
+#[test]
+fn prices_1h_cache_writes_searches_and_the_served_tier_and_region() {
+    let host = replay(
+        r#"{"model":"claude-opus-5-5","max_tokens":4096,"stream":true,"service_tier":"auto","messages":[]}"#,
+        "text/event-stream; charset=utf-8",
+        include_bytes!(
+            "../../../tests/fixtures/anthropic/messages-stream-web-search-1h-priority.response.sse"
+        ),
+    );
+    let rec = host.last_audit().unwrap();
+    let t = &rec.tokens;
+    assert_eq!(
+        (
+            t.input,
+            t.output,
+            t.cache_write,
+            t.cache_write_1h,
+            t.cache_read
+        ),
+        (
+            Some(15_071),
+            Some(1_104),
+            Some(1_020),
+            Some(4_147),
+            Some(2_069)
+        )
+    );
+    assert_eq!((t.reasoning, t.web_search_requests), (Some(640), Some(3)));
+    // The response's tier and region, not the request's "auto".
+    assert_eq!(rec.service_tier.as_deref(), Some("priority"));
+    assert_eq!(rec.inference_geo.as_deref(), Some("us"));
+    // Tokens: 15,071 x $5 + 1,104 x $25 + 1,020 x $6.25 + 4,147 x $10
+    //       + 2,069 x $0.50 = $0.0753550 + $0.0276 + $0.006375 + $0.04147
+    //       + $0.0010345 = $0.1518345; x 2 (priority) x 1.1 (us)
+    //       = $0.3340359; + 3 searches x $0.01 = $0.3640359.
+    assert!(
+        (rec.cost_usd.unwrap() - 0.364_035_9).abs() < 1e-9,
+        "{:?}",
+        rec.cost_usd
+    );
+    assert!((rec.price_multiplier.unwrap() - 2.2).abs() < 1e-12);
+    assert_eq!(rec.long_context, Some(false));
+}
+
+#[test]
+fn a_prompt_over_the_long_context_threshold_is_priced_at_long_context_rates() {
+    let host = replay(
+        r#"{"model":"claude-haiku-5-5","max_tokens":2048,"messages":[]}"#,
+        "application/json",
+        include_bytes!("../../../tests/fixtures/anthropic/messages-long-context.response.json"),
+    );
+    let rec = host.last_audit().unwrap();
+    assert_eq!(
+        (rec.tokens.input, rec.tokens.cache_read, rec.tokens.output),
+        (Some(3_669), Some(122_759), Some(1_850))
+    );
+    // 126,428 prompt tokens > 100,000: the whole request at $0.50 input,
+    // $0.05 cache reads (the base 0.1 ratio), $2.50 output:
+    // 3,669 x $0.50 + 122,759 x $0.05 + 1,850 x $2.50
+    // = $0.0018345 + $0.00613795 + $0.004625 = $0.01259745.
+    assert!(
+        (rec.cost_usd.unwrap() - 0.012_597_45).abs() < 1e-9,
+        "{:?}",
+        rec.cost_usd
+    );
+    assert_eq!(rec.long_context, Some(true));
+    assert_eq!(rec.service_tier.as_deref(), Some("standard"));
 }

@@ -108,6 +108,18 @@ pub fn buckets_for(policy: &Policy, key: &Key) -> Vec<Bucket> {
     out
 }
 
+/// Whether a money budget applies to a key: one of its own limits or of a
+/// pool it draws from is in USD. Such a key must never use a model at $0.
+pub fn budget_applies(policy: &Policy, key: &Key) -> bool {
+    let usd = |limits: &Limits| limits.iter().any(|(metric, _)| metric.is_usd());
+    usd(&key.limits)
+        || key
+            .pools
+            .iter()
+            .filter_map(|i| policy.pool(*i))
+            .any(|pool| usd(&pool.limits))
+}
+
 /// What a request asks of (at admission) or used in (at settlement) each
 /// kind of bucket.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

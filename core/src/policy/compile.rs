@@ -5,9 +5,10 @@
 
 use super::error::{PolicyError, PolicyReport};
 use super::pattern::ModelPattern;
-use super::raw::{RawPolicy, RawPrice};
-use super::schema::{self, show, Problem};
+use super::raw::{RawLongContext, RawPolicy, RawPrice};
+use super::schema::{self, join, show, Problem};
 use super::{Identity, Key, Limits, ModelSet, Policy, Pool, Price, Settings, POOL_KINDS};
+use crate::price::{LongContext, Rates, DEFAULT_WEB_SEARCH_PER_THOUSAND};
 use hashbrown::HashMap;
 use serde_json::Value;
 
@@ -24,7 +25,7 @@ pub fn compile(
     // Anything it refuses takes the DOM path below for every error and path.
     if let Ok(raw) = serde_json::from_slice::<RawPolicy>(json) {
         if references_resolve(&raw) {
-            return Ok(build_with_report(raw, file, now_ms));
+            return build_with_report(raw, file, now_ms);
         }
     }
     compile_checked(json, file, now_ms)
@@ -62,15 +63,90 @@ pub fn compile_checked(
             reason: e.to_string(),
         })]
     })?;
-    Ok(build_with_report(raw, file, now_ms))
+    build_with_report(raw, file, now_ms)
 }
 
-fn build_with_report(raw: RawPolicy, file: &str, now_ms: u64) -> (Policy, PolicyReport) {
+/// Builds a policy that passed every per-value check, then checks what only
+/// the built policy can say (which keys a budget applies to).
+fn build_with_report(
+    raw: RawPolicy,
+    file: &str,
+    now_ms: u64,
+) -> Result<(Policy, PolicyReport), Vec<PolicyError>> {
+    let policy = build(&raw);
+    let unpriced = unpriced_allowlists(&raw, &policy);
+    if !unpriced.is_empty() {
+        return Err(unpriced.into_iter().map(|p| p.in_file(file)).collect());
+    }
     let warnings = expiry_warnings(&raw, now_ms)
         .into_iter()
         .map(|p| p.in_file(file))
         .collect();
-    (build(raw), PolicyReport { warnings })
+    Ok((policy, PolicyReport { warnings }))
+}
+
+/// Every allowlist entry of a key a USD budget applies to, for which no
+/// price exists anywhere: no policy price, no shipped price and no
+/// `default_price` could apply to any model it allows. Each such request
+/// would be refused as unpriced (it must never cost $0), so the policy is
+/// wrong, and is refused here with the entry's path rather than on every
+/// request. An entry only partly priced (`claude-*` while only some Claude
+/// models have prices) passes: the flow refuses its unpriced models.
+fn unpriced_allowlists(raw: &RawPolicy, policy: &Policy) -> Vec<Problem> {
+    if policy.settings.default_price.is_some() {
+        return Vec::new();
+    }
+    // Allowlists belong to groups (or the defaults), not keys: check each
+    // list once, whatever the number of budgeted keys that use it.
+    let mut lists: Vec<(String, &'static str, &[super::ModelPattern])> = Vec::new();
+    let mut seen = hashbrown::HashSet::new();
+    for (k, key) in raw.keys.iter().zip(policy.keys()) {
+        if !crate::meter::budget_applies(policy, key) {
+            continue;
+        }
+        let groups: Vec<(String, &[super::ModelPattern])> = k
+            .groups
+            .iter()
+            .filter_map(|g| {
+                let models = raw.groups.get(g)?.models.as_deref()?;
+                Some((join("groups", &g.0), models))
+            })
+            .collect();
+        let from: Vec<(String, &'static str, &[super::ModelPattern])> = if groups.is_empty() {
+            let models = raw.defaults.models.as_deref().unwrap_or_default();
+            vec![(
+                "defaults".to_string(),
+                "keys using the default models",
+                models,
+            )]
+        } else {
+            groups
+                .into_iter()
+                .map(|(path, m)| (path, "keys in this group", m))
+                .collect()
+        };
+        for list in from {
+            if seen.insert(list.0.clone()) {
+                lists.push(list);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (path, whose, models) in lists {
+        for (j, pattern) in models.iter().enumerate() {
+            if !policy.prices_any(pattern) {
+                out.push(Problem {
+                    path: format!("{path}.models[{j}]"),
+                    value: None,
+                    reason: format!(
+                        "model \"{}\" has no price and a USD budget applies to {whose} (add it under \"prices\" or settings.default_price)",
+                        pattern.as_str()
+                    ),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// Checks that need more than one value: unique key ids and hashes, groups
@@ -160,19 +236,70 @@ fn expiry_warnings(raw: &RawPolicy, now_ms: u64) -> Vec<Problem> {
         .collect()
 }
 
-/// Prices not given for cache classes follow Anthropic's published ratios.
-fn price(raw: &RawPrice) -> Price {
-    Price {
-        input: raw.input.0,
-        output: raw.output.0,
-        cache_write: raw.cache_write.map_or(raw.input.0 * 1.25, |p| p.0),
-        cache_read: raw.cache_read.map_or(raw.input.0 * 0.1, |p| p.0),
+impl RawPrice {
+    /// The runtime price. Classes not given follow Anthropic's published
+    /// ratios to input (5-minute cache writes 1.25x, 1-hour 2x, reads 0.1x)
+    /// and both providers' $10 per 1,000 web searches.
+    pub fn build(&self) -> Price {
+        let input = self.input.0;
+        let rates = Rates {
+            input,
+            output: self.output.0,
+            cache_write: self.cache_write.map_or(input * 1.25, |p| p.0),
+            cache_write_1h: self.cache_write_1h.map_or(input * 2.0, |p| p.0),
+            cache_read: self.cache_read.map_or(input * 0.1, |p| p.0),
+        };
+        let multipliers = |m: &std::collections::BTreeMap<
+            super::leaf::Text,
+            super::leaf::Multiplier,
+        >| { m.iter().map(|(k, v)| (k.0.clone(), v.0)).collect() };
+        Price {
+            web_search_per_thousand: self
+                .web_search_per_thousand
+                .map_or(DEFAULT_WEB_SEARCH_PER_THOUSAND, |p| p.0),
+            long_context: self.long_context.map(|l| l.build(&rates)),
+            tiers: multipliers(&self.tiers),
+            regions: multipliers(&self.regions),
+            ..Price::from_rates(rates)
+        }
+    }
+}
+
+impl RawLongContext {
+    /// Cache classes not given keep the base price's ratio to input: both
+    /// Anthropic (cache multipliers stack on the long-context input price)
+    /// and OpenAI (input and cache rates double together) price them so.
+    fn build(&self, base: &Rates) -> LongContext {
+        let input = self.input.0;
+        let scaled = |base_class: f64, standard: f64| {
+            if base.input > 0.0 {
+                base_class * input / base.input
+            } else {
+                input * standard
+            }
+        };
+        LongContext {
+            above_input_tokens: self.above_input_tokens.0,
+            rates: Rates {
+                input,
+                output: self.output.0,
+                cache_write: self
+                    .cache_write
+                    .map_or_else(|| scaled(base.cache_write, 1.25), |p| p.0),
+                cache_write_1h: self
+                    .cache_write_1h
+                    .map_or_else(|| scaled(base.cache_write_1h, 2.0), |p| p.0),
+                cache_read: self
+                    .cache_read
+                    .map_or_else(|| scaled(base.cache_read, 0.1), |p| p.0),
+            },
+        }
     }
 }
 
 /// Builds the runtime policy from a document that passed every check.
 /// Every value is already typed and valid: nothing here can be dropped.
-fn build(raw: RawPolicy) -> Policy {
+fn build(raw: &RawPolicy) -> Policy {
     let default_models = raw.defaults.models.clone().unwrap_or_default();
     let groups: HashMap<&str, (Option<&[ModelPattern]>, &Limits)> = raw
         .groups
@@ -197,10 +324,9 @@ fn build(raw: RawPolicy) -> Policy {
     let mut prices: Vec<(ModelPattern, Price)> = raw
         .prices
         .iter()
-        .map(|(p, v)| (p.clone(), price(v)))
+        .map(|(p, v)| (p.clone(), v.build()))
         .collect();
-    // Exact names win over globs; among globs the longer (more specific) first.
-    prices.sort_by_key(|(p, _)| (!p.is_exact(), std::cmp::Reverse(p.as_str().len())));
+    prices.sort_by(|(a, _), (b, _)| a.lookup_order(b));
 
     let mut keys = Vec::with_capacity(raw.keys.len());
     let mut index = HashMap::with_capacity(raw.keys.len());
@@ -271,7 +397,7 @@ fn build(raw: RawPolicy) -> Policy {
                 .time_zone
                 .as_ref()
                 .map_or_else(|| "UTC".to_string(), |z| z.text.clone()),
-            default_price: settings.default_price.as_ref().map(price),
+            default_price: settings.default_price.as_ref().map(RawPrice::build),
             hold_request_headers: settings.hold_request_headers.unwrap_or(true),
         },
     }

@@ -35,6 +35,33 @@ pub fn price(n: f64) -> Result<f64, String> {
     Ok(n)
 }
 
+/// A prompt size above which other prices apply: whole and positive.
+pub fn threshold(n: f64) -> Result<u64, String> {
+    if n <= 0.0 || n.fract() != 0.0 || n > 1e15 {
+        return Err("must be a positive whole number of prompt tokens".to_string());
+    }
+    Ok(n as u64)
+}
+
+/// A web-search price: USD per 1,000 searches, zero or more.
+pub fn per_thousand(n: f64) -> Result<f64, String> {
+    if n < 0.0 || !n.is_finite() {
+        return Err("must be a non-negative USD amount per 1,000 web searches".to_string());
+    }
+    Ok(n)
+}
+
+/// A price multiplier (by served tier or region): positive; 1 is the list
+/// price, 0.5 half of it.
+pub fn multiplier(n: f64) -> Result<f64, String> {
+    if n <= 0.0 || !n.is_finite() {
+        return Err(
+            "must be a positive multiplier of the list price (1 is the list price)".to_string(),
+        );
+    }
+    Ok(n)
+}
+
 /// Free text that must say something (ids, identity attributes).
 pub fn text(s: &str) -> Result<(), String> {
     if s.trim().is_empty() {
@@ -121,6 +148,36 @@ pub struct PerMillion(pub f64);
 impl<'de> Deserialize<'de> for PerMillion {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         checked(d, |n: f64| price(n).map(PerMillion))
+    }
+}
+
+/// A prompt-size threshold ([`threshold`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Threshold(pub u64);
+
+impl<'de> Deserialize<'de> for Threshold {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |n: f64| threshold(n).map(Threshold))
+    }
+}
+
+/// USD per 1,000 web searches ([`per_thousand`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PerThousand(pub f64);
+
+impl<'de> Deserialize<'de> for PerThousand {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |n: f64| per_thousand(n).map(PerThousand))
+    }
+}
+
+/// A price multiplier ([`multiplier`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Multiplier(pub f64);
+
+impl<'de> Deserialize<'de> for Multiplier {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |n: f64| multiplier(n).map(Multiplier))
     }
 }
 
@@ -247,6 +304,12 @@ mod tests {
         assert!(parse::<Version>("2")
             .unwrap_err()
             .contains("unsupported policy version"));
+        assert!(parse::<Multiplier>("0")
+            .unwrap_err()
+            .contains("positive multiplier"));
+        assert!(parse::<PerThousand>("-10")
+            .unwrap_err()
+            .contains("per 1,000 web searches"));
         assert!(parse::<Text>("\"  \"")
             .unwrap_err()
             .contains("must not be empty"));

@@ -119,14 +119,30 @@ impl Policy {
         self.pools.get(index)
     }
 
-    /// The price of a model: the first matching pattern in `prices` (exact
-    /// names before globs), else the policy's `default_price`.
-    pub fn price(&self, model: &str) -> Option<Price> {
+    /// The price of a model: the first matching pattern in the policy's
+    /// `prices` (exact names before globs), else in the shipped table
+    /// ([`crate::price::table`]), else the policy's `default_price`.
+    pub fn price(&self, model: &str) -> Option<&Price> {
         self.prices
             .iter()
             .find(|(p, _)| p.matches(model))
-            .map(|(_, price)| *price)
-            .or(self.settings.default_price)
+            .map(|(_, price)| price)
+            .or_else(|| crate::price::table::lookup(model).map(|e| &e.price))
+            .or(self.settings.default_price.as_ref())
+    }
+
+    /// Whether some price could apply to some model a pattern allows.
+    pub fn prices_any(&self, pattern: &ModelPattern) -> bool {
+        self.settings.default_price.is_some()
+            || self.prices.iter().any(|(p, _)| p.overlaps(pattern))
+            || crate::price::table::shipped()
+                .iter()
+                .any(|e| e.pattern.overlaps(pattern))
+    }
+
+    /// The policy's own prices, in the order lookups try them.
+    pub fn prices(&self) -> &[(ModelPattern, Price)] {
+        &self.prices
     }
 
     /// Every distinct model pattern named anywhere (allowlists and prices).

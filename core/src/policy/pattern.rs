@@ -39,6 +39,82 @@ impl ModelPattern {
     pub fn matches(&self, model: &str) -> bool {
         glob_match(self.text.as_bytes(), model.as_bytes())
     }
+
+    /// The order price lookups try patterns in: exact names before globs,
+    /// among globs the longer (more specific) first.
+    pub fn lookup_order(&self, other: &ModelPattern) -> std::cmp::Ordering {
+        (!self.is_exact(), std::cmp::Reverse(self.text.len()))
+            .cmp(&(!other.is_exact(), std::cmp::Reverse(other.text.len())))
+    }
+
+    /// Whether some model name matches both patterns (`claude-*` and
+    /// `*-opus-5` do: `claude-opus-5`).
+    pub fn overlaps(&self, other: &ModelPattern) -> bool {
+        walk(self.text.as_bytes(), other.text.as_bytes(), true, |x, y| {
+            let wild = |c: u8| c == b'*' || c == b'?';
+            (x == y || wild(x) || wild(y)).then_some((x == b'*', y == b'*'))
+        })
+    }
+
+    /// Whether every model name `other` matches, this one matches too
+    /// (`claude-*` covers `claude-opus-*`; `claude-?` does not). Sound but
+    /// not complete: `other`'s `*` must fall inside one of this pattern's.
+    pub fn covers(&self, other: &ModelPattern) -> bool {
+        // `other`'s stars are never skipped: every text they can stand for
+        // must be absorbed by one of ours.
+        walk(
+            self.text.as_bytes(),
+            other.text.as_bytes(),
+            false,
+            |x, y| match (x, y) {
+                (b'*', _) => Some((true, false)),
+                (_, b'*') => None,
+                (b'?', _) => Some((false, false)),
+                (_, b'?') => None,
+                _ => (x == y).then_some((false, false)),
+            },
+        )
+    }
+}
+
+/// Explores pairs of positions in two patterns, both at once, from the
+/// start: a `*` in `a` (and in `b` when `skip_b_stars`) may be skipped (it
+/// matches nothing), and `step`
+/// says whether the two characters under the positions can consume one
+/// name character together, and for each side whether it stays on a `*`.
+/// True when both ends are reached. At most (a+1)·(b+1) states, no
+/// recursion: hostile patterns cannot blow the stack.
+fn walk(
+    a: &[u8],
+    b: &[u8],
+    skip_b_stars: bool,
+    step: impl Fn(u8, u8) -> Option<(bool, bool)>,
+) -> bool {
+    let width = b.len() + 1;
+    let mut seen = vec![false; (a.len() + 1) * width];
+    let mut todo = vec![(0usize, 0usize)];
+    while let Some((i, j)) = todo.pop() {
+        match seen.get_mut(i * width + j) {
+            Some(s) if !*s => *s = true,
+            _ => continue,
+        }
+        let (x, y) = (a.get(i).copied(), b.get(j).copied());
+        if x.is_none() && y.is_none() {
+            return true;
+        }
+        if x == Some(b'*') {
+            todo.push((i + 1, j));
+        }
+        if skip_b_stars && y == Some(b'*') {
+            todo.push((i, j + 1));
+        }
+        if let (Some(x), Some(y)) = (x, y) {
+            if let Some((stay_a, stay_b)) = step(x, y) {
+                todo.push((i + usize::from(!stay_a), j + usize::from(!stay_b)));
+            }
+        }
+    }
+    false
 }
 
 /// Iterative glob match with single-star backtracking: linear in practice,
@@ -73,6 +149,7 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::panic)]
     use super::*;
 
     fn m(p: &str, t: &str) -> bool {
@@ -92,6 +169,64 @@ mod tests {
         assert!(m("*sonnet*", "claude-sonnet-4-5"));
         assert!(!m("claude-*-4", "claude-sonnet-4-5"));
         assert!(m("a*b*c", "aXXbYYc"));
+    }
+
+    fn p(text: &str) -> ModelPattern {
+        ModelPattern::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    #[test]
+    fn overlapping_patterns_share_a_model_name() {
+        for (a, b) in [
+            ("claude-*", "*-opus-5"),
+            ("claude-opus-*", "claude-opus-5-5*"),
+            ("gpt-6.1-sol", "gpt-6.1-*"),
+            ("*", "anything"),
+            ("a?c", "a*"),
+            ("claude-*-5", "claude-opus-*"),
+        ] {
+            assert!(p(a).overlaps(&p(b)), "{a} and {b}");
+            assert!(p(b).overlaps(&p(a)), "{b} and {a}");
+        }
+        for (a, b) in [
+            ("claude-*", "gpt-*"),
+            ("claude-opus-*", "claude-sonnet-*"),
+            ("claude-sonet-*", "claude-sonnet-4-5*"),
+            ("a?", "abc"),
+            ("gpt-4o", "gpt-4o-mini"),
+        ] {
+            assert!(!p(a).overlaps(&p(b)), "{a} and {b}");
+            assert!(!p(b).overlaps(&p(a)), "{b} and {a}");
+        }
+    }
+
+    #[test]
+    fn covering_pattern_matches_every_name_the_other_does() {
+        for (a, b) in [
+            ("claude-*", "claude-opus-*"),
+            ("claude-*", "claude-opus-5"),
+            ("*", "*"),
+            ("a*", "a?*"),
+            ("gpt-?o*", "gpt-4o-mini*"),
+        ] {
+            assert!(p(a).covers(&p(b)), "{a} covers {b}");
+        }
+        for (a, b) in [
+            ("claude-opus-*", "claude-*"),
+            ("claude-?", "claude-*"),
+            ("claude-opus-5", "claude-opus-5*"),
+            ("a?", "a*"),
+        ] {
+            assert!(!p(a).covers(&p(b)), "{a} does not cover {b}");
+        }
+    }
+
+    #[test]
+    fn lookups_try_exact_names_then_longer_globs() {
+        let mut v = [p("claude-*"), p("claude-opus-5"), p("claude-opus-*")];
+        v.sort_by(|a, b| a.lookup_order(b));
+        let order: Vec<&str> = v.iter().map(ModelPattern::as_str).collect();
+        assert_eq!(order, ["claude-opus-5", "claude-opus-*", "claude-*"]);
     }
 
     #[test]

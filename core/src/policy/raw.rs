@@ -4,7 +4,9 @@
 //! `compile` only checks what spans several values (unique ids, groups that
 //! exist) before building the runtime `Policy`.
 
-use super::leaf::{PerMillion, PoolName, Sha256, Text, Time, TimeZone, Version};
+use super::leaf::{
+    Multiplier, PerMillion, PerThousand, PoolName, Sha256, Text, Threshold, Time, TimeZone, Version,
+};
 use super::pattern::ModelPattern;
 use super::{Limits, UnknownRoutes};
 use serde::Deserialize;
@@ -65,12 +67,34 @@ pub struct RawKey {
     pub revoked: bool,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy)]
+/// A price entry (policy `prices.<pattern>`, `settings.default_price`, and
+/// each `price` of the shipped table). Defaults are filled by
+/// [`RawPrice::build`].
+#[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct RawPrice {
     pub input: PerMillion,
     pub output: PerMillion,
     pub cache_write: Option<PerMillion>,
+    pub cache_write_1h: Option<PerMillion>,
+    pub cache_read: Option<PerMillion>,
+    pub web_search_per_thousand: Option<PerThousand>,
+    pub long_context: Option<RawLongContext>,
+    #[serde(default)]
+    pub tiers: BTreeMap<Text, Multiplier>,
+    #[serde(default)]
+    pub regions: BTreeMap<Text, Multiplier>,
+}
+
+/// Whole-request prices above a prompt size.
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct RawLongContext {
+    pub above_input_tokens: Threshold,
+    pub input: PerMillion,
+    pub output: PerMillion,
+    pub cache_write: Option<PerMillion>,
+    pub cache_write_1h: Option<PerMillion>,
     pub cache_read: Option<PerMillion>,
 }
 

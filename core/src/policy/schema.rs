@@ -52,6 +52,12 @@ pub enum Leaf {
     PositiveUsd,
     /// USD per million tokens: zero or more.
     Price,
+    /// USD per 1,000 web searches: zero or more.
+    PerThousand,
+    /// A multiplier of the list price: positive.
+    Multiplier,
+    /// A prompt size in tokens: whole, positive.
+    Threshold,
     /// `<kind>:<value>` pool name.
     PoolName,
     PolicyVersion,
@@ -137,16 +143,71 @@ const fn limit_fields() -> [Field; Metric::COUNT] {
 
 static PRICE: Ty = Ty::Object(&[
     required("input", &PRICE_AMOUNT, "USD per million input tokens."),
-    required("output", &PRICE_AMOUNT, "USD per million output tokens."),
+    required("output", &PRICE_AMOUNT, "USD per million output tokens (reasoning and thinking tokens are output)."),
     field(
         "cache_write",
         &PRICE_AMOUNT,
-        "USD per million cache-write tokens (default 1.25 x input).",
+        "USD per million 5-minute cache-write tokens, and of writes whose lifetime the provider does not report (default 1.25 x input).",
+    ),
+    field(
+        "cache_write_1h",
+        &PRICE_AMOUNT,
+        "USD per million 1-hour cache-write tokens (Anthropic cache_creation.ephemeral_1h_input_tokens; default 2 x input).",
     ),
     field(
         "cache_read",
         &PRICE_AMOUNT,
         "USD per million cache-read tokens (default 0.1 x input).",
+    ),
+    field(
+        "web_search_per_thousand",
+        &Ty::Leaf(Leaf::PerThousand),
+        "USD per 1,000 web searches (Anthropic server_tool_use.web_search_requests, OpenAI web_search_call items; default 10).",
+    ),
+    field(
+        "long_context",
+        &LONG_CONTEXT,
+        "Prices of the whole request once its prompt (input + cache writes + cache reads) exceeds above_input_tokens.",
+    ),
+    field(
+        "tiers",
+        &MULTIPLIERS,
+        "Multiplier of token costs by the service_tier the response reports, e.g. {\"batch\": 0.5, \"priority\": 2}.",
+    ),
+    field(
+        "regions",
+        &MULTIPLIERS,
+        "Multiplier of token costs by the inference_geo the response reports, e.g. {\"us\": 1.1}.",
+    ),
+]);
+
+static MULTIPLIERS: Ty = Ty::Map {
+    key: Leaf::Text,
+    value: &Ty::Leaf(Leaf::Multiplier),
+};
+
+static LONG_CONTEXT: Ty = Ty::Object(&[
+    required(
+        "above_input_tokens",
+        &Ty::Leaf(Leaf::Threshold),
+        "Prompt tokens (input + cache writes + cache reads) above which these prices apply to the whole request.",
+    ),
+    required("input", &PRICE_AMOUNT, "USD per million input tokens."),
+    required("output", &PRICE_AMOUNT, "USD per million output tokens."),
+    field(
+        "cache_write",
+        &PRICE_AMOUNT,
+        "USD per million 5-minute cache-write tokens (default: the base ratio to input).",
+    ),
+    field(
+        "cache_write_1h",
+        &PRICE_AMOUNT,
+        "USD per million 1-hour cache-write tokens (default: the base ratio to input).",
+    ),
+    field(
+        "cache_read",
+        &PRICE_AMOUNT,
+        "USD per million cache-read tokens (default: the base ratio to input).",
     ),
 ]);
 
@@ -223,7 +284,7 @@ static SETTINGS: Ty = Ty::Object(&[
     field(
         "default_price",
         &PRICE,
-        "Price of models absent from \"prices\".",
+        "Price of models neither \"prices\" nor the shipped price table (policies/prices.json) prices.",
     ),
     field(
         "hold_request_headers",
@@ -262,7 +323,7 @@ pub static POLICY: Ty = Ty::Object(&[
             key: Leaf::ModelPattern,
             value: &PRICE,
         },
-        "USD per million tokens by model pattern.",
+        "USD per million tokens by model pattern; overrides the shipped price table (policies/prices.json).",
     ),
     field("settings", &SETTINGS, "Gateway behaviour."),
 ]);
@@ -308,7 +369,7 @@ pub fn show(v: &Value) -> String {
     }
 }
 
-fn join(path: &str, name: &str) -> String {
+pub(crate) fn join(path: &str, name: &str) -> String {
     let plain = !name.is_empty()
         && name
             .chars()
@@ -437,6 +498,9 @@ pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
         Leaf::PositiveCount => leaf::count(number(v)?).map(|_| ()),
         Leaf::PositiveUsd => leaf::usd(number(v)?).map(|_| ()),
         Leaf::Price => leaf::price(number(v)?).map(|_| ()),
+        Leaf::PerThousand => leaf::per_thousand(number(v)?).map(|_| ()),
+        Leaf::Multiplier => leaf::multiplier(number(v)?).map(|_| ()),
+        Leaf::Threshold => leaf::threshold(number(v)?).map(|_| ()),
         Leaf::PoolName => leaf::pool_name(&text(v)?),
         Leaf::PolicyVersion => match v.as_u64() {
             Some(n) => leaf::version(n).map(|_| ()),
@@ -516,9 +580,12 @@ fn leaf_schema(rule: Leaf) -> Value {
         Leaf::TimeZone => {
             json!({ "type": "string", "pattern": "^(UTC|Z|Etc/UTC|[+-]\\d{2}:\\d{2})$" })
         }
-        Leaf::PositiveCount => json!({ "type": "integer", "exclusiveMinimum": 0, "maximum": 1e15 }),
+        Leaf::PositiveCount | Leaf::Threshold => {
+            json!({ "type": "integer", "exclusiveMinimum": 0, "maximum": 1e15 })
+        }
         Leaf::PositiveUsd => json!({ "type": "number", "exclusiveMinimum": 0 }),
-        Leaf::Price => json!({ "type": "number", "minimum": 0 }),
+        Leaf::Price | Leaf::PerThousand => json!({ "type": "number", "minimum": 0 }),
+        Leaf::Multiplier => json!({ "type": "number", "exclusiveMinimum": 0 }),
         Leaf::PoolName => {
             json!({ "type": "string", "pattern": "^(team|project|user|app|agent):.+$" })
         }

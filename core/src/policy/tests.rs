@@ -120,7 +120,10 @@ fn valid_policies_take_the_typed_path_and_compile_as_the_dom_path_does() {
                  "user":"alice@example.com","team":"payments","groups":["eng"],
                  "limits":{"output_tokens_per_minute":8000},"expires_at":"2027-06-30T00:00:00Z","revoked":false},
                 {"id":"b","key_sha256":"ab00000000000000000000000000000000000000000000000000000000000002"}],
-        "prices":{"claude-sonnet-4-*":{"input":3,"output":15,"cache_read":0.3}},
+        "prices":{"claude-sonnet-4-*":{"input":3,"output":15,"cache_read":0.3},
+                  "claude-opus-5-5":{"input":5,"output":25,"cache_write_1h":10,"web_search_per_thousand":10,
+                                     "long_context":{"above_input_tokens":200000,"input":10,"output":37.5},
+                                     "tiers":{"batch":0.5,"priority":2},"regions":{"us":1.1}}},
         "settings":{"unknown_routes":"pass","time_zone":"+02:00","default_price":{"input":1,"output":2},
                     "cache_reads_count_toward_input_limit":true,"hold_request_headers":false}}"#;
     for doc in [EXAMPLE, rich] {
@@ -148,4 +151,84 @@ fn valid_policies_take_the_typed_path_and_compile_as_the_dom_path_does() {
             assert_eq!(fast.lookup(&hash).map(|f| &f.id), Some(&k.id));
         }
     }
+}
+
+#[test]
+fn price_lookup_prefers_the_policy_then_the_shipped_table_then_the_default() {
+    let json = format!(
+        r#"{{"version":1,"keys":[{{"id":"k","key_sha256":"{}"}}],
+            "prices":{{"claude-opus-5-5":{{"input":1,"output":2}}}},
+            "settings":{{"default_price":{{"input":7,"output":8}}}}}}"#,
+        crate::vkey::sha256_hex("tg-k")
+    );
+    let (p, _) = compile(json.as_bytes(), "p.json", 0).unwrap();
+    assert_eq!(
+        p.price("claude-opus-5-5").map(|x| x.input),
+        Some(1.0),
+        "policy wins"
+    );
+    let shipped = p.price("claude-sonnet-5-5").unwrap();
+    assert_eq!(
+        (shipped.input, shipped.output, shipped.cache_read),
+        (2.0, 10.0, 0.1)
+    );
+    assert_eq!(
+        p.price("claude-sonnet-5-5-20261201").map(|x| x.input),
+        Some(2.0),
+        "dated snapshot"
+    );
+    assert_eq!(
+        p.price("llama-3-70b").map(|x| x.input),
+        Some(7.0),
+        "default last"
+    );
+    // A model newer than the table is not priced as its elder.
+    let (bare, _) = compile(br#"{"version":1}"#, "p.json", 0).unwrap();
+    assert!(bare.price("claude-sonnet-5-7").is_none());
+    assert!(bare.price("gpt-6.1-sol").is_some());
+}
+
+#[test]
+fn unpriced_allowlists_fail_on_both_paths_until_a_price_applies() {
+    let doc = |prices: &str, settings: &str| {
+        format!(
+            r#"{{"version":1,"groups":{{"eng":{{"models":["claude-opus-5-5","my-model-*"]}}}},
+                "keys":[{{"id":"k","key_sha256":"{}","groups":["eng"],"limits":{{"budget_usd_per_day":5}}}}],
+                "prices":{{{prices}}},"settings":{{{settings}}}}}"#,
+            crate::vkey::sha256_hex("tg-k")
+        )
+    };
+    let want = ["p.json: groups.eng.models[1]: model \"my-model-*\" has no price and a USD budget applies to keys in this group (add it under \"prices\" or settings.default_price)"];
+    let unpriced = doc("", "");
+    for result in [
+        compile(unpriced.as_bytes(), "p.json", 0),
+        compile_checked(unpriced.as_bytes(), "p.json", 0),
+    ] {
+        let errors: Vec<String> = result
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(errors, want);
+    }
+    // A price for some model of the pattern, or a default, is enough: the
+    // flow refuses the models still unpriced.
+    assert!(compile(
+        doc(r#""my-model-small":{"input":1,"output":1}"#, "").as_bytes(),
+        "p.json",
+        0
+    )
+    .is_ok());
+    assert!(compile(
+        doc("", r#""default_price":{"input":1,"output":1}"#).as_bytes(),
+        "p.json",
+        0
+    )
+    .is_ok());
+    // Without a budget nothing is checked: unpriced models cost nothing.
+    let free = unpriced.replace(
+        r#""limits":{"budget_usd_per_day":5}"#,
+        r#""limits":{"requests_per_minute":5}"#,
+    );
+    assert!(compile(free.as_bytes(), "p.json", 0).is_ok());
 }

@@ -1,19 +1,46 @@
 //! Anthropic Messages usage. JSON: `usage.{input_tokens, output_tokens,
-//! cache_creation_input_tokens, cache_read_input_tokens}`. Stream:
-//! `message_start.message.usage` carries the input counts; every
-//! `message_delta.usage` is cumulative (the last one wins; it always has
-//! `output_tokens` and may repeat the input fields).
+//! cache_creation_input_tokens, cache_creation.{ephemeral_5m_input_tokens,
+//! ephemeral_1h_input_tokens}, cache_read_input_tokens,
+//! server_tool_use.web_search_requests, output_tokens_details.thinking_tokens,
+//! service_tier, inference_geo}`. Stream: `message_start.message.usage`
+//! carries the input counts; every `message_delta.usage` is cumulative (the
+//! last one wins; it always has `output_tokens` and may repeat the input
+//! fields, and carries the final `server_tool_use`).
 
 use super::Usage;
 use serde::Deserialize;
 use std::borrow::Cow;
 
 #[derive(Deserialize, Default)]
-struct RawUsage {
+struct RawUsage<'a> {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     cache_creation_input_tokens: Option<u64>,
+    cache_creation: Option<CacheCreation>,
     cache_read_input_tokens: Option<u64>,
+    server_tool_use: Option<ServerToolUse>,
+    output_tokens_details: Option<OutputDetails>,
+    #[serde(borrow)]
+    service_tier: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    inference_geo: Option<Cow<'a, str>>,
+}
+
+/// The cache writes by lifetime; their sum is `cache_creation_input_tokens`.
+#[derive(Deserialize)]
+struct CacheCreation {
+    ephemeral_5m_input_tokens: Option<u64>,
+    ephemeral_1h_input_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ServerToolUse {
+    web_search_requests: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct OutputDetails {
+    thinking_tokens: Option<u64>,
 }
 
 // Strings are `Cow` so that a value with a JSON escape (which cannot be
@@ -22,7 +49,8 @@ struct RawUsage {
 struct Message<'a> {
     #[serde(borrow)]
     model: Option<Cow<'a, str>>,
-    usage: Option<RawUsage>,
+    #[serde(borrow)]
+    usage: Option<RawUsage<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -31,21 +59,51 @@ struct StreamEvent<'a> {
     kind: Cow<'a, str>,
     #[serde(borrow)]
     message: Option<Message<'a>>,
-    usage: Option<RawUsage>,
+    #[serde(borrow)]
+    usage: Option<RawUsage<'a>>,
 }
 
+/// Applies the counts one usage object names; the others keep their value
+/// (stream usage is cumulative and a later object may name only some).
 fn merge(into: &mut Usage, u: &RawUsage) {
-    if let Some(v) = u.input_tokens {
-        into.input = v;
+    let set = |field: &mut u64, v: Option<u64>| {
+        if let Some(v) = v {
+            *field = v;
+        }
+    };
+    set(&mut into.input, u.input_tokens);
+    set(&mut into.output, u.output_tokens);
+    set(&mut into.cache_read, u.cache_read_input_tokens);
+    set(
+        &mut into.web_search_requests,
+        u.server_tool_use
+            .as_ref()
+            .and_then(|s| s.web_search_requests),
+    );
+    set(
+        &mut into.reasoning,
+        u.output_tokens_details
+            .as_ref()
+            .and_then(|d| d.thinking_tokens),
+    );
+    // Cache writes: the total and its 1-hour part, each as last named. The
+    // breakdown alone also gives the total; older responses have no
+    // breakdown, and then every write is a 5-minute one. The 1-hour part
+    // never exceeds the total, so inconsistent counts are never charged twice.
+    let mut total = into.cache_writes();
+    let mut one_hour = into.cache_write_1h;
+    if let Some(c) = &u.cache_creation {
+        one_hour = c.ephemeral_1h_input_tokens.unwrap_or(0);
+        total = c.ephemeral_5m_input_tokens.unwrap_or(0) + one_hour;
     }
-    if let Some(v) = u.output_tokens {
-        into.output = v;
+    set(&mut total, u.cache_creation_input_tokens);
+    into.cache_write_1h = one_hour.min(total);
+    into.cache_write = total - into.cache_write_1h;
+    if let Some(t) = &u.service_tier {
+        into.service_tier = Some(t.to_string());
     }
-    if let Some(v) = u.cache_creation_input_tokens {
-        into.cache_write = v;
-    }
-    if let Some(v) = u.cache_read_input_tokens {
-        into.cache_read = v;
+    if let Some(g) = &u.inference_geo {
+        into.inference_geo = Some(g.to_string());
     }
 }
 

@@ -12,20 +12,40 @@ pub mod sse;
 
 use crate::route::{Provider, Route};
 
-/// Token usage normalised across providers.
+/// Usage normalised across providers: one count per class the providers
+/// bill, and the tier and region the response says served the request.
 ///
-/// Normalisation rule (written once, here): `input` counts only uncached
-/// input tokens; `cache_write` and `cache_read` are separate classes. For
-/// Anthropic that is `input_tokens`, `cache_creation_input_tokens`,
-/// `cache_read_input_tokens` as reported. OpenAI's `prompt_tokens` /
-/// `input_tokens` already *include* cached tokens, so `input = prompt -
-/// cached` and `cache_read = cached`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Normalisation rule (written once, here):
+/// - `input` counts only uncached input tokens. `cache_write` (5-minute, or
+///   a write whose lifetime the provider does not name), `cache_write_1h`
+///   and `cache_read` are separate classes, never inside `input`.
+///   Anthropic reports them apart already: `input_tokens`,
+///   `cache_creation_input_tokens` (of which `cache_creation.
+///   ephemeral_1h_input_tokens` are 1-hour writes, the rest 5-minute),
+///   `cache_read_input_tokens`. OpenAI's `prompt_tokens` / `input_tokens`
+///   *include* `cached_tokens` and `cache_write_tokens`, so `input = prompt -
+///   cached - written`.
+/// - `output` is every output token billed, reasoning included: OpenAI's
+///   `completion_tokens` / `output_tokens` already contain
+///   `reasoning_tokens`, Anthropic's `output_tokens` contains
+///   `output_tokens_details.thinking_tokens`. `reasoning` repeats that part
+///   for the audit record and is never priced on its own.
+/// - `web_search_requests`: Anthropic `server_tool_use.web_search_requests`;
+///   OpenAI Responses `web_search_call` output items that did not fail.
+/// - `service_tier` / `inference_geo`: what the *response* reports
+///   (Anthropic `usage.service_tier`, `usage.inference_geo`; OpenAI the
+///   top-level `service_tier`), never what the request asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Usage {
     pub input: u64,
     pub output: u64,
     pub cache_write: u64,
+    pub cache_write_1h: u64,
     pub cache_read: u64,
+    pub reasoning: u64,
+    pub web_search_requests: u64,
+    pub service_tier: Option<String>,
+    pub inference_geo: Option<String>,
 }
 
 impl Usage {
@@ -33,7 +53,7 @@ impl Usage {
     /// writes, plus cache reads only when the policy says so.
     pub fn input_for_limit(&self, count_cache_reads: bool) -> u64 {
         self.input
-            + self.cache_write
+            + self.cache_writes()
             + if count_cache_reads {
                 self.cache_read
             } else {
@@ -41,9 +61,20 @@ impl Usage {
             }
     }
 
+    /// Cache writes of either lifetime.
+    pub fn cache_writes(&self) -> u64 {
+        self.cache_write + self.cache_write_1h
+    }
+
+    /// The whole prompt: input, cache writes and cache reads. Long-context
+    /// prices switch on this count.
+    pub fn prompt(&self) -> u64 {
+        self.input + self.cache_writes() + self.cache_read
+    }
+
     /// Every token of every class (daily token quotas count these).
     pub fn total(&self) -> u64 {
-        self.input + self.output + self.cache_write + self.cache_read
+        self.prompt() + self.output
     }
 }
 
@@ -133,8 +164,8 @@ impl StreamUsage {
         });
     }
 
-    pub fn usage(&self) -> Option<Usage> {
-        self.usage
+    pub fn usage(&self) -> Option<&Usage> {
+        self.usage.as_ref()
     }
 
     pub fn model(&self) -> Option<&str> {

@@ -1,48 +1,52 @@
 //! OpenAI usage. Chat Completions: `usage.{prompt_tokens, completion_tokens,
-//! prompt_tokens_details.cached_tokens}`; streams carry it only in a final
-//! chunk with empty `choices` when `stream_options.include_usage` is set.
-//! Responses: `usage.{input_tokens, output_tokens,
-//! input_tokens_details.cached_tokens}`; streams end with
+//! prompt_tokens_details.{cached_tokens, cache_write_tokens},
+//! completion_tokens_details.reasoning_tokens}`; streams carry it only in a
+//! final chunk with empty `choices` when `stream_options.include_usage` is
+//! set. Responses: `usage.{input_tokens, output_tokens,
+//! input_tokens_details.{cached_tokens, cache_write_tokens},
+//! output_tokens_details.reasoning_tokens}`; streams end with
 //! `response.completed` / `.incomplete` / `.failed` carrying the response.
+//! Both name the tier that served the request in a top-level `service_tier`;
+//! web searches are the Responses API's `web_search_call` output items.
 //!
-//! OpenAI's prompt / input counts include cached tokens; normalised `input`
-//! excludes them and `cache_read` holds them.
+//! OpenAI's prompt / input counts include cached and cache-written tokens;
+//! normalised `input` excludes them (see [`Usage`]). Reasoning tokens are
+//! already inside the completion / output count: never added again.
 
 use super::Usage;
 use serde::Deserialize;
 use std::borrow::Cow;
 
 #[derive(Deserialize, Default)]
-struct Details {
+struct InputDetails {
     cached_tokens: Option<u64>,
+    cache_write_tokens: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct OutputDetails {
+    reasoning_tokens: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
 struct RawUsage {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
-    prompt_tokens_details: Option<Details>,
+    prompt_tokens_details: Option<InputDetails>,
+    completion_tokens_details: Option<OutputDetails>,
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
-    input_tokens_details: Option<Details>,
+    input_tokens_details: Option<InputDetails>,
+    output_tokens_details: Option<OutputDetails>,
 }
 
-impl RawUsage {
-    fn normalise(&self) -> Usage {
-        let prompt = self.prompt_tokens.or(self.input_tokens).unwrap_or(0);
-        let cached = self
-            .prompt_tokens_details
-            .as_ref()
-            .or(self.input_tokens_details.as_ref())
-            .and_then(|d| d.cached_tokens)
-            .unwrap_or(0);
-        Usage {
-            input: prompt.saturating_sub(cached),
-            output: self.completion_tokens.or(self.output_tokens).unwrap_or(0),
-            cache_write: 0,
-            cache_read: cached.min(prompt),
-        }
-    }
+/// One item of a Responses `output` array; only its kind and status matter.
+#[derive(Deserialize)]
+struct OutputItem<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    status: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -50,6 +54,10 @@ struct Body<'a> {
     #[serde(borrow)]
     model: Option<Cow<'a, str>>,
     usage: Option<RawUsage>,
+    #[serde(borrow)]
+    service_tier: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    output: Vec<OutputItem<'a>>,
     /// Responses stream events wrap the response: `response.completed`,
     /// `.incomplete` and `.failed` carry its final usage; `.created` and
     /// `.in_progress` carry `"usage": null`.
@@ -57,9 +65,46 @@ struct Body<'a> {
     response: Option<Box<Body<'a>>>,
 }
 
+impl Body<'_> {
+    /// The normalised usage this body reports, if it reports one.
+    fn usage(&self) -> Option<Usage> {
+        let u = self.usage.as_ref()?;
+        let prompt = u.prompt_tokens.or(u.input_tokens).unwrap_or(0);
+        let details = u
+            .prompt_tokens_details
+            .as_ref()
+            .or(u.input_tokens_details.as_ref());
+        let cached = details.and_then(|d| d.cached_tokens).unwrap_or(0);
+        let written = details.and_then(|d| d.cache_write_tokens).unwrap_or(0);
+        let cache_read = cached.min(prompt);
+        let cache_write = written.min(prompt - cache_read);
+        Some(Usage {
+            input: prompt - cache_read - cache_write,
+            output: u.completion_tokens.or(u.output_tokens).unwrap_or(0),
+            cache_write,
+            cache_write_1h: 0,
+            cache_read,
+            reasoning: u
+                .completion_tokens_details
+                .as_ref()
+                .or(u.output_tokens_details.as_ref())
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
+            // A search that failed is not billed.
+            web_search_requests: self
+                .output
+                .iter()
+                .filter(|i| i.kind == "web_search_call" && i.status.as_deref() != Some("failed"))
+                .count() as u64,
+            service_tier: self.service_tier.as_deref().map(str::to_string),
+            inference_geo: None,
+        })
+    }
+}
+
 pub fn json(body: &[u8]) -> Option<(Usage, Option<String>)> {
     let b: Body = serde_json::from_slice(body).ok()?;
-    Some((b.usage?.normalise(), b.model.map(Cow::into_owned)))
+    Some((b.usage()?, b.model.map(Cow::into_owned)))
 }
 
 /// Applies one stream event's data (a chat chunk or a Responses event).
@@ -67,16 +112,16 @@ pub fn stream_event(data: &[u8], usage: &mut Option<Usage>, model: &mut Option<S
     let Ok(b) = serde_json::from_slice::<Body>(data) else {
         return false;
     };
-    let (m, u) = match b.response {
-        Some(r) => (r.model, r.usage),
-        None => (b.model, b.usage),
+    let b = match b.response {
+        Some(r) => *r,
+        None => b,
     };
-    if let Some(m) = m {
-        *model = Some(m.into_owned());
+    if let Some(m) = &b.model {
+        *model = Some(m.to_string());
     }
-    match u {
+    match b.usage() {
         Some(u) => {
-            *usage = Some(u.normalise());
+            *usage = Some(u);
             true
         }
         None => false,
