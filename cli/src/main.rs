@@ -34,6 +34,8 @@ mod oci;
 mod output;
 /// Reading, validating and checking policy files.
 mod policy_file;
+/// The effective price table as `tollgate prices` shows it.
+mod price_view;
 /// Ctrl-C/SIGTERM and the stop switch shared by a process's services.
 mod shutdown;
 
@@ -72,6 +74,8 @@ enum Command {
     Package(cmd::package::PackageArgs),
     /// Usage report: requests, tokens by class, cost and denials by key, user, team, project, app, agent, model or day.
     Usage(cmd::usage::UsageArgs),
+    /// The effective price table: the shipped prices, with a policy's own merged over them (--policy).
+    Prices(cmd::prices::PricesArgs),
 }
 
 fn main() -> ExitCode {
@@ -86,6 +90,7 @@ fn main() -> ExitCode {
         Command::Key(args) => cmd::key::run(args),
         Command::Usage(args) => cmd::usage::run(args),
         Command::Package(args) => cmd::package::run(args),
+        Command::Prices(args) => cmd::prices::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,17 @@ pub struct Loaded {
 /// Reads and validates a policy file; warnings go to stderr. On failure,
 /// every error, each naming file, JSON path, value and reason.
 pub fn load(path: &Path) -> Result<Loaded, Vec<String>> {
+    let (policy, bytes) = compiled(path)?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| vec![e.to_string()])?;
+    Ok(Loaded {
+        json: v.to_string(),
+        keys: policy.keys().len(),
+    })
+}
+
+/// Reads and compiles a policy file: the policy and the bytes it came from.
+/// Warnings go to stderr; errors as [`load`]'s.
+pub fn compiled(path: &Path) -> Result<(policy::Policy, Vec<u8>), Vec<String>> {
     let bytes =
         std::fs::read(path).map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
     let name = path.display().to_string();
@@ -26,12 +37,7 @@ pub fn load(path: &Path) -> Result<Loaded, Vec<String>> {
             for w in &report.warnings {
                 eprintln!("warning: {w}");
             }
-            let v: serde_json::Value =
-                serde_json::from_slice(&bytes).map_err(|e| vec![e.to_string()])?;
-            Ok(Loaded {
-                json: v.to_string(),
-                keys: policy.keys().len(),
-            })
+            Ok((policy, bytes))
         }
         Err(errors) => Err(errors.iter().map(|e| e.to_string()).collect()),
     }

@@ -555,6 +555,65 @@ mod tests {
         assert!(!v.contains("tg-secret-key"));
     }
 
+    #[tokio::test]
+    async fn serves_the_pricing_exchanges_by_name() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(
+            listener,
+            MockConfig::with_default_keys(0),
+            std::future::pending(),
+        ));
+        let anthropic = [("x-api-key", DEFAULT_ANTHROPIC_KEY)];
+        let bearer = format!("Bearer {DEFAULT_OPENAI_KEY}");
+        let openai = [("authorization", bearer.as_str())];
+        for (path, headers, exchange, body, wants) in [
+            (
+                "/v1/messages",
+                &anthropic[..],
+                "messages-stream-web-search-1h-priority",
+                r#"{"model":"claude-opus-5-5","stream":true}"#,
+                &[
+                    r#""ephemeral_1h_input_tokens":4147"#,
+                    r#""web_search_requests":3"#,
+                    r#""service_tier":"priority""#,
+                ][..],
+            ),
+            (
+                "/v1/messages",
+                &anthropic[..],
+                "messages-long-context",
+                r#"{"model":"claude-haiku-5-5"}"#,
+                &[r#""cache_read_input_tokens": 122759"#][..],
+            ),
+            (
+                "/v1/responses",
+                &openai[..],
+                "responses-reasoning",
+                r#"{"model":"gpt-6.1-sol"}"#,
+                &[r#""reasoning_tokens": 2944"#][..],
+            ),
+            (
+                "/v1/responses",
+                &openai[..],
+                "responses-stream-web-search",
+                r#"{"model":"gpt-6.1-sol","stream":true}"#,
+                &[
+                    r#""type":"web_search_call""#,
+                    r#""service_tier":"priority""#,
+                ][..],
+            ),
+        ] {
+            let mut h = headers.to_vec();
+            h.push(("x-mock-exchange", exchange));
+            let resp = raw_post(addr, path, &h, body).await;
+            assert!(resp.starts_with("HTTP/1.1 200"), "{exchange}: {resp}");
+            for want in wants {
+                assert!(resp.contains(want), "{exchange}: {want} missing");
+            }
+        }
+    }
+
     async fn raw(addr: std::net::SocketAddr, req: String) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -41,10 +41,16 @@ impl ModelPattern {
     }
 
     /// The order price lookups try patterns in: exact names before globs,
-    /// among globs the longer (more specific) first.
+    /// among globs the longer (more specific) first; ties alphabetically, so
+    /// listings read in a stable order.
     pub fn lookup_order(&self, other: &ModelPattern) -> std::cmp::Ordering {
-        (!self.is_exact(), std::cmp::Reverse(self.text.len()))
-            .cmp(&(!other.is_exact(), std::cmp::Reverse(other.text.len())))
+        let key = |p: &ModelPattern| {
+            let glob = !p.is_exact();
+            (glob, if glob { usize::MAX - p.text.len() } else { 0 })
+        };
+        key(self)
+            .cmp(&key(other))
+            .then_with(|| self.text.cmp(&other.text))
     }
 
     /// Whether some model name matches both patterns (`claude-*` and
