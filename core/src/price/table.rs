@@ -61,7 +61,7 @@ struct RawEntry {
 /// Parses a table in the shipped format, most specific pattern first (the
 /// order lookups take, as for the policy's own prices).
 pub fn parse(json: &str) -> Result<Vec<Entry>, String> {
-    let raw: RawTable = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let raw: RawTable = serde_json::from_slice(json.as_bytes()).map_err(|e| e.to_string())?;
     let mut entries = Vec::new();
     for e in raw.prices {
         let price = e.price.build();
