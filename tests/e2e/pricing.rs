@@ -58,7 +58,9 @@ fn a_priority_response_with_1h_cache_writes_and_web_searches_is_priced_by_every_
             &t["reasoning"],
             &t["web_search_requests"]
         ],
-        [15_071, 1_104, 1_020, 4_147, 2_069, 640, 3].map(serde_json::Value::from).each_ref(),
+        [15_071, 1_104, 1_020, 4_147, 2_069, 640, 3]
+            .map(serde_json::Value::from)
+            .each_ref(),
         "{rec}"
     );
     // What the response said, not what the request asked ("auto").
@@ -94,14 +96,18 @@ fn a_prompt_over_the_long_context_threshold_is_priced_at_long_context_rates() {
         "{rec}"
     );
     assert_eq!(
-        (&rec["tokens"]["input"], &rec["tokens"]["cache_read"], &rec["tokens"]["output"]),
+        (
+            &rec["tokens"]["input"],
+            &rec["tokens"]["cache_read"],
+            &rec["tokens"]["output"]
+        ),
         (&3_669.into(), &122_759.into(), &1_850.into())
     );
     assert_eq!(rec["long_context"], true);
     // The shipped Haiku 5.5 price: above 100,000 prompt tokens the whole
     // request at $0.50 input, $0.05 cache reads, $2.50 output:
     // 3,669 x $0.50 + 122,759 x $0.05 + 1,850 x $2.50 = $0.01259745
-    // (at the short-context rates it would be $0.00221659).
+    // (at the short-context rates it would be $0.00251949).
     assert_usd(&rec, 0.012_597_45);
 }
 
@@ -122,8 +128,17 @@ fn an_openai_stream_is_priced_by_the_tier_it_reports_with_its_web_searches() {
     let rec = gw.audit_record("e2e-price-openai");
     let t = &rec["tokens"];
     assert_eq!(
-        [&t["input"], &t["cache_write"], &t["cache_read"], &t["output"], &t["reasoning"], &t["web_search_requests"]],
-        [8_680, 512, 1_024, 820, 512, 2].map(serde_json::Value::from).each_ref(),
+        [
+            &t["input"],
+            &t["cache_write"],
+            &t["cache_read"],
+            &t["output"],
+            &t["reasoning"],
+            &t["web_search_requests"]
+        ],
+        [8_680, 512, 1_024, 820, 512, 2]
+            .map(serde_json::Value::from)
+            .each_ref(),
         "{rec}"
     );
     assert_eq!(rec["service_tier"], "priority");
@@ -137,7 +152,11 @@ fn an_openai_stream_is_priced_by_the_tier_it_reports_with_its_web_searches() {
 fn prices_prints_the_shipped_table_and_merges_a_policy() {
     let run = |args: &[&str]| {
         let out = Command::new(tollgate_bin()).args(args).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let table = run(&["prices"]);
@@ -147,15 +166,22 @@ fn prices_prints_the_shipped_table_and_merges_a_policy() {
         .find(|l| l.starts_with("claude-opus-5-5 "))
         .unwrap();
     assert!(opus.contains("shipped 2026-12-05"), "{opus}");
-    let json: serde_json::Value = serde_json::from_str(&run(&["prices", "--format", "json"])).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&run(&["prices", "--format", "json"])).unwrap();
     let sol = json
         .as_array()
         .unwrap()
         .iter()
         .find(|r| r["model"] == "gpt-6.1-sol")
         .unwrap();
-    assert_eq!((sol["input"].as_f64(), sol["from"].as_str()), (Some(2.0), Some("shipped")));
-    assert!(sol["source"].as_str().unwrap().starts_with("https://developers.openai.com/"));
+    assert_eq!(
+        (sol["input"].as_f64(), sol["from"].as_str()),
+        (Some(2.0), Some("shipped"))
+    );
+    assert!(sol["source"]
+        .as_str()
+        .unwrap()
+        .starts_with("https://developers.openai.com/"));
     assert_eq!(sol["long_context"]["above_input_tokens"], 272_000);
 
     let dir = tempfile::tempdir().unwrap();
@@ -163,20 +189,29 @@ fn prices_prints_the_shipped_table_and_merges_a_policy() {
     std::fs::write(&file, policy()).unwrap();
     let merged = run(&["prices", "--policy", file.to_str().unwrap()]);
     let lines: Vec<&str> = merged.lines().collect();
-    assert!(lines[1].starts_with("claude-opus-5-5 ") && lines[1].ends_with("policy"), "{merged}");
     assert!(
-        lines.iter().any(|l| l.starts_with("claude-opus-5-5 ") && l.ends_with("shipped, overridden by policy claude-opus-5-5")),
+        lines[1].starts_with("claude-opus-5-5 ") && lines[1].ends_with("policy"),
+        "{merged}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("claude-opus-5-5 ")
+            && l.ends_with("shipped, overridden by policy claude-opus-5-5")),
         "{merged}"
     );
     // A broken policy is reported, not silently ignored.
-    std::fs::write(&file, r#"{"version": 1, "prices": {"m": {"input": -1, "output": 1}}}"#).unwrap();
+    std::fs::write(
+        &file,
+        r#"{"version": 1, "prices": {"m": {"input": -1, "output": 1}}}"#,
+    )
+    .unwrap();
     let out = Command::new(tollgate_bin())
         .args(["prices", "--policy", file.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("prices.m.input: must be a non-negative USD amount per million tokens (value: -1)"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(
+        "prices.m.input: must be a non-negative USD amount per million tokens (value: -1)"
+    ));
     // A reader that stops early ends the command quietly.
     let piped = Command::new("sh")
         .arg("-c")
