@@ -97,38 +97,33 @@ fn unpriced_allowlists(raw: &RawPolicy, policy: &Policy) -> Vec<Problem> {
         return Vec::new();
     }
     // Allowlists belong to groups (or the defaults), not keys: check each
-    // list once, whatever the number of budgeted keys that use it.
+    // list once, whatever the number of budgeted keys that use it (a policy
+    // of 100,000 keys costs one set lookup per key and group here).
     let mut lists: Vec<(String, &'static str, &[super::ModelPattern])> = Vec::new();
     let mut seen = hashbrown::HashSet::new();
+    let mut defaults_seen = false;
     for (k, key) in raw.keys.iter().zip(policy.keys()) {
         if !crate::meter::budget_applies(policy, key) {
             continue;
         }
-        let groups: Vec<(String, &[super::ModelPattern])> = k
-            .groups
-            .iter()
-            .filter_map(|g| {
-                let models = raw.groups.get(g)?.models.as_deref()?;
-                Some((join("groups", &g.0), models))
-            })
-            .collect();
-        let from: Vec<(String, &'static str, &[super::ModelPattern])> = if groups.is_empty() {
+        let mut from_groups = false;
+        for g in &k.groups {
+            let Some(models) = raw.groups.get(g).and_then(|g| g.models.as_deref()) else {
+                continue;
+            };
+            from_groups = true;
+            if seen.insert(g.0.as_str()) {
+                lists.push((join("groups", &g.0), "keys in this group", models));
+            }
+        }
+        if !from_groups && !defaults_seen {
+            defaults_seen = true;
             let models = raw.defaults.models.as_deref().unwrap_or_default();
-            vec![(
+            lists.push((
                 "defaults".to_string(),
                 "keys using the default models",
                 models,
-            )]
-        } else {
-            groups
-                .into_iter()
-                .map(|(path, m)| (path, "keys in this group", m))
-                .collect()
-        };
-        for list in from {
-            if seen.insert(list.0.clone()) {
-                lists.push(list);
-            }
+            ));
         }
     }
     let mut out = Vec::new();
