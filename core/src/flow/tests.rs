@@ -328,6 +328,7 @@ fn without_header_hold_the_headers_continue_and_the_body_decides() {
         policy(""),
         FilterOptions {
             hold_request_headers: false,
+            shared: None,
         },
     );
     assert_eq!(
