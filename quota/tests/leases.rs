@@ -26,7 +26,7 @@ use tollgate_quota::{QuotaService, Settings};
 async fn grant(q: &QuotaService, replica: &str, b: BucketSync) -> Grant {
     let r = q.sync(sync_req(replica, vec![b])).await.unwrap();
     assert_eq!(r.grants.len(), 1);
-    r.grants[0].clone()
+    r.grants[0]
 }
 
 fn left(g: &Grant) -> f64 {
