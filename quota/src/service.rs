@@ -419,12 +419,19 @@ async fn within<T>(
     }
 }
 
-/// Redis down, unreachable, loading or read-only is UNAVAILABLE: the filter
-/// then applies the limit's failure mode (`local`, `closed`, `open`). An
-/// error raised inside a script is a bug of ours: INTERNAL.
+/// Redis down, unreachable, loading, read-only or out of memory is
+/// UNAVAILABLE: the filter then applies the limit's failure mode (`local`,
+/// `closed`, `open`). A Lua runtime error (code ERR from a user script), a
+/// key of the wrong type or a reply we cannot read is a bug of ours or a
+/// foreign writer on our keys: INTERNAL. (Errors of commands called inside
+/// a script keep their own code, such as OOM or READONLY.)
 fn store_error(e: RedisError) -> Status {
     let text = e.to_string();
-    if e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError) && text.contains("script") {
+    let ours = matches!(e.kind(), ErrorKind::Parse | ErrorKind::UnexpectedReturnType)
+        || (e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
+            && text.contains("user_script"))
+        || text.contains("WRONGTYPE");
+    if ours {
         tracing::error!("quota script failed: {text}");
         Status::internal(format!("quota script failed: {text}"))
     } else {

@@ -379,6 +379,38 @@ struct Replica {
 }
 
 impl Replica {
+    /// Replica `i` of a test, on one of the test's service instances.
+    fn new(i: u64, services: &[QuotaService; 2], bucket: &Bucket, seed: u64) -> Replica {
+        Replica {
+            name: format!("envoy-{i}"),
+            quota: services[i as usize % 2].clone(),
+            bucket: bucket.clone(),
+            rng: rand::rngs::StdRng::seed_from_u64(seed + i),
+            seq: 0,
+            lease_left: 0,
+            expires_at: 0,
+            spent: 0,
+        }
+    }
+
+    /// Spends `n` from the local lease when it holds that much.
+    fn spend(&mut self, n: i64) {
+        if n <= self.lease_left {
+            self.lease_left -= n;
+            self.spent += n;
+        }
+    }
+
+    /// Exact admission of `n`; whether it was admitted.
+    async fn admit(&self, id: &str, n: i64) -> bool {
+        let a = self
+            .quota
+            .admit(admit_req(id, vec![charge(&self.bucket, n)]))
+            .await
+            .unwrap();
+        outcome(&a) == Outcome::Admitted
+    }
+
     fn sync_request(&self, want: i64) -> SyncRequest {
         sync_req(
             &self.name,
@@ -436,26 +468,14 @@ async fn replicas_together_never_take_more_than_the_bucket() {
     let reported = Arc::new(AtomicI64::new(0));
     let mut tasks = Vec::new();
     for i in 0..4u64 {
-        let mut r = Replica {
-            name: format!("envoy-{i}"),
-            quota: services[i as usize % 2].clone(),
-            bucket: bucket.clone(),
-            rng: rand::rngs::StdRng::seed_from_u64(7_000 + i),
-            seq: 0,
-            lease_left: 0,
-            expires_at: 0,
-            spent: 0,
-        };
+        let mut r = Replica::new(i, &services, &bucket, 7_000);
         let (admitted, reported, client) = (admitted.clone(), reported.clone(), s.client());
         tasks.push(tokio::spawn(async move {
             for step in 0..150 {
                 match r.rng.random_range(0..10) {
                     0..=4 => {
                         let n = r.rng.random_range(1..=10);
-                        if n <= r.lease_left {
-                            r.lease_left -= n;
-                            r.spent += n;
-                        }
+                        r.spend(n);
                     }
                     5..=7 => {
                         let want = r.rng.random_range(0..=40);
@@ -464,13 +484,7 @@ async fn replicas_together_never_take_more_than_the_bucket() {
                     }
                     _ => {
                         let n = r.rng.random_range(1..=20);
-                        let id = format!("{}-{step}", r.name);
-                        let a = r
-                            .quota
-                            .admit(admit_req(&id, vec![charge(&r.bucket, n)]))
-                            .await
-                            .unwrap();
-                        if outcome(&a) == Outcome::Admitted {
+                        if r.admit(&format!("{}-{step}", r.name), n).await {
                             admitted.fetch_add(n, Ordering::SeqCst);
                         }
                     }
@@ -516,16 +530,7 @@ async fn the_lease_invariant_holds_with_time_debt_refunds_and_expiry() {
     };
     let mut tasks = Vec::new();
     for i in 0..4u64 {
-        let mut r = Replica {
-            name: format!("envoy-{i}"),
-            quota: services[i as usize % 2].clone(),
-            bucket: bucket.clone(),
-            rng: rand::rngs::StdRng::seed_from_u64(8_000 + i),
-            seq: 0,
-            lease_left: 0,
-            expires_at: 0,
-            spent: 0,
-        };
+        let mut r = Replica::new(i, &services, &bucket, 8_000);
         let (client, clock) = (s.client(), s.clock.clone());
         tasks.push(tokio::spawn(async move {
             for step in 0..150 {
@@ -536,10 +541,7 @@ async fn the_lease_invariant_holds_with_time_debt_refunds_and_expiry() {
                 match r.rng.random_range(0..12) {
                     0..=3 => {
                         let n = r.rng.random_range(1..=15);
-                        if n <= r.lease_left {
-                            r.lease_left -= n;
-                            r.spent += n;
-                        }
+                        r.spend(n);
                     }
                     // Settlements land in `spent` too: debt beyond the
                     // lease, or refunds.
@@ -553,12 +555,7 @@ async fn the_lease_invariant_holds_with_time_debt_refunds_and_expiry() {
                     _ => {
                         let n = r.rng.random_range(1..=30);
                         let id = format!("{}-{step}", r.name);
-                        let a = r
-                            .quota
-                            .admit(admit_req(&id, vec![charge(&r.bucket, n)]))
-                            .await
-                            .unwrap();
-                        if outcome(&a) == Outcome::Admitted && r.rng.random_bool(0.5) {
+                        if r.admit(&id, n).await && r.rng.random_bool(0.5) {
                             let delta = r.rng.random_range(-n..=n);
                             let done = r
                                 .quota

@@ -262,3 +262,51 @@ async fn a_script_failure_is_internal() {
         err.message()
     );
 }
+
+#[tokio::test]
+async fn a_foreign_value_on_our_key_is_internal() {
+    let s = Setup::manual();
+    let rpm = per_minute("key:yul:requests_per_minute", 10);
+    let mut conn = s.client().get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("tg:{tg}:b:key:yul:requests_per_minute")
+        .arg("not a hash")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let err = s
+        .quota
+        .admit(admit_req("r", vec![charge(&rpm, 1)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Internal);
+    assert!(err.message().contains("WRONGTYPE"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn a_read_only_redis_is_unavailable() {
+    // A replica (of a primary that is not there) refuses writes, as a
+    // demoted primary does during a failover.
+    let s = Setup::manual();
+    let mut conn = s.client().get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let err = s
+        .quota
+        .admit(admit_req("r", vec![charge(&per_minute("k", 10), 1)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(
+        err.message().starts_with("quota store unavailable: ")
+            && err
+                .message()
+                .contains("You can't write against a read only replica"),
+        "{}",
+        err.message()
+    );
+}
