@@ -43,12 +43,7 @@ impl RedisServer {
     /// Starts one on `port` (e.g. the port of a server just dropped, to
     /// restart Redis empty under a running service).
     pub fn start_on(port: u16) -> std::io::Result<RedisServer> {
-        let binary = find_on_path("redis-server").ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "redis-server not found on PATH: install Debian's redis-server (`make redis`)",
-            )
-        })?;
+        let binary = locate(std::env::var_os("PATH"))?;
         let log =
             std::env::temp_dir().join(format!("tollgate-redis-{port}-{}.log", std::process::id()));
         let child = Command::new(binary)
@@ -108,10 +103,18 @@ impl Drop for RedisServer {
     }
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(name))
+/// `redis-server` in one of the directories of `path` (a PATH value).
+fn locate(path: Option<std::ffi::OsString>) -> std::io::Result<PathBuf> {
+    path.iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("redis-server"))
         .find(|p| p.is_file())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "redis-server not found on PATH: install Debian's redis-server (`make redis`)",
+            )
+        })
 }
 
 fn ping(port: u16) -> bool {
@@ -225,5 +228,28 @@ pub async fn inspect(client: &redis::Client, bucket_id: &str) -> redis::RedisRes
             window: window.parse().map_err(parse_error)?,
         }),
         _ => Err(parse_error(line)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_redis_server_is_named_with_the_fix() {
+        let err = locate(Some("/nonexistent:/also-not-here".into())).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+        assert_eq!(
+            err.to_string(),
+            "redis-server not found on PATH: install Debian's redis-server (`make redis`)"
+        );
+        assert!(locate(None).is_err());
+    }
+
+    #[test]
+    fn finds_redis_server_on_path() {
+        // `make redis` installs it in /usr/bin.
+        let found = locate(std::env::var_os("PATH")).unwrap();
+        assert!(found.ends_with("redis-server"), "{}", found.display());
     }
 }
