@@ -202,7 +202,8 @@ impl QuotaService {
         let mut cmd = self.evalsha(&self.inner.scripts.admit, &keys);
         cmd.arg(req.key_sha256.as_slice())
             .arg(s.idempotency_secs())
-            .arg(s.keep_ms());
+            .arg(s.keep_ms())
+            .arg(s.lease_ms());
         for (spec, amount) in &specs {
             spec.args(&mut cmd).arg(*amount);
         }

@@ -173,6 +173,45 @@ async fn a_request_larger_than_the_unleased_capacity_passes_a_full_unleased_buck
 }
 
 #[tokio::test]
+async fn a_refusal_caused_only_by_leases_waits_for_them_to_come_back() {
+    let s = Setup::manual();
+    // The day's quota is not spent, but what is left is leased out: the
+    // lease comes back at the replica's next sync, within 3T = 300 ms, not
+    // at midnight.
+    let tpd = day("key:tia:tokens_per_day", 100, 0);
+    let first = grant(&s.quota, "a", bsync(&tpd, 1, 0, 60)).await;
+    assert_eq!(first.lease, 60);
+    let take = |id: &str, b: &Bucket, n: i64| admit_req(id, vec![charge(b, n)]);
+    let r = s.quota.admit(take("r1", &tpd, 40)).await.unwrap();
+    assert_eq!(outcome(&r), Outcome::Admitted);
+    let r = s.quota.admit(take("r2", &tpd, 1)).await.unwrap();
+    assert_eq!((outcome(&r), r.wait_ms), (Outcome::Limited, 300));
+    // Spent for real: the window's end.
+    let g = grant(
+        &s.quota,
+        "a",
+        BucketSync {
+            window: first.window,
+            ..bsync(&tpd, 2, 60, 0)
+        },
+    )
+    .await;
+    assert_eq!((g.lease, left(&g)), (0, 0.0));
+    let r = s.quota.admit(take("r3", &tpd, 1)).await.unwrap();
+    assert_eq!((outcome(&r), r.wait_ms), (Outcome::Limited, 12 * 3_600_000));
+
+    // A per-minute bucket wholly leased out: 1 token would take 600 ms to
+    // refill, the lease is back sooner.
+    let rpm = per_minute("key:tia:requests_per_minute", 100);
+    assert_eq!(
+        grant(&s.quota, "a", bsync(&rpm, 1, 0, 100)).await.lease,
+        100
+    );
+    let r = s.quota.admit(take("r4", &rpm, 1)).await.unwrap();
+    assert_eq!((outcome(&r), r.wait_ms), (Outcome::Limited, 300));
+}
+
+#[tokio::test]
 async fn a_retried_sync_is_applied_once_and_gets_the_same_grant() {
     let s = Setup::manual();
     let tpm = per_minute("key:quinn:tokens_per_minute", 1000);

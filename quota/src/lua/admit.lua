@@ -2,7 +2,8 @@
 -- KEYS: 1 tg:{tg}:a:<request_id> (the first answer, for retries)
 --       2 tg:{tg}:revoked, then per bucket: tg:{tg}:b:<id>, tg:{tg}:r:<id>
 -- ARGV: 1 test clock, 2 SHA-256 of the key ('' = no key), 3 answer TTL (s),
---       4 keep_ms, then per bucket: refill kind, limit, utc offset (min), amount
+--       4 keep_ms, 5 lease ms, then per bucket: refill kind, limit, utc offset
+--       (min), amount
 -- Reply: 'outcome refused wait_ms now_ms' then 'remaining reset_at' per
 -- bucket (outcome 1 admitted, 2 limited, 3 revoked).
 local prior = redis.call('GET', KEYS[1])
@@ -17,19 +18,19 @@ if ARGV[2] ~= '' and redis.call('ZSCORE', KEYS[2], ARGV[2]) then
   return answer(table.concat({'3', '0', '0', int(now)}, ' '))
 end
 
-local keep_ms = tonumber(ARGV[4])
+local keep_ms, lease_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
 local n = (#KEYS - 2) / 2
 local states, amounts = {}, {}
 local worst, worst_wait = nil, -1
 for i = 1, n do
-  local a = 5 + (i - 1) * 4
+  local a = 6 + (i - 1) * 4
   local s = load(KEYS[1 + 2 * i], KEYS[2 + 2 * i], tonumber(ARGV[a]), tonumber(ARGV[a + 1]),
     tonumber(ARGV[a + 2]), false)
   local amount = tonumber(ARGV[a + 3])
   states[i], amounts[i] = s, amount
   if not fits(s, amount) then
     -- The bucket that frees up last decides; the first one on a tie.
-    local w = wait_ms(s, amount)
+    local w = wait_ms(s, amount, lease_ms)
     if w > worst_wait then worst, worst_wait = i, w end
   end
 end

@@ -199,11 +199,17 @@ local function fits(s, amount)
 end
 
 -- Milliseconds until `amount` fits: refill time of what is missing, or the
--- window's end.
-local function wait_ms(s, amount)
+-- window's end. When only leases stand in the way (everything unleased is
+-- gone but the bucket is not spent), they come back sooner: no lease is
+-- granted while the unleased balance is this low, so each replica returns
+-- its lease at its next sync, and a lease is never good beyond lease_ms.
+local function wait_ms(s, amount, lease_ms)
   if s.kind == PER_MINUTE then
-    return math.ceil(math.max(need(s, amount) - s.v, 0) * 60000 / s.limit)
+    local w = math.ceil(math.max(need(s, amount) - s.v, 0) * 60000 / s.limit)
+    if s.l > 0 and s.limit - s.l <= 0 then w = math.min(w, lease_ms) end
+    return w
   end
+  if s.l > 0 and s.u < s.limit then return math.min(s.we - now, lease_ms) end
   return s.we - now
 end
 
