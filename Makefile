@@ -17,7 +17,7 @@ export TOLLGATE_BIN   := $(abspath $(TOLLGATE))
 # The PostgreSQL audit-store test's database (`make postgres` provides it).
 export TOLLGATE_PG_URL ?= postgres://tollgate:tollgate@127.0.0.1:5432/tollgate_test
 
-.PHONY: bench help demo test build wasm-trap fuzz fuzz-smoke wasm cli envoy sdk chromium postgres wasm-target unit e2e lint fmt clean bench-policy
+.PHONY: bench help demo test build wasm-trap fuzz fuzz-smoke wasm cli envoy sdk chromium postgres redis quota wasm-target unit e2e lint fmt clean bench-policy
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -25,7 +25,7 @@ help: ## Show this help
 demo: build envoy ## Build, start the gateway with the example policy and the mock provider, run a short tour (DEMO_EXIT=1 exits after it)
 	@scripts/demo.sh
 
-test: build wasm-trap envoy sdk chromium postgres lint fuzz-smoke ## Install what is needed, then run every unit and end-to-end test
+test: build wasm-trap envoy sdk chromium postgres redis lint fuzz-smoke ## Install what is needed, then run every unit and end-to-end test
 	$(CARGO) test --workspace --no-fail-fast
 
 build: wasm cli ## Build tollgate.wasm and the tollgate CLI
@@ -76,6 +76,13 @@ postgres: ## Install and start Debian's PostgreSQL with a test database (needs r
 	  runuser -u postgres -- psql -qc "CREATE ROLE tollgate LOGIN PASSWORD 'tollgate'"
 	@runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_database WHERE datname='tollgate_test'" | grep -q 1 || \
 	  runuser -u postgres -- psql -qc "CREATE DATABASE tollgate_test OWNER tollgate"
+
+redis: ## Install Debian's redis-server (needs root, as on CI); tests start their own on free ports
+	@command -v redis-server >/dev/null || { echo "==> installing redis-server (Debian) for the quota tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
+quota: redis ## Shared-limit service tests (tollgate-quota, tollgate-proto) against real redis-servers
+	$(CARGO) test -p tollgate-quota -p tollgate-proto
 
 # Fuzzing: cargo-fuzz installed into the project (.tools), run on the
 # machine's stable toolchain with RUSTC_BOOTSTRAP=1 for the sanitizer flags.
