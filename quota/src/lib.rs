@@ -27,6 +27,7 @@
 //! # }
 //! ```
 
+pub mod local_redis;
 mod scripts;
 mod service;
 pub mod testing;
