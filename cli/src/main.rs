@@ -34,6 +34,8 @@ mod oci;
 mod output;
 /// Reading, validating and checking policy files.
 mod policy_file;
+/// The quota service and Redis behind limits shared by every replica.
+mod shared_store;
 /// Ctrl-C/SIGTERM and the stop switch shared by a process's services.
 mod shutdown;
 
@@ -66,6 +68,8 @@ enum Command {
     Mock(cmd::mock::MockArgs),
     /// Validate policies, render Envoy's filter config, print the JSON Schema.
     Policy(cmd::policy::PolicyArgs),
+    /// Run the shared-limit service in front of Redis, so every Envoy replica meters one set of limits.
+    Quota(cmd::quota::QuotaArgs),
     /// Mint virtual keys.
     Key(cmd::key::KeyArgs),
     /// Package tollgate.wasm as an OCI image (layout directory and tarball) for Istio and Envoy Gateway.
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
         #[cfg(feature = "mock")]
         Command::Mock(args) => cmd::mock::run(args),
         Command::Policy(args) => cmd::policy::run(args),
+        Command::Quota(args) => cmd::quota::run(args),
         Command::Key(args) => cmd::key::run(args),
         Command::Usage(args) => cmd::usage::run(args),
         Command::Package(args) => cmd::package::run(args),

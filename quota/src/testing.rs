@@ -116,4 +116,3 @@ pub async fn inspect(client: &redis::Client, bucket_id: &str) -> redis::RedisRes
         _ => Err(parse_error(line)),
     }
 }
-
