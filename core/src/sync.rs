@@ -199,6 +199,7 @@ impl Leader {
             return;
         }
         let seq = next_seq(host);
+        let replicas = f64::from(replicas(host));
         // Buckets by scope record, so each record is read and written once.
         let mut scopes: HashMap<String, Vec<(Metric, pb::Bucket)>> = HashMap::new();
         for (id, bucket) in named {
@@ -232,7 +233,7 @@ impl Leader {
                         slot.rate = 0.5 * slot.rate + 0.5 * slot.inflight.max(0.0);
                         slot.seq = seq;
                     }
-                    let want = (1.65 * slot.rate).max(slot.last).ceil().max(1.0);
+                    let want = lease_size(slot.rate, slot.last, bucket, replicas);
                     out.push((
                         pb::BucketSync {
                             bucket: Some(bucket.clone()),
@@ -399,6 +400,18 @@ fn give_back(host: &impl RootHost, admit: &[u8], answer: &[u8]) {
             .collect(),
     };
     enqueue(host, Queue::Settle, &settle.encode_to_vec());
+}
+
+/// The lease to ask for: what this Envoy spends in about 1.5 sync periods
+/// plus the round trip (1.65 × the consumption per period), and at least
+/// its largest recent request, but never more than a tenth of the limit
+/// shared among the replicas. Leases idle on other replicas are what can
+/// refuse a request early; at a tenth, all of them together hold at most
+/// 10% of the limit, and a limit too small for a lease to cover one
+/// request is decided by Redis, exactly, on every request.
+fn lease_size(rate: f64, last: f64, bucket: &pb::Bucket, replicas: f64) -> f64 {
+    let cap = from_units(bucket, bucket.limit as f64) / (10.0 * replicas.max(1.0));
+    (1.65 * rate).max(last).min(cap).ceil().max(0.0)
 }
 
 fn next_seq(host: &impl RootHost) -> u64 {

@@ -172,14 +172,16 @@ impl Context for Http {
         let Some(flow) = &mut self.flow else { return };
         let response = host::grpc_response(num_headers, body_size, num_trailers);
         match flow.on_quota_response(&mut Hostcalls, response.as_deref()) {
-            Decision::Continue => {
+            Some(Decision::Continue) => {
                 if let Err(e) = proxy_wasm::hostcalls::resume_http_request() {
                     log::warn!("resuming the request failed: {e:?}");
                 }
             }
-            other => {
+            Some(other) => {
                 act(other);
             }
+            // A settlement's answer: nothing waits for it.
+            None => {}
         }
     }
 }

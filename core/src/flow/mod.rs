@@ -430,10 +430,18 @@ impl RequestFlow {
         self.key_sha256.map(|h| h.to_vec()).unwrap_or_default()
     }
 
-    /// The quota service answered the synchronous admission this request
-    /// paused for (`None`: the call failed or timed out). Returns what the
-    /// host does next: resume the request, or answer it.
-    pub fn on_quota_response(&mut self, host: &mut impl Host, response: Option<&[u8]>) -> Decision {
+    /// The quota service answered a call of this request (`None`: the call
+    /// failed or timed out). For the synchronous admission the request
+    /// paused for, returns what the host does next: resume it, or answer
+    /// it; `None` for an answer nothing waits for (a settlement's).
+    pub fn on_quota_response(
+        &mut self,
+        host: &mut impl Host,
+        response: Option<&[u8]>,
+    ) -> Option<Decision> {
+        if !matches!(self.phase, Phase::Admitting { .. }) {
+            return None;
+        }
         let Phase::Admitting {
             key,
             demand,
@@ -442,7 +450,7 @@ impl RequestFlow {
             ..
         } = std::mem::replace(&mut self.phase, Phase::Done)
         else {
-            return Decision::Continue;
+            return None;
         };
         self.phase = Phase::Authenticated { key };
         host.stat(
@@ -455,7 +463,7 @@ impl RequestFlow {
                 self.ask_for_stream_usage(host, &body);
             }
         }
-        decision
+        Some(decision)
     }
 
     fn remote_answer(
@@ -697,7 +705,15 @@ impl RequestFlow {
                 &admission.reservations,
                 &actual,
                 &self.audit.request_id,
-            ),
+            )
+            .map(|settle| {
+                // Sent now as well as queued for the leader: the Settle is
+                // idempotent, and the copy that arrives second changes
+                // nothing. Its answer is not awaited.
+                if let Some(message) = settle {
+                    let _ = host.call_quota(QuotaMethod::Settle, &message, opts.admit_timeout_ms);
+                }
+            }),
         };
         if settled.is_err() {
             host.stat(Stat::CasExhausted, 1);

@@ -106,16 +106,15 @@ fn window(bucket: &Bucket, clock: Clock) -> u64 {
     }
 }
 
-/// Whether this replica's lease covers `amount` now. A calendar lease, like
-/// a calendar quota, admits while anything of it is left.
+/// Whether this replica's lease covers `amount` now. Unlike a calendar
+/// quota alone (which admits while anything is left), a lease must cover
+/// the whole amount: "anything left" is Redis's to decide, exactly, through
+/// `Admit`; a lease admitting past itself would over-admit once per replica.
 fn lease_covers(bucket: &Bucket, slot: &Slot, amount: f64, clock: Clock) -> bool {
-    if bucket.strict || slot.expires <= clock.now || slot.stamp != window(bucket, clock) {
-        return false;
-    }
-    match bucket.refill() {
-        Refill::PerMinute => slot.value >= amount,
-        Refill::Day | Refill::Month => slot.value > 0.0,
-    }
+    !bucket.strict
+        && slot.expires > clock.now
+        && slot.stamp == window(bucket, clock)
+        && slot.value >= amount
 }
 
 /// A slot's state for the rate-limit headers: what Redis had unleased at
@@ -330,17 +329,20 @@ pub fn on_admit_response(
         })
         .collect();
     match pb::admit_response::Outcome::try_from(answer.outcome) {
-        Ok(pb::admit_response::Outcome::Admitted) => Ok(Admission {
-            reservations: buckets
-                .iter()
-                .map(|b| Reservation {
-                    bucket: b.clone(),
-                    amount: reserve_amount(b, demand),
-                    source: Source::Remote,
-                })
-                .collect(),
-            states,
-        }),
+        Ok(pb::admit_response::Outcome::Admitted) => {
+            want_leases(ctx, buckets, demand);
+            Ok(Admission {
+                reservations: buckets
+                    .iter()
+                    .map(|b| Reservation {
+                        bucket: b.clone(),
+                        amount: reserve_amount(b, demand),
+                        source: Source::Remote,
+                    })
+                    .collect(),
+                states,
+            })
+        }
         Ok(pb::admit_response::Outcome::Revoked) => Err(RemoteRefusal::Revoked),
         Ok(pb::admit_response::Outcome::Limited) => {
             let bucket = buckets
@@ -358,6 +360,32 @@ pub fn on_admit_response(
         }
         // An answer this build cannot read is no answer.
         _ => fallback(ctx, buckets, demand, replicas),
+    }
+}
+
+/// After a synchronous admission: note the request's size in each slot (a
+/// lease should cover at least one such request) and hand the scopes to the
+/// leader, so the next requests of a busy key are served from leases. A
+/// record that stays contended only delays that.
+fn want_leases(ctx: Ctx, buckets: &[Bucket], demand: &Demand) {
+    for g in groups(buckets) {
+        let noted = store::update(ctx.plane, g.key, |record| {
+            let mut record = record.unwrap_or_default();
+            for &i in &g.members {
+                let Some(b) = buckets.get(i) else { continue };
+                let amount = reserve_amount(b, demand);
+                if let Some(slot) = record.slot_mut(b.metric) {
+                    slot.last = slot.last.max(amount);
+                }
+            }
+            let enqueue = mark_for_sync(&mut record, ctx.clock, ctx.opts);
+            Step::Write(record, enqueue)
+        });
+        if let Ok(true) = noted {
+            let members: Vec<&Bucket> = g.members.iter().filter_map(|&i| buckets.get(i)).collect();
+            ctx.plane
+                .enqueue(Queue::Sync, &sync_entry(&members, ctx.clock));
+        }
     }
 }
 
@@ -473,15 +501,17 @@ fn fallback_cell(local: &Bucket, slot: &Slot, clock: Clock) -> Cell {
 
 /// Settles a request admitted with shared buckets: each reservation gets
 /// `actual - reserved` where it was taken. Lease and fallback deltas are
-/// consumption the next sync pushes; remote ones become one `Settle` the
-/// leader sends (idempotent by request id). An empty `request_id` settles
-/// only local parts (a give-back during admission).
+/// consumption the next sync pushes; remote ones become one `Settle`
+/// (idempotent by request id), queued for the leader and returned so the
+/// caller can also send it at once (a refund that waits for the leader's
+/// next tick would refuse requests early meanwhile). An empty `request_id`
+/// settles only local parts (a give-back during admission).
 pub fn settle(
     ctx: Ctx,
     reservations: &[Reservation],
     actual: &Demand,
     request_id: &str,
-) -> Result<(), store::Contention> {
+) -> Result<Option<Vec<u8>>, store::Contention> {
     let (store, clock, opts) = (ctx.plane, ctx.clock, ctx.opts);
     let delta = |r: &Reservation| actual.amount(r.bucket.metric).max(0.0) - r.amount;
     let remote: Vec<pb::Charge> = reservations
@@ -492,14 +522,17 @@ pub fn settle(
             amount: base_units(&r.bucket, delta(r)),
         })
         .collect();
+    let mut sent = None;
     if !remote.is_empty() && !request_id.is_empty() {
         let message = pb::SettleRequest {
             request_id: request_id.to_string(),
             deltas: remote,
-        };
-        store.enqueue(Queue::Settle, &message.encode_to_vec());
+        }
+        .encode_to_vec();
+        store.enqueue(Queue::Settle, &message);
+        sent = Some(message);
     }
-    let mut result = Ok(());
+    let mut result = Ok(sent);
     let mut done: Vec<&str> = Vec::new();
     for r in reservations {
         let key = r.bucket.store_key();
