@@ -3,6 +3,7 @@
 //! what each costs (the per-provider image rules live with the provider's
 //! framing, in `usage/anthropic.rs` and `usage/openai.rs`).
 
+use super::text::hex4;
 use crate::route::Provider;
 use crate::usage::{anthropic, openai};
 
@@ -126,6 +127,38 @@ pub(super) fn sniff_media(s: &str) -> Option<Media> {
         bytes,
         text: (payload.len() as u64).div_ceil(3),
     })
+}
+
+/// [`sniff_media`] on a JSON string read in place (`raw` starts after its
+/// opening quote): `Some(None)` when it is no media, `Some(Some(_))` when it
+/// is, `None` when serde must unescape it to say (a data URL, or base64
+/// whose escapes stand for base64 characters, as `\/` or a `\n` line wrap).
+/// The first character outside the base64 alphabet decides: the closing
+/// quote, with no escape before it, makes the raw bytes the whole string;
+/// any other character, or an escape of one, fails [`sniff_media`]'s
+/// alphabet check, as prose does at its first space.
+pub(super) fn sniff_in_place(raw: &[u8]) -> Option<Option<Media>> {
+    if raw.starts_with(b"data:") {
+        return None;
+    }
+    let mut i = 0;
+    let mut escaped = false;
+    loop {
+        let n = i + raw.get(i..)?.iter().position(|b| {
+            !(b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_' | b'='))
+        })?;
+        match raw.get(n..)? {
+            [b'"', ..] if escaped => return None,
+            [b'"', ..] => return Some(sniff_media(std::str::from_utf8(raw.get(..n)?).ok()?)),
+            [b'\\', b'n' | b'r' | b'/', ..] => i = n + 2,
+            [b'\\', b'u', ..] => match hex4(raw, n + 2) {
+                Some(c) if u8::try_from(c).is_ok_and(is_base64_char) => i = n + 6,
+                _ => return Some(None),
+            },
+            _ => return Some(None),
+        }
+        escaped = true;
+    }
 }
 
 fn be16(b: &[u8], i: usize) -> Option<u32> {

@@ -64,10 +64,16 @@
 //! - `scalar`: model, max_tokens, stream, stream_options;
 //! - this module: the request object and [`inspect`].
 
+mod classify;
 mod media;
 mod scalar;
 mod text;
 mod walk;
+
+#[cfg(test)]
+mod rule;
+#[cfg(test)]
+mod tests;
 
 use super::{anthropic, openai, RequestError, RequestInfo};
 use crate::route::{Provider, Route};
@@ -78,8 +84,10 @@ use std::fmt;
 use walk::{Mode, Tag, Tally, Walk};
 
 /// The top-level request object.
-struct Request {
+struct Request<'de> {
     route: Route,
+    /// The body being read, for prompt strings read in place.
+    body: &'de [u8],
 }
 
 #[derive(Default)]
@@ -95,7 +103,7 @@ struct Fields {
     tool_choice: Option<String>,
 }
 
-impl<'de> Visitor<'de> for Request {
+impl<'de> Visitor<'de> for Request<'de> {
     type Value = Fields;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object")
@@ -103,7 +111,7 @@ impl<'de> Visitor<'de> for Request {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
         let provider = self.route.provider();
-        let walk = Walk::prompt(provider);
+        let walk = Walk::prompt(provider, self.body);
         let mut f = Fields::default();
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             match (key.as_ref(), self.route) {
@@ -124,24 +132,24 @@ impl<'de> Visitor<'de> for Request {
                     }
                 }
                 ("messages" | "input", _) => {
-                    let mut t = map.next_value_seed(walk.with(Mode::Messages))?;
+                    let mut t = walk.with(Mode::Messages).value(&mut map, &key)?;
                     t.settle(provider);
                     f.prompt.add(provider, t);
                 }
                 ("system" | "instructions", _) => {
-                    let mut t = map.next_value_seed(walk)?;
+                    let mut t = walk.value(&mut map, &key)?;
                     t.settle(provider);
                     f.has_system = true;
                     f.prompt.add(provider, t);
                 }
                 ("tools" | "functions", _) => {
-                    let t = map.next_value_seed(walk.with(Mode::Json))?;
+                    let t = walk.with(Mode::Json).value(&mut map, &key)?;
                     f.tools.get_or_insert_with(Tally::default).add(provider, t);
                 }
                 ("tool_choice", _) => f.tool_choice = map.next_value_seed(Tag)?,
                 // Structured-output schemas are shown to the model.
                 ("response_format", Route::OpenAiChat) | ("text", Route::OpenAiResponses) => {
-                    let t = map.next_value_seed(walk.with(Mode::Json))?;
+                    let t = walk.with(Mode::Json).value(&mut map, &key)?;
                     f.prompt.add(provider, t);
                 }
                 _ => {
@@ -153,7 +161,7 @@ impl<'de> Visitor<'de> for Request {
     }
 }
 
-impl<'de> DeserializeSeed<'de> for Request {
+impl<'de> DeserializeSeed<'de> for Request<'de> {
     type Value = Fields;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Fields, D::Error> {
         d.deserialize_map(self)
@@ -178,6 +186,12 @@ fn tokens(route: Route, f: &Fields) -> u64 {
 }
 
 pub fn inspect(route: Route, body: &[u8]) -> Result<RequestInfo, RequestError> {
+    read(route, body, true)
+}
+
+/// [`inspect`], with prompt strings read in place or, for the tests that
+/// hold the two equal, all through serde.
+fn read(route: Route, body: &[u8], in_place: bool) -> Result<RequestInfo, RequestError> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first.is_some_and(|b| *b != b'{') {
         return Err(RequestError(
@@ -185,10 +199,13 @@ pub fn inspect(route: Route, body: &[u8]) -> Result<RequestInfo, RequestError> {
         ));
     }
     let mut de = serde_json::Deserializer::from_slice(body);
-    let f = Request { route }
-        .deserialize(&mut de)
-        .and_then(|f| de.end().map(|()| f))
-        .map_err(|e| RequestError(format!("request body is not valid JSON: {e}")))?;
+    let f = Request {
+        route,
+        body: if in_place { body } else { &[] },
+    }
+    .deserialize(&mut de)
+    .and_then(|f| de.end().map(|()| f))
+    .map_err(|e| RequestError(format!("request body is not valid JSON: {e}")))?;
     let model = match f.model.as_ref() {
         None | Some(Scalar::Null) => None,
         Some(Scalar::Str(m)) if !m.trim().is_empty() => Some(m.clone()),

@@ -2,8 +2,8 @@
 //! (messages, system, tools…) that adds up the estimate as strings stream
 //! past and keeps nothing else.
 
-use super::media::{image_tokens, pdf_tokens, sniff_media, Media};
-use super::text::text_tokens;
+use super::media::{image_tokens, pdf_tokens, sniff_in_place, sniff_media, Media};
+use super::text::{json_text_tokens, text_tokens};
 use crate::route::Provider;
 use crate::usage::{anthropic, openai};
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -91,21 +91,24 @@ pub(super) enum Mode {
 }
 
 #[derive(Clone, Copy)]
-pub(super) struct Walk {
+pub(super) struct Walk<'de> {
     provider: Provider,
     mode: Mode,
+    /// The request body, to read string values in place (empty: never).
+    body: &'de [u8],
 }
 
-impl Walk {
-    /// Reads prompt content of this provider's request.
-    pub(super) fn prompt(provider: Provider) -> Walk {
+impl<'de> Walk<'de> {
+    /// Reads prompt content of this provider's request, whose body is `body`.
+    pub(super) fn prompt(provider: Provider, body: &'de [u8]) -> Walk<'de> {
         Walk {
             provider,
             mode: Mode::Prompt,
+            body,
         }
     }
 
-    pub(super) fn with(self, mode: Mode) -> Walk {
+    pub(super) fn with(self, mode: Mode) -> Walk<'de> {
         Walk { mode, ..self }
     }
 
@@ -115,32 +118,72 @@ impl Walk {
             Provider::OpenAi => openai::framing::PER_MESSAGE,
         }
     }
-}
 
-impl<'de> DeserializeSeed<'de> for Walk {
-    type Value = Tally;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Tally, D::Error> {
-        d.deserialize_any(self)
+    /// Reads the value of `key`: a string in place in the body when it can
+    /// (prompt text, with its escapes, never copied), anything else through
+    /// serde.
+    pub(super) fn value<A: MapAccess<'de>>(
+        self,
+        map: &mut A,
+        key: &str,
+    ) -> Result<Tally, A::Error> {
+        match self.value_at(key).and_then(|at| self.string_in_place(at)) {
+            Some(t) => {
+                // serde still checks the string and moves past it.
+                map.next_value::<IgnoredAny>()?;
+                Ok(t)
+            }
+            None => map.next_value_seed(self),
+        }
     }
-}
 
-impl<'de> Visitor<'de> for Walk {
-    type Value = Tally;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any JSON value")
+    /// Where the value of `key` starts in the body: past the key's closing
+    /// quote, the colon and white space. Only a key serde borrowed from the
+    /// body (one without escapes) lies inside the body's memory and says
+    /// where it is; an unescaped copy lies elsewhere and gives `None`.
+    fn value_at(self, k: &str) -> Option<usize> {
+        let start = (k.as_ptr() as usize).checked_sub(self.body.as_ptr() as usize)?;
+        let end = start.checked_add(k.len())?;
+        if self.body.get(start.checked_sub(1)?) != Some(&b'"') || self.body.get(end) != Some(&b'"')
+        {
+            return None;
+        }
+        let white = |i: usize| {
+            self.body.get(i..).map_or(i, |r| {
+                i + r.iter().take_while(|b| b.is_ascii_whitespace()).count()
+            })
+        };
+        let colon = white(end + 1);
+        (self.body.get(colon) == Some(&b':')).then(|| white(colon + 1))
     }
 
-    fn visit_str<E>(self, s: &str) -> Result<Tally, E> {
-        Ok(match self.mode {
-            Mode::Json => Tally::tokens(text_tokens(s).saturating_add(1)),
+    /// A string value at `at`, read in place; `None` when it is no string or
+    /// serde must read it (an escaped data URL or base64, an invalid string).
+    fn string_in_place(self, at: usize) -> Option<Tally> {
+        let raw = self.body.get(at..)?.strip_prefix(b"\"")?;
+        let media = match self.mode {
+            Mode::Json => None,
+            Mode::Prompt | Mode::Messages => sniff_in_place(raw)?,
+        };
+        let text = match media {
+            Some(_) => 0,
+            None => json_text_tokens(raw)?.0,
+        };
+        Some(self.string(media, text))
+    }
+
+    /// What a string costs: `text` is its count as text, `media` what it
+    /// holds if it is inline media.
+    fn string(self, media: Option<Media>, text: u64) -> Tally {
+        match self.mode {
+            Mode::Json => Tally::tokens(text.saturating_add(1)),
             Mode::Prompt | Mode::Messages => {
-                let mut t = match sniff_media(s) {
+                let mut t = match media {
                     Some(m) => Tally {
                         pending: Some(m),
                         ..Tally::default()
                     },
-                    None => Tally::tokens(text_tokens(s)),
+                    None => Tally::tokens(text),
                 };
                 // A bare string where messages are expected (the Responses
                 // API's `input`) is one user message.
@@ -150,7 +193,34 @@ impl<'de> Visitor<'de> for Walk {
                 }
                 t
             }
-        })
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Walk<'de> {
+    type Value = Tally;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Tally, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Walk<'de> {
+    type Value = Tally;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Tally, E> {
+        let media = match self.mode {
+            Mode::Json => None,
+            Mode::Prompt | Mode::Messages => sniff_media(s),
+        };
+        let text = match media {
+            Some(_) => 0,
+            None => text_tokens(s),
+        };
+        Ok(self.string(media, text))
     }
     fn visit_bool<E>(self, _: bool) -> Result<Tally, E> {
         Ok(Tally::tokens(1))
@@ -189,7 +259,7 @@ impl<'de> Visitor<'de> for Walk {
         if self.mode == Mode::Json {
             let mut t = Tally::tokens(1);
             while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                let v = map.next_value_seed(self)?;
+                let v = self.value(&mut map, &key)?;
                 t.add(
                     self.provider,
                     Tally::tokens(text_tokens(&key).saturating_add(2)),
@@ -220,8 +290,8 @@ impl<'de> Visitor<'de> for Walk {
                     map.next_value::<IgnoredAny>()?;
                 }
                 // A tool call's arguments reach the model as JSON.
-                "input" => t.add(self.provider, map.next_value_seed(inner.with(Mode::Json))?),
-                _ => t.add(self.provider, map.next_value_seed(inner)?),
+                "input" => t.add(self.provider, inner.with(Mode::Json).value(&mut map, &key)?),
+                _ => t.add(self.provider, inner.value(&mut map, &key)?),
             }
         }
         Ok(match kind {
