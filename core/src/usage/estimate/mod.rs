@@ -70,6 +70,8 @@ mod scalar;
 mod text;
 mod walk;
 
+#[cfg(all(test, not(target_family = "wasm")))]
+mod accuracy;
 #[cfg(test)]
 mod rule;
 #[cfg(test)]
