@@ -79,9 +79,8 @@ mod tests;
 
 use super::{anthropic, openai, RequestError, RequestInfo};
 use crate::route::{Provider, Route};
-use scalar::{IncludeUsage, Scalar};
+use scalar::{IncludeUsage, Key, Scalar};
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
-use std::borrow::Cow;
 use std::fmt;
 use walk::{Mode, Tag, Tally, Walk};
 
@@ -115,7 +114,7 @@ impl<'de> Visitor<'de> for Request<'de> {
         let provider = self.route.provider();
         let walk = Walk::prompt(provider, self.body);
         let mut f = Fields::default();
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(key) = map.next_key_seed(Key)? {
             match (key.as_ref(), self.route) {
                 ("model", _) => f.model = Some(map.next_value()?),
                 ("stream", _) => f.stream = Some(map.next_value()?),

@@ -58,6 +58,34 @@ impl<'de> Visitor<'de> for ScalarVisitor {
     }
 }
 
+/// An object's key, borrowed from the body when it has no escapes. (serde's
+/// own `Cow` always copies; a borrowed key also tells the prompt walk where
+/// its value is in the body.)
+pub(super) struct Key;
+
+impl<'de> DeserializeSeed<'de> for Key {
+    type Value = Cow<'de, str>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key {
+    type Value = Cow<'de, str>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(s))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(s.to_string()))
+    }
+    fn visit_string<E>(self, s: String) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(s))
+    }
+}
+
 /// `stream_options.include_usage` if `stream_options` is an object and the
 /// field a boolean; any other value is skipped.
 pub(super) struct IncludeUsage;
@@ -76,7 +104,7 @@ impl<'de> Visitor<'de> for IncludeUsage {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<bool>, A::Error> {
         let mut include = None;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(key) = map.next_key_seed(Key)? {
             if key == "include_usage" {
                 include = match map.next_value()? {
                     Scalar::Bool(b) => Some(b),

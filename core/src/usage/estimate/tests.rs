@@ -10,6 +10,7 @@
 
 use super::classify::{classify, scalar, Masks, SIMD};
 use super::text::{text_tokens, text_tokens_with};
+use super::walk::IN_PLACE;
 use super::{read, rule};
 use crate::route::Route;
 
@@ -310,6 +311,7 @@ const ROUTES: [Route; 4] = [
 fn in_place_counts_equal_the_rule_on_every_fixture_string() {
     let mut strings = 0;
     let mut requests = 0;
+    let mut in_place = 0;
     for path in fixture_files() {
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue;
@@ -323,19 +325,51 @@ fn in_place_counts_equal_the_rule_on_every_fixture_string() {
         }
         if name.ends_with(".json") {
             for route in ROUTES {
-                assert_eq!(
-                    read(route, text.as_bytes(), true),
-                    read(route, text.as_bytes(), false),
-                    "{name} as {route:?}"
-                );
+                in_place += in_place_reads(|| {
+                    assert_eq!(
+                        read(route, text.as_bytes(), true),
+                        read(route, text.as_bytes(), false),
+                        "{name} as {route:?}"
+                    );
+                });
             }
             requests += 1;
         }
     }
     assert!(
-        strings > 500 && requests > 20,
-        "{strings} strings in {requests} JSON fixtures"
+        strings > 500 && requests > 20 && in_place > 200,
+        "{strings} strings in {requests} JSON fixtures, {in_place} read in place"
     );
+}
+
+fn in_place_reads(f: impl FnOnce()) -> usize {
+    let before = IN_PLACE.with(|n| n.get());
+    f();
+    IN_PLACE.with(|n| n.get()) - before
+}
+
+#[test]
+fn prompt_strings_are_read_in_place_unless_serde_must_unescape_them() {
+    let est = |body: &str| {
+        let mut tokens = 0;
+        let n = in_place_reads(|| {
+            tokens = read(Route::AnthropicMessages, body.as_bytes(), true)
+                .unwrap()
+                .input_estimate;
+        });
+        (tokens, n)
+    };
+    // The system prompt and the message text are read in place ("role" and
+    // "model" are no prompt text): 4 per request, 3 for the system prompt
+    // and `Be brief.`, 3 per message and `Say "hi"` with its line break.
+    let plain = r#"{"model":"m","system":"Be brief.","messages":[{"role":"user","content":"Say \"hi\"\n"}]}"#;
+    assert_eq!(est(plain), (4 + 3 + 3 + 3 + 5, 2), "{plain}");
+    // An escaped key is unescaped by serde, which then reads its value.
+    let escaped = plain.replace(r#""content""#, r#""cont\u0065nt""#);
+    assert_eq!(est(&escaped), (est(plain).0, 1), "{escaped}");
+    // Base64 with an escaped slash: serde unescapes it for the media check.
+    let b64 = r#"{"messages":[{"role":"user","content":[{"type":"image","source":{"data":"iVBORw0KGgo\/AAAA"}}]}]}"#;
+    assert_eq!(est(b64).1, 0, "{b64}");
 }
 
 #[test]

@@ -3,11 +3,11 @@
 //! past and keeps nothing else.
 
 use super::media::{image_tokens, pdf_tokens, sniff_in_place, sniff_media, Media};
+use super::scalar::Key;
 use super::text::{json_text_tokens, text_tokens};
 use crate::route::Provider;
 use crate::usage::{anthropic, openai};
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use std::borrow::Cow;
 use std::fmt;
 
 /// What a subtree of the prompt adds up to.
@@ -90,6 +90,12 @@ pub(super) enum Mode {
     Json,
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Strings read in place so far, for the tests that check the walk does.
+    pub(super) static IN_PLACE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 #[derive(Clone, Copy)]
 pub(super) struct Walk<'de> {
     provider: Provider,
@@ -169,6 +175,8 @@ impl<'de> Walk<'de> {
             Some(_) => 0,
             None => json_text_tokens(raw)?.0,
         };
+        #[cfg(test)]
+        IN_PLACE.with(|n| n.set(n.get() + 1));
         Some(self.string(media, text))
     }
 
@@ -258,7 +266,7 @@ impl<'de> Visitor<'de> for Walk<'de> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Tally, A::Error> {
         if self.mode == Mode::Json {
             let mut t = Tally::tokens(1);
-            while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            while let Some(key) = map.next_key_seed(Key)? {
                 let v = self.value(&mut map, &key)?;
                 t.add(
                     self.provider,
@@ -271,7 +279,7 @@ impl<'de> Visitor<'de> for Walk<'de> {
         let inner = self.with(Mode::Prompt);
         let mut t = Tally::default();
         let mut kind = Kind::Other;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(key) = map.next_key_seed(Key)? {
             match key.as_ref() {
                 "type" => {
                     kind = map
@@ -365,7 +373,7 @@ impl<'de> Visitor<'de> for Tag {
     /// `tool_choice: {"type": "any"}`: the object's own `type`.
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
         let mut tag = None;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(key) = map.next_key_seed(Key)? {
             if key == "type" {
                 tag = map.next_value_seed(Tag)?;
             } else {
