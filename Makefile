@@ -43,7 +43,7 @@ wasm-trap: wasm-target ## Test-only filter build that traps on request (for the 
 	$(CARGO) build --target $(WASM_TARGET) --profile wasm -p tollgate-filter --features test-trap --target-dir target/trap
 	@cp target/trap/$(WASM_TARGET)/wasm/tollgate_filter.wasm target/tollgate-trap.wasm
 
-cli: ## Build the tollgate CLI (collector, mock provider, run)
+cli: ## Build the tollgate CLI (collector, run, and the mock provider of mock/)
 	@echo "==> building the tollgate CLI"
 	$(CARGO) build -p tollgate
 
@@ -104,7 +104,7 @@ estimate-simd-check: wasm-target ## The estimator's tests in V8 with wasm SIMD (
 	  $(CARGO) test --target $(WASM_TARGET) -p tollgate-core --lib -- usage::estimate usage::tests::
 
 unit: ## Unit tests only (no Envoy)
-	$(CARGO) test -p tollgate-core -p tollgate
+	$(CARGO) test -p tollgate-core -p tollgate -p tollgate-mock
 
 e2e: build envoy sdk ## End-to-end tests only (real Envoy)
 	$(CARGO) test -p tollgate-e2e

@@ -56,6 +56,7 @@ pub mod flow;
 pub mod host;
 pub mod meter;
 pub mod policy;
+pub mod price;
 pub mod reply;
 pub mod route;
 pub mod testing;

@@ -3,9 +3,9 @@
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
-use tollgate_core::flow::FilterOptions;
+use tollgate_core::flow::{FilterOptions, Refusal};
 use tollgate_core::host::{HeaderList, Host, LocalReply, SharedStore, Stat, StoreError};
-use tollgate_core::reply::{error_reply, ErrorKind};
+use tollgate_core::reply::error_reply;
 use tollgate_core::route::Provider;
 
 /// Zero-sized: hostcalls act on the context the SDK made current.
@@ -170,10 +170,11 @@ pub fn parse_options(bytes: &[u8]) -> Result<FilterOptions, String> {
 
 /// The answer when no valid policy was ever loaded: fail closed.
 pub fn no_policy_reply() -> LocalReply {
+    let refusal = Refusal::NoPolicy;
     error_reply(
         Provider::Anthropic,
-        ErrorKind::Internal,
-        "tollgate has no valid policy loaded",
+        refusal.kind(),
+        &refusal.message(),
         "",
         None,
     )

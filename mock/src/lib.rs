@@ -6,6 +6,15 @@
 //! Checks: the real key Envoy injects must be present and exact, and no
 //! header may carry a Tollgate virtual key (`tg-…`). Violations are answered
 //! with 401 and recorded for tests (`GET /__mock/violations`).
+//!
+//! Faults on request, for the failure tests: `x-mock-exchange: NAME` picks
+//! the recorded exchange, `x-mock-delay-ms` paces stream events,
+//! `x-mock-reset-after: N` drops the connection after N events,
+//! `x-mock-stall-ms: MS` goes silent (before the headers, or after N events
+//! with `x-mock-stall-after: N`).
+//!
+//! This crate is a test double: the `tollgate` binary links it only with its
+//! `mock` cargo feature (on by default for development builds).
 
 use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
@@ -23,10 +32,28 @@ mod embedded {
     include!(concat!(env!("OUT_DIR"), "/fixtures.rs"));
 }
 
+/// The "real" keys the mock expects Envoy to inject (demo and tests only).
+pub const DEFAULT_ANTHROPIC_KEY: &str = "sk-ant-mock-real-key";
+pub const DEFAULT_OPENAI_KEY: &str = "sk-openai-mock-real-key";
+
 pub struct MockConfig {
+    /// The `x-api-key` expected on Anthropic routes.
     pub anthropic_key: String,
+    /// The bearer token expected on OpenAI routes.
     pub openai_key: String,
+    /// Delay between streamed events.
     pub event_delay_ms: u64,
+}
+
+impl MockConfig {
+    /// The default keys, as `tollgate run --upstream mock` injects them.
+    pub fn with_default_keys(event_delay_ms: u64) -> MockConfig {
+        MockConfig {
+            anthropic_key: DEFAULT_ANTHROPIC_KEY.to_string(),
+            openai_key: DEFAULT_OPENAI_KEY.to_string(),
+            event_delay_ms,
+        }
+    }
 }
 
 /// One entry of `exchanges.json`.
@@ -172,7 +199,11 @@ fn default_exchange(path: &str, body: &serde_json::Value) -> &'static str {
     let stream = body["stream"].as_bool().unwrap_or(false);
     match path {
         "/v1/messages/count_tokens" => "count-tokens",
-        "/v1/chat/completions" if stream && body["stream_options"]["include_usage"] == true => {
+        "/v1/chat/completions"
+            if stream
+                && body.pointer("/stream_options/include_usage")
+                    == Some(&serde_json::Value::Bool(true)) =>
+        {
             "chat-stream-usage"
         }
         "/v1/chat/completions" if stream => "chat-stream-no-usage",
@@ -413,10 +444,15 @@ fn sse_chunks(
                     .await;
                 return;
             }
-            let mut chunk = events[i].clone();
-            if i % 5 == 4 && i + 1 < events.len() {
-                i += 1;
-                chunk.push_str(&events[i]);
+            let Some(event) = events.get(i) else {
+                return;
+            };
+            let mut chunk = event.clone();
+            if i % 5 == 4 {
+                if let Some(next) = events.get(i + 1) {
+                    i += 1;
+                    chunk.push_str(next);
+                }
             }
             if i % 3 == 1 && chunk.len() > 2 {
                 let cut = 1 + ((seed as usize + i * 7) % (chunk.len() - 1));

@@ -1,4 +1,4 @@
-//! `tollgate package`: tollgate.wasm as an OCI image, in the form Istio's
+//! tollgate.wasm as an OCI image (`tollgate package`), in the form Istio's
 //! `WasmPlugin` and Envoy Gateway's `EnvoyExtensionPolicy` pull with
 //! `oci://`: an image manifest whose config is
 //! `application/vnd.module.wasm.config.v1+json` and whose single layer is the
@@ -9,24 +9,11 @@
 use anyhow::{Context, Result};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.module.wasm.config.v1+json";
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.module.wasm.content.layer.v1+wasm";
-
-#[derive(clap::Args, Debug)]
-pub struct PackageArgs {
-    /// The filter module.
-    #[arg(long, default_value = "target/tollgate.wasm")]
-    wasm: PathBuf,
-    /// OCI layout directory to write; `<out>.tar` is written beside it.
-    #[arg(long, default_value = "target/oci/tollgate")]
-    out: PathBuf,
-    /// Tag recorded in the layout's index.
-    #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
-    tag: String,
-}
 
 /// Content address of a blob.
 pub fn digest(bytes: &[u8]) -> String {
@@ -35,6 +22,16 @@ pub fn digest(bytes: &[u8]) -> String {
 
 fn descriptor(media_type: &str, bytes: &[u8]) -> serde_json::Value {
     json!({ "mediaType": media_type, "digest": digest(bytes), "size": bytes.len() })
+}
+
+fn annotated(
+    mut descriptor: serde_json::Value,
+    annotations: serde_json::Value,
+) -> serde_json::Value {
+    if let Some(d) = descriptor.as_object_mut() {
+        d.insert("annotations".into(), annotations);
+    }
+    descriptor
 }
 
 /// A content-addressed blob: its digest and bytes.
@@ -48,8 +45,10 @@ pub fn image(wasm: &[u8], tag: &str) -> Result<(Vec<Blob>, serde_json::Value)> {
     let config = serde_json::to_vec(
         &json!({ "type": "envoy_proxy", "abiVersions": ["v0-097b7f2e4cc1fb490cc1943d0d633655ac3c522f", "v0.2.1"], "rootIds": ["tollgate"] }),
     )?;
-    let mut layer = descriptor(LAYER_MEDIA_TYPE, wasm);
-    layer["annotations"] = json!({ "org.opencontainers.image.title": "plugin.wasm" });
+    let layer = annotated(
+        descriptor(LAYER_MEDIA_TYPE, wasm),
+        json!({ "org.opencontainers.image.title": "plugin.wasm" }),
+    );
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": MANIFEST_MEDIA_TYPE,
@@ -61,8 +60,10 @@ pub fn image(wasm: &[u8], tag: &str) -> Result<(Vec<Blob>, serde_json::Value)> {
             "org.opencontainers.image.description": "Tollgate proxy-wasm filter for Envoy: governs LLM API traffic",
         },
     }))?;
-    let mut manifest_desc = descriptor(MANIFEST_MEDIA_TYPE, &manifest);
-    manifest_desc["annotations"] = json!({ "org.opencontainers.image.ref.name": tag });
+    let manifest_desc = annotated(
+        descriptor(MANIFEST_MEDIA_TYPE, &manifest),
+        json!({ "org.opencontainers.image.ref.name": tag }),
+    );
     let blobs = vec![
         (digest(&config), config),
         (digest(wasm), wasm.to_vec()),
@@ -74,6 +75,11 @@ pub fn image(wasm: &[u8], tag: &str) -> Result<(Vec<Blob>, serde_json::Value)> {
 /// Writes the layout directory and `<out>.tar`; returns the manifest digest.
 pub fn write(wasm: &[u8], tag: &str, out: &Path) -> Result<String> {
     let (blobs, manifest_desc) = image(wasm, tag)?;
+    let manifest_digest = manifest_desc
+        .get("digest")
+        .and_then(|d| d.as_str())
+        .unwrap_or_default()
+        .to_string();
     if out.exists() {
         std::fs::remove_dir_all(out).with_context(|| format!("clearing {}", out.display()))?;
     }
@@ -111,38 +117,7 @@ pub fn write(wasm: &[u8], tag: &str, out: &Path) -> Result<String> {
         tar.append_data(&mut header, name, bytes.as_slice())?;
     }
     tar.finish()?;
-    Ok(manifest_desc["digest"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string())
-}
-
-pub fn run(args: PackageArgs) -> Result<()> {
-    let wasm = std::fs::read(&args.wasm).with_context(|| {
-        format!(
-            "reading {} (build it with `make wasm`)",
-            args.wasm.display()
-        )
-    })?;
-    let manifest = write(&wasm, &args.tag, &args.out)?;
-    println!(
-        "OCI image layout: {} (tag {})",
-        args.out.display(),
-        args.tag
-    );
-    println!(
-        "tarball:          {}",
-        args.out.with_extension("tar").display()
-    );
-    println!("manifest:         {manifest}");
-    println!("plugin.wasm:      {} ({} bytes)", digest(&wasm), wasm.len());
-    println!(
-        "push it with e.g. `oras cp --from-oci-layout {}:{} registry.example.com/tollgate:{}`",
-        args.out.display(),
-        args.tag,
-        args.tag
-    );
-    Ok(())
+    Ok(manifest_digest)
 }
 
 #[cfg(test)]

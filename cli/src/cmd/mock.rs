@@ -1,12 +1,10 @@
-//! `tollgate mock`: the mock provider on its own.
+//! `tollgate mock`: the mock provider on its own (cargo feature `mock`).
 
-use crate::mock::{self, MockConfig};
+use crate::output::status;
+use crate::shutdown;
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
-
-/// The "real" keys the mock expects Envoy to inject (demo and tests only).
-pub const DEFAULT_ANTHROPIC_KEY: &str = "sk-ant-mock-real-key";
-pub const DEFAULT_OPENAI_KEY: &str = "sk-openai-mock-real-key";
+use tollgate_mock::{MockConfig, DEFAULT_ANTHROPIC_KEY, DEFAULT_OPENAI_KEY};
 
 #[derive(clap::Args, Debug)]
 pub struct MockArgs {
@@ -29,12 +27,15 @@ pub fn run(args: MockArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
-        println!("mock provider listening on {}", listener.local_addr()?);
+        status(format_args!(
+            "mock provider listening on {}",
+            listener.local_addr()?
+        ));
         let config = MockConfig {
             anthropic_key: args.anthropic_key,
             openai_key: args.openai_key,
             event_delay_ms: args.event_delay_ms,
         };
-        mock::serve(listener, config, crate::collector_cmd::shutdown_signal()).await
+        tollgate_mock::serve(listener, config, shutdown::signal()).await
     })
 }

@@ -1,7 +1,10 @@
 //! `tollgate collector`: the audit collector on its own (for deployments
 //! where Envoy runs elsewhere).
 
-use crate::collector::{self, store::AuditStore};
+use crate::audit_service;
+use crate::collector::store::AuditStore;
+use crate::output::status;
+use crate::shutdown;
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,65 +33,21 @@ pub fn run(args: CollectorArgs) -> Result<()> {
     // runtime of its own, which tokio forbids inside an async context.
     let store = AuditStore::open(&args.db)?;
     if let Some(file) = &args.import {
-        import_at_start(&store, file);
+        audit_service::import_at_start(&store, file);
     }
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(args.listen)
+        let grpc = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let http = tokio::net::TcpListener::bind(args.http)
             .await
             .with_context(|| format!("binding {}", args.http))?;
-        println!(
+        status(format_args!(
             "collector listening on {} (gRPC access log), http://{} (dashboard, /metrics, /api/usage), storing to {}",
-            listener.local_addr()?,
+            grpc.local_addr()?,
             http.local_addr()?,
             args.db.display()
-        );
-        let stats = std::sync::Arc::new(collector::Stats::default());
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let web = tokio::spawn(collector::http::serve(http, store.clone(), stats.clone(), wait(stop_rx)));
-        let result = collector::serve_with_stats(listener, store, stats, shutdown_signal()).await;
-        let _ = stop_tx.send(true);
-        let _ = web.await;
-        result
+        ));
+        audit_service::serve(grpc, http, store, shutdown::signal()).await
     })
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-}
-
-async fn wait(mut rx: tokio::sync::watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
-/// Imports the durable file copy of the audit log; problems are reported,
-/// never fatal (the gRPC path keeps working).
-pub fn import_at_start(store: &AuditStore, file: &std::path::Path) {
-    if !file.exists() {
-        return;
-    }
-    match store.import_jsonl(file) {
-        Ok(s) => println!(
-            "imported {}: {} records, {} recovered, {} invalid lines",
-            file.display(),
-            s.lines,
-            s.stored,
-            s.invalid
-        ),
-        Err(e) => eprintln!("warning: importing {} failed: {e:#}", file.display()),
-    }
 }

@@ -58,6 +58,7 @@ impl Upstream {
     }
 
     /// The mock provider on loopback.
+    #[cfg(any(test, feature = "mock"))]
     pub fn local(port: u16) -> Upstream {
         Upstream {
             host: "127.0.0.1".to_string(),
@@ -69,6 +70,13 @@ impl Upstream {
 
     fn is_ip(&self) -> bool {
         self.address.parse::<std::net::IpAddr>().is_ok()
+    }
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
     }
 }
 
@@ -132,16 +140,16 @@ fn p(path: &Path) -> String {
 pub fn fill(template: &str, values: &[(&str, String)]) -> Result<String> {
     let mut out = String::with_capacity(template.len() + 1024);
     let mut rest = template;
-    while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let end = after.find("}}").context("unterminated {{ in template")?;
-        let name = &after[..end];
+    while let Some((before, after)) = rest.split_once("{{") {
+        out.push_str(before);
+        let (name, tail) = after
+            .split_once("}}")
+            .context("unterminated {{ in template")?;
         match values.iter().find(|(n, _)| *n == name) {
             Some((_, v)) => out.push_str(v),
             None => bail!("template placeholder {{{{{name}}}}} has no value"),
         }
-        rest = &after[end + 2..];
+        rest = tail;
     }
     out.push_str(rest);
     Ok(out)
@@ -220,26 +228,6 @@ pub fn secret(name: &str, value: &str) -> Result<String> {
         SECRET,
         &[("secret_name", q(name)), ("secret_value", q(value))],
     )
-}
-
-/// Writes a file by rename so readers (Envoy's watched directory) never see
-/// a half-written file; `mode` is applied before the rename.
-pub fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path.parent().context("path has no parent directory")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
-    ));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,8 +1,11 @@
 //! `tollgate usage`: who spent what, from the audit store.
 
+use crate::clock::now_ms;
 use crate::collector::report::{parse_since, GroupBy};
 use crate::collector::store::AuditStore;
+use crate::output::Output;
 use anyhow::Result;
+use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,12 +31,14 @@ pub struct UsageArgs {
 
 pub fn run(args: UsageArgs) -> Result<()> {
     let store = AuditStore::open_existing(&args.db)?;
-    let since = parse_since(&args.since, crate::run::now_ms())?;
+    let since = parse_since(&args.since, now_ms())?;
     let report = store.report(args.by, since)?;
+    let mut out = Output::stdout();
     match args.format {
-        Format::Table => print!("{}", report.to_table()),
-        Format::Csv => print!("{}", report.to_csv()),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Table => out.write_all(report.to_table().as_bytes())?,
+        Format::Csv => out.write_all(report.to_csv().as_bytes())?,
+        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
     }
+    out.flush()?;
     Ok(())
 }

@@ -1,96 +1,68 @@
-//! `tollgate audit`: read the collector's audit records.
+//! Audit records as `tollgate audit tail` shows them: a fixed-width table
+//! or one JSON object a line, newest last, optionally following the store.
 
 use crate::collector::store::AuditStore;
 use anyhow::Result;
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::io::Write;
+use std::time::Duration;
 use tollgate_core::audit::{AuditRecord, Outcome};
 use tollgate_core::time::format_rfc3339;
 
-#[derive(clap::Args, Debug)]
-pub struct AuditArgs {
-    #[command(subcommand)]
-    command: AuditCommand,
-}
-
-#[derive(clap::Subcommand, Debug)]
-enum AuditCommand {
-    /// Show the newest records (and follow new ones with --follow).
-    Tail(TailArgs),
-    /// Import a JSON-lines audit log (Envoy's file access log) idempotently.
-    Import {
-        file: PathBuf,
-        #[arg(long, default_value = ".tollgate/audit.db")]
-        db: PathBuf,
-    },
-}
-
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum Format {
+pub enum Format {
     Table,
     Json,
 }
 
-#[derive(clap::Args, Debug)]
-struct TailArgs {
-    #[arg(long, default_value = ".tollgate/audit.db")]
-    db: PathBuf,
-    /// How many records.
-    #[arg(short = 'n', long = "lines", default_value_t = 20)]
+/// How often `--follow` looks for new records.
+const FOLLOW_EVERY: Duration = Duration::from_millis(500);
+
+/// Writes the newest `lines` records, oldest first; with `follow`, keeps
+/// writing new ones as they are stored and only returns on an error (a
+/// closed stdout ends it).
+pub fn tail(
+    store: &AuditStore,
     lines: usize,
-    /// Keep printing new records as they arrive.
-    #[arg(long)]
     follow: bool,
-    #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
-}
-
-pub fn run(args: AuditArgs) -> Result<()> {
-    match args.command {
-        AuditCommand::Tail(t) => tail(t),
-        AuditCommand::Import { file, db } => {
-            let store = AuditStore::open(&db)?;
-            let s = store.import_jsonl(&file)?;
-            println!(
-                "imported {}: {} records read, {} new or completed, {} already stored, {} invalid lines",
-                file.display(),
-                s.lines,
-                s.stored,
-                s.lines - s.stored - s.invalid,
-                s.invalid
-            );
-            Ok(())
-        }
-    }
-}
-
-fn tail(args: TailArgs) -> Result<()> {
-    let store = AuditStore::open_existing(&args.db)?;
+    out: &mut impl Write,
+) -> Result<()> {
     // Read before the newest rows: a record stored in between then shows up
     // in both reads, once (skipped below), instead of in neither.
     let mut last = store.last_seq()?;
-    let mut records = store.tail(args.lines)?;
+    let mut records = store.tail(lines)?;
     records.reverse();
-    if args.format == Format::Table {
-        println!("{}", header());
+    if format == Format::Table {
+        writeln!(out, "{}", header())?;
     }
     for r in &records {
-        print(r, args.format);
+        write_record(out, r, format)?;
     }
-    if !args.follow {
+    out.flush()?;
+    if !follow {
         return Ok(());
     }
     let mut shown: HashSet<String> = records.into_iter().map(|r| r.request_id).collect();
     loop {
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        std::thread::sleep(FOLLOW_EVERY);
         let (new, next) = store.since(last)?;
         for r in new.iter().filter(|r| !shown.contains(&r.request_id)) {
-            print(r, args.format);
+            write_record(out, r, format)?;
         }
+        out.flush()?;
         // Only the first read can overlap the initial tail.
         shown.clear();
         last = next;
     }
+}
+
+pub fn write_record(out: &mut impl Write, r: &AuditRecord, format: Format) -> Result<()> {
+    match format {
+        Format::Json => writeln!(out, "{}", serde_json::to_string(r)?)?,
+        Format::Table => writeln!(out, "{}", row(r))?,
+    }
+    Ok(())
 }
 
 const WIDTHS: [usize; 11] = [20, 16, 20, 10, 22, 26, 24, 6, 7, 7, 9];
@@ -111,7 +83,7 @@ fn line(cells: [&str; 11]) -> String {
     out.trim_end().to_string()
 }
 
-fn header() -> String {
+pub fn header() -> String {
     line([
         "time", "key", "user", "team", "route", "model", "decision", "status", "input", "output",
         "cost",
@@ -120,7 +92,7 @@ fn header() -> String {
 
 /// One table row. A record still provisional when Envoy logged it belongs to
 /// a request the client or upstream abandoned before the response ended.
-fn row(r: &AuditRecord) -> String {
+pub fn row(r: &AuditRecord) -> String {
     let text = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_string());
     let num = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
     let decision = match (r.decision, r.complete) {
@@ -154,46 +126,10 @@ fn row(r: &AuditRecord) -> String {
     ])
 }
 
-fn print(r: &AuditRecord, format: Format) {
-    match format {
-        Format::Json => println!("{}", serde_json::to_string(r).unwrap_or_default()),
-        Format::Table => println!("{}", row(r)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tollgate_core::audit::{Reason, Tokens};
-
-    fn parse(args: &[&str]) -> AuditArgs {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            audit: AuditArgs,
-        }
-        <Cli as clap::Parser>::try_parse_from(std::iter::once("audit").chain(args.iter().copied()))
-            .unwrap()
-            .audit
-    }
-
-    #[test]
-    fn audit_tail_defaults_and_flags() {
-        let AuditCommand::Tail(t) = parse(&["tail"]).command else {
-            unreachable!()
-        };
-        assert_eq!(t.db, PathBuf::from(".tollgate/audit.db"));
-        assert_eq!((t.lines, t.follow, t.format), (20, false, Format::Table));
-        let AuditCommand::Tail(t) = parse(&[
-            "tail", "-n", "5", "--follow", "--format", "json", "--db", "x.db",
-        ])
-        .command
-        else {
-            unreachable!()
-        };
-        assert_eq!(t.db, PathBuf::from("x.db"));
-        assert_eq!((t.lines, t.follow, t.format), (5, true, Format::Json));
-    }
 
     #[test]
     fn audit_tail_rows_show_identity_decision_tokens_and_cost() {
@@ -257,19 +193,48 @@ mod tests {
     }
 
     #[test]
-    fn audit_tail_on_a_missing_database_names_it_and_says_how_to_start() {
+    fn tail_writes_header_then_oldest_first_and_stops_on_a_closed_writer() {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("nothing-here.db");
-        let err = run(parse(&["tail", "--db", db.to_str().unwrap()]))
-            .unwrap_err()
-            .to_string();
+        let store = AuditStore::open(dir.path().join("a.db")).unwrap();
+        let records: Vec<AuditRecord> = (0..3)
+            .map(|i| AuditRecord {
+                request_id: format!("r{i}"),
+                timestamp_ms: 1_700_000_000_000 + i,
+                route: "anthropic.messages".into(),
+                ..Default::default()
+            })
+            .collect();
+        store.insert_batch(&records).unwrap();
+        let mut out = Vec::new();
+        tail(&store, 2, false, Format::Json, &mut out).unwrap();
+        let ids: Vec<String> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["request_id"].to_string()
+            })
+            .collect();
+        assert_eq!(ids, ["\"r1\"", "\"r2\""]);
+        let mut out = Vec::new();
+        tail(&store, 1, false, Format::Table, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.lines().next(), Some(header().as_str()));
+        assert_eq!(text.lines().count(), 2);
+
+        // A reader that went away ends even --follow, with the write error.
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let err = tail(&store, 2, true, Format::Table, &mut Closed).unwrap_err();
         assert_eq!(
-            err,
-            format!(
-                "no audit database at {0} — start the gateway with `tollgate run` (or `tollgate collector --db {0}`) first",
-                db.display()
-            )
+            err.downcast_ref::<std::io::Error>().map(|e| e.kind()),
+            Some(std::io::ErrorKind::BrokenPipe)
         );
-        assert!(!db.exists(), "reading must not create the database");
     }
 }
