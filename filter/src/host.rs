@@ -4,7 +4,7 @@
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 use std::time::Duration;
-use tollgate_core::flow::{FilterOptions, Refusal};
+use tollgate_core::flow::{FilterOptions, Refusal, VM_OPTIONS_ENV};
 use tollgate_core::host::{
     CallFailed, HeaderList, Host, LocalReply, Queue, QuotaMethod, RootHost, SharedPlane,
     SharedStore, Stat, StoreError,
@@ -291,6 +291,27 @@ fn metric_id(stat: Stat) -> Option<u32> {
         *slot = Some(id);
         Some(id)
     })
+}
+
+/// The VM options and where they came from: the VM configuration, or when
+/// that is empty the environment variable [`VM_OPTIONS_ENV`]. Istio and
+/// Envoy Gateway set only the plugin configuration (the policy) and
+/// environment variables, which Envoy hands the VM through WASI.
+pub fn vm_options() -> (Vec<u8>, &'static str) {
+    let configured = hostcalls::get_buffer(BufferType::VmConfiguration, 0, usize::MAX)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    if !configured.iter().all(u8::is_ascii_whitespace) {
+        return (configured, "the VM configuration");
+    }
+    match std::env::var_os(VM_OPTIONS_ENV) {
+        Some(value) => (
+            value.into_encoded_bytes(),
+            "the environment variable TOLLGATE_VM_OPTIONS",
+        ),
+        None => (configured, "the VM configuration"),
+    }
 }
 
 /// VM configuration: deployment options, not policy. Empty means defaults.

@@ -60,33 +60,27 @@ fn vm_id() -> String {
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
-        if let Ok(Some(bytes)) = proxy_wasm::hostcalls::get_buffer(
-            proxy_wasm::types::BufferType::VmConfiguration,
-            0,
-            usize::MAX,
-        ) {
-            match host::parse_options(&bytes) {
-                Ok((options, cluster)) => {
-                    self.options = options;
-                    if let (Some(shared), Some(cluster)) = (options.shared, cluster) {
-                        host::init_shared(&cluster);
-                        self.leader = Some(Leader::new(vm_id(), shared));
-                        let period = std::time::Duration::from_millis(shared.sync_period_ms);
-                        if let Err(e) = proxy_wasm::hostcalls::set_tick_period(period) {
-                            log::error!("cannot start the sync timer: {e:?}");
-                            return false;
-                        }
-                        log::info!(
-                            "limits shared through the quota service on cluster {cluster}, synced every {} ms",
-                            shared.sync_period_ms
-                        );
-                    }
-                }
-                Err(e) => {
-                    log::error!("invalid vm configuration: {e}");
-                    return false;
-                }
+        let (bytes, source) = host::vm_options();
+        let (options, cluster) = match host::parse_options(&bytes) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                log::error!("invalid VM options in {source}: {e}");
+                return false;
             }
+        };
+        self.options = options;
+        if let (Some(shared), Some(cluster)) = (options.shared, cluster) {
+            host::init_shared(&cluster);
+            self.leader = Some(Leader::new(vm_id(), shared));
+            let period = std::time::Duration::from_millis(shared.sync_period_ms);
+            if let Err(e) = proxy_wasm::hostcalls::set_tick_period(period) {
+                log::error!("cannot start the sync timer: {e:?}");
+                return false;
+            }
+            log::info!(
+                "limits shared through the quota service on cluster {cluster} (VM options from {source}), synced every {} ms",
+                shared.sync_period_ms
+            );
         }
         true
     }

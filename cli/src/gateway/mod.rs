@@ -233,7 +233,10 @@ pub async fn start(
 fn vm_options(opts: &Options) -> VmOptions {
     VmOptions {
         hold_request_headers: true,
-        sync_period_ms: opts.shared.as_ref().map(|s| s.sync_period_ms),
+        shared: opts.shared.as_ref().map(|s| render::SharedVm {
+            cluster: render::QUOTA_CLUSTER.to_string(),
+            sync_period_ms: s.sync_period_ms,
+        }),
     }
 }
 

@@ -95,7 +95,7 @@ mod tests {
         std::fs::write(&policy, r#"{"version": 1}"#).unwrap();
         let vm = render::VmOptions {
             hold_request_headers: true,
-            sync_period_ms: None,
+            shared: None,
         };
         let mut watch = PolicyWatch::new(&policy, r#"{"version":1}"#.into(), wasm, vm, &layout);
         watch.poll().unwrap();

@@ -132,23 +132,37 @@ pub struct Gateway {
     pub quota: Vec<(String, u16)>,
 }
 
+/// The Envoy cluster of the quota service in every configuration Tollgate
+/// ships (`envoy/quota.yaml`, the Istio and Envoy Gateway manifests).
+pub const QUOTA_CLUSTER: &str = "tollgate_quota";
+
 /// The filter's VM configuration: deployment options, not policy. It must
 /// stay byte-identical across policy reloads so Envoy keeps the VM (and
 /// its shared-data balances).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmOptions {
     pub hold_request_headers: bool,
-    /// With a shared store: the filters' sync period (ms).
-    pub sync_period_ms: Option<u64>,
+    /// Limits shared by every replica; `None`: this Envoy alone.
+    pub shared: Option<SharedVm>,
+}
+
+/// How the filter reaches the shared store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedVm {
+    /// The Envoy cluster of the quota service.
+    pub cluster: String,
+    /// How often each Envoy syncs its leases (ms); the quota service's
+    /// `--sync-period-ms` must agree, since leases last three periods.
+    pub sync_period_ms: u64,
 }
 
 impl VmOptions {
     pub fn json(&self) -> String {
         let mut v = serde_json::json!({ "hold_request_headers": self.hold_request_headers });
-        if let (Some(ms), Some(obj)) = (self.sync_period_ms, v.as_object_mut()) {
+        if let (Some(shared), Some(obj)) = (&self.shared, v.as_object_mut()) {
             obj.insert(
                 "shared".to_string(),
-                serde_json::json!({ "cluster": "tollgate_quota", "sync_period_ms": ms }),
+                serde_json::json!({ "cluster": shared.cluster, "sync_period_ms": shared.sync_period_ms }),
             );
         }
         v.to_string()
@@ -254,6 +268,7 @@ fn quota_cluster(replicas: &[(String, u16)]) -> Result<String> {
     fill(
         QUOTA,
         &[
+            ("quota_cluster_name", QUOTA_CLUSTER.to_string()),
             ("quota_dns_type", dns_type(first)),
             ("quota_endpoints", endpoints.join("\n")),
         ],
@@ -353,7 +368,7 @@ mod tests {
         assert!(shared.contains("socket_address: { address: \"127.0.0.2\", port_value: 9615 }"));
         let vm = VmOptions {
             hold_request_headers: true,
-            sync_period_ms: None,
+            shared: None,
         };
         let e = ecds(
             "{\"version\":1,\"keys\":[]}",
@@ -365,8 +380,11 @@ mod tests {
         assert!(e.contains("allow_on_headers_stop_iteration: true"));
         assert_eq!(
             VmOptions {
-                sync_period_ms: Some(100),
-                ..vm
+                shared: Some(SharedVm {
+                    cluster: QUOTA_CLUSTER.into(),
+                    sync_period_ms: 100
+                }),
+                ..vm.clone()
             }
             .json(),
             r#"{"hold_request_headers":true,"shared":{"cluster":"tollgate_quota","sync_period_ms":100}}"#

@@ -39,7 +39,16 @@ pub const DEFAULT_OUTPUT_RESERVATION: u64 = 4_096;
 /// size to read `usage`; beyond it the reservation is charged.
 pub const MAX_JSON_RESPONSE: usize = 8 << 20;
 
-/// Deployment options that are not policy (read from the VM configuration).
+/// The environment variable the filter reads its VM options from when the
+/// VM configuration is empty. Istio's `WasmPlugin` (`vmConfig.env`) and
+/// Envoy Gateway's `EnvoyExtensionPolicy` (`env.hostKeys`) can hand the VM
+/// environment variables (WASI `environ_get`) but never set
+/// `vm_config.configuration`, so this is how shared limits reach a filter
+/// they deliver.
+pub const VM_OPTIONS_ENV: &str = "TOLLGATE_VM_OPTIONS";
+
+/// Deployment options that are not policy (read from the VM configuration,
+/// or from [`VM_OPTIONS_ENV`] where a control plane cannot set it).
 #[derive(Debug, Clone, Copy)]
 pub struct FilterOptions {
     /// Whether request headers are held until the body decision. Needs Envoy's
