@@ -2,6 +2,13 @@
 //! present, embedded policies pass `tollgate policy check`, generated files
 //! match a fresh render, and the Compose path renders an Envoy configuration
 //! the real Envoy validates with the real tollgate.wasm.
+//!
+//! Shared limits: on every platform the cluster the filter's VM options name
+//! exists, is the HTTP/2 cluster `tollgate run --quota` renders, and reaches
+//! a quota service whose command line the real CLI accepts, in front of the
+//! Redis its URL names. For Istio and Envoy Gateway the real Envoy then runs
+//! the filter configured as the mesh configures it (VM options in the
+//! environment, the manifest's cluster) against a real quota service.
 
 use serde_yaml::Value;
 use std::path::{Path, PathBuf};
