@@ -28,13 +28,13 @@ pub enum Route {
     /// `POST /v1/messages/count_tokens`: authenticated, allowlist-checked and
     /// audited, but it takes nothing from any bucket (docs/metering.md).
     AnthropicCountTokens,
-    /// `GET /v1/models` and `GET /v1/models/{id}` for Anthropic callers.
+    /// `GET /v1/models` and `GET /v1/models/{id}`, Anthropic's family.
     AnthropicModels,
     /// `POST /v1/chat/completions`
     OpenAiChat,
     /// `POST /v1/responses`
     OpenAiResponses,
-    /// `GET /v1/models` and `GET /v1/models/{id}` for OpenAI callers.
+    /// `GET /v1/models` and `GET /v1/models/{id}`, OpenAI's family.
     OpenAiModels,
     /// Anything else; the policy's `unknown_routes` setting decides.
     Other,
@@ -61,12 +61,9 @@ pub enum PathError {
     CaseMismatch(Route),
 }
 
-/// Request header through which the filter tells Envoy's route table that a
-/// `GET /v1/models` goes to OpenAI (value `openai`). Envoy re-selects the
-/// route after the filter changes request headers (it clears the route cache
-/// on every header change from wasm), and the virtual host removes the
-/// header before anything goes upstream. A client's own value is dropped.
-pub const UPSTREAM_HEADER: &str = "x-tollgate-upstream";
+/// The request header that picks the family of `/v1/models`, for the filter
+/// and for Envoy's route table alike ([`Provider::models_family`]).
+pub const FAMILY_HEADER: &str = "anthropic-version";
 
 /// The paths of the routes, without a trailing slash.
 const PATHS: [(&str, Route); 4] = [
@@ -80,9 +77,8 @@ const MODELS: &str = "/v1/models";
 
 impl Route {
     /// Classifies a request from its method, its `:path` (query and
-    /// fragment ignored) and the caller's dialect, which picks the family of
-    /// `/v1/models` (both providers serve it at the same path; see
-    /// [`Provider::of_caller`]).
+    /// fragment ignored) and the family `/v1/models` belongs to (both
+    /// providers serve it at the same path; see [`Provider::models_family`]).
     ///
     /// The path is first normalised as Envoy does ([`normalize`]), then
     /// matched case-sensitively with an optional trailing slash, as Envoy's
@@ -90,13 +86,13 @@ impl Route {
     /// `/v1/messages`. The LLM routes match whatever the method (a `GET
     /// /v1/messages` is then refused for its missing body); the models
     /// routes are `GET` only, the one method the providers serve there.
-    pub fn classify(method: &[u8], path: &[u8], caller: Provider) -> Result<Target, PathError> {
+    pub fn classify(method: &[u8], path: &[u8], family: Provider) -> Result<Target, PathError> {
         let normalized = normalize(path)?;
         let p = match normalized.strip_suffix('/') {
             Some(p) if !p.is_empty() => p,
             _ => normalized.as_str(),
         };
-        let models = match caller {
+        let models = match family {
             Provider::Anthropic => Route::AnthropicModels,
             Provider::OpenAi => Route::OpenAiModels,
         };
@@ -145,7 +141,7 @@ impl Route {
     }
 
     /// The provider whose shapes this route uses. Unknown paths answer in
-    /// Anthropic's shape here; the flow answers them in the caller's.
+    /// Anthropic's shape: Anthropic is the primary provider.
     pub fn provider(self) -> Provider {
         match self {
             Route::OpenAiChat | Route::OpenAiResponses | Route::OpenAiModels => Provider::OpenAi,
@@ -191,18 +187,23 @@ impl Provider {
         }
     }
 
-    /// The caller's dialect, from its headers: OpenAI when it authenticates
-    /// with `Authorization: Bearer` and sends neither `x-api-key` nor
-    /// `anthropic-version`; Anthropic otherwise. Every Anthropic SDK sends
-    /// `anthropic-version` (Claude Code too, even with a bearer token), the
-    /// OpenAI SDKs send neither header. This one rule picks the family of
-    /// `/v1/models` and the error shape of paths outside the known routes.
-    pub fn of_caller(headers: &HeaderList) -> Provider {
-        let present = |name| header(headers, name).is_some_and(|v| !v.trim_ascii().is_empty());
-        if present("authorization") && !present("x-api-key") && !present("anthropic-version") {
-            Provider::OpenAi
-        } else {
+    /// Which provider's `/v1/models` a request means: Anthropic's when it
+    /// carries `anthropic-version` (whatever its value), OpenAI's otherwise.
+    ///
+    /// Anthropic requires that header on every request; its SDKs and Claude
+    /// Code always send it (also with a bearer token), OpenAI's SDKs never
+    /// do. It is also the one identifying header the filter never changes,
+    /// which is what lets Envoy's route table apply the same rule: Envoy
+    /// matches the route, and with it which provider's key the credential
+    /// injectors add, from the client's headers before this filter runs.
+    /// A rule on `x-api-key` / `Authorization` (which the filter strips) or
+    /// on a header the filter would set could pair one provider's cluster
+    /// with the other's key.
+    pub fn models_family(headers: &HeaderList) -> Provider {
+        if header(headers, FAMILY_HEADER).is_some() {
             Provider::Anthropic
+        } else {
+            Provider::OpenAi
         }
     }
 }
@@ -328,8 +329,8 @@ mod tests {
         Route::classify(b"POST", path.as_bytes(), Provider::Anthropic).map(|t| t.route)
     }
 
-    fn get(path: &str, caller: Provider) -> Result<Target, PathError> {
-        Route::classify(b"GET", path.as_bytes(), caller)
+    fn get(path: &str, family: Provider) -> Result<Target, PathError> {
+        Route::classify(b"GET", path.as_bytes(), family)
     }
 
     #[test]
@@ -422,8 +423,8 @@ mod tests {
     }
 
     #[test]
-    fn models_family_follows_the_caller_and_get_only() {
-        let list = |caller| get("/v1/models?limit=20", caller).unwrap();
+    fn models_routes_follow_the_family_and_get_only() {
+        let list = |family| get("/v1/models?limit=20", family).unwrap();
         assert_eq!(list(Provider::Anthropic).route, Route::AnthropicModels);
         assert_eq!(list(Provider::OpenAi).route, Route::OpenAiModels);
         assert_eq!(list(Provider::OpenAi).model, None);
@@ -452,28 +453,37 @@ mod tests {
     }
 
     #[test]
-    fn the_caller_is_openai_only_with_a_bare_bearer_token() {
+    fn anthropic_version_picks_anthropics_models_whatever_the_key_header() {
         let h = |pairs: &[(&str, &str)]| -> HeaderList {
             pairs
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
                 .collect()
         };
-        let bearer = ("authorization", "Bearer tg-k");
-        assert_eq!(Provider::of_caller(&h(&[bearer])), Provider::OpenAi);
+        let version = ("anthropic-version", "2023-06-01");
+        let family = |pairs: &[(&str, &str)]| Provider::models_family(&h(pairs));
         assert_eq!(
-            Provider::of_caller(&h(&[bearer, ("anthropic-version", "2023-06-01")])),
+            family(&[("x-api-key", "tg-k"), version]),
+            Provider::Anthropic
+        );
+        assert_eq!(
+            family(&[("authorization", "Bearer tg-k"), version]),
             Provider::Anthropic,
             "Claude Code with a bearer token"
         );
         assert_eq!(
-            Provider::of_caller(&h(&[("x-api-key", "tg-k")])),
-            Provider::Anthropic
+            family(&[("authorization", "Bearer tg-k")]),
+            Provider::OpenAi
         );
         assert_eq!(
-            Provider::of_caller(&h(&[bearer, ("x-api-key", "tg-k")])),
-            Provider::Anthropic
+            family(&[("x-api-key", "tg-k")]),
+            Provider::OpenAi,
+            "no anthropic-version: not a request Anthropic would serve"
         );
-        assert_eq!(Provider::of_caller(&h(&[])), Provider::Anthropic);
+        assert_eq!(
+            family(&[("anthropic-version", "")]),
+            Provider::Anthropic,
+            "present, as Envoy's present_match sees it"
+        );
     }
 }

@@ -294,4 +294,36 @@ mod tests {
         let s = secret("openai_api_key", "Bearer sk-\"quoted\"").unwrap();
         assert!(s.contains(r#"inline_string: "Bearer sk-\"quoted\"""#));
     }
+
+    #[test]
+    fn bootstrap_normalises_paths_as_the_filter_classifies_them() {
+        let layout = Layout {
+            dir: PathBuf::from("/tmp/tg"),
+        };
+        let gw = Gateway {
+            listen: "127.0.0.1:8080".parse().unwrap(),
+            admin_port: 9901,
+            collector: ("127.0.0.1".to_string(), 9611),
+            anthropic: Upstream::local(9612),
+            openai: Upstream::local(9612),
+            body_limit_bytes: 1 << 25,
+            audit_flush_interval_ms: 1000,
+            stream_idle_timeout_s: 600,
+            ca_bundle: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+        };
+        let b = bootstrap(&gw, &layout).unwrap();
+        // The same steps as tollgate_core::route::normalize, in the HCM.
+        for setting in [
+            "normalize_path: true",
+            "merge_slashes: true",
+            "path_with_escaped_slashes_action: REJECT_REQUEST",
+        ] {
+            assert_eq!(b.matches(setting).count(), 1, "{setting}");
+        }
+        // OpenAI's /v1/models: the header the filter's rule reads, absent.
+        let header = tollgate_core::route::FAMILY_HEADER;
+        assert!(b.contains(&format!(
+            "- name: {header}\n                    present_match: false\n"
+        )));
+    }
 }

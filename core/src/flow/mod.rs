@@ -28,7 +28,7 @@ use crate::host::{header, Decision, Host, LocalReply, Stat};
 use crate::meter::{self, Admission, BucketState, Clock, Demand, Denial};
 use crate::policy::{Key, KeyRefusal, Policy, Price, UnknownRoutes};
 use crate::reply::error_reply;
-use crate::route::{self, Provider, Route};
+use crate::route::{Provider, Route};
 use crate::usage::{self, RequestInfo, StreamUsage, Usage};
 use crate::vkey::{self, Presented};
 use std::rc::Rc;
@@ -95,9 +95,6 @@ pub struct RequestFlow {
     options: FilterOptions,
     phase: Phase,
     route: Route,
-    /// The caller's dialect (`Provider::of_caller`): the family of
-    /// `/v1/models` and the error shape of paths outside the known routes.
-    caller: Provider,
     /// `GET /v1/models/{id}`: the model asked about.
     model_asked: Option<String>,
     info: RequestInfo,
@@ -116,7 +113,6 @@ impl RequestFlow {
             options,
             phase: Phase::Start,
             route: Route::Other,
-            caller: Provider::Anthropic,
             model_asked: None,
             info: RequestInfo::default(),
             response: Response::default(),
@@ -134,10 +130,7 @@ impl RequestFlow {
     }
 
     fn provider(&self) -> Provider {
-        match self.route {
-            Route::Other => self.caller,
-            route => route.provider(),
-        }
+        self.route.provider()
     }
 
     fn clock(&self, now: u64) -> Clock {
@@ -160,8 +153,8 @@ impl RequestFlow {
         let headers = host.request_headers();
         let path = header(&headers, ":path").unwrap_or_default();
         let method = header(&headers, ":method").unwrap_or_default();
-        self.caller = Provider::of_caller(&headers);
-        let bad_path = match Route::classify(method, path, self.caller) {
+        let family = Provider::models_family(&headers);
+        let bad_path = match Route::classify(method, path, family) {
             Ok(target) => {
                 self.route = target.route;
                 self.audit.model_requested = target.model.clone();
@@ -180,21 +173,11 @@ impl RequestFlow {
         let presented = vkey::presented(&headers);
         // The virtual key never goes upstream, whatever happens next.
         // Compressed responses would hide `usage`: drop accept-encoding so
-        // the provider answers in identity. Envoy routes OpenAI's
-        // `/v1/models` on the upstream header, which only this filter sets.
-        // One host call per header present.
-        for name in [
-            "x-api-key",
-            "authorization",
-            "accept-encoding",
-            route::UPSTREAM_HEADER,
-        ] {
+        // the provider answers in identity. One host call per header present.
+        for name in ["x-api-key", "authorization", "accept-encoding"] {
             if header(&headers, name).is_some() {
                 host.set_request_header(name, None);
             }
-        }
-        if self.route == Route::OpenAiModels {
-            host.set_request_header(route::UPSTREAM_HEADER, Some(b"openai"));
         }
         let policy = self.policy.clone();
         let key = match self.identify(&policy, presented) {
