@@ -202,6 +202,32 @@ fn is_openai(path: &str) -> bool {
     path.starts_with("/v1/chat/") || path.starts_with("/v1/responses")
 }
 
+/// An error the mock answers in the provider's shape (small, unlike the
+/// `Response` it becomes).
+struct Failure {
+    openai: bool,
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn new(openai: bool, status: StatusCode, kind: &'static str, message: &str) -> Failure {
+        Failure {
+            openai,
+            status,
+            kind,
+            message: message.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        error(self.openai, self.status, self.kind, &self.message)
+    }
+}
+
 /// A provider-shaped error from the mock itself.
 fn error(openai: bool, status: StatusCode, kind: &str, message: &str) -> Response {
     let body = if openai {
@@ -259,7 +285,7 @@ fn check_and_record(
     s: &AppState,
     req: Incoming<'_>,
     body_problems: Vec<(String, Option<String>)>,
-) -> Result<u64, Response> {
+) -> Result<u64, Failure> {
     let mut header_json = serde_json::Map::new();
     let mut problems = Vec::new();
     for (name, value) in req.headers {
@@ -290,7 +316,7 @@ fn check_and_record(
     problems.extend(body_problems);
 
     let Ok(mut log) = s.log.lock() else {
-        return Err(error(
+        return Err(Failure::new(
             req.openai,
             StatusCode::INTERNAL_SERVER_ERROR,
             "api_error",
@@ -317,13 +343,13 @@ fn check_and_record(
         });
     }
     match problems.first() {
-        Some((reason, _)) if reason.contains("body") => Err(error(
+        Some((reason, _)) if reason.contains("body") => Err(Failure::new(
             req.openai,
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             reason,
         )),
-        Some((reason, _)) => Err(error(
+        Some((reason, _)) => Err(Failure::new(
             req.openai,
             StatusCode::UNAUTHORIZED,
             "authentication_error",
@@ -334,10 +360,10 @@ fn check_and_record(
 }
 
 /// The recorded exchange of this name and its response bytes.
-fn recorded(s: &AppState, name: &str, openai: bool) -> Result<(&'static [u8], Exchange), Response> {
+fn recorded(s: &AppState, name: &str, openai: bool) -> Result<(&'static [u8], Exchange), Failure> {
     let Some(ex) = s.exchanges.iter().find(|e| e.name == name) else {
         let known: Vec<&str> = s.exchanges.iter().map(|e| e.name.as_str()).collect();
-        return Err(error(
+        return Err(Failure::new(
             openai,
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
@@ -349,7 +375,7 @@ fn recorded(s: &AppState, name: &str, openai: bool) -> Result<(&'static [u8], Ex
     };
     match fixture(&ex.response) {
         Some(bytes) => Ok((bytes, ex.clone())),
-        None => Err(error(
+        None => Err(Failure::new(
             openai,
             StatusCode::INTERNAL_SERVER_ERROR,
             "api_error",
@@ -391,18 +417,19 @@ async fn models(State(s): State<AppState>, uri: Uri, headers: HeaderMap) -> Resp
     };
     let seq = match check_and_record(&s, req, Vec::new()) {
         Ok(seq) => seq,
-        Err(response) => return response,
+        Err(failure) => return failure.into_response(),
     };
     let (bytes, ex) = match recorded(&s, &chosen, openai) {
         Ok(found) => found,
-        Err(response) => return response,
+        Err(failure) => return failure.into_response(),
     };
     let body = match path.strip_prefix("/v1/models/") {
         None => bytes.to_vec(),
         Some(id) => {
             let list: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
-            let one = list["data"]
-                .as_array()
+            let one = list
+                .get("data")
+                .and_then(|d| d.as_array())
                 .and_then(|d| d.iter().find(|m| m["id"] == id));
             match one {
                 Some(model) => model.to_string().into_bytes(),
@@ -481,11 +508,11 @@ async fn provider(
     };
     let seq = match check_and_record(&s, req, body_problems) {
         Ok(seq) => seq,
-        Err(response) => return response,
+        Err(failure) => return failure.into_response(),
     };
     let (bytes, ex) = match recorded(&s, &chosen.unwrap_or_default(), openai) {
         Ok(found) => found,
-        Err(response) => return response,
+        Err(failure) => return failure.into_response(),
     };
     // Clients see the model they asked for, as with the real providers'
     // aliases; usage stays exactly as recorded.

@@ -263,8 +263,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn every_template_renders_without_leftovers() {
+    /// The bootstrap for Anthropic over TLS and OpenAI on the local mock.
+    fn rendered_bootstrap() -> String {
         let layout = Layout {
             dir: PathBuf::from("/tmp/tg"),
         };
@@ -279,7 +279,12 @@ mod tests {
             stream_idle_timeout_s: 600,
             ca_bundle: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
         };
-        let b = bootstrap(&gw, &layout).unwrap();
+        bootstrap(&gw, &layout).unwrap()
+    }
+
+    #[test]
+    fn every_template_renders_without_leftovers() {
+        let b = rendered_bootstrap();
         assert!(b.contains("sni: \"api.anthropic.com\""));
         assert!(b.contains("port_value: 9612"));
         assert!(!b.contains("{{"));
@@ -297,21 +302,7 @@ mod tests {
 
     #[test]
     fn bootstrap_normalises_paths_as_the_filter_classifies_them() {
-        let layout = Layout {
-            dir: PathBuf::from("/tmp/tg"),
-        };
-        let gw = Gateway {
-            listen: "127.0.0.1:8080".parse().unwrap(),
-            admin_port: 9901,
-            collector: ("127.0.0.1".to_string(), 9611),
-            anthropic: Upstream::local(9612),
-            openai: Upstream::local(9612),
-            body_limit_bytes: 1 << 25,
-            audit_flush_interval_ms: 1000,
-            stream_idle_timeout_s: 600,
-            ca_bundle: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
-        };
-        let b = bootstrap(&gw, &layout).unwrap();
+        let b = rendered_bootstrap();
         // The same steps as tollgate_core::route::normalize, in the HCM.
         for setting in [
             "normalize_path: true",

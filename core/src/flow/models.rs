@@ -3,10 +3,11 @@
 //!
 //! A model outside the key's allowlist is absent from the list and its
 //! `/v1/models/{id}` answers 404 `not_found_error`, as the provider answers
-//! for a model that does not exist: to this key it does not. A 403 would
-//! confirm the model exists and is withheld, and tools that probe a model
-//! before using it (Claude Code, SDK helpers) treat 404 as "not available"
-//! and move on, where a 403 reads as a credentials problem.
+//! for a model that does not exist: to this key it does not, and the list
+//! and the lookup must agree. The SDKs raise their not-found error, the one
+//! a client already handles for a retired or mistyped model; a 403 would
+//! read as a problem with the key's credentials. (Calling the model is
+//! still a 403 `permission_error` naming the allowlist, on the LLM routes.)
 //!
 //! The list is small (tens of models; Anthropic pages hold at most 1,000),
 //! so its body is buffered to the end, rewritten with every other field
@@ -149,6 +150,18 @@ impl RequestFlow {
     }
 }
 
+/// The ids a list body names, in order (for tests of this module and the flow).
+#[cfg(test)]
+pub(super) fn ids(body: &[u8]) -> Vec<String> {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("data").and_then(Value::as_array).cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|m| m.get("id").and_then(Value::as_str).map(str::to_string))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -161,16 +174,6 @@ mod tests {
 
     fn haiku(m: &str) -> bool {
         m.starts_with("claude-haiku-")
-    }
-
-    fn ids(body: &[u8]) -> Vec<String> {
-        let v: Value = serde_json::from_slice(body).unwrap();
-        v["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["id"].as_str().unwrap().to_string())
-            .collect()
     }
 
     #[test]

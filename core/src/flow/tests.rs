@@ -501,12 +501,7 @@ fn answer_list(flow: &mut RequestFlow, host: &mut FakeHost, list: &[u8]) -> (Dec
 }
 
 fn listed_ids(host: &FakeHost) -> Vec<String> {
-    json(&String::from_utf8_lossy(&host.response_chunk))["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_string())
-        .collect()
+    super::models::ids(&host.response_chunk)
 }
 
 #[test]
