@@ -97,35 +97,29 @@ impl Route {
             Provider::OpenAi => Route::OpenAiModels,
         };
         let get = method == b"GET";
-        let target = |route| Target { route, model: None };
         if let Some((_, route)) = PATHS.iter().find(|(path, _)| *path == p) {
-            return Ok(target(*route));
+            return Ok(Target {
+                route: *route,
+                model: None,
+            });
         }
-        if get && p == MODELS {
-            return Ok(target(models));
+        if let Some(id) = models_path(p).filter(|_| get) {
+            return Ok(Target {
+                route: models,
+                model: id.map(percent_decode),
+            });
         }
-        if let Some(id) = p.strip_prefix(MODELS).and_then(|r| r.strip_prefix('/')) {
-            if get && !id.contains('/') {
-                return Ok(Target {
-                    route: models,
-                    model: Some(percent_decode(id)),
-                });
-            }
-        }
-        // Near misses: the same path in other letter case.
+        // Near misses: a route's path in other letter case.
         if let Some((_, route)) = PATHS.iter().find(|(path, _)| path.eq_ignore_ascii_case(p)) {
             return Err(PathError::CaseMismatch(*route));
         }
-        let lower = p.to_ascii_lowercase();
-        let models_path = lower == MODELS
-            || lower
-                .strip_prefix(MODELS)
-                .and_then(|r| r.strip_prefix('/'))
-                .is_some_and(|id| !id.contains('/'));
-        if get && models_path {
+        if get && models_path(&p.to_ascii_lowercase()).is_some() {
             return Err(PathError::CaseMismatch(models));
         }
-        Ok(target(Route::Other))
+        Ok(Target {
+            route: Route::Other,
+            model: None,
+        })
     }
 
     /// The route's path as the providers spell it (`""` for `Other`).
@@ -205,6 +199,18 @@ impl Provider {
         } else {
             Provider::OpenAi
         }
+    }
+}
+
+/// `/v1/models` (`Some(None)`) or `/v1/models/{id}` (`Some(Some(id))`, one
+/// segment), of a normalised path without its trailing slash.
+fn models_path(p: &str) -> Option<Option<&str>> {
+    match p.strip_prefix(MODELS)? {
+        "" => Some(None),
+        rest => rest
+            .strip_prefix('/')
+            .filter(|id| !id.is_empty() && !id.contains('/'))
+            .map(Some),
     }
 }
 

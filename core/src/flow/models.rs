@@ -97,7 +97,9 @@ impl RequestFlow {
         }
         self.response.models_list = true;
         // The rewritten body is plain JSON whatever the provider sent.
-        host.set_response_header("content-encoding", None);
+        if self.response.encoded {
+            host.set_response_header("content-encoding", None);
+        }
         if self.holds_headers() {
             return Decision::Pause;
         }
