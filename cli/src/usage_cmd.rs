@@ -32,7 +32,7 @@ pub fn run(args: UsageArgs) -> Result<()> {
     let report = store.report(args.by, since)?;
     match args.format {
         Format::Table => print!("{}", report.to_table()),
-        Format::Csv => print!("{}", report.to_csv()),
+        Format::Csv => print!("{}", report.to_csv()?),
         Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
     }
     Ok(())

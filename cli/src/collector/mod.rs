@@ -6,8 +6,13 @@
 //! durable copy.
 
 pub mod http;
+pub mod metrics;
 pub mod report;
+pub mod sheet;
 pub mod store;
+
+#[cfg(test)]
+mod cpu_bench;
 
 use anyhow::Result;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::{
@@ -22,14 +27,24 @@ use futures_util::FutureExt;
 use prost::Message;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use store::AuditStore;
 use tokio::sync::{mpsc, watch};
 use tollgate_core::audit::{AuditRecord, Outcome, Reason, FILTER_STATE_KEY};
 
 /// Records waiting for the writer; past this, new ones are dropped (counted).
 pub const QUEUE_CAPACITY: usize = 65_536;
+/// Records per transaction at most.
 const BATCH: usize = 512;
+/// How long the writer waits for more records before committing a short
+/// batch. A commit costs about the same for one record as for hundreds (the
+/// touched pages appended to SQLite's WAL, one round trip to PostgreSQL),
+/// and Envoy sends a message per flush of its buffer: gathering what arrives
+/// within a few milliseconds into one transaction divides that cost under
+/// steady load, and delays a record by far less than Envoy's own flush
+/// interval already does.
+const LINGER: Duration = Duration::from_millis(20);
 
 /// Counters of what the collector saw, for metrics and tests.
 #[derive(Debug, Default)]
@@ -40,6 +55,25 @@ pub struct Stats {
     pub without_record: AtomicU64,
     pub invalid: AtomicU64,
     pub dropped: AtomicU64,
+    /// Usage counters behind `/metrics`; `None` until seeded from the store
+    /// (the writer does that before storing its first batch).
+    pub usage: Mutex<Option<metrics::Usage>>,
+}
+
+/// The payload of an encoded `google.protobuf.BytesValue` or `StringValue`
+/// (field 1, length-delimited: tag byte 0x0A, a varint length, the bytes),
+/// borrowed instead of copied. `None` for any other layout (unknown or
+/// repeated fields), which prost then decodes.
+fn wrapped_payload(value: &[u8]) -> Option<&[u8]> {
+    let Some((&tag, mut rest)) = value.split_first() else {
+        // The default wrapper: an empty payload.
+        return Some(value);
+    };
+    if tag != 0x0A {
+        return None;
+    }
+    let len = usize::try_from(prost::encoding::decode_varint(&mut rest).ok()?).ok()?;
+    (rest.len() == len).then_some(rest)
 }
 
 /// The audit record inside the filter state value. Envoy wraps a wasm
@@ -49,50 +83,57 @@ pub struct Stats {
 /// as a protobuf group tag), so the raw value is tried whenever the
 /// unwrapped one is not a record. The error names the first attempt.
 fn record_from_any(any: &Any) -> Result<AuditRecord, String> {
-    let unwrapped = if any.type_url.ends_with("google.protobuf.BytesValue") {
-        <Vec<u8> as Message>::decode(any.value.as_slice()).ok()
-    } else if any.type_url.ends_with("google.protobuf.StringValue") {
-        <String as Message>::decode(any.value.as_slice())
-            .ok()
-            .map(String::into_bytes)
+    let wrapper = any.type_url.ends_with("google.protobuf.BytesValue")
+        || any.type_url.ends_with("google.protobuf.StringValue");
+    let first = if wrapper {
+        let parsed = match wrapped_payload(&any.value) {
+            Some(json) => Some(AuditRecord::from_json(json)),
+            None => <Vec<u8> as Message>::decode(any.value.as_slice())
+                .ok()
+                .map(|json| AuditRecord::from_json(&json)),
+        };
+        match parsed {
+            Some(Ok(r)) => return Ok(r),
+            Some(Err(e)) => Some(e),
+            None => None,
+        }
     } else {
         None
-    };
-    let first = match unwrapped {
-        Some(json) => match AuditRecord::from_json(&json) {
-            Ok(r) => return Ok(r),
-            Err(e) => Some(e),
-        },
-        None => None,
     };
     AuditRecord::from_json(&any.value)
         .map_err(|raw| format!("invalid audit record: {}", first.unwrap_or(raw)))
 }
 
-/// The Tollgate records carried by one message; `Err` for an entry whose
-/// filter state is not a valid record. Entries without the state are skipped.
-pub fn records_from_message(msg: &StreamAccessLogsMessage) -> Vec<Result<AuditRecord, String>> {
-    let Some(LogEntries::HttpLogs(logs)) = &msg.log_entries else {
-        return Vec::new();
+/// The Tollgate records carried by one message, each decoded once; `Err`
+/// for an entry whose filter state is not a valid record. Entries without
+/// the state are skipped.
+fn records_in(
+    msg: &StreamAccessLogsMessage,
+) -> impl Iterator<Item = Result<AuditRecord, String>> + '_ {
+    let entries = match &msg.log_entries {
+        Some(LogEntries::HttpLogs(logs)) => logs.log_entry.as_slice(),
+        _ => &[],
     };
-    logs.log_entry
-        .iter()
-        .filter_map(|entry| {
-            let any = entry
-                .common_properties
-                .as_ref()?
-                .filter_state_objects
-                .get(FILTER_STATE_KEY)?;
-            let code = entry
-                .response
-                .as_ref()
-                .and_then(|r| r.response_code)
-                .map(|c| c.value as u16);
-            Some(record_from_any(any).map(|r| with_envoy_status(r, code)))
-        })
-        .collect()
+    entries.iter().filter_map(|entry| {
+        let any = entry
+            .common_properties
+            .as_ref()?
+            .filter_state_objects
+            .get(FILTER_STATE_KEY)?;
+        let code = entry
+            .response
+            .as_ref()
+            .and_then(|r| r.response_code)
+            .map(|c| c.value as u16);
+        Some(record_from_any(any).map(|r| with_envoy_status(r, code)))
+    })
 }
 
+/// The Tollgate records carried by one message (see [`records_in`]).
+#[cfg(test)]
+pub fn records_from_message(msg: &StreamAccessLogsMessage) -> Vec<Result<AuditRecord, String>> {
+    records_in(msg).collect()
+}
 /// A record the filter never completed (Envoy answered itself, or the client
 /// or upstream went away) takes its status from Envoy's access-log entry.
 /// A 413 is Envoy refusing a body over the buffer limit.
@@ -128,12 +169,9 @@ impl Service {
             _ => 0,
         };
         self.stats.received.fetch_add(entries, Ordering::Relaxed);
-        let records = records_from_message(msg);
-        self.stats.without_record.fetch_add(
-            entries.saturating_sub(records.len() as u64),
-            Ordering::Relaxed,
-        );
-        for r in records {
+        let mut with_record = 0u64;
+        for r in records_in(msg) {
+            with_record += 1;
             match r {
                 Ok(record) => {
                     if self.queue.try_send(record).is_err() {
@@ -149,6 +187,9 @@ impl Service {
                 }
             }
         }
+        self.stats
+            .without_record
+            .fetch_add(entries.saturating_sub(with_record), Ordering::Relaxed);
     }
 }
 
@@ -192,16 +233,71 @@ impl AccessLogService for Service {
     }
 }
 
+/// Seeds the usage counters from what the store holds (one aggregate
+/// query); says whether they are seeded.
+async fn seed(store: &AuditStore, stats: &Arc<Stats>) -> bool {
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || store.series_totals()).await {
+        Ok(Ok(rows)) => match stats.usage.lock() {
+            Ok(mut usage) => {
+                *usage = Some(metrics::Usage::seeded(&rows));
+                true
+            }
+            Err(_) => false,
+        },
+        Ok(Err(e)) => {
+            tracing::error!("reading the audit store for metrics failed: {e:#}");
+            false
+        }
+        Err(e) => {
+            tracing::error!("audit metrics task failed: {e}");
+            false
+        }
+    }
+}
+
+/// Stores queued records in batches until every sender is gone and the
+/// queue is empty, counting each into the usage metrics once stored.
 async fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, store: AuditStore, stats: Arc<Stats>) {
+    // Seeded before the first insert, so what the seed read and what the
+    // writer counts never overlap; a failed seed is retried before each
+    // batch (the batches stored meanwhile are in what it then reads).
+    let mut seeded = seed(&store, &stats).await;
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
-        let records = std::mem::take(&mut batch);
-        let store = store.clone();
-        let n = records.len() as u64;
-        match tokio::task::spawn_blocking(move || store.insert_batch(&records)).await {
-            Ok(Ok(_)) => {
-                stats.stored.fetch_add(n, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while batch.len() < BATCH {
+            let room = BATCH - batch.len();
+            let more = rx.recv_many(&mut batch, room);
+            match tokio::time::timeout_at(deadline, more).await {
+                Ok(n) if n > 0 => {}
+                // Lingered long enough, or every sender is gone.
+                _ => break,
             }
+        }
+        if !seeded {
+            seeded = seed(&store, &stats).await;
+        }
+        let records = std::mem::take(&mut batch);
+        let (store, stats) = (store.clone(), stats.clone());
+        let n = records.len() as u64;
+        let done = tokio::task::spawn_blocking(move || -> Result<()> {
+            let stored = store.insert_batch(&records)?;
+            stats.stored.fetch_add(n, Ordering::Relaxed);
+            if seeded {
+                if let Ok(mut usage) = stats.usage.lock() {
+                    if let Some(usage) = usage.as_mut() {
+                        for (record, stored) in records.iter().zip(&stored) {
+                            usage.count(record, stored);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!("storing {n} audit records failed: {e:#}"),
             Err(e) => tracing::error!("audit writer task failed: {e}"),
         }
