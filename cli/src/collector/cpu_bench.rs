@@ -83,7 +83,7 @@ fn entry(i: usize) -> HttpAccessLogEntry {
         provider: "anthropic".into(),
         model_requested: Some("claude-sonnet-4-5".into()),
         model_served: Some("claude-sonnet-4-5-20250929".into()),
-        stream: i % 3 == 0,
+        stream: i.is_multiple_of(3),
         status: 200,
         tokens: Tokens {
             input_estimated: 4100,

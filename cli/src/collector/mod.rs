@@ -526,4 +526,137 @@ mod tests {
         drop(tx);
         let _ = call.await;
     }
+
+    /// What `serve_with_stats` stores and counts from a stream, stopped.
+    async fn serve_stream(store: &AuditStore, msgs: Vec<StreamAccessLogsMessage>) -> Arc<Stats> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let stats = Arc::new(Stats::default());
+        let server = tokio::spawn(serve_with_stats(
+            listener,
+            store.clone(),
+            stats.clone(),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let mut client = AccessLogServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        client
+            .stream_access_logs(tokio_stream::iter(msgs))
+            .await
+            .unwrap();
+        let _ = stop_tx.send(());
+        server.await.unwrap().unwrap();
+        stats
+    }
+
+    fn usage_lines(text: &str) -> Vec<&str> {
+        text.lines()
+            .filter(|l| !l.contains("tollgate_collector_"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn metrics_start_from_the_store_and_count_each_request_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(dir.path().join("a.db")).unwrap();
+        let record = |id: &str, complete: bool, cost: f64| AuditRecord {
+            request_id: id.into(),
+            complete,
+            team: Some("payments".into()),
+            route: "anthropic.messages".into(),
+            model_requested: Some("claude-sonnet-4-5".into()),
+            tokens: tollgate_core::audit::Tokens {
+                output: complete.then_some(100),
+                ..Default::default()
+            },
+            cost_usd: complete.then_some(cost),
+            ..Default::default()
+        };
+        // Stored before the collector starts (an import, a previous run).
+        store
+            .insert_batch(&[record("old", true, 0.5), record("p1", false, 0.0)])
+            .unwrap();
+        let value = |r: &AuditRecord| entry(Some(bytes_value(&serde_json::to_string(r).unwrap())));
+        let stats = serve_stream(
+            &store,
+            vec![
+                message(vec![
+                    value(&record("p1", true, 0.25)),
+                    value(&record("new", true, 0.25)),
+                ]),
+                // Replayed: stored already, counted already.
+                message(vec![
+                    value(&record("new", true, 0.25)),
+                    value(&record("p1", false, 0.0)),
+                ]),
+            ],
+        )
+        .await;
+        let live = metrics::render(&stats);
+        let labels =
+            r#"team="payments",app="",agent="",model="claude-sonnet-4-5",decision="allowed""#;
+        assert!(
+            live.contains(&format!("tollgate_requests_total{{{labels}}} 3\n")),
+            "{live}"
+        );
+        assert!(
+            live.contains(&format!(
+                "tollgate_tokens_total{{{labels},class=\"output\"}} 300\n"
+            )),
+            "{live}"
+        );
+        assert!(
+            live.contains(&format!("tollgate_cost_usd_total{{{labels}}} 1\n")),
+            "{live}"
+        );
+        assert!(live.contains("tollgate_collector_records_stored_total 4\n"));
+        // What was counted live is what a restart would read from the store.
+        let restarted = Stats::default();
+        *restarted.usage.lock().unwrap() =
+            Some(metrics::Usage::seeded(&store.series_totals().unwrap()));
+        assert_eq!(
+            usage_lines(&live),
+            usage_lines(&metrics::render(&restarted))
+        );
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_from_memory_without_reading_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a.db");
+        let store = AuditStore::open(&db).unwrap();
+        let stats = serve_stream(
+            &store,
+            vec![message(vec![entry(Some(bytes_value(&json("m1"))))])],
+        )
+        .await;
+        // Without its table, any query fails: a scrape must not need one.
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute_batch("DROP TABLE audit")
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let web = tokio::spawn(http::serve(listener, store, stats, async move {
+            let _ = stop_rx.await;
+        }));
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        conn.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert!(response.contains(
+            "tollgate_requests_total{team=\"\",app=\"\",agent=\"\",model=\"\",decision=\"allowed\"} 1\n"
+        ), "{response}");
+        let _ = stop_tx.send(());
+        web.await.unwrap().unwrap();
+    }
 }

@@ -89,7 +89,8 @@ pub fn parse_since(s: &str, now_ms: u64) -> Result<u64> {
         _ => None,
     };
     if let Some(last) = s.chars().last() {
-        if let (Some(mult), Ok(n)) = (unit(last), s[..s.len() - last.len_utf8()].parse::<u64>()) {
+        let number = s.strip_suffix(last).unwrap_or_default();
+        if let (Some(mult), Ok(n)) = (unit(last), number.parse::<u64>()) {
             return Ok(now_ms.saturating_sub(n.saturating_mul(mult)));
         }
     }

@@ -120,7 +120,9 @@ fn record(id: &str, complete: bool) -> AuditRecord {
 fn inserts_are_idempotent_by_request_id_and_complete_wins(store: &dyn AuditBackend) {
     let provisional = record("r1", false);
     assert_eq!(
-        store.insert_batch(&[provisional.clone()]).unwrap(),
+        store
+            .insert_batch(std::slice::from_ref(&provisional))
+            .unwrap(),
         [Stored::New]
     );
     assert_eq!(
