@@ -44,7 +44,7 @@ const BATCH: usize = 512;
 /// within a few milliseconds into one transaction divides that cost under
 /// steady load, and delays a record by far less than Envoy's own flush
 /// interval already does.
-const LINGER: Duration = Duration::from_millis(20);
+const LINGER: Duration = Duration::from_millis(50);
 
 /// Counters of what the collector saw, for metrics and tests.
 #[derive(Debug, Default)]
@@ -265,14 +265,15 @@ async fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, store: AuditStore, stat
     let mut seeded = seed(&store, &stats).await;
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
-        let deadline = tokio::time::Instant::now() + LINGER;
-        while batch.len() < BATCH {
-            let room = BATCH - batch.len();
-            let more = rx.recv_many(&mut batch, room);
-            match tokio::time::timeout_at(deadline, more).await {
-                Ok(n) if n > 0 => {}
-                // Lingered long enough, or every sender is gone.
-                _ => break,
+        // A short batch waits out the linger once (one timer wake-up, not
+        // one per arriving message), then takes what came meanwhile.
+        if batch.len() < BATCH {
+            tokio::time::sleep(LINGER).await;
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(record) => batch.push(record),
+                    Err(_) => break,
+                }
             }
         }
         if !seeded {
