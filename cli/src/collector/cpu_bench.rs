@@ -13,7 +13,6 @@
 //! child process, so its CPU is not counted.
 
 use super::store::AuditStore;
-use super::{serve_with_stats, Stats};
 use envoy_types::pb::envoy::config::core::v3::{address, socket_address, Address, SocketAddress};
 use envoy_types::pb::envoy::data::accesslog::v3::{
     AccessLogCommon, HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties,
@@ -26,7 +25,6 @@ use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, Timestamp, UInt32Value};
 use prost::Message;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tollgate_core::audit::{AuditRecord, Tokens, FILTER_STATE_KEY};
 
@@ -220,18 +218,8 @@ async fn send(addr: &str, pace: Pace) {
 async fn measure(pace: Pace) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let store = AuditStore::open(dir.path().join("bench.db")).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stats = Arc::new(Stats::default());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve_with_stats(
-        listener,
-        store.clone(),
-        stats.clone(),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let collector = super::tests::start(&store).await;
+    let (addr, stats) = (collector.addr, collector.stats.clone());
     // This same test, run again as the client (see below).
     let mut client = tokio::process::Command::new(std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", "--nocapture"])
@@ -256,8 +244,7 @@ async fn measure(pace: Pace) -> (f64, f64) {
     }
     let (spent, wall) = (cpu() - before, wall.elapsed());
     assert!(client.wait().await.unwrap().success());
-    let _ = stop_tx.send(());
-    server.await.unwrap().unwrap();
+    collector.stop().await;
     assert_eq!(store.count().unwrap(), N as u64);
     (
         spent.as_secs_f64() * 1e6 / N as f64,

@@ -451,34 +451,17 @@ mod tests {
     async fn stores_streamed_entries_and_flushes_on_shutdown() {
         let dir = tempfile::tempdir().unwrap();
         let store = AuditStore::open(dir.path().join("a.db")).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let stats = Arc::new(Stats::default());
-        let server = tokio::spawn(serve_with_stats(
-            listener,
-            store.clone(),
-            stats.clone(),
-            async move {
-                let _ = stop_rx.await;
-            },
-        ));
-        let mut client = AccessLogServiceClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
-        let msgs = vec![
-            message(vec![
-                entry(Some(bytes_value(&json("r1")))),
-                entry(Some(bytes_value(&json("r2")))),
-            ]),
-            message(vec![entry(Some(bytes_value(&json("r3")))), entry(None)]),
-        ];
-        client
-            .stream_access_logs(tokio_stream::iter(msgs))
-            .await
-            .unwrap();
-        let _ = stop_tx.send(());
-        server.await.unwrap().unwrap();
+        let stats = serve_stream(
+            &store,
+            vec![
+                message(vec![
+                    entry(Some(bytes_value(&json("r1")))),
+                    entry(Some(bytes_value(&json("r2")))),
+                ]),
+                message(vec![entry(Some(bytes_value(&json("r3")))), entry(None)]),
+            ],
+        )
+        .await;
         assert_eq!(store.count().unwrap(), 3);
         assert!(store.get("r3").unwrap().is_some());
         assert_eq!(stats.received.load(Ordering::Relaxed), 4);
@@ -490,18 +473,12 @@ mod tests {
     async fn shutdown_ends_a_stream_envoy_keeps_open() {
         let dir = tempfile::tempdir().unwrap();
         let store = AuditStore::open(dir.path().join("a.db")).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let stats = Arc::new(Stats::default());
-        let server = tokio::spawn(serve_with_stats(
-            listener,
-            store.clone(),
-            stats.clone(),
-            async move {
-                let _ = stop_rx.await;
-            },
-        ));
+        let Running {
+            addr,
+            stats,
+            stop: stop_tx,
+            server,
+        } = start(&store).await;
         let mut client = AccessLogServiceClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
@@ -528,11 +505,18 @@ mod tests {
         let _ = call.await;
     }
 
-    /// What `serve_with_stats` stores and counts from a stream, stopped.
-    async fn serve_stream(store: &AuditStore, msgs: Vec<StreamAccessLogsMessage>) -> Arc<Stats> {
+    /// A collector serving on a loopback port, until `stop` is sent.
+    pub(super) struct Running {
+        pub(super) addr: std::net::SocketAddr,
+        pub(super) stats: Arc<Stats>,
+        pub(super) stop: tokio::sync::oneshot::Sender<()>,
+        pub(super) server: tokio::task::JoinHandle<Result<()>>,
+    }
+
+    pub(super) async fn start(store: &AuditStore) -> Running {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let stats = Arc::new(Stats::default());
         let server = tokio::spawn(serve_with_stats(
             listener,
@@ -542,16 +526,34 @@ mod tests {
                 let _ = stop_rx.await;
             },
         ));
-        let mut client = AccessLogServiceClient::connect(format!("http://{addr}"))
+        Running {
+            addr,
+            stats,
+            stop,
+            server,
+        }
+    }
+
+    impl Running {
+        /// Stops the collector once it has stored everything it received.
+        pub(super) async fn stop(self) -> Arc<Stats> {
+            let _ = self.stop.send(());
+            self.server.await.unwrap().unwrap();
+            self.stats
+        }
+    }
+
+    /// What `serve_with_stats` stores and counts from a stream, stopped.
+    async fn serve_stream(store: &AuditStore, msgs: Vec<StreamAccessLogsMessage>) -> Arc<Stats> {
+        let running = start(store).await;
+        let mut client = AccessLogServiceClient::connect(format!("http://{}", running.addr))
             .await
             .unwrap();
         client
             .stream_access_logs(tokio_stream::iter(msgs))
             .await
             .unwrap();
-        let _ = stop_tx.send(());
-        server.await.unwrap().unwrap();
-        stats
+        running.stop().await
     }
 
     fn usage_lines(text: &str) -> Vec<&str> {
