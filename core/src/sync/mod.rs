@@ -273,17 +273,15 @@ impl Leader {
                 }
                 Step::Write(record, (out, live))
             });
-            match result {
-                Ok((out, live)) => {
-                    if !live {
-                        idle.push(store_key.clone());
-                    }
-                    for (s, t) in out {
-                        syncs.push(s);
-                        sent.push(t);
-                    }
+            // A record that stays contended is tried again next period.
+            if let Ok((out, live)) = result {
+                if !live {
+                    idle.push(store_key.clone());
                 }
-                Err(_) => {}
+                for (s, t) in out {
+                    syncs.push(s);
+                    sent.push(t);
+                }
             }
         }
         for key in idle {
