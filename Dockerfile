@@ -1,10 +1,12 @@
-# The tollgate CLI (collector, config renderer, mock provider) with
-# tollgate.wasm inside, for Docker Compose and Kubernetes.
+# The tollgate CLI (collector, config renderer) with tollgate.wasm inside,
+# for Docker Compose and Kubernetes. Built without the `mock` feature: the
+# mock provider and its fault-injection headers are a test double, not part
+# of the product.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN rustup target add wasm32-wasip1 \
- && cargo build --release -p tollgate \
+ && cargo build --release -p tollgate --no-default-features \
  && cargo build --target wasm32-wasip1 --profile wasm -p tollgate-filter
 
 FROM debian:bookworm-slim

@@ -1,18 +1,43 @@
 //! `tollgate`: run the gateway locally, the audit collector, the mock
 //! provider; check and render policies; mint keys; read audit and usage.
+//!
+//! Read top-down: this file parses the command line and hands each
+//! subcommand to `cmd/<name>.rs`, which holds its arguments and one `run()`
+//! calling the libraries below. Libraries never import `cmd`.
 
-mod audit;
+// Commands: arguments and one `run()` each.
+mod cmd;
+
+// Libraries.
+/// Files replaced by rename, so their readers never see half of one.
+mod atomic_file;
+/// The collector as one service (gRPC + HTTP over one store) and its start-up import.
+mod audit_service;
+/// Audit records as `tollgate audit tail` shows them, and the follow loop.
+mod audit_view;
+/// Unix milliseconds now.
+mod clock;
+/// The audit collector's pieces: gRPC AccessLogService, store, reports, HTTP side.
 mod collector;
-mod collector_cmd;
-mod key_cmd;
-mod mock;
-mod mock_cmd;
-mod package;
-mod policy_cmd;
-mod run;
-mod usage_cmd;
+/// The local gateway: Envoy's rendered configuration and its supervision.
+mod gateway;
+/// Minting virtual keys and adding their entries to a policy file.
+mod keys;
+/// Istio WasmPlugin and Envoy Gateway EnvoyExtensionPolicy renders.
+mod mesh;
+/// tollgate.wasm as an OCI image.
+mod oci;
+/// Stdout that treats a closed pipe as the end of the output.
+mod output;
+/// Reading, validating and checking policy files.
+mod policy_file;
+/// The quota service and Redis behind limits shared by every replica.
+mod shared_store;
+/// Ctrl-C/SIGTERM and the stop switch shared by a process's services.
+mod shutdown;
 
 use clap::{Parser, Subcommand};
+use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(
@@ -30,37 +55,48 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway locally: real Envoy with tollgate.wasm, the collector, optionally the mock provider.
-    Run(run::RunArgs),
+    Run(cmd::run::RunArgs),
     /// Run the audit collector (Envoy gRPC access-log service + embedded database).
-    Collector(collector_cmd::CollectorArgs),
+    Collector(cmd::collector::CollectorArgs),
     /// Read audit records from the collector's database.
-    Audit(audit::AuditArgs),
+    Audit(cmd::audit::AuditArgs),
     /// Run the mock provider that replays recorded Anthropic/OpenAI exchanges.
-    Mock(mock_cmd::MockArgs),
+    #[cfg(feature = "mock")]
+    Mock(cmd::mock::MockArgs),
     /// Validate policies, render Envoy's filter config, print the JSON Schema.
-    Policy(policy_cmd::PolicyArgs),
+    Policy(cmd::policy::PolicyArgs),
+    /// Run the shared-limit service in front of Redis, so every Envoy replica meters one set of limits.
+    Quota(cmd::quota::QuotaArgs),
     /// Mint virtual keys.
-    Key(key_cmd::KeyArgs),
+    Key(cmd::key::KeyArgs),
     /// Package tollgate.wasm as an OCI image (layout directory and tarball) for Istio and Envoy Gateway.
-    Package(package::PackageArgs),
+    Package(cmd::package::PackageArgs),
     /// Usage report: requests, tokens by class, cost and denials by key, user, team, project, app, agent, model or day.
-    Usage(usage_cmd::UsageArgs),
+    Usage(cmd::usage::UsageArgs),
 }
 
-fn main() {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run::run(args),
-        Command::Collector(args) => collector_cmd::run(args),
-        Command::Audit(args) => audit::run(args),
-        Command::Mock(args) => mock_cmd::run(args),
-        Command::Policy(args) => policy_cmd::run(args),
-        Command::Key(args) => key_cmd::run(args),
-        Command::Usage(args) => usage_cmd::run(args),
-        Command::Package(args) => package::run(args),
+        Command::Run(args) => cmd::run::run(args),
+        Command::Collector(args) => cmd::collector::run(args),
+        Command::Audit(args) => cmd::audit::run(args),
+        #[cfg(feature = "mock")]
+        Command::Mock(args) => cmd::mock::run(args),
+        Command::Policy(args) => cmd::policy::run(args),
+        Command::Quota(args) => cmd::quota::run(args),
+        Command::Key(args) => cmd::key::run(args),
+        Command::Usage(args) => cmd::usage::run(args),
+        Command::Package(args) => cmd::package::run(args),
     };
-    if let Err(e) = result {
-        eprintln!("tollgate: {e:#}");
-        std::process::exit(1);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // The reader took what it wanted (`| head`): nothing failed.
+        Err(e) if output::is_closed_stdout(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

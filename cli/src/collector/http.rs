@@ -53,7 +53,7 @@ async fn usage(State(app): State<App>, Query(q): Query<HashMap<String, String>>)
     };
     let since = match parse_since(
         q.get("since").map(String::as_str).unwrap_or("7d"),
-        crate::run::now_ms(),
+        crate::clock::now_ms(),
     ) {
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),

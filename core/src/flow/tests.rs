@@ -246,11 +246,9 @@ fn charges_json_usage_at_end_and_credits_the_unused_reservation() {
     // 12 * $3/M + 40 * $15/M
     assert!((rec.cost_usd.unwrap() - 0.000636).abs() < 1e-12);
     // Pool output bucket: 100 reserved, 40 used -> 960 left.
-    let cell = crate::meter::store::read(
-        &*host.store,
-        "tollgate/1/pool:team:payments/output_tokens_per_minute",
-    )
-    .unwrap();
+    let cell = crate::meter::store::read(&*host.store, "tollgate/2/pool:team:payments")
+        .unwrap()
+        .slot(crate::meter::Metric::from_field("output_tokens_per_minute").unwrap());
     assert_eq!(cell.value, 960.0);
 }
 
@@ -268,11 +266,9 @@ fn upstream_error_without_usage_refunds_the_reservation() {
         br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#.to_vec();
     let n = host.response_chunk.len();
     flow.on_response_body(&mut host, n, true);
-    let cell = crate::meter::store::read(
-        &*host.store,
-        "tollgate/1/pool:team:payments/output_tokens_per_minute",
-    )
-    .unwrap();
+    let cell = crate::meter::store::read(&*host.store, "tollgate/2/pool:team:payments")
+        .unwrap()
+        .slot(crate::meter::Metric::from_field("output_tokens_per_minute").unwrap());
     assert_eq!(cell.value, 1000.0);
     assert_eq!(host.last_audit().unwrap().status, 529);
 }
@@ -283,11 +279,9 @@ fn client_abort_before_any_usage_charges_the_reservation() {
     let mut flow = RequestFlow::new(policy(""));
     send(&mut flow, &mut host);
     flow.on_end(&mut host);
-    let cell = crate::meter::store::read(
-        &*host.store,
-        "tollgate/1/pool:team:payments/output_tokens_per_minute",
-    )
-    .unwrap();
+    let cell = crate::meter::store::read(&*host.store, "tollgate/2/pool:team:payments")
+        .unwrap()
+        .slot(crate::meter::Metric::from_field("output_tokens_per_minute").unwrap());
     assert_eq!(cell.value, 900.0);
     assert!(!host.last_audit().unwrap().complete);
 }
@@ -334,6 +328,7 @@ fn without_header_hold_the_headers_continue_and_the_body_decides() {
         policy(""),
         FilterOptions {
             hold_request_headers: false,
+            shared: None,
         },
     );
     assert_eq!(
@@ -450,10 +445,8 @@ fn compressed_response_charges_the_reservation_and_says_why() {
     );
     assert_eq!(rec.tokens.output, None);
     // The pool's output bucket keeps the whole reservation (100 of 1000).
-    let cell = crate::meter::store::read(
-        &*host.store,
-        "tollgate/1/pool:team:payments/output_tokens_per_minute",
-    )
-    .unwrap();
+    let cell = crate::meter::store::read(&*host.store, "tollgate/2/pool:team:payments")
+        .unwrap()
+        .slot(crate::meter::Metric::from_field("output_tokens_per_minute").unwrap());
     assert_eq!(cell.value, 900.0);
 }

@@ -9,72 +9,20 @@
 //! decides and is named in the error.
 
 pub mod cell;
+pub mod metric;
+pub mod record;
+pub mod shared;
 pub mod store;
 
-use crate::policy::{Key, Limits, Policy};
-use crate::time::Millis;
-use cell::{Refill, View};
-use store::{Contention, Step};
+pub use metric::{Measure, Metric, METRICS};
+pub use shared::{SharedOptions, Source};
 
 use crate::host::SharedStore;
-
-/// One limit kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Metric {
-    Requests,
-    InputTokens,
-    OutputTokens,
-    TokensPerDay,
-    UsdPerDay,
-    UsdPerMonth,
-}
-
-impl Metric {
-    pub const ALL: [Metric; 6] = [
-        Metric::Requests,
-        Metric::InputTokens,
-        Metric::OutputTokens,
-        Metric::TokensPerDay,
-        Metric::UsdPerDay,
-        Metric::UsdPerMonth,
-    ];
-
-    /// The policy field name, used in messages and bucket labels.
-    pub fn name(self) -> &'static str {
-        match self {
-            Metric::Requests => "requests_per_minute",
-            Metric::InputTokens => "input_tokens_per_minute",
-            Metric::OutputTokens => "output_tokens_per_minute",
-            Metric::TokensPerDay => "tokens_per_day",
-            Metric::UsdPerDay => "budget_usd_per_day",
-            Metric::UsdPerMonth => "budget_usd_per_month",
-        }
-    }
-
-    pub fn refill(self) -> Refill {
-        match self {
-            Metric::Requests | Metric::InputTokens | Metric::OutputTokens => Refill::PerMinute,
-            Metric::TokensPerDay | Metric::UsdPerDay => Refill::Day,
-            Metric::UsdPerMonth => Refill::Month,
-        }
-    }
-
-    /// Quotas and budgets cannot be retried away; per-minute buckets can.
-    pub fn is_quota(self) -> bool {
-        self.refill() != Refill::PerMinute
-    }
-
-    fn limit(self, limits: &Limits) -> Option<f64> {
-        match self {
-            Metric::Requests => limits.requests_per_minute.map(|v| v as f64),
-            Metric::InputTokens => limits.input_tokens_per_minute.map(|v| v as f64),
-            Metric::OutputTokens => limits.output_tokens_per_minute.map(|v| v as f64),
-            Metric::TokensPerDay => limits.tokens_per_day.map(|v| v as f64),
-            Metric::UsdPerDay => limits.budget_usd_per_day,
-            Metric::UsdPerMonth => limits.budget_usd_per_month,
-        }
-    }
-}
+use crate::policy::{Key, Limit, Limits, Policy, StoreFailure};
+use crate::time::Millis;
+use cell::{Refill, View};
+use record::Record;
+use store::{Contention, Read, Step};
 
 /// A bucket: a limit of one key or pool.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,24 +31,35 @@ pub struct Bucket {
     pub scope: String,
     pub metric: Metric,
     pub limit: f64,
-    /// Its shared-data key, formatted once per request (see [`Bucket::store_key`]).
+    /// With a shared store: admitted through it on every request.
+    pub strict: bool,
+    /// With a shared store: what to do when it cannot be reached.
+    pub on_store_failure: StoreFailure,
+    /// Its scope's shared-data record, formatted once per request.
     store_key: String,
 }
 
 impl Bucket {
     pub fn new(scope: String, metric: Metric, limit: f64) -> Bucket {
-        let store_key = format!("tollgate/1/{scope}/{}", metric.name());
+        Bucket::with_limit(scope, metric, Limit::new(limit))
+    }
+
+    pub fn with_limit(scope: String, metric: Metric, limit: Limit) -> Bucket {
+        let store_key = record::store_key(&scope);
         Bucket {
+            on_store_failure: limit.store_failure(metric),
+            strict: limit.strict,
+            limit: limit.amount,
             scope,
             metric,
-            limit,
             store_key,
         }
     }
 
-    /// Fixed shared-data key: scope and metric, no time. Keys cannot be
-    /// deleted in the ABI, so a name with a date in it would leak one key per
-    /// bucket per day.
+    /// The shared-data key of the record that holds this bucket with the
+    /// other buckets of its scope. Fixed, with no time in it: keys cannot be
+    /// deleted in the ABI, so a name with a date in it would leak one key
+    /// per scope per day.
     pub fn store_key(&self) -> &str {
         &self.store_key
     }
@@ -109,16 +68,39 @@ impl Bucket {
     pub fn label(&self) -> String {
         format!("{}:{}", self.scope, self.metric.name())
     }
+
+    pub(crate) fn refill(&self) -> Refill {
+        self.metric.refill()
+    }
+
+    /// This bucket brought up to `clock.now` from its slot of a record.
+    fn current(&self, record: &Record, clock: Clock) -> cell::Cell {
+        self.refill().current(
+            record.slot(self.metric).cell(),
+            self.limit,
+            clock.now,
+            clock.utc_offset_min,
+        )
+    }
+
+    pub(crate) fn view(&self, current: cell::Cell, clock: Clock) -> View {
+        self.refill()
+            .view(current, self.limit, clock.now, clock.utc_offset_min)
+    }
+
+    pub(crate) fn wait_ms(&self, current: cell::Cell, amount: f64, clock: Clock) -> u64 {
+        self.refill()
+            .wait_ms(current, self.limit, amount, clock.now, clock.utc_offset_min)
+    }
 }
 
-/// Every bucket a key's requests touch.
+/// Every bucket a key's requests touch, scope by scope (the key's, then
+/// each pool's): buckets of one scope are adjacent.
 pub fn buckets_for(policy: &Policy, key: &Key) -> Vec<Bucket> {
     let mut out = Vec::new();
     let mut add = |scope: String, limits: &Limits| {
-        for metric in Metric::ALL {
-            if let Some(limit) = metric.limit(limits) {
-                out.push(Bucket::new(scope.clone(), metric, limit));
-            }
+        for (metric, limit) in limits.iter() {
+            out.push(Bucket::with_limit(scope.clone(), metric, limit));
         }
     };
     add(format!("key:{}", key.id), &key.limits);
@@ -135,7 +117,7 @@ pub struct Demand {
     pub requests: f64,
     pub input_tokens: f64,
     pub output_tokens: f64,
-    pub day_tokens: f64,
+    pub all_tokens: f64,
     pub usd: f64,
 }
 
@@ -149,13 +131,13 @@ impl Demand {
         }
     }
 
-    fn amount(&self, metric: Metric) -> f64 {
-        match metric {
-            Metric::Requests => self.requests,
-            Metric::InputTokens => self.input_tokens,
-            Metric::OutputTokens => self.output_tokens,
-            Metric::TokensPerDay => self.day_tokens,
-            Metric::UsdPerDay | Metric::UsdPerMonth => self.usd,
+    pub(crate) fn amount(&self, metric: Metric) -> f64 {
+        match metric.measure() {
+            Measure::Requests => self.requests,
+            Measure::InputTokens => self.input_tokens,
+            Measure::OutputTokens => self.output_tokens,
+            Measure::AllTokens => self.all_tokens,
+            Measure::Usd => self.usd,
         }
     }
 }
@@ -172,6 +154,8 @@ pub struct Clock {
 pub struct Reservation {
     pub bucket: Bucket,
     pub amount: f64,
+    /// Where it was taken, so settlement adjusts the same place.
+    pub source: Source,
 }
 
 /// A bucket's state after admission, for rate-limit response headers.
@@ -202,7 +186,7 @@ pub enum Denial {
 /// Per-minute buckets reserve at most their capacity: a request bigger than
 /// the whole bucket passes when the bucket is full and leaves it in debt,
 /// rather than being refused forever.
-fn reserve_amount(bucket: &Bucket, demand: &Demand) -> f64 {
+pub(crate) fn reserve_amount(bucket: &Bucket, demand: &Demand) -> f64 {
     let amount = demand.amount(bucket.metric).max(0.0);
     if bucket.metric.refill() == Refill::PerMinute {
         amount.min(bucket.limit)
@@ -211,9 +195,46 @@ fn reserve_amount(bucket: &Bucket, demand: &Demand) -> f64 {
     }
 }
 
-/// Checks every bucket, then reserves in each, with one read and one
-/// write per bucket: the reservation is written with the CAS token of the
-/// read that checked it, and only a bucket another worker wrote in between
+/// The buckets of one scope record: its shared-data key and the positions
+/// of its buckets in the request's list.
+pub(crate) struct Group<'b> {
+    pub key: &'b str,
+    pub scope: &'b str,
+    pub members: Vec<usize>,
+}
+
+/// Groups a request's buckets by the record that holds them, in order.
+pub(crate) fn groups(buckets: &[Bucket]) -> Vec<Group<'_>> {
+    let mut out: Vec<Group> = Vec::new();
+    for (i, b) in buckets.iter().enumerate() {
+        match out.iter_mut().find(|g| g.key == b.store_key()) {
+            Some(g) => g.members.push(i),
+            None => out.push(Group {
+                key: b.store_key(),
+                scope: &b.scope,
+                members: vec![i],
+            }),
+        }
+    }
+    out
+}
+
+/// Reads a scope's record; a scope never written by this version starts
+/// from what version 1 of the filter left (an upgrade keeps balances).
+fn read_scope(store: &dyn SharedStore, group: &Group) -> Read {
+    let read = store::read_with_cas(store, group.key);
+    if read.record.is_some() {
+        return read;
+    }
+    Read {
+        record: record::migrate_v1(store, group.scope),
+        ..read
+    }
+}
+
+/// Checks every bucket, then reserves in each, with one read and one write
+/// per scope record: the reservation is written with the CAS token of the
+/// read that checked it, and only a record another worker wrote in between
 /// is read again. A request that fits all of them at the check but loses a
 /// race at reservation gives back what it took and is denied by the bucket
 /// that refused.
@@ -223,72 +244,89 @@ pub fn admit(
     demand: &Demand,
     clock: Clock,
 ) -> Result<Admission, Denial> {
-    let reads: Vec<store::Read> = buckets
-        .iter()
-        .map(|b| store::read_with_cas(store, b.store_key()))
-        .collect();
-    let mut states = Vec::with_capacity(buckets.len());
+    let groups = groups(buckets);
+    let reads: Vec<Read> = groups.iter().map(|g| read_scope(store, g)).collect();
+    let mut states: Vec<Option<BucketState>> = vec![None; buckets.len()];
     let mut worst: Option<(usize, u64)> = None;
-    for (i, (b, read)) in buckets.iter().zip(&reads).enumerate() {
-        let refill = b.metric.refill();
-        let current = refill.current(read.cell, b.limit, clock.now, clock.utc_offset_min);
-        let amount = reserve_amount(b, demand);
-        if amount > 0.0 && !refill.fits(current, b.limit, amount) {
-            let wait = refill.wait_ms(current, b.limit, amount, clock.now, clock.utc_offset_min);
-            if worst.is_none_or(|(_, w)| wait > w) {
-                worst = Some((i, wait));
+    for (g, read) in groups.iter().zip(&reads) {
+        let record = read.record.unwrap_or_default();
+        for &i in &g.members {
+            let Some(b) = buckets.get(i) else { continue };
+            let current = b.current(&record, clock);
+            let amount = reserve_amount(b, demand);
+            if amount > 0.0 && !b.refill().fits(current, b.limit, amount) {
+                let wait = b.wait_ms(current, amount, clock);
+                if worst.is_none_or(|(_, w)| wait > w) {
+                    worst = Some((i, wait));
+                }
+            }
+            if let Some(s) = states.get_mut(i) {
+                *s = Some(BucketState {
+                    bucket: b.clone(),
+                    view: b.view(current, clock),
+                });
             }
         }
-        states.push(BucketState {
-            bucket: b.clone(),
-            view: refill.view(current, b.limit, clock.now, clock.utc_offset_min),
-        });
     }
     if let Some((i, wait_ms)) = worst {
         let bucket = buckets.get(i).cloned().ok_or(Denial::Contention)?;
         return Err(Denial::Limited {
             bucket,
             wait_ms,
-            states,
+            states: states.into_iter().flatten().collect(),
         });
     }
 
     let mut reservations: Vec<Reservation> = Vec::with_capacity(buckets.len());
-    let mut states = Vec::with_capacity(buckets.len());
-    for (b, read) in buckets.iter().zip(reads) {
-        let amount = reserve_amount(b, demand);
-        let refill = b.metric.refill();
-        let result = store::update_from(store, b.store_key(), Some(read), |cell| {
-            let current = refill.current(cell, b.limit, clock.now, clock.utc_offset_min);
-            if amount > 0.0 && !refill.fits(current, b.limit, amount) {
-                let wait =
-                    refill.wait_ms(current, b.limit, amount, clock.now, clock.utc_offset_min);
-                return Step::Keep(Err((wait, current)));
+    for (g, read) in groups.iter().zip(reads) {
+        let result = store::update_from(store, g.key, Some(read), |record| {
+            let mut record = record.unwrap_or_default();
+            let mut views = Vec::with_capacity(g.members.len());
+            for &i in &g.members {
+                let Some(b) = buckets.get(i) else { continue };
+                let current = b.current(&record, clock);
+                let amount = reserve_amount(b, demand);
+                if amount > 0.0 && !b.refill().fits(current, b.limit, amount) {
+                    return Step::Keep(Err((i, b.wait_ms(current, amount, clock), current)));
+                }
+                let next = b.refill().charge(current, amount);
+                if let Some(slot) = record.slot_mut(b.metric) {
+                    slot.set_cell(next);
+                }
+                views.push((i, amount, b.view(next, clock)));
             }
-            let next = refill.charge(current, amount);
-            Step::Write(next, Ok(next))
+            Step::Write(record, Ok(views))
         });
         match result {
-            Ok(Ok(next)) => {
-                states.push(BucketState {
-                    bucket: b.clone(),
-                    view: refill.view(next, b.limit, clock.now, clock.utc_offset_min),
-                });
-                reservations.push(Reservation {
-                    bucket: b.clone(),
-                    amount,
-                });
+            Ok(Ok(views)) => {
+                for (i, amount, view) in views {
+                    let Some(b) = buckets.get(i) else { continue };
+                    if let Some(s) = states.get_mut(i) {
+                        *s = Some(BucketState {
+                            bucket: b.clone(),
+                            view,
+                        });
+                    }
+                    reservations.push(Reservation {
+                        bucket: b.clone(),
+                        amount,
+                        source: Source::Local,
+                    });
+                }
             }
-            Ok(Err((wait_ms, current))) => {
+            Ok(Err((i, wait_ms, current))) => {
                 let _ = release(store, &reservations, clock);
-                states.push(BucketState {
-                    bucket: b.clone(),
-                    view: refill.view(current, b.limit, clock.now, clock.utc_offset_min),
-                });
+                let bucket = buckets.get(i).cloned().ok_or(Denial::Contention)?;
+                if let Some(s) = states.get_mut(i) {
+                    *s = Some(BucketState {
+                        view: bucket.view(current, clock),
+                        bucket: bucket.clone(),
+                    });
+                }
                 return Err(Denial::Limited {
-                    bucket: b.clone(),
+                    bucket,
                     wait_ms,
-                    states,
+                    states: states.into_iter().flatten().collect(),
                 });
             }
             Err(Contention) => {
@@ -299,35 +337,27 @@ pub fn admit(
     }
     Ok(Admission {
         reservations,
-        states,
+        states: states.into_iter().flatten().collect(),
     })
 }
 
 /// Every bucket's state now, without reserving anything (for the headers of
-/// a request refused before admission).
+/// a request refused before admission). One read per scope record.
 pub fn states(store: &dyn SharedStore, buckets: &[Bucket], clock: Clock) -> Vec<BucketState> {
-    buckets
-        .iter()
-        .map(|b| BucketState {
-            bucket: b.clone(),
-            view: b.metric.refill().view(
-                current(store, b, clock),
-                b.limit,
-                clock.now,
-                clock.utc_offset_min,
-            ),
-        })
-        .collect()
-}
-
-/// A bucket's stored cell brought up to `clock.now` (refilled, or a fresh window).
-fn current(store: &dyn SharedStore, b: &Bucket, clock: Clock) -> cell::Cell {
-    b.metric.refill().current(
-        store::read(store, b.store_key()),
-        b.limit,
-        clock.now,
-        clock.utc_offset_min,
-    )
+    let mut out: Vec<Option<BucketState>> = vec![None; buckets.len()];
+    for g in groups(buckets) {
+        let record = read_scope(store, &g).record.unwrap_or_default();
+        for &i in &g.members {
+            let Some(b) = buckets.get(i) else { continue };
+            if let Some(s) = out.get_mut(i) {
+                *s = Some(BucketState {
+                    bucket: b.clone(),
+                    view: b.view(b.current(&record, clock), clock),
+                });
+            }
+        }
+    }
+    out.into_iter().flatten().collect()
 }
 
 /// Gives every reservation back (a race lost at admission).
@@ -364,20 +394,32 @@ pub fn settle(
     )
 }
 
+/// Applies signed deltas, one write per scope record touched.
 fn adjust<'a>(
     store: &dyn SharedStore,
     deltas: impl Iterator<Item = (&'a Bucket, f64)>,
     clock: Clock,
 ) -> Result<(), Contention> {
+    let deltas: Vec<(&Bucket, f64)> = deltas.filter(|(_, d)| *d != 0.0).collect();
     let mut result = Ok(());
-    for (b, delta) in deltas {
-        if delta == 0.0 {
+    let mut done: Vec<&str> = Vec::new();
+    for (b, _) in &deltas {
+        if done.contains(&b.store_key()) {
             continue;
         }
-        let refill = b.metric.refill();
-        let r = store::update(store, b.store_key(), |cell| {
-            let current = refill.current(cell, b.limit, clock.now, clock.utc_offset_min);
-            Step::Write(refill.charge(current, delta), ())
+        done.push(b.store_key());
+        let r = store::update(store, b.store_key(), |record| {
+            let mut record = record.unwrap_or_default();
+            for (b2, delta) in deltas
+                .iter()
+                .filter(|(b2, _)| b2.store_key() == b.store_key())
+            {
+                let next = b2.refill().charge(b2.current(&record, clock), *delta);
+                if let Some(slot) = record.slot_mut(b2.metric) {
+                    slot.set_cell(next);
+                }
+            }
+            Step::Write(record, ())
         });
         if r.is_err() {
             result = Err(Contention);

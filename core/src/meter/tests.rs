@@ -10,6 +10,20 @@ fn bucket(metric: Metric, limit: f64) -> Bucket {
     Bucket::new("key:k".to_string(), metric, limit)
 }
 
+/// A bucket's stored value, from its slot of its scope's record.
+fn value(s: &MemStore, b: &Bucket) -> f64 {
+    store::read(s, b.store_key()).unwrap().slot(b.metric).value
+}
+
+/// A record whose requests-per-minute slot holds `value`.
+fn record(value: f64) -> record::Record {
+    let mut r = record::Record::default();
+    r.slot_mut(Metric::Requests)
+        .unwrap()
+        .set_cell(cell::Cell { value, stamp: 0 });
+    r
+}
+
 fn clock(now: u64) -> Clock {
     Clock {
         now,
@@ -62,8 +76,7 @@ fn most_restrictive_bucket_decides_and_nothing_is_reserved_on_denial() {
         other => panic!("expected the pool to refuse, got {other:?}"),
     }
     // The key bucket kept only the first reservation.
-    let cell = store::read(&*s, key.store_key()).unwrap();
-    assert_eq!(cell.value, 500.0);
+    assert_eq!(value(&s, &key), 500.0);
 }
 
 #[test]
@@ -85,7 +98,7 @@ fn settlement_credits_unused_and_debits_overrun_into_debt() {
         clock(0),
     )
     .unwrap();
-    assert_eq!(store::read(&*s, b[0].store_key()).unwrap().value, 500.0);
+    assert_eq!(value(&s, &b[0]), 500.0);
     let a = admit(&*s, &b, &reserved, clock(0)).unwrap();
     settle(
         &*s,
@@ -97,8 +110,7 @@ fn settlement_credits_unused_and_debits_overrun_into_debt() {
         clock(0),
     )
     .unwrap();
-    let cell = store::read(&*s, b[0].store_key()).unwrap();
-    assert_eq!(cell.value, -400.0);
+    assert_eq!(value(&s, &b[0]), -400.0);
     // In debt: the next request waits until 401 tokens refilled at 10/s.
     match admit(
         &*s,
@@ -122,15 +134,16 @@ fn cas_conflicts_are_retried_and_no_debit_is_lost() {
     s.inject_conflicts(3);
     admit(&*s, &b, &one_request(), clock(0)).unwrap();
     assert_eq!(s.mismatches.get(), 3);
-    assert_eq!(store::read(&*s, b[0].store_key()).unwrap().value, 98.0);
+    assert_eq!(value(&s, &b[0]), 98.0);
 }
 
 #[test]
 fn exhausted_cas_retries_deny_with_contention_and_release_earlier_reservations() {
     let s = MemStore::new();
+    // Two scopes, two records: the key's, then a pool's.
     let b = [
         bucket(Metric::Requests, 100.0),
-        bucket(Metric::InputTokens, 1000.0),
+        Bucket::new("pool:team:p".into(), Metric::InputTokens, 1000.0),
     ];
     let d = Demand {
         requests: 1.0,
@@ -142,9 +155,7 @@ fn exhausted_cas_retries_deny_with_contention_and_release_earlier_reservations()
     let s2 = s.clone();
     let r = {
         // Conflicts start after the first bucket's successful write.
-        let first = store::update(&*s2, b[0].store_key(), |c| {
-            Step::Write(Refill::PerMinute.charge(c.unwrap(), 0.0), ())
-        });
+        let first = store::update(&*s2, b[0].store_key(), |r| Step::Write(r.unwrap(), ()));
         assert!(first.is_ok());
         s.inject_conflicts(MAX_ATTEMPTS * 2);
         admit(&*s, &b, &d, clock(0))
@@ -161,36 +172,18 @@ fn creation_race_is_closed_by_the_impossible_cas() {
         if first {
             first = false;
             assert!(cell.is_none());
-            s.set(
-                "k",
-                &cell::Cell {
-                    value: 5.0,
-                    stamp: 0,
-                }
-                .encode(),
-                0,
-            )
-            .unwrap();
-            return Step::Write(
-                cell::Cell {
-                    value: 9.0,
-                    stamp: 0,
-                },
-                (),
-            );
+            s.set("k", &record(5.0).encode(), 0).unwrap();
+            return Step::Write(record(9.0), ());
         }
         // Second attempt sees the other worker's value instead of clobbering it.
-        assert_eq!(cell.unwrap().value, 5.0);
-        Step::Write(
-            cell::Cell {
-                value: 4.0,
-                stamp: 0,
-            },
-            (),
-        )
+        assert_eq!(cell.unwrap().slot(Metric::Requests).value, 5.0);
+        Step::Write(record(4.0), ())
     });
     assert!(r.is_ok());
-    assert_eq!(store::read(&*s, "k").unwrap().value, 4.0);
+    assert_eq!(
+        store::read(&*s, "k").unwrap().slot(Metric::Requests).value,
+        4.0
+    );
     assert_eq!(CREATE_CAS, u32::MAX);
 }
 
@@ -199,7 +192,7 @@ fn daily_quota_admits_while_anything_is_left_and_resets_at_midnight() {
     let s = MemStore::new();
     let b = [bucket(Metric::TokensPerDay, 1000.0)];
     let d = Demand {
-        day_tokens: 800.0,
+        all_tokens: 800.0,
         ..Default::default()
     };
     let a = admit(&*s, &b, &d, clock(1000)).unwrap();
@@ -207,7 +200,7 @@ fn daily_quota_admits_while_anything_is_left_and_resets_at_midnight() {
         &*s,
         &a.reservations,
         &Demand {
-            day_tokens: 1200.0,
+            all_tokens: 1200.0,
             ..Default::default()
         },
         clock(2000),
@@ -233,4 +226,24 @@ fn lowering_a_limit_clamps_the_stored_balance() {
     let low = [bucket(Metric::Requests, 2.0)];
     let a = admit(&*s, &low, &one_request(), clock(0)).unwrap();
     assert_eq!(a.states[0].view.remaining, 1.0);
+}
+
+#[test]
+fn balances_left_by_version_1_carry_over_the_upgrade() {
+    let s = MemStore::new();
+    // Version 1 kept one 17-byte cell per bucket: half a request left.
+    let v1 = cell::Cell {
+        value: 0.5,
+        stamp: 0,
+    };
+    s.set("tollgate/1/key:k/requests_per_minute", &v1.encode(), 0)
+        .unwrap();
+    let b = [bucket(Metric::Requests, 2.0)];
+    match admit(&*s, &b, &one_request(), clock(0)) {
+        Err(Denial::Limited { wait_ms, .. }) => assert_eq!(wait_ms, 15_000),
+        other => panic!("the old balance applies, got {other:?}"),
+    }
+    assert!(admit(&*s, &b, &one_request(), clock(15_000)).is_ok());
+    assert_eq!(value(&s, &b[0]), 0.0);
+    assert!(store::read(&*s, "tollgate/2/key:k").is_some());
 }

@@ -1,15 +1,13 @@
-//! Loading a policy: parse, check the whole document against the schema and
-//! its cross-references (collecting every error), then build the runtime
-//! [`Policy`] from the serde structs in `raw`.
+//! Loading a policy: parse into the typed serde structs (which validates
+//! every value), check what spans several values, and build the runtime
+//! [`Policy`]. A document the typed parse refuses goes through the schema
+//! walker instead, which reports every error with its path.
 
 use super::error::{PolicyError, PolicyReport};
 use super::pattern::ModelPattern;
-use super::raw::{RawLimits, RawPolicy, RawPrice};
+use super::raw::{RawPolicy, RawPrice};
 use super::schema::{self, show, Problem};
-use super::{
-    Identity, Key, Limits, ModelSet, Policy, Pool, Price, Settings, UnknownRoutes, POOL_KINDS,
-};
-use crate::time;
+use super::{Identity, Key, Limits, ModelSet, Policy, Pool, Price, Settings, POOL_KINDS};
 use hashbrown::HashMap;
 use serde_json::Value;
 
@@ -20,16 +18,13 @@ pub fn compile(
     file: &str,
     now_ms: u64,
 ) -> Result<(Policy, PolicyReport), Vec<PolicyError>> {
-    let at = |p: Problem| p.in_file(file);
-    // Fast path: a valid document is checked while it streams and parsed
-    // straight into the typed structs. Anything it would refuse takes the
-    // DOM path below, which reports every error with its path.
-    if schema::conforms(json) {
-        if let Ok(raw) = serde_json::from_slice::<RawPolicy>(json) {
-            if references_resolve(&raw) {
-                let warnings = expiry_warnings(&raw, now_ms).into_iter().map(at).collect();
-                return Ok((build(raw), PolicyReport { warnings }));
-            }
+    // Fast path: deserialising into typed leaves is the validation of every
+    // value, in one pass with no JSON DOM (a 100,000-key policy is a 17 MB
+    // document, and building its DOM is most of the cost of loading it).
+    // Anything it refuses takes the DOM path below for every error and path.
+    if let Ok(raw) = serde_json::from_slice::<RawPolicy>(json) {
+        if references_resolve(&raw) {
+            return Ok(build_with_report(raw, file, now_ms));
         }
     }
     compile_checked(json, file, now_ms)
@@ -58,6 +53,8 @@ pub fn compile_checked(
     if !problems.is_empty() {
         return Err(problems.into_iter().map(at).collect());
     }
+    // The schema and the typed leaves check the same rules (the fuzzer
+    // holds them to one verdict); should they ever disagree, say so.
     let raw: RawPolicy = serde_json::from_value(value).map_err(|e| {
         vec![at(Problem {
             path: String::new(),
@@ -65,8 +62,15 @@ pub fn compile_checked(
             reason: e.to_string(),
         })]
     })?;
-    let warnings = expiry_warnings(&raw, now_ms).into_iter().map(at).collect();
-    Ok((build(raw), PolicyReport { warnings }))
+    Ok(build_with_report(raw, file, now_ms))
+}
+
+fn build_with_report(raw: RawPolicy, file: &str, now_ms: u64) -> (Policy, PolicyReport) {
+    let warnings = expiry_warnings(&raw, now_ms)
+        .into_iter()
+        .map(|p| p.in_file(file))
+        .collect();
+    (build(raw), PolicyReport { warnings })
 }
 
 /// Checks that need more than one value: unique key ids and hashes, groups
@@ -135,8 +139,8 @@ fn references_resolve(raw: &RawPolicy) -> bool {
     let mut ids = hashbrown::HashSet::with_capacity(raw.keys.len());
     let mut hashes = hashbrown::HashSet::with_capacity(raw.keys.len());
     raw.keys.iter().all(|k| {
-        ids.insert(k.id.as_str())
-            && hashes.insert(k.key_sha256.to_ascii_lowercase())
+        ids.insert(k.id.0.as_str())
+            && hashes.insert(k.key_sha256.0)
             && k.groups.iter().all(|g| raw.groups.contains_key(g))
     })
 }
@@ -146,114 +150,54 @@ fn expiry_warnings(raw: &RawPolicy, now_ms: u64) -> Vec<Problem> {
         .iter()
         .enumerate()
         .filter_map(|(i, k)| {
-            let text = k.expires_at.as_deref()?;
-            let at = time::parse_rfc3339(text).ok()?;
-            (at <= now_ms).then(|| Problem {
+            let at = k.expires_at.as_ref()?;
+            (at.ms <= now_ms).then(|| Problem {
                 path: format!("keys[{i}].expires_at"),
-                value: Some(show(&Value::String(text.into()))),
+                value: Some(show(&Value::String(at.text.clone()))),
                 reason: "already expired: this key is refused".to_string(),
             })
         })
         .collect()
 }
 
-fn limits(raw: &RawLimits) -> Limits {
-    let count = |v: Option<f64>| v.map(|v| v as u64);
-    Limits {
-        requests_per_minute: count(raw.requests_per_minute),
-        input_tokens_per_minute: count(raw.input_tokens_per_minute),
-        output_tokens_per_minute: count(raw.output_tokens_per_minute),
-        tokens_per_day: count(raw.tokens_per_day),
-        budget_usd_per_day: raw.budget_usd_per_day,
-        budget_usd_per_month: raw.budget_usd_per_month,
-    }
-}
-
 /// Prices not given for cache classes follow Anthropic's published ratios.
 fn price(raw: &RawPrice) -> Price {
     Price {
-        input: raw.input,
-        output: raw.output,
-        cache_write: raw.cache_write.unwrap_or(raw.input * 1.25),
-        cache_read: raw.cache_read.unwrap_or(raw.input * 0.1),
-    }
-}
-
-fn patterns(list: &[String]) -> Vec<ModelPattern> {
-    list.iter()
-        .filter_map(|p| ModelPattern::parse(p).ok())
-        .collect()
-}
-
-/// For each limit field: the key's own value, else the most restrictive value
-/// among its groups, else the default.
-fn resolve(own: &Limits, groups: &[&Limits], defaults: &Limits) -> Limits {
-    fn pick<T: Copy + PartialOrd>(
-        own: Option<T>,
-        groups: impl Iterator<Item = Option<T>>,
-        default: Option<T>,
-    ) -> Option<T> {
-        own.or_else(|| {
-            groups.flatten().fold(None, |acc: Option<T>, v| match acc {
-                Some(a) if a <= v => Some(a),
-                _ => Some(v),
-            })
-        })
-        .or(default)
-    }
-    macro_rules! field {
-        ($f:ident) => {
-            pick(own.$f, groups.iter().map(|g| g.$f), defaults.$f)
-        };
-    }
-    Limits {
-        requests_per_minute: field!(requests_per_minute),
-        input_tokens_per_minute: field!(input_tokens_per_minute),
-        output_tokens_per_minute: field!(output_tokens_per_minute),
-        tokens_per_day: field!(tokens_per_day),
-        budget_usd_per_day: field!(budget_usd_per_day),
-        budget_usd_per_month: field!(budget_usd_per_month),
+        input: raw.input.0,
+        output: raw.output.0,
+        cache_write: raw.cache_write.map_or(raw.input.0 * 1.25, |p| p.0),
+        cache_read: raw.cache_read.map_or(raw.input.0 * 0.1, |p| p.0),
     }
 }
 
 /// Builds the runtime policy from a document that passed every check.
+/// Every value is already typed and valid: nothing here can be dropped.
 fn build(raw: RawPolicy) -> Policy {
-    let default_models = raw
-        .defaults
-        .models
-        .as_deref()
-        .map(patterns)
-        .unwrap_or_default();
-    let default_limits = limits(&raw.defaults.limits);
-    let groups: HashMap<&str, (Option<Vec<ModelPattern>>, Limits)> = raw
+    let default_models = raw.defaults.models.clone().unwrap_or_default();
+    let groups: HashMap<&str, (Option<&[ModelPattern]>, &Limits)> = raw
         .groups
         .iter()
-        .map(|(name, g)| {
-            (
-                name.as_str(),
-                (g.models.as_deref().map(patterns), limits(&g.limits)),
-            )
-        })
+        .map(|(name, g)| (name.0.as_str(), (g.models.as_deref(), &g.limits)))
         .collect();
     let pools: Vec<Pool> = raw
         .pools
         .iter()
-        .map(|(name, l)| Pool {
-            name: name.clone(),
-            limits: limits(l),
+        .map(|(name, limits)| Pool {
+            name: name.0.clone(),
+            limits: *limits,
         })
         .collect();
     let pool_index: HashMap<&str, usize> = raw
         .pools
         .keys()
         .enumerate()
-        .map(|(i, name)| (name.as_str(), i))
+        .map(|(i, name)| (name.0.as_str(), i))
         .collect();
 
     let mut prices: Vec<(ModelPattern, Price)> = raw
         .prices
         .iter()
-        .filter_map(|(p, v)| Some((ModelPattern::parse(p).ok()?, price(v))))
+        .map(|(p, v)| (p.clone(), price(v)))
         .collect();
     // Exact names win over globs; among globs the longer (more specific) first.
     prices.sort_by_key(|(p, _)| (!p.is_exact(), std::cmp::Reverse(p.as_str().len())));
@@ -261,21 +205,18 @@ fn build(raw: RawPolicy) -> Policy {
     let mut keys = Vec::with_capacity(raw.keys.len());
     let mut index = HashMap::with_capacity(raw.keys.len());
     for k in &raw.keys {
-        let mut hash = [0u8; 32];
-        if hex::decode_to_slice(k.key_sha256.to_ascii_lowercase(), &mut hash).is_ok() {
-            index.insert(hash, keys.len());
-        }
-        let member_of: Vec<&(Option<Vec<ModelPattern>>, Limits)> = k
+        index.insert(k.key_sha256.0, keys.len());
+        let member_of: Vec<&(Option<&[ModelPattern]>, &Limits)> = k
             .groups
             .iter()
-            .filter_map(|g| groups.get(g.as_str()))
+            .filter_map(|g| groups.get(g.0.as_str()))
             .collect();
-        let group_limits: Vec<&Limits> = member_of.iter().map(|(_, l)| l).collect();
+        let group_limits: Vec<&Limits> = member_of.iter().map(|(_, l)| *l).collect();
         let models = if member_of.iter().any(|(m, _)| m.is_some()) {
             ModelSet::new(
                 member_of
                     .iter()
-                    .filter_map(|(m, _)| m.as_ref())
+                    .filter_map(|(m, _)| *m)
                     .flatten()
                     .cloned()
                     .collect(),
@@ -283,62 +224,55 @@ fn build(raw: RawPolicy) -> Policy {
         } else {
             ModelSet::new(default_models.clone())
         };
+        let text = |t: &Option<super::leaf::Text>| t.as_ref().map(|t| t.0.clone());
         let key_pools = POOL_KINDS
             .iter()
             .zip([&k.team, &k.project, &k.user, &k.app, &k.agent])
             .filter_map(|(kind, value)| {
                 pool_index
-                    .get(format!("{kind}:{}", value.as_deref()?).as_str())
+                    .get(format!("{kind}:{}", value.as_ref()?.0).as_str())
                     .copied()
             })
             .collect();
         keys.push(Key {
-            id: k.id.clone(),
+            id: k.id.0.clone(),
             identity: Identity {
-                user: k.user.clone(),
-                team: k.team.clone(),
-                project: k.project.clone(),
-                app: k.app.clone(),
-                agent: k.agent.clone(),
-                environment: k.environment.clone(),
-                cost_center: k.cost_center.clone(),
-                groups: k.groups.clone(),
+                user: text(&k.user),
+                team: text(&k.team),
+                project: text(&k.project),
+                app: text(&k.app),
+                agent: text(&k.agent),
+                environment: text(&k.environment),
+                cost_center: text(&k.cost_center),
+                groups: k.groups.iter().map(|g| g.0.clone()).collect(),
             },
-            limits: resolve(&limits(&k.limits), &group_limits, &default_limits),
+            limits: k.limits.resolve(&group_limits, &raw.defaults.limits),
             models,
             pools: key_pools,
             revoked: k.revoked,
-            expires_at_ms: k
-                .expires_at
-                .as_deref()
-                .and_then(|t| time::parse_rfc3339(t).ok()),
+            expires_at_ms: k.expires_at.as_ref().map(|t| t.ms),
         });
     }
 
-    let time_zone = raw
-        .settings
-        .time_zone
-        .clone()
-        .unwrap_or_else(|| "UTC".to_string());
+    let settings = &raw.settings;
     Policy {
         keys,
         index,
-        groups: raw.groups.keys().cloned().collect(),
+        groups: raw.groups.keys().map(|g| g.0.clone()).collect(),
         pools,
         prices,
         settings: Settings {
-            unknown_routes: match raw.settings.unknown_routes.as_deref() {
-                Some("pass") => UnknownRoutes::Pass,
-                _ => UnknownRoutes::Deny,
-            },
-            cache_reads_count_toward_input_limit: raw
-                .settings
+            unknown_routes: settings.unknown_routes.unwrap_or_default(),
+            cache_reads_count_toward_input_limit: settings
                 .cache_reads_count_toward_input_limit
                 .unwrap_or(false),
-            utc_offset_minutes: time::parse_offset_minutes(&time_zone).unwrap_or(0),
-            time_zone,
-            default_price: raw.settings.default_price.as_ref().map(price),
-            hold_request_headers: raw.settings.hold_request_headers.unwrap_or(true),
+            utc_offset_minutes: settings.time_zone.as_ref().map_or(0, |z| z.offset_min),
+            time_zone: settings
+                .time_zone
+                .as_ref()
+                .map_or_else(|| "UTC".to_string(), |z| z.text.clone()),
+            default_price: settings.default_price.as_ref().map(price),
+            hold_request_headers: settings.hold_request_headers.unwrap_or(true),
         },
     }
 }

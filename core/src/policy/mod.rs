@@ -7,12 +7,16 @@
 
 mod compile;
 pub mod error;
+pub mod leaf;
+pub mod limits;
 pub mod pattern;
 pub mod raw;
 pub mod schema;
 
+pub use crate::price::Price;
 pub use compile::{compile, compile_checked};
 pub use error::{PolicyError, PolicyReport};
+pub use limits::{Limit, Limits, StoreFailure};
 pub use pattern::ModelPattern;
 
 use hashbrown::HashMap;
@@ -59,32 +63,12 @@ pub struct Key {
     pub expires_at_ms: Option<u64>,
 }
 
-/// Limits of one key or one pool; `None` means unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Limits {
-    pub requests_per_minute: Option<u64>,
-    pub input_tokens_per_minute: Option<u64>,
-    pub output_tokens_per_minute: Option<u64>,
-    pub tokens_per_day: Option<u64>,
-    pub budget_usd_per_day: Option<f64>,
-    pub budget_usd_per_month: Option<f64>,
-}
-
 /// A shared pool (`team:payments`): every key whose attribute matches draws
 /// from its buckets too.
 #[derive(Debug, Clone)]
 pub struct Pool {
     pub name: String,
     pub limits: Limits,
-}
-
-/// USD per million tokens.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Price {
-    pub input: f64,
-    pub output: f64,
-    pub cache_write: f64,
-    pub cache_read: f64,
 }
 
 /// The models a key may call.

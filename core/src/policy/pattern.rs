@@ -2,7 +2,7 @@
 //! and `?` (one character). Hand-written rather than `globset` because the
 //! filter ships as wasm and a regex engine would triple its size.
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ModelPattern {
     text: String,
 }

@@ -1,23 +1,29 @@
-//! Serde structs that mirror the policy JSON exactly. Unknown fields are
-//! rejected; `compile` turns these into the runtime `Policy`.
+//! Serde structs that mirror the policy JSON exactly, with typed leaves
+//! ([`super::leaf`]): unknown fields and bad values fail inside
+//! deserialisation, so a policy that parses is valid in every value and
+//! `compile` only checks what spans several values (unique ids, groups that
+//! exist) before building the runtime `Policy`.
 
+use super::leaf::{PerMillion, PoolName, Sha256, Text, Time, TimeZone, Version};
+use super::pattern::ModelPattern;
+use super::{Limits, UnknownRoutes};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPolicy {
-    pub version: u32,
+    pub version: Version,
     #[serde(default)]
     pub defaults: RawDefaults,
     #[serde(default)]
-    pub groups: BTreeMap<String, RawGroup>,
+    pub groups: BTreeMap<Text, RawGroup>,
     #[serde(default)]
-    pub pools: BTreeMap<String, RawLimits>,
+    pub pools: BTreeMap<PoolName, Limits>,
     #[serde(default)]
     pub keys: Vec<RawKey>,
     #[serde(default)]
-    pub prices: BTreeMap<String, RawPrice>,
+    pub prices: BTreeMap<ModelPattern, RawPrice>,
     #[serde(default)]
     pub settings: RawSettings,
 }
@@ -25,71 +31,60 @@ pub struct RawPolicy {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawDefaults {
-    pub models: Option<Vec<String>>,
+    pub models: Option<Vec<ModelPattern>>,
     #[serde(default)]
-    pub limits: RawLimits,
+    pub limits: Limits,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawGroup {
-    pub models: Option<Vec<String>>,
+    pub models: Option<Vec<ModelPattern>>,
     #[serde(default)]
-    pub limits: RawLimits,
+    pub limits: Limits,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct RawLimits {
-    pub requests_per_minute: Option<f64>,
-    pub input_tokens_per_minute: Option<f64>,
-    pub output_tokens_per_minute: Option<f64>,
-    pub tokens_per_day: Option<f64>,
-    pub budget_usd_per_day: Option<f64>,
-    pub budget_usd_per_month: Option<f64>,
-}
-
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawKey {
-    pub id: String,
-    pub key_sha256: String,
-    pub user: Option<String>,
-    pub team: Option<String>,
-    pub project: Option<String>,
-    pub app: Option<String>,
-    pub agent: Option<String>,
-    pub environment: Option<String>,
-    pub cost_center: Option<String>,
+    pub id: Text,
+    pub key_sha256: Sha256,
+    pub user: Option<Text>,
+    pub team: Option<Text>,
+    pub project: Option<Text>,
+    pub app: Option<Text>,
+    pub agent: Option<Text>,
+    pub environment: Option<Text>,
+    pub cost_center: Option<Text>,
     #[serde(default)]
-    pub groups: Vec<String>,
+    pub groups: Vec<Text>,
     #[serde(default)]
-    pub limits: RawLimits,
-    pub expires_at: Option<String>,
+    pub limits: Limits,
+    pub expires_at: Option<Time>,
     #[serde(default)]
     pub revoked: bool,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
+#[derive(Debug, Deserialize, Clone, Copy)]
 #[serde(deny_unknown_fields)]
 pub struct RawPrice {
-    pub input: f64,
-    pub output: f64,
-    pub cache_write: Option<f64>,
-    pub cache_read: Option<f64>,
+    pub input: PerMillion,
+    pub output: PerMillion,
+    pub cache_write: Option<PerMillion>,
+    pub cache_read: Option<PerMillion>,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawSettings {
     /// `"deny"` (default) or `"pass"` for paths outside the provider APIs.
-    pub unknown_routes: Option<String>,
+    pub unknown_routes: Option<UnknownRoutes>,
     /// Whether cache reads count toward input tokens per minute (default false,
     /// as Anthropic's own limiter does on current models).
     pub cache_reads_count_toward_input_limit: Option<bool>,
     /// Time zone of daily and monthly windows: `UTC` or a fixed offset such
     /// as `+02:00`.
-    pub time_zone: Option<String>,
+    pub time_zone: Option<TimeZone>,
     /// Price used for a model absent from `prices`; without it such models
     /// are denied when a money budget applies.
     pub default_price: Option<RawPrice>,

@@ -3,6 +3,8 @@
 //! first) and the JSON Schema in `policies/schema.json` for editors, so the
 //! two cannot drift apart.
 
+use super::leaf;
+use crate::meter::{Measure, Metric, METRICS};
 use serde_json::{json, Map, Value};
 
 /// What a JSON value must be.
@@ -16,10 +18,16 @@ pub enum Ty {
     },
     Array(&'static Ty),
     Leaf(Leaf),
+    /// A limit: its amount alone (`amount`, a leaf), or an object
+    /// (`settings`) with the amount under `limit` and how it behaves.
+    Limit {
+        amount: &'static Ty,
+        settings: &'static Ty,
+    },
 }
 
 /// A field of an object.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Field {
     pub name: &'static str,
     pub ty: &'static Ty,
@@ -48,6 +56,8 @@ pub enum Leaf {
     PoolName,
     PolicyVersion,
     UnknownRoutes,
+    /// `local`, `closed` or `open`.
+    StoreFailure,
 }
 
 const fn field(name: &'static str, ty: &'static Ty, doc: &'static str) -> Field {
@@ -76,26 +86,54 @@ static PRICE_AMOUNT: Ty = Ty::Leaf(Leaf::Price);
 static MODEL_LIST: Ty = Ty::Array(&Ty::Leaf(Leaf::ModelPattern));
 static TEXT_LIST: Ty = Ty::Array(&TEXT);
 
-pub static LIMITS: Ty = Ty::Object(&[
-    field(
-        "requests_per_minute",
-        &COUNT,
-        "Requests per minute (token bucket, continuous refill).",
-    ),
-    field(
-        "input_tokens_per_minute",
-        &COUNT,
-        "Input tokens per minute (input + cache writes; cache reads only if settings say so).",
-    ),
-    field(
-        "output_tokens_per_minute",
-        &COUNT,
-        "Output tokens per minute; max_tokens is reserved up front.",
-    ),
-    field("tokens_per_day", &COUNT, "All tokens per calendar day."),
-    field("budget_usd_per_day", &USD, "USD per calendar day."),
-    field("budget_usd_per_month", &USD, "USD per calendar month."),
-]);
+/// The `limits` object: one field per row of the metric table, a count or
+/// a USD amount as the row's measure says, alone or with its settings.
+pub static LIMITS: Ty = Ty::Object(&LIMIT_FIELDS);
+
+static LIMIT_FIELDS: [Field; Metric::COUNT] = limit_fields();
+
+static COUNT_LIMIT: Ty = Ty::Limit {
+    amount: &COUNT,
+    settings: &Ty::Object(&limit_settings(&COUNT)),
+};
+static USD_LIMIT: Ty = Ty::Limit {
+    amount: &USD,
+    settings: &Ty::Object(&limit_settings(&USD)),
+};
+
+const fn limit_settings(amount: &'static Ty) -> [Field; 3] {
+    [
+        required("limit", amount, "The limit's amount."),
+        field(
+            "strict",
+            &BOOL,
+            "With a shared store (Redis): admit every request through it, never from a local lease (exact, one round trip).",
+        ),
+        field(
+            "on_store_failure",
+            &Ty::Leaf(Leaf::StoreFailure),
+            "With a shared store, when it cannot be reached: \"local\" (limit / replicas, default for per-minute limits), \"closed\" (503, default for quotas and budgets) or \"open\".",
+        ),
+    ]
+}
+
+// Const evaluation: `i < Metric::COUNT` bounds both arrays, and an
+// out-of-bounds index would fail the build, not a request.
+#[allow(clippy::indexing_slicing)]
+const fn limit_fields() -> [Field; Metric::COUNT] {
+    let mut out = [field("", &COUNT, ""); Metric::COUNT];
+    let mut i = 0;
+    while i < Metric::COUNT {
+        let spec = &METRICS[i];
+        let ty = match spec.measure {
+            Measure::Usd => &USD_LIMIT,
+            _ => &COUNT_LIMIT,
+        };
+        out[i] = field(spec.field, ty, spec.doc);
+        i += 1;
+    }
+    out
+}
 
 static PRICE: Ty = Ty::Object(&[
     required("input", &PRICE_AMOUNT, "USD per million input tokens."),
@@ -367,10 +405,15 @@ pub fn check(v: &Value, ty: &Ty, path: &str, out: &mut Vec<Problem>) {
                 push(path.to_string(), Some(show(v)), reason);
             }
         }
+        Ty::Limit { amount, settings } => {
+            let ty = if v.is_object() { settings } else { amount };
+            check(v, ty, path, out);
+        }
     }
 }
 
-/// Checks one scalar against its rule.
+/// Checks one scalar against its rule, with the same functions the typed
+/// serde leaves call ([`leaf`]).
 pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
     let text = |v: &Value| {
         v.as_str()
@@ -386,74 +429,21 @@ pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
             .as_bool()
             .map(|_| ())
             .ok_or_else(|| format!("expected true or false, found {}", kind(v))),
-        Leaf::Text => {
-            let s = text(v)?;
-            if s.trim().is_empty() {
-                return Err("must not be empty".to_string());
-            }
-            Ok(())
-        }
+        Leaf::Text => leaf::text(&text(v)?),
         Leaf::ModelPattern => super::pattern::ModelPattern::parse(&text(v)?).map(|_| ()),
-        Leaf::Sha256Hex => {
-            let s = text(v)?;
-            if s.len() != 64 {
-                return Err(format!(
-                    "must be 64 hex characters (the SHA-256 of the virtual key), found {}",
-                    s.len()
-                ));
-            }
-            if !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err("must be 64 hex characters (the SHA-256 of the virtual key): contains a non-hex character".to_string());
-            }
-            Ok(())
-        }
+        Leaf::Sha256Hex => leaf::sha256(&text(v)?).map(|_| ()),
         Leaf::Rfc3339 => crate::time::parse_rfc3339(&text(v)?).map(|_| ()),
         Leaf::TimeZone => crate::time::parse_offset_minutes(&text(v)?).map(|_| ()),
-        Leaf::PositiveCount => {
-            let n = number(v)?;
-            if n <= 0.0 {
-                return Err(
-                    "must be a positive whole number (omit the field for no limit)".to_string(),
-                );
-            }
-            if n.fract() != 0.0 || n > 1e15 {
-                return Err("must be a positive whole number".to_string());
-            }
-            Ok(())
-        }
-        Leaf::PositiveUsd => {
-            if number(v)? <= 0.0 {
-                return Err(
-                    "must be a positive amount of USD (omit the field for no budget)".to_string(),
-                );
-            }
-            Ok(())
-        }
-        Leaf::Price => {
-            if number(v)? < 0.0 {
-                return Err("must be a non-negative USD amount per million tokens".to_string());
-            }
-            Ok(())
-        }
-        Leaf::PoolName => {
-            let s = text(v)?;
-            match s.split_once(':') {
-                Some((k, rest)) if super::POOL_KINDS.contains(&k) && !rest.is_empty() => Ok(()),
-                _ => Err(format!(
-                    "pool names are <kind>:<value> with kind one of {}",
-                    super::POOL_KINDS.join(", ")
-                )),
-            }
-        }
+        Leaf::PositiveCount => leaf::count(number(v)?).map(|_| ()),
+        Leaf::PositiveUsd => leaf::usd(number(v)?).map(|_| ()),
+        Leaf::Price => leaf::price(number(v)?).map(|_| ()),
+        Leaf::PoolName => leaf::pool_name(&text(v)?),
         Leaf::PolicyVersion => match v.as_u64() {
-            Some(1) => Ok(()),
-            Some(_) => Err("unsupported policy version (expected 1)".to_string()),
+            Some(n) => leaf::version(n).map(|_| ()),
             None => Err(format!("expected the number 1, found {}", kind(v))),
         },
-        Leaf::UnknownRoutes => match text(v)?.as_str() {
-            "deny" | "pass" => Ok(()),
-            _ => Err("must be \"deny\" or \"pass\"".to_string()),
-        },
+        Leaf::UnknownRoutes => leaf::unknown_routes(&text(v)?).map(|_| ()),
+        Leaf::StoreFailure => super::StoreFailure::parse(&text(v)?).map(|_| ()),
     }
 }
 
@@ -502,6 +492,9 @@ fn to_schema(ty: &Ty, doc: &str) -> Value {
         }
         Ty::Array(item) => json!({ "type": "array", "items": to_schema(item, "") }),
         Ty::Leaf(rule) => leaf_schema(*rule),
+        Ty::Limit { amount, settings } => {
+            json!({ "oneOf": [to_schema(amount, ""), to_schema(settings, "")] })
+        }
     };
     if let (false, Some(m)) = (doc.is_empty(), s.as_object_mut()) {
         m.insert("description".into(), json!(doc));
@@ -531,112 +524,6 @@ fn leaf_schema(rule: Leaf) -> Value {
         }
         Leaf::PolicyVersion => json!({ "const": 1 }),
         Leaf::UnknownRoutes => json!({ "enum": ["deny", "pass"] }),
-    }
-}
-
-/// Whether a policy document conforms to [`POLICY`], decided in one
-/// streaming pass with no JSON DOM: the fast path of `compile` for the
-/// common case of a valid policy (a 100,000-key policy is a 12 MB document,
-/// and building its DOM is most of the cost of loading it). The leaves are
-/// checked by the same [`leaf`] rules as [`check`]; a document that does not
-/// conform goes through [`check`] for its precise errors.
-pub fn conforms(json: &[u8]) -> bool {
-    let mut de = serde_json::Deserializer::from_slice(json);
-    matches!(Conform(&POLICY).deserialize(&mut de), Ok(true)) && de.end().is_ok()
-}
-
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-
-/// A value checked against a [`Ty`] as it streams past; `Ok(false)` at the
-/// first rule it breaks (the rest of the value is still consumed).
-#[derive(Clone, Copy)]
-struct Conform<'t>(&'t Ty);
-
-impl Conform<'_> {
-    fn scalar(self, v: Value) -> bool {
-        matches!(self.0, Ty::Leaf(rule) if leaf(&v, *rule).is_ok())
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for Conform<'_> {
-    type Value = bool;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Conform<'_> {
-    type Value = bool;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a policy value")
-    }
-    fn visit_bool<E>(self, b: bool) -> Result<bool, E> {
-        Ok(self.scalar(Value::Bool(b)))
-    }
-    fn visit_i64<E>(self, n: i64) -> Result<bool, E> {
-        Ok(self.scalar(Value::from(n)))
-    }
-    fn visit_u64<E>(self, n: u64) -> Result<bool, E> {
-        Ok(self.scalar(Value::from(n)))
-    }
-    fn visit_f64<E>(self, n: f64) -> Result<bool, E> {
-        Ok(self.scalar(Value::from(n)))
-    }
-    fn visit_str<E>(self, s: &str) -> Result<bool, E> {
-        Ok(self.scalar(Value::String(s.to_string())))
-    }
-    fn visit_unit<E>(self) -> Result<bool, E> {
-        Ok(self.scalar(Value::Null))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
-        let Ty::Array(item) = self.0 else {
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-            return Ok(false);
-        };
-        let mut ok = true;
-        while let Some(x) = seq.next_element_seed(Conform(item))? {
-            ok &= x;
-        }
-        Ok(ok)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
-        let mut ok = true;
-        match self.0 {
-            Ty::Object(fields) => {
-                // Fields seen, by position in `fields` (at most 64 per object).
-                let mut seen = 0u64;
-                while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    match fields.iter().enumerate().find(|(_, f)| f.name == name) {
-                        Some((i, f)) => {
-                            seen |= 1 << i;
-                            ok &= map.next_value_seed(Conform(f.ty))?;
-                        }
-                        None => {
-                            map.next_value::<IgnoredAny>()?;
-                            ok = false;
-                        }
-                    }
-                }
-                let required = fields
-                    .iter()
-                    .enumerate()
-                    .all(|(i, f)| !f.required || seen & (1 << i) != 0);
-                Ok(ok && required && fields.len() <= 64)
-            }
-            Ty::Map { key, value } => {
-                while let Some(name) = map.next_key::<String>()? {
-                    ok &= leaf(&Value::String(name), *key).is_ok();
-                    ok &= map.next_value_seed(Conform(value))?;
-                }
-                Ok(ok)
-            }
-            _ => {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(false)
-            }
-        }
+        Leaf::StoreFailure => json!({ "enum": ["local", "closed", "open"] }),
     }
 }

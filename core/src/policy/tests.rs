@@ -2,6 +2,7 @@
 //! messages, and the example policy's compiled form.
 
 use super::*;
+use crate::meter::Metric;
 use serde_json::Value;
 
 const REJECTED: &str = include_str!("../../../policies/tests/rejected.json");
@@ -41,7 +42,7 @@ fn example_policy_compiles_with_resolved_limits_models_and_pools() {
     assert_eq!(p.keys().len(), 4);
     let alice = p.lookup(&crate::vkey::sha256(b"tg-demo-alice")).unwrap();
     assert_eq!(alice.id, "alice-laptop");
-    assert_eq!(alice.limits.requests_per_minute, Some(50));
+    assert_eq!(alice.limits.get(Metric::Requests), Some(50.0));
     assert!(alice.models.allows("claude-sonnet-4-5") && !alice.models.allows("claude-opus-4-1"));
     let pools: Vec<&str> = alice
         .pools
@@ -51,8 +52,8 @@ fn example_policy_compiles_with_resolved_limits_models_and_pools() {
     assert_eq!(pools, ["team:payments", "project:chatbot"]);
     // Bob: contractors group limits, defaults for the rest.
     let bob = p.lookup(&crate::vkey::sha256(b"tg-demo-bob")).unwrap();
-    assert_eq!(bob.limits.tokens_per_day, Some(200_000));
-    assert_eq!(bob.limits.requests_per_minute, Some(60));
+    assert_eq!(bob.limits.get(Metric::TokensPerDay), Some(200_000.0));
+    assert_eq!(bob.limits.get(Metric::Requests), Some(60.0));
     assert_eq!(bob.models.describe(), "claude-haiku-*");
     assert_eq!(p.price("claude-sonnet-4-5").map(|x| x.output), Some(15.0));
     assert_eq!(
@@ -73,10 +74,10 @@ fn most_restrictive_group_limit_applies_when_the_key_sets_none() {
     );
     let (p, _) = compile(json.as_bytes(), "p.json", 0).unwrap();
     let k = &p.keys()[0];
-    assert_eq!(k.limits.requests_per_minute, Some(20));
+    assert_eq!(k.limits.get(Metric::Requests), Some(20.0));
     assert_eq!(
-        k.limits.tokens_per_day,
-        Some(50),
+        k.limits.get(Metric::TokensPerDay),
+        Some(50.0),
         "the key's own value wins"
     );
     assert!(
@@ -110,7 +111,7 @@ fn lookup_is_by_hash_and_case_insensitive_in_the_file() {
 }
 
 #[test]
-fn valid_policies_take_the_streaming_path_and_compile_as_the_dom_path_does() {
+fn valid_policies_take_the_typed_path_and_compile_as_the_dom_path_does() {
     let rich = r#"{"version":1,
         "defaults":{"models":["claude-haiku-*"],"limits":{"requests_per_minute":60}},
         "groups":{"eng":{"models":["claude-*"],"limits":{"tokens_per_day":1000}}},
@@ -123,7 +124,10 @@ fn valid_policies_take_the_streaming_path_and_compile_as_the_dom_path_does() {
         "settings":{"unknown_routes":"pass","time_zone":"+02:00","default_price":{"input":1,"output":2},
                     "cache_reads_count_toward_input_limit":true,"hold_request_headers":false}}"#;
     for doc in [EXAMPLE, rich] {
-        assert!(schema::conforms(doc.as_bytes()), "{doc}");
+        assert!(
+            serde_json::from_slice::<super::raw::RawPolicy>(doc.as_bytes()).is_ok(),
+            "the typed fast path takes it: {doc}"
+        );
         let (fast, fast_report) = compile(doc.as_bytes(), "p.json", 0).unwrap();
         let (dom, dom_report) = compile_checked(doc.as_bytes(), "p.json", 0).unwrap();
         assert_eq!(format!("{:?}", fast.keys()), format!("{:?}", dom.keys()));

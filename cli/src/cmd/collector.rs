@@ -1,0 +1,53 @@
+//! `tollgate collector`: the audit collector on its own (for deployments
+//! where Envoy runs elsewhere).
+
+use crate::audit_service;
+use crate::collector::store::AuditStore;
+use crate::output::status;
+use crate::shutdown;
+use anyhow::{Context, Result};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct CollectorArgs {
+    /// gRPC AccessLogService listener (Envoy's http_grpc access logger points here).
+    /// Loopback by default: put TLS or a network policy in front before exposing it.
+    #[arg(long, default_value = "127.0.0.1:9611")]
+    pub listen: SocketAddr,
+    /// SQLite database for audit records.
+    #[arg(long, default_value = ".tollgate/audit.db")]
+    pub db: PathBuf,
+    /// HTTP listener for /metrics, /api/usage and the dashboard.
+    #[arg(long, default_value = "127.0.0.1:9613")]
+    pub http: SocketAddr,
+    /// Import this JSON-lines audit log (Envoy's file access log) at start-up,
+    /// recovering records the gRPC stream lost while the collector was down.
+    #[arg(long)]
+    pub import: Option<PathBuf>,
+}
+
+pub fn run(args: CollectorArgs) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    // Opened before entering the runtime: the PostgreSQL client blocks on a
+    // runtime of its own, which tokio forbids inside an async context.
+    let store = AuditStore::open(&args.db)?;
+    if let Some(file) = &args.import {
+        audit_service::import_at_start(&store, file);
+    }
+    rt.block_on(async {
+        let grpc = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let http = tokio::net::TcpListener::bind(args.http)
+            .await
+            .with_context(|| format!("binding {}", args.http))?;
+        status(format_args!(
+            "collector listening on {} (gRPC access log), http://{} (dashboard, /metrics, /api/usage), storing to {}",
+            grpc.local_addr()?,
+            http.local_addr()?,
+            args.db.display()
+        ));
+        audit_service::serve(grpc, http, store, shutdown::signal()).await
+    })
+}

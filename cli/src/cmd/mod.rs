@@ -1,0 +1,13 @@
+//! One module per subcommand: its clap arguments and one `run()` that turns
+//! them into calls to the libraries. Nothing outside `cmd` imports from here.
+
+pub mod audit;
+pub mod collector;
+pub mod key;
+#[cfg(feature = "mock")]
+pub mod mock;
+pub mod package;
+pub mod policy;
+pub mod quota;
+pub mod run;
+pub mod usage;

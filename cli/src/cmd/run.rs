@@ -1,0 +1,237 @@
+//! `tollgate run`: one local command that renders the Envoy configuration,
+//! starts the collector (and the mock provider with `--upstream mock`) in
+//! this process, starts the pinned real Envoy with tollgate.wasm, watches the
+//! policy file for edits, and stops everything on Ctrl-C.
+
+use crate::gateway::render::Upstream;
+use crate::gateway::{self, Collector, EnvoyOptions, Providers};
+use crate::output::{status, Output};
+use crate::{shared_store, shutdown};
+use anyhow::{bail, Context, Result};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Policy file (JSON); edits apply to the next request without a restart.
+    #[arg(long, default_value = "policies/example.json")]
+    pub policy: PathBuf,
+    /// Provider base URL for both Anthropic and OpenAI routes, or `mock` for the built-in mock provider
+    /// (default: https://api.anthropic.com for Anthropic routes, https://api.openai.com for OpenAI routes).
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// Overrides --upstream for Anthropic routes (/v1/messages...).
+    #[arg(long)]
+    pub anthropic_upstream: Option<String>,
+    /// Overrides --upstream for OpenAI routes (/v1/chat/completions, /v1/responses).
+    #[arg(long)]
+    pub openai_upstream: Option<String>,
+    /// Where clients connect (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Envoy admin interface.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    pub admin: SocketAddr,
+    /// Collector's gRPC access-log listener.
+    #[arg(long, default_value = "127.0.0.1:9611")]
+    pub collector: SocketAddr,
+    /// Collector's HTTP listener: dashboard, /metrics, /api/usage.
+    #[arg(long, default_value = "127.0.0.1:9613")]
+    pub collector_http: SocketAddr,
+    /// Send audit records to a collector running elsewhere (`tollgate collector`),
+    /// as HOST:PORT, instead of starting one in this process.
+    #[arg(long)]
+    pub external_collector: Option<String>,
+    /// Write the Envoy configuration (bootstrap, ECDS policy, SDS secrets, a copy of
+    /// the wasm) into --state-dir and exit, for an Envoy started elsewhere
+    /// (Docker Compose). Needs --external-collector.
+    #[arg(long)]
+    pub render_only: bool,
+    /// Mock provider listener (with --upstream mock).
+    #[cfg(feature = "mock")]
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub mock_listen: SocketAddr,
+    /// Delay between streamed events of the mock provider.
+    #[cfg(feature = "mock")]
+    #[arg(long, default_value_t = 20)]
+    pub mock_event_delay_ms: u64,
+    /// Rendered config, secrets, audit database and logs go here.
+    #[arg(long, default_value = ".tollgate")]
+    pub state_dir: PathBuf,
+    /// Envoy binary (default: the project's .venv/bin/envoy, else `envoy` on PATH).
+    #[arg(long, env = "TOLLGATE_ENVOY")]
+    pub envoy: Option<PathBuf>,
+    /// The filter module.
+    #[arg(long, env = "TOLLGATE_WASM", default_value = "target/tollgate.wasm")]
+    pub wasm: PathBuf,
+    /// Envoy worker threads.
+    #[arg(long, default_value_t = 2)]
+    pub concurrency: u32,
+    /// Largest request body buffered for a decision (bytes).
+    #[arg(long, default_value_t = 32 << 20)]
+    pub body_limit: u64,
+    /// How often Envoy flushes audit records to the collector (ms).
+    #[arg(long, default_value_t = 1000)]
+    pub audit_flush_ms: u64,
+    /// Seconds a request may go without a byte in either direction before
+    /// Envoy cuts it off (504 `timeout_error` before the response starts).
+    /// Generations pause between events; keep this generous.
+    #[arg(long, default_value_t = 600)]
+    pub stream_idle_timeout: u64,
+    /// Envoy log level (trace, debug, info, warn, error).
+    #[arg(long, default_value = "warn")]
+    pub envoy_log_level: String,
+    /// Share every limit with the other replicas through Redis: a redis:// URL, or `embedded`
+    /// to start a local redis-server (the system package). Starts the quota service in this process.
+    #[arg(long, conflicts_with = "quota")]
+    pub redis: Option<String>,
+    /// Share limits through quota services running elsewhere (`tollgate quota`), as HOST:PORT (repeatable).
+    #[arg(long)]
+    pub quota: Vec<String>,
+    /// The in-process quota service's gRPC listener (with --redis).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub quota_listen: SocketAddr,
+    /// How often each Envoy syncs its leases with the quota service (ms).
+    #[arg(long, default_value_t = 100)]
+    pub sync_period_ms: u64,
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let collector = collector(&args)?;
+    if args.render_only {
+        let Collector::External(host, port) = collector else {
+            bail!("--render-only needs --external-collector HOST:PORT (no collector runs in this process)");
+        };
+        if is_mock(&args) {
+            bail!("--render-only serves no mock provider: pass --upstream URL (e.g. http://mock:9612)");
+        }
+        let (anthropic, openai) = remote_upstreams(&args)?;
+        let rendered = gateway::render_only(options(&args)?, (host, port), anthropic, openai)?;
+        let mut out = Output::stdout();
+        writeln!(out, "{rendered}")?;
+        out.flush()?;
+        return Ok(());
+    }
+    let providers = providers(&args)?;
+    let envoy = EnvoyOptions {
+        binary: args.envoy.clone(),
+        concurrency: args.concurrency,
+        log_level: args.envoy_log_level.clone(),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let running = gateway::start(options(&args)?, envoy, collector, providers).await?;
+        status(&running.summary);
+        let result = running.serve(shutdown::signal()).await;
+        status("Tollgate stopped.");
+        result
+    })
+}
+
+fn options(args: &RunArgs) -> Result<gateway::Options> {
+    Ok(gateway::Options {
+        policy: args.policy.clone(),
+        listen: args.listen,
+        admin: args.admin,
+        state_dir: args.state_dir.clone(),
+        wasm: args.wasm.clone(),
+        body_limit: args.body_limit,
+        audit_flush_ms: args.audit_flush_ms,
+        stream_idle_timeout_s: args.stream_idle_timeout,
+        shared: shared(args)?,
+    })
+}
+
+/// Limits shared through Redis (`--redis`) or external quota services
+/// (`--quota`), or `None` for this Envoy alone.
+fn shared(args: &RunArgs) -> Result<Option<gateway::Shared>> {
+    let quota = if let Some(redis) = &args.redis {
+        gateway::QuotaAt::InProcess {
+            redis: shared_store::Redis::parse(redis)?,
+            listen: args.quota_listen,
+        }
+    } else if !args.quota.is_empty() {
+        gateway::QuotaAt::External(
+            args.quota
+                .iter()
+                .map(|a| host_port(a, "--quota"))
+                .collect::<Result<_>>()?,
+        )
+    } else {
+        return Ok(None);
+    };
+    if args.sync_period_ms == 0 {
+        bail!("--sync-period-ms must be at least 1");
+    }
+    Ok(Some(gateway::Shared {
+        quota,
+        sync_period_ms: args.sync_period_ms,
+    }))
+}
+
+/// `HOST:PORT` (IPv6 hosts in brackets).
+fn host_port(addr: &str, flag: &str) -> Result<(String, u16)> {
+    addr.rsplit_once(':')
+        .and_then(|(h, p)| {
+            Some((
+                h.trim_matches(['[', ']']).to_string(),
+                p.parse::<u16>().ok()?,
+            ))
+        })
+        .with_context(|| format!("{flag} {addr:?} must be HOST:PORT"))
+}
+
+fn collector(args: &RunArgs) -> Result<Collector> {
+    let Some(addr) = &args.external_collector else {
+        return Ok(Collector::InProcess {
+            grpc: args.collector,
+            http: args.collector_http,
+        });
+    };
+    let (host, port) = host_port(addr, "--external-collector")?;
+    Ok(Collector::External(host, port))
+}
+
+fn is_mock(args: &RunArgs) -> bool {
+    args.upstream.as_deref() == Some("mock")
+}
+
+fn providers(args: &RunArgs) -> Result<Providers> {
+    if is_mock(args) {
+        return mock_provider(args);
+    }
+    let (anthropic, openai) = remote_upstreams(args)?;
+    Ok(Providers::Remote { anthropic, openai })
+}
+
+#[cfg(feature = "mock")]
+fn mock_provider(args: &RunArgs) -> Result<Providers> {
+    Ok(Providers::Mock {
+        listen: args.mock_listen,
+        event_delay_ms: args.mock_event_delay_ms,
+    })
+}
+
+#[cfg(not(feature = "mock"))]
+fn mock_provider(_: &RunArgs) -> Result<Providers> {
+    bail!(
+        "--upstream mock: this tollgate was built without the mock provider \
+         (cargo feature `mock`); pass --upstream URL, or build it with the default features"
+    )
+}
+
+/// One --upstream serves both route families; the per-provider flags win.
+fn remote_upstreams(args: &RunArgs) -> Result<(Upstream, Upstream)> {
+    let pick = |own: &Option<String>, default: &str| {
+        Upstream::parse(
+            own.as_deref()
+                .or(args.upstream.as_deref())
+                .unwrap_or(default),
+        )
+    };
+    Ok((
+        pick(&args.anthropic_upstream, "https://api.anthropic.com")?,
+        pick(&args.openai_upstream, "https://api.openai.com")?,
+    ))
+}

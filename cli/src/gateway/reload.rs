@@ -1,0 +1,121 @@
+//! Policy edits while the gateway runs: the policy file is polled, a valid
+//! edit is rendered into the ECDS file Envoy watches (Envoy then swaps the
+//! filter configuration for new requests, no restart), and an invalid one
+//! is reported and ignored, so the previous policy stays live.
+
+use super::render::{self, Layout};
+use crate::output::status;
+use crate::{atomic_file, policy_file};
+use anyhow::Result;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How often the policy file is read. Polling, not inotify: editors replace
+/// files by rename and Kubernetes swaps ConfigMap symlinks, which file
+/// watches miss or report twice.
+pub const EVERY: Duration = Duration::from_millis(250);
+
+pub struct PolicyWatch {
+    path: PathBuf,
+    wasm: PathBuf,
+    vm: render::VmOptions,
+    layout: Layout,
+    /// The compact policy Envoy has now.
+    live: String,
+    /// The file's bytes when last read, to skip unchanged reads cheaply.
+    last_seen: Option<Vec<u8>>,
+}
+
+impl PolicyWatch {
+    /// Watches `path`, whose `live` JSON Envoy already has.
+    pub fn new(
+        path: &Path,
+        live: String,
+        wasm: &Path,
+        vm: render::VmOptions,
+        layout: &Layout,
+    ) -> PolicyWatch {
+        PolicyWatch {
+            path: path.to_path_buf(),
+            wasm: wasm.to_path_buf(),
+            vm,
+            layout: layout.clone(),
+            live,
+            last_seen: std::fs::read(path).ok(),
+        }
+    }
+
+    /// Reads the file once; renders it if it changed and is valid. Fails
+    /// only when the ECDS file cannot be written.
+    pub fn poll(&mut self) -> Result<()> {
+        let current = std::fs::read(&self.path).ok();
+        // A file briefly missing mid-save is not an edit.
+        if current.is_none() || current == self.last_seen {
+            return Ok(());
+        }
+        self.last_seen = current;
+        match policy_file::load(&self.path) {
+            Ok(p) if p.json != self.live => {
+                atomic_file::write(
+                    &self.layout.ecds(),
+                    &render::ecds(&p.json, &self.wasm, &self.vm)?,
+                    0o644,
+                )?;
+                self.live = p.json;
+                status(format_args!(
+                    "policy reloaded: {} ({} keys)",
+                    self.path.display(),
+                    p.keys
+                ));
+            }
+            Ok(_) => {}
+            Err(errors) => {
+                eprintln!("policy edit rejected; the previous policy stays live:");
+                for e in errors {
+                    eprintln!("  error: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_edits_reach_the_ecds_file_and_invalid_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout {
+            dir: dir.path().to_path_buf(),
+        };
+        let policy = dir.path().join("policy.json");
+        let wasm = Path::new("/x/tollgate.wasm");
+        std::fs::write(&policy, r#"{"version": 1}"#).unwrap();
+        let vm = render::VmOptions {
+            hold_request_headers: true,
+            sync_period_ms: None,
+        };
+        let mut watch = PolicyWatch::new(&policy, r#"{"version":1}"#.into(), wasm, vm, &layout);
+        watch.poll().unwrap();
+        assert!(!layout.ecds().exists(), "unchanged file: nothing written");
+
+        std::fs::write(
+            &policy,
+            r#"{"version": 1, "defaults": {"models": ["claude-*"]}}"#,
+        )
+        .unwrap();
+        watch.poll().unwrap();
+        let ecds = std::fs::read_to_string(layout.ecds()).unwrap();
+        assert!(ecds.contains(r#"\"models\":[\"claude-*\"]"#), "{ecds}");
+
+        std::fs::write(&policy, r#"{"version": 2}"#).unwrap();
+        watch.poll().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(layout.ecds()).unwrap(),
+            ecds,
+            "an invalid edit leaves the live policy"
+        );
+    }
+}

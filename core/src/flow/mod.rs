@@ -1,0 +1,821 @@
+//! The per-request state machine. The filter maps each proxy-wasm callback to
+//! one method here and turns the returned [`Decision`] into an `Action`.
+//!
+//! 1. Request headers: classify the route, authenticate the virtual key,
+//!    strip it (Envoy injects the real key), drop `accept-encoding` so the
+//!    provider's `usage` stays readable.
+//! 2. Request body (buffered to its end): read model / max_tokens / stream,
+//!    estimate input tokens, check the allowlist, admit against every bucket
+//!    and reserve. Publish a provisional audit record so that a request that
+//!    never completes is still audited.
+//! 3. Response: add the caller's rate-limit headers, read usage from the JSON
+//!    body or incrementally from the SSE stream (never buffered).
+//! 4. End of response: settle reservations against actual usage, price it,
+//!    publish the final audit record (before Envoy's access loggers run).
+
+mod headers;
+mod refusal;
+
+pub use headers::rate_limit_headers;
+pub use refusal::Refusal;
+
+use crate::audit::{AuditRecord, Outcome, Reason, Tokens, SCHEMA_VERSION};
+use crate::host::{header, Decision, Host, LocalReply, Stat};
+use crate::host::{Queue, QuotaMethod};
+use crate::meter::shared::{self, Plan, RemoteRefusal, SharedOptions, Source};
+use crate::meter::{self, Admission, BucketState, Clock, Demand, Denial};
+use crate::policy::{Key, KeyRefusal, Policy, Price, UnknownRoutes};
+use crate::reply::error_reply;
+use crate::route::{Provider, Route};
+use crate::usage::{self, RequestInfo, StreamUsage, Usage};
+use crate::vkey::{self, Presented};
+use std::rc::Rc;
+
+/// Output tokens reserved when a request names no `max_tokens` (OpenAI makes
+/// it optional). Settlement corrects it to the actual count.
+pub const DEFAULT_OUTPUT_RESERVATION: u64 = 4_096;
+
+/// Non-streamed response bodies are copied (not buffered by Envoy) up to this
+/// size to read `usage`; beyond it the reservation is charged.
+pub const MAX_JSON_RESPONSE: usize = 8 << 20;
+
+/// Deployment options that are not policy (read from the VM configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct FilterOptions {
+    /// Whether request headers are held until the body decision. Needs Envoy's
+    /// `allow_on_headers_stop_iteration: true`, without which pausing at the
+    /// headers stops this filter's body callbacks (ABI 0.2). When false the
+    /// headers go upstream at once and a denial resets the upstream request.
+    pub hold_request_headers: bool,
+    /// Buckets shared by every replica through the quota service (Redis);
+    /// `None`: this Envoy's shared data only.
+    pub shared: Option<SharedOptions>,
+}
+
+impl Default for FilterOptions {
+    fn default() -> Self {
+        FilterOptions {
+            hold_request_headers: true,
+            shared: None,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Response {
+    status: u16,
+    stream: bool,
+    /// Content-encoding other than identity: usage cannot be read.
+    encoded: bool,
+    sse: Option<StreamUsage>,
+    /// Set when Tollgate added `include_usage` for a client that did not ask.
+    strip: Option<usage::inject::UsageChunkStripper>,
+    body: Vec<u8>,
+    truncated: bool,
+}
+
+/// Where a request stands. Each callback acts on the phase it finds and
+/// moves it on; what a phase needs travels inside it.
+#[derive(Debug)]
+enum Phase {
+    /// Before the request headers' decision.
+    Start,
+    /// The key is accepted; the body buffers until the admission decision.
+    Authenticated { key: usize },
+    /// Paused for a synchronous admission by the shared store.
+    Admitting {
+        key: usize,
+        demand: Demand,
+        body_size: usize,
+        request: Vec<u8>,
+        since: u64,
+    },
+    /// Forwarded upstream with its reservations, which the end of the
+    /// response settles.
+    Admitted { key: usize, admission: Admission },
+    /// Answered by Tollgate, or settled and finally audited: later callbacks
+    /// pass everything through.
+    Done,
+}
+
+pub struct RequestFlow {
+    policy: Rc<Policy>,
+    options: FilterOptions,
+    phase: Phase,
+    route: Route,
+    info: RequestInfo,
+    response: Response,
+    audit: AuditRecord,
+    /// SHA-256 of the presented virtual key, once identified.
+    key_sha256: Option<[u8; 32]>,
+}
+
+impl RequestFlow {
+    pub fn new(policy: Rc<Policy>) -> RequestFlow {
+        RequestFlow::with_options(policy, FilterOptions::default())
+    }
+
+    pub fn with_options(policy: Rc<Policy>, options: FilterOptions) -> RequestFlow {
+        RequestFlow {
+            policy,
+            options,
+            phase: Phase::Start,
+            route: Route::Other,
+            info: RequestInfo::default(),
+            response: Response::default(),
+            audit: AuditRecord {
+                schema: SCHEMA_VERSION,
+                ..Default::default()
+            },
+            key_sha256: None,
+        }
+    }
+
+    /// Headers are held only when the deployment can (VM option) and the
+    /// policy does not say otherwise (Istio's WasmPlugin cannot hold).
+    fn holds_headers(&self) -> bool {
+        self.options.hold_request_headers && self.policy.settings.hold_request_headers
+    }
+
+    fn provider(&self) -> Provider {
+        self.route.provider()
+    }
+
+    fn clock(&self, now: u64) -> Clock {
+        Clock {
+            now,
+            utc_offset_min: self.policy.settings.utc_offset_minutes,
+        }
+    }
+
+    /// The authenticated key's position in the policy, in the phases that have one.
+    fn key_index(&self) -> Option<usize> {
+        match self.phase {
+            Phase::Authenticated { key }
+            | Phase::Admitting { key, .. }
+            | Phase::Admitted { key, .. } => Some(key),
+            Phase::Start | Phase::Done => None,
+        }
+    }
+
+    pub fn on_request_headers(&mut self, host: &mut impl Host, end_of_stream: bool) -> Decision {
+        let now = host.now_ms();
+        let headers = host.request_headers();
+        let path = header(&headers, ":path").unwrap_or_default();
+        self.route = Route::classify(path);
+        self.audit.timestamp_ms = now;
+        self.audit.route = self.route.name().to_string();
+        self.audit.provider = self.provider().name().to_string();
+        self.audit.request_id = header(&headers, "x-request-id")
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_else(|| format!("tg-{now:x}"));
+
+        let presented = vkey::presented(&headers);
+        // The virtual key never goes upstream, whatever happens next.
+        // Compressed responses would hide `usage`: drop accept-encoding so
+        // the provider answers in identity. One host call per header present.
+        for name in ["x-api-key", "authorization", "accept-encoding"] {
+            if header(&headers, name).is_some() {
+                host.set_request_header(name, None);
+            }
+        }
+        let policy = self.policy.clone();
+        let key = match self.identify(&policy, presented) {
+            Ok(key) => key,
+            Err(refusal) => return self.refuse(host, refusal, &[]),
+        };
+        // From here the caller is known: refusals carry its bucket states.
+        let refusal = match policy.key(key).map(|k| k.check_valid(now)) {
+            Some(Err(KeyRefusal::Revoked)) => Some(Refusal::RevokedKey),
+            // Revoked through the shared store: every replica learns it
+            // within a sync period, before the policy file reaches it.
+            Some(Ok(())) if self.options.shared.is_some() && self.revoked_everywhere(host, key) => {
+                Some(Refusal::RevokedKey)
+            }
+            Some(Err(KeyRefusal::Expired(at_ms))) => Some(Refusal::ExpiredKey { at_ms }),
+            _ if self.route == Route::Other
+                && policy.settings.unknown_routes == UnknownRoutes::Deny =>
+            {
+                let path = String::from_utf8_lossy(path).into_owned();
+                Some(Refusal::UnknownRoute { path })
+            }
+            _ if end_of_stream && self.route.is_llm() => Some(Refusal::BodyRequired),
+            _ => None,
+        };
+        self.phase = Phase::Authenticated { key };
+        if let Some(refusal) = refusal {
+            let states = self.states_now(host);
+            return self.refuse(host, refusal, &states);
+        }
+        if end_of_stream {
+            return self.admit(host, Demand::one_request(), 0);
+        }
+        // Published now so that a request that never reaches the body
+        // decision (Envoy's own 413, a client that goes away) is still
+        // audited with its identity; the collector adds Envoy's status.
+        host.set_audit_record(&self.audit.to_json());
+        if self.holds_headers() {
+            Decision::Pause
+        } else {
+            Decision::Continue
+        }
+    }
+
+    /// The presented key's position in the policy; the audit record then
+    /// carries its identity, whatever is decided next.
+    fn identify(&mut self, policy: &Policy, presented: Presented) -> Result<usize, Refusal> {
+        let hash = match presented {
+            Presented::Key(hash) => hash,
+            Presented::Missing => return Err(Refusal::MissingKey),
+            Presented::Conflicting => return Err(Refusal::ConflictingKeys),
+        };
+        let index = policy.lookup_index(&hash).ok_or(Refusal::UnknownKey)?;
+        let key = policy.key(index).ok_or(Refusal::UnknownKey)?;
+        self.key_sha256 = Some(hash);
+        self.fill_identity(key);
+        Ok(index)
+    }
+
+    fn fill_identity(&mut self, key: &Key) {
+        let id = &key.identity;
+        let a = &mut self.audit;
+        a.key_id = Some(key.id.clone());
+        a.user = id.user.clone();
+        a.team = id.team.clone();
+        a.project = id.project.clone();
+        a.app = id.app.clone();
+        a.agent = id.agent.clone();
+        a.environment = id.environment.clone();
+        a.cost_center = id.cost_center.clone();
+        a.groups = id.groups.clone();
+    }
+
+    pub fn on_request_body(
+        &mut self,
+        host: &mut impl Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Decision {
+        let Phase::Authenticated { key } = self.phase else {
+            return Decision::Continue;
+        };
+        if !end_of_stream {
+            // Keep buffering: the decision needs the whole body.
+            return Decision::Pause;
+        }
+        if !self.route.is_llm() {
+            return self.admit(host, Demand::one_request(), body_size);
+        }
+        let body = host.request_body(body_size).unwrap_or_default();
+        let demand = match self.inspect(&body, key) {
+            Ok(demand) => demand,
+            Err(refusal) => {
+                let states = self.states_now(host);
+                return self.refuse(host, refusal, &states);
+            }
+        };
+        let decision = self.admit(host, demand, body_size);
+        if decision == Decision::Continue {
+            self.ask_for_stream_usage(host, &body);
+        }
+        decision
+    }
+
+    /// Whether the key's record says it was revoked through the shared store.
+    fn revoked_everywhere(&self, host: &impl Host, key: usize) -> bool {
+        self.policy.key(key).is_some_and(|k| {
+            shared::revoked(host, &meter::record::store_key(&format!("key:{}", k.id)))
+        })
+    }
+
+    /// Reads the body, checks the model, and works out what the request
+    /// reserves in each kind of bucket.
+    fn inspect(&mut self, body: &[u8], key: usize) -> Result<Demand, Refusal> {
+        let info =
+            usage::inspect_request(self.route, body).map_err(|e| Refusal::InvalidBody(e.0))?;
+        self.audit.stream = info.stream;
+        self.audit.model_requested = info.model.clone();
+        self.info = info;
+        let model = self.info.model.clone().ok_or(Refusal::ModelMissing)?;
+        let policy = self.policy.clone();
+        let key = policy.key(key).ok_or(Refusal::UnknownKey)?;
+        if !key.models.allows(&model) {
+            return Err(Refusal::ModelNotAllowed {
+                model,
+                allowed: key.models.describe(),
+            });
+        }
+        if self.route == Route::AnthropicCountTokens {
+            // Counting tokens costs a request, never tokens.
+            return Ok(Demand::one_request());
+        }
+        let price = policy.price(&model);
+        let budgeted = || {
+            meter::buckets_for(&policy, key)
+                .iter()
+                .any(|b| b.metric.is_usd())
+        };
+        if price.is_none() && budgeted() {
+            return Err(Refusal::UnpricedModel { model });
+        }
+        let input = self.info.input_estimate;
+        let output = self.info.max_tokens.unwrap_or(DEFAULT_OUTPUT_RESERVATION);
+        self.audit.tokens.input_estimated = input;
+        self.audit.tokens.output_reserved = output;
+        let usd = price.map_or(0.0, |p| {
+            p.cost(&Usage {
+                input,
+                output,
+                ..Default::default()
+            })
+        });
+        Ok(Demand {
+            requests: 1.0,
+            input_tokens: input as f64,
+            output_tokens: output as f64,
+            all_tokens: (input + output) as f64,
+            usd,
+        })
+    }
+
+    /// OpenAI chat streams carry usage only if asked: ask on the client's
+    /// behalf. The body grows, so content-length is rewritten; that is only
+    /// possible while the headers are held (otherwise they already left and
+    /// the reservation is charged instead, see docs/metering.md).
+    fn ask_for_stream_usage(&mut self, host: &mut impl Host, body: &[u8]) {
+        if self.route != Route::OpenAiChat
+            || !self.info.stream
+            || self.info.include_usage == Some(true)
+        {
+            return;
+        }
+        if !self.holds_headers() {
+            return;
+        }
+        if let Some(new_body) = usage::inject::include_usage(body) {
+            host.replace_request_body(&new_body);
+            host.set_request_header(
+                "content-length",
+                Some(new_body.len().to_string().as_bytes()),
+            );
+            self.response.strip = Some(usage::inject::UsageChunkStripper::default());
+        }
+    }
+
+    /// Every bucket the authenticated key touches (computed once per request).
+    fn buckets(&self) -> Vec<meter::Bucket> {
+        self.key_index()
+            .and_then(|i| self.policy.key(i))
+            .map(|key| meter::buckets_for(&self.policy, key))
+            .unwrap_or_default()
+    }
+
+    /// The key's buckets as they stand, for the headers of a refusal that
+    /// came before admission (a bad body, a model outside the allowlist).
+    fn states_now(&self, host: &impl Host) -> Vec<BucketState> {
+        meter::states(host, &self.buckets(), self.clock(host.now_ms()))
+    }
+
+    /// Checks the demand against every bucket and reserves it: in shared
+    /// data alone, or with a shared store from this Envoy's leases, else
+    /// through a synchronous `Admit` (the request pauses for its answer).
+    fn admit(&mut self, host: &mut impl Host, demand: Demand, body_size: usize) -> Decision {
+        let Phase::Authenticated { key } = self.phase else {
+            return Decision::Continue;
+        };
+        let now = host.now_ms();
+        let clock = self.clock(now);
+        let buckets = self.buckets();
+        let Some(opts) = self.options.shared else {
+            let result = meter::admit(host, &buckets, &demand, clock);
+            return self.admitted(host, key, result);
+        };
+        let ctx = shared::Ctx {
+            plane: &*host,
+            clock,
+            opts,
+        };
+        let plan = shared::admit(
+            ctx,
+            &buckets,
+            &demand,
+            &self.audit.request_id,
+            &self.key_hash(key),
+        );
+        match plan {
+            Ok(Plan::Admitted(admission)) => self.admitted(host, key, Ok(admission)),
+            Ok(Plan::Remote(request)) => {
+                host.stat(Stat::RemoteAdmits, 1);
+                match host.call_quota(QuotaMethod::Admit, &request, opts.admit_timeout_ms) {
+                    Ok(()) => {
+                        self.phase = Phase::Admitting {
+                            key,
+                            demand,
+                            body_size,
+                            request,
+                            since: now,
+                        };
+                        Decision::Pause
+                    }
+                    Err(_) => self.remote_answer(host, key, demand, None),
+                }
+            }
+            Err(denial) => self.admitted(host, key, Err(denial)),
+        }
+    }
+
+    /// The SHA-256 the shared store knows a key by (for its revocation
+    /// list): the hash of the key this request presented.
+    fn key_hash(&self, _key: usize) -> Vec<u8> {
+        self.key_sha256.map(|h| h.to_vec()).unwrap_or_default()
+    }
+
+    /// The quota service answered a call of this request (`None`: the call
+    /// failed or timed out). For the synchronous admission the request
+    /// paused for, returns what the host does next: resume it, or answer
+    /// it; `None` for an answer nothing waits for (a settlement's).
+    pub fn on_quota_response(
+        &mut self,
+        host: &mut impl Host,
+        response: Option<&[u8]>,
+    ) -> Option<Decision> {
+        if !matches!(self.phase, Phase::Admitting { .. }) {
+            return None;
+        }
+        let Phase::Admitting {
+            key,
+            demand,
+            body_size,
+            since,
+            ..
+        } = std::mem::replace(&mut self.phase, Phase::Done)
+        else {
+            return None;
+        };
+        self.phase = Phase::Authenticated { key };
+        host.stat(
+            Stat::RemoteAdmitRttMs,
+            host.now_ms().saturating_sub(since) as i64,
+        );
+        let decision = self.remote_answer(host, key, demand, response);
+        if decision == Decision::Continue && self.route.is_llm() {
+            if let Some(body) = host.request_body(body_size) {
+                self.ask_for_stream_usage(host, &body);
+            }
+        }
+        Some(decision)
+    }
+
+    fn remote_answer(
+        &mut self,
+        host: &mut impl Host,
+        key: usize,
+        demand: Demand,
+        response: Option<&[u8]>,
+    ) -> Decision {
+        let Some(opts) = self.options.shared else {
+            return Decision::Continue;
+        };
+        if response.is_none() {
+            host.stat(Stat::RemoteAdmitFailed, 1);
+        }
+        let clock = self.clock(host.now_ms());
+        let buckets = self.buckets();
+        let replicas = crate::sync::replicas(host);
+        let ctx = shared::Ctx {
+            plane: &*host,
+            clock,
+            opts,
+        };
+        let result = shared::on_admit_response(ctx, &buckets, &demand, replicas, response);
+        match result {
+            Ok(admission) => {
+                if admission
+                    .reservations
+                    .iter()
+                    .any(|r| r.source == Source::Fallback)
+                {
+                    host.stat(Stat::FallbackAdmits, 1);
+                }
+                self.admitted(host, key, Ok(admission))
+            }
+            Err(RemoteRefusal::Limited(denial)) => self.admitted(host, key, Err(denial)),
+            Err(RemoteRefusal::Revoked) => {
+                let states = self.states_now(host);
+                self.refuse(host, Refusal::RevokedKey, &states)
+            }
+            Err(RemoteRefusal::Unavailable(bucket)) => {
+                self.refuse(host, Refusal::StoreUnavailable { bucket }, &[])
+            }
+        }
+    }
+
+    /// The outcome of an admission: forward the request with its
+    /// reservations, or refuse it.
+    fn admitted(
+        &mut self,
+        host: &mut impl Host,
+        key: usize,
+        result: Result<Admission, Denial>,
+    ) -> Decision {
+        match result {
+            Ok(admission) => {
+                let uncounted = admission
+                    .reservations
+                    .iter()
+                    .any(|r| r.source == Source::Uncounted);
+                self.phase = Phase::Admitted { key, admission };
+                self.audit.decision = Outcome::Allowed;
+                self.audit.reason = if uncounted {
+                    Reason::Uncounted
+                } else {
+                    Reason::Ok
+                };
+                self.audit.complete = false;
+                host.set_audit_record(&self.audit.to_json());
+                host.stat(Stat::Decision(self.audit.reason), 1);
+                host.stat(Stat::ReservationsOutstanding, 1);
+                Decision::Continue
+            }
+            Err(Denial::Limited {
+                bucket,
+                wait_ms,
+                states,
+            }) => self.refuse(host, Refusal::Limited { bucket, wait_ms }, &states),
+            Err(Denial::Contention) => {
+                host.stat(Stat::CasExhausted, 1);
+                let states = self.states_now(host);
+                self.refuse(host, Refusal::Contention, &states)
+            }
+        }
+    }
+
+    /// Answers the client in its provider's error shape, with the caller's
+    /// bucket states as rate-limit headers, and audits the refusal.
+    fn refuse(
+        &mut self,
+        host: &mut impl Host,
+        refusal: Refusal,
+        states: &[BucketState],
+    ) -> Decision {
+        let message = refusal.message();
+        let mut reply = error_reply(
+            self.provider(),
+            refusal.kind(),
+            &message,
+            &self.audit.request_id,
+            refusal.retry_after_s(),
+        );
+        let now = host.now_ms();
+        reply.headers.extend(
+            rate_limit_headers(self.provider(), states, now)
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v)),
+        );
+        let reason = refusal.reason();
+        self.audit.decision = Outcome::Denied;
+        self.audit.reason = reason;
+        self.audit.detail = Some(message);
+        self.audit.status = reply.status;
+        self.audit.bucket = refusal.bucket();
+        self.audit.complete = true;
+        self.audit.latency_ms = Some(now.saturating_sub(self.audit.timestamp_ms));
+        host.set_audit_record(&self.audit.to_json());
+        host.stat(Stat::Decision(reason), 1);
+        self.phase = Phase::Done;
+        Decision::Reply(reply)
+    }
+
+    pub fn on_response_headers(&mut self, host: &mut impl Host, end_of_stream: bool) -> Decision {
+        if matches!(self.phase, Phase::Done) {
+            return Decision::Continue;
+        }
+        let headers = host.response_headers();
+        let status = header(&headers, ":status")
+            .and_then(|s| std::str::from_utf8(s).ok())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        self.response.status = status;
+        self.response.stream = header(&headers, "content-type").is_some_and(|ct| {
+            ct.windows(17)
+                .any(|w| w.eq_ignore_ascii_case(b"text/event-stream"))
+        });
+        self.response.encoded = header(&headers, "content-encoding")
+            .is_some_and(|e| !e.eq_ignore_ascii_case(b"identity"));
+        if self.response.stream {
+            self.response.sse = Some(StreamUsage::new(self.route));
+        }
+        if let Phase::Admitted { admission, .. } = &self.phase {
+            for (name, value) in
+                rate_limit_headers(self.provider(), &admission.states, host.now_ms())
+            {
+                host.set_response_header(name, Some(value.as_bytes()));
+            }
+        }
+        if end_of_stream {
+            self.finish(host);
+        }
+        Decision::Continue
+    }
+
+    pub fn on_response_body(
+        &mut self,
+        host: &mut impl Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Decision {
+        if matches!(self.phase, Phase::Done) {
+            return Decision::Continue;
+        }
+        if !self.response.encoded && (body_size > 0 || end_of_stream) {
+            if let Some(chunk) = host.response_body(body_size) {
+                match &mut self.response.sse {
+                    Some(sse) => {
+                        sse.feed(&chunk);
+                        if let Some(strip) = &mut self.response.strip {
+                            if let Some(out) = strip.filter(&chunk, end_of_stream) {
+                                if out != chunk {
+                                    host.replace_response_body(&out);
+                                }
+                            }
+                        }
+                    }
+                    None if self.response.body.len() + chunk.len() <= MAX_JSON_RESPONSE => {
+                        self.response.body.extend_from_slice(&chunk)
+                    }
+                    None => self.response.truncated = true,
+                }
+            }
+        }
+        if end_of_stream {
+            self.finish(host);
+        }
+        Decision::Continue
+    }
+
+    /// The stream ended without a complete response (client abort, upstream
+    /// reset). Reservations are settled against what was seen; the record
+    /// published at request time (marked incomplete) stays the audit record.
+    pub fn on_end(&mut self, host: &mut impl Host) {
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Admitted { admission, .. } => self.settle(host, &admission, false),
+            // The client left while Redis was deciding: if it admitted, the
+            // leader gives everything back (the Admit is idempotent, so the
+            // leader's repeat learns the first answer).
+            Phase::Admitting { request, .. } => host.enqueue(Queue::Cancel, &request),
+            _ => {}
+        }
+    }
+
+    /// The response is complete: settle and publish the final record.
+    fn finish(&mut self, host: &mut impl Host) {
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Admitted { admission, .. } => self.settle(host, &admission, true),
+            Phase::Authenticated { .. } if self.response.status == 413 => {
+                // Envoy refused the body (over the buffer limit) before this
+                // filter could decide: the request was denied, not served.
+                self.audit.decision = Outcome::Denied;
+                self.audit.reason = Reason::BodyTooLarge;
+                self.audit.detail = Some(
+                    "request body over the gateway's buffer limit (refused by Envoy)".to_string(),
+                );
+            }
+            _ => {}
+        }
+        self.audit.complete = true;
+        self.audit.status = self.response.status;
+        host.set_audit_record(&self.audit.to_json());
+    }
+
+    /// Works out actual usage and settles every reservation.
+    fn settle(&mut self, host: &mut impl Host, admission: &Admission, complete: bool) {
+        host.stat(Stat::ReservationsOutstanding, -1);
+        let now = host.now_ms();
+        self.audit.latency_ms = Some(now.saturating_sub(self.audit.timestamp_ms));
+        let actual = self.actual_usage(host, complete);
+        let clock = self.clock(now);
+        let settled = match self.options.shared {
+            None => meter::settle(host, &admission.reservations, &actual, clock),
+            Some(opts) => shared::settle(
+                shared::Ctx {
+                    plane: &*host,
+                    clock,
+                    opts,
+                },
+                &admission.reservations,
+                &actual,
+                &self.audit.request_id,
+            )
+            .map(|settle| {
+                // Sent now as well as queued for the leader: the Settle is
+                // idempotent, and the copy that arrives second changes
+                // nothing. Its answer is not awaited.
+                if let Some(message) = settle {
+                    let _ = host.call_quota(QuotaMethod::Settle, &message, opts.admit_timeout_ms);
+                }
+            }),
+        };
+        if settled.is_err() {
+            host.stat(Stat::CasExhausted, 1);
+            log::warn!(
+                "tollgate: settlement of {} hit shared-data contention",
+                self.audit.request_id
+            );
+        }
+    }
+
+    /// What the request really used, from the provider's usage when it was
+    /// readable, and what the audit record says of it.
+    fn actual_usage(&mut self, host: &mut impl Host, complete: bool) -> Demand {
+        let seen = match &self.response.sse {
+            Some(sse) => {
+                if let Some(m) = sse.model() {
+                    self.audit.model_served = Some(m.to_string());
+                }
+                sse.usage()
+            }
+            None if !self.response.body.is_empty() && !self.response.truncated => {
+                usage::parse_json_usage(self.route, &self.response.body).map(|(u, model)| {
+                    self.audit.model_served = model;
+                    u
+                })
+            }
+            None => None,
+        };
+        let count_cache_reads = self.policy.settings.cache_reads_count_toward_input_limit;
+        match seen {
+            _ if self.route == Route::AnthropicCountTokens || !self.route.is_llm() => {
+                Demand::one_request()
+            }
+            Some(u) => {
+                let t = &mut self.audit.tokens;
+                t.input = Some(u.input);
+                t.output = Some(u.output);
+                t.cache_write = Some(u.cache_write);
+                t.cache_read = Some(u.cache_read);
+                let usd = self.price().map(|p| p.cost(&u));
+                self.audit.cost_usd = usd;
+                Demand {
+                    requests: 1.0,
+                    input_tokens: u.input_for_limit(count_cache_reads) as f64,
+                    output_tokens: u.output as f64,
+                    all_tokens: u.total() as f64,
+                    usd: usd.unwrap_or(0.0),
+                }
+            }
+            // An upstream error without usage consumed nothing: refund.
+            None if complete && self.response.status >= 400 => Demand::one_request(),
+            // Success (or an abort) without readable usage: charge the reservation.
+            None => {
+                host.stat(Stat::UsageUnreadable, 1);
+                self.audit.detail = Some(if self.response.encoded {
+                    "response was compressed; charged the reservation".to_string()
+                } else {
+                    "no usage in response; charged the reservation".to_string()
+                });
+                let reserved = Usage {
+                    input: self.audit.tokens.input_estimated,
+                    output: self.audit.tokens.output_reserved,
+                    ..Default::default()
+                };
+                Demand {
+                    requests: 1.0,
+                    input_tokens: reserved.input as f64,
+                    output_tokens: reserved.output as f64,
+                    all_tokens: reserved.total() as f64,
+                    usd: self.price().map_or(0.0, |p| p.cost(&reserved)),
+                }
+            }
+        }
+    }
+
+    fn price(&self) -> Option<Price> {
+        let model = self
+            .audit
+            .model_served
+            .as_deref()
+            .or(self.audit.model_requested.as_deref())?;
+        self.policy.price(model)
+    }
+
+    /// The audit record as it stands (for the filter's logs and tests).
+    pub fn audit(&self) -> &AuditRecord {
+        &self.audit
+    }
+
+    pub fn tokens(&self) -> &Tokens {
+        &self.audit.tokens
+    }
+}
+
+/// Turns a local reply into header pairs for hosts that need `&str`s.
+pub fn reply_headers(reply: &LocalReply) -> Vec<(&str, &str)> {
+    reply
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

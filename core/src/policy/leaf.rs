@@ -1,0 +1,254 @@
+//! Policy values that can be wrong on their own (a count, an amount, a hash,
+//! a time, a pool name), each checked by one function. The serde types below
+//! call these functions while deserialising, so parsing a valid policy is
+//! its validation; the schema walker (`schema::check`) calls the same
+//! functions to report every error of an invalid one with its path.
+
+use super::pattern::ModelPattern;
+use super::UnknownRoutes;
+use serde::{Deserialize, Deserializer};
+
+/// A count per minute or per day: whole and positive.
+pub fn count(n: f64) -> Result<u64, String> {
+    if n <= 0.0 {
+        return Err("must be a positive whole number (omit the field for no limit)".to_string());
+    }
+    if n.fract() != 0.0 || n > 1e15 {
+        return Err("must be a positive whole number".to_string());
+    }
+    Ok(n as u64)
+}
+
+/// A money budget: a positive amount of USD.
+pub fn usd(n: f64) -> Result<f64, String> {
+    if n <= 0.0 || !n.is_finite() {
+        return Err("must be a positive amount of USD (omit the field for no budget)".to_string());
+    }
+    Ok(n)
+}
+
+/// A price: USD per million tokens, zero or more.
+pub fn price(n: f64) -> Result<f64, String> {
+    if n < 0.0 || !n.is_finite() {
+        return Err("must be a non-negative USD amount per million tokens".to_string());
+    }
+    Ok(n)
+}
+
+/// Free text that must say something (ids, identity attributes).
+pub fn text(s: &str) -> Result<(), String> {
+    if s.trim().is_empty() {
+        return Err("must not be empty".to_string());
+    }
+    Ok(())
+}
+
+/// The SHA-256 of a virtual key, as 64 hex characters (either case).
+pub fn sha256(s: &str) -> Result<[u8; 32], String> {
+    const WHAT: &str = "must be 64 hex characters (the SHA-256 of the virtual key)";
+    if s.len() != 64 {
+        return Err(format!("{WHAT}, found {}", s.len()));
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s, &mut out)
+        .map_err(|_| format!("{WHAT}: contains a non-hex character"))?;
+    Ok(out)
+}
+
+/// `<kind>:<value>` with kind one of [`super::POOL_KINDS`].
+pub fn pool_name(s: &str) -> Result<(), String> {
+    match s.split_once(':') {
+        Some((k, rest)) if super::POOL_KINDS.contains(&k) && !rest.is_empty() => Ok(()),
+        _ => Err(format!(
+            "pool names are <kind>:<value> with kind one of {}",
+            super::POOL_KINDS.join(", ")
+        )),
+    }
+}
+
+/// The policy format version this build reads.
+pub fn version(v: u64) -> Result<u32, String> {
+    match v {
+        1 => Ok(1),
+        _ => Err("unsupported policy version (expected 1)".to_string()),
+    }
+}
+
+pub fn unknown_routes(s: &str) -> Result<UnknownRoutes, String> {
+    match s {
+        "deny" => Ok(UnknownRoutes::Deny),
+        "pass" => Ok(UnknownRoutes::Pass),
+        _ => Err("must be \"deny\" or \"pass\"".to_string()),
+    }
+}
+
+/// Deserialises a `T` through a checking function, so that a bad value
+/// fails inside deserialisation with the function's reason.
+fn checked<'de, D, T, U, E>(d: D, check: impl FnOnce(T) -> Result<U, E>) -> Result<U, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+    E: std::fmt::Display,
+{
+    let raw = T::deserialize(d)?;
+    check(raw).map_err(serde::de::Error::custom)
+}
+
+/// A positive whole count ([`count`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Count(pub u64);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |n: f64| count(n).map(Count))
+    }
+}
+
+/// A positive USD amount ([`usd`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usd(pub f64);
+
+impl<'de> Deserialize<'de> for Usd {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |n: f64| usd(n).map(Usd))
+    }
+}
+
+/// USD per million tokens ([`price`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PerMillion(pub f64);
+
+impl<'de> Deserialize<'de> for PerMillion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |n: f64| price(n).map(PerMillion))
+    }
+}
+
+/// Non-empty text ([`text`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Text(pub String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |s: String| text(&s).map(|()| Text(s)))
+    }
+}
+
+/// A key hash ([`sha256`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sha256(pub [u8; 32]);
+
+impl<'de> Deserialize<'de> for Sha256 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |s: std::borrow::Cow<'de, str>| sha256(&s).map(Sha256))
+    }
+}
+
+/// An RFC 3339 time: milliseconds since the Unix epoch, and the text as
+/// written (warnings quote it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Time {
+    pub ms: u64,
+    pub text: String,
+}
+
+impl<'de> Deserialize<'de> for Time {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |text: String| {
+            crate::time::parse_rfc3339(&text).map(|ms| Time { ms, text })
+        })
+    }
+}
+
+/// A time zone of calendar windows: its text and minutes east of UTC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimeZone {
+    pub text: String,
+    pub offset_min: i32,
+}
+
+impl<'de> Deserialize<'de> for TimeZone {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |text: String| {
+            crate::time::parse_offset_minutes(&text).map(|offset_min| TimeZone { text, offset_min })
+        })
+    }
+}
+
+/// A pool name ([`pool_name`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PoolName(pub String);
+
+impl<'de> Deserialize<'de> for PoolName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |s: String| pool_name(&s).map(|()| PoolName(s)))
+    }
+}
+
+/// The policy format version ([`version`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Version(pub u32);
+
+impl<'de> Deserialize<'de> for Version {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |v: u64| version(v).map(Version))
+    }
+}
+
+impl<'de> Deserialize<'de> for UnknownRoutes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |s: std::borrow::Cow<'de, str>| unknown_routes(&s))
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |s: std::borrow::Cow<'de, str>| ModelPattern::parse(&s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parse<T: for<'de> Deserialize<'de>>(json: &str) -> Result<T, String> {
+        serde_json::from_str(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn bad_leaves_fail_inside_deserialisation_with_the_checkers_reason() {
+        assert_eq!(parse::<Count>("60").unwrap(), Count(60));
+        assert!(parse::<Count>("1.5")
+            .unwrap_err()
+            .starts_with("must be a positive whole number"));
+        assert!(parse::<Count>("0")
+            .unwrap_err()
+            .contains("omit the field for no limit"));
+        assert!(parse::<Usd>("-1")
+            .unwrap_err()
+            .contains("positive amount of USD"));
+        assert!(parse::<Sha256>("\"abc\"")
+            .unwrap_err()
+            .contains("must be 64 hex characters (the SHA-256 of the virtual key), found 3"));
+        assert!(parse::<PoolName>("\"division:x\"")
+            .unwrap_err()
+            .contains("pool names are <kind>:<value>"));
+        assert!(parse::<ModelPattern>("\"claude-[x]\"")
+            .unwrap_err()
+            .contains("'[' is not supported in model patterns"));
+        assert_eq!(
+            parse::<TimeZone>("\"+02:00\"").unwrap(),
+            TimeZone {
+                text: "+02:00".into(),
+                offset_min: 120
+            }
+        );
+        assert!(parse::<Version>("2")
+            .unwrap_err()
+            .contains("unsupported policy version"));
+        assert!(parse::<Text>("\"  \"")
+            .unwrap_err()
+            .contains("must not be empty"));
+    }
+}

@@ -1,0 +1,254 @@
+//! Limits of a key or a pool: one optional [`Limit`] per row of the metric
+//! table ([`crate::meter::METRICS`]). A limit is written as its amount
+//! (`"requests_per_minute": 60`) or, to set how it behaves, as an object with
+//! the amount under `limit`:
+//!
+//! ```json
+//! "budget_usd_per_month": { "limit": 200, "strict": true, "on_store_failure": "closed" }
+//! ```
+
+use super::leaf::{self, Count, Usd};
+use crate::meter::{Measure, Metric};
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+/// What a shared limit does when Redis or the quota service cannot be
+/// reached and this replica's lease has run out (`docs/scale-out.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFailure {
+    /// Meter locally at the limit divided by the replicas last seen, and
+    /// push that consumption as debt once the store is back.
+    Local,
+    /// Refuse with a provider-shaped 503 (`quota_store_unavailable`).
+    Closed,
+    /// Admit without counting (audited `uncounted`).
+    Open,
+}
+
+impl StoreFailure {
+    pub fn parse(s: &str) -> Result<StoreFailure, String> {
+        match s {
+            "local" => Ok(StoreFailure::Local),
+            "closed" => Ok(StoreFailure::Closed),
+            "open" => Ok(StoreFailure::Open),
+            _ => Err("must be \"local\", \"closed\" or \"open\"".to_string()),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreFailure::Local => "local",
+            StoreFailure::Closed => "closed",
+            StoreFailure::Open => "open",
+        }
+    }
+}
+
+/// One limit: its amount (a whole count, or USD for budgets) and how it
+/// behaves across replicas.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limit {
+    pub amount: f64,
+    /// Always admitted through the shared store, one round trip per request
+    /// (never from a local lease). Only meaningful with a shared store.
+    pub strict: bool,
+    /// `None`: the default for the limit's kind (see [`Limit::store_failure`]).
+    pub on_store_failure: Option<StoreFailure>,
+}
+
+impl Limit {
+    pub fn new(amount: f64) -> Limit {
+        Limit {
+            amount,
+            strict: false,
+            on_store_failure: None,
+        }
+    }
+
+    /// What to do when the shared store is unreachable: per-minute buckets
+    /// meter locally by default, quotas and budgets refuse (they are money).
+    pub fn store_failure(&self, metric: Metric) -> StoreFailure {
+        self.on_store_failure.unwrap_or(if metric.is_quota() {
+            StoreFailure::Closed
+        } else {
+            StoreFailure::Local
+        })
+    }
+}
+
+/// Limits of one key or one pool; a missing limit means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Limits([Option<Limit>; Metric::COUNT]);
+
+impl Limits {
+    pub fn get(&self, metric: Metric) -> Option<f64> {
+        self.limit(metric).map(|l| l.amount)
+    }
+
+    pub fn limit(&self, metric: Metric) -> Option<Limit> {
+        self.0.get(metric as usize).copied().flatten()
+    }
+
+    pub fn set(&mut self, metric: Metric, limit: Limit) {
+        if let Some(slot) = self.0.get_mut(metric as usize) {
+            *slot = Some(limit);
+        }
+    }
+
+    /// Every limit that is set, in table order.
+    pub fn iter(&self) -> impl Iterator<Item = (Metric, Limit)> + '_ {
+        Metric::all().filter_map(|m| Some((m, self.limit(m)?)))
+    }
+
+    /// For each limit: this one if set, else the most restrictive among
+    /// `groups`, else `defaults` (its settings travel with its amount).
+    pub fn resolve(&self, groups: &[&Limits], defaults: &Limits) -> Limits {
+        let mut out = Limits::default();
+        for metric in Metric::all() {
+            let group = groups
+                .iter()
+                .filter_map(|g| g.limit(metric))
+                .min_by(|a, b| a.amount.total_cmp(&b.amount));
+            if let Some(l) = self.limit(metric).or(group).or(defaults.limit(metric)) {
+                out.set(metric, l);
+            }
+        }
+        out
+    }
+}
+
+/// A `limits` object: its fields are the rows of the metric table.
+impl<'de> Deserialize<'de> for Limits {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct LimitsVisitor;
+        impl<'de> Visitor<'de> for LimitsVisitor {
+            type Value = Limits;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of limits")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Limits, A::Error> {
+                let mut limits = Limits::default();
+                while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let Some(metric) = Metric::from_field(&name) else {
+                        return Err(serde::de::Error::unknown_field(&name, &[]));
+                    };
+                    if limits.limit(metric).is_some() {
+                        return Err(serde::de::Error::duplicate_field(metric.name()));
+                    }
+                    let limit = map.next_value_seed(LimitSeed(metric.measure()))?;
+                    limits.set(metric, limit);
+                }
+                Ok(limits)
+            }
+        }
+        d.deserialize_map(LimitsVisitor)
+    }
+}
+
+/// One limit's value: an amount of the row's measure, or the object form.
+struct LimitSeed(Measure);
+
+impl LimitSeed {
+    fn amount<E: serde::de::Error>(&self, n: f64) -> Result<f64, E> {
+        match self.0 {
+            Measure::Usd => leaf::usd(n),
+            _ => leaf::count(n).map(|c| c as f64),
+        }
+        .map_err(E::custom)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for LimitSeed {
+    type Value = Limit;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Limit, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for LimitSeed {
+    type Value = Limit;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a limit: a number, or an object with \"limit\"")
+    }
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Limit, E> {
+        self.amount(n as f64).map(Limit::new)
+    }
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Limit, E> {
+        self.amount(n as f64).map(Limit::new)
+    }
+    fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Limit, E> {
+        self.amount(n).map(Limit::new)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Limit, A::Error> {
+        let mut amount = None;
+        let mut strict = false;
+        let mut on_store_failure = None;
+        while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match name.as_ref() {
+                "limit" => {
+                    amount = Some(match self.0 {
+                        Measure::Usd => map.next_value::<Usd>()?.0,
+                        _ => map.next_value::<Count>()?.0 as f64,
+                    })
+                }
+                "strict" => strict = map.next_value()?,
+                "on_store_failure" => {
+                    let s: std::borrow::Cow<'de, str> = map.next_value()?;
+                    on_store_failure =
+                        Some(StoreFailure::parse(&s).map_err(serde::de::Error::custom)?);
+                }
+                other => {
+                    return Err(serde::de::Error::unknown_field(
+                        other,
+                        &["limit", "strict", "on_store_failure"],
+                    ))
+                }
+            }
+        }
+        let amount = amount.ok_or_else(|| serde::de::Error::missing_field("limit"))?;
+        Ok(Limit {
+            amount,
+            strict,
+            on_store_failure,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_limit_is_an_amount_or_an_object_with_its_settings() {
+        let l: Limits = serde_json::from_str(
+            r#"{"requests_per_minute": 60,
+                "budget_usd_per_month": {"limit": 200.5, "strict": true, "on_store_failure": "open"}}"#,
+        )
+        .unwrap();
+        assert_eq!(l.limit(Metric::Requests), Some(Limit::new(60.0)));
+        let budget = l.limit(Metric::UsdPerMonth).unwrap();
+        assert_eq!(
+            (budget.amount, budget.strict, budget.on_store_failure),
+            (200.5, true, Some(StoreFailure::Open))
+        );
+        assert_eq!(
+            Limit::new(60.0).store_failure(Metric::Requests),
+            StoreFailure::Local
+        );
+        assert_eq!(
+            Limit::new(5.0).store_failure(Metric::UsdPerDay),
+            StoreFailure::Closed
+        );
+        for bad in [
+            r#"{"requests_per_minute": {"strict": true}}"#,
+            r#"{"requests_per_minute": {"limit": 1.5}}"#,
+            r#"{"requests_per_minute": {"limit": 1, "on_store_failure": "maybe"}}"#,
+            r#"{"requests_per_minute": {"limit": 1, "burst": 2}}"#,
+        ] {
+            assert!(serde_json::from_str::<Limits>(bad).is_err(), "{bad}");
+        }
+    }
+}
