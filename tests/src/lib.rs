@@ -67,6 +67,8 @@ pub struct Options {
     pub wasm: Option<PathBuf>,
     /// Envoy's stream idle timeout in seconds (`tollgate run`'s default when unset).
     pub stream_idle_timeout_s: Option<u64>,
+    /// Share limits through this Redis (`tollgate run --redis URL`).
+    pub redis: Option<String>,
 }
 
 impl Default for Options {
@@ -77,6 +79,7 @@ impl Default for Options {
             external_collector: None,
             wasm: None,
             stream_idle_timeout_s: None,
+            redis: None,
         }
     }
 }
@@ -100,6 +103,9 @@ impl Gateway {
         }
         if let Some(s) = opts.stream_idle_timeout_s {
             cmd.arg("--stream-idle-timeout").arg(s.to_string());
+        }
+        if let Some(url) = &opts.redis {
+            cmd.arg("--redis").arg(url);
         }
         let child = cmd
             .current_dir(workspace())

@@ -8,5 +8,6 @@ pub mod key;
 pub mod mock;
 pub mod package;
 pub mod policy;
+pub mod quota;
 pub mod run;
 pub mod usage;

@@ -99,7 +99,11 @@ pub fn run(args: PolicyArgs) -> Result<()> {
             let text = match format {
                 RenderFormat::Ecds => {
                     let wasm = std::fs::canonicalize(&wasm).unwrap_or(wasm);
-                    render::ecds(&json, &wasm, hold_request_headers)?
+                    let vm = render::VmOptions {
+                        hold_request_headers,
+                        sync_period_ms: None,
+                    };
+                    render::ecds(&json, &wasm, &vm)?
                 }
                 RenderFormat::Istio => mesh::istio(&json, &image, &namespace, &target)?,
                 RenderFormat::EnvoyGateway => {

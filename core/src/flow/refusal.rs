@@ -57,6 +57,11 @@ pub enum Refusal {
     },
     /// Shared data kept refusing the bucket update (bounded CAS retries).
     Contention,
+    /// The shared store cannot be reached and this bucket says
+    /// `on_store_failure: closed`.
+    StoreUnavailable {
+        bucket: Bucket,
+    },
     /// No valid policy was ever loaded: fail closed.
     NoPolicy,
 }
@@ -88,6 +93,7 @@ impl Refusal {
             Refusal::Limited { bucket, .. } if bucket.metric.is_quota() => Reason::QuotaExhausted,
             Refusal::Limited { .. } => Reason::RateLimited,
             Refusal::Contention => Reason::StoreContention,
+            Refusal::StoreUnavailable { .. } => Reason::QuotaStoreUnavailable,
             Refusal::NoPolicy => Reason::NoPolicy,
         }
     }
@@ -109,7 +115,8 @@ impl Refusal {
             Reason::RateLimited | Reason::StoreContention => ErrorKind::RateLimited,
             Reason::QuotaExhausted | Reason::BudgetExhausted => ErrorKind::QuotaExhausted,
             Reason::UnknownRoute => ErrorKind::NotFound,
-            Reason::NoPolicy | Reason::Ok => ErrorKind::Internal,
+            Reason::QuotaStoreUnavailable => ErrorKind::Unavailable,
+            Reason::NoPolicy | Reason::Ok | Reason::Uncounted => ErrorKind::Internal,
         }
     }
 
@@ -166,6 +173,10 @@ impl Refusal {
                 self.retry_after_s().unwrap_or(1)
             ),
             Refusal::Contention => "rate limiter busy; retry shortly".to_string(),
+            Refusal::StoreUnavailable { bucket } => format!(
+                "the shared rate limiter cannot be reached and {} refuses until it is back (on_store_failure: closed); retry shortly",
+                bucket.label()
+            ),
             Refusal::NoPolicy => "tollgate has no valid policy loaded".to_string(),
         }
     }
@@ -174,7 +185,7 @@ impl Refusal {
     pub fn retry_after_s(&self) -> Option<u64> {
         match self {
             Refusal::Limited { wait_ms, .. } => Some(wait_ms.div_ceil(1000).max(1)),
-            Refusal::Contention => Some(1),
+            Refusal::Contention | Refusal::StoreUnavailable { .. } => Some(1),
             _ => None,
         }
     }
@@ -182,7 +193,9 @@ impl Refusal {
     /// The bucket that decided, as named in the audit record.
     pub fn bucket(&self) -> Option<String> {
         match self {
-            Refusal::Limited { bucket, .. } => Some(bucket.label()),
+            Refusal::Limited { bucket, .. } | Refusal::StoreUnavailable { bucket } => {
+                Some(bucket.label())
+            }
             _ => None,
         }
     }
@@ -250,6 +263,9 @@ mod tests {
                 wait_ms: 1,
             },
             Refusal::Contention,
+            Refusal::StoreUnavailable {
+                bucket: bucket(Metric::UsdPerMonth),
+            },
             Refusal::NoPolicy,
         ]
     }
@@ -328,11 +344,13 @@ mod tests {
                 anthropic.header("retry-after").is_some(),
                 "{r:?}: retry-after as the README says ({status_cell})"
             );
-            assert_eq!(
-                status_cell.contains("x-should-retry: false"),
-                anthropic.header("x-should-retry") == Some("false"),
-                "{r:?}: x-should-retry as the README says ({status_cell})"
-            );
+            for flag in ["false", "true"] {
+                assert_eq!(
+                    status_cell.contains(&format!("x-should-retry: {flag}")),
+                    anthropic.header("x-should-retry") == Some(flag),
+                    "{r:?}: x-should-retry as the README says ({status_cell})"
+                );
+            }
         }
         // Rows no refusal produces are Envoy's own replies (the idle timeout).
         for (row, used) in rows.iter().zip(used) {

@@ -333,6 +333,7 @@ fn without_header_hold_the_headers_continue_and_the_body_decides() {
         policy(""),
         FilterOptions {
             hold_request_headers: false,
+            shared: None,
         },
     );
     assert_eq!(
@@ -549,6 +550,7 @@ fn without_anthropic_version_the_list_is_openais() {
         policy(""),
         FilterOptions {
             hold_request_headers: false,
+            shared: None,
         },
     );
     assert_eq!(flow.on_request_headers(&mut host, true), Decision::Continue);
