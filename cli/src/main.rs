@@ -18,9 +18,6 @@ mod audit_view;
 /// Unix milliseconds now.
 mod clock;
 /// The audit collector's pieces: gRPC AccessLogService, store, reports, HTTP side.
-// TODO(collector branch): the collector rewrite brings these modules under the
-// workspace lints; until it lands they index result rows directly.
-#[allow(clippy::indexing_slicing)]
 mod collector;
 /// The local gateway: Envoy's rendered configuration and its supervision.
 mod gateway;

@@ -217,6 +217,26 @@ impl Gateway {
         req.send().unwrap()
     }
 
+    /// Sends `request` as raw bytes on a fresh connection, exactly as
+    /// written (paths no HTTP client would send), and reads to the end:
+    /// `(status, whole response text)`.
+    pub fn raw(&self, request: &[u8]) -> (u16, String) {
+        use std::io::Write;
+        let addr = self.base.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(request).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, text)
+    }
+
     pub fn client(&self) -> &reqwest::blocking::Client {
         &self.http
     }

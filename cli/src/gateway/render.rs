@@ -331,12 +331,15 @@ mod tests {
         );
     }
 
-    #[test]
-    fn every_template_renders_without_leftovers() {
-        let layout = Layout {
+    fn layout() -> Layout {
+        Layout {
             dir: PathBuf::from("/tmp/tg"),
-        };
-        let gw = Gateway {
+        }
+    }
+
+    /// A gateway for Anthropic over TLS and OpenAI on the local mock.
+    fn test_gateway() -> Gateway {
+        Gateway {
             listen: "127.0.0.1:8080".parse().unwrap(),
             admin_port: 9901,
             collector: ("127.0.0.1".to_string(), 9611),
@@ -347,8 +350,17 @@ mod tests {
             stream_idle_timeout_s: 600,
             ca_bundle: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
             quota: Vec::new(),
-        };
-        let b = bootstrap(&gw, &layout).unwrap();
+        }
+    }
+
+    /// The bootstrap of [`test_gateway`].
+    fn rendered_bootstrap() -> String {
+        bootstrap(&test_gateway(), &layout()).unwrap()
+    }
+
+    #[test]
+    fn every_template_renders_without_leftovers() {
+        let b = rendered_bootstrap();
         assert!(b.contains("sni: \"api.anthropic.com\""));
         assert!(b.contains("port_value: 9612"));
         assert!(!b.contains("{{"));
@@ -359,9 +371,9 @@ mod tests {
         let shared = bootstrap(
             &Gateway {
                 quota: vec![("127.0.0.1".into(), 9614), ("127.0.0.2".into(), 9615)],
-                ..gw.clone()
+                ..test_gateway()
             },
-            &layout,
+            &layout(),
         )
         .unwrap();
         assert!(shared.contains("- name: tollgate_quota"));
@@ -391,5 +403,23 @@ mod tests {
         );
         let s = secret("openai_api_key", "Bearer sk-\"quoted\"").unwrap();
         assert!(s.contains(r#"inline_string: "Bearer sk-\"quoted\"""#));
+    }
+
+    #[test]
+    fn bootstrap_normalises_paths_as_the_filter_classifies_them() {
+        let b = rendered_bootstrap();
+        // The same steps as tollgate_core::route::normalize, in the HCM.
+        for setting in [
+            "normalize_path: true",
+            "merge_slashes: true",
+            "path_with_escaped_slashes_action: REJECT_REQUEST",
+        ] {
+            assert_eq!(b.matches(setting).count(), 1, "{setting}");
+        }
+        // OpenAI's /v1/models: the header the filter's rule reads, absent.
+        let header = tollgate_core::route::FAMILY_HEADER;
+        assert!(b.contains(&format!(
+            "- name: {header}\n                    present_match: false\n"
+        )));
     }
 }

@@ -9,14 +9,18 @@
 //!    and reserve. Publish a provisional audit record so that a request that
 //!    never completes is still audited.
 //! 3. Response: add the caller's rate-limit headers, read usage from the JSON
-//!    body or incrementally from the SSE stream (never buffered).
+//!    body or incrementally from the SSE stream (never buffered). A
+//!    `/v1/models` list is the exception: held to its end and cut to the
+//!    key's allowlist ([`models`]).
 //! 4. End of response: settle reservations against actual usage, price it,
 //!    publish the final audit record (before Envoy's access loggers run).
 
 mod headers;
+mod models;
 mod refusal;
 
 pub use headers::rate_limit_headers;
+pub use models::{empty_list, filter_list, Filtered, MAX_MODELS_LIST};
 pub use refusal::Refusal;
 
 use crate::audit::{AuditRecord, Outcome, Reason, Tokens, SCHEMA_VERSION};
@@ -77,6 +81,8 @@ struct Response {
     /// Content-encoding other than identity: usage cannot be read.
     encoded: bool,
     sse: Option<StreamUsage>,
+    /// A `GET /v1/models` list held to its end to be cut to the allowlist.
+    models_list: bool,
     /// Set when Tollgate added `include_usage` for a client that did not ask.
     strip: Option<usage::inject::UsageChunkStripper>,
     body: Vec<u8>,
@@ -112,6 +118,8 @@ pub struct RequestFlow {
     options: FilterOptions,
     phase: Phase,
     route: Route,
+    /// `GET /v1/models/{id}`: the model asked about.
+    model_asked: Option<String>,
     info: RequestInfo,
     response: Response,
     audit: AuditRecord,
@@ -130,6 +138,7 @@ impl RequestFlow {
             options,
             phase: Phase::Start,
             route: Route::Other,
+            model_asked: None,
             info: RequestInfo::default(),
             response: Response::default(),
             audit: AuditRecord {
@@ -171,7 +180,17 @@ impl RequestFlow {
         let now = host.now_ms();
         let headers = host.request_headers();
         let path = header(&headers, ":path").unwrap_or_default();
-        self.route = Route::classify(path);
+        let method = header(&headers, ":method").unwrap_or_default();
+        let family = Provider::models_family(&headers);
+        let bad_path = match Route::classify(method, path, family) {
+            Ok(target) => {
+                self.route = target.route;
+                self.audit.model_requested = target.model.clone();
+                self.model_asked = target.model;
+                None
+            }
+            Err(e) => Some(e),
+        };
         self.audit.timestamp_ms = now;
         self.audit.route = self.route.name().to_string();
         self.audit.provider = self.provider().name().to_string();
@@ -194,14 +213,21 @@ impl RequestFlow {
             Err(refusal) => return self.refuse(host, refusal, &[]),
         };
         // From here the caller is known: refusals carry its bucket states.
-        let refusal = match policy.key(key).map(|k| k.check_valid(now)) {
-            Some(Err(KeyRefusal::Revoked)) => Some(Refusal::RevokedKey),
+        let bad_path = bad_path.map(|error| Refusal::BadPath {
+            path: String::from_utf8_lossy(path).into_owned(),
+            error,
+        });
+        let refusal = match policy.key(key).map(|k| (k, k.check_valid(now))) {
+            Some((_, Err(KeyRefusal::Revoked))) => Some(Refusal::RevokedKey),
+            Some((_, Err(KeyRefusal::Expired(at_ms)))) => Some(Refusal::ExpiredKey { at_ms }),
             // Revoked through the shared store: every replica learns it
             // within a sync period, before the policy file reaches it.
-            Some(Ok(())) if self.options.shared.is_some() && self.revoked_everywhere(host, key) => {
+            Some((_, Ok(())))
+                if self.options.shared.is_some() && self.revoked_everywhere(host, key) =>
+            {
                 Some(Refusal::RevokedKey)
             }
-            Some(Err(KeyRefusal::Expired(at_ms))) => Some(Refusal::ExpiredKey { at_ms }),
+            _ if bad_path.is_some() => bad_path,
             _ if self.route == Route::Other
                 && policy.settings.unknown_routes == UnknownRoutes::Deny =>
             {
@@ -209,7 +235,8 @@ impl RequestFlow {
                 Some(Refusal::UnknownRoute { path })
             }
             _ if end_of_stream && self.route.is_llm() => Some(Refusal::BodyRequired),
-            _ => None,
+            Some((key, Ok(()))) => self.model_not_listed(key),
+            None => None,
         };
         self.phase = Phase::Authenticated { key };
         if let Some(refusal) = refusal {
@@ -315,8 +342,8 @@ impl RequestFlow {
             });
         }
         if self.route == Route::AnthropicCountTokens {
-            // Counting tokens costs a request, never tokens.
-            return Ok(Demand::one_request());
+            // Counting tokens takes nothing from any bucket (docs/metering.md).
+            return Ok(Demand::none());
         }
         let price = policy.price(&model);
         let budgeted = || {
@@ -623,8 +650,9 @@ impl RequestFlow {
         }
         if end_of_stream {
             self.finish(host);
+            return Decision::Continue;
         }
-        Decision::Continue
+        self.hold_models_list(host)
     }
 
     pub fn on_response_body(
@@ -635,6 +663,9 @@ impl RequestFlow {
     ) -> Decision {
         if matches!(self.phase, Phase::Done) {
             return Decision::Continue;
+        }
+        if self.response.models_list {
+            return self.rewrite_models_list(host, body_size, end_of_stream);
         }
         if !self.response.encoded && (body_size > 0 || end_of_stream) {
             if let Some(chunk) = host.response_body(body_size) {
@@ -753,9 +784,8 @@ impl RequestFlow {
         };
         let count_cache_reads = self.policy.settings.cache_reads_count_toward_input_limit;
         match seen {
-            _ if self.route == Route::AnthropicCountTokens || !self.route.is_llm() => {
-                Demand::one_request()
-            }
+            _ if self.route == Route::AnthropicCountTokens => Demand::none(),
+            _ if !self.route.is_llm() => Demand::one_request(),
             Some(u) => {
                 let t = &mut self.audit.tokens;
                 t.input = Some(u.input);

@@ -7,6 +7,7 @@
 use crate::audit::Reason;
 use crate::meter::Bucket;
 use crate::reply::ErrorKind;
+use crate::route::PathError;
 use crate::time::format_rfc3339;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +26,12 @@ pub enum Refusal {
     UnknownRoute {
         path: String,
     },
+    /// A path refused whatever `unknown_routes` says: an encoded slash, or
+    /// an API route's path in other letter case.
+    BadPath {
+        path: String,
+        error: PathError,
+    },
     /// An LLM route called without a body.
     BodyRequired,
     /// The body is not a request of its route (malformed JSON, bad types).
@@ -33,6 +40,11 @@ pub enum Refusal {
     ModelNotAllowed {
         model: String,
         allowed: String,
+    },
+    /// `GET /v1/models/{id}` for a model outside the key's allowlist:
+    /// answered as the provider answers an unknown model (see `flow::models`).
+    ModelNotListed {
+        model: String,
     },
     /// A USD budget applies and the model has no price: it must never cost $0.
     UnpricedModel {
@@ -62,13 +74,21 @@ impl Refusal {
             Refusal::ConflictingKeys | Refusal::UnknownKey => Reason::UnknownKey,
             Refusal::RevokedKey => Reason::RevokedKey,
             Refusal::ExpiredKey { .. } => Reason::ExpiredKey,
-            Refusal::UnknownRoute { .. } => Reason::UnknownRoute,
-            Refusal::BodyRequired | Refusal::InvalidBody(_) | Refusal::ModelMissing => {
-                Reason::InvalidRequest
-            }
-            Refusal::ModelNotAllowed { .. } | Refusal::UnpricedModel { .. } => {
-                Reason::ModelNotAllowed
-            }
+            Refusal::UnknownRoute { .. }
+            | Refusal::BadPath {
+                error: PathError::CaseMismatch(_),
+                ..
+            } => Reason::UnknownRoute,
+            Refusal::BodyRequired
+            | Refusal::InvalidBody(_)
+            | Refusal::ModelMissing
+            | Refusal::BadPath {
+                error: PathError::EncodedSlash,
+                ..
+            } => Reason::InvalidRequest,
+            Refusal::ModelNotAllowed { .. }
+            | Refusal::ModelNotListed { .. }
+            | Refusal::UnpricedModel { .. } => Reason::ModelNotAllowed,
             Refusal::Limited { bucket, .. } if bucket.metric.is_usd() => Reason::BudgetExhausted,
             Refusal::Limited { bucket, .. } if bucket.metric.is_quota() => Reason::QuotaExhausted,
             Refusal::Limited { .. } => Reason::RateLimited,
@@ -78,8 +98,13 @@ impl Refusal {
         }
     }
 
-    /// Status and provider error type, which follow from the reason.
+    /// Status and provider error type, which follow from the reason, except
+    /// for a model hidden from the key's list: not found, as the provider
+    /// says of a model that does not exist.
     pub fn kind(&self) -> ErrorKind {
+        if let Refusal::ModelNotListed { .. } = self {
+            return ErrorKind::NotFound;
+        }
         match self.reason() {
             Reason::MissingKey | Reason::UnknownKey | Reason::RevokedKey | Reason::ExpiredKey => {
                 ErrorKind::Unauthenticated
@@ -111,12 +136,26 @@ impl Refusal {
             Refusal::UnknownRoute { path } => {
                 format!("{path} is not an LLM API route served by this gateway")
             }
+            Refusal::BadPath {
+                path,
+                error: PathError::EncodedSlash,
+            } => format!(
+                "{path}: encoded slashes (%2F, %5C) are not allowed in request paths"
+            ),
+            Refusal::BadPath {
+                path,
+                error: PathError::CaseMismatch(route),
+            } => format!(
+                "{path} is not an LLM API route served by this gateway (paths are case-sensitive: {})",
+                route.path()
+            ),
             Refusal::BodyRequired => "request body is required".to_string(),
             Refusal::InvalidBody(message) => message.clone(),
             Refusal::ModelMissing => "model: field required".to_string(),
             Refusal::ModelNotAllowed { model, allowed } => {
                 format!("model {model} is not allowed for this key (allowed: {allowed})")
             }
+            Refusal::ModelNotListed { model } => format!("model: {model} not found for this key"),
             Refusal::UnpricedModel { model } => format!(
                 "model {model} has no price in the policy and a USD budget applies to this key; add it under \"prices\" or set settings.default_price"
             ),
@@ -192,6 +231,14 @@ mod tests {
             Refusal::UnknownRoute {
                 path: "/v1/files".into(),
             },
+            Refusal::BadPath {
+                path: "/v1%2Fmessages".into(),
+                error: PathError::EncodedSlash,
+            },
+            Refusal::BadPath {
+                path: "/V1/messages".into(),
+                error: PathError::CaseMismatch(crate::route::Route::AnthropicMessages),
+            },
             Refusal::BodyRequired,
             Refusal::InvalidBody("bad".into()),
             Refusal::ModelMissing,
@@ -200,6 +247,9 @@ mod tests {
                 allowed: "a".into(),
             },
             Refusal::UnpricedModel { model: "m".into() },
+            Refusal::ModelNotListed {
+                model: "claude-opus-4-1".into(),
+            },
             Refusal::Limited {
                 bucket: bucket(Metric::Requests),
                 wait_ms: 20_000,

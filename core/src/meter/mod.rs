@@ -122,13 +122,19 @@ pub struct Demand {
 }
 
 impl Demand {
-    /// One request and no tokens: a request that is not an LLM call, a
-    /// token count, or an upstream error that consumed nothing.
+    /// One request and no tokens: a request that is not an LLM call, or an
+    /// upstream error that consumed nothing.
     pub fn one_request() -> Demand {
         Demand {
             requests: 1.0,
             ..Demand::default()
         }
+    }
+
+    /// Nothing from any bucket: a token count (`/v1/messages/count_tokens`),
+    /// which the provider serves free under limits of its own.
+    pub fn none() -> Demand {
+        Demand::default()
     }
 
     pub(crate) fn amount(&self, metric: Metric) -> f64 {

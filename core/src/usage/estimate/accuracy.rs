@@ -241,7 +241,13 @@ fn accuracy_against_o200k_and_the_recorded_exchanges() {
     let mut openai_recorded = Report::new();
     let mut anthropic = Report::new();
     for ex in &manifest {
-        let route = Route::classify(ex["route"].as_str().unwrap_or("").as_bytes());
+        let path = ex["route"].as_str().unwrap_or("");
+        let Ok(target) =
+            Route::classify(b"POST", path.as_bytes(), crate::route::Provider::Anthropic)
+        else {
+            continue;
+        };
+        let route = target.route;
         let body = read(
             &Path::new(ROOT)
                 .join("tests/fixtures")

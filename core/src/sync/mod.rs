@@ -66,6 +66,9 @@ pub struct Leader {
     id: String,
     opts: SharedOptions,
     pending: Vec<(u32, Pending)>,
+    /// Scopes this leader syncs each period while they hold a lease or
+    /// consumption (by record key: their buckets as the service sees them).
+    active: HashMap<String, Vec<(Metric, pb::Bucket)>>,
 }
 
 fn read_u64(store: &dyn SharedStore, key: &str) -> Option<(u64, u32)> {
@@ -102,6 +105,7 @@ impl Leader {
             id,
             opts,
             pending: Vec::new(),
+            active: HashMap::new(),
         }
     }
 
@@ -195,36 +199,48 @@ impl Leader {
                 }
             }
         }
-        if named.is_empty() {
-            return;
-        }
-        let seq = next_seq(host);
-        let replicas = f64::from(replicas(host));
         // Buckets by scope record, so each record is read and written once.
-        let mut scopes: HashMap<String, Vec<(Metric, pb::Bucket)>> = HashMap::new();
-        for (id, bucket) in named {
+        // Scopes synced before stay active while they hold a lease: their
+        // later consumption is pushed even if no request hands them over
+        // again (a burst that ends inside one period).
+        for (id, bucket) in &named {
             let Some((scope, field)) = id.rsplit_once(':') else {
                 continue;
             };
             let Some(metric) = Metric::from_field(field) else {
                 continue;
             };
-            scopes
-                .entry(record::store_key(scope))
-                .or_default()
-                .push((metric, bucket));
+            let buckets = self.active.entry(record::store_key(scope)).or_default();
+            match buckets.iter_mut().find(|(m, _)| *m == metric) {
+                Some(entry) => entry.1 = bucket.clone(),
+                None => buckets.push((metric, bucket.clone())),
+            }
         }
+        if self.active.is_empty() {
+            return;
+        }
+        let seq = next_seq(host);
+        let replicas = f64::from(replicas(host));
+        let period = self.period();
+        let mut idle = Vec::new();
         let mut syncs = Vec::new();
         let mut sent = Vec::new();
-        for (store_key, buckets) in scopes {
-            let result = store::update(host, &store_key, |record| {
+        for (store_key, buckets) in &self.active {
+            let result = store::update(host, store_key, |record| {
                 let mut record = record.unwrap_or_default();
                 let mut out = Vec::new();
-                for (metric, bucket) in &buckets {
+                let mut live = false;
+                for (metric, bucket) in buckets {
                     let Some(slot) = record.slot_mut(*metric) else {
                         continue;
                     };
+                    let asked = named.contains_key(&bucket.id);
+                    let expiring = slot.expires > now && slot.expires <= now + 2 * period;
                     if slot.seq == 0 {
+                        if !asked && slot.consumed == 0.0 && !expiring {
+                            live |= slot.expires > now;
+                            continue;
+                        }
                         // Whole base units travel; a fraction of a
                         // micro-dollar waits in `consumed` for the next sync.
                         let units = to_units(bucket, slot.consumed).trunc();
@@ -233,6 +249,8 @@ impl Leader {
                         slot.rate = 0.5 * slot.rate + 0.5 * slot.inflight.max(0.0);
                         slot.seq = seq;
                     }
+                    // In flight: the scope stays active until it is answered.
+                    live = true;
                     let want = lease_size(slot.rate, slot.last, bucket, replicas);
                     out.push((
                         pb::BucketSync {
@@ -250,14 +268,27 @@ impl Leader {
                         },
                     ));
                 }
-                Step::Write(record, out)
+                if out.is_empty() {
+                    return Step::Keep((out, live));
+                }
+                Step::Write(record, (out, live))
             });
-            if let Ok(out) = result {
+            // A record that stays contended is tried again next period.
+            if let Ok((out, live)) = result {
+                if !live {
+                    idle.push(store_key.clone());
+                }
                 for (s, t) in out {
                     syncs.push(s);
                     sent.push(t);
                 }
             }
+        }
+        for key in idle {
+            self.active.remove(&key);
+        }
+        if syncs.is_empty() {
+            return;
         }
         for (chunk, sent) in syncs
             .chunks(BUCKETS_PER_SYNC)
@@ -493,3 +524,6 @@ fn window_of(bucket: &pb::Bucket, lease_window: u64, now: u64) -> i64 {
         current as i64
     }
 }
+
+#[cfg(test)]
+mod tests;
