@@ -17,7 +17,7 @@ export TOLLGATE_BIN   := $(abspath $(TOLLGATE))
 # The PostgreSQL audit-store test's database (`make postgres` provides it).
 export TOLLGATE_PG_URL ?= postgres://tollgate:tollgate@127.0.0.1:5432/tollgate_test
 
-.PHONY: bench help demo test build wasm-trap fuzz fuzz-smoke wasm cli envoy sdk chromium postgres wasm-target unit e2e lint fmt clean bench-policy
+.PHONY: bench help demo test build wasm-trap fuzz fuzz-smoke wasm cli envoy sdk chromium postgres redis quota wasm-target unit e2e lint fmt clean bench-policy estimate-simd-check
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -25,7 +25,7 @@ help: ## Show this help
 demo: build envoy ## Build, start the gateway with the example policy and the mock provider, run a short tour (DEMO_EXIT=1 exits after it)
 	@scripts/demo.sh
 
-test: build wasm-trap envoy sdk chromium postgres lint fuzz-smoke ## Install what is needed, then run every unit and end-to-end test
+test: build wasm-trap envoy sdk chromium postgres redis lint fuzz-smoke estimate-simd-check ## Install what is needed, then run every unit and end-to-end test
 	$(CARGO) test --workspace --no-fail-fast
 
 build: wasm cli ## Build tollgate.wasm and the tollgate CLI
@@ -77,6 +77,13 @@ postgres: ## Install and start Debian's PostgreSQL with a test database (needs r
 	@runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_database WHERE datname='tollgate_test'" | grep -q 1 || \
 	  runuser -u postgres -- psql -qc "CREATE DATABASE tollgate_test OWNER tollgate"
 
+redis: ## Install Debian's redis-server (needs root, as on CI); tests start their own on free ports
+	@command -v redis-server >/dev/null || { echo "==> installing redis-server (Debian) for the quota tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
+quota: redis ## Shared-limit service tests (tollgate-quota, tollgate-proto) against real redis-servers
+	$(CARGO) test -p tollgate-quota -p tollgate-proto
+
 # Fuzzing: cargo-fuzz installed into the project (.tools), run on the
 # machine's stable toolchain with RUSTC_BOOTSTRAP=1 for the sanitizer flags.
 CARGO_FUZZ   := .tools/bin/cargo-fuzz
@@ -93,6 +100,15 @@ fuzz: $(CARGO_FUZZ) ## Fuzz the estimator, SSE parser, usage parsers and policy 
 
 fuzz-smoke: ## Each fuzz target for 10 seconds (part of make test)
 	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=10
+
+# The estimator's tests built for wasm32-wasip1 (with simd128, from
+# .cargo/config.toml) and run in Node.js's V8 by scripts/run-wasi.mjs as
+# cargo's runner: there the SIMD classifier is the one Envoy runs, and the
+# property tests hold it to the scalar one and to the rule.
+estimate-simd-check: wasm-target ## The estimator's tests in V8 with wasm SIMD (part of make test)
+	@command -v node >/dev/null || { echo "estimate-simd-check needs Node.js 20+ (node) on PATH"; exit 1; }
+	CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(abspath scripts/run-wasi.mjs)" \
+	  $(CARGO) test --target $(WASM_TARGET) -p tollgate-core --lib -- usage::estimate usage::tests::
 
 unit: ## Unit tests only (no Envoy)
 	$(CARGO) test -p tollgate-core -p tollgate -p tollgate-mock

@@ -1,6 +1,7 @@
 //! Audit records as `tollgate audit tail` shows them: a fixed-width table
 //! or one JSON object a line, newest last, optionally following the store.
 
+use crate::collector::sheet::{self, Align, Column};
 use crate::collector::store::AuditStore;
 use anyhow::Result;
 use std::collections::HashSet;
@@ -33,11 +34,13 @@ pub fn tail(
     let mut last = store.last_seq()?;
     let mut records = store.tail(lines)?;
     records.reverse();
-    if format == Format::Table {
-        writeln!(out, "{}", header())?;
-    }
-    for r in &records {
-        write_record(out, r, format)?;
+    match format {
+        Format::Table => writeln!(out, "{}", sheet::table(&COLUMNS, true, &records))?,
+        Format::Json => {
+            for r in &records {
+                write_record(out, r, format)?;
+            }
+        }
     }
     out.flush()?;
     if !follow {
@@ -65,65 +68,90 @@ pub fn write_record(out: &mut impl Write, r: &AuditRecord, format: Format) -> Re
     Ok(())
 }
 
-const WIDTHS: [usize; 11] = [20, 16, 20, 10, 22, 26, 24, 6, 7, 7, 9];
+fn text(v: &Option<String>) -> String {
+    v.clone().unwrap_or_else(|| "-".to_string())
+}
 
-/// Columns left-aligned except the numbers at the end (status onwards).
-fn line(cells: [&str; 11]) -> String {
-    let mut out = String::new();
-    for (i, (cell, width)) in cells.iter().zip(WIDTHS).enumerate() {
-        if i > 0 {
-            out.push(' ');
-        }
-        if i >= 7 {
-            out.push_str(&format!("{cell:>width$}"));
-        } else {
-            out.push_str(&format!("{cell:<width$}"));
-        }
+fn num(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+const fn left(
+    header: &'static str,
+    width: u16,
+    value: fn(&AuditRecord) -> String,
+) -> Column<AuditRecord> {
+    Column {
+        table: Some(header),
+        csv: None,
+        width,
+        gap: 1,
+        align: Align::Left,
+        value,
     }
-    out.trim_end().to_string()
 }
 
-pub fn header() -> String {
-    line([
-        "time", "key", "user", "team", "route", "model", "decision", "status", "input", "output",
-        "cost",
-    ])
+const fn right(
+    header: &'static str,
+    width: u16,
+    value: fn(&AuditRecord) -> String,
+) -> Column<AuditRecord> {
+    Column {
+        align: Align::Right,
+        ..left(header, width, value)
+    }
 }
 
-/// One table row. A record still provisional when Envoy logged it belongs to
-/// a request the client or upstream abandoned before the response ended.
-pub fn row(r: &AuditRecord) -> String {
-    let text = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_string());
-    let num = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
-    let decision = match (r.decision, r.complete) {
+/// The table's columns: text left-aligned, the numbers at the end (status
+/// onwards) right-aligned.
+const COLUMNS: [Column<AuditRecord>; 11] = [
+    Column {
+        gap: 0,
+        ..left("time", 20, |r| format_rfc3339(r.timestamp_ms))
+    },
+    left("key", 16, |r| text(&r.key_id)),
+    left("user", 20, |r| text(&r.user)),
+    left("team", 10, |r| text(&r.team)),
+    left("route", 22, |r| r.route.clone()),
+    left("model", 26, |r| {
+        text(&r.model_served.clone().or(r.model_requested.clone()))
+    }),
+    // A record still provisional when Envoy logged it belongs to a request
+    // the client or upstream abandoned before the response ended.
+    left("decision", 24, |r| match (r.decision, r.complete) {
         (Outcome::Denied, _) => format!("denied {}", r.reason.as_str()),
         (Outcome::Allowed, true) => "allowed".to_string(),
         (Outcome::Allowed, false) => "aborted".to_string(),
-    };
-    let status = if r.status == 0 {
-        "-".to_string()
-    } else {
-        r.status.to_string()
-    };
+    }),
+    right("status", 6, |r| {
+        if r.status == 0 {
+            "-".to_string()
+        } else {
+            r.status.to_string()
+        }
+    }),
     // Before the provider reports usage, the estimate is all there is.
-    let input = r
-        .tokens
-        .input
-        .or(Some(r.tokens.input_estimated).filter(|v| *v > 0));
-    line([
-        &format_rfc3339(r.timestamp_ms),
-        &text(&r.key_id),
-        &text(&r.user),
-        &text(&r.team),
-        &r.route,
-        &text(&r.model_served.clone().or(r.model_requested.clone())),
-        &decision,
-        &status,
-        &num(input),
-        &num(r.tokens.output),
-        &r.cost_usd
-            .map_or_else(|| "-".to_string(), |c| format!("${c:.5}")),
-    ])
+    right("input", 7, |r| {
+        num(r
+            .tokens
+            .input
+            .or(Some(r.tokens.input_estimated).filter(|v| *v > 0)))
+    }),
+    right("output", 7, |r| num(r.tokens.output)),
+    right("cost", 9, |r| {
+        r.cost_usd
+            .map_or_else(|| "-".to_string(), |c| format!("${c:.5}"))
+    }),
+];
+
+#[cfg(test)]
+fn header() -> String {
+    sheet::table(&COLUMNS, true, [])
+}
+
+/// One table row, for records that arrive after the table was printed.
+fn row(r: &AuditRecord) -> String {
+    sheet::table(&COLUMNS, false, [r])
 }
 
 #[cfg(test)]

@@ -150,9 +150,97 @@ pub fn add_to_policy(path: &Path, entry: &serde_json::Value) -> Result<()> {
     atomic_file::write(path, &updated, 0o644)
 }
 
+/// What `revoke_in_policy` did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Revoked {
+    /// The key's SHA-256 (what the shared store's revocation list holds).
+    pub key_sha256: [u8; 32],
+    /// False when the policy already said `"revoked": true`.
+    pub changed: bool,
+}
+
+/// Marks the key `id` revoked in the policy file at `path`: validated
+/// first, written atomically (the gateway watching it never sees a bad
+/// policy). The file is rewritten as pretty JSON with its fields in order.
+pub fn revoke_in_policy(path: &Path, id: &str) -> Result<Revoked> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let keys = doc
+        .get_mut("keys")
+        .and_then(serde_json::Value::as_array_mut)
+        .with_context(|| format!("{} has no \"keys\"", path.display()))?;
+    let known: Vec<String> = keys
+        .iter()
+        .filter_map(|k| Some(k.get("id")?.as_str()?.to_string()))
+        .collect();
+    let Some(entry) = keys
+        .iter_mut()
+        .find(|k| k.get("id").and_then(serde_json::Value::as_str) == Some(id))
+    else {
+        bail!(
+            "no key with id {id:?} in {} (ids: {})",
+            path.display(),
+            known.join(", ")
+        );
+    };
+    let hash = entry
+        .get("key_sha256")
+        .and_then(serde_json::Value::as_str)
+        .and_then(|h| tollgate_core::policy::leaf::sha256(h).ok())
+        .with_context(|| format!("key {id:?} has no valid key_sha256"))?;
+    let changed = entry.get("revoked") != Some(&serde_json::Value::Bool(true));
+    if changed {
+        if let Some(obj) = entry.as_object_mut() {
+            obj.insert("revoked".to_string(), serde_json::Value::Bool(true));
+        }
+        let updated = serde_json::to_string_pretty(&doc)? + "\n";
+        if let Err(errors) = policy_file::validate(&updated, &path.display().to_string()) {
+            bail!(
+                "not written: the policy would be invalid:\n{}",
+                errors.join("\n")
+            );
+        }
+        atomic_file::write(path, &updated, 0o644)?;
+    }
+    Ok(Revoked {
+        key_sha256: hash,
+        changed,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn revoking_sets_the_flag_keeps_the_rest_and_names_unknown_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.json");
+        let hash = vkey::sha256_hex("tg-a");
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"version":1,"keys":[{{"id":"a","key_sha256":"{hash}","team":"t"}},{{"id":"b","key_sha256":"{}"}}]}}"#,
+                vkey::sha256_hex("tg-b")
+            ),
+        )
+        .unwrap();
+        let r = revoke_in_policy(&path, "a").unwrap();
+        assert!(r.changed);
+        assert_eq!(hex::encode(r.key_sha256), hash);
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(doc["keys"][0]["revoked"], true);
+        assert_eq!(doc["keys"][0]["team"], "t");
+        assert_eq!(doc["keys"][1].get("revoked"), None);
+        assert!(!revoke_in_policy(&path, "a").unwrap().changed);
+        assert_eq!(
+            revoke_in_policy(&path, "zz").unwrap_err().to_string(),
+            format!("no key with id \"zz\" in {} (ids: a, b)", path.display())
+        );
+    }
 
     #[test]
     fn minted_keys_are_prefixed_random_and_long() {

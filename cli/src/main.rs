@@ -18,9 +18,6 @@ mod audit_view;
 /// Unix milliseconds now.
 mod clock;
 /// The audit collector's pieces: gRPC AccessLogService, store, reports, HTTP side.
-// TODO(collector branch): the collector rewrite brings these modules under the
-// workspace lints; until it lands they index result rows directly.
-#[allow(clippy::indexing_slicing)]
 mod collector;
 /// The local gateway: Envoy's rendered configuration and its supervision.
 mod gateway;
@@ -36,6 +33,8 @@ mod output;
 mod policy_file;
 /// The effective price table as `tollgate prices` shows it.
 mod price_view;
+/// The quota service and Redis behind limits shared by every replica.
+mod shared_store;
 /// Ctrl-C/SIGTERM and the stop switch shared by a process's services.
 mod shutdown;
 
@@ -68,6 +67,8 @@ enum Command {
     Mock(cmd::mock::MockArgs),
     /// Validate policies, render Envoy's filter config, print the JSON Schema.
     Policy(cmd::policy::PolicyArgs),
+    /// Run the shared-limit service in front of Redis, so every Envoy replica meters one set of limits.
+    Quota(cmd::quota::QuotaArgs),
     /// Mint virtual keys.
     Key(cmd::key::KeyArgs),
     /// Package tollgate.wasm as an OCI image (layout directory and tarball) for Istio and Envoy Gateway.
@@ -87,6 +88,7 @@ fn main() -> ExitCode {
         #[cfg(feature = "mock")]
         Command::Mock(args) => cmd::mock::run(args),
         Command::Policy(args) => cmd::policy::run(args),
+        Command::Quota(args) => cmd::quota::run(args),
         Command::Key(args) => cmd::key::run(args),
         Command::Usage(args) => cmd::usage::run(args),
         Command::Package(args) => cmd::package::run(args),

@@ -40,10 +40,16 @@ pub enum Reason {
     NoPolicy,
     /// Shared data kept refusing the bucket update (bounded CAS retries ran out).
     StoreContention,
+    /// The shared store (Redis, through the quota service) could not be
+    /// reached and a limit with `on_store_failure: closed` applied.
+    QuotaStoreUnavailable,
+    /// Allowed without counting: the shared store could not be reached and
+    /// every limit that needed it says `on_store_failure: open`.
+    Uncounted,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Ok,
         Reason::MissingKey,
         Reason::UnknownKey,
@@ -58,6 +64,8 @@ impl Reason {
         Reason::UnknownRoute,
         Reason::NoPolicy,
         Reason::StoreContention,
+        Reason::QuotaStoreUnavailable,
+        Reason::Uncounted,
     ];
     pub const COUNT: usize = Reason::ALL.len();
 
@@ -77,6 +85,8 @@ impl Reason {
             Reason::UnknownRoute => "unknown_route",
             Reason::NoPolicy => "no_policy",
             Reason::StoreContention => "store_contention",
+            Reason::QuotaStoreUnavailable => "quota_store_unavailable",
+            Reason::Uncounted => "uncounted",
         }
     }
 }

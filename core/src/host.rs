@@ -27,6 +27,83 @@ pub trait SharedStore {
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError>;
 }
 
+/// Process-wide queues between the workers and the sync leader (proxy-wasm
+/// shared queues; every worker can enqueue, the leader dequeues).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Queue {
+    /// Buckets whose leases need a sync (a prost `SyncRequest` naming them).
+    Sync,
+    /// Settlements of requests admitted by the shared store (prost
+    /// `SettleRequest`s), sent by the leader.
+    Settle,
+    /// Synchronous admissions whose client left before the answer (prost
+    /// `AdmitRequest`s): the leader repeats each (it is idempotent) and
+    /// gives back what it took if it was admitted.
+    Cancel,
+}
+
+impl Queue {
+    pub const ALL: [Queue; 3] = [Queue::Sync, Queue::Settle, Queue::Cancel];
+
+    /// The shared queue's name in Envoy.
+    pub fn name(self) -> &'static str {
+        match self {
+            Queue::Sync => "tollgate.sync",
+            Queue::Settle => "tollgate.settle",
+            Queue::Cancel => "tollgate.cancel",
+        }
+    }
+}
+
+/// Methods of the shared-limit service, `tollgate.quota.v1.Quota`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaMethod {
+    Admit,
+    Settle,
+    Sync,
+}
+
+impl QuotaMethod {
+    /// The gRPC service every method belongs to.
+    pub const SERVICE: &'static str = "tollgate.quota.v1.Quota";
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QuotaMethod::Admit => "Admit",
+            QuotaMethod::Settle => "Settle",
+            QuotaMethod::Sync => "Sync",
+        }
+    }
+}
+
+/// A call to the shared-limit service could not be started (no cluster,
+/// the host refused it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallFailed;
+
+/// Shared data and the queues to the sync leader: what the shared meter
+/// needs from a worker or from the leader.
+pub trait SharedPlane: SharedStore {
+    /// Appends a message to a process-wide queue.
+    fn enqueue(&self, queue: Queue, message: &[u8]);
+}
+
+/// What the sync leader needs from its host (the filter's root context).
+pub trait RootHost: SharedPlane {
+    /// The next message of a queue, if any.
+    fn dequeue(&self, queue: Queue) -> Option<Vec<u8>>;
+    /// Starts a call to the shared-limit service; its answer reaches the
+    /// leader with the returned token.
+    fn call_quota(
+        &mut self,
+        method: QuotaMethod,
+        message: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u32, CallFailed>;
+    fn stat(&mut self, stat: Stat, delta: i64);
+    fn now_ms(&self) -> u64;
+}
+
 /// Counters and gauges the filter exports as Envoy stats
 /// (`wasmcustom.tollgate.*` on the admin `/stats` endpoint).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,17 +118,51 @@ pub enum Stat {
     UsageUnreadable,
     /// Admitted requests not yet settled (gauge).
     ReservationsOutstanding,
+    /// Lease syncs with the shared store that succeeded / failed.
+    SyncOk,
+    SyncFailed,
+    /// Requests admitted through a synchronous call to the shared store
+    /// (strict limits, cold keys, exhausted leases), and such calls that
+    /// failed (the limit's `on_store_failure` decided).
+    RemoteAdmits,
+    RemoteAdmitFailed,
+    /// Requests metered locally at limit / replicas because the shared
+    /// store could not be reached (`on_store_failure: local`).
+    FallbackAdmits,
+    /// Milliseconds of each synchronous admission round trip (histogram).
+    RemoteAdmitRttMs,
 }
+
+/// Every stat besides decisions, with its name, in index order.
+const STATS: [(Stat, &str); 10] = [
+    (Stat::CasConflict, "tollgate.cas_conflicts"),
+    (Stat::CasExhausted, "tollgate.cas_exhausted"),
+    (Stat::UsageUnreadable, "tollgate.usage_unreadable"),
+    (
+        Stat::ReservationsOutstanding,
+        "tollgate.reservations_outstanding",
+    ),
+    (Stat::SyncOk, "tollgate.quota.sync_ok"),
+    (Stat::SyncFailed, "tollgate.quota.sync_failed"),
+    (Stat::RemoteAdmits, "tollgate.quota.remote_admits"),
+    (
+        Stat::RemoteAdmitFailed,
+        "tollgate.quota.remote_admit_failed",
+    ),
+    (Stat::FallbackAdmits, "tollgate.quota.fallback_admits"),
+    (Stat::RemoteAdmitRttMs, "tollgate.quota.remote_admit_rtt_ms"),
+];
 
 impl Stat {
     /// The stat name; Envoy prefixes it with `wasmcustom.`.
     pub fn name(self) -> String {
         match self {
             Stat::Decision(r) => format!("tollgate.decisions.{}", r.as_str()),
-            Stat::CasConflict => "tollgate.cas_conflicts".to_string(),
-            Stat::CasExhausted => "tollgate.cas_exhausted".to_string(),
-            Stat::UsageUnreadable => "tollgate.usage_unreadable".to_string(),
-            Stat::ReservationsOutstanding => "tollgate.reservations_outstanding".to_string(),
+            other => STATS
+                .iter()
+                .find(|(s, _)| *s == other)
+                .map_or("tollgate.unknown", |(_, n)| n)
+                .to_string(),
         }
     }
 
@@ -59,8 +170,13 @@ impl Stat {
         self == Stat::ReservationsOutstanding
     }
 
+    /// Values recorded one by one into a distribution (Envoy histogram).
+    pub fn is_histogram(self) -> bool {
+        self == Stat::RemoteAdmitRttMs
+    }
+
     /// How many distinct stats there are: [`Stat::index`] is below this.
-    pub const COUNT: usize = crate::audit::Reason::COUNT + 4;
+    pub const COUNT: usize = crate::audit::Reason::COUNT + STATS.len();
 
     /// A dense index, so a host can keep its metric handles in an array and
     /// never format a name on the request path.
@@ -68,16 +184,13 @@ impl Stat {
         let reasons = crate::audit::Reason::COUNT;
         match self {
             Stat::Decision(r) => r as usize,
-            Stat::CasConflict => reasons,
-            Stat::CasExhausted => reasons + 1,
-            Stat::UsageUnreadable => reasons + 2,
-            Stat::ReservationsOutstanding => reasons + 3,
+            other => reasons + STATS.iter().position(|(s, _)| *s == other).unwrap_or(0),
         }
     }
 }
 
 /// Everything a request needs from its host besides shared data.
-pub trait Host: SharedStore {
+pub trait Host: SharedPlane {
     /// All request headers in one host call.
     fn request_headers(&self) -> HeaderList;
     /// Sets (`Some`) or removes (`None`) a request header.
@@ -105,6 +218,14 @@ pub trait Host: SharedStore {
     /// host for the time once per phase and passes it down; nothing below the
     /// flow reads a clock.
     fn now_ms(&self) -> u64;
+    /// Starts a call to the shared-limit service for this request; the
+    /// answer arrives through `RequestFlow::on_quota_response`.
+    fn call_quota(
+        &mut self,
+        method: QuotaMethod,
+        message: &[u8],
+        timeout_ms: u64,
+    ) -> Result<(), CallFailed>;
 }
 
 /// What a lifecycle callback tells the host to do next.
@@ -152,12 +273,7 @@ mod tests {
     #[test]
     fn every_stat_has_its_own_index_below_count() {
         let mut stats: Vec<Stat> = Reason::ALL.iter().map(|r| Stat::Decision(*r)).collect();
-        stats.extend([
-            Stat::CasConflict,
-            Stat::CasExhausted,
-            Stat::UsageUnreadable,
-            Stat::ReservationsOutstanding,
-        ]);
+        stats.extend(super::STATS.iter().map(|(s, _)| *s));
         let mut seen = [false; Stat::COUNT];
         for s in stats {
             assert!(!seen[s.index()], "{} shares index {}", s.name(), s.index());

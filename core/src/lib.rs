@@ -59,6 +59,7 @@ pub mod policy;
 pub mod price;
 pub mod reply;
 pub mod route;
+pub mod sync;
 pub mod testing;
 pub mod time;
 pub mod usage;

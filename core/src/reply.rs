@@ -26,6 +26,9 @@ pub enum ErrorKind {
     NotFound,
     /// Tollgate itself failed (no policy loaded, shared data refused a write).
     Internal,
+    /// The shared store behind a limit cannot be reached and the limit
+    /// refuses rather than guess; retrying shortly may succeed.
+    Unavailable,
 }
 
 impl ErrorKind {
@@ -38,6 +41,7 @@ impl ErrorKind {
             ErrorKind::RateLimited | ErrorKind::QuotaExhausted => 429,
             ErrorKind::NotFound => 404,
             ErrorKind::Internal => 500,
+            ErrorKind::Unavailable => 503,
         }
     }
 
@@ -50,7 +54,7 @@ impl ErrorKind {
             ErrorKind::TooLarge => "request_too_large",
             ErrorKind::RateLimited | ErrorKind::QuotaExhausted => "rate_limit_error",
             ErrorKind::NotFound => "not_found_error",
-            ErrorKind::Internal => "api_error",
+            ErrorKind::Internal | ErrorKind::Unavailable => "api_error",
         }
     }
 
@@ -65,6 +69,7 @@ impl ErrorKind {
             ErrorKind::QuotaExhausted => ("insufficient_quota", "insufficient_quota"),
             ErrorKind::NotFound => ("invalid_request_error", "not_found"),
             ErrorKind::Internal => ("server_error", "internal_error"),
+            ErrorKind::Unavailable => ("server_error", "service_unavailable"),
         }
     }
 }
@@ -104,8 +109,12 @@ pub fn error_reply(
     if let Some(secs) = retry_after_s {
         headers.push(("retry-after".to_string(), secs.to_string()));
     }
-    if kind == ErrorKind::QuotaExhausted {
-        headers.push(("x-should-retry".to_string(), "false".to_string()));
+    match kind {
+        ErrorKind::QuotaExhausted => {
+            headers.push(("x-should-retry".to_string(), "false".to_string()))
+        }
+        ErrorKind::Unavailable => headers.push(("x-should-retry".to_string(), "true".to_string())),
+        _ => {}
     }
     LocalReply {
         status: kind.status(),

@@ -2,9 +2,13 @@
 //! exact semantics (CAS ignored on missing keys, no deletion) that can inject
 //! CAS conflicts, and a builder-style request host.
 
-use crate::host::{HeaderList, Host, SharedStore, StoreError};
+use crate::host::{
+    CallFailed, HeaderList, Host, Queue, QuotaMethod, RootHost, SharedPlane, SharedStore, Stat,
+    StoreError,
+};
 use std::cell::{Cell as StdCell, RefCell};
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 /// Shared data as Envoy implements it: a global CAS counter starting at 1,
@@ -19,6 +23,8 @@ pub struct MemStore {
     conflicts: StdCell<u32>,
     /// Number of `set` calls that hit a CAS mismatch so far.
     pub mismatches: StdCell<u32>,
+    /// The process-wide shared queues.
+    queues: RefCell<HashMap<&'static str, VecDeque<Vec<u8>>>>,
 }
 
 impl MemStore {
@@ -43,6 +49,26 @@ impl MemStore {
 
     pub fn len(&self) -> usize {
         self.map.borrow().len()
+    }
+
+    pub fn enqueue(&self, queue: Queue, message: &[u8]) {
+        self.queues
+            .borrow_mut()
+            .entry(queue.name())
+            .or_default()
+            .push_back(message.to_vec());
+    }
+
+    pub fn dequeue(&self, queue: Queue) -> Option<Vec<u8>> {
+        self.queues.borrow_mut().get_mut(queue.name())?.pop_front()
+    }
+
+    /// How many messages wait in a queue.
+    pub fn queued(&self, queue: Queue) -> usize {
+        self.queues
+            .borrow()
+            .get(queue.name())
+            .map_or(0, VecDeque::len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -99,6 +125,10 @@ pub struct FakeHost {
     /// Stats as the filter would export them, by name.
     pub stats: std::collections::BTreeMap<String, i64>,
     pub now_ms: u64,
+    /// Calls to the quota service this request started, in order.
+    pub quota_calls: Vec<(QuotaMethod, Vec<u8>)>,
+    /// When set, starting a quota call fails (no cluster, host refused).
+    pub quota_unreachable: bool,
 }
 
 impl Default for FakeHost {
@@ -112,6 +142,8 @@ impl Default for FakeHost {
             audit: Vec::new(),
             stats: Default::default(),
             now_ms: 1_795_000_000_000,
+            quota_calls: Vec::new(),
+            quota_unreachable: false,
         }
     }
 }
@@ -233,6 +265,90 @@ impl Host for FakeHost {
     }
 
     fn stat(&mut self, stat: crate::host::Stat, delta: i64) {
+        *self.stats.entry(stat.name()).or_default() += delta;
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    fn call_quota(
+        &mut self,
+        method: QuotaMethod,
+        message: &[u8],
+        _timeout_ms: u64,
+    ) -> Result<(), CallFailed> {
+        if self.quota_unreachable {
+            return Err(CallFailed);
+        }
+        self.quota_calls.push((method, message.to_vec()));
+        Ok(())
+    }
+}
+
+impl SharedPlane for FakeHost {
+    fn enqueue(&self, queue: Queue, message: &[u8]) {
+        self.store.enqueue(queue, message);
+    }
+}
+
+/// The sync leader's host in tests: the shared store and queues, a clock,
+/// and the calls it started (answered by the test with their tokens).
+#[derive(Debug)]
+pub struct FakeRoot {
+    pub store: Rc<MemStore>,
+    pub now_ms: u64,
+    pub calls: Vec<(u32, QuotaMethod, Vec<u8>)>,
+    pub stats: std::collections::BTreeMap<String, i64>,
+    next_token: u32,
+}
+
+impl FakeRoot {
+    pub fn new(store: Rc<MemStore>, now_ms: u64) -> FakeRoot {
+        FakeRoot {
+            store,
+            now_ms,
+            calls: Vec::new(),
+            stats: Default::default(),
+            next_token: 1,
+        }
+    }
+}
+
+impl SharedStore for FakeRoot {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.store.get(key)
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        self.store.set(key, value, cas)
+    }
+}
+
+impl SharedPlane for FakeRoot {
+    fn enqueue(&self, queue: Queue, message: &[u8]) {
+        self.store.enqueue(queue, message);
+    }
+}
+
+impl RootHost for FakeRoot {
+    fn dequeue(&self, queue: Queue) -> Option<Vec<u8>> {
+        self.store.dequeue(queue)
+    }
+
+    fn call_quota(
+        &mut self,
+        method: QuotaMethod,
+        message: &[u8],
+        _timeout_ms: u64,
+    ) -> Result<u32, CallFailed> {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.calls.push((token, method, message.to_vec()));
+        Ok(token)
+    }
+
+    fn stat(&mut self, stat: Stat, delta: i64) {
         *self.stats.entry(stat.name()).or_default() += delta;
     }
 

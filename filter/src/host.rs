@@ -3,8 +3,13 @@
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
-use tollgate_core::flow::{FilterOptions, Refusal};
-use tollgate_core::host::{HeaderList, Host, LocalReply, SharedStore, Stat, StoreError};
+use std::time::Duration;
+use tollgate_core::flow::{FilterOptions, Refusal, VM_OPTIONS_ENV};
+use tollgate_core::host::{
+    CallFailed, HeaderList, Host, LocalReply, Queue, QuotaMethod, RootHost, SharedPlane,
+    SharedStore, Stat, StoreError,
+};
+use tollgate_core::meter::SharedOptions;
 use tollgate_core::reply::error_reply;
 use tollgate_core::route::Provider;
 
@@ -109,13 +114,157 @@ impl Host for Hostcalls {
 
     fn stat(&mut self, stat: Stat, delta: i64) {
         if let Some(id) = metric_id(stat) {
-            log_status("update stat", hostcalls::increment_metric(id, delta));
+            let result = if stat.is_histogram() {
+                hostcalls::record_metric(id, delta.max(0) as u64)
+            } else {
+                hostcalls::increment_metric(id, delta)
+            };
+            log_status("update stat", result);
         }
     }
 
     fn now_ms(&self) -> u64 {
         self.now()
     }
+
+    fn call_quota(
+        &mut self,
+        method: QuotaMethod,
+        message: &[u8],
+        timeout_ms: u64,
+    ) -> Result<(), CallFailed> {
+        grpc_call(method, message, timeout_ms).map(|_| ())
+    }
+}
+
+impl SharedPlane for Hostcalls {
+    fn enqueue(&self, queue: Queue, message: &[u8]) {
+        match queue_id(queue) {
+            Some(id) => log_status(
+                "enqueue for the sync leader",
+                hostcalls::enqueue_shared_queue(id, Some(message)),
+            ),
+            None => log::warn!("shared queue {} is not registered", queue.name()),
+        }
+    }
+}
+
+impl RootHost for Hostcalls {
+    fn dequeue(&self, queue: Queue) -> Option<Vec<u8>> {
+        hostcalls::dequeue_shared_queue(queue_id(queue)?)
+            .ok()
+            .flatten()
+    }
+
+    fn call_quota(
+        &mut self,
+        method: QuotaMethod,
+        message: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u32, CallFailed> {
+        grpc_call(method, message, timeout_ms)
+    }
+
+    fn stat(&mut self, stat: Stat, delta: i64) {
+        Host::stat(self, stat, delta)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.now()
+    }
+}
+
+thread_local! {
+    /// The quota service's Envoy cluster (with a shared store).
+    static QUOTA_CLUSTER: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    /// Ids of the shared queues, by `Queue` position.
+    static QUEUES: std::cell::RefCell<[Option<u32>; Queue::ALL.len()]> =
+        const { std::cell::RefCell::new([None; Queue::ALL.len()]) };
+}
+
+/// Registers the shared queues (every VM does: the host returns the same id
+/// for a name, and the last registrant gets the notifications, which the
+/// leader does not need: it drains on its tick) and remembers the cluster.
+pub fn init_shared(cluster: &str) {
+    QUOTA_CLUSTER.with(|c| *c.borrow_mut() = cluster.to_string());
+    QUEUES.with(|q| {
+        let mut q = q.borrow_mut();
+        for (slot, queue) in q.iter_mut().zip(Queue::ALL) {
+            *slot = hostcalls::register_shared_queue(queue.name()).ok();
+        }
+    });
+}
+
+fn queue_id(queue: Queue) -> Option<u32> {
+    let at = Queue::ALL.iter().position(|q| *q == queue)?;
+    QUEUES.with(|q| q.borrow().get(at).copied().flatten())
+}
+
+/// A unary gRPC call to the quota service as an HTTP/2 callout with gRPC
+/// framing (a 5-byte prefix: not compressed, then the length). Hand-written
+/// rather than the SDK's `dispatch_grpc_call`, which panics (trapping the
+/// VM) when the host answers `BadArgument`, as Envoy does for a cluster that
+/// does not exist; the HTTP callout returns that as an error instead, and
+/// the limit's `on_store_failure` decides.
+fn grpc_call(method: QuotaMethod, message: &[u8], timeout_ms: u64) -> Result<u32, CallFailed> {
+    let cluster = QUOTA_CLUSTER.with(|c| c.borrow().clone());
+    if cluster.is_empty() {
+        return Err(CallFailed);
+    }
+    let path = format!("/{}/{}", QuotaMethod::SERVICE, method.name());
+    let mut body = Vec::with_capacity(message.len() + 5);
+    body.push(0);
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(message);
+    hostcalls::dispatch_http_call(
+        &cluster,
+        vec![
+            (":method", "POST"),
+            (":path", &path),
+            (":authority", &cluster),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ],
+        Some(&body),
+        vec![],
+        Duration::from_millis(timeout_ms.max(1)),
+    )
+    .map_err(|status| {
+        log::warn!("quota call {} not started: {status:?}", method.name());
+        CallFailed
+    })
+}
+
+/// The message of a gRPC callout's answer, or `None` when the call failed
+/// (no response, a non-OK `grpc-status`, a malformed frame). The counts are
+/// the callback's: a map is read only when the host says it has entries,
+/// because reading the map of a failed call is `BadArgument` for Envoy, on
+/// which the SDK's getters panic.
+pub fn grpc_response(num_headers: usize, body_size: usize, num_trailers: usize) -> Option<Vec<u8>> {
+    let grpc_status = |map: MapType| {
+        hostcalls::get_map_bytes(map)
+            .ok()?
+            .into_iter()
+            .find(|(name, _)| name == "grpc-status")
+            .map(|(_, value)| value)
+    };
+    // A trailers-only answer (errors) carries grpc-status in its headers.
+    let status = if num_trailers > 0 {
+        grpc_status(MapType::HttpCallResponseTrailers)
+    } else if num_headers > 0 {
+        grpc_status(MapType::HttpCallResponseHeaders)
+    } else {
+        None
+    };
+    if status.as_deref() != Some(b"0") || body_size < 5 {
+        return None;
+    }
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()?;
+    let (prefix, message) = body.split_at_checked(5)?;
+    let len = u32::from_be_bytes(prefix.get(1..5)?.try_into().ok()?) as usize;
+    (prefix.first() == Some(&0) && message.len() == len).then(|| message.to_vec())
 }
 
 thread_local! {
@@ -133,6 +282,8 @@ fn metric_id(stat: Stat) -> Option<u32> {
         }
         let kind = if stat.is_gauge() {
             MetricType::Gauge
+        } else if stat.is_histogram() {
+            MetricType::Histogram
         } else {
             MetricType::Counter
         };
@@ -142,19 +293,46 @@ fn metric_id(stat: Stat) -> Option<u32> {
     })
 }
 
+/// The VM options and where they came from: the VM configuration, or when
+/// that is empty the environment variable [`VM_OPTIONS_ENV`]. Istio and
+/// Envoy Gateway set only the plugin configuration (the policy) and
+/// environment variables, which Envoy hands the VM through WASI.
+pub fn vm_options() -> (Vec<u8>, &'static str) {
+    let configured = hostcalls::get_buffer(BufferType::VmConfiguration, 0, usize::MAX)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    if !configured.iter().all(u8::is_ascii_whitespace) {
+        return (configured, "the VM configuration");
+    }
+    match std::env::var_os(VM_OPTIONS_ENV) {
+        Some(value) => (
+            value.into_encoded_bytes(),
+            "the environment variable TOLLGATE_VM_OPTIONS",
+        ),
+        None => (configured, "the VM configuration"),
+    }
+}
+
 /// VM configuration: deployment options, not policy. Empty means defaults.
-pub fn parse_options(bytes: &[u8]) -> Result<FilterOptions, String> {
+/// `{"hold_request_headers": true, "shared": {"cluster": "tollgate_quota",
+/// "sync_period_ms": 100, "admit_timeout_ms": 1000}}`; with `shared`, every
+/// bucket is shared by the replicas through the quota service on `cluster`.
+pub fn parse_options(bytes: &[u8]) -> Result<(FilterOptions, Option<String>), String> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(FilterOptions::default());
+        return Ok((FilterOptions::default(), None));
     }
     let v: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| format!("vm configuration: {e}"))?;
     let obj = v
         .as_object()
         .ok_or("vm configuration must be a JSON object")?;
-    if let Some(name) = obj.keys().find(|k| *k != "hold_request_headers") {
+    if let Some(name) = obj
+        .keys()
+        .find(|k| !["hold_request_headers", "shared"].contains(&k.as_str()))
+    {
         return Err(format!(
-            "vm configuration: unknown field {name:?} (known: hold_request_headers)"
+            "vm configuration: unknown field {name:?} (known: hold_request_headers, shared)"
         ));
     }
     let hold = match obj.get("hold_request_headers") {
@@ -163,9 +341,51 @@ pub fn parse_options(bytes: &[u8]) -> Result<FilterOptions, String> {
             .as_bool()
             .ok_or("vm configuration: hold_request_headers must be true or false")?,
     };
-    Ok(FilterOptions {
-        hold_request_headers: hold,
-    })
+    let (shared, cluster) = match obj.get("shared") {
+        None => (None, None),
+        Some(s) => {
+            let s = s
+                .as_object()
+                .ok_or("vm configuration: shared must be an object")?;
+            if let Some(name) = s
+                .keys()
+                .find(|k| !["cluster", "sync_period_ms", "admit_timeout_ms"].contains(&k.as_str()))
+            {
+                return Err(format!(
+                    "vm configuration: shared: unknown field {name:?} (known: cluster, sync_period_ms, admit_timeout_ms)"
+                ));
+            }
+            let defaults = SharedOptions::default();
+            let ms = |name: &str, default: u64| match s.get(name) {
+                None => Ok(default),
+                Some(v) => v.as_u64().filter(|n| *n > 0).ok_or(format!(
+                    "vm configuration: shared.{name} must be a positive whole number of ms"
+                )),
+            };
+            let cluster = match s.get("cluster") {
+                None => "tollgate_quota".to_string(),
+                Some(c) => c
+                    .as_str()
+                    .filter(|c| !c.is_empty())
+                    .ok_or("vm configuration: shared.cluster must be a cluster name")?
+                    .to_string(),
+            };
+            (
+                Some(SharedOptions {
+                    sync_period_ms: ms("sync_period_ms", defaults.sync_period_ms)?,
+                    admit_timeout_ms: ms("admit_timeout_ms", defaults.admit_timeout_ms)?,
+                }),
+                Some(cluster),
+            )
+        }
+    };
+    Ok((
+        FilterOptions {
+            hold_request_headers: hold,
+            shared,
+        },
+        cluster,
+    ))
 }
 
 /// The answer when no valid policy was ever loaded: fail closed.

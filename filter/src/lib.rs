@@ -13,6 +13,7 @@ use std::rc::Rc;
 use tollgate_core::flow::{FilterOptions, RequestFlow};
 use tollgate_core::host::Decision;
 use tollgate_core::policy::{self, Policy};
+use tollgate_core::sync::Leader;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -28,24 +29,58 @@ proxy_wasm::main! {{
 struct Root {
     policy: Option<Rc<Policy>>,
     options: FilterOptions,
+    /// With a shared store: this VM's side of the sync leadership.
+    leader: Option<Leader>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    /// An answer to a call the sync leader started.
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        num_trailers: usize,
+    ) {
+        let response = host::grpc_response(num_headers, body_size, num_trailers);
+        if let (Some(leader), Some(policy)) = (&mut self.leader, &self.policy) {
+            leader.on_response(&mut Hostcalls, policy, token_id, response.as_deref());
+        }
+    }
+}
+
+/// A name for this VM that no other VM of the process shares: the time and
+/// WASI's random source, through std's hasher seeds.
+fn vm_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Hostcalls.now());
+    format!("{:016x}", h.finish())
+}
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
-        if let Ok(Some(bytes)) = proxy_wasm::hostcalls::get_buffer(
-            proxy_wasm::types::BufferType::VmConfiguration,
-            0,
-            usize::MAX,
-        ) {
-            match host::parse_options(&bytes) {
-                Ok(options) => self.options = options,
-                Err(e) => {
-                    log::error!("invalid vm configuration: {e}");
-                    return false;
-                }
+        let (bytes, source) = host::vm_options();
+        let (options, cluster) = match host::parse_options(&bytes) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                log::error!("invalid VM options in {source}: {e}");
+                return false;
             }
+        };
+        self.options = options;
+        if let (Some(shared), Some(cluster)) = (options.shared, cluster) {
+            host::init_shared(&cluster);
+            self.leader = Some(Leader::new(vm_id(), shared));
+            let period = std::time::Duration::from_millis(shared.sync_period_ms);
+            if let Err(e) = proxy_wasm::hostcalls::set_tick_period(period) {
+                log::error!("cannot start the sync timer: {e:?}");
+                return false;
+            }
+            log::info!(
+                "limits shared through the quota service on cluster {cluster} (VM options from {source}), synced every {} ms",
+                shared.sync_period_ms
+            );
         }
         true
     }
@@ -103,6 +138,14 @@ impl RootContext for Root {
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
+
+    /// Every sync period on every worker: one of them (the elected leader)
+    /// syncs this Envoy's leases with the quota service.
+    fn on_tick(&mut self) {
+        if let Some(leader) = &mut self.leader {
+            leader.tick(&mut Hostcalls);
+        }
+    }
 }
 
 struct Http {
@@ -110,7 +153,32 @@ struct Http {
     flow: Option<RequestFlow>,
 }
 
-impl Context for Http {}
+impl Context for Http {
+    /// The quota service answered the synchronous admission this request
+    /// paused for: resume it or answer it.
+    fn on_http_call_response(
+        &mut self,
+        _token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        num_trailers: usize,
+    ) {
+        let Some(flow) = &mut self.flow else { return };
+        let response = host::grpc_response(num_headers, body_size, num_trailers);
+        match flow.on_quota_response(&mut Hostcalls, response.as_deref()) {
+            Some(Decision::Continue) => {
+                if let Err(e) = proxy_wasm::hostcalls::resume_http_request() {
+                    log::warn!("resuming the request failed: {e:?}");
+                }
+            }
+            Some(other) => {
+                act(other);
+            }
+            // A settlement's answer: nothing waits for it.
+            None => {}
+        }
+    }
+}
 
 fn act(decision: Decision) -> Action {
     match decision {

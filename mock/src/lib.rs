@@ -7,6 +7,10 @@
 //! header may carry a Tollgate virtual key (`tg-…`). Violations are answered
 //! with 401 and recorded for tests (`GET /__mock/violations`).
 //!
+//! `GET /v1/models` and `GET /v1/models/{id}` answer from the recorded list of
+//! the provider whose real key arrived (`x-api-key`: Anthropic, a bearer
+//! token: OpenAI), as the two hosts would.
+//!
 //! Faults on request, for the failure tests: `x-mock-exchange: NAME` picks
 //! the recorded exchange, `x-mock-delay-ms` paces stream events,
 //! `x-mock-reset-after: N` drops the connection after N events,
@@ -61,13 +65,20 @@ impl MockConfig {
 pub struct Exchange {
     pub name: String,
     pub route: String,
-    pub request: String,
+    /// `POST` unless stated: the LLM calls. `GET` exchanges have no request.
+    #[serde(default = "default_method")]
+    pub method: String,
+    pub request: Option<String>,
     pub response: String,
     pub status: u16,
     pub content_type: String,
     pub stream: bool,
     pub usage: Option<serde_json::Value>,
     pub model: String,
+}
+
+fn default_method() -> String {
+    "POST".to_string()
 }
 
 pub fn fixture(path: &str) -> Option<&'static [u8]> {
@@ -126,23 +137,34 @@ pub async fn serve(
         exchanges: Arc::new(exchanges()),
         log: Arc::default(),
     };
-    let app = Router::new()
-        .route("/v1/messages", post(provider))
-        .route("/v1/messages/count_tokens", post(provider))
-        .route("/v1/chat/completions", post(provider))
-        .route("/v1/responses", post(provider))
-        .route("/__mock/requests", get(requests))
-        .route("/__mock/violations", get(violations))
-        .route("/__mock/reset", post(reset))
-        .route("/__mock/health", get(|| async { "ok" }))
-        .route(
-            "/__mock/exchanges",
-            get(|State(s): State<AppState>| async move { Json(s.exchanges.as_ref().clone()) }),
-        )
-        // Providers accept request bodies up to 32 MB (images, PDFs); axum's
-        // default limit is 2 MB.
-        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
-        .with_state(state);
+    // Each LLM path also with a trailing slash: Envoy's path-separated
+    // prefix routes forward `/v1/messages/` as the messages route, and the
+    // gateway meters it as one, so the stand-in provider serves it too.
+    let app = [
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/chat/completions",
+        "/v1/responses",
+    ]
+    .into_iter()
+    .fold(Router::new(), |app, path| {
+        app.route(path, post(provider))
+            .route(&format!("{path}/"), post(provider))
+    })
+    .route("/v1/models", get(models))
+    .route("/v1/models/{id}", get(models))
+    .route("/__mock/requests", get(requests))
+    .route("/__mock/violations", get(violations))
+    .route("/__mock/reset", post(reset))
+    .route("/__mock/health", get(|| async { "ok" }))
+    .route(
+        "/__mock/exchanges",
+        get(|State(s): State<AppState>| async move { Json(s.exchanges.as_ref().clone()) }),
+    )
+    // Providers accept request bodies up to 32 MB (images, PDFs); axum's
+    // default limit is 2 MB.
+    .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+    .with_state(state);
     // A provider flushes each SSE event as it is written; without
     // TCP_NODELAY the first small event would wait for Envoy's delayed ACK
     // (~40 ms) and every stream's time to first byte would measure that.
@@ -180,9 +202,35 @@ fn is_openai(path: &str) -> bool {
     path.starts_with("/v1/chat/") || path.starts_with("/v1/responses")
 }
 
+/// An error the mock answers in the provider's shape (small, unlike the
+/// `Response` it becomes).
+struct Failure {
+    openai: bool,
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn new(openai: bool, status: StatusCode, kind: &'static str, message: &str) -> Failure {
+        Failure {
+            openai,
+            status,
+            kind,
+            message: message.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        error(self.openai, self.status, self.kind, &self.message)
+    }
+}
+
 /// A provider-shaped error from the mock itself.
-fn error(path: &str, status: StatusCode, kind: &str, message: &str) -> Response {
-    let body = if is_openai(path) {
+fn error(openai: bool, status: StatusCode, kind: &str, message: &str) -> Response {
+    let body = if openai {
         serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": kind}})
     } else {
         serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})
@@ -215,6 +263,209 @@ fn default_exchange(path: &str, body: &serde_json::Value) -> &'static str {
     }
 }
 
+/// One request as it arrived, for the checks and the request log.
+struct Incoming<'a> {
+    method: &'static str,
+    path: &'a str,
+    /// Which real key it must carry: OpenAI's bearer token or Anthropic's
+    /// `x-api-key`.
+    openai: bool,
+    headers: &'a HeaderMap,
+    body_len: usize,
+    model: Option<String>,
+    stream: bool,
+    exchange: Option<String>,
+}
+
+/// Checks what every provider request must satisfy (the exact real key, no
+/// virtual key), records the request and any violation,
+/// and returns its sequence number, or the error a provider would answer.
+/// `problems` holds what the caller already found wrong with the body.
+fn check_and_record(
+    s: &AppState,
+    req: Incoming<'_>,
+    body_problems: Vec<(String, Option<String>)>,
+) -> Result<u64, Failure> {
+    let mut header_json = serde_json::Map::new();
+    let mut problems = Vec::new();
+    for (name, value) in req.headers {
+        let v = String::from_utf8_lossy(value.as_bytes());
+        header_json.insert(name.to_string(), v.clone().into_owned().into());
+        if v.contains("tg-") {
+            problems.push((
+                "mock provider: virtual key leaked upstream".to_string(),
+                Some(format!("{name}: {}", redact(&v))),
+            ));
+        }
+    }
+    let (key_header, expected) = if req.openai {
+        ("authorization", format!("Bearer {}", s.config.openai_key))
+    } else {
+        ("x-api-key", s.config.anthropic_key.clone())
+    };
+    let got = req
+        .headers
+        .get(key_header)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    if got.as_deref() != Some(expected.as_str()) && problems.is_empty() {
+        problems.push((
+            "mock provider: missing or wrong real API key".to_string(),
+            got.map(|g| format!("{key_header}: {}", redact(&g))),
+        ));
+    }
+    problems.extend(body_problems);
+
+    let Ok(mut log) = s.log.lock() else {
+        return Err(Failure::new(
+            req.openai,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "api_error",
+            "mock log poisoned",
+        ));
+    };
+    log.seq += 1;
+    let seq = log.seq;
+    log.requests.push(Received {
+        seq,
+        method: req.method.into(),
+        path: req.path.to_string(),
+        headers: header_json,
+        body_len: req.body_len,
+        model: req.model,
+        stream: req.stream,
+        exchange: req.exchange,
+    });
+    for (reason, header) in &problems {
+        log.violations.push(Violation {
+            seq,
+            reason: reason.clone(),
+            header: header.clone(),
+        });
+    }
+    match problems.first() {
+        Some((reason, _)) if reason.contains("body") => Err(Failure::new(
+            req.openai,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            reason,
+        )),
+        Some((reason, _)) => Err(Failure::new(
+            req.openai,
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            reason,
+        )),
+        None => Ok(seq),
+    }
+}
+
+/// The recorded exchange of this name and its response bytes.
+fn recorded(s: &AppState, name: &str, openai: bool) -> Result<(&'static [u8], Exchange), Failure> {
+    let Some(ex) = s.exchanges.iter().find(|e| e.name == name) else {
+        let known: Vec<&str> = s.exchanges.iter().map(|e| e.name.as_str()).collect();
+        return Err(Failure::new(
+            openai,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &format!(
+                "mock provider: unknown exchange {name:?}; known: {}",
+                known.join(", ")
+            ),
+        ));
+    };
+    match fixture(&ex.response) {
+        Some(bytes) => Ok((bytes, ex.clone())),
+        None => Err(Failure::new(
+            openai,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "api_error",
+            &format!("mock provider: fixture {} missing", ex.response),
+        )),
+    }
+}
+
+fn chosen_exchange(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("x-mock-exchange")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// `GET /v1/models` and `GET /v1/models/{id}`: the recorded list of the
+/// provider whose key arrived, or the one model of it (404 in the
+/// provider's shape when absent, as the providers answer).
+async fn models(State(s): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
+    let path = uri.path();
+    let openai = !headers.contains_key("x-api-key");
+    let chosen = chosen_exchange(&headers).unwrap_or_else(|| {
+        if openai {
+            "openai-models-list"
+        } else {
+            "models-list"
+        }
+        .to_string()
+    });
+    let req = Incoming {
+        method: "GET",
+        path,
+        openai,
+        headers: &headers,
+        body_len: 0,
+        model: None,
+        stream: false,
+        exchange: Some(chosen.clone()),
+    };
+    let seq = match check_and_record(&s, req, Vec::new()) {
+        Ok(seq) => seq,
+        Err(failure) => return failure.into_response(),
+    };
+    let (bytes, ex) = match recorded(&s, &chosen, openai) {
+        Ok(found) => found,
+        Err(failure) => return failure.into_response(),
+    };
+    let body = match path.strip_prefix("/v1/models/") {
+        None => bytes.to_vec(),
+        Some(id) => {
+            let list: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
+            let one = list
+                .get("data")
+                .and_then(|d| d.as_array())
+                .and_then(|d| d.iter().find(|m| m["id"] == id));
+            match one {
+                Some(model) => model.to_string().into_bytes(),
+                None => {
+                    let message = if openai {
+                        format!("The model '{id}' does not exist")
+                    } else {
+                        format!("model: {id}")
+                    };
+                    let kind = if openai {
+                        "model_not_found"
+                    } else {
+                        "not_found_error"
+                    };
+                    return error(openai, StatusCode::NOT_FOUND, kind, &message);
+                }
+            }
+        }
+    };
+    let request_id = format!("req_mock_{seq:06}");
+    Response::builder()
+        .status(StatusCode::from_u16(ex.status).unwrap_or(StatusCode::OK))
+        .header("content-type", ex.content_type.as_str())
+        .header("request-id", request_id.as_str())
+        .header("x-request-id", request_id.as_str())
+        .body(Body::from(body))
+        .unwrap_or_else(|_| {
+            error(
+                openai,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                "mock response",
+            )
+        })
+}
+
 async fn provider(
     State(s): State<AppState>,
     uri: Uri,
@@ -222,6 +473,8 @@ async fn provider(
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_string();
+    let route = path.strip_suffix('/').unwrap_or(&path);
+    let openai = is_openai(route);
     let parsed: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
     let model = parsed
         .as_ref()
@@ -231,120 +484,35 @@ async fn provider(
         .as_ref()
         .and_then(|v| v["stream"].as_bool())
         .unwrap_or(false);
-    let chosen = headers
-        .get("x-mock-exchange")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| {
-            parsed
-                .as_ref()
-                .map(|b| default_exchange(&path, b).to_string())
-        });
-
-    let mut header_json = serde_json::Map::new();
-    for (name, value) in &headers {
-        header_json.insert(
-            name.to_string(),
-            String::from_utf8_lossy(value.as_bytes())
-                .into_owned()
-                .into(),
-        );
-    }
-    let mut problems = Vec::new();
-    for (name, value) in &headers {
-        let v = String::from_utf8_lossy(value.as_bytes());
-        if v.contains("tg-") {
-            problems.push((
-                "mock provider: virtual key leaked upstream".to_string(),
-                Some(format!("{name}: {}", redact(&v))),
-            ));
-        }
-    }
-    let (key_header, expected) = if is_openai(&path) {
-        ("authorization", format!("Bearer {}", s.config.openai_key))
-    } else {
-        ("x-api-key", s.config.anthropic_key.clone())
-    };
-    let got = headers
-        .get(key_header)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    if got.as_deref() != Some(expected.as_str()) && problems.is_empty() {
-        problems.push((
-            "mock provider: missing or wrong real API key".to_string(),
-            got.map(|g| format!("{key_header}: {}", redact(&g))),
-        ));
-    }
+    let chosen = chosen_exchange(&headers).or_else(|| {
+        parsed
+            .as_ref()
+            .map(|b| default_exchange(route, b).to_string())
+    });
+    let mut body_problems = Vec::new();
     if parsed.is_none() || model.is_none() {
-        problems.push((
+        body_problems.push((
             "mock provider: request body is not JSON with a model".to_string(),
             None,
         ));
     }
-
-    let seq = {
-        let Ok(mut log) = s.log.lock() else {
-            return error(
-                &path,
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "api_error",
-                "mock log poisoned",
-            );
-        };
-        log.seq += 1;
-        let seq = log.seq;
-        log.requests.push(Received {
-            seq,
-            method: "POST".into(),
-            path: path.clone(),
-            headers: header_json,
-            body_len: body.len(),
-            model: model.clone(),
-            stream,
-            exchange: chosen.clone(),
-        });
-        for (reason, header) in &problems {
-            log.violations.push(Violation {
-                seq,
-                reason: reason.clone(),
-                header: header.clone(),
-            });
-        }
-        seq
+    let req = Incoming {
+        method: "POST",
+        path: &path,
+        openai,
+        headers: &headers,
+        body_len: body.len(),
+        model: model.clone(),
+        stream,
+        exchange: chosen.clone(),
     };
-    if let Some((reason, _)) = problems.first() {
-        let status = if reason.contains("body") {
-            StatusCode::BAD_REQUEST
-        } else {
-            StatusCode::UNAUTHORIZED
-        };
-        let kind = if status == StatusCode::BAD_REQUEST {
-            "invalid_request_error"
-        } else {
-            "authentication_error"
-        };
-        return error(&path, status, kind, reason);
-    }
-
-    let name = chosen.unwrap_or_default();
-    let Some(ex) = s.exchanges.iter().find(|e| e.name == name) else {
-        let known: Vec<&str> = s.exchanges.iter().map(|e| e.name.as_str()).collect();
-        return error(
-            &path,
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            &format!(
-                "mock provider: unknown exchange {name:?}; known: {}",
-                known.join(", ")
-            ),
-        );
+    let seq = match check_and_record(&s, req, body_problems) {
+        Ok(seq) => seq,
+        Err(failure) => return failure.into_response(),
     };
-    let Some(bytes) = fixture(&ex.response) else {
-        return error(
-            &path,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "api_error",
-            &format!("mock provider: fixture {} missing", ex.response),
-        );
+    let (bytes, ex) = match recorded(&s, &chosen.unwrap_or_default(), openai) {
+        Ok(found) => found,
+        Err(failure) => return failure.into_response(),
     };
     // Clients see the model they asked for, as with the real providers'
     // aliases; usage stays exactly as recorded.
@@ -394,7 +562,7 @@ async fn provider(
     };
     builder.body(body).unwrap_or_else(|_| {
         error(
-            &path,
+            openai,
             StatusCode::INTERNAL_SERVER_ERROR,
             "api_error",
             "mock response",
@@ -487,7 +655,10 @@ mod tests {
         let ex = exchanges();
         assert!(ex.len() >= 9, "manifest has {} exchanges", ex.len());
         for e in &ex {
-            assert!(fixture(&e.request).is_some(), "{} request missing", e.name);
+            match &e.request {
+                Some(request) => assert!(fixture(request).is_some(), "{} request missing", e.name),
+                None => assert_eq!(e.method, "GET", "{}: only a GET has no request", e.name),
+            }
             assert!(
                 fixture(&e.response).is_some(),
                 "{} response missing",
@@ -614,6 +785,47 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn serves_each_providers_model_list_to_its_key() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = MockConfig {
+            anthropic_key: "real".into(),
+            openai_key: "oreal".into(),
+            event_delay_ms: 0,
+        };
+        tokio::spawn(serve(listener, config, std::future::pending()));
+        let body = |r: &str| r.split("\r\n\r\n").nth(1).unwrap().to_string();
+        let anthropic = raw_get_with(addr, "/v1/models", &[("x-api-key", "real")]).await;
+        assert!(anthropic.starts_with("HTTP/1.1 200"), "{anthropic}");
+        let list: serde_json::Value = serde_json::from_str(&body(&anthropic)).unwrap();
+        assert_eq!(list["first_id"], "claude-opus-4-5-20251101");
+        assert_eq!(list["data"][0]["type"], "model");
+        let openai = raw_get_with(addr, "/v1/models", &[("authorization", "Bearer oreal")]).await;
+        let list: serde_json::Value = serde_json::from_str(&body(&openai)).unwrap();
+        assert_eq!(list["object"], "list");
+        assert_eq!(list["data"][0]["id"], "gpt-4o");
+        let one = raw_get_with(
+            addr,
+            "/v1/models/claude-opus-4-1-20250805",
+            &[("x-api-key", "real")],
+        )
+        .await;
+        let model: serde_json::Value = serde_json::from_str(&body(&one)).unwrap();
+        assert_eq!(model["display_name"], "Claude Opus 4.1");
+        let missing = raw_get_with(
+            addr,
+            "/v1/models/gpt-9",
+            &[("authorization", "Bearer oreal")],
+        )
+        .await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        assert!(
+            missing.contains("The model 'gpt-9' does not exist"),
+            "{missing}"
+        );
+    }
+
     async fn raw(addr: std::net::SocketAddr, req: String) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -637,9 +849,21 @@ mod tests {
     }
 
     async fn raw_get(addr: std::net::SocketAddr, path: &str) -> String {
+        raw_get_with(addr, path, &[]).await
+    }
+
+    async fn raw_get_with(
+        addr: std::net::SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> String {
+        let h: String = headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {v}\r\n"))
+            .collect();
         raw(
             addr,
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"),
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{h}\r\n"),
         )
         .await
     }

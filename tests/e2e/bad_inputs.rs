@@ -2,26 +2,12 @@
 //! hostile or broken request gets its documented status and message, and the
 //! gateway keeps serving afterwards (no trapped VM).
 
-use std::io::{Read, Write};
 use tollgate_e2e::{policy, Gateway, Options};
 
 const KEY: &str = "tg-bad-inputs-key";
 
 fn raw(gw: &Gateway, request: &[u8]) -> (u16, String) {
-    let addr = gw.base.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
-        .unwrap();
-    s.write_all(request).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, text)
+    gw.raw(request)
 }
 
 fn post(path: &str, headers: &str, body: &[u8]) -> Vec<u8> {

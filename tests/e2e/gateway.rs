@@ -260,7 +260,7 @@ fn unknown_route_gets_a_provider_shaped_404_by_default() {
     let gw = Gateway::start(&gateway_policy());
     let r = gw
         .client()
-        .get(gw.url("/v1/models"))
+        .get(gw.url("/v1/files"))
         .header("x-api-key", ALICE)
         .send()
         .unwrap();
@@ -269,7 +269,7 @@ fn unknown_route_gets_a_provider_shaped_404_by_default() {
     assert_eq!(body["error"]["type"], "not_found_error");
     assert_eq!(
         body["error"]["message"],
-        "/v1/models is not an LLM API route served by this gateway"
+        "/v1/files is not an LLM API route served by this gateway"
     );
     assert!(gw.mock_requests().is_empty());
 }

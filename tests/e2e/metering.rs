@@ -118,7 +118,7 @@ fn openai_stream_usage_is_requested_upstream_and_charged() {
 }
 
 #[test]
-fn count_tokens_is_authenticated_and_counted_as_a_request_but_never_charged_tokens() {
+fn count_tokens_is_authenticated_and_allowlisted_but_takes_nothing_from_any_bucket() {
     let gw = Gateway::start(&sdk_policy());
     let body = r#"{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"how long is this?"}]}"#;
     let r = gw.post("/v1/messages/count_tokens", None, body);
@@ -129,7 +129,11 @@ fn count_tokens_is_authenticated_and_counted_as_a_request_but_never_charged_toke
         body,
     );
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["anthropic-ratelimit-requests-remaining"], "99");
+    assert_eq!(
+        r.headers()["anthropic-ratelimit-requests-remaining"],
+        "100",
+        "not counted against requests per minute (docs/metering.md)"
+    );
     assert_eq!(
         r.headers()["anthropic-ratelimit-output-tokens-remaining"],
         "100000",

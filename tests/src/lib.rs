@@ -67,6 +67,8 @@ pub struct Options {
     pub wasm: Option<PathBuf>,
     /// Envoy's stream idle timeout in seconds (`tollgate run`'s default when unset).
     pub stream_idle_timeout_s: Option<u64>,
+    /// Share limits through this Redis (`tollgate run --redis URL`).
+    pub redis: Option<String>,
 }
 
 impl Default for Options {
@@ -77,6 +79,7 @@ impl Default for Options {
             external_collector: None,
             wasm: None,
             stream_idle_timeout_s: None,
+            redis: None,
         }
     }
 }
@@ -100,6 +103,9 @@ impl Gateway {
         }
         if let Some(s) = opts.stream_idle_timeout_s {
             cmd.arg("--stream-idle-timeout").arg(s.to_string());
+        }
+        if let Some(url) = &opts.redis {
+            cmd.arg("--redis").arg(url);
         }
         let child = cmd
             .current_dir(workspace())
@@ -209,6 +215,26 @@ impl Gateway {
             req = req.header(*n, *v);
         }
         req.send().unwrap()
+    }
+
+    /// Sends `request` as raw bytes on a fresh connection, exactly as
+    /// written (paths no HTTP client would send), and reads to the end:
+    /// `(status, whole response text)`.
+    pub fn raw(&self, request: &[u8]) -> (u16, String) {
+        use std::io::Write;
+        let addr = self.base.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(request).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, text)
     }
 
     pub fn client(&self) -> &reqwest::blocking::Client {

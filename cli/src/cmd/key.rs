@@ -1,8 +1,10 @@
 //! `tollgate key new`: mint a virtual key. The key is printed once; the policy
-//! only ever holds its SHA-256.
+//! only ever holds its SHA-256. `tollgate key revoke`: refuse a key, in the
+//! policy file and (with `--redis`) on every replica within a sync period.
 
 use crate::keys::{self, KeySpec};
 use crate::output::Output;
+use crate::shared_store;
 use anyhow::Result;
 use std::io::Write;
 use std::path::PathBuf;
@@ -17,6 +19,22 @@ pub struct KeyArgs {
 enum KeyCommand {
     /// Mint a virtual key and print its policy entry (or add it to a policy with --into).
     New(NewKey),
+    /// Revoke a key: mark it revoked in the policy file and, with --redis, on every replica at once.
+    Revoke(RevokeKey),
+}
+
+#[derive(clap::Args, Debug)]
+struct RevokeKey {
+    /// The key's id in the policy.
+    #[arg(long)]
+    id: String,
+    /// The policy file (validated, written atomically).
+    #[arg(long)]
+    policy: PathBuf,
+    /// Also record the revocation in this Redis (redis:// URL), so every replica sharing
+    /// limits through it refuses the key within one sync period, before the policy file reaches it.
+    #[arg(long)]
+    redis: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -72,7 +90,38 @@ impl NewKey {
 }
 
 pub fn run(args: KeyArgs) -> Result<()> {
-    let KeyCommand::New(k) = args.command;
+    match args.command {
+        KeyCommand::New(k) => new(k),
+        KeyCommand::Revoke(r) => revoke(r),
+    }
+}
+
+fn revoke(r: RevokeKey) -> Result<()> {
+    let done = keys::revoke_in_policy(&r.policy, &r.id)?;
+    let mut out = Output::stdout();
+    if done.changed {
+        writeln!(out, "key {:?} revoked in {}", r.id, r.policy.display())?;
+    } else {
+        writeln!(
+            out,
+            "key {:?} was already revoked in {}",
+            r.id,
+            r.policy.display()
+        )?;
+    }
+    if let Some(url) = &r.redis {
+        let rt = tokio::runtime::Runtime::new()?;
+        let epoch = rt.block_on(shared_store::revoke(url, done.key_sha256))?;
+        writeln!(
+            out,
+            "revocation recorded in Redis (epoch {epoch}): every replica refuses the key within one sync period"
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn new(k: NewKey) -> Result<()> {
     let key = keys::mint();
     let entry = keys::entry(&k.spec(), &key);
     let mut out = Output::stdout();

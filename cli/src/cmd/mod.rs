@@ -9,5 +9,6 @@ pub mod mock;
 pub mod package;
 pub mod policy;
 pub mod prices;
+pub mod quota;
 pub mod run;
 pub mod usage;

@@ -42,6 +42,14 @@ enum PolicyCommand {
         /// Hold request headers until the body decision (needs Envoy >= 1.35 and a raw Envoy config).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         hold_request_headers: bool,
+        /// Share limits with the other replicas through the quota service behind this Envoy
+        /// cluster (`tollgate_quota` in the shipped manifests; docs/deploy.md).
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        quota_cluster: Option<String>,
+        /// With --quota-cluster: how often each Envoy syncs its leases (ms). The quota
+        /// service's --sync-period-ms must be the same.
+        #[arg(long, default_value_t = 100, requires = "quota_cluster", value_parser = clap::value_parser!(u64).range(1..))]
+        sync_period_ms: u64,
     },
     /// Print the policy JSON Schema (policies/schema.json).
     Schema,
@@ -82,6 +90,8 @@ pub fn run(args: PolicyArgs) -> Result<()> {
             target,
             wasm,
             hold_request_headers,
+            quota_cluster,
+            sync_period_ms,
         } => {
             let json = match policy_file::load(&file) {
                 Ok(loaded) => loaded.json,
@@ -96,14 +106,21 @@ pub fn run(args: PolicyArgs) -> Result<()> {
                     );
                 }
             };
+            let vm = render::VmOptions {
+                hold_request_headers,
+                shared: quota_cluster.map(|cluster| render::SharedVm {
+                    cluster,
+                    sync_period_ms,
+                }),
+            };
             let text = match format {
                 RenderFormat::Ecds => {
                     let wasm = std::fs::canonicalize(&wasm).unwrap_or(wasm);
-                    render::ecds(&json, &wasm, hold_request_headers)?
+                    render::ecds(&json, &wasm, &vm)?
                 }
-                RenderFormat::Istio => mesh::istio(&json, &image, &namespace, &target)?,
+                RenderFormat::Istio => mesh::istio(&json, &image, &namespace, &target, &vm)?,
                 RenderFormat::EnvoyGateway => {
-                    mesh::envoy_gateway(&json, &image, &namespace, &target)?
+                    mesh::envoy_gateway(&json, &image, &namespace, &target, &vm)?
                 }
             };
             out.write_all(text.as_bytes())?;

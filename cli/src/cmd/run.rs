@@ -6,7 +6,7 @@
 use crate::gateway::render::Upstream;
 use crate::gateway::{self, Collector, EnvoyOptions, Providers};
 use crate::output::{status, Output};
-use crate::shutdown;
+use crate::{shared_store, shutdown};
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -82,6 +82,19 @@ pub struct RunArgs {
     /// Envoy log level (trace, debug, info, warn, error).
     #[arg(long, default_value = "warn")]
     pub envoy_log_level: String,
+    /// Share every limit with the other replicas through Redis: a redis:// URL, or `embedded`
+    /// to start a local redis-server (the system package). Starts the quota service in this process.
+    #[arg(long, conflicts_with = "quota")]
+    pub redis: Option<String>,
+    /// Share limits through quota services running elsewhere (`tollgate quota`), as HOST:PORT (repeatable).
+    #[arg(long)]
+    pub quota: Vec<String>,
+    /// The in-process quota service's gRPC listener (with --redis).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub quota_listen: SocketAddr,
+    /// How often each Envoy syncs its leases with the quota service (ms).
+    #[arg(long, default_value_t = 100)]
+    pub sync_period_ms: u64,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -94,7 +107,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             bail!("--render-only serves no mock provider: pass --upstream URL (e.g. http://mock:9612)");
         }
         let (anthropic, openai) = remote_upstreams(&args)?;
-        let rendered = gateway::render_only(options(&args), (host, port), anthropic, openai)?;
+        let rendered = gateway::render_only(options(&args)?, (host, port), anthropic, openai)?;
         let mut out = Output::stdout();
         writeln!(out, "{rendered}")?;
         out.flush()?;
@@ -108,7 +121,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let running = gateway::start(options(&args), envoy, collector, providers).await?;
+        let running = gateway::start(options(&args)?, envoy, collector, providers).await?;
         status(&running.summary);
         let result = running.serve(shutdown::signal()).await;
         status("Tollgate stopped.");
@@ -116,8 +129,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     })
 }
 
-fn options(args: &RunArgs) -> gateway::Options {
-    gateway::Options {
+fn options(args: &RunArgs) -> Result<gateway::Options> {
+    Ok(gateway::Options {
         policy: args.policy.clone(),
         listen: args.listen,
         admin: args.admin,
@@ -126,7 +139,47 @@ fn options(args: &RunArgs) -> gateway::Options {
         body_limit: args.body_limit,
         audit_flush_ms: args.audit_flush_ms,
         stream_idle_timeout_s: args.stream_idle_timeout,
+        shared: shared(args)?,
+    })
+}
+
+/// Limits shared through Redis (`--redis`) or external quota services
+/// (`--quota`), or `None` for this Envoy alone.
+fn shared(args: &RunArgs) -> Result<Option<gateway::Shared>> {
+    let quota = if let Some(redis) = &args.redis {
+        gateway::QuotaAt::InProcess {
+            redis: shared_store::Redis::parse(redis)?,
+            listen: args.quota_listen,
+        }
+    } else if !args.quota.is_empty() {
+        gateway::QuotaAt::External(
+            args.quota
+                .iter()
+                .map(|a| host_port(a, "--quota"))
+                .collect::<Result<_>>()?,
+        )
+    } else {
+        return Ok(None);
+    };
+    if args.sync_period_ms == 0 {
+        bail!("--sync-period-ms must be at least 1");
     }
+    Ok(Some(gateway::Shared {
+        quota,
+        sync_period_ms: args.sync_period_ms,
+    }))
+}
+
+/// `HOST:PORT` (IPv6 hosts in brackets).
+fn host_port(addr: &str, flag: &str) -> Result<(String, u16)> {
+    addr.rsplit_once(':')
+        .and_then(|(h, p)| {
+            Some((
+                h.trim_matches(['[', ']']).to_string(),
+                p.parse::<u16>().ok()?,
+            ))
+        })
+        .with_context(|| format!("{flag} {addr:?} must be HOST:PORT"))
 }
 
 fn collector(args: &RunArgs) -> Result<Collector> {
@@ -136,15 +189,7 @@ fn collector(args: &RunArgs) -> Result<Collector> {
             http: args.collector_http,
         });
     };
-    let (host, port) = addr
-        .rsplit_once(':')
-        .and_then(|(h, p)| {
-            Some((
-                h.trim_matches(['[', ']']).to_string(),
-                p.parse::<u16>().ok()?,
-            ))
-        })
-        .with_context(|| format!("--external-collector {addr:?} must be HOST:PORT"))?;
+    let (host, port) = host_port(addr, "--external-collector")?;
     Ok(Collector::External(host, port))
 }
 

@@ -36,7 +36,7 @@ pub fn run(args: UsageArgs) -> Result<()> {
     let mut out = Output::stdout();
     match args.format {
         Format::Table => out.write_all(report.to_table().as_bytes())?,
-        Format::Csv => out.write_all(report.to_csv().as_bytes())?,
+        Format::Csv => out.write_all(report.to_csv()?.as_bytes())?,
         Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
     }
     out.flush()?;

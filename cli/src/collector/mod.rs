@@ -6,8 +6,13 @@
 //! durable copy.
 
 pub mod http;
+pub mod metrics;
 pub mod report;
+pub mod sheet;
 pub mod store;
+
+#[cfg(test)]
+mod cpu_bench;
 
 use anyhow::Result;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::{
@@ -22,14 +27,24 @@ use futures_util::FutureExt;
 use prost::Message;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use store::AuditStore;
 use tokio::sync::{mpsc, watch};
 use tollgate_core::audit::{AuditRecord, Outcome, Reason, FILTER_STATE_KEY};
 
 /// Records waiting for the writer; past this, new ones are dropped (counted).
 pub const QUEUE_CAPACITY: usize = 65_536;
+/// Records per transaction at most.
 const BATCH: usize = 512;
+/// How long the writer waits for more records before committing a short
+/// batch. A commit costs about the same for one record as for hundreds (the
+/// touched pages appended to SQLite's WAL, one round trip to PostgreSQL),
+/// and Envoy sends a message per flush of its buffer: gathering what arrives
+/// within a few milliseconds into one transaction divides that cost under
+/// steady load, and delays a record by far less than Envoy's own flush
+/// interval already does.
+const LINGER: Duration = Duration::from_millis(50);
 
 /// Counters of what the collector saw, for metrics and tests.
 #[derive(Debug, Default)]
@@ -40,6 +55,25 @@ pub struct Stats {
     pub without_record: AtomicU64,
     pub invalid: AtomicU64,
     pub dropped: AtomicU64,
+    /// Usage counters behind `/metrics`; `None` until seeded from the store
+    /// (the writer does that before storing its first batch).
+    pub usage: Mutex<Option<metrics::Usage>>,
+}
+
+/// The payload of an encoded `google.protobuf.BytesValue` or `StringValue`
+/// (field 1, length-delimited: tag byte 0x0A, a varint length, the bytes),
+/// borrowed instead of copied. `None` for any other layout (unknown or
+/// repeated fields), which prost then decodes.
+fn wrapped_payload(value: &[u8]) -> Option<&[u8]> {
+    let Some((&tag, mut rest)) = value.split_first() else {
+        // The default wrapper: an empty payload.
+        return Some(value);
+    };
+    if tag != 0x0A {
+        return None;
+    }
+    let len = usize::try_from(prost::encoding::decode_varint(&mut rest).ok()?).ok()?;
+    (rest.len() == len).then_some(rest)
 }
 
 /// The audit record inside the filter state value. Envoy wraps a wasm
@@ -49,50 +83,57 @@ pub struct Stats {
 /// as a protobuf group tag), so the raw value is tried whenever the
 /// unwrapped one is not a record. The error names the first attempt.
 fn record_from_any(any: &Any) -> Result<AuditRecord, String> {
-    let unwrapped = if any.type_url.ends_with("google.protobuf.BytesValue") {
-        <Vec<u8> as Message>::decode(any.value.as_slice()).ok()
-    } else if any.type_url.ends_with("google.protobuf.StringValue") {
-        <String as Message>::decode(any.value.as_slice())
-            .ok()
-            .map(String::into_bytes)
+    let wrapper = any.type_url.ends_with("google.protobuf.BytesValue")
+        || any.type_url.ends_with("google.protobuf.StringValue");
+    let first = if wrapper {
+        let parsed = match wrapped_payload(&any.value) {
+            Some(json) => Some(AuditRecord::from_json(json)),
+            None => <Vec<u8> as Message>::decode(any.value.as_slice())
+                .ok()
+                .map(|json| AuditRecord::from_json(&json)),
+        };
+        match parsed {
+            Some(Ok(r)) => return Ok(r),
+            Some(Err(e)) => Some(e),
+            None => None,
+        }
     } else {
         None
-    };
-    let first = match unwrapped {
-        Some(json) => match AuditRecord::from_json(&json) {
-            Ok(r) => return Ok(r),
-            Err(e) => Some(e),
-        },
-        None => None,
     };
     AuditRecord::from_json(&any.value)
         .map_err(|raw| format!("invalid audit record: {}", first.unwrap_or(raw)))
 }
 
-/// The Tollgate records carried by one message; `Err` for an entry whose
-/// filter state is not a valid record. Entries without the state are skipped.
-pub fn records_from_message(msg: &StreamAccessLogsMessage) -> Vec<Result<AuditRecord, String>> {
-    let Some(LogEntries::HttpLogs(logs)) = &msg.log_entries else {
-        return Vec::new();
+/// The Tollgate records carried by one message, each decoded once; `Err`
+/// for an entry whose filter state is not a valid record. Entries without
+/// the state are skipped.
+fn records_in(
+    msg: &StreamAccessLogsMessage,
+) -> impl Iterator<Item = Result<AuditRecord, String>> + '_ {
+    let entries = match &msg.log_entries {
+        Some(LogEntries::HttpLogs(logs)) => logs.log_entry.as_slice(),
+        _ => &[],
     };
-    logs.log_entry
-        .iter()
-        .filter_map(|entry| {
-            let any = entry
-                .common_properties
-                .as_ref()?
-                .filter_state_objects
-                .get(FILTER_STATE_KEY)?;
-            let code = entry
-                .response
-                .as_ref()
-                .and_then(|r| r.response_code)
-                .map(|c| c.value as u16);
-            Some(record_from_any(any).map(|r| with_envoy_status(r, code)))
-        })
-        .collect()
+    entries.iter().filter_map(|entry| {
+        let any = entry
+            .common_properties
+            .as_ref()?
+            .filter_state_objects
+            .get(FILTER_STATE_KEY)?;
+        let code = entry
+            .response
+            .as_ref()
+            .and_then(|r| r.response_code)
+            .map(|c| c.value as u16);
+        Some(record_from_any(any).map(|r| with_envoy_status(r, code)))
+    })
 }
 
+/// The Tollgate records carried by one message (see [`records_in`]).
+#[cfg(test)]
+pub fn records_from_message(msg: &StreamAccessLogsMessage) -> Vec<Result<AuditRecord, String>> {
+    records_in(msg).collect()
+}
 /// A record the filter never completed (Envoy answered itself, or the client
 /// or upstream went away) takes its status from Envoy's access-log entry.
 /// A 413 is Envoy refusing a body over the buffer limit.
@@ -128,12 +169,9 @@ impl Service {
             _ => 0,
         };
         self.stats.received.fetch_add(entries, Ordering::Relaxed);
-        let records = records_from_message(msg);
-        self.stats.without_record.fetch_add(
-            entries.saturating_sub(records.len() as u64),
-            Ordering::Relaxed,
-        );
-        for r in records {
+        let mut with_record = 0u64;
+        for r in records_in(msg) {
+            with_record += 1;
             match r {
                 Ok(record) => {
                     if self.queue.try_send(record).is_err() {
@@ -149,6 +187,9 @@ impl Service {
                 }
             }
         }
+        self.stats
+            .without_record
+            .fetch_add(entries.saturating_sub(with_record), Ordering::Relaxed);
     }
 }
 
@@ -192,16 +233,72 @@ impl AccessLogService for Service {
     }
 }
 
+/// Seeds the usage counters from what the store holds (one aggregate
+/// query); says whether they are seeded.
+async fn seed(store: &AuditStore, stats: &Arc<Stats>) -> bool {
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || store.series_totals()).await {
+        Ok(Ok(rows)) => match stats.usage.lock() {
+            Ok(mut usage) => {
+                *usage = Some(metrics::Usage::seeded(&rows));
+                true
+            }
+            Err(_) => false,
+        },
+        Ok(Err(e)) => {
+            tracing::error!("reading the audit store for metrics failed: {e:#}");
+            false
+        }
+        Err(e) => {
+            tracing::error!("audit metrics task failed: {e}");
+            false
+        }
+    }
+}
+
+/// Stores queued records in batches until every sender is gone and the
+/// queue is empty, counting each into the usage metrics once stored.
 async fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, store: AuditStore, stats: Arc<Stats>) {
+    // Seeded before the first insert, so what the seed read and what the
+    // writer counts never overlap; a failed seed is retried before each
+    // batch (the batches stored meanwhile are in what it then reads).
+    let mut seeded = seed(&store, &stats).await;
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
-        let records = std::mem::take(&mut batch);
-        let store = store.clone();
-        let n = records.len() as u64;
-        match tokio::task::spawn_blocking(move || store.insert_batch(&records)).await {
-            Ok(Ok(_)) => {
-                stats.stored.fetch_add(n, Ordering::Relaxed);
+        // A short batch waits out the linger once (one timer wake-up, not
+        // one per arriving message), then takes what came meanwhile.
+        if batch.len() < BATCH {
+            tokio::time::sleep(LINGER).await;
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(record) => batch.push(record),
+                    Err(_) => break,
+                }
             }
+        }
+        if !seeded {
+            seeded = seed(&store, &stats).await;
+        }
+        let records = std::mem::take(&mut batch);
+        let (store, stats) = (store.clone(), stats.clone());
+        let n = records.len() as u64;
+        let done = tokio::task::spawn_blocking(move || -> Result<()> {
+            let stored = store.insert_batch(&records)?;
+            stats.stored.fetch_add(n, Ordering::Relaxed);
+            if seeded {
+                if let Ok(mut usage) = stats.usage.lock() {
+                    if let Some(usage) = usage.as_mut() {
+                        for (record, stored) in records.iter().zip(&stored) {
+                            usage.count(record, stored);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!("storing {n} audit records failed: {e:#}"),
             Err(e) => tracing::error!("audit writer task failed: {e}"),
         }
@@ -354,34 +451,17 @@ mod tests {
     async fn stores_streamed_entries_and_flushes_on_shutdown() {
         let dir = tempfile::tempdir().unwrap();
         let store = AuditStore::open(dir.path().join("a.db")).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let stats = Arc::new(Stats::default());
-        let server = tokio::spawn(serve_with_stats(
-            listener,
-            store.clone(),
-            stats.clone(),
-            async move {
-                let _ = stop_rx.await;
-            },
-        ));
-        let mut client = AccessLogServiceClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
-        let msgs = vec![
-            message(vec![
-                entry(Some(bytes_value(&json("r1")))),
-                entry(Some(bytes_value(&json("r2")))),
-            ]),
-            message(vec![entry(Some(bytes_value(&json("r3")))), entry(None)]),
-        ];
-        client
-            .stream_access_logs(tokio_stream::iter(msgs))
-            .await
-            .unwrap();
-        let _ = stop_tx.send(());
-        server.await.unwrap().unwrap();
+        let stats = serve_stream(
+            &store,
+            vec![
+                message(vec![
+                    entry(Some(bytes_value(&json("r1")))),
+                    entry(Some(bytes_value(&json("r2")))),
+                ]),
+                message(vec![entry(Some(bytes_value(&json("r3")))), entry(None)]),
+            ],
+        )
+        .await;
         assert_eq!(store.count().unwrap(), 3);
         assert!(store.get("r3").unwrap().is_some());
         assert_eq!(stats.received.load(Ordering::Relaxed), 4);
@@ -393,18 +473,12 @@ mod tests {
     async fn shutdown_ends_a_stream_envoy_keeps_open() {
         let dir = tempfile::tempdir().unwrap();
         let store = AuditStore::open(dir.path().join("a.db")).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let stats = Arc::new(Stats::default());
-        let server = tokio::spawn(serve_with_stats(
-            listener,
-            store.clone(),
-            stats.clone(),
-            async move {
-                let _ = stop_rx.await;
-            },
-        ));
+        let Running {
+            addr,
+            stats,
+            stop: stop_tx,
+            server,
+        } = start(&store).await;
         let mut client = AccessLogServiceClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
@@ -429,5 +503,163 @@ mod tests {
         assert_eq!(store.count().unwrap(), 1);
         drop(tx);
         let _ = call.await;
+    }
+
+    /// A collector serving on a loopback port, until `stop` is sent.
+    pub(super) struct Running {
+        pub(super) addr: std::net::SocketAddr,
+        pub(super) stats: Arc<Stats>,
+        pub(super) stop: tokio::sync::oneshot::Sender<()>,
+        pub(super) server: tokio::task::JoinHandle<Result<()>>,
+    }
+
+    pub(super) async fn start(store: &AuditStore) -> Running {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let stats = Arc::new(Stats::default());
+        let server = tokio::spawn(serve_with_stats(
+            listener,
+            store.clone(),
+            stats.clone(),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        Running {
+            addr,
+            stats,
+            stop,
+            server,
+        }
+    }
+
+    impl Running {
+        /// Stops the collector once it has stored everything it received.
+        pub(super) async fn stop(self) -> Arc<Stats> {
+            let _ = self.stop.send(());
+            self.server.await.unwrap().unwrap();
+            self.stats
+        }
+    }
+
+    /// What `serve_with_stats` stores and counts from a stream, stopped.
+    async fn serve_stream(store: &AuditStore, msgs: Vec<StreamAccessLogsMessage>) -> Arc<Stats> {
+        let running = start(store).await;
+        let mut client = AccessLogServiceClient::connect(format!("http://{}", running.addr))
+            .await
+            .unwrap();
+        client
+            .stream_access_logs(tokio_stream::iter(msgs))
+            .await
+            .unwrap();
+        running.stop().await
+    }
+
+    fn usage_lines(text: &str) -> Vec<&str> {
+        text.lines()
+            .filter(|l| !l.contains("tollgate_collector_"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn metrics_start_from_the_store_and_count_each_request_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(dir.path().join("a.db")).unwrap();
+        let record = |id: &str, complete: bool, cost: f64| AuditRecord {
+            request_id: id.into(),
+            complete,
+            team: Some("payments".into()),
+            route: "anthropic.messages".into(),
+            model_requested: Some("claude-sonnet-4-5".into()),
+            tokens: tollgate_core::audit::Tokens {
+                output: complete.then_some(100),
+                ..Default::default()
+            },
+            cost_usd: complete.then_some(cost),
+            ..Default::default()
+        };
+        // Stored before the collector starts (an import, a previous run).
+        store
+            .insert_batch(&[record("old", true, 0.5), record("p1", false, 0.0)])
+            .unwrap();
+        let value = |r: &AuditRecord| entry(Some(bytes_value(&serde_json::to_string(r).unwrap())));
+        let stats = serve_stream(
+            &store,
+            vec![
+                message(vec![
+                    value(&record("p1", true, 0.25)),
+                    value(&record("new", true, 0.25)),
+                ]),
+                // Replayed: stored already, counted already.
+                message(vec![
+                    value(&record("new", true, 0.25)),
+                    value(&record("p1", false, 0.0)),
+                ]),
+            ],
+        )
+        .await;
+        let live = metrics::render(&stats);
+        let labels =
+            r#"team="payments",app="",agent="",model="claude-sonnet-4-5",decision="allowed""#;
+        assert!(
+            live.contains(&format!("tollgate_requests_total{{{labels}}} 3\n")),
+            "{live}"
+        );
+        assert!(
+            live.contains(&format!(
+                "tollgate_tokens_total{{{labels},class=\"output\"}} 300\n"
+            )),
+            "{live}"
+        );
+        assert!(
+            live.contains(&format!("tollgate_cost_usd_total{{{labels}}} 1\n")),
+            "{live}"
+        );
+        assert!(live.contains("tollgate_collector_records_stored_total 4\n"));
+        // What was counted live is what a restart would read from the store.
+        let restarted = Stats::default();
+        *restarted.usage.lock().unwrap() =
+            Some(metrics::Usage::seeded(&store.series_totals().unwrap()));
+        assert_eq!(
+            usage_lines(&live),
+            usage_lines(&metrics::render(&restarted))
+        );
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_from_memory_without_reading_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a.db");
+        let store = AuditStore::open(&db).unwrap();
+        let stats = serve_stream(
+            &store,
+            vec![message(vec![entry(Some(bytes_value(&json("m1"))))])],
+        )
+        .await;
+        // Without its table, any query fails: a scrape must not need one.
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute_batch("DROP TABLE audit")
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let web = tokio::spawn(http::serve(listener, store, stats, async move {
+            let _ = stop_rx.await;
+        }));
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        conn.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert!(response.contains(
+            "tollgate_requests_total{team=\"\",app=\"\",agent=\"\",model=\"\",decision=\"allowed\"} 1\n"
+        ), "{response}");
+        let _ = stop_tx.send(());
+        web.await.unwrap().unwrap();
     }
 }

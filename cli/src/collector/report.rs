@@ -3,7 +3,8 @@
 //! JSON form is stable (see docs/audit.md) and shared by `tollgate usage`,
 //! the collector's `/api/usage` and its dashboard.
 
-use super::store::AuditStore;
+use super::sheet::{self, Align, Column};
+use super::store::{AuditBackend, Param};
 use anyhow::{bail, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -23,7 +24,8 @@ pub enum GroupBy {
 }
 
 impl GroupBy {
-    fn sql(self, store: &AuditStore) -> &'static str {
+    /// The SQL value rows are grouped by, for a backend with `day_expr`.
+    fn sql(self, day_expr: &'static str) -> &'static str {
         match self {
             GroupBy::Key => "COALESCE(key_id, '(no key)')",
             GroupBy::User => "COALESCE(\"user\", '(none)')",
@@ -32,7 +34,20 @@ impl GroupBy {
             GroupBy::App => "COALESCE(app, '(none)')",
             GroupBy::Agent => "COALESCE(agent, '(none)')",
             GroupBy::Model => "COALESCE(model_served, model_requested, '(none)')",
-            GroupBy::Day => store.day_expr(),
+            GroupBy::Day => day_expr,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupBy::Key => "key",
+            GroupBy::User => "user",
+            GroupBy::Team => "team",
+            GroupBy::Project => "project",
+            GroupBy::App => "app",
+            GroupBy::Agent => "agent",
+            GroupBy::Model => "model",
+            GroupBy::Day => "day",
         }
     }
 
@@ -74,7 +89,8 @@ pub fn parse_since(s: &str, now_ms: u64) -> Result<u64> {
         _ => None,
     };
     if let Some(last) = s.chars().last() {
-        if let (Some(mult), Ok(n)) = (unit(last), s[..s.len() - last.len_utf8()].parse::<u64>()) {
+        let number = s.strip_suffix(last).unwrap_or_default();
+        if let (Some(mult), Ok(n)) = (unit(last), number.parse::<u64>()) {
             return Ok(now_ms.saturating_sub(n.saturating_mul(mult)));
         }
     }
@@ -84,246 +100,230 @@ pub fn parse_since(s: &str, now_ms: u64) -> Result<u64> {
     }
 }
 
-impl AuditStore {
-    /// Aggregates complete and provisional records since `since_ms`.
-    pub fn report(&self, by: GroupBy, since_ms: u64) -> Result<Report> {
-        // Portable SQL for SQLite and PostgreSQL: CASE sums, and BIGINT casts
-        // because PostgreSQL sums BIGINT columns into NUMERIC.
-        let sql = format!(
-            "SELECT {g} AS name, COUNT(*),
-                    SUM(CASE WHEN decision = 'allowed' THEN 1 ELSE 0 END),
-                    SUM(CASE WHEN decision = 'denied' THEN 1 ELSE 0 END),
-                    CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT), CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT),
-                    CAST(COALESCE(SUM(cache_write_tokens), 0) AS BIGINT), CAST(COALESCE(SUM(cache_read_tokens), 0) AS BIGINT),
-                    COALESCE(SUM(cost_usd), 0)
-             FROM audit WHERE timestamp_ms >= $1 GROUP BY 1",
-            g = by.sql(self)
-        );
-        let mut rows: BTreeMap<String, Row> = self
-            .rows(&sql, since_ms as i64)?
-            .into_iter()
-            .map(|r| {
-                let n = |i: usize| r.get(i).map(|c| c.int()).unwrap_or(0) as u64;
-                let row = Row {
-                    name: r.first().map(|c| c.text()).unwrap_or_default(),
-                    requests: n(1),
-                    allowed: n(2),
-                    denied: n(3),
-                    input_tokens: n(4),
-                    output_tokens: n(5),
-                    cache_write_tokens: n(6),
-                    cache_read_tokens: n(7),
-                    cost_usd: r.get(8).map(|c| c.real()).unwrap_or(0.0),
-                    denials: BTreeMap::new(),
-                };
-                (row.name.clone(), row)
-            })
-            .collect();
-        let sql = format!(
-            "SELECT {g} AS name, reason, COUNT(*) FROM audit
-             WHERE timestamp_ms >= $1 AND decision = 'denied' GROUP BY 1, 2",
-            g = by.sql(self)
-        );
-        for r in self.rows(&sql, since_ms as i64)? {
-            let (name, reason, n) = (r[0].text(), r[1].text(), r[2].int());
-            if let Some(row) = rows.get_mut(&name) {
-                row.denials.insert(reason, n as u64);
+/// Aggregates complete and provisional records since `since_ms`: the body of
+/// [`AuditBackend::report`].
+pub(super) fn build<B: AuditBackend + ?Sized>(
+    store: &B,
+    by: GroupBy,
+    since_ms: u64,
+) -> Result<Report> {
+    let group = by.sql(store.day_expr());
+    let since = [Param::Int(i64::try_from(since_ms).unwrap_or(i64::MAX))];
+    // Portable SQL for SQLite and PostgreSQL: CASE sums, and BIGINT casts
+    // because PostgreSQL sums BIGINT columns into NUMERIC.
+    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    store.query(
+        &format!(
+            "SELECT {group} AS name, COUNT(*) AS requests,
+                    SUM(CASE WHEN decision = 'allowed' THEN 1 ELSE 0 END) AS allowed,
+                    SUM(CASE WHEN decision = 'denied' THEN 1 ELSE 0 END) AS denied,
+                    CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens,
+                    CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens,
+                    CAST(COALESCE(SUM(cache_write_tokens), 0) AS BIGINT) AS cache_write_tokens,
+                    CAST(COALESCE(SUM(cache_read_tokens), 0) AS BIGINT) AS cache_read_tokens,
+                    COALESCE(SUM(cost_usd), 0) AS cost_usd
+             FROM audit WHERE timestamp_ms >= $1 GROUP BY 1"
+        ),
+        &since,
+        &mut |r| {
+            let row = Row {
+                name: r.text("name")?,
+                requests: r.count("requests")?,
+                allowed: r.count("allowed")?,
+                denied: r.count("denied")?,
+                input_tokens: r.count("input_tokens")?,
+                output_tokens: r.count("output_tokens")?,
+                cache_write_tokens: r.count("cache_write_tokens")?,
+                cache_read_tokens: r.count("cache_read_tokens")?,
+                cost_usd: r.real("cost_usd")?,
+                denials: BTreeMap::new(),
+            };
+            rows.insert(row.name.clone(), row);
+            Ok(())
+        },
+    )?;
+    store.query(
+        &format!(
+            "SELECT {group} AS name, reason, COUNT(*) AS denials FROM audit
+             WHERE timestamp_ms >= $1 AND decision = 'denied' GROUP BY 1, 2"
+        ),
+        &since,
+        &mut |r| {
+            if let Some(row) = rows.get_mut(&r.text("name")?) {
+                row.denials.insert(r.text("reason")?, r.count("denials")?);
             }
+            Ok(())
+        },
+    )?;
+    let mut rows: Vec<Row> = rows.into_values().collect();
+    if by == GroupBy::Day {
+        rows.sort_by(|a, b| a.name.cmp(&b.name));
+    } else {
+        rows.sort_by(|a, b| {
+            b.cost_usd
+                .total_cmp(&a.cost_usd)
+                .then(b.requests.cmp(&a.requests))
+                .then(a.name.cmp(&b.name))
+        });
+    }
+    let mut totals = Row {
+        name: "total".into(),
+        ..Default::default()
+    };
+    for r in &rows {
+        totals.requests += r.requests;
+        totals.allowed += r.allowed;
+        totals.denied += r.denied;
+        totals.input_tokens += r.input_tokens;
+        totals.output_tokens += r.output_tokens;
+        totals.cache_write_tokens += r.cache_write_tokens;
+        totals.cache_read_tokens += r.cache_read_tokens;
+        totals.cost_usd += r.cost_usd;
+        for (k, v) in &r.denials {
+            *totals.denials.entry(k.clone()).or_default() += v;
         }
-        let mut rows: Vec<Row> = rows.into_values().collect();
-        if by == GroupBy::Day {
-            rows.sort_by(|a, b| a.name.cmp(&b.name));
-        } else {
-            rows.sort_by(|a, b| {
-                b.cost_usd
-                    .total_cmp(&a.cost_usd)
-                    .then(b.requests.cmp(&a.requests))
-                    .then(a.name.cmp(&b.name))
-            });
-        }
-        let mut totals = Row {
-            name: "total".into(),
-            ..Default::default()
-        };
-        for r in &rows {
-            totals.requests += r.requests;
-            totals.allowed += r.allowed;
-            totals.denied += r.denied;
-            totals.input_tokens += r.input_tokens;
-            totals.output_tokens += r.output_tokens;
-            totals.cache_write_tokens += r.cache_write_tokens;
-            totals.cache_read_tokens += r.cache_read_tokens;
-            totals.cost_usd += r.cost_usd;
-            for (k, v) in &r.denials {
-                *totals.denials.entry(k.clone()).or_default() += v;
-            }
-        }
-        Ok(Report {
-            by,
-            since_ms,
-            rows,
-            totals,
-        })
+    }
+    Ok(Report {
+        by,
+        since_ms,
+        rows,
+        totals,
+    })
+}
+
+/// A number column: right-aligned, `width` wide in tables, `gap` spaces after
+/// the previous one.
+const fn number(
+    table: Option<&'static str>,
+    csv: &'static str,
+    width: u16,
+    value: fn(&Row) -> String,
+) -> Column<Row> {
+    Column {
+        table,
+        csv: Some(csv),
+        width,
+        gap: 1,
+        align: Align::Right,
+        value,
     }
 }
 
 impl Report {
-    pub fn to_csv(&self) -> String {
-        let mut out = String::from("name,requests,allowed,denied,input_tokens,output_tokens,cache_write_tokens,cache_read_tokens,cost_usd,denials\n");
-        for r in self.rows.iter().chain(std::iter::once(&self.totals)) {
-            let denials: Vec<String> = r.denials.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            let name = if r.name.contains([',', '"']) {
-                format!("\"{}\"", r.name.replace('"', "\"\""))
-            } else {
-                r.name.clone()
-            };
-            out.push_str(&format!(
-                "{name},{},{},{},{},{},{},{},{:.6},{}\n",
-                r.requests,
-                r.allowed,
-                r.denied,
-                r.input_tokens,
-                r.output_tokens,
-                r.cache_write_tokens,
-                r.cache_read_tokens,
-                r.cost_usd,
-                denials.join(" ")
-            ));
-        }
-        out
+    /// The report's columns, in order; the table names the first one after
+    /// the grouping (`team`), CSV calls it `name`.
+    fn columns(&self) -> [Column<Row>; 10] {
+        [
+            Column {
+                table: Some(self.by.as_str()),
+                csv: Some("name"),
+                width: 28,
+                gap: 0,
+                align: Align::Left,
+                value: |r| r.name.clone(),
+            },
+            number(Some("requests"), "requests", 8, |r| r.requests.to_string()),
+            number(None, "allowed", 0, |r| r.allowed.to_string()),
+            number(Some("denied"), "denied", 7, |r| r.denied.to_string()),
+            number(Some("input"), "input_tokens", 10, |r| {
+                r.input_tokens.to_string()
+            }),
+            number(Some("output"), "output_tokens", 10, |r| {
+                r.output_tokens.to_string()
+            }),
+            number(Some("cache_wr"), "cache_write_tokens", 10, |r| {
+                r.cache_write_tokens.to_string()
+            }),
+            number(Some("cache_rd"), "cache_read_tokens", 10, |r| {
+                r.cache_read_tokens.to_string()
+            }),
+            number(Some("cost_usd"), "cost_usd", 11, |r| {
+                format!("{:.6}", r.cost_usd)
+            }),
+            Column {
+                table: Some("denials"),
+                csv: Some("denials"),
+                width: 0,
+                gap: 2,
+                align: Align::Left,
+                value: |r| {
+                    let denials: Vec<String> =
+                        r.denials.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    denials.join(" ")
+                },
+            },
+        ]
+    }
+
+    /// The rows, then the totals: what both the table and the CSV print.
+    fn lines(&self) -> impl Iterator<Item = &Row> {
+        self.rows.iter().chain(std::iter::once(&self.totals))
+    }
+
+    pub fn to_csv(&self) -> Result<String> {
+        sheet::csv(&self.columns(), self.lines())
     }
 
     pub fn to_table(&self) -> String {
-        let mut out = format!(
-            "{:<28} {:>8} {:>7} {:>10} {:>10} {:>10} {:>10} {:>11}  {}\n",
-            format!("{:?}", self.by).to_lowercase(),
-            "requests",
-            "denied",
-            "input",
-            "output",
-            "cache_wr",
-            "cache_rd",
-            "cost_usd",
-            "denials"
-        );
-        for r in self.rows.iter().chain(std::iter::once(&self.totals)) {
-            let denials: Vec<String> = r.denials.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            out.push_str(&format!(
-                "{:<28} {:>8} {:>7} {:>10} {:>10} {:>10} {:>10} {:>11.6}  {}\n",
-                r.name,
-                r.requests,
-                r.denied,
-                r.input_tokens,
-                r.output_tokens,
-                r.cache_write_tokens,
-                r.cache_read_tokens,
-                r.cost_usd,
-                denials.join(" ")
-            ));
-        }
+        let mut out = sheet::table(&self.columns(), true, self.lines());
+        out.push('\n');
         out
     }
 }
 
 #[cfg(test)]
 mod tests {
+    //! Aggregation runs on every backend: see the store's contract suite.
     use super::*;
-    use tollgate_core::audit::{AuditRecord, Outcome, Reason, Tokens};
 
-    #[allow(clippy::too_many_arguments)]
-    fn rec(
-        id: &str,
-        team: &str,
-        model: &str,
-        denied: Option<Reason>,
-        input: u64,
-        output: u64,
-        cost: f64,
-        t: u64,
-    ) -> AuditRecord {
-        AuditRecord {
-            request_id: id.into(),
-            timestamp_ms: t,
-            complete: true,
-            team: Some(team.into()),
-            key_id: Some(format!("key-{team}")),
-            model_served: Some(model.into()),
-            route: "anthropic.messages".into(),
-            decision: if denied.is_some() {
-                Outcome::Denied
-            } else {
-                Outcome::Allowed
-            },
-            reason: denied.unwrap_or(Reason::Ok),
-            status: if denied.is_some() { 429 } else { 200 },
-            tokens: Tokens {
-                input: Some(input),
-                output: Some(output),
-                cache_write: Some(0),
-                cache_read: Some(3),
-                ..Default::default()
-            },
-            cost_usd: Some(cost),
-            ..Default::default()
+    fn row(name: &str, requests: u64, denied: u64, denials: &[(&str, u64)]) -> Row {
+        Row {
+            name: name.into(),
+            requests,
+            allowed: requests - denied,
+            denied,
+            input_tokens: 108,
+            output_tokens: 253,
+            cache_write_tokens: 0,
+            cache_read_tokens: 1207,
+            cost_usd: 0.00448,
+            denials: denials.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         }
     }
 
     #[test]
-    fn groups_sums_and_counts_denials_by_reason() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = AuditStore::open(dir.path().join("a.db")).unwrap();
-        let day = 86_400_000;
-        s.insert_batch(&[
-            rec("1", "payments", "m1", None, 10, 20, 0.5, 10 * day),
-            rec("2", "payments", "m2", None, 1, 2, 0.25, 10 * day + 5),
-            rec(
-                "3",
-                "payments",
-                "m1",
-                Some(Reason::RateLimited),
-                0,
-                0,
-                0.0,
-                11 * day,
+    fn table_and_csv_print_every_row_then_the_totals() {
+        let report = Report {
+            by: GroupBy::Team,
+            since_ms: 0,
+            rows: vec![
+                row("payments", 3, 1, &[("model_not_allowed", 1)]),
+                row("a \"quoted\", multi\nline team", 2, 0, &[]),
+            ],
+            totals: row(
+                "total",
+                5,
+                1,
+                &[("model_not_allowed", 1), ("rate_limited", 0)],
             ),
-            rec("4", "search", "m1", None, 100, 200, 2.0, 11 * day),
-            rec("old", "search", "m1", None, 9, 9, 9.0, day),
-        ])
-        .unwrap();
-        let r = s.report(GroupBy::Team, 2 * day).unwrap();
+        };
         assert_eq!(
-            r.rows.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
-            ["search", "payments"],
-            "most expensive first"
+            report.to_table(),
+            "team                         requests  denied      input     output   cache_wr   cache_rd    cost_usd  denials
+payments                            3       1        108        253          0       1207    0.004480  model_not_allowed=1
+a \"quoted\", multi                   2       0        108        253          0       1207    0.004480
+line team
+total                               5       1        108        253          0       1207    0.004480  model_not_allowed=1 rate_limited=0
+"
         );
-        let p = &r.rows[1];
         assert_eq!(
-            (
-                p.requests,
-                p.allowed,
-                p.denied,
-                p.input_tokens,
-                p.output_tokens,
-                p.cache_read_tokens
-            ),
-            (3, 2, 1, 11, 22, 9)
-        );
-        assert_eq!(p.cost_usd, 0.75);
-        assert_eq!(p.denials.get("rate_limited"), Some(&1));
-        assert_eq!((r.totals.requests, r.totals.cost_usd), (4, 2.75));
-        let days = s.report(GroupBy::Day, 0).unwrap();
-        assert_eq!(
-            days.rows
-                .iter()
-                .map(|r| r.name.as_str())
-                .collect::<Vec<_>>(),
-            ["1970-01-02", "1970-01-11", "1970-01-12"]
-        );
-        let csv = s.report(GroupBy::Model, 2 * day).unwrap().to_csv();
-        assert!(csv.starts_with("name,requests,allowed,denied,"));
-        assert!(
-            csv.contains("\nm1,3,2,1,110,220,0,9,2.500000,rate_limited=1\n"),
-            "{csv}"
+            report.to_csv().unwrap(),
+            "name,requests,allowed,denied,input_tokens,output_tokens,cache_write_tokens,cache_read_tokens,cost_usd,denials
+payments,3,2,1,108,253,0,1207,0.004480,model_not_allowed=1
+\"a \"\"quoted\"\", multi
+line team\",2,2,0,108,253,0,1207,0.004480,
+total,5,4,1,108,253,0,1207,0.004480,model_not_allowed=1 rate_limited=0
+"
         );
     }
 

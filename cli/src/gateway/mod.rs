@@ -17,10 +17,11 @@ pub mod render;
 
 use crate::audit_service;
 use crate::collector::store::AuditStore;
+use crate::shared_store::{self, Redis, RedisAt};
 use crate::shutdown::Stop;
 use crate::{atomic_file, policy_file};
 use anyhow::{bail, Context, Result};
-use render::{Gateway, Layout, Upstream};
+use render::{Gateway, Layout, Upstream, VmOptions};
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -49,6 +50,26 @@ pub struct Options {
     pub audit_flush_ms: u64,
     /// Seconds without a byte either way before Envoy cuts a request off.
     pub stream_idle_timeout_s: u64,
+    /// Limits shared by every replica through a shared store; `None`: in
+    /// this Envoy alone.
+    pub shared: Option<Shared>,
+}
+
+/// Limits shared by every Envoy replica (`docs/scale-out.md`).
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub quota: QuotaAt,
+    /// How often each Envoy syncs its leases (ms).
+    pub sync_period_ms: u64,
+}
+
+/// Where the quota service is.
+#[derive(Debug, Clone)]
+pub enum QuotaAt {
+    /// Started in this process on `listen`, in front of `redis`.
+    InProcess { redis: Redis, listen: SocketAddr },
+    /// Replicas running elsewhere (`tollgate quota`): host and port each.
+    External(Vec<(String, u16)>),
 }
 
 /// How the Envoy child runs.
@@ -98,6 +119,8 @@ struct Ready {
     audit_db: String,
     audit_log: String,
     envoy_pid: Option<u32>,
+    quota: Vec<String>,
+    redis: Option<String>,
 }
 
 /// Files and addresses of a started gateway; its `Display` is the banner.
@@ -112,6 +135,9 @@ pub struct Summary {
     pub anthropic: Upstream,
     pub openai: Upstream,
     pub layout: Layout,
+    /// The quota service's replicas and Redis, with a shared store.
+    pub quota: Vec<(String, u16)>,
+    pub redis: Option<String>,
 }
 
 /// A gateway whose Envoy answers; [`Running::serve`] supervises it.
@@ -119,9 +145,17 @@ pub struct Running {
     pub summary: Summary,
     envoy: Child,
     watch: reload::PolicyWatch,
-    /// Stops the in-process collector and mock provider.
+    /// Stops the in-process collector, quota service and mock provider.
     stop: Stop,
     collector: Option<JoinHandle<Result<()>>>,
+    quota: Option<QuotaRunning>,
+}
+
+/// The in-process quota service and the Redis it may have started.
+struct QuotaRunning {
+    task: JoinHandle<Result<()>>,
+    /// Stops an embedded redis-server when dropped (after the service).
+    _redis: RedisAt,
 }
 
 /// The audit collector as the bootstrap addresses it.
@@ -152,10 +186,12 @@ pub async fn start(
     let stop = Stop::new();
     // Collector first: Envoy connects to it as soon as it starts.
     let collector = start_collector(collector, &layout, &stop).await?;
+    let (quota_at, quota) = start_quota(opts.shared.as_ref(), &layout, &stop).await?;
     let providers = start_providers(providers, &stop).await?;
     let (listen, admin) = (free_port(opts.listen)?, free_port(opts.admin)?);
-    let gateway = gateway(&opts, listen, admin, &collector.addr, &providers);
-    write_config(&layout, &policy.json, &wasm, &gateway, &providers)?;
+    let gateway = gateway(&opts, listen, admin, &collector.addr, &providers, &quota_at);
+    let vm = vm_options(&opts);
+    write_config(&layout, &policy.json, &wasm, &vm, &gateway, &providers)?;
 
     let binary = envoy::binary(envoy_opts.binary);
     let mut child = envoy::spawn(
@@ -180,15 +216,59 @@ pub async fn start(
         anthropic: providers.anthropic,
         openai: providers.openai,
         layout: layout.clone(),
+        redis: quota.as_ref().map(|q| q._redis.url.clone()),
+        quota: quota_at,
     };
     write_ready(&summary, child.id())?;
     Ok(Running {
         summary,
-        watch: reload::PolicyWatch::new(&opts.policy, policy.json, &wasm, &layout),
+        watch: reload::PolicyWatch::new(&opts.policy, policy.json, &wasm, vm, &layout),
         envoy: child,
         stop,
         collector: collector.task,
+        quota,
     })
+}
+
+fn vm_options(opts: &Options) -> VmOptions {
+    VmOptions {
+        hold_request_headers: true,
+        shared: opts.shared.as_ref().map(|s| render::SharedVm {
+            cluster: render::QUOTA_CLUSTER.to_string(),
+            sync_period_ms: s.sync_period_ms,
+        }),
+    }
+}
+
+/// The quota service's replicas as Envoy addresses them, starting Redis
+/// (embedded) and the service in this process when asked.
+async fn start_quota(
+    shared: Option<&Shared>,
+    layout: &Layout,
+    stop: &Stop,
+) -> Result<(Vec<(String, u16)>, Option<QuotaRunning>)> {
+    let Some(shared) = shared else {
+        return Ok((Vec::new(), None));
+    };
+    let (redis, listen) = match &shared.quota {
+        QuotaAt::External(replicas) => return Ok((replicas.clone(), None)),
+        QuotaAt::InProcess { redis, listen } => (redis, *listen),
+    };
+    let redis = shared_store::redis(redis, &layout.dir.join("redis.log"))?;
+    let (addr, task) = shared_store::start_quota(
+        listen,
+        &redis.url,
+        shared_store::settings(shared.sync_period_ms),
+        stop.stopped(),
+    )
+    .await?;
+    Ok((
+        vec![(addr.ip().to_string(), addr.port())],
+        Some(QuotaRunning {
+            task,
+            _redis: redis,
+        }),
+    ))
 }
 
 impl Running {
@@ -206,6 +286,14 @@ impl Running {
                 Ok(Ok(Err(e))) => eprintln!("collector: {e:#}"),
                 Ok(Err(e)) => eprintln!("collector task: {e}"),
                 Err(_) => eprintln!("collector did not flush within 10s"),
+            }
+        }
+        if let Some(quota) = self.quota.take() {
+            match tokio::time::timeout(Duration::from_secs(5), quota.task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => eprintln!("quota service: {e:#}"),
+                Ok(Err(e)) => eprintln!("quota service task: {e}"),
+                Err(_) => eprintln!("quota service did not stop within 5s"),
             }
         }
         let _ = std::fs::remove_file(self.summary.layout.ready());
@@ -249,8 +337,22 @@ pub fn render_only(
             .with_context(|| format!("copying the filter to {}", copy.display()))?;
     }
     let (listen, admin) = (free_port(opts.listen)?, free_port(opts.admin)?);
-    let gateway = gateway(&opts, listen, admin, &collector, &providers);
-    write_config(&layout, &policy.json, &copy, &gateway, &providers)?;
+    let quota = match opts.shared.as_ref().map(|s| &s.quota) {
+        Some(QuotaAt::External(replicas)) => replicas.clone(),
+        Some(QuotaAt::InProcess { .. }) => {
+            bail!("--render-only runs no quota service: pass --quota HOST:PORT (a `tollgate quota` elsewhere)")
+        }
+        None => Vec::new(),
+    };
+    let gateway = gateway(&opts, listen, admin, &collector, &providers, &quota);
+    write_config(
+        &layout,
+        &policy.json,
+        &copy,
+        &vm_options(&opts),
+        &gateway,
+        &providers,
+    )?;
     Ok(Rendered {
         layout,
         listen,
@@ -404,6 +506,7 @@ fn gateway(
     admin: SocketAddr,
     collector: &(String, u16),
     providers: &ProvidersAt,
+    quota: &[(String, u16)],
 ) -> Gateway {
     Gateway {
         listen,
@@ -415,6 +518,7 @@ fn gateway(
         audit_flush_interval_ms: opts.audit_flush_ms,
         stream_idle_timeout_s: opts.stream_idle_timeout_s,
         ca_bundle: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+        quota: quota.to_vec(),
     }
 }
 
@@ -424,6 +528,7 @@ fn write_config(
     layout: &Layout,
     policy_json: &str,
     wasm: &Path,
+    vm: &VmOptions,
     gateway: &Gateway,
     providers: &ProvidersAt,
 ) -> Result<()> {
@@ -440,11 +545,7 @@ fn write_config(
         )?,
         0o600,
     )?;
-    atomic_file::write(
-        &layout.ecds(),
-        &render::ecds(policy_json, wasm, true)?,
-        0o644,
-    )?;
+    atomic_file::write(&layout.ecds(), &render::ecds(policy_json, wasm, vm)?, 0o644)?;
     atomic_file::write(
         &layout.bootstrap(),
         &render::bootstrap(gateway, layout)?,
@@ -462,6 +563,8 @@ fn write_ready(s: &Summary, envoy_pid: Option<u32>) -> Result<()> {
         audit_db: s.layout.audit_db().display().to_string(),
         audit_log: s.layout.audit_log().display().to_string(),
         envoy_pid,
+        quota: s.quota.iter().map(|(h, p)| format!("{h}:{p}")).collect(),
+        redis: s.redis.clone(),
     };
     atomic_file::write(
         &s.layout.ready(),
@@ -509,6 +612,16 @@ impl fmt::Display for Summary {
                 "  audit:     external collector {host}:{port}; durable copy {}",
                 layout.audit_log().display()
             )?,
+        }
+        if let Some((host, port)) = self.quota.first() {
+            writeln!(
+                f,
+                "  limits:    shared by every replica through the quota service {host}:{port}{}",
+                match &self.redis {
+                    Some(url) => format!(" (Redis {url})"),
+                    None => format!(" and {} more", self.quota.len() - 1),
+                }
+            )?;
         }
         writeln!(
             f,

@@ -18,6 +18,7 @@ pub const EVERY: Duration = Duration::from_millis(250);
 pub struct PolicyWatch {
     path: PathBuf,
     wasm: PathBuf,
+    vm: render::VmOptions,
     layout: Layout,
     /// The compact policy Envoy has now.
     live: String,
@@ -27,10 +28,17 @@ pub struct PolicyWatch {
 
 impl PolicyWatch {
     /// Watches `path`, whose `live` JSON Envoy already has.
-    pub fn new(path: &Path, live: String, wasm: &Path, layout: &Layout) -> PolicyWatch {
+    pub fn new(
+        path: &Path,
+        live: String,
+        wasm: &Path,
+        vm: render::VmOptions,
+        layout: &Layout,
+    ) -> PolicyWatch {
         PolicyWatch {
             path: path.to_path_buf(),
             wasm: wasm.to_path_buf(),
+            vm,
             layout: layout.clone(),
             live,
             last_seen: std::fs::read(path).ok(),
@@ -50,7 +58,7 @@ impl PolicyWatch {
             Ok(p) if p.json != self.live => {
                 atomic_file::write(
                     &self.layout.ecds(),
-                    &render::ecds(&p.json, &self.wasm, true)?,
+                    &render::ecds(&p.json, &self.wasm, &self.vm)?,
                     0o644,
                 )?;
                 self.live = p.json;
@@ -85,7 +93,11 @@ mod tests {
         let policy = dir.path().join("policy.json");
         let wasm = Path::new("/x/tollgate.wasm");
         std::fs::write(&policy, r#"{"version": 1}"#).unwrap();
-        let mut watch = PolicyWatch::new(&policy, r#"{"version":1}"#.into(), wasm, &layout);
+        let vm = render::VmOptions {
+            hold_request_headers: true,
+            shared: None,
+        };
+        let mut watch = PolicyWatch::new(&policy, r#"{"version":1}"#.into(), wasm, vm, &layout);
         watch.poll().unwrap();
         assert!(!layout.ecds().exists(), "unchanged file: nothing written");
 

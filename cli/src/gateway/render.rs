@@ -11,6 +11,7 @@ const BOOTSTRAP: &str = include_str!("../../../envoy/bootstrap.yaml");
 const TLS: &str = include_str!("../../../envoy/tls.yaml");
 const ECDS: &str = include_str!("../../../envoy/ecds.yaml");
 const SECRET: &str = include_str!("../../../envoy/secret.yaml");
+const QUOTA: &str = include_str!("../../../envoy/quota.yaml");
 
 /// Where a provider's traffic goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +127,46 @@ pub struct Gateway {
     pub audit_flush_interval_ms: u64,
     pub stream_idle_timeout_s: u64,
     pub ca_bundle: PathBuf,
+    /// The quota service's replicas (host, port), with limits shared by
+    /// every Envoy through it; empty for limits in this Envoy alone.
+    pub quota: Vec<(String, u16)>,
+}
+
+/// The Envoy cluster of the quota service in every configuration Tollgate
+/// ships (`envoy/quota.yaml`, the Istio and Envoy Gateway manifests).
+pub const QUOTA_CLUSTER: &str = "tollgate_quota";
+
+/// The filter's VM configuration: deployment options, not policy. It must
+/// stay byte-identical across policy reloads so Envoy keeps the VM (and
+/// its shared-data balances).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmOptions {
+    pub hold_request_headers: bool,
+    /// Limits shared by every replica; `None`: this Envoy alone.
+    pub shared: Option<SharedVm>,
+}
+
+/// How the filter reaches the shared store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedVm {
+    /// The Envoy cluster of the quota service.
+    pub cluster: String,
+    /// How often each Envoy syncs its leases (ms); the quota service's
+    /// `--sync-period-ms` must agree, since leases last three periods.
+    pub sync_period_ms: u64,
+}
+
+impl VmOptions {
+    pub fn json(&self) -> String {
+        let mut v = serde_json::json!({ "hold_request_headers": self.hold_request_headers });
+        if let (Some(shared), Some(obj)) = (&self.shared, v.as_object_mut()) {
+            obj.insert(
+                "shared".to_string(),
+                serde_json::json!({ "cluster": shared.cluster, "sync_period_ms": shared.sync_period_ms }),
+            );
+        }
+        v.to_string()
+    }
 }
 
 fn q(s: &str) -> String {
@@ -193,30 +234,57 @@ pub fn bootstrap(gw: &Gateway, layout: &Layout) -> Result<String> {
             ("openai_tls", tls_block(&gw.openai, &gw.ca_bundle)?),
             ("collector_address", q(&gw.collector.0)),
             ("collector_port", gw.collector.1.to_string()),
-            (
-                "collector_dns_type",
-                if gw.collector.0.parse::<std::net::IpAddr>().is_ok() {
-                    "STATIC"
-                } else {
-                    "STRICT_DNS"
-                }
-                .to_string(),
-            ),
+            ("collector_dns_type", dns_type(&gw.collector.0)),
+            ("quota_cluster", quota_cluster(&gw.quota)?),
+        ],
+    )
+}
+
+/// STATIC for IP addresses, STRICT_DNS for names (every address a name
+/// resolves to is an endpoint).
+fn dns_type(host: &str) -> String {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        "STATIC"
+    } else {
+        "STRICT_DNS"
+    }
+    .to_string()
+}
+
+/// The `tollgate_quota` cluster, or nothing without a shared store.
+fn quota_cluster(replicas: &[(String, u16)]) -> Result<String> {
+    let Some((first, _)) = replicas.first() else {
+        return Ok(String::new());
+    };
+    let endpoints: Vec<String> = replicas
+        .iter()
+        .map(|(host, port)| {
+            format!(
+                "        - endpoint:\n            address:\n              socket_address: {{ address: {}, port_value: {port} }}",
+                q(host)
+            )
+        })
+        .collect();
+    fill(
+        QUOTA,
+        &[
+            ("quota_cluster_name", QUOTA_CLUSTER.to_string()),
+            ("quota_dns_type", dns_type(first)),
+            ("quota_endpoints", endpoints.join("\n")),
         ],
     )
 }
 
 /// The ECDS resource: the wasm filter with the policy as its configuration.
 /// `policy_json` must already have passed `tollgate_core::policy::compile`.
-pub fn ecds(policy_json: &str, wasm: &Path, hold_request_headers: bool) -> Result<String> {
-    let options = serde_json::json!({ "hold_request_headers": hold_request_headers }).to_string();
+pub fn ecds(policy_json: &str, wasm: &Path, vm: &VmOptions) -> Result<String> {
     fill(
         ECDS,
         &[
             ("wasm_path", p(wasm)),
-            ("vm_options_json", q(&options)),
+            ("vm_options_json", q(&vm.json())),
             ("policy_json", q(policy_json)),
-            ("hold_request_headers", hold_request_headers.to_string()),
+            ("hold_request_headers", vm.hold_request_headers.to_string()),
         ],
     )
 }
@@ -263,12 +331,15 @@ mod tests {
         );
     }
 
-    #[test]
-    fn every_template_renders_without_leftovers() {
-        let layout = Layout {
+    fn layout() -> Layout {
+        Layout {
             dir: PathBuf::from("/tmp/tg"),
-        };
-        let gw = Gateway {
+        }
+    }
+
+    /// A gateway for Anthropic over TLS and OpenAI on the local mock.
+    fn test_gateway() -> Gateway {
+        Gateway {
             listen: "127.0.0.1:8080".parse().unwrap(),
             admin_port: 9901,
             collector: ("127.0.0.1".to_string(), 9611),
@@ -278,20 +349,77 @@ mod tests {
             audit_flush_interval_ms: 1000,
             stream_idle_timeout_s: 600,
             ca_bundle: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
-        };
-        let b = bootstrap(&gw, &layout).unwrap();
+            quota: Vec::new(),
+        }
+    }
+
+    /// The bootstrap of [`test_gateway`].
+    fn rendered_bootstrap() -> String {
+        bootstrap(&test_gateway(), &layout()).unwrap()
+    }
+
+    #[test]
+    fn every_template_renders_without_leftovers() {
+        let b = rendered_bootstrap();
         assert!(b.contains("sni: \"api.anthropic.com\""));
         assert!(b.contains("port_value: 9612"));
         assert!(!b.contains("{{"));
+        assert!(
+            !b.contains("tollgate_quota"),
+            "no shared store, no quota cluster"
+        );
+        let shared = bootstrap(
+            &Gateway {
+                quota: vec![("127.0.0.1".into(), 9614), ("127.0.0.2".into(), 9615)],
+                ..test_gateway()
+            },
+            &layout(),
+        )
+        .unwrap();
+        assert!(shared.contains("- name: tollgate_quota"));
+        assert!(shared.contains("socket_address: { address: \"127.0.0.2\", port_value: 9615 }"));
+        let vm = VmOptions {
+            hold_request_headers: true,
+            shared: None,
+        };
         let e = ecds(
             "{\"version\":1,\"keys\":[]}",
             Path::new("/x/tollgate.wasm"),
-            true,
+            &vm,
         )
         .unwrap();
         assert!(e.contains(r#"value: "{\"version\":1,\"keys\":[]}""#));
         assert!(e.contains("allow_on_headers_stop_iteration: true"));
+        assert_eq!(
+            VmOptions {
+                shared: Some(SharedVm {
+                    cluster: QUOTA_CLUSTER.into(),
+                    sync_period_ms: 100
+                }),
+                ..vm.clone()
+            }
+            .json(),
+            r#"{"hold_request_headers":true,"shared":{"cluster":"tollgate_quota","sync_period_ms":100}}"#
+        );
         let s = secret("openai_api_key", "Bearer sk-\"quoted\"").unwrap();
         assert!(s.contains(r#"inline_string: "Bearer sk-\"quoted\"""#));
+    }
+
+    #[test]
+    fn bootstrap_normalises_paths_as_the_filter_classifies_them() {
+        let b = rendered_bootstrap();
+        // The same steps as tollgate_core::route::normalize, in the HCM.
+        for setting in [
+            "normalize_path: true",
+            "merge_slashes: true",
+            "path_with_escaped_slashes_action: REJECT_REQUEST",
+        ] {
+            assert_eq!(b.matches(setting).count(), 1, "{setting}");
+        }
+        // OpenAI's /v1/models: the header the filter's rule reads, absent.
+        let header = tollgate_core::route::FAMILY_HEADER;
+        assert!(b.contains(&format!(
+            "- name: {header}\n                    present_match: false\n"
+        )));
     }
 }

@@ -9,18 +9,24 @@
 //!    and reserve. Publish a provisional audit record so that a request that
 //!    never completes is still audited.
 //! 3. Response: add the caller's rate-limit headers, read usage from the JSON
-//!    body or incrementally from the SSE stream (never buffered).
+//!    body or incrementally from the SSE stream (never buffered). A
+//!    `/v1/models` list is the exception: held to its end and cut to the
+//!    key's allowlist ([`models`]).
 //! 4. End of response: settle reservations against actual usage, price it,
 //!    publish the final audit record (before Envoy's access loggers run).
 
 mod headers;
+mod models;
 mod refusal;
 
 pub use headers::rate_limit_headers;
+pub use models::{empty_list, filter_list, Filtered, MAX_MODELS_LIST};
 pub use refusal::Refusal;
 
 use crate::audit::{AuditRecord, Outcome, Reason, Tokens, SCHEMA_VERSION};
 use crate::host::{header, Decision, Host, LocalReply, Stat};
+use crate::host::{Queue, QuotaMethod};
+use crate::meter::shared::{self, Plan, RemoteRefusal, SharedOptions, Source};
 use crate::meter::{self, Admission, BucketState, Clock, Demand, Denial};
 use crate::policy::{Key, KeyRefusal, Policy, Price, UnknownRoutes};
 use crate::reply::error_reply;
@@ -37,7 +43,16 @@ pub const DEFAULT_OUTPUT_RESERVATION: u64 = 4_096;
 /// size to read `usage`; beyond it the reservation is charged.
 pub const MAX_JSON_RESPONSE: usize = 8 << 20;
 
-/// Deployment options that are not policy (read from the VM configuration).
+/// The environment variable the filter reads its VM options from when the
+/// VM configuration is empty. Istio's `WasmPlugin` (`vmConfig.env`) and
+/// Envoy Gateway's `EnvoyExtensionPolicy` (`env.hostKeys`) can hand the VM
+/// environment variables (WASI `environ_get`) but never set
+/// `vm_config.configuration`, so this is how shared limits reach a filter
+/// they deliver.
+pub const VM_OPTIONS_ENV: &str = "TOLLGATE_VM_OPTIONS";
+
+/// Deployment options that are not policy (read from the VM configuration,
+/// or from [`VM_OPTIONS_ENV`] where a control plane cannot set it).
 #[derive(Debug, Clone, Copy)]
 pub struct FilterOptions {
     /// Whether request headers are held until the body decision. Needs Envoy's
@@ -45,12 +60,16 @@ pub struct FilterOptions {
     /// headers stops this filter's body callbacks (ABI 0.2). When false the
     /// headers go upstream at once and a denial resets the upstream request.
     pub hold_request_headers: bool,
+    /// Buckets shared by every replica through the quota service (Redis);
+    /// `None`: this Envoy's shared data only.
+    pub shared: Option<SharedOptions>,
 }
 
 impl Default for FilterOptions {
     fn default() -> Self {
         FilterOptions {
             hold_request_headers: true,
+            shared: None,
         }
     }
 }
@@ -62,6 +81,8 @@ struct Response {
     /// Content-encoding other than identity: usage cannot be read.
     encoded: bool,
     sse: Option<StreamUsage>,
+    /// A `GET /v1/models` list held to its end to be cut to the allowlist.
+    models_list: bool,
     /// Set when Tollgate added `include_usage` for a client that did not ask.
     strip: Option<usage::inject::UsageChunkStripper>,
     body: Vec<u8>,
@@ -76,6 +97,14 @@ enum Phase {
     Start,
     /// The key is accepted; the body buffers until the admission decision.
     Authenticated { key: usize },
+    /// Paused for a synchronous admission by the shared store.
+    Admitting {
+        key: usize,
+        demand: Demand,
+        body_size: usize,
+        request: Vec<u8>,
+        since: u64,
+    },
     /// Forwarded upstream with its reservations, which the end of the
     /// response settles.
     Admitted { key: usize, admission: Admission },
@@ -89,9 +118,13 @@ pub struct RequestFlow {
     options: FilterOptions,
     phase: Phase,
     route: Route,
+    /// `GET /v1/models/{id}`: the model asked about.
+    model_asked: Option<String>,
     info: RequestInfo,
     response: Response,
     audit: AuditRecord,
+    /// SHA-256 of the presented virtual key, once identified.
+    key_sha256: Option<[u8; 32]>,
 }
 
 impl RequestFlow {
@@ -105,12 +138,14 @@ impl RequestFlow {
             options,
             phase: Phase::Start,
             route: Route::Other,
+            model_asked: None,
             info: RequestInfo::default(),
             response: Response::default(),
             audit: AuditRecord {
                 schema: SCHEMA_VERSION,
                 ..Default::default()
             },
+            key_sha256: None,
         }
     }
 
@@ -134,7 +169,9 @@ impl RequestFlow {
     /// The authenticated key's position in the policy, in the phases that have one.
     fn key_index(&self) -> Option<usize> {
         match self.phase {
-            Phase::Authenticated { key } | Phase::Admitted { key, .. } => Some(key),
+            Phase::Authenticated { key }
+            | Phase::Admitting { key, .. }
+            | Phase::Admitted { key, .. } => Some(key),
             Phase::Start | Phase::Done => None,
         }
     }
@@ -143,7 +180,17 @@ impl RequestFlow {
         let now = host.now_ms();
         let headers = host.request_headers();
         let path = header(&headers, ":path").unwrap_or_default();
-        self.route = Route::classify(path);
+        let method = header(&headers, ":method").unwrap_or_default();
+        let family = Provider::models_family(&headers);
+        let bad_path = match Route::classify(method, path, family) {
+            Ok(target) => {
+                self.route = target.route;
+                self.audit.model_requested = target.model.clone();
+                self.model_asked = target.model;
+                None
+            }
+            Err(e) => Some(e),
+        };
         self.audit.timestamp_ms = now;
         self.audit.route = self.route.name().to_string();
         self.audit.provider = self.provider().name().to_string();
@@ -166,9 +213,21 @@ impl RequestFlow {
             Err(refusal) => return self.refuse(host, refusal, &[]),
         };
         // From here the caller is known: refusals carry its bucket states.
-        let refusal = match policy.key(key).map(|k| k.check_valid(now)) {
-            Some(Err(KeyRefusal::Revoked)) => Some(Refusal::RevokedKey),
-            Some(Err(KeyRefusal::Expired(at_ms))) => Some(Refusal::ExpiredKey { at_ms }),
+        let bad_path = bad_path.map(|error| Refusal::BadPath {
+            path: String::from_utf8_lossy(path).into_owned(),
+            error,
+        });
+        let refusal = match policy.key(key).map(|k| (k, k.check_valid(now))) {
+            Some((_, Err(KeyRefusal::Revoked))) => Some(Refusal::RevokedKey),
+            Some((_, Err(KeyRefusal::Expired(at_ms)))) => Some(Refusal::ExpiredKey { at_ms }),
+            // Revoked through the shared store: every replica learns it
+            // within a sync period, before the policy file reaches it.
+            Some((_, Ok(())))
+                if self.options.shared.is_some() && self.revoked_everywhere(host, key) =>
+            {
+                Some(Refusal::RevokedKey)
+            }
+            _ if bad_path.is_some() => bad_path,
             _ if self.route == Route::Other
                 && policy.settings.unknown_routes == UnknownRoutes::Deny =>
             {
@@ -176,7 +235,8 @@ impl RequestFlow {
                 Some(Refusal::UnknownRoute { path })
             }
             _ if end_of_stream && self.route.is_llm() => Some(Refusal::BodyRequired),
-            _ => None,
+            Some((key, Ok(()))) => self.model_not_listed(key),
+            None => None,
         };
         self.phase = Phase::Authenticated { key };
         if let Some(refusal) = refusal {
@@ -184,7 +244,7 @@ impl RequestFlow {
             return self.refuse(host, refusal, &states);
         }
         if end_of_stream {
-            return self.admit(host, Demand::one_request());
+            return self.admit(host, Demand::one_request(), 0);
         }
         // Published now so that a request that never reaches the body
         // decision (Envoy's own 413, a client that goes away) is still
@@ -207,6 +267,7 @@ impl RequestFlow {
         };
         let index = policy.lookup_index(&hash).ok_or(Refusal::UnknownKey)?;
         let key = policy.key(index).ok_or(Refusal::UnknownKey)?;
+        self.key_sha256 = Some(hash);
         self.fill_identity(key);
         Ok(index)
     }
@@ -239,7 +300,7 @@ impl RequestFlow {
             return Decision::Pause;
         }
         if !self.route.is_llm() {
-            return self.admit(host, Demand::one_request());
+            return self.admit(host, Demand::one_request(), body_size);
         }
         let body = host.request_body(body_size).unwrap_or_default();
         let demand = match self.inspect(&body, key) {
@@ -249,11 +310,18 @@ impl RequestFlow {
                 return self.refuse(host, refusal, &states);
             }
         };
-        let decision = self.admit(host, demand);
+        let decision = self.admit(host, demand, body_size);
         if decision == Decision::Continue {
             self.ask_for_stream_usage(host, &body);
         }
         decision
+    }
+
+    /// Whether the key's record says it was revoked through the shared store.
+    fn revoked_everywhere(&self, host: &impl Host, key: usize) -> bool {
+        self.policy.key(key).is_some_and(|k| {
+            shared::revoked(host, &meter::record::store_key(&format!("key:{}", k.id)))
+        })
     }
 
     /// Reads the body, checks the model, and works out what the request
@@ -274,8 +342,8 @@ impl RequestFlow {
             });
         }
         if self.route == Route::AnthropicCountTokens {
-            // Counting tokens costs a request, never tokens.
-            return Ok(Demand::one_request());
+            // Counting tokens takes nothing from any bucket (docs/metering.md).
+            return Ok(Demand::none());
         }
         let price = policy.price(&model);
         if price.is_none() && meter::budget_applies(&policy, key) {
@@ -339,20 +407,164 @@ impl RequestFlow {
         meter::states(host, &self.buckets(), self.clock(host.now_ms()))
     }
 
-    /// Checks the demand against every bucket and reserves it.
-    fn admit(&mut self, host: &mut impl Host, demand: Demand) -> Decision {
+    /// Checks the demand against every bucket and reserves it: in shared
+    /// data alone, or with a shared store from this Envoy's leases, else
+    /// through a synchronous `Admit` (the request pauses for its answer).
+    fn admit(&mut self, host: &mut impl Host, demand: Demand, body_size: usize) -> Decision {
         let Phase::Authenticated { key } = self.phase else {
             return Decision::Continue;
         };
         let now = host.now_ms();
-        match meter::admit(host, &self.buckets(), &demand, self.clock(now)) {
+        let clock = self.clock(now);
+        let buckets = self.buckets();
+        let Some(opts) = self.options.shared else {
+            let result = meter::admit(host, &buckets, &demand, clock);
+            return self.admitted(host, key, result);
+        };
+        let ctx = shared::Ctx {
+            plane: &*host,
+            clock,
+            opts,
+        };
+        let plan = shared::admit(
+            ctx,
+            &buckets,
+            &demand,
+            &self.audit.request_id,
+            &self.key_hash(key),
+        );
+        match plan {
+            Ok(Plan::Admitted(admission)) => self.admitted(host, key, Ok(admission)),
+            Ok(Plan::Remote(request)) => {
+                host.stat(Stat::RemoteAdmits, 1);
+                match host.call_quota(QuotaMethod::Admit, &request, opts.admit_timeout_ms) {
+                    Ok(()) => {
+                        self.phase = Phase::Admitting {
+                            key,
+                            demand,
+                            body_size,
+                            request,
+                            since: now,
+                        };
+                        Decision::Pause
+                    }
+                    Err(_) => self.remote_answer(host, key, demand, None),
+                }
+            }
+            Err(denial) => self.admitted(host, key, Err(denial)),
+        }
+    }
+
+    /// The SHA-256 the shared store knows a key by (for its revocation
+    /// list): the hash of the key this request presented.
+    fn key_hash(&self, _key: usize) -> Vec<u8> {
+        self.key_sha256.map(|h| h.to_vec()).unwrap_or_default()
+    }
+
+    /// The quota service answered a call of this request (`None`: the call
+    /// failed or timed out). For the synchronous admission the request
+    /// paused for, returns what the host does next: resume it, or answer
+    /// it; `None` for an answer nothing waits for (a settlement's).
+    pub fn on_quota_response(
+        &mut self,
+        host: &mut impl Host,
+        response: Option<&[u8]>,
+    ) -> Option<Decision> {
+        if !matches!(self.phase, Phase::Admitting { .. }) {
+            return None;
+        }
+        let Phase::Admitting {
+            key,
+            demand,
+            body_size,
+            since,
+            ..
+        } = std::mem::replace(&mut self.phase, Phase::Done)
+        else {
+            return None;
+        };
+        self.phase = Phase::Authenticated { key };
+        host.stat(
+            Stat::RemoteAdmitRttMs,
+            host.now_ms().saturating_sub(since) as i64,
+        );
+        let decision = self.remote_answer(host, key, demand, response);
+        if decision == Decision::Continue && self.route.is_llm() {
+            if let Some(body) = host.request_body(body_size) {
+                self.ask_for_stream_usage(host, &body);
+            }
+        }
+        Some(decision)
+    }
+
+    fn remote_answer(
+        &mut self,
+        host: &mut impl Host,
+        key: usize,
+        demand: Demand,
+        response: Option<&[u8]>,
+    ) -> Decision {
+        let Some(opts) = self.options.shared else {
+            return Decision::Continue;
+        };
+        if response.is_none() {
+            host.stat(Stat::RemoteAdmitFailed, 1);
+        }
+        let clock = self.clock(host.now_ms());
+        let buckets = self.buckets();
+        let replicas = crate::sync::replicas(host);
+        let ctx = shared::Ctx {
+            plane: &*host,
+            clock,
+            opts,
+        };
+        let result = shared::on_admit_response(ctx, &buckets, &demand, replicas, response);
+        match result {
             Ok(admission) => {
+                if admission
+                    .reservations
+                    .iter()
+                    .any(|r| r.source == Source::Fallback)
+                {
+                    host.stat(Stat::FallbackAdmits, 1);
+                }
+                self.admitted(host, key, Ok(admission))
+            }
+            Err(RemoteRefusal::Limited(denial)) => self.admitted(host, key, Err(denial)),
+            Err(RemoteRefusal::Revoked) => {
+                let states = self.states_now(host);
+                self.refuse(host, Refusal::RevokedKey, &states)
+            }
+            Err(RemoteRefusal::Unavailable(bucket)) => {
+                self.refuse(host, Refusal::StoreUnavailable { bucket }, &[])
+            }
+        }
+    }
+
+    /// The outcome of an admission: forward the request with its
+    /// reservations, or refuse it.
+    fn admitted(
+        &mut self,
+        host: &mut impl Host,
+        key: usize,
+        result: Result<Admission, Denial>,
+    ) -> Decision {
+        match result {
+            Ok(admission) => {
+                let uncounted = admission
+                    .reservations
+                    .iter()
+                    .any(|r| r.source == Source::Uncounted);
                 self.phase = Phase::Admitted { key, admission };
                 self.audit.decision = Outcome::Allowed;
-                self.audit.reason = Reason::Ok;
+                self.audit.reason = if uncounted {
+                    Reason::Uncounted
+                } else {
+                    Reason::Ok
+                };
                 self.audit.complete = false;
                 host.set_audit_record(&self.audit.to_json());
-                host.stat(Stat::Decision(Reason::Ok), 1);
+                host.stat(Stat::Decision(self.audit.reason), 1);
                 host.stat(Stat::ReservationsOutstanding, 1);
                 Decision::Continue
             }
@@ -433,8 +645,9 @@ impl RequestFlow {
         }
         if end_of_stream {
             self.finish(host);
+            return Decision::Continue;
         }
-        Decision::Continue
+        self.hold_models_list(host)
     }
 
     pub fn on_response_body(
@@ -445,6 +658,9 @@ impl RequestFlow {
     ) -> Decision {
         if matches!(self.phase, Phase::Done) {
             return Decision::Continue;
+        }
+        if self.response.models_list {
+            return self.rewrite_models_list(host, body_size, end_of_stream);
         }
         if !self.response.encoded && (body_size > 0 || end_of_stream) {
             if let Some(chunk) = host.response_body(body_size) {
@@ -476,8 +692,13 @@ impl RequestFlow {
     /// reset). Reservations are settled against what was seen; the record
     /// published at request time (marked incomplete) stays the audit record.
     pub fn on_end(&mut self, host: &mut impl Host) {
-        if let Phase::Admitted { admission, .. } = std::mem::replace(&mut self.phase, Phase::Done) {
-            self.settle(host, &admission, false);
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Admitted { admission, .. } => self.settle(host, &admission, false),
+            // The client left while Redis was deciding: if it admitted, the
+            // leader gives everything back (the Admit is idempotent, so the
+            // leader's repeat learns the first answer).
+            Phase::Admitting { request, .. } => host.enqueue(Queue::Cancel, &request),
+            _ => {}
         }
     }
 
@@ -507,7 +728,29 @@ impl RequestFlow {
         let now = host.now_ms();
         self.audit.latency_ms = Some(now.saturating_sub(self.audit.timestamp_ms));
         let actual = self.actual_usage(host, complete);
-        if meter::settle(host, &admission.reservations, &actual, self.clock(now)).is_err() {
+        let clock = self.clock(now);
+        let settled = match self.options.shared {
+            None => meter::settle(host, &admission.reservations, &actual, clock),
+            Some(opts) => shared::settle(
+                shared::Ctx {
+                    plane: &*host,
+                    clock,
+                    opts,
+                },
+                &admission.reservations,
+                &actual,
+                &self.audit.request_id,
+            )
+            .map(|settle| {
+                // Sent now as well as queued for the leader: the Settle is
+                // idempotent, and the copy that arrives second changes
+                // nothing. Its answer is not awaited.
+                if let Some(message) = settle {
+                    let _ = host.call_quota(QuotaMethod::Settle, &message, opts.admit_timeout_ms);
+                }
+            }),
+        };
+        if settled.is_err() {
             host.stat(Stat::CasExhausted, 1);
             log::warn!(
                 "tollgate: settlement of {} hit shared-data contention",
@@ -536,9 +779,8 @@ impl RequestFlow {
         };
         let count_cache_reads = self.policy.settings.cache_reads_count_toward_input_limit;
         match seen {
-            _ if self.route == Route::AnthropicCountTokens || !self.route.is_llm() => {
-                Demand::one_request()
-            }
+            _ if self.route == Route::AnthropicCountTokens => Demand::none(),
+            _ if !self.route.is_llm() => Demand::one_request(),
             Some(u) => {
                 let t = &mut self.audit.tokens;
                 t.input = Some(u.input);

@@ -7,6 +7,7 @@
 use crate::audit::Reason;
 use crate::meter::Bucket;
 use crate::reply::ErrorKind;
+use crate::route::PathError;
 use crate::time::format_rfc3339;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +26,12 @@ pub enum Refusal {
     UnknownRoute {
         path: String,
     },
+    /// A path refused whatever `unknown_routes` says: an encoded slash, or
+    /// an API route's path in other letter case.
+    BadPath {
+        path: String,
+        error: PathError,
+    },
     /// An LLM route called without a body.
     BodyRequired,
     /// The body is not a request of its route (malformed JSON, bad types).
@@ -33,6 +40,11 @@ pub enum Refusal {
     ModelNotAllowed {
         model: String,
         allowed: String,
+    },
+    /// `GET /v1/models/{id}` for a model outside the key's allowlist:
+    /// answered as the provider answers an unknown model (see `flow::models`).
+    ModelNotListed {
+        model: String,
     },
     /// A USD budget applies and the model has no price: it must never cost $0.
     UnpricedModel {
@@ -45,6 +57,11 @@ pub enum Refusal {
     },
     /// Shared data kept refusing the bucket update (bounded CAS retries).
     Contention,
+    /// The shared store cannot be reached and this bucket says
+    /// `on_store_failure: closed`.
+    StoreUnavailable {
+        bucket: Bucket,
+    },
     /// No valid policy was ever loaded: fail closed.
     NoPolicy,
 }
@@ -57,23 +74,37 @@ impl Refusal {
             Refusal::ConflictingKeys | Refusal::UnknownKey => Reason::UnknownKey,
             Refusal::RevokedKey => Reason::RevokedKey,
             Refusal::ExpiredKey { .. } => Reason::ExpiredKey,
-            Refusal::UnknownRoute { .. } => Reason::UnknownRoute,
-            Refusal::BodyRequired | Refusal::InvalidBody(_) | Refusal::ModelMissing => {
-                Reason::InvalidRequest
-            }
-            Refusal::ModelNotAllowed { .. } | Refusal::UnpricedModel { .. } => {
-                Reason::ModelNotAllowed
-            }
+            Refusal::UnknownRoute { .. }
+            | Refusal::BadPath {
+                error: PathError::CaseMismatch(_),
+                ..
+            } => Reason::UnknownRoute,
+            Refusal::BodyRequired
+            | Refusal::InvalidBody(_)
+            | Refusal::ModelMissing
+            | Refusal::BadPath {
+                error: PathError::EncodedSlash,
+                ..
+            } => Reason::InvalidRequest,
+            Refusal::ModelNotAllowed { .. }
+            | Refusal::ModelNotListed { .. }
+            | Refusal::UnpricedModel { .. } => Reason::ModelNotAllowed,
             Refusal::Limited { bucket, .. } if bucket.metric.is_usd() => Reason::BudgetExhausted,
             Refusal::Limited { bucket, .. } if bucket.metric.is_quota() => Reason::QuotaExhausted,
             Refusal::Limited { .. } => Reason::RateLimited,
             Refusal::Contention => Reason::StoreContention,
+            Refusal::StoreUnavailable { .. } => Reason::QuotaStoreUnavailable,
             Refusal::NoPolicy => Reason::NoPolicy,
         }
     }
 
-    /// Status and provider error type, which follow from the reason.
+    /// Status and provider error type, which follow from the reason, except
+    /// for a model hidden from the key's list: not found, as the provider
+    /// says of a model that does not exist.
     pub fn kind(&self) -> ErrorKind {
+        if let Refusal::ModelNotListed { .. } = self {
+            return ErrorKind::NotFound;
+        }
         match self.reason() {
             Reason::MissingKey | Reason::UnknownKey | Reason::RevokedKey | Reason::ExpiredKey => {
                 ErrorKind::Unauthenticated
@@ -84,7 +115,8 @@ impl Refusal {
             Reason::RateLimited | Reason::StoreContention => ErrorKind::RateLimited,
             Reason::QuotaExhausted | Reason::BudgetExhausted => ErrorKind::QuotaExhausted,
             Reason::UnknownRoute => ErrorKind::NotFound,
-            Reason::NoPolicy | Reason::Ok => ErrorKind::Internal,
+            Reason::QuotaStoreUnavailable => ErrorKind::Unavailable,
+            Reason::NoPolicy | Reason::Ok | Reason::Uncounted => ErrorKind::Internal,
         }
     }
 
@@ -104,12 +136,26 @@ impl Refusal {
             Refusal::UnknownRoute { path } => {
                 format!("{path} is not an LLM API route served by this gateway")
             }
+            Refusal::BadPath {
+                path,
+                error: PathError::EncodedSlash,
+            } => format!(
+                "{path}: encoded slashes (%2F, %5C) are not allowed in request paths"
+            ),
+            Refusal::BadPath {
+                path,
+                error: PathError::CaseMismatch(route),
+            } => format!(
+                "{path} is not an LLM API route served by this gateway (paths are case-sensitive: {})",
+                route.path()
+            ),
             Refusal::BodyRequired => "request body is required".to_string(),
             Refusal::InvalidBody(message) => message.clone(),
             Refusal::ModelMissing => "model: field required".to_string(),
             Refusal::ModelNotAllowed { model, allowed } => {
                 format!("model {model} is not allowed for this key (allowed: {allowed})")
             }
+            Refusal::ModelNotListed { model } => format!("model: {model} not found for this key"),
             Refusal::UnpricedModel { model } => format!(
                 "model {model} has no price in the policy and a USD budget applies to this key; add it under \"prices\" or set settings.default_price"
             ),
@@ -127,6 +173,10 @@ impl Refusal {
                 self.retry_after_s().unwrap_or(1)
             ),
             Refusal::Contention => "rate limiter busy; retry shortly".to_string(),
+            Refusal::StoreUnavailable { bucket } => format!(
+                "the shared rate limiter cannot be reached and {} refuses until it is back (on_store_failure: closed); retry shortly",
+                bucket.label()
+            ),
             Refusal::NoPolicy => "tollgate has no valid policy loaded".to_string(),
         }
     }
@@ -135,7 +185,7 @@ impl Refusal {
     pub fn retry_after_s(&self) -> Option<u64> {
         match self {
             Refusal::Limited { wait_ms, .. } => Some(wait_ms.div_ceil(1000).max(1)),
-            Refusal::Contention => Some(1),
+            Refusal::Contention | Refusal::StoreUnavailable { .. } => Some(1),
             _ => None,
         }
     }
@@ -143,7 +193,9 @@ impl Refusal {
     /// The bucket that decided, as named in the audit record.
     pub fn bucket(&self) -> Option<String> {
         match self {
-            Refusal::Limited { bucket, .. } => Some(bucket.label()),
+            Refusal::Limited { bucket, .. } | Refusal::StoreUnavailable { bucket } => {
+                Some(bucket.label())
+            }
             _ => None,
         }
     }
@@ -179,6 +231,14 @@ mod tests {
             Refusal::UnknownRoute {
                 path: "/v1/files".into(),
             },
+            Refusal::BadPath {
+                path: "/v1%2Fmessages".into(),
+                error: PathError::EncodedSlash,
+            },
+            Refusal::BadPath {
+                path: "/V1/messages".into(),
+                error: PathError::CaseMismatch(crate::route::Route::AnthropicMessages),
+            },
             Refusal::BodyRequired,
             Refusal::InvalidBody("bad".into()),
             Refusal::ModelMissing,
@@ -187,6 +247,9 @@ mod tests {
                 allowed: "a".into(),
             },
             Refusal::UnpricedModel { model: "m".into() },
+            Refusal::ModelNotListed {
+                model: "claude-opus-4-1".into(),
+            },
             Refusal::Limited {
                 bucket: bucket(Metric::Requests),
                 wait_ms: 20_000,
@@ -200,6 +263,9 @@ mod tests {
                 wait_ms: 1,
             },
             Refusal::Contention,
+            Refusal::StoreUnavailable {
+                bucket: bucket(Metric::UsdPerMonth),
+            },
             Refusal::NoPolicy,
         ]
     }
@@ -278,11 +344,13 @@ mod tests {
                 anthropic.header("retry-after").is_some(),
                 "{r:?}: retry-after as the README says ({status_cell})"
             );
-            assert_eq!(
-                status_cell.contains("x-should-retry: false"),
-                anthropic.header("x-should-retry") == Some("false"),
-                "{r:?}: x-should-retry as the README says ({status_cell})"
-            );
+            for flag in ["false", "true"] {
+                assert_eq!(
+                    status_cell.contains(&format!("x-should-retry: {flag}")),
+                    anthropic.header("x-should-retry") == Some(flag),
+                    "{r:?}: x-should-retry as the README says ({status_cell})"
+                );
+            }
         }
         // Rows no refusal produces are Envoy's own replies (the idle timeout).
         for (row, used) in rows.iter().zip(used) {

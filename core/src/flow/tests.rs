@@ -9,9 +9,14 @@ const ALICE: &str = "tg-alice-key";
 const BOB: &str = "tg-bob-key";
 
 fn policy(extra_keys: &str) -> Rc<Policy> {
+    policy_with_settings("{}", extra_keys)
+}
+
+fn policy_with_settings(settings: &str, extra_keys: &str) -> Rc<Policy> {
     let json = format!(
         r#"{{
         "version": 1,
+        "settings": {settings},
         "defaults": {{ "models": ["claude-haiku-*"], "limits": {{ "requests_per_minute": 2 }} }},
         "groups": {{ "engineering": {{ "models": ["claude-sonnet-*", "gpt-4o*"] }} }},
         "pools": {{ "team:payments": {{ "output_tokens_per_minute": 1000 }} }},
@@ -328,6 +333,7 @@ fn without_header_hold_the_headers_continue_and_the_body_decides() {
         policy(""),
         FilterOptions {
             hold_request_headers: false,
+            shared: None,
         },
     );
     assert_eq!(
@@ -558,4 +564,248 @@ fn a_prompt_over_the_long_context_threshold_is_priced_at_long_context_rates() {
     );
     assert_eq!(rec.long_context, Some(true));
     assert_eq!(rec.service_tier.as_deref(), Some("standard"));
+}
+
+/// A contractor: no groups, so the defaults' `claude-haiku-*` only.
+const CAROL: &str = "tg-carol-contractor";
+
+fn contractor() -> String {
+    format!(
+        r#", {{ "id": "carol", "key_sha256": "{}" }}"#,
+        crate::vkey::sha256_hex(CAROL)
+    )
+}
+
+fn get(path: &str, headers: &[(&str, &str)]) -> FakeHost {
+    headers.iter().fold(
+        FakeHost::new()
+            .with_request_header(":path", path)
+            .with_request_header(":method", "GET")
+            .with_request_header("x-request-id", "req-m"),
+        |h, (n, v)| h.with_request_header(n, v),
+    )
+}
+
+const ANTHROPIC_MODELS: &[u8] =
+    include_bytes!("../../../tests/fixtures/anthropic/models-list.response.json");
+const OPENAI_MODELS: &[u8] =
+    include_bytes!("../../../tests/fixtures/openai/models-list.response.json");
+
+/// Drives a `GET /v1/models` answer through the flow: headers, then the
+/// body in two chunks (Envoy hands the whole buffer over at the end).
+fn answer_list(flow: &mut RequestFlow, host: &mut FakeHost, list: &[u8]) -> (Decision, Decision) {
+    host.response_headers = vec![
+        (":status".into(), b"200".to_vec()),
+        ("content-type".into(), b"application/json".to_vec()),
+        ("content-length".into(), list.len().to_string().into_bytes()),
+    ];
+    let headers = flow.on_response_headers(host, false);
+    host.response_chunk = list.get(..100).unwrap().to_vec();
+    assert_eq!(
+        flow.on_response_body(host, 100, false),
+        Decision::Pause,
+        "the list is buffered to its end"
+    );
+    host.response_chunk = list.to_vec();
+    let end = flow.on_response_body(host, list.len(), true);
+    (headers, end)
+}
+
+fn listed_ids(host: &FakeHost) -> Vec<String> {
+    super::models::ids(&host.response_chunk)
+}
+
+#[test]
+fn models_list_is_cut_to_the_allowlist_with_its_new_length() {
+    let mut host = get(
+        "/v1/models?limit=20",
+        &[("x-api-key", CAROL), ("anthropic-version", "2023-06-01")],
+    );
+    let mut flow = RequestFlow::new(policy(&contractor()));
+    assert_eq!(flow.on_request_headers(&mut host, true), Decision::Continue);
+    let (headers, end) = answer_list(&mut flow, &mut host, ANTHROPIC_MODELS);
+    assert_eq!(headers, Decision::Pause, "headers held for content-length");
+    assert_eq!(end, Decision::Continue);
+    assert_eq!(listed_ids(&host), ["claude-haiku-4-5-20251001"]);
+    let body = json(&String::from_utf8_lossy(&host.response_chunk));
+    assert_eq!(body["first_id"], "claude-haiku-4-5-20251001");
+    assert_eq!(body["last_id"], "claude-haiku-4-5-20251001");
+    assert_eq!(
+        host.response_header("content-length"),
+        Some(host.response_chunk.len().to_string())
+    );
+    assert_eq!(
+        host.response_header("anthropic-ratelimit-requests-remaining")
+            .as_deref(),
+        Some("1"),
+        "one request of the key's two per minute"
+    );
+    let rec = host.last_audit().unwrap();
+    assert_eq!(rec.route, "anthropic.models");
+    assert_eq!((rec.status, rec.complete), (200, true));
+    assert_eq!(
+        rec.detail.as_deref(),
+        Some("listed 1 of the provider's 6 models")
+    );
+    assert_eq!(rec.tokens, Tokens::default(), "no tokens");
+}
+
+#[test]
+fn without_anthropic_version_the_list_is_openais() {
+    let mut host = get(
+        "/v1/models",
+        &[("authorization", &format!("Bearer {ALICE}"))],
+    );
+    let mut flow = RequestFlow::with_options(
+        policy(""),
+        FilterOptions {
+            hold_request_headers: false,
+            shared: None,
+        },
+    );
+    assert_eq!(flow.on_request_headers(&mut host, true), Decision::Continue);
+    assert_eq!(host.request_header("authorization"), None);
+    let (headers, end) = answer_list(&mut flow, &mut host, OPENAI_MODELS);
+    assert_eq!(headers, Decision::Continue, "without the hold, headers go");
+    assert_eq!(
+        host.response_header("content-length"),
+        None,
+        "stale length dropped"
+    );
+    assert_eq!(end, Decision::Continue);
+    // Alice's groups allow claude-sonnet-* and gpt-4o*.
+    assert_eq!(
+        listed_ids(&host),
+        [
+            "gpt-4o",
+            "gpt-4o-2024-08-06",
+            "gpt-4o-mini",
+            "gpt-4o-mini-2024-07-18"
+        ]
+    );
+    assert_eq!(
+        json(&String::from_utf8_lossy(&host.response_chunk))["object"],
+        "list"
+    );
+    assert_eq!(host.last_audit().unwrap().route, "openai.models");
+}
+
+#[test]
+fn a_model_outside_the_allowlist_is_not_found() {
+    let mut host = get(
+        "/v1/models/claude-opus-4-1",
+        &[("x-api-key", CAROL), ("anthropic-version", "2023-06-01")],
+    );
+    let r = reply(RequestFlow::new(policy(&contractor())).on_request_headers(&mut host, true));
+    assert_eq!(r.status, 404);
+    let b = json(&r.body);
+    assert_eq!(b["error"]["type"], "not_found_error");
+    assert_eq!(
+        b["error"]["message"],
+        "model: claude-opus-4-1 not found for this key"
+    );
+    let rec = host.last_audit().unwrap();
+    assert_eq!(rec.reason, Reason::ModelNotAllowed);
+    assert_eq!(rec.model_requested.as_deref(), Some("claude-opus-4-1"));
+    // An allowed one is forwarded, its answer untouched.
+    let mut host = get(
+        "/v1/models/claude-haiku-4-5",
+        &[("x-api-key", CAROL), ("anthropic-version", "2023-06-01")],
+    );
+    let mut flow = RequestFlow::new(policy(&contractor()));
+    assert_eq!(flow.on_request_headers(&mut host, true), Decision::Continue);
+    host.response_headers = vec![(":status".into(), b"200".to_vec())];
+    assert_eq!(
+        flow.on_response_headers(&mut host, false),
+        Decision::Continue
+    );
+}
+
+#[test]
+fn an_unreadable_models_list_becomes_an_empty_one() {
+    let mut host = get(
+        "/v1/models",
+        &[("x-api-key", CAROL), ("anthropic-version", "2023-06-01")],
+    );
+    let mut flow = RequestFlow::new(policy(&contractor()));
+    flow.on_request_headers(&mut host, true);
+    answer_list(&mut flow, &mut host, &[b'x'; 200]);
+    assert_eq!(
+        host.response_chunk,
+        br#"{"data":[],"has_more":false,"first_id":null,"last_id":null}"#
+    );
+    assert_eq!(
+        host.last_audit().unwrap().detail.as_deref(),
+        Some("models list unreadable; answered an empty list")
+    );
+}
+
+#[test]
+fn count_tokens_takes_nothing_from_the_request_bucket() {
+    // The key may send 2 requests a minute; counting tokens does not use them.
+    let p = policy("");
+    let store = MemStore::new();
+    let count = r#"{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"hi"}]}"#;
+    for _ in 0..5 {
+        let mut host = request("/v1/messages/count_tokens", ALICE, count).with_store(store.clone());
+        let mut flow = RequestFlow::new(p.clone());
+        assert_eq!(send(&mut flow, &mut host), Decision::Continue);
+        host.response_headers = vec![(":status".into(), b"200".to_vec())];
+        flow.on_response_headers(&mut host, false);
+        host.response_chunk = br#"{"input_tokens":9}"#.to_vec();
+        flow.on_response_body(&mut host, 18, true);
+        let rec = host.last_audit().unwrap();
+        assert_eq!(rec.route, "anthropic.count_tokens");
+        assert_eq!(rec.tokens, Tokens::default());
+    }
+    for _ in 0..2 {
+        let mut host = request("/v1/messages", ALICE, SONNET).with_store(store.clone());
+        assert_eq!(
+            send(&mut RequestFlow::new(p.clone()), &mut host),
+            Decision::Continue
+        );
+    }
+    // Still authenticated and allowlist-checked.
+    let mut host = request(
+        "/v1/messages/count_tokens",
+        ALICE,
+        r#"{"model":"claude-opus-4-1","messages":[]}"#,
+    );
+    assert_eq!(reply(send(&mut RequestFlow::new(p), &mut host)).status, 403);
+}
+
+#[test]
+fn near_misses_are_metered_as_their_route_or_refused_even_with_unknown_routes_pass() {
+    let p = policy_with_settings(r#"{"unknown_routes": "pass"}"#, "");
+    let mut host = request("/v1/./messages/", ALICE, SONNET);
+    let mut flow = RequestFlow::new(p.clone());
+    assert_eq!(send(&mut flow, &mut host), Decision::Continue);
+    let rec = host.last_audit().unwrap();
+    assert_eq!(rec.route, "anthropic.messages");
+    assert_eq!(rec.tokens.output_reserved, 100, "tokens reserved");
+
+    let mut host = request("/V1/messages", ALICE, SONNET);
+    let r = reply(send(&mut RequestFlow::new(p.clone()), &mut host));
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        json(&r.body)["error"]["message"],
+        "/V1/messages is not an LLM API route served by this gateway (paths are case-sensitive: /v1/messages)"
+    );
+    assert_eq!(host.last_audit().unwrap().reason, Reason::UnknownRoute);
+
+    let mut host = request("/v1%2Fmessages", ALICE, SONNET);
+    let r = reply(send(&mut RequestFlow::new(p.clone()), &mut host));
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        json(&r.body)["error"]["message"],
+        "/v1%2Fmessages: encoded slashes (%2F, %5C) are not allowed in request paths"
+    );
+
+    // Other paths still pass.
+    let mut host = request("/v1/files", ALICE, "{}");
+    assert_eq!(
+        send(&mut RequestFlow::new(p), &mut host),
+        Decision::Continue
+    );
+    assert_eq!(host.last_audit().unwrap().route, "other");
 }

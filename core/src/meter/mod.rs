@@ -11,9 +11,11 @@
 pub mod cell;
 pub mod metric;
 pub mod record;
+pub mod shared;
 pub mod store;
 
 pub use metric::{Measure, Metric, METRICS};
+pub use shared::{SharedOptions, Source};
 
 use crate::host::SharedStore;
 use crate::policy::{Key, Limit, Limits, Policy, StoreFailure};
@@ -67,7 +69,7 @@ impl Bucket {
         format!("{}:{}", self.scope, self.metric.name())
     }
 
-    fn refill(&self) -> Refill {
+    pub(crate) fn refill(&self) -> Refill {
         self.metric.refill()
     }
 
@@ -81,12 +83,12 @@ impl Bucket {
         )
     }
 
-    fn view(&self, current: cell::Cell, clock: Clock) -> View {
+    pub(crate) fn view(&self, current: cell::Cell, clock: Clock) -> View {
         self.refill()
             .view(current, self.limit, clock.now, clock.utc_offset_min)
     }
 
-    fn wait_ms(&self, current: cell::Cell, amount: f64, clock: Clock) -> u64 {
+    pub(crate) fn wait_ms(&self, current: cell::Cell, amount: f64, clock: Clock) -> u64 {
         self.refill()
             .wait_ms(current, self.limit, amount, clock.now, clock.utc_offset_min)
     }
@@ -132,8 +134,8 @@ pub struct Demand {
 }
 
 impl Demand {
-    /// One request and no tokens: a request that is not an LLM call, a
-    /// token count, or an upstream error that consumed nothing.
+    /// One request and no tokens: a request that is not an LLM call, or an
+    /// upstream error that consumed nothing.
     pub fn one_request() -> Demand {
         Demand {
             requests: 1.0,
@@ -141,7 +143,13 @@ impl Demand {
         }
     }
 
-    fn amount(&self, metric: Metric) -> f64 {
+    /// Nothing from any bucket: a token count (`/v1/messages/count_tokens`),
+    /// which the provider serves free under limits of its own.
+    pub fn none() -> Demand {
+        Demand::default()
+    }
+
+    pub(crate) fn amount(&self, metric: Metric) -> f64 {
         match metric.measure() {
             Measure::Requests => self.requests,
             Measure::InputTokens => self.input_tokens,
@@ -164,6 +172,8 @@ pub struct Clock {
 pub struct Reservation {
     pub bucket: Bucket,
     pub amount: f64,
+    /// Where it was taken, so settlement adjusts the same place.
+    pub source: Source,
 }
 
 /// A bucket's state after admission, for rate-limit response headers.
@@ -194,7 +204,7 @@ pub enum Denial {
 /// Per-minute buckets reserve at most their capacity: a request bigger than
 /// the whole bucket passes when the bucket is full and leaves it in debt,
 /// rather than being refused forever.
-fn reserve_amount(bucket: &Bucket, demand: &Demand) -> f64 {
+pub(crate) fn reserve_amount(bucket: &Bucket, demand: &Demand) -> f64 {
     let amount = demand.amount(bucket.metric).max(0.0);
     if bucket.metric.refill() == Refill::PerMinute {
         amount.min(bucket.limit)
@@ -205,14 +215,14 @@ fn reserve_amount(bucket: &Bucket, demand: &Demand) -> f64 {
 
 /// The buckets of one scope record: its shared-data key and the positions
 /// of its buckets in the request's list.
-struct Group<'b> {
-    key: &'b str,
-    scope: &'b str,
-    members: Vec<usize>,
+pub(crate) struct Group<'b> {
+    pub key: &'b str,
+    pub scope: &'b str,
+    pub members: Vec<usize>,
 }
 
 /// Groups a request's buckets by the record that holds them, in order.
-fn groups(buckets: &[Bucket]) -> Vec<Group<'_>> {
+pub(crate) fn groups(buckets: &[Bucket]) -> Vec<Group<'_>> {
     let mut out: Vec<Group> = Vec::new();
     for (i, b) in buckets.iter().enumerate() {
         match out.iter_mut().find(|g| g.key == b.store_key()) {
@@ -318,6 +328,7 @@ pub fn admit(
                     reservations.push(Reservation {
                         bucket: b.clone(),
                         amount,
+                        source: Source::Local,
                     });
                 }
             }

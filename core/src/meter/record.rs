@@ -20,8 +20,8 @@ use crate::host::SharedStore;
 
 pub const RECORD_VERSION: u8 = 2;
 const HEADER_LEN: usize = 11;
-/// A slot: ten 8-byte fields.
-pub const SLOT_LEN: usize = 80;
+/// A slot: twelve 8-byte fields.
+pub const SLOT_LEN: usize = 96;
 pub const RECORD_LEN: usize = HEADER_LEN + SLOT_LEN * Metric::COUNT;
 
 /// The key is revoked (learned from the shared store's revocation list).
@@ -42,7 +42,9 @@ pub const FLAG_LEASED: u8 = 2;
 /// sync awaiting its answer (sequence `seq`, 0 when none), `expires` the end
 /// of the lease, `shared` the unleased balance Redis reported, and
 /// `fallback`/`fallback_stamp` the local bucket used while the store cannot
-/// be reached (`on_store_failure: local`).
+/// be reached (`on_store_failure: local`), `rate` the consumption per sync
+/// period (a moving average) and `last` the largest recent single charge,
+/// from which the leader sizes the next lease.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Slot {
     /// Whether the local bucket (`value`/`stamp`) was ever written: a
@@ -57,6 +59,8 @@ pub struct Slot {
     pub shared: f64,
     pub fallback: f64,
     pub fallback_stamp: u64,
+    pub rate: f64,
+    pub last: f64,
 }
 
 impl Slot {
@@ -103,7 +107,9 @@ impl Record {
         out.push(Metric::COUNT as u8);
         out.extend_from_slice(&self.queued_at.to_le_bytes());
         for s in &self.slots {
-            for f in [s.value, s.consumed, s.inflight, s.shared, s.fallback] {
+            for f in [
+                s.value, s.consumed, s.inflight, s.shared, s.fallback, s.rate, s.last,
+            ] {
                 out.extend_from_slice(&f.to_le_bytes());
             }
             for n in [
@@ -139,14 +145,23 @@ impl Record {
         };
         for i in 0..count as usize {
             let mut float = || next().map(f64::from_bits).filter(|f| f.is_finite());
-            let (value, consumed, inflight, shared, fallback) =
-                (float()?, float()?, float()?, float()?, float()?);
+            let (value, consumed, inflight, shared, fallback, rate, last) = (
+                float()?,
+                float()?,
+                float()?,
+                float()?,
+                float()?,
+                float()?,
+                float()?,
+            );
             let slot = Slot {
                 value,
                 consumed,
                 inflight,
                 shared,
                 fallback,
+                rate,
+                last,
                 stamp: next()?,
                 seq: next()?,
                 expires: next()?,
@@ -210,6 +225,8 @@ mod tests {
             fallback: 12.0,
             fallback_stamp: 13,
             written: true,
+            rate: 14.0,
+            last: 15.0,
         };
         let bytes = r.encode();
         assert_eq!(bytes.len(), RECORD_LEN);

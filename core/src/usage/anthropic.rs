@@ -154,3 +154,54 @@ pub fn may_carry_usage(event: &[u8]) -> bool {
             | b"message_stop"
     )
 }
+
+/// How Anthropic frames a prompt: the tokens it adds around the text, for the
+/// input estimate made before a request goes upstream (`usage::estimate`).
+/// From Anthropic's documentation: about 4 tokens per request, 3 per message
+/// and 3 for a system prompt; tools add its tool-use system prompt (346
+/// tokens with `tool_choice` auto or none, 313 with any or a named tool, for
+/// the Claude 4 family).
+pub(crate) mod framing {
+    pub(crate) const PER_REQUEST: u64 = 4;
+    pub(crate) const PER_MESSAGE: u64 = 3;
+    pub(crate) const SYSTEM: u64 = 3;
+    const TOOL_PROMPT_AUTO: u64 = 346;
+    const TOOL_PROMPT_ANY: u64 = 313;
+
+    const IMAGE_MAX_EDGE: f64 = 1568.0;
+    const IMAGE_PIXELS_PER_TOKEN: f64 = 750.0;
+    const IMAGE_MAX_TOKENS: u64 = 1_600;
+
+    /// A request's tokens around its prompt text: `tools` is what the tool
+    /// definitions cost as JSON, if there are any.
+    pub(crate) fn request(
+        prompt: u64,
+        has_system: bool,
+        tools: Option<u64>,
+        tool_choice: Option<&str>,
+    ) -> u64 {
+        let tools = tools.map_or(0, |t| {
+            let prompt = match tool_choice {
+                Some("any" | "tool") => TOOL_PROMPT_ANY,
+                _ => TOOL_PROMPT_AUTO,
+            };
+            t.saturating_add(prompt)
+        });
+        PER_REQUEST
+            .saturating_add(prompt)
+            .saturating_add(tools)
+            .saturating_add(if has_system { SYSTEM } else { 0 })
+    }
+
+    /// `width × height / 750` after scaling the long edge to at most
+    /// 1,568 px, capped at 1,600; 1,600 when the size is unknown.
+    pub(crate) fn image_tokens(dims: Option<(u32, u32)>) -> u64 {
+        let Some((w, h)) = dims else {
+            return IMAGE_MAX_TOKENS;
+        };
+        let (w, h) = (f64::from(w), f64::from(h));
+        let scale = (IMAGE_MAX_EDGE / w.max(h)).min(1.0);
+        let t = (w * scale) * (h * scale) / IMAGE_PIXELS_PER_TOKEN;
+        (t.ceil() as u64).clamp(1, IMAGE_MAX_TOKENS)
+    }
+}

@@ -134,3 +134,49 @@ pub fn stream_event(data: &[u8], usage: &mut Option<Usage>, model: &mut Option<S
 pub fn may_carry_usage(event: &[u8]) -> bool {
     !event.ends_with(b".delta")
 }
+
+/// How OpenAI frames a prompt: the tokens it adds around the text, for the
+/// input estimate made before a request goes upstream (`usage::estimate`).
+/// From OpenAI's documentation: 3 per message and 3 to prime the reply
+/// (Responses `instructions` count as a message); tools add about 12.
+pub(crate) mod framing {
+    pub(crate) const PER_MESSAGE: u64 = 3;
+    const REPLY_PRIMING: u64 = 3;
+    const TOOLS: u64 = 12;
+
+    const IMAGE_LOW: u64 = 85;
+    const IMAGE_PER_TILE: u64 = 170;
+    const IMAGE_UNKNOWN: u64 = 765;
+
+    /// A request's tokens around its prompt text: `tools` is what the tool
+    /// definitions cost as JSON, if there are any; `instructions` says a
+    /// Responses request has `instructions`, which become a system message.
+    pub(crate) fn request(prompt: u64, instructions: bool, tools: Option<u64>) -> u64 {
+        let tools = tools.map_or(0, |t| t.saturating_add(TOOLS));
+        REPLY_PRIMING
+            .saturating_add(prompt)
+            .saturating_add(tools)
+            .saturating_add(if instructions { PER_MESSAGE } else { 0 })
+    }
+
+    /// GPT-4o-style tiles: 85 at `detail: low`; otherwise fit in 2048×2048,
+    /// shortest side down to 768, then 85 + 170 per 512-px tile; 765 (a
+    /// 1024×1024 image) when the size is unknown.
+    pub(crate) fn image_tokens(dims: Option<(u32, u32)>, low_detail: bool) -> u64 {
+        if low_detail {
+            return IMAGE_LOW;
+        }
+        let Some((w, h)) = dims else {
+            return IMAGE_UNKNOWN;
+        };
+        let (mut w, mut h) = (f64::from(w), f64::from(h));
+        let fit = (2048.0 / w.max(h)).min(1.0);
+        w *= fit;
+        h *= fit;
+        let short = (768.0 / w.min(h)).min(1.0);
+        w *= short;
+        h *= short;
+        let tiles = (w / 512.0).ceil() as u64 * (h / 512.0).ceil() as u64;
+        IMAGE_LOW + IMAGE_PER_TILE * tiles.max(1)
+    }
+}

@@ -41,7 +41,11 @@ fn expected(ex: &Value) -> Option<Usage> {
 }
 
 fn route(ex: &Value) -> Route {
-    Route::classify(ex["route"].as_str().unwrap().as_bytes())
+    let method = ex["method"].as_str().unwrap_or("POST");
+    let path = ex["route"].as_str().unwrap();
+    Route::classify(method.as_bytes(), path.as_bytes(), Provider::Anthropic)
+        .unwrap()
+        .route
 }
 
 fn stream(route: Route, chunks: &[&[u8]]) -> (Option<Usage>, Option<String>) {

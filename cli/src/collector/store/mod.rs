@@ -1,0 +1,500 @@
+//! The audit store: one row per request id, in an embedded SQLite database
+//! by default or in PostgreSQL (`--db postgres://…`) for teams that outgrow
+//! one machine. Inserts are idempotent, so replaying the gRPC stream or
+//! importing the file access log never duplicates a request.
+//!
+//! [`AuditBackend`] is what the collector and the CLI need from a store.
+//! [`SqliteStore`] and [`PostgresStore`] implement its three primitives (a
+//! batch insert, a read query, the day expression); every read is written
+//! once on top of them, so both backends run the same SQL (`$n` parameters,
+//! portable aggregates). [`AuditStore`] is an opened store of either kind,
+//! picked by [`AuditStore::open`] from the target.
+
+#[cfg(test)]
+mod contract;
+mod pg;
+mod sqlite;
+
+pub use pg::PostgresStore;
+pub use sqlite::SqliteStore;
+
+use super::report::{GroupBy, Report};
+use anyhow::{Context, Result};
+use std::path::Path;
+use std::sync::Arc;
+use tollgate_core::audit::{AuditRecord, Outcome};
+
+/// What an import did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ImportStats {
+    /// Lines holding a record.
+    pub lines: usize,
+    /// Rows inserted or upgraded from provisional to complete.
+    pub stored: usize,
+    /// Lines that were not a valid record.
+    pub invalid: usize,
+}
+
+/// What storing one record did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stored {
+    /// The first record of its request: a new row.
+    New,
+    /// The complete record replaced this provisional one.
+    Replaced(Box<AuditRecord>),
+    /// The request already had this record or a complete one: no change.
+    Kept,
+}
+
+impl Stored {
+    pub fn changed(&self) -> bool {
+        !matches!(self, Stored::Kept)
+    }
+}
+
+/// A parameter of a read query.
+#[derive(Debug, Clone, Copy)]
+pub enum Param<'a> {
+    Int(i64),
+    #[cfg_attr(not(test), allow(dead_code))] // read by `get`
+    Text(&'a str),
+}
+
+/// One row of a query result, read by column name (the `AS` alias).
+pub trait Columns {
+    fn nullable_int(&self, column: &str) -> Result<Option<i64>>;
+    fn nullable_real(&self, column: &str) -> Result<Option<f64>>;
+    fn nullable_text(&self, column: &str) -> Result<Option<String>>;
+
+    fn int(&self, column: &str) -> Result<i64> {
+        self.nullable_int(column)?
+            .with_context(|| format!("column {column} is NULL"))
+    }
+    fn real(&self, column: &str) -> Result<f64> {
+        self.nullable_real(column)?
+            .with_context(|| format!("column {column} is NULL"))
+    }
+    fn text(&self, column: &str) -> Result<String> {
+        self.nullable_text(column)?
+            .with_context(|| format!("column {column} is NULL"))
+    }
+    /// A count or sum, which SQL types as signed.
+    fn count(&self, column: &str) -> Result<u64> {
+        Ok(u64::try_from(self.int(column)?).unwrap_or(0))
+    }
+}
+
+/// One label set of the collector's metrics with its sums over every stored
+/// row (see `metrics.rs`): what a restarted collector starts counting from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeriesTotals {
+    pub team: String,
+    pub app: String,
+    pub agent: String,
+    pub model: String,
+    pub decision: String,
+    pub reason: String,
+    pub requests: u64,
+    /// `input`, `output`, `cache_write`, `cache_read`.
+    pub tokens: [u64; 4],
+    pub cost_usd: f64,
+}
+
+/// What the collector and the CLI need from an audit store.
+pub trait AuditBackend: Send + Sync {
+    /// Stores records in one transaction, in order. A new request id is
+    /// inserted; a complete record replaces a provisional one of the same
+    /// request; nothing replaces a complete one. Says what happened to each
+    /// record, in the order given.
+    fn insert_batch(&self, records: &[AuditRecord]) -> Result<Vec<Stored>>;
+
+    /// Runs a read query, handing each row to `each`.
+    fn query(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+        each: &mut dyn FnMut(&dyn Columns) -> Result<()>,
+    ) -> Result<()>;
+
+    /// SQL for the UTC day (`YYYY-MM-DD`) of a row's `timestamp_ms`.
+    fn day_expr(&self) -> &'static str;
+
+    /// The stored record of one request.
+    #[cfg_attr(not(test), allow(dead_code))] // tests and future tools
+    fn get(&self, request_id: &str) -> Result<Option<AuditRecord>> {
+        let rows = records(
+            self,
+            "SELECT seq, record FROM audit WHERE request_id = $1",
+            &[Param::Text(request_id)],
+        )?;
+        Ok(rows.into_iter().next().map(|(_, r)| r))
+    }
+
+    /// The newest `n` records, newest first.
+    fn tail(&self, n: usize) -> Result<Vec<AuditRecord>> {
+        let rows = records(
+            self,
+            "SELECT seq, record FROM audit ORDER BY timestamp_ms DESC, seq DESC LIMIT $1",
+            &[Param::Int(i64::try_from(n).unwrap_or(i64::MAX))],
+        )?;
+        Ok(rows.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// Records stored after `seq`, oldest first, with the last seq seen.
+    fn since(&self, seq: i64) -> Result<(Vec<AuditRecord>, i64)> {
+        let rows = records(
+            self,
+            "SELECT seq, record FROM audit WHERE seq > $1 ORDER BY seq",
+            &[Param::Int(seq)],
+        )?;
+        let last = rows.iter().map(|(s, _)| *s).max().unwrap_or(seq);
+        Ok((rows.into_iter().map(|(_, r)| r).collect(), last))
+    }
+
+    /// The position of the newest stored row (0 when empty), for reading
+    /// only what arrives after it with [`AuditBackend::since`].
+    fn last_seq(&self) -> Result<i64> {
+        let mut last = 0;
+        self.query(
+            "SELECT COALESCE(MAX(seq), 0) AS last FROM audit",
+            &[],
+            &mut |row| {
+                last = row.int("last")?;
+                Ok(())
+            },
+        )?;
+        Ok(last)
+    }
+
+    /// How many requests are stored.
+    #[cfg_attr(not(test), allow(dead_code))] // tests and future tools
+    fn count(&self) -> Result<u64> {
+        let mut n = 0;
+        self.query("SELECT COUNT(*) AS n FROM audit", &[], &mut |row| {
+            n = row.count("n")?;
+            Ok(())
+        })?;
+        Ok(n)
+    }
+
+    /// Usage since `since_ms`, grouped by `by` (see `report.rs`).
+    fn report(&self, by: GroupBy, since_ms: u64) -> Result<Report> {
+        super::report::build(self, by, since_ms)
+    }
+
+    /// Every stored row summed by metric label set, busiest first: one
+    /// aggregate query that seeds the collector's counters at start.
+    fn series_totals(&self) -> Result<Vec<SeriesTotals>> {
+        let mut out = Vec::new();
+        self.query(
+            "SELECT COALESCE(team, '') AS team, COALESCE(app, '') AS app,
+                    COALESCE(agent, '') AS agent,
+                    COALESCE(model_served, model_requested, '') AS model,
+                    decision, reason, COUNT(*) AS requests,
+                    CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens,
+                    CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens,
+                    CAST(COALESCE(SUM(cache_write_tokens), 0) AS BIGINT) AS cache_write_tokens,
+                    CAST(COALESCE(SUM(cache_read_tokens), 0) AS BIGINT) AS cache_read_tokens,
+                    COALESCE(SUM(cost_usd), 0) AS cost_usd
+             FROM audit GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 7 DESC",
+            &[],
+            &mut |row| {
+                out.push(SeriesTotals {
+                    team: row.text("team")?,
+                    app: row.text("app")?,
+                    agent: row.text("agent")?,
+                    model: row.text("model")?,
+                    decision: row.text("decision")?,
+                    reason: row.text("reason")?,
+                    requests: row.count("requests")?,
+                    tokens: [
+                        row.count("input_tokens")?,
+                        row.count("output_tokens")?,
+                        row.count("cache_write_tokens")?,
+                        row.count("cache_read_tokens")?,
+                    ],
+                    cost_usd: row.real("cost_usd")?,
+                });
+                Ok(())
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// Imports a JSON-lines audit log (Envoy's file access log): one record
+    /// per line, lines without a record (`-`) skipped. Idempotent.
+    fn import_jsonl(&self, path: &Path) -> Result<ImportStats> {
+        use std::io::BufRead;
+        const BATCH: usize = 1024;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut stats = ImportStats::default();
+        let mut batch = Vec::with_capacity(BATCH);
+        let store = |batch: &mut Vec<AuditRecord>, stats: &mut ImportStats| -> Result<()> {
+            let stored = self.insert_batch(batch)?;
+            stats.stored += stored.iter().filter(|s| s.changed()).count();
+            batch.clear();
+            Ok(())
+        };
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line?;
+            let line = line.trim();
+            if line.is_empty() || line == "-" {
+                continue;
+            }
+            stats.lines += 1;
+            match serde_json::from_str::<AuditRecord>(line) {
+                Ok(r) => batch.push(r),
+                Err(_) => stats.invalid += 1,
+            }
+            if batch.len() == BATCH {
+                store(&mut batch, &mut stats)?;
+            }
+        }
+        store(&mut batch, &mut stats)?;
+        Ok(stats)
+    }
+}
+
+/// `(seq, record)` rows of a query selecting those two columns.
+fn records<B: AuditBackend + ?Sized>(
+    store: &B,
+    sql: &str,
+    params: &[Param<'_>],
+) -> Result<Vec<(i64, AuditRecord)>> {
+    let mut out = Vec::new();
+    store.query(sql, params, &mut |row| {
+        let json = row.text("record")?;
+        let record = serde_json::from_str(&json)
+            .with_context(|| format!("stored record is not valid: {json}"))?;
+        out.push((row.int("seq")?, record));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// An opened audit store of either backend; clones share the connection.
+#[derive(Clone)]
+pub struct AuditStore(Arc<dyn AuditBackend>);
+
+impl std::ops::Deref for AuditStore {
+    type Target = dyn AuditBackend;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl AuditStore {
+    /// Opens (creating if needed) the store at a SQLite path or a
+    /// `postgres://` URL.
+    pub fn open(target: impl AsRef<Path>) -> Result<AuditStore> {
+        let target = target.as_ref();
+        let text = target.to_string_lossy();
+        Ok(AuditStore(if is_url(&text) {
+            Arc::new(PostgresStore::connect(&text)?)
+        } else {
+            Arc::new(SqliteStore::open(target)?)
+        }))
+    }
+
+    /// Opens an existing store for reading; a missing SQLite file is an error
+    /// that says how to create one.
+    pub fn open_existing(target: impl AsRef<Path>) -> Result<AuditStore> {
+        let path = target.as_ref();
+        if !is_url(&path.to_string_lossy()) && !path.exists() {
+            anyhow::bail!(
+                "no audit database at {} — start the gateway with `tollgate run` (or `tollgate collector --db {}`) first",
+                path.display(),
+                path.display()
+            );
+        }
+        AuditStore::open(path)
+    }
+}
+
+fn is_url(target: &str) -> bool {
+    target.starts_with("postgres://") || target.starts_with("postgresql://")
+}
+
+/// The table, after its key column (which differs per backend).
+const COLUMNS: &str = "
+    request_id    TEXT NOT NULL UNIQUE,
+    timestamp_ms  BIGINT NOT NULL,
+    complete      INTEGER NOT NULL,
+    key_id        TEXT,
+    \"user\"        TEXT,
+    team          TEXT,
+    project       TEXT,
+    app           TEXT,
+    agent         TEXT,
+    route         TEXT NOT NULL,
+    model_requested TEXT,
+    model_served  TEXT,
+    decision      TEXT NOT NULL,
+    reason        TEXT NOT NULL,
+    status        INTEGER NOT NULL,
+    input_tokens  BIGINT,
+    output_tokens BIGINT,
+    cache_write_tokens BIGINT,
+    cache_read_tokens  BIGINT,
+    cost_usd      DOUBLE PRECISION,
+    record        TEXT NOT NULL";
+
+const INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS audit_time ON audit(timestamp_ms);
+CREATE INDEX IF NOT EXISTS audit_key ON audit(key_id);";
+
+/// `CREATE TABLE` for a backend whose row key is `seq_column`.
+fn schema(seq_column: &str) -> String {
+    format!("CREATE TABLE IF NOT EXISTS audit (seq {seq_column}, {COLUMNS});{INDEXES}")
+}
+
+/// The first record of a request. Almost every record is one, so storing
+/// it costs a single statement; a conflict falls back to [`PROVISIONAL`]
+/// and [`COMPLETE`].
+const INSERT: &str = "INSERT INTO audit (request_id, timestamp_ms, complete, key_id, \"user\", team, project, app, agent,
+        route, model_requested, model_served, decision, reason, status,
+        input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_usd, record)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)
+     ON CONFLICT (request_id) DO NOTHING";
+
+/// The provisional record a complete one may replace.
+const PROVISIONAL: &str = "SELECT record FROM audit WHERE request_id = $1 AND complete = 0";
+
+/// A complete record over a provisional one, with [`INSERT`]'s parameters.
+const COMPLETE: &str = "UPDATE audit SET
+        timestamp_ms = $2, complete = $3, key_id = $4, \"user\" = $5, team = $6, project = $7,
+        app = $8, agent = $9, route = $10, model_requested = $11, model_served = $12,
+        decision = $13, reason = $14, status = $15, input_tokens = $16, output_tokens = $17,
+        cache_write_tokens = $18, cache_read_tokens = $19, cost_usd = $20, record = $21
+     WHERE request_id = $1 AND complete = 0";
+
+/// The column values of one record, borrowed from it, in [`INSERT`]'s
+/// parameter order. `complete` and `status` are `INTEGER` (32 bits in
+/// PostgreSQL), the other numbers `BIGINT`.
+struct RecordRow<'a> {
+    request_id: &'a str,
+    timestamp_ms: i64,
+    complete: i32,
+    key_id: Option<&'a str>,
+    user: Option<&'a str>,
+    team: Option<&'a str>,
+    project: Option<&'a str>,
+    app: Option<&'a str>,
+    agent: Option<&'a str>,
+    route: &'a str,
+    model_requested: Option<&'a str>,
+    model_served: Option<&'a str>,
+    decision: &'static str,
+    reason: &'static str,
+    status: i32,
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    cache_write_tokens: Option<i64>,
+    cache_read_tokens: Option<i64>,
+    cost_usd: Option<f64>,
+    record: &'a str,
+}
+
+/// The stored spelling of a decision (the record's JSON spelling).
+pub(crate) fn decision_str(d: Outcome) -> &'static str {
+    match d {
+        Outcome::Allowed => "allowed",
+        Outcome::Denied => "denied",
+    }
+}
+
+impl<'a> RecordRow<'a> {
+    fn new(r: &'a AuditRecord, json: &'a str) -> RecordRow<'a> {
+        let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        RecordRow {
+            request_id: &r.request_id,
+            timestamp_ms: big(r.timestamp_ms),
+            complete: i32::from(r.complete),
+            key_id: r.key_id.as_deref(),
+            user: r.user.as_deref(),
+            team: r.team.as_deref(),
+            project: r.project.as_deref(),
+            app: r.app.as_deref(),
+            agent: r.agent.as_deref(),
+            route: &r.route,
+            model_requested: r.model_requested.as_deref(),
+            model_served: r.model_served.as_deref(),
+            decision: decision_str(r.decision),
+            reason: r.reason.as_str(),
+            status: i32::from(r.status),
+            input_tokens: r.tokens.input.map(big),
+            output_tokens: r.tokens.output.map(big),
+            cache_write_tokens: r.tokens.cache_write.map(big),
+            cache_read_tokens: r.tokens.cache_read.map(big),
+            cost_usd: r.cost_usd,
+            record: json,
+        }
+    }
+}
+
+/// [`RecordRow`]'s fields as one driver's parameter list, in [`INSERT`]'s
+/// order: `record_params!(row, &dyn rusqlite::ToSql)`.
+macro_rules! record_params {
+    ($row:expr, $param:ty) => {
+        record_params!(@ $row, $param, request_id, timestamp_ms, complete, key_id, user, team,
+            project, app, agent, route, model_requested, model_served, decision, reason, status,
+            input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_usd, record)
+    };
+    (@ $row:expr, $param:ty, $($field:ident),*) => {
+        [$(&$row.$field as $param),*]
+    };
+}
+pub(crate) use record_params;
+
+/// The three statements of an insert transaction, on one backend.
+trait InsertTx {
+    /// [`INSERT`]: `true` when the row is new.
+    fn insert(&mut self, row: &RecordRow<'_>) -> Result<bool>;
+    /// [`PROVISIONAL`]: the stored record JSON, if provisional.
+    fn provisional(&mut self, request_id: &str) -> Result<Option<String>>;
+    /// [`COMPLETE`]: `true` when it replaced the provisional row.
+    fn complete(&mut self, row: &RecordRow<'_>) -> Result<bool>;
+}
+
+/// The insert rules of [`AuditBackend::insert_batch`], written once for
+/// both backends. One JSON buffer serves the whole batch.
+fn insert_each(tx: &mut impl InsertTx, records: &[AuditRecord]) -> Result<Vec<Stored>> {
+    let mut json = Vec::with_capacity(1024);
+    let mut out = Vec::with_capacity(records.len());
+    for r in records {
+        json.clear();
+        serde_json::to_writer(&mut json, r)?;
+        let row = RecordRow::new(r, std::str::from_utf8(&json)?);
+        out.push(if tx.insert(&row)? {
+            Stored::New
+        } else if !r.complete {
+            // A provisional record never replaces anything.
+            Stored::Kept
+        } else {
+            match tx.provisional(&r.request_id)? {
+                Some(old) if tx.complete(&row)? => Stored::Replaced(Box::new(
+                    serde_json::from_str(&old)
+                        .with_context(|| format!("stored record is not valid: {old}"))?,
+                )),
+                _ => Stored::Kept,
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// A connection URL with its password replaced, for messages.
+fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((creds, host)) => {
+                let user = creds.split(':').next().unwrap_or_default();
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}

@@ -1,0 +1,390 @@
+//! The shared meter and its sync leader against a scripted quota service:
+//! cold keys go through Admit, leases serve busy keys, a lost sync is
+//! resent with its sequence and never counted twice, revocations reach the
+//! flow, and an unreachable store follows each limit's on_store_failure.
+#![allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing)]
+
+use super::*;
+use crate::flow::{FilterOptions, RequestFlow};
+use crate::host::Decision;
+use crate::testing::{FakeHost, FakeRoot, MemStore};
+use std::rc::Rc;
+use tollgate_proto::quota::v1::admit_response::Outcome;
+
+const KEY: &str = "tg-shared-key";
+const NOW: u64 = 1_795_000_000_000;
+const BODY: &str =
+    r#"{"model":"claude-haiku-4-5","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
+
+fn opts() -> SharedOptions {
+    SharedOptions {
+        sync_period_ms: 100,
+        admit_timeout_ms: 1000,
+    }
+}
+
+fn policy(limits: &str) -> Rc<Policy> {
+    let json = format!(
+        r#"{{"version":1,"defaults":{{"models":["claude-*"],"limits":{limits}}},
+            "keys":[{{"id":"k","key_sha256":"{}"}}],
+            "prices":{{"claude-*":{{"input":1,"output":5}}}}}}"#,
+        crate::vkey::sha256_hex(KEY)
+    );
+    Rc::new(
+        crate::policy::compile(json.as_bytes(), "p.json", 0)
+            .unwrap()
+            .0,
+    )
+}
+
+fn flow(policy: &Rc<Policy>) -> RequestFlow {
+    RequestFlow::with_options(
+        policy.clone(),
+        FilterOptions {
+            hold_request_headers: true,
+            shared: Some(opts()),
+        },
+    )
+}
+
+fn host(store: &Rc<MemStore>, id: &str, now: u64) -> FakeHost {
+    FakeHost::new()
+        .with_store(store.clone())
+        .at(now)
+        .with_request_header(":path", "/v1/messages")
+        .with_request_header("x-request-id", id)
+        .with_request_header("x-api-key", KEY)
+        .with_body(BODY)
+}
+
+/// Headers and body of one request; the decision on the body.
+fn send(flow: &mut RequestFlow, host: &mut FakeHost) -> Decision {
+    assert_eq!(flow.on_request_headers(host, false), Decision::Pause);
+    let n = host.body_len();
+    flow.on_request_body(host, n, true)
+}
+
+/// The response: 200 with the given output tokens, then the end.
+fn respond(flow: &mut RequestFlow, host: &mut FakeHost, output: u64) {
+    host.response_headers = vec![
+        (":status".into(), b"200".to_vec()),
+        ("content-type".into(), b"application/json".to_vec()),
+    ];
+    flow.on_response_headers(host, false);
+    host.response_chunk = format!(
+        r#"{{"model":"claude-haiku-4-5","usage":{{"input_tokens":5,"output_tokens":{output}}}}}"#
+    )
+    .into_bytes();
+    let n = host.response_chunk.len();
+    flow.on_response_body(host, n, true);
+}
+
+fn admitted(request: &[u8]) -> Vec<u8> {
+    let req = pb::AdmitRequest::decode(request).unwrap();
+    pb::AdmitResponse {
+        outcome: Outcome::Admitted as i32,
+        views: req
+            .charges
+            .iter()
+            .map(|c| pb::BucketView {
+                remaining: (c.bucket.as_ref().unwrap().limit - c.amount) as f64,
+                reset_at_ms: (NOW + 60_000) as i64,
+            })
+            .collect(),
+        now_ms: NOW as i64,
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// A quota service that grants every bucket `lease` units for 300 ms.
+fn grant_all(request: &[u8], lease: i64, now: u64) -> (pb::SyncRequest, Vec<u8>) {
+    let req = pb::SyncRequest::decode(request).unwrap();
+    let answer = pb::SyncResponse {
+        grants: req
+            .buckets
+            .iter()
+            .map(|b| pb::Grant {
+                lease,
+                expires_at_ms: (now + 300) as i64,
+                view: Some(pb::BucketView {
+                    remaining: 1000.0,
+                    reset_at_ms: 0,
+                }),
+                window: b.window,
+            })
+            .collect(),
+        replicas: 4,
+        now_ms: now as i64,
+        ..Default::default()
+    };
+    (req, answer.encode_to_vec())
+}
+
+fn slot(store: &MemStore, metric: Metric) -> crate::meter::record::Slot {
+    store::read(store, "tollgate/2/key:k").unwrap().slot(metric)
+}
+
+#[test]
+fn a_cold_key_pauses_for_admit_then_settles_in_redis_at_once_and_through_the_leader() {
+    let store = MemStore::new();
+    let p = policy(r#"{"requests_per_minute": 60, "output_tokens_per_minute": 10000}"#);
+    let mut f = flow(&p);
+    let mut h = host(&store, "cold-1", NOW);
+    assert_eq!(send(&mut f, &mut h), Decision::Pause, "waits for Redis");
+    let (method, request) = h.quota_calls[0].clone();
+    assert_eq!(method, QuotaMethod::Admit);
+    let req = pb::AdmitRequest::decode(request.as_slice()).unwrap();
+    assert_eq!(req.request_id, "cold-1");
+    assert_eq!(req.key_sha256, crate::vkey::sha256(KEY.as_bytes()).to_vec());
+    let charges: Vec<(String, i64)> = req
+        .charges
+        .iter()
+        .map(|c| (c.bucket.as_ref().unwrap().id.clone(), c.amount))
+        .collect();
+    assert_eq!(
+        charges,
+        [
+            ("key:k:requests_per_minute".to_string(), 1),
+            ("key:k:output_tokens_per_minute".to_string(), 100)
+        ]
+    );
+    assert_eq!(
+        f.on_quota_response(&mut h, Some(&admitted(&request))),
+        Some(Decision::Continue)
+    );
+    // The key is busy now: the leader is asked for leases.
+    assert_eq!(store.queued(Queue::Sync), 1);
+    respond(&mut f, &mut h, 40);
+    // 100 output tokens reserved, 40 used: 60 back, sent now and queued.
+    let (method, settle) = h.quota_calls[1].clone();
+    assert_eq!(method, QuotaMethod::Settle);
+    let settle = pb::SettleRequest::decode(settle.as_slice()).unwrap();
+    assert_eq!(settle.request_id, "cold-1");
+    assert_eq!(settle.deltas.len(), 1);
+    assert_eq!(settle.deltas[0].amount, -60);
+    assert_eq!(store.queued(Queue::Settle), 1);
+    assert_eq!(h.last_audit().unwrap().tokens.output, Some(40));
+}
+
+#[test]
+fn leases_serve_a_busy_key_without_a_round_trip_and_a_lost_sync_is_resent_not_recounted() {
+    let store = MemStore::new();
+    let p = policy(r#"{"requests_per_minute": 6000}"#);
+    let mut root = FakeRoot::new(store.clone(), NOW);
+    let mut leader = Leader::new("vm-1".into(), opts());
+    // One request through Admit marks the key for a lease.
+    let mut f = flow(&p);
+    let mut h = host(&store, "r-0", NOW);
+    send(&mut f, &mut h);
+    let request = h.quota_calls[0].1.clone();
+    f.on_quota_response(&mut h, Some(&admitted(&request)));
+    respond(&mut f, &mut h, 10);
+
+    leader.tick(&mut root);
+    let (token, method, sync) = root.calls.last().cloned().unwrap();
+    assert_eq!(method, QuotaMethod::Sync);
+    let (req, answer) = grant_all(&sync, 50, NOW);
+    assert_eq!(req.replica, "vm-1");
+    assert_eq!(req.buckets.len(), 1);
+    let first_seq = req.buckets[0].seq;
+    assert_eq!(req.buckets[0].consumed, 0, "nothing spent from a lease yet");
+    leader.on_response(&mut root, &p, token, Some(&answer));
+    assert_eq!(slot(&store, Metric::Requests).value, 50.0);
+
+    // Ten requests from the lease: no call to the quota service.
+    for i in 1..=10 {
+        let mut f = flow(&p);
+        let mut h = host(&store, &format!("r-{i}"), NOW + 10);
+        assert_eq!(
+            send(&mut f, &mut h),
+            Decision::Continue,
+            "served from the lease"
+        );
+        assert!(h.quota_calls.is_empty());
+        respond(&mut f, &mut h, 10);
+    }
+    assert_eq!(slot(&store, Metric::Requests).value, 40.0);
+    assert_eq!(slot(&store, Metric::Requests).consumed, 10.0);
+
+    // The next sync is lost: its ten requests stay in flight, under its seq.
+    root.now_ms = NOW + 100;
+    leader.tick(&mut root);
+    let (lost, _, sync) = root.calls.last().cloned().unwrap();
+    let req = pb::SyncRequest::decode(sync.as_slice()).unwrap();
+    assert_eq!(req.buckets[0].consumed, 10);
+    let lost_seq = req.buckets[0].seq;
+    assert!(lost_seq > first_seq);
+    leader.on_response(&mut root, &p, lost, None);
+    assert_eq!(slot(&store, Metric::Requests).inflight, 10.0);
+
+    // Two more requests meanwhile, then the retry: same seq, same ten.
+    for i in 11..=12 {
+        let mut f = flow(&p);
+        let mut h = host(&store, &format!("r-{i}"), NOW + 150);
+        send(&mut f, &mut h);
+        respond(&mut f, &mut h, 10);
+    }
+    root.now_ms = NOW + 200;
+    leader.tick(&mut root);
+    let (retry, _, sync) = root.calls.last().cloned().unwrap();
+    let (req, answer) = grant_all(&sync, 50, NOW + 200);
+    assert_eq!(
+        (req.buckets[0].seq, req.buckets[0].consumed),
+        (lost_seq, 10)
+    );
+    leader.on_response(&mut root, &p, retry, Some(&answer));
+    let s = slot(&store, Metric::Requests);
+    // The new lease of 50, less the two spent since the snapshot, which the
+    // next sync reports.
+    assert_eq!(
+        (s.value, s.consumed, s.inflight, s.seq),
+        (48.0, 2.0, 0.0, 0)
+    );
+}
+
+#[test]
+fn a_key_revoked_in_redis_is_refused_at_its_headers() {
+    let store = MemStore::new();
+    let p = policy(r#"{"requests_per_minute": 60}"#);
+    let mut root = FakeRoot::new(store.clone(), NOW);
+    let mut leader = Leader::new("vm-1".into(), opts());
+    let mut f = flow(&p);
+    let mut h = host(&store, "r-0", NOW);
+    send(&mut f, &mut h);
+    let request = h.quota_calls[0].1.clone();
+    f.on_quota_response(&mut h, Some(&admitted(&request)));
+    leader.tick(&mut root);
+    let (token, _, sync) = root.calls.last().cloned().unwrap();
+    let (_, answer) = grant_all(&sync, 5, NOW);
+    let mut answer = pb::SyncResponse::decode(answer.as_slice()).unwrap();
+    answer.revoked_keys = vec![crate::vkey::sha256(KEY.as_bytes()).to_vec()];
+    answer.revocation_epoch = 7;
+    leader.on_response(&mut root, &p, token, Some(&answer.encode_to_vec()));
+
+    let mut f = flow(&p);
+    let mut h = host(&store, "r-1", NOW + 50);
+    match f.on_request_headers(&mut h, false) {
+        Decision::Reply(r) => {
+            assert_eq!(r.status, 401);
+            assert!(
+                r.body.contains("this API key has been revoked"),
+                "{}",
+                r.body
+            );
+        }
+        other => panic!("expected 401, got {other:?}"),
+    }
+    // The next sync asks only for revocations after epoch 7.
+    crate::meter::shared::admit(
+        crate::meter::shared::Ctx {
+            plane: &root,
+            clock: crate::meter::Clock {
+                now: NOW + 200,
+                utc_offset_min: 0,
+            },
+            opts: opts(),
+        },
+        &crate::meter::buckets_for(&p, p.key(0).unwrap()),
+        &crate::meter::Demand::one_request(),
+        "x",
+        &[],
+    )
+    .unwrap();
+    root.now_ms = NOW + 200;
+    leader.tick(&mut root);
+    let (_, _, sync) = root.calls.last().cloned().unwrap();
+    assert_eq!(
+        pb::SyncRequest::decode(sync.as_slice())
+            .unwrap()
+            .revocation_epoch,
+        7
+    );
+}
+
+#[test]
+fn an_unreachable_store_follows_each_limits_on_store_failure() {
+    let store = MemStore::new();
+    // A per-minute limit (default: local) and a budget (default: closed).
+    let p = policy(r#"{"requests_per_minute": 60, "budget_usd_per_day": 10}"#);
+    let mut f = flow(&p);
+    let mut h = host(&store, "down-1", NOW);
+    h.quota_unreachable = true;
+    match send(&mut f, &mut h) {
+        Decision::Reply(r) => {
+            assert_eq!(r.status, 503);
+            assert_eq!(r.header("x-should-retry"), Some("true"));
+            assert!(
+                r.body
+                    .contains("key:k:budget_usd_per_day refuses until it is back"),
+                "{}",
+                r.body
+            );
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    assert_eq!(
+        h.last_audit().unwrap().reason,
+        crate::audit::Reason::QuotaStoreUnavailable
+    );
+
+    // Budget set to open: counted nowhere; the minute limit meters on the
+    // fallback at limit / replicas (4 replicas last seen: 15 per minute).
+    let p = policy(
+        r#"{"requests_per_minute": 60, "budget_usd_per_day": {"limit": 10, "on_store_failure": "open"}}"#,
+    );
+    store.set(REPLICAS_KEY, &4u64.to_le_bytes(), 0).unwrap();
+    let mut served = 0;
+    for i in 0..20 {
+        let mut f = flow(&p);
+        let mut h = host(&store, &format!("down-{i}"), NOW);
+        h.quota_unreachable = true;
+        match send(&mut f, &mut h) {
+            Decision::Continue => {
+                served += 1;
+                assert_eq!(
+                    h.last_audit().unwrap().reason,
+                    crate::audit::Reason::Uncounted
+                );
+            }
+            Decision::Reply(r) => {
+                assert_eq!(r.status, 429, "{}", r.body);
+                assert!(
+                    r.body.contains("requests_per_minute limit of 60"),
+                    "{}",
+                    r.body
+                );
+            }
+            Decision::Pause => panic!("nothing to wait for"),
+        }
+    }
+    assert_eq!(served, 15, "60 per minute over 4 replicas");
+    // What the fallback admitted is pushed as consumption once the store is back.
+    assert_eq!(slot(&store, Metric::Requests).consumed, 15.0);
+}
+
+#[test]
+fn a_client_gone_while_redis_decides_gets_everything_back_if_it_was_admitted() {
+    let store = MemStore::new();
+    let p = policy(r#"{"output_tokens_per_minute": 10000}"#);
+    let mut f = flow(&p);
+    let mut h = host(&store, "gone-1", NOW);
+    assert_eq!(send(&mut f, &mut h), Decision::Pause);
+    let admit = h.quota_calls[0].1.clone();
+    f.on_end(&mut h);
+    assert_eq!(store.queued(Queue::Cancel), 1);
+
+    let mut root = FakeRoot::new(store.clone(), NOW);
+    let mut leader = Leader::new("vm-1".into(), opts());
+    leader.tick(&mut root);
+    let (token, method, repeat) = root.calls[0].clone();
+    assert_eq!(
+        (method, repeat.clone()),
+        (QuotaMethod::Admit, admit.clone())
+    );
+    leader.on_response(&mut root, &p, token, Some(&admitted(&admit)));
+    let settle =
+        pb::SettleRequest::decode(store.dequeue(Queue::Settle).unwrap().as_slice()).unwrap();
+    assert_eq!(settle.request_id, "gone-1");
+    assert_eq!(settle.deltas[0].amount, -100);
+}
