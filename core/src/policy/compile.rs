@@ -5,7 +5,7 @@
 
 use super::error::{PolicyError, PolicyReport};
 use super::pattern::ModelPattern;
-use super::raw::{RawLongContext, RawPolicy, RawPrice};
+use super::raw::{Obj, RawLongContext, RawPolicy, RawPrice};
 use super::schema::{self, join, show, Problem};
 use super::{Identity, Key, Limits, ModelSet, Policy, Pool, Price, Settings, POOL_KINDS};
 use crate::price::{LongContext, Rates, DEFAULT_WEB_SEARCH_PER_THOUSAND};
@@ -23,7 +23,7 @@ pub fn compile(
     // value, in one pass with no JSON DOM (a 100,000-key policy is a 17 MB
     // document, and building its DOM is most of the cost of loading it).
     // Anything it refuses takes the DOM path below for every error and path.
-    if let Ok(raw) = serde_json::from_slice::<RawPolicy>(json) {
+    if let Ok(Obj(raw)) = serde_json::from_slice::<Obj<RawPolicy>>(json) {
         if references_resolve(&raw) {
             return build_with_report(raw, file, now_ms);
         }
@@ -56,7 +56,7 @@ pub fn compile_checked(
     }
     // The schema and the typed leaves check the same rules (the fuzzer
     // holds them to one verdict); should they ever disagree, say so.
-    let raw: RawPolicy = serde_json::from_value(value).map_err(|e| {
+    let Obj(raw): Obj<RawPolicy> = serde_json::from_value(value).map_err(|e| {
         vec![at(Problem {
             path: String::new(),
             value: None,
@@ -392,7 +392,7 @@ fn build(raw: &RawPolicy) -> Policy {
                 .time_zone
                 .as_ref()
                 .map_or_else(|| "UTC".to_string(), |z| z.text.clone()),
-            default_price: settings.default_price.as_ref().map(RawPrice::build),
+            default_price: settings.default_price.as_ref().map(|p| p.build()),
             hold_request_headers: settings.hold_request_headers.unwrap_or(true),
         },
     }

@@ -9,25 +9,58 @@ use super::leaf::{
 };
 use super::pattern::ModelPattern;
 use super::{Limits, UnknownRoutes};
+use serde::de::{value::MapAccessDeserializer, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use std::collections::BTreeMap;
+
+/// A policy object. Serde's derived structs also accept a JSON array of
+/// their fields in order (`[1]` would read as `{"version": 1}`), which the
+/// policy's schema does not: this wrapper reads only an object, so the
+/// typed parse accepts exactly what the schema walker accepts (the policy
+/// fuzzer holds the two to one verdict).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Obj<T>(pub T);
+
+impl<T> std::ops::Deref for Obj<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ObjVisitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjVisitor<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(ObjVisitor(std::marker::PhantomData))
+            .map(Obj)
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPolicy {
     pub version: Version,
     #[serde(default)]
-    pub defaults: RawDefaults,
+    pub defaults: Obj<RawDefaults>,
     #[serde(default)]
-    pub groups: BTreeMap<Text, RawGroup>,
+    pub groups: BTreeMap<Text, Obj<RawGroup>>,
     #[serde(default)]
     pub pools: BTreeMap<PoolName, Limits>,
     #[serde(default)]
-    pub keys: Vec<RawKey>,
+    pub keys: Vec<Obj<RawKey>>,
     #[serde(default)]
-    pub prices: BTreeMap<ModelPattern, RawPrice>,
+    pub prices: BTreeMap<ModelPattern, Obj<RawPrice>>,
     #[serde(default)]
-    pub settings: RawSettings,
+    pub settings: Obj<RawSettings>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -79,7 +112,7 @@ pub struct RawPrice {
     pub cache_write_1h: Option<PerMillion>,
     pub cache_read: Option<PerMillion>,
     pub web_search_per_thousand: Option<PerThousand>,
-    pub long_context: Option<RawLongContext>,
+    pub long_context: Option<Obj<RawLongContext>>,
     #[serde(default)]
     pub tiers: BTreeMap<Text, Multiplier>,
     #[serde(default)]
@@ -111,7 +144,7 @@ pub struct RawSettings {
     pub time_zone: Option<TimeZone>,
     /// Price used for a model absent from `prices`; without it such models
     /// are denied when a money budget applies.
-    pub default_price: Option<RawPrice>,
+    pub default_price: Option<Obj<RawPrice>>,
     /// Whether request headers are held until the body decision. Needs
     /// Envoy's `allow_on_headers_stop_iteration`; Istio's `WasmPlugin` cannot
     /// set it, so policies rendered for Istio set this to false.

@@ -128,7 +128,8 @@ fn valid_policies_take_the_typed_path_and_compile_as_the_dom_path_does() {
                     "cache_reads_count_toward_input_limit":true,"hold_request_headers":false}}"#;
     for doc in [EXAMPLE, rich] {
         assert!(
-            serde_json::from_slice::<super::raw::RawPolicy>(doc.as_bytes()).is_ok(),
+            serde_json::from_slice::<super::raw::Obj<super::raw::RawPolicy>>(doc.as_bytes())
+                .is_ok(),
             "the typed fast path takes it: {doc}"
         );
         let (fast, fast_report) = compile(doc.as_bytes(), "p.json", 0).unwrap();
@@ -231,4 +232,36 @@ fn unpriced_allowlists_fail_on_both_paths_until_a_price_applies() {
         r#""limits":{"requests_per_minute":5}"#,
     );
     assert!(compile(free.as_bytes(), "p.json", 0).is_ok());
+}
+
+#[test]
+fn arrays_where_the_policy_has_objects_are_refused_by_both_paths() {
+    // Serde's derived structs would read `[1]` as `{"version": 1}`; the
+    // fuzzer found the typed path accepting what the schema refuses.
+    let sha = crate::vkey::sha256_hex("tg-a");
+    for (doc, error) in [
+        (
+            "[1]".to_string(),
+            "p.json: $: expected an object, found an array (value: [1])".to_string(),
+        ),
+        (
+            format!(r#"{{"version":1,"keys":[["a","{sha}"]]}}"#),
+            format!(
+                "p.json: keys[0]: expected an object, found an array (value: [\"a\",\"{sha}\"])"
+            ),
+        ),
+        (
+            r#"{"version":1,"settings":[true]}"#.to_string(),
+            "p.json: settings: expected an object, found an array (value: [true])".to_string(),
+        ),
+    ] {
+        let fast = compile(doc.as_bytes(), "p.json", 0).unwrap_err();
+        let dom = compile_checked(doc.as_bytes(), "p.json", 0).unwrap_err();
+        assert_eq!(fast, dom, "{doc}");
+        assert_eq!(
+            fast.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [error],
+            "{doc}"
+        );
+    }
 }

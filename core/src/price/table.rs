@@ -20,7 +20,7 @@
 //! that a model released after the table is never priced as its elder.
 
 use crate::policy::leaf::{Text, Time, Version};
-use crate::policy::raw::RawPrice;
+use crate::policy::raw::{Obj, RawPrice};
 use crate::policy::ModelPattern;
 use serde::Deserialize;
 use std::sync::OnceLock;
@@ -45,7 +45,7 @@ pub struct Entry {
 struct RawTable {
     #[allow(dead_code)]
     version: Version,
-    prices: Vec<RawEntry>,
+    prices: Vec<Obj<RawEntry>>,
 }
 
 #[derive(Deserialize)]
@@ -55,15 +55,16 @@ struct RawEntry {
     source: Text,
     as_of: Time,
     note: Option<Text>,
-    price: RawPrice,
+    price: Obj<RawPrice>,
 }
 
 /// Parses a table in the shipped format, most specific pattern first (the
 /// order lookups take, as for the policy's own prices).
 pub fn parse(json: &str) -> Result<Vec<Entry>, String> {
-    let raw: RawTable = serde_json::from_slice(json.as_bytes()).map_err(|e| e.to_string())?;
+    let Obj(raw): Obj<RawTable> =
+        serde_json::from_slice(json.as_bytes()).map_err(|e| e.to_string())?;
     let mut entries = Vec::new();
-    for e in raw.prices {
+    for Obj(e) in raw.prices {
         let price = e.price.build();
         for pattern in e.models {
             if entries.iter().any(|x: &Entry| x.pattern == pattern) {
