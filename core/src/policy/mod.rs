@@ -124,6 +124,21 @@ impl Policy {
         self.index.get(key_sha256).copied()
     }
 
+    /// The hashes of every secret of the key at `index`: the current one
+    /// first, then the previous ones by `not_after`. A scan of the whole
+    /// index, for tools (`tollgate key show`), not for requests.
+    pub fn secrets_of(&self, index: usize) -> Vec<([u8; 32], Secret)> {
+        let mut out: Vec<([u8; 32], Secret)> = self
+            .index
+            .iter()
+            .filter(|(_, s)| s.key == index)
+            .map(|(h, s)| (*h, *s))
+            .collect();
+        // `None` (the current secret) sorts before every `Some`.
+        out.sort_by_key(|(h, s)| (s.not_after_ms, *h));
+        out
+    }
+
     pub fn key(&self, index: usize) -> Option<&Key> {
         self.keys.get(index)
     }
