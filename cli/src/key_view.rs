@@ -215,11 +215,12 @@ fn limit_text(metric: Metric, limit: &Limit) -> String {
 
 /// A limit as the policy writes it: its amount, or an object when it sets
 /// how it behaves.
-fn limit_json(metric: Metric, limit: &Limit) -> Value {
-    let amount = if metric.is_usd() {
-        json!(limit.amount)
+fn limit_json(limit: &Limit) -> Value {
+    // Whole amounts as the policy writes them (`2000`, not `2000.0`).
+    let amount = if limit.amount.fract() == 0.0 && limit.amount.abs() < 1e15 {
+        json!(limit.amount as i64)
     } else {
-        json!(limit.amount as u64)
+        json!(limit.amount)
     };
     if !limit.strict && limit.on_store_failure.is_none() {
         return amount;
@@ -239,7 +240,7 @@ fn limits_json(limits: &Limits) -> Value {
     Value::Object(
         limits
             .iter()
-            .map(|(m, l)| (m.name().to_string(), limit_json(m, &l)))
+            .map(|(m, l)| (m.name().to_string(), limit_json(&l)))
             .collect(),
     )
 }
@@ -508,7 +509,7 @@ mod tests {
         assert_eq!(
             j["pools"],
             json!([{"name":"team:payments","limits":{"tokens_per_day":5000000,
-                    "budget_usd_per_month":{"limit":2000.0,"strict":true}}}])
+                    "budget_usd_per_month":{"limit":2000,"strict":true}}}])
         );
         assert_eq!(
             j["secrets"][2],

@@ -356,8 +356,8 @@ pub fn rotate_in_policy(path: &Path, id: &str, grace_ms: u64, now_ms: u64) -> Re
         // An entry whose time does not parse is kept: validation names it.
         previous.retain(|p| {
             let at = p.get("not_after").and_then(Value::as_str);
-            !at.and_then(|t| tollgate_core::time::parse_rfc3339(t).ok())
-                .is_some_and(|ms| ms <= now_ms)
+            at.and_then(|t| tollgate_core::time::parse_rfc3339(t).ok())
+                .is_none_or(|ms| ms > now_ms)
         });
         let dropped = before - previous.len();
         previous.push(serde_json::json!({ "key_sha256": current, "not_after": not_after }));
