@@ -7,7 +7,7 @@ use crate::collector::sheet::{self, Align, Column};
 use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
 use tollgate_core::meter::Metric;
-use tollgate_core::policy::{Key, KeyStatus, Limit, Limits, Policy};
+use tollgate_core::policy::{Identity, Key, KeyStatus, Limit, Limits, Policy};
 use tollgate_core::time::format_rfc3339;
 
 /// A key as it stands at one instant.
@@ -245,6 +245,19 @@ fn limits_json(limits: &Limits) -> Value {
     )
 }
 
+/// A key's identity attributes by their policy field names, in entry order.
+fn attributes(id: &Identity) -> [(&'static str, &Option<String>); 7] {
+    [
+        ("user", &id.user),
+        ("team", &id.team),
+        ("project", &id.project),
+        ("app", &id.app),
+        ("agent", &id.agent),
+        ("environment", &id.environment),
+        ("cost_center", &id.cost_center),
+    ]
+}
+
 const DETAIL_COLUMNS: [Column<(String, String)>; 2] = [
     Column {
         table: Some("field"),
@@ -283,15 +296,7 @@ pub fn show_text(s: &Shown) -> String {
     let id = &s.key.identity;
     field("id", vec![s.key.id.clone()]);
     field("status", vec![status_text(s.status)]);
-    for (name, v) in [
-        ("user", &id.user),
-        ("team", &id.team),
-        ("project", &id.project),
-        ("app", &id.app),
-        ("agent", &id.agent),
-        ("environment", &id.environment),
-        ("cost_center", &id.cost_center),
-    ] {
+    for (name, v) in attributes(id) {
         field(name, v.iter().cloned().collect());
     }
     if !id.groups.is_empty() {
@@ -361,15 +366,7 @@ pub fn show_json(s: &Shown) -> Value {
     let mut o = Map::new();
     o.insert("id".into(), json!(s.key.id));
     insert_status(&mut o, s.status);
-    for (name, v) in [
-        ("user", &id.user),
-        ("team", &id.team),
-        ("project", &id.project),
-        ("app", &id.app),
-        ("agent", &id.agent),
-        ("environment", &id.environment),
-        ("cost_center", &id.cost_center),
-    ] {
+    for (name, v) in attributes(id) {
         insert_some(&mut o, name, v);
     }
     o.insert("groups".into(), json!(id.groups));

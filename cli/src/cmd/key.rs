@@ -148,30 +148,33 @@ pub fn run(args: KeyArgs) -> Result<()> {
 fn list(l: ListKeys) -> Result<()> {
     let (policy, _) = policy_file::open(&l.policy)?;
     let rows = key_view::list(&policy, now_ms());
-    let mut out = Output::stdout();
-    match l.format {
-        Format::Table => writeln!(out, "{}", key_view::list_table(&rows))?,
-        Format::Json => writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&key_view::list_json(&rows))?
-        )?,
-    }
-    out.flush()?;
-    Ok(())
+    print(
+        l.format,
+        || key_view::list_table(&rows),
+        || key_view::list_json(&rows),
+    )
 }
 
 fn show(s: ShowKey) -> Result<()> {
     let (policy, _) = policy_file::open(&s.policy)?;
     let shown = key_view::show(&policy, &s.id, now_ms())?;
+    print(
+        s.format,
+        || key_view::show_text(&shown),
+        || key_view::show_json(&shown),
+    )
+}
+
+/// Prints a view as text for people or as pretty JSON for programs.
+fn print(
+    format: Format,
+    text: impl FnOnce() -> String,
+    json: impl FnOnce() -> serde_json::Value,
+) -> Result<()> {
     let mut out = Output::stdout();
-    match s.format {
-        Format::Table => writeln!(out, "{}", key_view::show_text(&shown))?,
-        Format::Json => writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&key_view::show_json(&shown))?
-        )?,
+    match format {
+        Format::Table => writeln!(out, "{}", text())?,
+        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&json())?)?,
     }
     out.flush()?;
     Ok(())
