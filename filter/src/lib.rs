@@ -174,8 +174,9 @@ impl Context for Http {
             Some(other) => {
                 act(other);
             }
-            // A settlement's answer: nothing waits for it.
-            None => {}
+            // Still waiting (a failed call repeated), or a settlement's
+            // answer: nothing to do.
+            Some(Decision::Pause) | None => {}
         }
     }
 }

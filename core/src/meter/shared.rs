@@ -157,12 +157,16 @@ fn mark_for_sync(record: &mut Record, clock: Clock, opts: SharedOptions) -> bool
 
 /// The message that hands a scope's buckets to the leader: a `SyncRequest`
 /// naming them (the leader reads their slots when it syncs).
+/// `want` marks whether the bucket takes leases (1) or, being strict, only
+/// has consumption to push (0: what the fallback metered while the store
+/// was down).
 fn sync_entry(buckets: &[&Bucket], clock: Clock) -> Vec<u8> {
     pb::SyncRequest {
         buckets: buckets
             .iter()
             .map(|b| pb::BucketSync {
                 bucket: Some(wire_bucket(b, clock)),
+                want: i64::from(!b.strict),
                 ..Default::default()
             })
             .collect(),
@@ -369,22 +373,31 @@ pub fn on_admit_response(
 /// record that stays contended only delays that.
 fn want_leases(ctx: Ctx, buckets: &[Bucket], demand: &Demand) {
     for g in groups(buckets) {
+        // Strict buckets never hold leases: every request asks Redis.
+        let leased: Vec<&Bucket> = g
+            .members
+            .iter()
+            .filter_map(|&i| buckets.get(i))
+            .filter(|b| !b.strict)
+            .collect();
+        if leased.is_empty() {
+            continue;
+        }
         let noted = store::update(ctx.plane, g.key, |record| {
             let mut record = record.unwrap_or_default();
-            for &i in &g.members {
-                let Some(b) = buckets.get(i) else { continue };
+            for b in &leased {
                 let amount = reserve_amount(b, demand);
                 if let Some(slot) = record.slot_mut(b.metric) {
                     slot.last = slot.last.max(amount);
+                    slot.asked += amount;
                 }
             }
             let enqueue = mark_for_sync(&mut record, ctx.clock, ctx.opts);
             Step::Write(record, enqueue)
         });
         if let Ok(true) = noted {
-            let members: Vec<&Bucket> = g.members.iter().filter_map(|&i| buckets.get(i)).collect();
             ctx.plane
-                .enqueue(Queue::Sync, &sync_entry(&members, ctx.clock));
+                .enqueue(Queue::Sync, &sync_entry(&leased, ctx.clock));
         }
     }
 }
