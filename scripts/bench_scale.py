@@ -366,6 +366,24 @@ def open_loop(schedule, workers=64):
     return results
 
 
+def under_fault(schedule, fault):
+    """Runs the schedule while `fault` (a function that sleeps, then breaks
+    something) runs on a thread; returns the results and the start time."""
+    t = threading.Thread(target=fault)
+    t_start = time.monotonic()
+    t.start()
+    res = open_loop(schedule)
+    t.join()
+    return res, t_start
+
+
+def statuses(results):
+    counts = {}
+    for x in results:
+        counts[x[5]] = counts.get(x[5], 0) + 1
+    return ", ".join(f"{c}: {n}" for c, n in sorted(counts.items()))
+
+
 def poisson(rng, rate, t0, t1):
     t, out_ = t0, []
     while True:
@@ -843,11 +861,7 @@ def redis_killed(gws, redis):
         redis.start(aof=True)
         result["back"] = time.monotonic()
         log("  redis-server restarted (from its AOF)")
-    t = threading.Thread(target=chaos)
-    t_start = time.monotonic()
-    t.start()
-    res = open_loop(sched)
-    t.join()
+    res, t_start = under_fault(sched, chaos)
     k, b = result["killed"] - t_start, result["back"] - t_start
     s1 = [g.stats() for g in gws]
     delta = {n: sum(s1[i].get(n, 0) - s0[i].get(n, 0) for i in range(len(gws)))
@@ -862,11 +876,8 @@ def redis_killed(gws, redis):
         mine = [x for x in res if x[0] == m]
         bad = [x for x in mine if x[5] not in (200, 429)]
         failed[m] = len(bad)
-        codes = {}
-        for x in mine:
-            codes[x[5]] = codes.get(x[5], 0) + 1
         out(f"   {m:<7} {len(mine):>8} {len(bad):>7} {sum(1 for x in bad if k <= x[3] < b):>18} "
-            f"{sum(1 for x in bad if x[3] >= b):>14} {', '.join(f'{c}: {n}' for c, n in sorted(codes.items())):<40}")
+            f"{sum(1 for x in bad if x[3] >= b):>14} {statuses(mine):<40}")
     out(f"   Envoy counters over the test (all replicas): " + ", ".join(f"{n} {v}" for n, v in delta.items()))
     out("   After recovery (load stopped, windows stable for 2 s): day windows in Redis ('u' used; 'l' leased, "
         "not used) against the usage audited by the four collectors")
@@ -914,11 +925,7 @@ def quota_killed(policy_path, redis):
         qs[0][0].send_signal(signal.SIGKILL)
         qs[0][0].wait()
         log("  SIGKILL quota replica A")
-    t = threading.Thread(target=kill)
-    t_start = time.monotonic()
-    t.start()
-    res = open_loop(sched)
-    t.join()
+    res, t_start = under_fault(sched, kill)
     k = result["at"] - t_start
     s1 = [g.stats() for g in gws]
     delta = {n: sum(s1[i].get(n, 0) - s0[i].get(n, 0) for i in range(len(gws)))
@@ -935,11 +942,8 @@ def quota_killed(policy_path, redis):
         bad = [x for x in mine if x[5] not in (200, 429)]
         failed += len(bad)
         failed_closed += len(bad) if kid == "qk-budget" else 0
-        codes = {}
-        for x in mine:
-            codes[x[5]] = codes.get(x[5], 0) + 1
         out(f"   {kid:<10} {desc[kid]:<48} {len(mine):>8} {len(bad):>7} {sum(1 for x in bad if x[3] >= k):>10}  "
-            + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items())))
+            + statuses(mine))
     out("   Envoy counters over the test (both gateways): " + ", ".join(f"{n} {v}" for n, v in delta.items()))
     verdict("(no target) one of two quota replicas killed: failed requests; the design says a few calls at most",
             f"{failed} failed, all on the closed budget" if failed == failed_closed else f"{failed} failed", None)
