@@ -214,8 +214,10 @@ pub fn admit(
             buckets, demand, clock, request_id, key_sha256,
         )));
     }
-    let mut reservations = Vec::with_capacity(buckets.len());
-    let mut states = Vec::with_capacity(buckets.len());
+    let mut admission = Admission {
+        reservations: Vec::with_capacity(buckets.len()),
+        states: Vec::with_capacity(buckets.len()),
+    };
     for (g, read) in groups.iter().zip(reads) {
         let result = store::update_from(store, g.key, Some(read), |record| {
             let mut record = record.unwrap_or_default();
@@ -247,32 +249,22 @@ pub fn admit(
                     store.enqueue(Queue::Sync, &sync_entry(&members, clock));
                 }
                 for (i, amount, view) in taken {
-                    let Some(b) = buckets.get(i) else { continue };
-                    states.push(BucketState {
-                        bucket: b.clone(),
-                        view,
-                    });
-                    reservations.push(Reservation {
-                        bucket: b.clone(),
-                        amount,
-                        source: Source::Lease,
-                    });
+                    if let Some(b) = buckets.get(i) {
+                        admission.take(b, amount, Source::Lease, view);
+                    }
                 }
             }
             Ok(None) | Err(_) => {
                 // A lease ran out under us (or the record stayed contended):
                 // give back what this request took and ask Redis for all of it.
-                let _ = settle(ctx, &reservations, &Demand::default(), "");
+                let _ = settle(ctx, &admission.reservations, &Demand::default(), "");
                 return Ok(Plan::Remote(admit_request(
                     buckets, demand, clock, request_id, key_sha256,
                 )));
             }
         }
     }
-    Ok(Plan::Admitted(Admission {
-        reservations,
-        states,
-    }))
+    Ok(Plan::Admitted(admission))
 }
 
 fn admit_request(
@@ -419,8 +411,10 @@ fn fallback(
         return Err(RemoteRefusal::Unavailable(closed.clone()));
     }
     let share = f64::from(replicas.max(1));
-    let mut reservations = Vec::with_capacity(buckets.len());
-    let mut states = Vec::with_capacity(buckets.len());
+    let mut admission = Admission {
+        reservations: Vec::with_capacity(buckets.len()),
+        states: Vec::with_capacity(buckets.len()),
+    };
     for g in groups(buckets) {
         let result = store::update(store, g.key, |record| {
             let mut record = record.unwrap_or_default();
@@ -462,43 +456,33 @@ fn fallback(
         match result {
             Ok(Ok(taken)) => {
                 for (i, amount, source, view) in taken {
-                    let Some(b) = buckets.get(i) else { continue };
-                    states.push(BucketState {
-                        bucket: b.clone(),
-                        view,
-                    });
-                    reservations.push(Reservation {
-                        bucket: b.clone(),
-                        amount,
-                        source,
-                    });
+                    if let Some(b) = buckets.get(i) {
+                        admission.take(b, amount, source, view);
+                    }
                 }
             }
             Ok(Err((i, wait_ms, view))) => {
-                let _ = settle(ctx, &reservations, &Demand::default(), "");
+                let _ = settle(ctx, &admission.reservations, &Demand::default(), "");
                 let Some(bucket) = buckets.get(i).cloned() else {
                     return Err(RemoteRefusal::Limited(Denial::Contention));
                 };
-                states.push(BucketState {
+                admission.states.push(BucketState {
                     bucket: bucket.clone(),
                     view,
                 });
                 return Err(RemoteRefusal::Limited(Denial::Limited {
                     bucket,
                     wait_ms,
-                    states,
+                    states: admission.states,
                 }));
             }
             Err(_) => {
-                let _ = settle(ctx, &reservations, &Demand::default(), "");
+                let _ = settle(ctx, &admission.reservations, &Demand::default(), "");
                 return Err(RemoteRefusal::Limited(Denial::Contention));
             }
         }
     }
-    Ok(Admission {
-        reservations,
-        states,
-    })
+    Ok(admission)
 }
 
 /// The fallback bucket of a slot, brought up to now (a missing one is full).
