@@ -7,7 +7,7 @@
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use tollgate_core::time::{format_rfc3339, parse_rfc3339};
-use tollgate_e2e::{policy, sha, tollgate_bin, Gateway};
+use tollgate_e2e::{policy, sha, tollgate_bin, tollgate_ok, Gateway};
 
 const OLD: &str = "tg-e2e-keys-rotating-old";
 const OTHER: &str = "tg-e2e-keys-other";
@@ -24,16 +24,6 @@ const CLOCK_SLACK_MS: u64 = 100;
 
 fn tollgate(args: &[&str]) -> Output {
     Command::new(tollgate_bin()).args(args).output().unwrap()
-}
-
-fn stdout(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{:?} failed: {}",
-        out,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn now_ms() -> u64 {
@@ -64,9 +54,9 @@ fn rotation_keeps_both_secrets_until_the_deadline_then_only_the_new_one_under_on
     assert_eq!(send(&gw, OLD, "before-rotation").0, 200);
 
     let asked_at = now_ms();
-    let out = stdout(&tollgate(&[
+    let out = tollgate_ok([
         "key", "rotate", "--id", "rot", "--policy", &file, "--grace", "3s",
-    ]));
+    ]);
     let new = out
         .lines()
         .map(str::trim)
@@ -94,22 +84,18 @@ fn rotation_keeps_both_secrets_until_the_deadline_then_only_the_new_one_under_on
     assert!(!text.contains(&new) && text.contains(&sha(&new)) && text.contains(&sha(OLD)));
 
     // The listing shows the rotation and never a secret nor a hash.
-    let list = stdout(&tollgate(&["key", "list", "--policy", &file]));
+    let list = tollgate_ok(["key", "list", "--policy", &file]);
     let row = list.lines().find(|l| l.starts_with("rot ")).unwrap();
     assert!(
         row.contains(&format!("rotating until {until}")) && row.trim_end().ends_with(" 2"),
         "{list}"
     );
-    let json = stdout(&tollgate(&[
-        "key", "list", "--policy", &file, "--format", "json",
-    ]));
+    let json = tollgate_ok(["key", "list", "--policy", &file, "--format", "json"]);
     let listed: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(listed[0]["status"], "rotating");
     assert_eq!(listed[0]["rotating_until"], until.as_str());
     assert_eq!(listed[1]["status"], "active");
-    let show = stdout(&tollgate(&[
-        "key", "show", "--id", "rot", "--policy", &file,
-    ]));
+    let show = tollgate_ok(["key", "show", "--id", "rot", "--policy", &file]);
     assert!(
         show.contains(&format!(
             "previous  sha256 {}  works until {until}",
@@ -212,7 +198,7 @@ fn rotation_keeps_both_secrets_until_the_deadline_then_only_the_new_one_under_on
     );
 
     // After the grace period the key is plainly active again.
-    let list = stdout(&tollgate(&["key", "list", "--policy", &file]));
+    let list = tollgate_ok(["key", "list", "--policy", &file]);
     let row = list.lines().find(|l| l.starts_with("rot ")).unwrap();
     assert!(row.contains(" active "), "{list}");
 }
@@ -250,7 +236,7 @@ fn key_commands_name_what_is_wrong_and_leave_the_file_alone() {
     let e = failure(&["key", "show", "--id", "nope", "--policy", file]);
     assert!(e.contains("no key with id \"nope\" (ids: a, gone)"), "{e}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
-    let list = stdout(&tollgate(&["key", "list", "--policy", file]));
+    let list = tollgate_ok(["key", "list", "--policy", file]);
     assert_eq!(
         list,
         "id    user  team  groups  status   secrets\n\

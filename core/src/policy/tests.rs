@@ -338,3 +338,43 @@ fn key_status_puts_revoked_before_expired_before_rotating() {
         }
     );
 }
+
+#[test]
+fn both_paths_agree_on_previous_secrets_at_the_edges() {
+    let (h, old) = (
+        crate::vkey::sha256_hex("tg-now"),
+        crate::vkey::sha256_hex("tg-then"),
+    );
+    for (previous, accepted) in [
+        ("[]".to_string(), true),
+        (
+            format!(r#"[{{"key_sha256":"{old}","not_after":"2026-12-06"}}]"#),
+            true,
+        ),
+        ("null".to_string(), false),
+        (format!(r#"[["{old}","2026-12-06"]]"#), false),
+        (format!(r#"[{{"key_sha256":"{old}"}}]"#), false),
+        (
+            format!(r#"[{{"key_sha256":"{h}","not_after":"2026-12-06"}}]"#),
+            false,
+        ),
+    ] {
+        let doc = format!(
+            r#"{{"version":1,"keys":[{{"id":"k","key_sha256":"{h}","previous":{previous}}}]}}"#
+        );
+        let fast = compile(doc.as_bytes(), "p.json", 0);
+        let dom = compile_checked(doc.as_bytes(), "p.json", 0);
+        assert_eq!(fast.is_ok(), accepted, "{doc}");
+        match (fast, dom) {
+            (Ok((f, _)), Ok((d, _))) => {
+                assert_eq!(format!("{:?}", f.keys()), format!("{:?}", d.keys()));
+            }
+            (Err(f), Err(d)) => assert_eq!(f, d, "{doc}"),
+            (f, d) => panic!(
+                "paths disagree on {doc}: fast {}, DOM {}",
+                f.is_ok(),
+                d.is_ok()
+            ),
+        }
+    }
+}
