@@ -171,11 +171,19 @@ impl Refusal {
                 "model {model} has no price in the policy and a USD budget applies to this key; add it under \"prices\" or set settings.default_price"
             ),
             Refusal::Limited { bucket, .. } => format!(
-                "{} limit of {}{} reached for {}; {} in {}s",
+                "{} limit of {}{} reached for {}{}; {} in {}s",
                 bucket.metric.name(),
                 if bucket.metric.is_usd() { "USD " } else { "" },
                 trim_num(bucket.limit),
                 bucket.scope,
+                match bucket.held_back() {
+                    Some(r) => format!(
+                        " (the last {}% is kept for {} requests)",
+                        trim_num(r.fraction * 100.0),
+                        r.for_priority.name()
+                    ),
+                    None => String::new(),
+                },
                 if bucket.metric.is_quota() {
                     "resets"
                 } else {
@@ -397,6 +405,21 @@ mod tests {
             "budget_usd_per_day limit of USD 0.0005 reached for pool:team:payments; resets in 3600s"
         );
         assert_eq!(budget.reason(), Reason::BudgetExhausted);
+        let mut limit = crate::policy::Limit::new(1000.0);
+        limit.reserve = Some(crate::policy::Reserve {
+            fraction: 0.2,
+            for_priority: crate::policy::leaf::Priority(100),
+        });
+        let mut pool = Bucket::with_limit("pool:team:payments".into(), Metric::Requests, limit);
+        pool.priority = crate::policy::leaf::Priority(0);
+        assert_eq!(
+            Refusal::Limited {
+                bucket: pool,
+                wait_ms: 1_000
+            }
+            .message(),
+            "requests_per_minute limit of 1000 reached for pool:team:payments (the last 20% is kept for interactive requests); retry in 1s"
+        );
         assert_eq!(budget.kind(), ErrorKind::QuotaExhausted);
     }
 }

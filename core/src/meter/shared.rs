@@ -200,6 +200,39 @@ pub fn admit(
         .iter()
         .map(|g| store::read_with_cas(store, g.key))
         .collect();
+    // Reserved headroom: Redis knows no priorities, so a request below a
+    // reserve's priority is checked here against the bucket as this Envoy
+    // last saw it (Redis's unleased balance at the last sync plus its own
+    // lease). A bucket never synced here is left to Redis.
+    for (g, read) in groups.iter().zip(&reads) {
+        let record = read.record.unwrap_or_default();
+        for &i in &g.members {
+            let Some(b) = buckets.get(i) else { continue };
+            let slot = record.slot(b.metric);
+            let amount = reserve_amount(b, demand);
+            if amount <= 0.0 || b.held_back().is_none() || slot.expires == 0 {
+                continue;
+            }
+            let seen = lease_view(b, &slot, clock);
+            let current = Cell {
+                value: match b.refill() {
+                    Refill::PerMinute => seen.remaining,
+                    _ => b.limit - seen.remaining,
+                },
+                stamp: clock.now,
+            };
+            if !b.fits(current, amount) {
+                return Err(Denial::Limited {
+                    bucket: b.clone(),
+                    wait_ms: b.wait_ms(current, amount, clock),
+                    states: vec![BucketState {
+                        bucket: b.clone(),
+                        view: seen,
+                    }],
+                });
+            }
+        }
+    }
     let covered = groups.iter().zip(&reads).all(|(g, read)| {
         let record = read.record.unwrap_or_default();
         g.members.iter().all(|&i| {

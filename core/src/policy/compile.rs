@@ -411,6 +411,16 @@ fn build(raw: &RawPolicy) -> Policy {
             revoked: k.revoked,
             expires_at_ms: k.expires_at.as_ref().map(|t| t.ms),
             previous_not_after_ms: k.previous.iter().map(|p| p.not_after.ms).collect(),
+            // The key's own, else the highest of its groups', else normal.
+            priority: k
+                .priority
+                .or_else(|| {
+                    k.groups
+                        .iter()
+                        .filter_map(|g| raw.groups.get(g)?.priority)
+                        .max()
+                })
+                .unwrap_or_default(),
         });
     }
 

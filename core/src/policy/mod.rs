@@ -16,7 +16,7 @@ pub mod schema;
 pub use crate::price::Price;
 pub use compile::{compile, compile_checked};
 pub use error::{PolicyError, PolicyReport};
-pub use limits::{Limit, Limits, StoreFailure};
+pub use limits::{Limit, Limits, Reserve, StoreFailure};
 pub use pattern::ModelPattern;
 
 use hashbrown::HashMap;
@@ -76,6 +76,9 @@ pub struct Key {
     /// `not_after` of each previous secret, in file order: the key's
     /// holders may still present one of those until then.
     pub previous_not_after_ms: Vec<u64>,
+    /// Reserved headroom (`reserve`) is kept for requests at or above a
+    /// priority.
+    pub priority: leaf::Priority,
 }
 
 /// A shared pool (`team:payments`): every key whose attribute matches draws

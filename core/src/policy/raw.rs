@@ -5,7 +5,8 @@
 //! exist) before building the runtime `Policy`.
 
 use super::leaf::{
-    Multiplier, PerMillion, PerThousand, PoolName, Sha256, Text, Threshold, Time, TimeZone, Version,
+    Multiplier, PerMillion, PerThousand, PoolName, Priority, Sha256, Text, Threshold, Time,
+    TimeZone, Version,
 };
 use super::pattern::ModelPattern;
 use super::{Limits, UnknownRoutes};
@@ -75,6 +76,7 @@ pub struct RawDefaults {
 #[serde(deny_unknown_fields)]
 pub struct RawGroup {
     pub models: Option<Vec<ModelPattern>>,
+    pub priority: Option<Priority>,
     #[serde(default)]
     pub limits: Limits,
 }
@@ -102,6 +104,7 @@ pub struct RawKey {
     pub expires_at: Option<Time>,
     #[serde(default)]
     pub revoked: bool,
+    pub priority: Option<Priority>,
 }
 
 /// An earlier secret of a key (`keys[].previous[]`), left working by a
