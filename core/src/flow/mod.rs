@@ -107,6 +107,17 @@ enum Phase {
         /// Whether the call was already repeated once after a failure.
         retried: bool,
     },
+    /// Held for a limit to refill (`max_wait_ms`) instead of a 429; the
+    /// host retries it from its timer ([`RequestFlow::on_wait_tick`]).
+    Waiting {
+        key: usize,
+        demand: Demand,
+        body_size: usize,
+        /// When the refusing bucket should have room again.
+        until: u64,
+        /// The bucket it waits for, so later requests queue behind it.
+        bucket: String,
+    },
     /// Forwarded upstream with its reservations, which the end of the
     /// response settles.
     Admitted { key: usize, admission: Admission },
@@ -127,6 +138,10 @@ pub struct RequestFlow {
     audit: AuditRecord,
     /// SHA-256 of the presented virtual key, once identified.
     key_sha256: Option<[u8; 32]>,
+    /// What the admission under way asks for, should it have to wait.
+    pending: Option<(Demand, usize)>,
+    /// When a held request must be answered, from its first hold.
+    hold_deadline: Option<u64>,
 }
 
 impl RequestFlow {
@@ -148,6 +163,8 @@ impl RequestFlow {
                 ..Default::default()
             },
             key_sha256: None,
+            pending: None,
+            hold_deadline: None,
         }
     }
 
@@ -173,6 +190,7 @@ impl RequestFlow {
         match self.phase {
             Phase::Authenticated { key }
             | Phase::Admitting { key, .. }
+            | Phase::Waiting { key, .. }
             | Phase::Admitted { key, .. } => Some(key),
             Phase::Start | Phase::Done => None,
         }
@@ -425,6 +443,20 @@ impl RequestFlow {
         let now = host.now_ms();
         let clock = self.clock(now);
         let buckets = self.buckets();
+        self.pending = Some((demand, body_size));
+        // Requests held for a bucket go first, in arrival order: a new one
+        // that may wait for that bucket queues behind them.
+        if self.hold_deadline.is_none() {
+            if let Some(b) = buckets
+                .iter()
+                .find(|b| b.max_wait_ms.is_some() && host.held_for(&b.label()))
+            {
+                let deadline = now + b.max_wait_ms.unwrap_or(0);
+                if let Some(d) = self.hold(host, key, b.label(), now, deadline) {
+                    return d;
+                }
+            }
+        }
         let Some(opts) = self.options.shared else {
             let result = meter::admit(host, &buckets, &demand, clock);
             return self.admitted(host, key, result);
@@ -582,6 +614,7 @@ impl RequestFlow {
     ) -> Decision {
         match result {
             Ok(admission) => {
+                self.release_hold(host);
                 let uncounted = admission
                     .reservations
                     .iter()
@@ -603,13 +636,106 @@ impl RequestFlow {
                 bucket,
                 wait_ms,
                 states,
-            }) => self.refuse(host, Refusal::Limited { bucket, wait_ms }, &states),
+            }) => {
+                if let Some(max) = bucket.max_wait_ms {
+                    let now = host.now_ms();
+                    let deadline = self.hold_deadline.unwrap_or(now + max);
+                    if now + wait_ms <= deadline {
+                        if let Some(d) =
+                            self.hold(host, key, bucket.label(), now + wait_ms, deadline)
+                        {
+                            return d;
+                        }
+                    }
+                }
+                self.release_hold(host);
+                self.refuse(host, Refusal::Limited { bucket, wait_ms }, &states)
+            }
             Err(Denial::Contention) => {
+                self.release_hold(host);
                 host.stat(Stat::CasExhausted, 1);
                 let states = self.states_now(host);
                 self.refuse(host, Refusal::Contention, &states)
             }
         }
+    }
+
+    /// Holds the request until `until` (at most `deadline`) for `bucket` to
+    /// refill, if the host has room for one more; `None` when it has not.
+    fn hold(
+        &mut self,
+        host: &mut impl Host,
+        key: usize,
+        bucket: String,
+        until: u64,
+        deadline: u64,
+    ) -> Option<Decision> {
+        let (demand, body_size) = self.pending?;
+        if self.hold_deadline.is_none() {
+            if !host.may_hold() {
+                return None;
+            }
+            host.stat(Stat::Held, 1);
+        }
+        self.hold_deadline = Some(deadline);
+        self.phase = Phase::Waiting {
+            key,
+            demand,
+            body_size,
+            until,
+            bucket,
+        };
+        Some(Decision::Pause)
+    }
+
+    /// A held request leaves the queue (admitted, refused or gone).
+    fn release_hold(&mut self, host: &mut impl Host) {
+        if self.hold_deadline.take().is_some() {
+            host.stat(Stat::Held, -1);
+        }
+    }
+
+    /// When a held request should be retried, and the bucket it waits for.
+    pub fn held(&self) -> Option<(u64, &str)> {
+        match &self.phase {
+            Phase::Waiting { until, bucket, .. } => Some((*until, bucket.as_str())),
+            _ => None,
+        }
+    }
+
+    /// The host's timer, for a held request whose time has come: admits it
+    /// (the host resumes it), refuses it past its deadline (the host answers
+    /// it), or keeps it held (`None`). With a shared store the retry may
+    /// pause for a synchronous admission instead (`Some(Pause)`).
+    pub fn on_wait_tick(&mut self, host: &mut impl Host) -> Option<Decision> {
+        let Phase::Waiting {
+            key,
+            demand,
+            body_size,
+            until,
+            ..
+        } = self.phase
+        else {
+            return None;
+        };
+        if host.now_ms() < until {
+            return None;
+        }
+        self.phase = Phase::Authenticated { key };
+        let decision = self.admit(host, demand, body_size);
+        if matches!(self.phase, Phase::Waiting { .. }) {
+            return None;
+        }
+        if decision == Decision::Continue {
+            self.release_hold(host);
+            host.stat(Stat::HeldAdmitted, 1);
+            if self.route.is_llm() {
+                if let Some(body) = host.request_body(body_size) {
+                    self.ask_for_stream_usage(host, &body);
+                }
+            }
+        }
+        Some(decision)
     }
 
     /// Answers the client in its provider's error shape, with the caller's
@@ -729,6 +855,8 @@ impl RequestFlow {
             // leader gives everything back (the Admit is idempotent, so the
             // leader's repeat learns the first answer).
             Phase::Admitting { request, .. } => host.enqueue(Queue::Cancel, &request),
+            // Held and gone: nothing was taken, nothing to give back.
+            Phase::Waiting { .. } => self.release_hold(host),
             _ => {}
         }
     }
@@ -896,5 +1024,7 @@ pub fn reply_headers(reply: &LocalReply) -> Vec<(&str, &str)> {
         .collect()
 }
 
+#[cfg(test)]
+mod hold_tests;
 #[cfg(test)]
 mod tests;

@@ -150,6 +150,13 @@ impl Policy {
         &self.keys
     }
 
+    /// Whether any limit holds requests for a refill (`max_wait_ms`): the
+    /// filter then needs its timer.
+    pub fn holds_requests(&self) -> bool {
+        let waits = |l: &Limits| l.iter().any(|(_, limit)| limit.max_wait_ms.is_some());
+        self.keys.iter().any(|k| waits(&k.limits)) || self.pools.iter().any(|p| waits(&p.limits))
+    }
+
     pub fn pool(&self, index: usize) -> Option<&Pool> {
         self.pools.get(index)
     }

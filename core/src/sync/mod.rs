@@ -79,6 +79,9 @@ pub struct Leader {
     /// Scopes this leader syncs each period while they hold a lease or
     /// consumption (by record key: their buckets as the service sees them).
     active: HashMap<String, Vec<Tracked>>,
+    /// When this worker last ran a period (the timer may fire more often,
+    /// for held requests).
+    last_tick: u64,
 }
 
 fn read_u64(store: &dyn SharedStore, key: &str) -> Option<(u64, u32)> {
@@ -116,6 +119,7 @@ impl Leader {
             opts,
             pending: Vec::new(),
             active: HashMap::new(),
+            last_tick: 0,
         }
     }
 
@@ -149,6 +153,10 @@ impl Leader {
     /// sync the buckets the workers touched.
     pub fn tick(&mut self, host: &mut impl RootHost) {
         let now = host.now_ms();
+        if now < self.last_tick + self.period() {
+            return;
+        }
+        self.last_tick = now;
         if !self.elect(host, now) {
             return;
         }
