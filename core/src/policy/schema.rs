@@ -60,6 +60,8 @@ pub enum Leaf {
     Threshold,
     /// `<kind>:<value>` pool name.
     PoolName,
+    /// `provider:<provider>:<group>` provider pool name.
+    ProviderPoolName,
     PolicyVersion,
     UnknownRoutes,
     /// `local`, `closed` or `open`.
@@ -237,6 +239,19 @@ static GROUP: Ty = Ty::Object(&[
     ),
 ]);
 
+static PROVIDER_POOL: Ty = Ty::Object(&[
+    required(
+        "models",
+        &MODEL_LIST,
+        "Models this limit applies to (exact names and aliases as the provider lists them, or globs).",
+    ),
+    required(
+        "limits",
+        &LIMITS,
+        "The provider's limits on these models together (request and token limits; budgets belong to keys and pools).",
+    ),
+]);
+
 static KEY: Ty = Ty::Object(&[
     required(
         "id",
@@ -315,6 +330,14 @@ pub static POLICY: Ty = Ty::Object(&[
             value: &LIMITS,
         },
         "Shared limits by identity attribute (team:payments).",
+    ),
+    field(
+        "provider_pools",
+        &Ty::Map {
+            key: Leaf::ProviderPoolName,
+            value: &PROVIDER_POOL,
+        },
+        "The provider's own limits by model group (provider:anthropic:claude-sonnet-4), drawn from by every request for one of its models whatever the key; written by `tollgate limits pull`.",
     ),
     field("keys", &Ty::Array(&KEY), "Virtual keys."),
     field(
@@ -502,6 +525,7 @@ pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
         Leaf::Multiplier => leaf::multiplier(number(v)?).map(|_| ()),
         Leaf::Threshold => leaf::threshold(number(v)?).map(|_| ()),
         Leaf::PoolName => leaf::pool_name(&text(v)?),
+        Leaf::ProviderPoolName => leaf::provider_pool_name(&text(v)?),
         Leaf::PolicyVersion => match v.as_u64() {
             Some(n) => leaf::version(n).map(|_| ()),
             None => Err(format!("expected the number 1, found {}", kind(v))),
@@ -588,6 +612,9 @@ fn leaf_schema(rule: Leaf) -> Value {
         Leaf::Multiplier => json!({ "type": "number", "exclusiveMinimum": 0 }),
         Leaf::PoolName => {
             json!({ "type": "string", "pattern": "^(team|project|user|app|agent):.+$" })
+        }
+        Leaf::ProviderPoolName => {
+            json!({ "type": "string", "pattern": "^provider:[^:\\s]+:\\S+$" })
         }
         Leaf::PolicyVersion => json!({ "const": 1 }),
         Leaf::UnknownRoutes => json!({ "enum": ["deny", "pass"] }),
