@@ -141,7 +141,7 @@ pub fn add_to_policy(path: &Path, entry: &serde_json::Value) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let updated = insert_key(&text, &serde_json::to_string(entry)?)?;
-    if let Err(errors) = policy_file::validate(&updated, &path.display().to_string()) {
+    if let Err(errors) = policy_file::validate(&updated, path) {
         bail!(
             "not written: the policy would be invalid:\n{}",
             errors.join("\n")
@@ -196,7 +196,7 @@ pub fn revoke_in_policy(path: &Path, id: &str) -> Result<Revoked> {
             obj.insert("revoked".to_string(), serde_json::Value::Bool(true));
         }
         let updated = serde_json::to_string_pretty(&doc)? + "\n";
-        if let Err(errors) = policy_file::validate(&updated, &path.display().to_string()) {
+        if let Err(errors) = policy_file::validate(&updated, path) {
             bail!(
                 "not written: the policy would be invalid:\n{}",
                 errors.join("\n")

@@ -392,7 +392,7 @@ pub fn show(v: &Value) -> String {
     }
 }
 
-pub(crate) fn join(path: &str, name: &str) -> String {
+pub fn join(path: &str, name: &str) -> String {
     let plain = !name.is_empty()
         && name
             .chars()
@@ -538,6 +538,19 @@ pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
 /// The JSON Schema (draft 2020-12) of the policy, for editor completion.
 pub fn json_schema() -> Value {
     let mut root = to_schema(&POLICY, "");
+    // `include` exists in policy files only: the CLI merges the included
+    // files before anything compiles, and a filter handed an `include`
+    // refuses it as an unknown field. Editors should still accept it.
+    if let Some(props) = root.get_mut("properties").and_then(Value::as_object_mut) {
+        props.insert(
+            "include".into(),
+            json!({
+                "type": "array",
+                "items": { "type": "string", "minLength": 1 },
+                "description": "Files (relative to this one) whose groups, pools, provider_pools and prices are merged into this policy by the tollgate CLI (e.g. provider-limits.json from `tollgate limits pull`); a name defined twice is an error."
+            }),
+        );
+    }
     if let Some(obj) = root.as_object_mut() {
         obj.insert(
             "$schema".into(),
