@@ -362,7 +362,8 @@ pub fn write(path: &Path, text: &str) -> Result<Written> {
 
 /// One line saying what was pulled.
 pub fn summary(pulled: &Pulled, source: &Source) -> String {
-    let names = names(&pulled.groups);
+    let mut names = names(&pulled.groups);
+    names.sort();
     let mut line = format!(
         "{} provider pool(s): {}",
         names.len(),

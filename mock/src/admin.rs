@@ -9,6 +9,10 @@
 //! `next_page` cursor goes back as `?page=`; without `limit` everything is
 //! one page and `next_page` is null, as the real API answers today. Tests
 //! page with `limit`. Only the admin key is accepted (`x-api-key`).
+//!
+//! A test changes the organization's limits with
+//! `POST /__mock/admin/rate_limits` (a body of the endpoint's shape,
+//! `{"data": [...]}`), as Anthropic adjusting them would.
 
 use super::{error, AppState};
 use axum::extract::{Path, RawQuery, State};
@@ -133,7 +137,8 @@ pub async fn organization(
         return r;
     }
     let params = params(query.as_deref());
-    let mut entries = recorded("anthropic/admin-rate-limits.json");
+    let replaced = s.org_limits.lock().ok().and_then(|l| l.clone());
+    let mut entries = replaced.unwrap_or_else(|| recorded("anthropic/admin-rate-limits.json"));
     if let Some(model) = param(&params, "model") {
         entries.retain(|e| {
             e["models"]
@@ -173,4 +178,19 @@ pub async fn workspace(
         }
     };
     answer(entries, &params(query.as_deref()))
+}
+
+/// `POST /__mock/admin/rate_limits`: the organization's limits from now on.
+pub async fn replace_organization(State(s): State<AppState>, Json(body): Json<Value>) -> Response {
+    let Some(data) = body.get("data").and_then(Value::as_array) else {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "expected {\"data\": [...]} as the Rate Limits API answers",
+        );
+    };
+    if let Ok(mut l) = s.org_limits.lock() {
+        *l = Some(data.clone());
+    }
+    StatusCode::NO_CONTENT.into_response()
 }

@@ -145,6 +145,9 @@ struct AppState {
     config: Arc<MockConfig>,
     exchanges: Arc<Vec<Exchange>>,
     log: Arc<Mutex<Log>>,
+    /// The organization's rate limits when a test replaced the recorded
+    /// ones (`POST /__mock/admin/rate_limits`).
+    org_limits: Arc<Mutex<Option<Vec<serde_json::Value>>>>,
 }
 
 pub async fn serve(
@@ -156,6 +159,7 @@ pub async fn serve(
         config: Arc::new(config),
         exchanges: Arc::new(exchanges()),
         log: Arc::default(),
+        org_limits: Arc::default(),
     };
     // Each LLM path also with a trailing slash: Envoy's path-separated
     // prefix routes forward `/v1/messages/` as the messages route, and the
@@ -181,6 +185,10 @@ pub async fn serve(
     .route("/__mock/requests", get(requests))
     .route("/__mock/violations", get(violations))
     .route("/__mock/reset", post(reset))
+    .route(
+        "/__mock/admin/rate_limits",
+        post(admin::replace_organization),
+    )
     .route("/__mock/health", get(|| async { "ok" }))
     .route(
         "/__mock/exchanges",
