@@ -14,7 +14,7 @@
 //! `POST /__mock/admin/rate_limits` (a body of the endpoint's shape,
 //! `{"data": [...]}`), as Anthropic adjusting them would.
 
-use super::{error, AppState};
+use super::{error, AppState, Failure};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -60,12 +60,13 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn authorized(s: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+fn authorized(s: &AppState, headers: &HeaderMap) -> Result<(), Failure> {
     let key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
     if key == Some(s.config.admin_key.as_str()) {
         return Ok(());
     }
-    Err(fail(
+    Err(Failure::new(
+        false,
         StatusCode::UNAUTHORIZED,
         "authentication_error",
         "invalid x-api-key: the Admin API needs an admin key (sk-ant-admin…)",
@@ -133,8 +134,8 @@ pub async fn organization(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    if let Err(r) = authorized(&s, &headers) {
-        return r;
+    if let Err(failure) = authorized(&s, &headers) {
+        return failure.into_response();
     }
     let params = params(query.as_deref());
     let replaced = s.org_limits.lock().ok().and_then(|l| l.clone());
@@ -163,8 +164,8 @@ pub async fn workspace(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    if let Err(r) = authorized(&s, &headers) {
-        return r;
+    if let Err(failure) = authorized(&s, &headers) {
+        return failure.into_response();
     }
     let entries = match id.as_str() {
         WORKSPACE_WITH_OVERRIDES => recorded("anthropic/admin-workspace-rate-limits.json"),
