@@ -784,15 +784,13 @@ mod tests {
 
     #[tokio::test]
     async fn streams_events_over_time_and_flags_leaked_keys() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let config = MockConfig {
             anthropic_key: "real".into(),
             openai_key: "oreal".into(),
             admin_key: "admin".into(),
             event_delay_ms: 20,
         };
-        tokio::spawn(serve(listener, config, std::future::pending()));
+        let addr = started(config).await;
         let ok = raw_post(
             addr,
             "/v1/messages",
@@ -819,13 +817,7 @@ mod tests {
 
     #[tokio::test]
     async fn serves_the_pricing_exchanges_by_name() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(
-            listener,
-            MockConfig::with_default_keys(0),
-            std::future::pending(),
-        ));
+        let addr = started(MockConfig::with_default_keys(0)).await;
         let anthropic = [("x-api-key", DEFAULT_ANTHROPIC_KEY)];
         let bearer = format!("Bearer {DEFAULT_OPENAI_KEY}");
         let openai = [("authorization", bearer.as_str())];
@@ -878,15 +870,13 @@ mod tests {
 
     #[tokio::test]
     async fn serves_each_providers_model_list_to_its_key() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let config = MockConfig {
             anthropic_key: "real".into(),
             openai_key: "oreal".into(),
             admin_key: "admin".into(),
             event_delay_ms: 0,
         };
-        tokio::spawn(serve(listener, config, std::future::pending()));
+        let addr = started(config).await;
         let body = |r: &str| r.split("\r\n\r\n").nth(1).unwrap().to_string();
         let anthropic = raw_get_with(addr, "/v1/models", &[("x-api-key", "real")]).await;
         assert!(anthropic.starts_with("HTTP/1.1 200"), "{anthropic}");
@@ -918,19 +908,21 @@ mod tests {
         );
     }
 
+    /// A mock on a free port, serving until the test ends.
+    async fn started(config: MockConfig) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, config, std::future::pending()));
+        addr
+    }
+
     fn body_json(response: &str) -> serde_json::Value {
         serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap()
     }
 
     #[tokio::test]
     async fn rate_limits_api_filters_pages_and_wants_the_admin_key() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(
-            listener,
-            MockConfig::with_default_keys(0),
-            std::future::pending(),
-        ));
+        let addr = started(MockConfig::with_default_keys(0)).await;
         let admin = [("x-api-key", DEFAULT_ADMIN_KEY)];
         let get = |path: &'static str| raw_get_with(addr, path, &admin);
 
@@ -994,6 +986,19 @@ mod tests {
         let unknown = get("/v1/organizations/workspaces/wrkspc_nope/rate_limits").await;
         assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
 
+        // A test changes the organization's limits.
+        let replaced = raw_post(
+            addr,
+            "/__mock/admin/rate_limits",
+            &[("content-type", "application/json")],
+            r#"{"data": [{"type": "rate_limit", "group_type": "model_group", "models": ["m"], "limits": []}]}"#,
+        )
+        .await;
+        assert!(replaced.starts_with("HTTP/1.1 204"), "{replaced}");
+        let now = body_json(&get("/v1/organizations/rate_limits").await);
+        assert_eq!(now["data"][0]["models"], serde_json::json!(["m"]));
+        assert_eq!(now["data"].as_array().unwrap().len(), 1);
+
         for key in [DEFAULT_ANTHROPIC_KEY, "sk-ant-admin-wrong"] {
             let denied =
                 raw_get_with(addr, "/v1/organizations/rate_limits", &[("x-api-key", key)]).await;
@@ -1004,13 +1009,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_carry_the_providers_rate_limit_headers_as_asked() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(
-            listener,
-            MockConfig::with_default_keys(0),
-            std::future::pending(),
-        ));
+        let addr = started(MockConfig::with_default_keys(0)).await;
         let body = r#"{"model":"claude-sonnet-4-5"}"#;
         let plain = raw_post(
             addr,
