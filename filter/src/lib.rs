@@ -172,11 +172,12 @@ impl Context for Http {
                     log::warn!("resuming the request failed: {e:?}");
                 }
             }
-            Some(other) => {
-                act(other);
+            // Still waiting (a failed call repeated), or a settlement's
+            // answer: nothing to do.
+            Some(Decision::Pause) | None => {}
+            Some(reply) => {
+                act(reply);
             }
-            // A settlement's answer: nothing waits for it.
-            None => {}
         }
     }
 }

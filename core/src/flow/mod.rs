@@ -105,6 +105,8 @@ enum Phase {
         body_size: usize,
         request: Vec<u8>,
         since: u64,
+        /// Whether the call was already repeated once after a failure.
+        retried: bool,
     },
     /// Forwarded upstream with its reservations, which the end of the
     /// response settles.
@@ -447,6 +449,7 @@ impl RequestFlow {
                             body_size,
                             request,
                             since: now,
+                            retried: false,
                         };
                         Decision::Pause
                     }
@@ -474,6 +477,28 @@ impl RequestFlow {
     ) -> Option<Decision> {
         if !matches!(self.phase, Phase::Admitting { .. }) {
             return None;
+        }
+        // A failed call is repeated once: Admit is idempotent by request id,
+        // and with several quota replicas the repeat goes to another one
+        // (round robin), so one replica's death costs a round trip, not the
+        // request's admission.
+        if let (
+            None,
+            Phase::Admitting {
+                request,
+                retried: retried @ false,
+                ..
+            },
+        ) = (response, &mut self.phase)
+        {
+            let timeout = self.options.shared.map_or(0, |o| o.admit_timeout_ms);
+            if host
+                .call_quota(QuotaMethod::Admit, request, timeout)
+                .is_ok()
+            {
+                *retried = true;
+                return Some(Decision::Pause);
+            }
         }
         let Phase::Admitting {
             key,

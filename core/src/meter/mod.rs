@@ -194,6 +194,22 @@ pub struct Admission {
     pub states: Vec<BucketState>,
 }
 
+impl Admission {
+    /// Records `amount` taken from `bucket` (at `source`) and the bucket's
+    /// state afterwards.
+    pub(crate) fn take(&mut self, bucket: &Bucket, amount: f64, source: Source, view: View) {
+        self.states.push(BucketState {
+            bucket: bucket.clone(),
+            view,
+        });
+        self.reservations.push(Reservation {
+            bucket: bucket.clone(),
+            amount,
+            source,
+        });
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Denial {
     /// This bucket cannot take the request until `wait_ms` from now.
