@@ -147,11 +147,13 @@ fn unpriced_allowlists(raw: &RawPolicy, policy: &Policy) -> Vec<Problem> {
     out
 }
 
-/// A provider pool meters what the provider meters: requests and tokens.
-/// A budget there would count only the priced models of the group, and
-/// without a key to name it would escape the unpriced-model check, so
-/// budgets belong to keys and pools. An empty model list would apply to
-/// nothing: a mistake, not a limit.
+/// A provider pool meters what the provider meters: requests and tokens
+/// per minute. Quotas and budgets belong to keys and pools: a budget on a
+/// model group would count only its priced models and, with no key to name,
+/// escape the unpriced-model check, and a calendar window would have no
+/// owner to rebuild it from the audit records after a shared store lost
+/// its data. An empty model list would apply to nothing: a mistake, not a
+/// limit.
 fn provider_pool_problems(raw: &RawPolicy) -> Vec<Problem> {
     let mut out = Vec::new();
     for (name, pool) in &raw.provider_pools {
@@ -163,11 +165,11 @@ fn provider_pool_problems(raw: &RawPolicy) -> Vec<Problem> {
                 reason: "a provider pool needs at least one model".to_string(),
             });
         }
-        for (metric, limit) in pool.limits.iter().filter(|(m, _)| m.is_usd()) {
+        for (metric, limit) in pool.limits.iter().filter(|(m, _)| m.is_quota()) {
             out.push(Problem {
                 path: join(&join(&at, "limits"), metric.name()),
                 value: Some(limit.amount.to_string()),
-                reason: "provider pools take request and token limits; put budgets on keys, groups or pools".to_string(),
+                reason: "provider pools take per-minute limits (requests_per_minute, input_tokens_per_minute, output_tokens_per_minute); put quotas and budgets on keys, groups or pools".to_string(),
             });
         }
     }

@@ -248,7 +248,7 @@ static PROVIDER_POOL: Ty = Ty::Object(&[
     required(
         "limits",
         &LIMITS,
-        "The provider's limits on these models together (request and token limits; budgets belong to keys and pools).",
+        "The provider's limits on these models together: requests_per_minute, input_tokens_per_minute, output_tokens_per_minute (quotas and budgets belong to keys and pools).",
     ),
 ]);
 
