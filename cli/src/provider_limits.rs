@@ -451,28 +451,14 @@ impl Refresh {
     }
 }
 
-/// A refresh period as `--provider-limits-refresh` takes it: a whole
-/// number with `s`, `m`, `h` or `d` (`90s`, `30m`, `3h`, `1d`).
+/// A refresh period as `--provider-limits-refresh` takes it: a duration
+/// (`90s`, `30m`, `3h`, `1d`, [`crate::clock::parse_duration_ms`]), more
+/// than zero.
 pub fn parse_period(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (n, unit) = text.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{text:?}: expected a number and a unit, e.g. 3h"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.saturating_mul(60),
-        "h" => n.saturating_mul(3600),
-        "d" => n.saturating_mul(86_400),
-        _ => return Err(format!("{text:?}: the unit is s, m, h or d, e.g. 3h")),
-    };
-    if secs == 0 {
-        return Err(format!("{text:?}: must be more than zero"));
+    match crate::clock::parse_duration_ms(text)? {
+        0 => Err(format!("{text:?}: a refresh period must be more than zero")),
+        ms => Ok(Duration::from_millis(ms)),
     }
-    Ok(Duration::from_secs(secs))
 }
 
 #[cfg(test)]
@@ -600,18 +586,16 @@ mod tests {
     }
 
     #[test]
-    fn periods_take_a_number_and_a_unit() {
+    fn periods_are_durations_above_zero() {
         assert_eq!(parse_period("3h"), Ok(Duration::from_secs(10_800)));
         assert_eq!(parse_period("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_period("1d"), Ok(Duration::from_secs(86_400)));
         assert_eq!(
             parse_period("3 hours").unwrap_err(),
-            "\"3 hours\": the unit is s, m, h or d, e.g. 3h"
+            "invalid duration \"3 hours\": use a number followed by s, m, h or d"
         );
         assert_eq!(
-            parse_period("h").unwrap_err(),
-            "\"h\": expected a number and a unit, e.g. 3h"
+            parse_period("0m").unwrap_err(),
+            "\"0m\": a refresh period must be more than zero"
         );
-        assert!(parse_period("0m").is_err());
     }
 }

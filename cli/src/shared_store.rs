@@ -99,19 +99,24 @@ pub async fn start_quota(
     Ok((addr, task))
 }
 
-/// Records a key revocation for every replica (the Revoke script).
-pub async fn revoke(redis_url: &str, key_sha256: [u8; 32]) -> Result<u64> {
+/// Records a key revocation for every replica (the Revoke script), one
+/// call per secret of the key; returns the last revocation epoch.
+pub async fn revoke(redis_url: &str, key_sha256: &[[u8; 32]]) -> Result<u64> {
     let client =
         redis::Client::open(redis_url).with_context(|| format!("Redis URL {redis_url:?}"))?;
     let service = QuotaService::new(client, Settings::default())?;
-    let answer = service
-        .revoke(tollgate_quota::tollgate_proto::quota::v1::RevokeRequest {
-            key_sha256: key_sha256.to_vec(),
-        })
-        .await
-        .map_err(|status| anyhow::anyhow!("{}", status.message()))
-        .with_context(|| format!("recording the revocation in Redis at {redis_url}"))?;
-    Ok(answer.epoch)
+    let mut epoch = 0;
+    for hash in key_sha256 {
+        let answer = service
+            .revoke(tollgate_quota::tollgate_proto::quota::v1::RevokeRequest {
+                key_sha256: hash.to_vec(),
+            })
+            .await
+            .map_err(|status| anyhow::anyhow!("{}", status.message()))
+            .with_context(|| format!("recording the revocation in Redis at {redis_url}"))?;
+        epoch = answer.epoch;
+    }
+    Ok(epoch)
 }
 
 /// One calendar bucket rebuilt from the audit store.

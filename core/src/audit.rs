@@ -30,6 +30,8 @@ pub enum Reason {
     UnknownKey,
     RevokedKey,
     ExpiredKey,
+    /// A rotated key's previous secret, presented after its grace period.
+    RotatedKey,
     ModelNotAllowed,
     InvalidRequest,
     BodyTooLarge,
@@ -66,12 +68,13 @@ impl Reason {
         }
     }
 
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::Ok,
         Reason::MissingKey,
         Reason::UnknownKey,
         Reason::RevokedKey,
         Reason::ExpiredKey,
+        Reason::RotatedKey,
         Reason::ModelNotAllowed,
         Reason::InvalidRequest,
         Reason::BodyTooLarge,
@@ -95,6 +98,7 @@ impl Reason {
             Reason::UnknownKey => "unknown_key",
             Reason::RevokedKey => "revoked_key",
             Reason::ExpiredKey => "expired_key",
+            Reason::RotatedKey => "rotated_key",
             Reason::ModelNotAllowed => "model_not_allowed",
             Reason::InvalidRequest => "invalid_request",
             Reason::BodyTooLarge => "body_too_large",

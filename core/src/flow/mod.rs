@@ -29,7 +29,7 @@ use crate::host::{header, Decision, Host, LocalReply, Stat};
 use crate::host::{Queue, QuotaMethod};
 use crate::meter::shared::{self, Plan, RemoteRefusal, SharedOptions, Source};
 use crate::meter::{self, Admission, BucketState, Clock, Demand, Denial};
-use crate::policy::{Key, KeyRefusal, Policy, Price, UnknownRoutes};
+use crate::policy::{Key, KeyRefusal, Policy, Price, Secret, UnknownRoutes};
 use crate::reply::error_reply;
 use crate::route::{Provider, Route};
 use crate::usage::{self, RequestInfo, StreamUsage, Usage};
@@ -211,18 +211,23 @@ impl RequestFlow {
             }
         }
         let policy = self.policy.clone();
-        let key = match self.identify(&policy, presented) {
-            Ok(key) => key,
+        let secret = match self.identify(&policy, presented) {
+            Ok(secret) => secret,
             Err(refusal) => return self.refuse(host, refusal, &[]),
         };
+        let key = secret.key;
         // From here the caller is known: refusals carry its bucket states.
         let bad_path = bad_path.map(|error| Refusal::BadPath {
             path: String::from_utf8_lossy(path).into_owned(),
             error,
         });
-        let refusal = match policy.key(key).map(|k| (k, k.check_valid(now))) {
+        // The key's own state first: a revoked or expired key is refused as
+        // such whichever of its secrets is presented.
+        let valid = |k: &Key| k.check_valid(now).and_then(|()| secret.check_valid(now));
+        let refusal = match policy.key(key).map(|k| (k, valid(k))) {
             Some((_, Err(KeyRefusal::Revoked))) => Some(Refusal::RevokedKey),
             Some((_, Err(KeyRefusal::Expired(at_ms)))) => Some(Refusal::ExpiredKey { at_ms }),
+            Some((_, Err(KeyRefusal::SecretRotated(at_ms)))) => Some(Refusal::RotatedKey { at_ms }),
             // Revoked through the shared store: every replica learns it
             // within a sync period, before the policy file reaches it.
             Some((_, Ok(())))
@@ -260,19 +265,20 @@ impl RequestFlow {
         }
     }
 
-    /// The presented key's position in the policy; the audit record then
-    /// carries its identity, whatever is decided next.
-    fn identify(&mut self, policy: &Policy, presented: Presented) -> Result<usize, Refusal> {
+    /// The presented secret and its key's position in the policy; the
+    /// audit record then carries the key's identity (its one id, whichever
+    /// of its secrets was presented), whatever is decided next.
+    fn identify(&mut self, policy: &Policy, presented: Presented) -> Result<Secret, Refusal> {
         let hash = match presented {
             Presented::Key(hash) => hash,
             Presented::Missing => return Err(Refusal::MissingKey),
             Presented::Conflicting => return Err(Refusal::ConflictingKeys),
         };
-        let index = policy.lookup_index(&hash).ok_or(Refusal::UnknownKey)?;
-        let key = policy.key(index).ok_or(Refusal::UnknownKey)?;
+        let secret = policy.lookup_secret(&hash).ok_or(Refusal::UnknownKey)?;
+        let key = policy.key(secret.key).ok_or(Refusal::UnknownKey)?;
         self.key_sha256 = Some(hash);
         self.fill_identity(key);
-        Ok(index)
+        Ok(secret)
     }
 
     fn fill_identity(&mut self, key: &Key) {

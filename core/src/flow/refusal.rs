@@ -22,6 +22,10 @@ pub enum Refusal {
     ExpiredKey {
         at_ms: u64,
     },
+    /// A previous secret of a rotated key, presented from its `not_after`.
+    RotatedKey {
+        at_ms: u64,
+    },
     /// A path outside the LLM APIs while the policy denies unknown routes.
     UnknownRoute {
         path: String,
@@ -74,6 +78,7 @@ impl Refusal {
             Refusal::ConflictingKeys | Refusal::UnknownKey => Reason::UnknownKey,
             Refusal::RevokedKey => Reason::RevokedKey,
             Refusal::ExpiredKey { .. } => Reason::ExpiredKey,
+            Refusal::RotatedKey { .. } => Reason::RotatedKey,
             Refusal::UnknownRoute { .. }
             | Refusal::BadPath {
                 error: PathError::CaseMismatch(_),
@@ -106,9 +111,11 @@ impl Refusal {
             return ErrorKind::NotFound;
         }
         match self.reason() {
-            Reason::MissingKey | Reason::UnknownKey | Reason::RevokedKey | Reason::ExpiredKey => {
-                ErrorKind::Unauthenticated
-            }
+            Reason::MissingKey
+            | Reason::UnknownKey
+            | Reason::RevokedKey
+            | Reason::ExpiredKey
+            | Reason::RotatedKey => ErrorKind::Unauthenticated,
             Reason::ModelNotAllowed => ErrorKind::ModelNotAllowed,
             Reason::InvalidRequest => ErrorKind::InvalidRequest,
             Reason::BodyTooLarge => ErrorKind::TooLarge,
@@ -138,6 +145,10 @@ impl Refusal {
             Refusal::ExpiredKey { at_ms } => {
                 format!("this API key expired at {}", format_rfc3339(*at_ms))
             }
+            Refusal::RotatedKey { at_ms } => format!(
+                "this API key was rotated and its previous secret expired at {}",
+                format_rfc3339(*at_ms)
+            ),
             Refusal::UnknownRoute { path } => {
                 format!("{path} is not an LLM API route served by this gateway")
             }
@@ -233,6 +244,7 @@ mod tests {
             Refusal::UnknownKey,
             Refusal::RevokedKey,
             Refusal::ExpiredKey { at_ms: 0 },
+            Refusal::RotatedKey { at_ms: 0 },
             Refusal::UnknownRoute {
                 path: "/v1/files".into(),
             },

@@ -96,7 +96,11 @@ pub struct RawProviderPool {
 #[serde(deny_unknown_fields)]
 pub struct RawKey {
     pub id: Text,
+    /// The current secret's hash.
     pub key_sha256: Sha256,
+    /// Earlier secrets still honoured through a rotation's grace period.
+    #[serde(default)]
+    pub previous: Vec<Obj<RawPreviousSecret>>,
     pub user: Option<Text>,
     pub team: Option<Text>,
     pub project: Option<Text>,
@@ -111,6 +115,15 @@ pub struct RawKey {
     pub expires_at: Option<Time>,
     #[serde(default)]
     pub revoked: bool,
+}
+
+/// An earlier secret of a key (`keys[].previous[]`), left working by a
+/// rotation until `not_after` so that its holders can switch to the new one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPreviousSecret {
+    pub key_sha256: Sha256,
+    pub not_after: Time,
 }
 
 /// A price entry (policy `prices.<pattern>`, `settings.default_price`, and

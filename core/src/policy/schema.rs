@@ -263,6 +263,11 @@ static KEY: Ty = Ty::Object(&[
         &Ty::Leaf(Leaf::Sha256Hex),
         "SHA-256 (hex) of the virtual key; the key itself is never stored.",
     ),
+    field(
+        "previous",
+        &Ty::Array(&PREVIOUS_SECRET),
+        "Earlier secrets of this key, each refused from its not_after (tollgate key rotate keeps the old one through a grace period); audit records carry the one id.",
+    ),
     field("user", &TEXT, "User identity (also the pool user:<value>)."),
     field("team", &TEXT, "Team (pool team:<value>)."),
     field("project", &TEXT, "Project (pool project:<value>)."),
@@ -278,6 +283,19 @@ static KEY: Ty = Ty::Object(&[
         "RFC 3339 time after which the key is refused.",
     ),
     field("revoked", &BOOL, "Refuse this key."),
+]);
+
+static PREVIOUS_SECRET: Ty = Ty::Object(&[
+    required(
+        "key_sha256",
+        &Ty::Leaf(Leaf::Sha256Hex),
+        "SHA-256 (hex) of the earlier virtual key.",
+    ),
+    required(
+        "not_after",
+        &Ty::Leaf(Leaf::Rfc3339),
+        "RFC 3339 time from which this secret is refused (401 saying it was rotated).",
+    ),
 ]);
 
 static SETTINGS: Ty = Ty::Object(&[
