@@ -205,7 +205,7 @@ pub fn add_to_policy(path: &Path, entry: &serde_json::Value) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let updated = insert_key(&text, &serde_json::to_string(entry)?)?;
-    if let Err(errors) = policy_file::validate(&updated, &path.display().to_string()) {
+    if let Err(errors) = policy_file::validate(&updated, path) {
         bail!(
             "not written: the policy would be invalid:\n{}",
             errors.join("\n")
@@ -253,7 +253,7 @@ fn edit_key<T>(
             Some(updated) => updated,
             None => serde_json::to_string_pretty(&doc)? + "\n",
         };
-        if let Err(errors) = policy_file::validate(&updated, &path.display().to_string()) {
+        if let Err(errors) = policy_file::validate(&updated, path) {
             bail!(
                 "not written: the policy would be invalid:\n{}",
                 errors.join("\n")

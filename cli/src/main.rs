@@ -35,6 +35,8 @@ mod output;
 mod policy_file;
 /// The effective price table as `tollgate prices` shows it.
 mod price_view;
+/// The provider's own limits (Anthropic's Rate Limits API) as provider pools.
+mod provider_limits;
 /// The quota service and Redis behind limits shared by every replica.
 mod shared_store;
 /// Ctrl-C/SIGTERM and the stop switch shared by a process's services.
@@ -73,6 +75,8 @@ enum Command {
     Quota(cmd::quota::QuotaArgs),
     /// Mint, list, show, rotate and revoke virtual keys.
     Key(cmd::key::KeyArgs),
+    /// The provider's own limits: pull Anthropic's organization (and workspace) rate limits into provider pools.
+    Limits(cmd::limits::LimitsArgs),
     /// Package tollgate.wasm as an OCI image (layout directory and tarball) for Istio and Envoy Gateway.
     Package(cmd::package::PackageArgs),
     /// Usage report: requests, tokens by class, cost and denials by key, user, team, project, app, agent, model or day.
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
         Command::Policy(args) => cmd::policy::run(args),
         Command::Quota(args) => cmd::quota::run(args),
         Command::Key(args) => cmd::key::run(args),
+        Command::Limits(args) => cmd::limits::run(args),
         Command::Usage(args) => cmd::usage::run(args),
         Command::Package(args) => cmd::package::run(args),
         Command::Prices(args) => cmd::prices::run(args),

@@ -188,7 +188,8 @@ pub async fn reseed(
     };
     let mut buckets: Vec<(Bucket, u64)> = Vec::new();
     for key in policy.keys() {
-        for b in buckets_for(policy, key) {
+        // Provider pools hold per-minute limits only: no window to rebuild.
+        for b in buckets_for(policy, key, None) {
             if !b.metric.is_quota() || buckets.iter().any(|(o, _)| o.label() == b.label()) {
                 continue;
             }

@@ -48,10 +48,27 @@ pub enum Reason {
     /// Allowed without counting: the shared store could not be reached and
     /// every limit that needed it says `on_store_failure: open`.
     Uncounted,
+    /// Forwarded, and the provider answered 429: its own limit refused the
+    /// request. The decision stays `allowed` (Tollgate let it through);
+    /// nothing is charged, the request included (the provider served none).
+    UpstreamRateLimited,
+    /// Forwarded, and the provider answered 529 (overloaded); as
+    /// [`Reason::UpstreamRateLimited`], allowed and charged nothing.
+    UpstreamOverloaded,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    /// The reason of a provider's own refusal of a forwarded request, by
+    /// the status it answered: 429 (its rate limit) or 529 (overloaded).
+    pub fn of_upstream_status(status: u16) -> Option<Reason> {
+        match status {
+            429 => Some(Reason::UpstreamRateLimited),
+            529 => Some(Reason::UpstreamOverloaded),
+            _ => None,
+        }
+    }
+
+    pub const ALL: [Reason; 19] = [
         Reason::Ok,
         Reason::MissingKey,
         Reason::UnknownKey,
@@ -69,6 +86,8 @@ impl Reason {
         Reason::StoreContention,
         Reason::QuotaStoreUnavailable,
         Reason::Uncounted,
+        Reason::UpstreamRateLimited,
+        Reason::UpstreamOverloaded,
     ];
     pub const COUNT: usize = Reason::ALL.len();
 
@@ -91,6 +110,8 @@ impl Reason {
             Reason::StoreContention => "store_contention",
             Reason::QuotaStoreUnavailable => "quota_store_unavailable",
             Reason::Uncounted => "uncounted",
+            Reason::UpstreamRateLimited => "upstream_rate_limited",
+            Reason::UpstreamOverloaded => "upstream_overloaded",
         }
     }
 }

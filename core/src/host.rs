@@ -220,6 +220,11 @@ pub trait Host: SharedPlane {
     fn set_audit_record(&mut self, record: &[u8]);
     /// Adds `delta` to a counter or gauge.
     fn stat(&mut self, stat: Stat, delta: i64);
+    /// Sets a gauge whose name is known only at run time (the provider's
+    /// headroom per model group, `flow::headroom`), defining it on first
+    /// use. [`Stat`] is a fixed table the host keeps by index; these names
+    /// come from the policy's provider pools, so the host keeps them by name.
+    fn set_gauge(&mut self, name: &str, value: u64);
     /// Wall-clock time in milliseconds since the Unix epoch. The core asks the
     /// host for the time once per phase and passes it down; nothing below the
     /// flow reads a clock.

@@ -124,6 +124,8 @@ pub struct FakeHost {
     pub audit: Vec<Vec<u8>>,
     /// Stats as the filter would export them, by name.
     pub stats: std::collections::BTreeMap<String, i64>,
+    /// Gauges named at run time (the provider's headroom), by name.
+    pub gauges: std::collections::BTreeMap<String, u64>,
     pub now_ms: u64,
     /// Calls to the quota service this request started, in order.
     pub quota_calls: Vec<(QuotaMethod, Vec<u8>)>,
@@ -145,6 +147,7 @@ impl Default for FakeHost {
             response_chunk: Vec::new(),
             audit: Vec::new(),
             stats: Default::default(),
+            gauges: Default::default(),
             now_ms: 1_795_000_000_000,
             quota_calls: Vec::new(),
             quota_unreachable: false,
@@ -272,6 +275,10 @@ impl Host for FakeHost {
 
     fn stat(&mut self, stat: crate::host::Stat, delta: i64) {
         *self.stats.entry(stat.name()).or_default() += delta;
+    }
+
+    fn set_gauge(&mut self, name: &str, value: u64) {
+        self.gauges.insert(name.to_string(), value);
     }
 
     fn now_ms(&self) -> u64 {

@@ -123,6 +123,13 @@ impl Host for Hostcalls {
         }
     }
 
+    fn set_gauge(&mut self, name: &str, value: u64) {
+        if let Some(id) = named_gauge_id(name) {
+            // On a gauge, Envoy's record_metric sets the value.
+            log_status("set gauge", hostcalls::record_metric(id, value));
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.now()
     }
@@ -297,6 +304,38 @@ fn metric_id(stat: Stat) -> Option<u32> {
         };
         let id = hostcalls::define_metric(kind, &stat.name()).ok()?;
         *slot = Some(id);
+        Some(id)
+    })
+}
+
+/// At most this many gauges named at run time per VM. Their names come
+/// from the policy's provider pools (plus one `<provider>:other` group per
+/// provider), so a policy stays far below it; the cap only keeps a long
+/// run of reloads with ever new group names from growing the map.
+const MAX_NAMED_GAUGES: usize = 1024;
+
+thread_local! {
+    /// Gauge ids of this VM by name ([`Host::set_gauge`]), defined on first use.
+    static NAMED_GAUGES: std::cell::RefCell<std::collections::BTreeMap<String, u32>> =
+        const { std::cell::RefCell::new(std::collections::BTreeMap::new()) };
+}
+
+fn named_gauge_id(name: &str) -> Option<u32> {
+    NAMED_GAUGES.with(|m| {
+        let mut m = m.borrow_mut();
+        if let Some(id) = m.get(name) {
+            return Some(*id);
+        }
+        // Envoy hands out a new id (and keeps it) at every definition,
+        // even of a name it knows: past the cap, drop the update instead.
+        if m.len() >= MAX_NAMED_GAUGES {
+            log::warn!(
+                "tollgate: {MAX_NAMED_GAUGES} provider gauges defined; {name} is not exported"
+            );
+            return None;
+        }
+        let id = hostcalls::define_metric(MetricType::Gauge, name).ok()?;
+        m.insert(name.to_string(), id);
         Some(id)
     })
 }

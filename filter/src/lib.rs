@@ -122,9 +122,10 @@ impl RootContext for Root {
                     log::warn!("policy warning: {w}");
                 }
                 log::info!(
-                    "policy loaded: {} keys, {} pools, {} bytes, compiled in {took_ms} ms",
+                    "policy loaded: {} keys, {} pools, {} provider pools, {} bytes, compiled in {took_ms} ms",
                     policy.keys().len(),
                     policy.pools.len(),
+                    policy.provider_pools.len(),
                     bytes.len()
                 );
                 if policy.holds_requests() {

@@ -17,6 +17,14 @@
 //! `x-mock-stall-ms: MS` goes silent (before the headers, or after N events
 //! with `x-mock-stall-after: N`).
 //!
+//! Every LLM answer carries the provider's own rate-limit headers
+//! (`anthropic-ratelimit-*`, OpenAI's `x-ratelimit-*`), limit and
+//! remaining; `x-mock-ratelimit-limit` / `x-mock-ratelimit-remaining` set
+//! them per request (see [`ratelimit_headers`]).
+//!
+//! The Admin API's Rate Limits endpoints answer the admin key
+//! ([`DEFAULT_ADMIN_KEY`]) from recorded responses ([`admin`]).
+//!
 //! This crate is a test double: the `tollgate` binary links it only with its
 //! `mock` cargo feature (on by default for development builds).
 
@@ -32,6 +40,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod admin;
+pub use admin::{WORKSPACE_WITHOUT_OVERRIDES, WORKSPACE_WITH_OVERRIDES};
+
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/fixtures.rs"));
 }
@@ -39,12 +50,16 @@ mod embedded {
 /// The "real" keys the mock expects Envoy to inject (demo and tests only).
 pub const DEFAULT_ANTHROPIC_KEY: &str = "sk-ant-mock-real-key";
 pub const DEFAULT_OPENAI_KEY: &str = "sk-openai-mock-real-key";
+/// The Admin API key the mock's Rate Limits endpoints accept.
+pub const DEFAULT_ADMIN_KEY: &str = "sk-ant-admin-mock-key";
 
 pub struct MockConfig {
     /// The `x-api-key` expected on Anthropic routes.
     pub anthropic_key: String,
     /// The bearer token expected on OpenAI routes.
     pub openai_key: String,
+    /// The `x-api-key` expected on the Admin API.
+    pub admin_key: String,
     /// Delay between streamed events.
     pub event_delay_ms: u64,
 }
@@ -55,6 +70,7 @@ impl MockConfig {
         MockConfig {
             anthropic_key: DEFAULT_ANTHROPIC_KEY.to_string(),
             openai_key: DEFAULT_OPENAI_KEY.to_string(),
+            admin_key: DEFAULT_ADMIN_KEY.to_string(),
             event_delay_ms,
         }
     }
@@ -75,6 +91,10 @@ pub struct Exchange {
     pub stream: bool,
     pub usage: Option<serde_json::Value>,
     pub model: String,
+    /// Response headers the provider sends with it (`retry-after` on 429
+    /// and 529).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 fn default_method() -> String {
@@ -125,6 +145,9 @@ struct AppState {
     config: Arc<MockConfig>,
     exchanges: Arc<Vec<Exchange>>,
     log: Arc<Mutex<Log>>,
+    /// The organization's rate limits when a test replaced the recorded
+    /// ones (`POST /__mock/admin/rate_limits`).
+    org_limits: Arc<Mutex<Option<Vec<serde_json::Value>>>>,
 }
 
 pub async fn serve(
@@ -136,6 +159,7 @@ pub async fn serve(
         config: Arc::new(config),
         exchanges: Arc::new(exchanges()),
         log: Arc::default(),
+        org_limits: Arc::default(),
     };
     // Each LLM path also with a trailing slash: Envoy's path-separated
     // prefix routes forward `/v1/messages/` as the messages route, and the
@@ -151,11 +175,20 @@ pub async fn serve(
         app.route(path, post(provider))
             .route(&format!("{path}/"), post(provider))
     })
+    .route("/v1/organizations/rate_limits", get(admin::organization))
+    .route(
+        "/v1/organizations/workspaces/{id}/rate_limits",
+        get(admin::workspace),
+    )
     .route("/v1/models", get(models))
     .route("/v1/models/{id}", get(models))
     .route("/__mock/requests", get(requests))
     .route("/__mock/violations", get(violations))
     .route("/__mock/reset", post(reset))
+    .route(
+        "/__mock/admin/rate_limits",
+        post(admin::replace_organization),
+    )
     .route("/__mock/health", get(|| async { "ok" }))
     .route(
         "/__mock/exchanges",
@@ -531,11 +564,18 @@ async fn provider(
     let delay = header_u64("x-mock-delay-ms").unwrap_or(s.config.event_delay_ms);
     let status = StatusCode::from_u16(ex.status).unwrap_or(StatusCode::OK);
     let request_id = format!("req_mock_{seq:06}");
-    let builder = Response::builder()
+    let mut builder = Response::builder()
         .status(status)
         .header("content-type", ex.content_type.as_str())
         .header("request-id", request_id.as_str())
         .header("x-request-id", request_id.as_str());
+    for (name, value) in ex
+        .headers
+        .iter()
+        .chain(&ratelimit_headers(openai, &headers))
+    {
+        builder = builder.header(name.as_str(), value.as_str());
+    }
     // `x-mock-reset-after: N` aborts the stream after N events, as a provider
     // connection dropping mid-answer would.
     let reset_after = header_u64("x-mock-reset-after").map(|n| n as usize);
@@ -568,6 +608,56 @@ async fn provider(
             "mock response",
         )
     })
+}
+
+/// The provider's rate-limit headers for one answer: each family's limit
+/// and remaining (Anthropic: requests, input-tokens, output-tokens, tokens;
+/// OpenAI: requests, tokens). By default the organization has just spent
+/// this request: requests remaining is the limit less one, tokens the
+/// whole limit. `x-mock-ratelimit-limit` / `x-mock-ratelimit-remaining`
+/// set a number for every family (`17`) or per family
+/// (`requests=17, output-tokens=900`). The `-reset` headers are left out:
+/// nothing here reads them.
+fn ratelimit_headers(
+    openai: bool,
+    headers: &HeaderMap,
+) -> std::collections::BTreeMap<String, String> {
+    let families: &[(&str, u64)] = if openai {
+        &[("requests", 5_000), ("tokens", 2_000_000)]
+    } else {
+        &[
+            ("requests", 4_000),
+            ("input-tokens", 2_000_000),
+            ("output-tokens", 400_000),
+            ("tokens", 2_400_000),
+        ]
+    };
+    let set = |name: &str, family: &str| -> Option<u64> {
+        let text = headers.get(name)?.to_str().ok()?;
+        if let Ok(all) = text.trim().parse::<u64>() {
+            return Some(all);
+        }
+        text.split(',').find_map(|pair| {
+            let (f, n) = pair.split_once('=')?;
+            (f.trim() == family).then(|| n.trim().parse().ok())?
+        })
+    };
+    let mut out = std::collections::BTreeMap::new();
+    for (family, default_limit) in families {
+        let limit = set("x-mock-ratelimit-limit", family).unwrap_or(*default_limit);
+        let spent = u64::from(*family == "requests");
+        let remaining =
+            set("x-mock-ratelimit-remaining", family).unwrap_or(limit.saturating_sub(spent));
+        for (kind, value) in [("limit", limit), ("remaining", remaining)] {
+            let name = if openai {
+                format!("x-ratelimit-{kind}-{family}")
+            } else {
+                format!("anthropic-ratelimit-{family}-{kind}")
+            };
+            out.insert(name, value.to_string());
+        }
+    }
+    out
 }
 
 /// How a streamed answer breaks off, if it does (test headers).
@@ -694,14 +784,13 @@ mod tests {
 
     #[tokio::test]
     async fn streams_events_over_time_and_flags_leaked_keys() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let config = MockConfig {
             anthropic_key: "real".into(),
             openai_key: "oreal".into(),
+            admin_key: "admin".into(),
             event_delay_ms: 20,
         };
-        tokio::spawn(serve(listener, config, std::future::pending()));
+        let addr = started(config).await;
         let ok = raw_post(
             addr,
             "/v1/messages",
@@ -728,13 +817,7 @@ mod tests {
 
     #[tokio::test]
     async fn serves_the_pricing_exchanges_by_name() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(
-            listener,
-            MockConfig::with_default_keys(0),
-            std::future::pending(),
-        ));
+        let addr = started(MockConfig::with_default_keys(0)).await;
         let anthropic = [("x-api-key", DEFAULT_ANTHROPIC_KEY)];
         let bearer = format!("Bearer {DEFAULT_OPENAI_KEY}");
         let openai = [("authorization", bearer.as_str())];
@@ -787,14 +870,13 @@ mod tests {
 
     #[tokio::test]
     async fn serves_each_providers_model_list_to_its_key() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let config = MockConfig {
             anthropic_key: "real".into(),
             openai_key: "oreal".into(),
+            admin_key: "admin".into(),
             event_delay_ms: 0,
         };
-        tokio::spawn(serve(listener, config, std::future::pending()));
+        let addr = started(config).await;
         let body = |r: &str| r.split("\r\n\r\n").nth(1).unwrap().to_string();
         let anthropic = raw_get_with(addr, "/v1/models", &[("x-api-key", "real")]).await;
         assert!(anthropic.starts_with("HTTP/1.1 200"), "{anthropic}");
@@ -824,6 +906,171 @@ mod tests {
             missing.contains("The model 'gpt-9' does not exist"),
             "{missing}"
         );
+    }
+
+    /// A mock on a free port, serving until the test ends.
+    async fn started(config: MockConfig) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, config, std::future::pending()));
+        addr
+    }
+
+    fn body_json(response: &str) -> serde_json::Value {
+        serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn rate_limits_api_filters_pages_and_wants_the_admin_key() {
+        let addr = started(MockConfig::with_default_keys(0)).await;
+        let admin = [("x-api-key", DEFAULT_ADMIN_KEY)];
+        let get = |path: &'static str| raw_get_with(addr, path, &admin);
+
+        let all = body_json(&get("/v1/organizations/rate_limits").await);
+        assert_eq!(all["data"].as_array().unwrap().len(), 7);
+        assert_eq!(all["next_page"], serde_json::Value::Null);
+        assert_eq!(all["data"][0]["type"], "rate_limit");
+        assert_eq!(
+            all["data"][0]["limits"][0],
+            serde_json::json!({"type": "requests_per_minute", "value": 4000})
+        );
+
+        let groups = body_json(&get("/v1/organizations/rate_limits?group_type=model_group").await);
+        assert_eq!(groups["data"].as_array().unwrap().len(), 4);
+        let bad = get("/v1/organizations/rate_limits?group_type=model").await;
+        assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+
+        let one = body_json(&get("/v1/organizations/rate_limits?model=claude-haiku-4-5").await);
+        assert_eq!(one["data"].as_array().unwrap().len(), 1);
+        assert_eq!(one["data"][0]["models"][1], "claude-haiku-4-5-20251001");
+        let none = get("/v1/organizations/rate_limits?model=claude-2").await;
+        assert!(none.starts_with("HTTP/1.1 404"), "{none}");
+        assert!(none.contains("not_found_error"), "{none}");
+
+        // Pages of 3 over the 7 groups: 3, 3, 1, and the cursor of each.
+        let mut seen = Vec::new();
+        let mut page: Option<String> = None;
+        loop {
+            let path = match &page {
+                None => "/v1/organizations/rate_limits?limit=3".to_string(),
+                Some(p) => format!("/v1/organizations/rate_limits?limit=3&page={p}"),
+            };
+            let v = body_json(&raw_get_with(addr, &path, &admin).await);
+            seen.push(v["data"].as_array().unwrap().len());
+            match v["next_page"].as_str() {
+                Some(next) => page = Some(next.to_string()),
+                None => break,
+            }
+        }
+        assert_eq!(seen, [3, 3, 1]);
+
+        let ws = body_json(
+            &raw_get_with(
+                addr,
+                &format!("/v1/organizations/workspaces/{WORKSPACE_WITH_OVERRIDES}/rate_limits"),
+                &admin,
+            )
+            .await,
+        );
+        assert_eq!(ws["data"][0]["type"], "workspace_rate_limit");
+        assert_eq!(ws["data"][0]["limits"][0]["org_limit"], 4000);
+        let plain = body_json(
+            &raw_get_with(
+                addr,
+                &format!("/v1/organizations/workspaces/{WORKSPACE_WITHOUT_OVERRIDES}/rate_limits"),
+                &admin,
+            )
+            .await,
+        );
+        assert_eq!(plain["data"], serde_json::json!([]));
+        let unknown = get("/v1/organizations/workspaces/wrkspc_nope/rate_limits").await;
+        assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
+
+        // A test changes the organization's limits.
+        let replaced = raw_post(
+            addr,
+            "/__mock/admin/rate_limits",
+            &[("content-type", "application/json")],
+            r#"{"data": [{"type": "rate_limit", "group_type": "model_group", "models": ["m"], "limits": []}]}"#,
+        )
+        .await;
+        assert!(replaced.starts_with("HTTP/1.1 204"), "{replaced}");
+        let now = body_json(&get("/v1/organizations/rate_limits").await);
+        assert_eq!(now["data"][0]["models"], serde_json::json!(["m"]));
+        assert_eq!(now["data"].as_array().unwrap().len(), 1);
+
+        for key in [DEFAULT_ANTHROPIC_KEY, "sk-ant-admin-wrong"] {
+            let denied =
+                raw_get_with(addr, "/v1/organizations/rate_limits", &[("x-api-key", key)]).await;
+            assert!(denied.starts_with("HTTP/1.1 401"), "{denied}");
+            assert!(denied.contains("authentication_error"), "{denied}");
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_carry_the_providers_rate_limit_headers_as_asked() {
+        let addr = started(MockConfig::with_default_keys(0)).await;
+        let body = r#"{"model":"claude-sonnet-4-5"}"#;
+        let plain = raw_post(
+            addr,
+            "/v1/messages",
+            &[("x-api-key", DEFAULT_ANTHROPIC_KEY)],
+            body,
+        )
+        .await;
+        assert!(
+            plain.contains("anthropic-ratelimit-requests-limit: 4000\r\n"),
+            "{plain}"
+        );
+        assert!(plain.contains("anthropic-ratelimit-requests-remaining: 3999\r\n"));
+        assert!(plain.contains("anthropic-ratelimit-output-tokens-remaining: 400000\r\n"));
+        let asked = raw_post(
+            addr,
+            "/v1/messages",
+            &[
+                ("x-api-key", DEFAULT_ANTHROPIC_KEY),
+                ("x-mock-ratelimit-remaining", "requests=17, tokens=900"),
+                ("x-mock-ratelimit-limit", "50"),
+            ],
+            body,
+        )
+        .await;
+        assert!(
+            asked.contains("anthropic-ratelimit-requests-remaining: 17\r\n"),
+            "{asked}"
+        );
+        assert!(asked.contains("anthropic-ratelimit-tokens-remaining: 900\r\n"));
+        assert!(asked.contains("anthropic-ratelimit-input-tokens-limit: 50\r\n"));
+        assert!(asked.contains("anthropic-ratelimit-input-tokens-remaining: 50\r\n"));
+        let bearer = format!("Bearer {DEFAULT_OPENAI_KEY}");
+        let openai = raw_post(
+            addr,
+            "/v1/chat/completions",
+            &[
+                ("authorization", &bearer),
+                ("x-mock-ratelimit-remaining", "12"),
+            ],
+            r#"{"model":"gpt-4o-mini"}"#,
+        )
+        .await;
+        assert!(
+            openai.contains("x-ratelimit-remaining-requests: 12\r\n"),
+            "{openai}"
+        );
+        assert!(openai.contains("x-ratelimit-limit-tokens: 2000000\r\n"));
+        // A recorded 529 carries its retry-after.
+        let overloaded = raw_post(
+            addr,
+            "/v1/messages",
+            &[
+                ("x-api-key", DEFAULT_ANTHROPIC_KEY),
+                ("x-mock-exchange", "error-overloaded"),
+            ],
+            body,
+        )
+        .await;
+        assert!(overloaded.starts_with("HTTP/1.1 529"), "{overloaded}");
+        assert!(overloaded.contains("retry-after: 7\r\n"), "{overloaded}");
     }
 
     async fn raw(addr: std::net::SocketAddr, req: String) -> String {

@@ -104,7 +104,7 @@ fn every_kind_of_request_gets_one_record_and_usage_totals_match_the_provider() {
         ("a-json", "allowed", "ok", 200),
         ("a-stream", "allowed", "ok", 200),
         ("a-cache", "allowed", "ok", 200),
-        ("a-529", "allowed", "ok", 529),
+        ("a-529", "allowed", "upstream_overloaded", 529),
         ("d-unknown", "denied", "unknown_key", 401),
         ("d-revoked", "denied", "revoked_key", 401),
         ("d-model", "denied", "model_not_allowed", 403),

@@ -85,6 +85,10 @@ pub struct Options {
     pub stream_idle_timeout_s: Option<u64>,
     /// Share limits through this Redis (`tollgate run --redis URL`).
     pub redis: Option<String>,
+    /// More `tollgate run` arguments.
+    pub extra_args: Vec<String>,
+    /// Environment of `tollgate run` beside the inherited one.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -96,6 +100,8 @@ impl Default for Options {
             wasm: None,
             stream_idle_timeout_s: None,
             redis: None,
+            extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -123,6 +129,8 @@ impl Gateway {
         if let Some(url) = &opts.redis {
             cmd.arg("--redis").arg(url);
         }
+        cmd.args(&opts.extra_args);
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .current_dir(workspace())
             .args([

@@ -4,7 +4,7 @@ use crate::output::status;
 use crate::shutdown;
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
-use tollgate_mock::{MockConfig, DEFAULT_ANTHROPIC_KEY, DEFAULT_OPENAI_KEY};
+use tollgate_mock::{MockConfig, DEFAULT_ADMIN_KEY, DEFAULT_ANTHROPIC_KEY, DEFAULT_OPENAI_KEY};
 
 #[derive(clap::Args, Debug)]
 pub struct MockArgs {
@@ -16,6 +16,9 @@ pub struct MockArgs {
     /// The bearer token the mock expects on OpenAI routes.
     #[arg(long, default_value = DEFAULT_OPENAI_KEY)]
     pub openai_key: String,
+    /// The admin key the mock's Admin API (Rate Limits) expects.
+    #[arg(long, default_value = DEFAULT_ADMIN_KEY)]
+    pub admin_key: String,
     /// Delay between streamed events.
     #[arg(long, default_value_t = 20)]
     pub event_delay_ms: u64,
@@ -34,6 +37,7 @@ pub fn run(args: MockArgs) -> Result<()> {
         let config = MockConfig {
             anthropic_key: args.anthropic_key,
             openai_key: args.openai_key,
+            admin_key: args.admin_key,
             event_delay_ms: args.event_delay_ms,
         };
         tollgate_mock::serve(listener, config, shutdown::signal()).await

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod collector;
 pub mod key;
+pub mod limits;
 #[cfg(feature = "mock")]
 pub mod mock;
 pub mod package;

@@ -3,10 +3,12 @@
 //! this process, starts the pinned real Envoy with tollgate.wasm, watches the
 //! policy file for edits, and stops everything on Ctrl-C.
 
+use super::limits::AdminApiArgs;
 use crate::gateway::render::Upstream;
 use crate::gateway::{self, Collector, EnvoyOptions, Providers};
 use crate::output::{status, Output};
-use crate::{shared_store, shutdown};
+use crate::provider_limits::{self, Refresh};
+use crate::{policy_file, shared_store, shutdown};
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -95,11 +97,26 @@ pub struct RunArgs {
     /// How often each Envoy syncs its leases with the quota service (ms).
     #[arg(long, default_value_t = 100)]
     pub sync_period_ms: u64,
+    /// Pull the provider's own limits (Anthropic's Rate Limits API, ANTHROPIC_ADMIN_KEY) into
+    /// --provider-limits-file at start and then this often (`3h`, `30m`, `1d`); the policy
+    /// includes that file, and a change applies like any policy edit.
+    #[arg(long, value_parser = provider_limits::parse_period)]
+    pub provider_limits_refresh: Option<std::time::Duration>,
+    /// Where --provider-limits-refresh writes the provider pools
+    /// (default: provider-limits.json beside the policy).
+    #[arg(long)]
+    pub provider_limits_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub admin_api: AdminApiArgs,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
     let collector = collector(&args)?;
+    let refresh = refresh(&args)?;
     if args.render_only {
+        if refresh.is_some() {
+            bail!("--render-only runs nothing that could refresh: pull with `tollgate limits pull` before rendering instead of --provider-limits-refresh");
+        }
         let Collector::External(host, port) = collector else {
             bail!("--render-only needs --external-collector HOST:PORT (no collector runs in this process)");
         };
@@ -121,12 +138,48 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
+        if let Some(r) = &refresh {
+            r.first().await?;
+        }
         let running = gateway::start(options(&args)?, envoy, collector, providers).await?;
         status(&running.summary);
+        // The refresh only rewrites the included file; the policy watch
+        // does the rest, as for an edit by hand.
+        let refresher = refresh.map(|r| tokio::spawn(r.run()));
         let result = running.serve(shutdown::signal()).await;
+        if let Some(task) = refresher {
+            task.abort();
+        }
         status("Tollgate stopped.");
         result
     })
+}
+
+/// The schedule of `--provider-limits-refresh`, if asked for.
+fn refresh(args: &RunArgs) -> Result<Option<Refresh>> {
+    let Some(every) = args.provider_limits_refresh else {
+        if args.provider_limits_file.is_some() {
+            bail!("--provider-limits-file is written by --provider-limits-refresh; pass both (or use `tollgate limits pull --out`)");
+        }
+        return Ok(None);
+    };
+    let file = args
+        .provider_limits_file
+        .clone()
+        .unwrap_or_else(|| args.policy.with_file_name("provider-limits.json"));
+    if !policy_file::read(&args.policy).includes(&file) {
+        eprintln!(
+            "warning: {} does not include {}: its provider pools will not apply (add \"include\": [\"{}\"])",
+            args.policy.display(),
+            file.display(),
+            file.file_name().and_then(|n| n.to_str()).unwrap_or("provider-limits.json")
+        );
+    }
+    Ok(Some(Refresh {
+        source: args.admin_api.source()?,
+        file,
+        every,
+    }))
 }
 
 fn options(args: &RunArgs) -> Result<gateway::Options> {

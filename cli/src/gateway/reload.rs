@@ -1,7 +1,9 @@
-//! Policy edits while the gateway runs: the policy file is polled, a valid
-//! edit is rendered into the ECDS file Envoy watches (Envoy then swaps the
-//! filter configuration for new requests, no restart), and an invalid one
-//! is reported and ignored, so the previous policy stays live.
+//! Policy edits while the gateway runs: the policy file and every file it
+//! includes (`provider-limits.json`, rewritten by `tollgate limits pull` or
+//! the refresh of `tollgate run`) are polled, a valid edit of any of them is
+//! rendered into the ECDS file Envoy watches (Envoy then swaps the filter
+//! configuration for new requests, no restart), and an invalid one is
+//! reported and ignored, so the previous policy stays live.
 
 use super::render::{self, Layout};
 use crate::output::status;
@@ -22,8 +24,8 @@ pub struct PolicyWatch {
     layout: Layout,
     /// The compact policy Envoy has now.
     live: String,
-    /// The file's bytes when last read, to skip unchanged reads cheaply.
-    last_seen: Option<Vec<u8>>,
+    /// The files' bytes when last read, to skip unchanged reads cheaply.
+    last_seen: policy_file::Sources,
 }
 
 impl PolicyWatch {
@@ -41,20 +43,21 @@ impl PolicyWatch {
             vm,
             layout: layout.clone(),
             live,
-            last_seen: std::fs::read(path).ok(),
+            last_seen: policy_file::read(path),
         }
     }
 
     /// Reads the file once; renders it if it changed and is valid. Fails
     /// only when the ECDS file cannot be written.
     pub fn poll(&mut self) -> Result<()> {
-        let current = std::fs::read(&self.path).ok();
-        // A file briefly missing mid-save is not an edit.
-        if current.is_none() || current == self.last_seen {
+        let current = policy_file::read(&self.path);
+        // A policy file briefly missing mid-save is not an edit.
+        if current.bytes.is_none() || current == self.last_seen {
             return Ok(());
         }
+        let loaded = current.load();
         self.last_seen = current;
-        match policy_file::load(&self.path) {
+        match loaded {
             Ok(p) if p.json != self.live => {
                 atomic_file::write(
                     &self.layout.ecds(),
@@ -117,5 +120,45 @@ mod tests {
             ecds,
             "an invalid edit leaves the live policy"
         );
+    }
+
+    #[test]
+    fn an_edit_of_an_included_file_reloads_the_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout {
+            dir: dir.path().to_path_buf(),
+        };
+        let policy = dir.path().join("policy.json");
+        let limits = dir.path().join("provider-limits.json");
+        let pools = |rpm: u32| {
+            format!(
+                r#"{{"provider_pools": {{"provider:anthropic:claude-sonnet-4": {{"models": ["claude-sonnet-4-5"], "limits": {{"requests_per_minute": {rpm}}}}}}}}}"#
+            )
+        };
+        std::fs::write(&limits, pools(4000)).unwrap();
+        std::fs::write(
+            &policy,
+            r#"{"version": 1, "include": ["provider-limits.json"]}"#,
+        )
+        .unwrap();
+        let vm = render::VmOptions {
+            hold_request_headers: true,
+            shared: None,
+        };
+        let live = policy_file::load(&policy).unwrap().json;
+        let mut watch = PolicyWatch::new(&policy, live, Path::new("/x/t.wasm"), vm, &layout);
+        watch.poll().unwrap();
+        assert!(!layout.ecds().exists(), "nothing changed");
+
+        std::fs::write(&limits, pools(3000)).unwrap();
+        watch.poll().unwrap();
+        let ecds = std::fs::read_to_string(layout.ecds()).unwrap();
+        assert!(ecds.contains(r#"\"requests_per_minute\":3000"#), "{ecds}");
+        assert!(!ecds.contains("include"), "{ecds}");
+
+        // An included file that breaks the policy leaves the live one.
+        std::fs::write(&limits, "{").unwrap();
+        watch.poll().unwrap();
+        assert_eq!(std::fs::read_to_string(layout.ecds()).unwrap(), ecds);
     }
 }

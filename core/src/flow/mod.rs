@@ -16,6 +16,7 @@
 //!    publish the final audit record (before Envoy's access loggers run).
 
 mod headers;
+pub mod headroom;
 mod models;
 mod refusal;
 
@@ -419,11 +420,12 @@ impl RequestFlow {
         }
     }
 
-    /// Every bucket the authenticated key touches (computed once per request).
+    /// Every bucket the request touches: its key's, and from the body
+    /// decision on the provider pools of its model.
     fn buckets(&self) -> Vec<meter::Bucket> {
         self.key_index()
             .and_then(|i| self.policy.key(i))
-            .map(|key| meter::buckets_for(&self.policy, key))
+            .map(|key| meter::buckets_for(&self.policy, key, self.info.model.as_deref()))
             .unwrap_or_default()
     }
 
@@ -793,6 +795,15 @@ impl RequestFlow {
         if self.response.stream {
             self.response.sse = Some(StreamUsage::new(self.route));
         }
+        // The provider's headroom, read before the caller's own headers
+        // replace the provider's in the same names.
+        headroom::observe(
+            host,
+            &self.policy,
+            self.provider(),
+            self.info.model.as_deref(),
+            &headers,
+        );
         if let Phase::Admitted { admission, .. } = &self.phase {
             for (name, value) in
                 rate_limit_headers(self.provider(), &admission.states, host.now_ms())
@@ -936,6 +947,17 @@ impl RequestFlow {
             }
             None => None,
         };
+        // The provider's own refusal (429: its rate limit, 529: overloaded)
+        // served nothing: nothing is charged, not even the request, so a
+        // client retrying after `retry-after` is not also refused by
+        // Tollgate for requests the provider never served.
+        if seen.is_none() {
+            if let Some(reason) = Reason::of_upstream_status(self.response.status) {
+                self.audit.reason = reason;
+                host.stat(Stat::Decision(reason), 1);
+                return Demand::none();
+            }
+        }
         let count_cache_reads = self.policy.settings.cache_reads_count_toward_input_limit;
         match seen {
             _ if self.route == Route::AnthropicCountTokens => Demand::none(),
@@ -966,7 +988,8 @@ impl RequestFlow {
                     usd: usd.unwrap_or(0.0),
                 }
             }
-            // An upstream error without usage consumed nothing: refund.
+            // Any other upstream error without usage consumed no tokens:
+            // refund them; the request counts.
             None if complete && self.response.status >= 400 => Demand::one_request(),
             // Success (or an abort) without readable usage: charge the reservation.
             None => {

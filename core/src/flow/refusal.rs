@@ -123,7 +123,12 @@ impl Refusal {
             Reason::QuotaExhausted | Reason::BudgetExhausted => ErrorKind::QuotaExhausted,
             Reason::UnknownRoute => ErrorKind::NotFound,
             Reason::QuotaStoreUnavailable => ErrorKind::Unavailable,
-            Reason::NoPolicy | Reason::Ok | Reason::Uncounted => ErrorKind::Internal,
+            Reason::NoPolicy => ErrorKind::Internal,
+            // Reasons of forwarded requests, never a refusal's.
+            Reason::Ok
+            | Reason::Uncounted
+            | Reason::UpstreamRateLimited
+            | Reason::UpstreamOverloaded => ErrorKind::Internal,
         }
     }
 

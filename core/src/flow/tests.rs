@@ -879,3 +879,184 @@ fn near_misses_are_metered_as_their_route_or_refused_even_with_unknown_routes_pa
     );
     assert_eq!(host.last_audit().unwrap().route, "other");
 }
+
+/// Two keys with room to spare, under the provider's own limit on Sonnet
+/// 4.5 (2 requests per minute for the organization).
+fn provider_pool_policy() -> Rc<Policy> {
+    let json = format!(
+        r#"{{
+        "version": 1,
+        "defaults": {{ "models": ["claude-*"], "limits": {{ "requests_per_minute": 100 }} }},
+        "provider_pools": {{
+          "provider:anthropic:claude-sonnet-4": {{
+            "models": ["claude-sonnet-4-5", "claude-sonnet-4-5-20250929"],
+            "limits": {{ "requests_per_minute": 2, "output_tokens_per_minute": 1000 }} }}
+        }},
+        "keys": [
+          {{ "id": "alice-laptop", "key_sha256": "{}" }},
+          {{ "id": "carol", "key_sha256": "{}" }}
+        ]
+      }}"#,
+        crate::vkey::sha256_hex(ALICE),
+        crate::vkey::sha256_hex("tg-carol-key")
+    );
+    Rc::new(
+        crate::policy::compile(json.as_bytes(), "test.json", 0)
+            .unwrap()
+            .0,
+    )
+}
+
+#[test]
+fn provider_pool_refuses_every_key_for_its_models_and_names_itself() {
+    let p = provider_pool_policy();
+    let store = MemStore::new();
+    for key in [ALICE, "tg-carol-key"] {
+        let mut host = request("/v1/messages", key, SONNET).with_store(store.clone());
+        assert_eq!(
+            send(&mut RequestFlow::new(p.clone()), &mut host),
+            Decision::Continue
+        );
+    }
+    // A model outside the group is not the group's to refuse.
+    let haiku = r#"{"model":"claude-haiku-4-5","max_tokens":10,"messages":[]}"#;
+    let mut host = request("/v1/messages", ALICE, haiku).with_store(store.clone());
+    assert_eq!(
+        send(&mut RequestFlow::new(p.clone()), &mut host),
+        Decision::Continue
+    );
+    let mut host = request("/v1/messages", ALICE, SONNET).with_store(store.clone());
+    let r = reply(send(&mut RequestFlow::new(p), &mut host));
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("retry-after"), Some("30"));
+    assert_eq!(
+        json(&r.body)["error"]["message"],
+        "requests_per_minute limit of 2 reached for provider:anthropic:claude-sonnet-4; retry in 30s"
+    );
+    let rec = host.last_audit().unwrap();
+    assert_eq!(
+        rec.bucket.as_deref(),
+        Some("provider:anthropic:claude-sonnet-4:requests_per_minute")
+    );
+    assert_eq!(rec.reason, Reason::RateLimited);
+    // The pool's record is its own, beside the keys'.
+    let cell = crate::meter::store::read(&*store, "tollgate/2/provider:anthropic:claude-sonnet-4")
+        .unwrap()
+        .slot(crate::meter::Metric::Requests);
+    assert_eq!(cell.value, 0.0);
+}
+
+/// The key's requests-per-minute balance as its record holds it.
+fn requests_left(host: &FakeHost, key: &str) -> f64 {
+    crate::meter::store::read(&*host.store, &format!("tollgate/2/key:{key}"))
+        .unwrap()
+        .slot(crate::meter::Metric::Requests)
+        .value
+}
+
+#[test]
+fn provider_429_and_529_pass_through_and_refund_every_bucket_the_request_included() {
+    for (status, kind, reason, stat) in [
+        (
+            "429",
+            "rate_limit_error",
+            Reason::UpstreamRateLimited,
+            "tollgate.decisions.upstream_rate_limited",
+        ),
+        (
+            "529",
+            "overloaded_error",
+            Reason::UpstreamOverloaded,
+            "tollgate.decisions.upstream_overloaded",
+        ),
+    ] {
+        let mut host = request("/v1/messages", ALICE, SONNET);
+        let mut flow = RequestFlow::new(provider_pool_policy());
+        assert_eq!(send(&mut flow, &mut host), Decision::Continue);
+        assert_eq!(requests_left(&host, "alice-laptop"), 99.0);
+        host.response_headers = vec![
+            (":status".into(), status.as_bytes().to_vec()),
+            ("content-type".into(), b"application/json".to_vec()),
+            ("retry-after".into(), b"7".to_vec()),
+        ];
+        assert_eq!(
+            flow.on_response_headers(&mut host, false),
+            Decision::Continue
+        );
+        host.response_chunk =
+            format!(r#"{{"type":"error","error":{{"type":"{kind}","message":"x"}}}}"#).into_bytes();
+        let n = host.response_chunk.len();
+        flow.on_response_body(&mut host, n, true);
+        assert_eq!(host.response_header("retry-after").as_deref(), Some("7"));
+        assert_eq!(requests_left(&host, "alice-laptop"), 100.0, "{status}");
+        let pool = crate::meter::store::read(
+            &*host.store,
+            "tollgate/2/provider:anthropic:claude-sonnet-4",
+        )
+        .unwrap();
+        assert_eq!(pool.slot(crate::meter::Metric::Requests).value, 2.0);
+        assert_eq!(pool.slot(crate::meter::Metric::OutputTokens).value, 1000.0);
+        let rec = host.last_audit().unwrap();
+        assert_eq!(
+            (rec.decision, rec.reason, rec.status, rec.complete),
+            (Outcome::Allowed, reason, status.parse().unwrap(), true)
+        );
+        assert_eq!(host.stats.get(stat), Some(&1), "{:?}", host.stats);
+    }
+}
+
+#[test]
+fn other_upstream_errors_refund_tokens_but_charge_the_request() {
+    let mut host = request("/v1/messages", ALICE, SONNET);
+    let mut flow = RequestFlow::new(provider_pool_policy());
+    send(&mut flow, &mut host);
+    host.response_headers = vec![(":status".into(), b"500".to_vec())];
+    flow.on_response_headers(&mut host, false);
+    host.response_chunk =
+        br#"{"type":"error","error":{"type":"api_error","message":"x"}}"#.to_vec();
+    let n = host.response_chunk.len();
+    flow.on_response_body(&mut host, n, true);
+    assert_eq!(requests_left(&host, "alice-laptop"), 99.0);
+    assert_eq!(host.last_audit().unwrap().reason, Reason::Ok);
+}
+
+#[test]
+fn the_providers_headroom_becomes_gauges_and_the_caller_sees_its_own() {
+    let mut host = request("/v1/messages", ALICE, SONNET);
+    let mut flow = RequestFlow::new(provider_pool_policy());
+    send(&mut flow, &mut host);
+    host.response_headers = vec![
+        (":status".into(), b"200".to_vec()),
+        (
+            "anthropic-ratelimit-requests-limit".into(),
+            b"4000".to_vec(),
+        ),
+        (
+            "anthropic-ratelimit-requests-remaining".into(),
+            b"17".to_vec(),
+        ),
+    ];
+    flow.on_response_headers(&mut host, false);
+    assert_eq!(
+        host.gauges
+            .get("tollgate.provider.anthropic:claude-sonnet-4.requests_remaining"),
+        Some(&17)
+    );
+    assert_eq!(
+        host.gauges
+            .get("tollgate.provider.anthropic:claude-sonnet-4.requests_limit"),
+        Some(&4000)
+    );
+    // The client reads the most restrictive of its own buckets: the
+    // provider pool's 2 per minute, 1 left.
+    assert_eq!(
+        host.response_header("anthropic-ratelimit-requests-limit")
+            .as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        host.response_header("anthropic-ratelimit-requests-remaining")
+            .as_deref(),
+        Some("1")
+    );
+}

@@ -140,9 +140,11 @@ impl Bucket {
     }
 }
 
-/// Every bucket a key's requests touch, scope by scope (the key's, then
-/// each pool's): buckets of one scope are adjacent.
-pub fn buckets_for(policy: &Policy, key: &Key) -> Vec<Bucket> {
+/// Every bucket a request touches, scope by scope (the key's, then each
+/// pool's, then each provider pool whose models name the request's
+/// `model`): buckets of one scope are adjacent. A provider pool's scope is
+/// its name (`provider:anthropic:claude-sonnet-4`), whatever the key.
+pub fn buckets_for(policy: &Policy, key: &Key, model: Option<&str>) -> Vec<Bucket> {
     let mut out = Vec::new();
     let mut add = |scope: String, limits: &Limits| {
         for (metric, limit) in limits.iter() {
@@ -154,6 +156,9 @@ pub fn buckets_for(policy: &Policy, key: &Key) -> Vec<Bucket> {
     add(format!("key:{}", key.id), &key.limits);
     for pool in key.pools.iter().filter_map(|i| policy.pool(*i)) {
         add(format!("pool:{}", pool.name), &pool.limits);
+    }
+    for pool in model.into_iter().flat_map(|m| policy.provider_pools_for(m)) {
+        add(pool.name.clone(), &pool.limits);
     }
     out
 }

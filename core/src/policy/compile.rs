@@ -7,7 +7,10 @@ use super::error::{PolicyError, PolicyReport};
 use super::pattern::ModelPattern;
 use super::raw::{Obj, RawLongContext, RawPolicy, RawPrice};
 use super::schema::{self, join, show, Problem};
-use super::{Identity, Key, Limits, ModelSet, Policy, Pool, Price, Secret, Settings, POOL_KINDS};
+use super::{
+    Identity, Key, Limits, ModelSet, Policy, Pool, Price, ProviderPool, Secret, Settings,
+    POOL_KINDS,
+};
 use crate::price::{LongContext, Rates, DEFAULT_WEB_SEARCH_PER_THOUSAND};
 use hashbrown::HashMap;
 use serde_json::Value;
@@ -74,9 +77,10 @@ fn build_with_report(
     now_ms: u64,
 ) -> Result<(Policy, PolicyReport), Vec<PolicyError>> {
     let policy = build(&raw);
-    let unpriced = unpriced_allowlists(&raw, &policy);
-    if !unpriced.is_empty() {
-        return Err(unpriced.into_iter().map(|p| p.in_file(file)).collect());
+    let mut problems = provider_pool_problems(&raw);
+    problems.extend(unpriced_allowlists(&raw, &policy));
+    if !problems.is_empty() {
+        return Err(problems.into_iter().map(|p| p.in_file(file)).collect());
     }
     let warnings = expiry_warnings(&raw, now_ms)
         .into_iter()
@@ -139,6 +143,35 @@ fn unpriced_allowlists(raw: &RawPolicy, policy: &Policy) -> Vec<Problem> {
                     ),
                 });
             }
+        }
+    }
+    out
+}
+
+/// A provider pool meters what the provider meters: requests and tokens
+/// per minute. Quotas and budgets belong to keys and pools: a budget on a
+/// model group would count only its priced models and, with no key to name,
+/// escape the unpriced-model check, and a calendar window would have no
+/// owner to rebuild it from the audit records after a shared store lost
+/// its data. An empty model list would apply to nothing: a mistake, not a
+/// limit.
+fn provider_pool_problems(raw: &RawPolicy) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for (name, pool) in &raw.provider_pools {
+        let at = join("provider_pools", &name.0);
+        if pool.models.is_empty() {
+            out.push(Problem {
+                path: join(&at, "models"),
+                value: Some("[]".to_string()),
+                reason: "a provider pool needs at least one model".to_string(),
+            });
+        }
+        for (metric, limit) in pool.limits.iter().filter(|(m, _)| m.is_quota()) {
+            out.push(Problem {
+                path: join(&join(&at, "limits"), metric.name()),
+                value: Some(limit.amount.to_string()),
+                reason: "provider pools take per-minute limits (requests_per_minute, input_tokens_per_minute, output_tokens_per_minute); put quotas and budgets on keys, groups or pools".to_string(),
+            });
         }
     }
     out
@@ -338,6 +371,16 @@ fn build(raw: &RawPolicy) -> Policy {
         .map(|(i, name)| (name.0.as_str(), i))
         .collect();
 
+    let provider_pools = raw
+        .provider_pools
+        .iter()
+        .map(|(name, pool)| ProviderPool {
+            name: name.0.clone(),
+            models: ModelSet::new(pool.models.clone()),
+            limits: pool.limits,
+        })
+        .collect();
+
     let mut prices: Vec<(ModelPattern, Price)> = raw
         .prices
         .iter()
@@ -430,6 +473,7 @@ fn build(raw: &RawPolicy) -> Policy {
         index,
         groups: raw.groups.keys().map(|g| g.0.clone()).collect(),
         pools,
+        provider_pools,
         prices,
         settings: Settings {
             unknown_routes: settings.unknown_routes.unwrap_or_default(),

@@ -93,6 +93,26 @@ pub fn pool_name(s: &str) -> Result<(), String> {
     }
 }
 
+/// `provider:<provider>:<group>`: a provider's own limit on a group of its
+/// models (`provider:anthropic:claude-sonnet-4`), as `tollgate limits pull`
+/// names them. The name is the bucket's scope, so refusals read
+/// `… reached for provider:anthropic:claude-sonnet-4`.
+pub fn provider_pool_name(s: &str) -> Result<(), String> {
+    let ok = s
+        .strip_prefix("provider:")
+        .and_then(|rest| rest.split_once(':'))
+        .is_some_and(|(provider, group)| {
+            !provider.is_empty()
+                && !group.is_empty()
+                && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err("provider pool names are provider:<provider>:<group>, e.g. provider:anthropic:claude-sonnet-4".to_string())
+    }
+}
+
 /// The policy format version this build reads.
 pub fn version(v: u64) -> Result<u32, String> {
     match v {
@@ -313,6 +333,18 @@ impl<'de> Deserialize<'de> for PoolName {
     }
 }
 
+/// A provider pool name ([`provider_pool_name`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ProviderPoolName(pub String);
+
+impl<'de> Deserialize<'de> for ProviderPoolName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |s: String| {
+            provider_pool_name(&s).map(|()| ProviderPoolName(s))
+        })
+    }
+}
+
 /// The policy format version ([`version`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Version(pub u32);
@@ -362,6 +394,13 @@ mod tests {
         assert!(parse::<PoolName>("\"division:x\"")
             .unwrap_err()
             .contains("pool names are <kind>:<value>"));
+        assert!(parse::<ProviderPoolName>("\"provider:anthropic\"")
+            .unwrap_err()
+            .contains("provider pool names are provider:<provider>:<group>"));
+        assert_eq!(
+            parse::<ProviderPoolName>("\"provider:anthropic:claude-sonnet-4\"").unwrap(),
+            ProviderPoolName("provider:anthropic:claude-sonnet-4".into())
+        );
         assert!(parse::<ModelPattern>("\"claude-[x]\"")
             .unwrap_err()
             .contains("'[' is not supported in model patterns"));

@@ -32,6 +32,8 @@ pub struct Policy {
     /// Every secret's hash, current and previous, to the key it opens.
     index: HashMap<[u8; 32], Secret>,
     pub pools: Vec<Pool>,
+    /// The provider's own limits by model group, in name order.
+    pub provider_pools: Vec<ProviderPool>,
     pub groups: Vec<String>,
     prices: Vec<(ModelPattern, Price)>,
     pub settings: Settings,
@@ -87,6 +89,25 @@ pub struct Key {
 pub struct Pool {
     pub name: String,
     pub limits: Limits,
+}
+
+/// A provider's own limit on a group of its models
+/// (`provider:anthropic:claude-sonnet-4`): every request for one of its
+/// models draws from its buckets, whatever the key. The name is the
+/// buckets' scope.
+#[derive(Debug, Clone)]
+pub struct ProviderPool {
+    pub name: String,
+    pub models: ModelSet,
+    pub limits: Limits,
+}
+
+impl ProviderPool {
+    /// The group as metrics name it: the name without `provider:`
+    /// (`anthropic:claude-sonnet-4`).
+    pub fn group(&self) -> &str {
+        self.name.strip_prefix("provider:").unwrap_or(&self.name)
+    }
 }
 
 /// The models a key may call.
@@ -159,6 +180,16 @@ impl Policy {
 
     pub fn pool(&self, index: usize) -> Option<&Pool> {
         self.pools.get(index)
+    }
+
+    /// The provider pools whose model list names `model`.
+    pub fn provider_pools_for<'p>(
+        &'p self,
+        model: &'p str,
+    ) -> impl Iterator<Item = &'p ProviderPool> + 'p {
+        self.provider_pools
+            .iter()
+            .filter(move |p| p.models.allows(model))
     }
 
     /// The price of a model: the first matching pattern in the policy's

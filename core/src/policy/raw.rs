@@ -5,8 +5,8 @@
 //! exist) before building the runtime `Policy`.
 
 use super::leaf::{
-    Multiplier, PerMillion, PerThousand, PoolName, Priority, Sha256, Text, Threshold, Time,
-    TimeZone, Version,
+    Multiplier, PerMillion, PerThousand, PoolName, Priority, ProviderPoolName, Sha256, Text,
+    Threshold, Time, TimeZone, Version,
 };
 use super::pattern::ModelPattern;
 use super::{Limits, UnknownRoutes};
@@ -57,6 +57,8 @@ pub struct RawPolicy {
     #[serde(default)]
     pub pools: BTreeMap<PoolName, Limits>,
     #[serde(default)]
+    pub provider_pools: BTreeMap<ProviderPoolName, Obj<RawProviderPool>>,
+    #[serde(default)]
     pub keys: Vec<Obj<RawKey>>,
     #[serde(default)]
     pub prices: BTreeMap<ModelPattern, Obj<RawPrice>>,
@@ -78,6 +80,16 @@ pub struct RawGroup {
     pub models: Option<Vec<ModelPattern>>,
     pub priority: Option<Priority>,
     #[serde(default)]
+    pub limits: Limits,
+}
+
+/// A provider's own limit on a group of its models: every request for one
+/// of `models` draws from it, whatever its key (`tollgate limits pull`
+/// writes these from the provider's Rate Limits API).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProviderPool {
+    pub models: Vec<ModelPattern>,
     pub limits: Limits,
 }
 

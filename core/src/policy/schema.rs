@@ -60,6 +60,8 @@ pub enum Leaf {
     Threshold,
     /// `<kind>:<value>` pool name.
     PoolName,
+    /// `provider:<provider>:<group>` provider pool name.
+    ProviderPoolName,
     PolicyVersion,
     UnknownRoutes,
     /// `local`, `closed` or `open`.
@@ -271,6 +273,19 @@ static GROUP: Ty = Ty::Object(&[
     ),
 ]);
 
+static PROVIDER_POOL: Ty = Ty::Object(&[
+    required(
+        "models",
+        &MODEL_LIST,
+        "Models this limit applies to (exact names and aliases as the provider lists them, or globs).",
+    ),
+    required(
+        "limits",
+        &LIMITS,
+        "The provider's limits on these models together: requests_per_minute, input_tokens_per_minute, output_tokens_per_minute (quotas and budgets belong to keys and pools).",
+    ),
+]);
+
 static KEY: Ty = Ty::Object(&[
     required(
         "id",
@@ -373,6 +388,14 @@ pub static POLICY: Ty = Ty::Object(&[
         },
         "Shared limits by identity attribute (team:payments).",
     ),
+    field(
+        "provider_pools",
+        &Ty::Map {
+            key: Leaf::ProviderPoolName,
+            value: &PROVIDER_POOL,
+        },
+        "The provider's own limits by model group (provider:anthropic:claude-sonnet-4), drawn from by every request for one of its models whatever the key; written by `tollgate limits pull`.",
+    ),
     field("keys", &Ty::Array(&KEY), "Virtual keys."),
     field(
         "prices",
@@ -426,7 +449,7 @@ pub fn show(v: &Value) -> String {
     }
 }
 
-pub(crate) fn join(path: &str, name: &str) -> String {
+pub fn join(path: &str, name: &str) -> String {
     let plain = !name.is_empty()
         && name
             .chars()
@@ -559,6 +582,7 @@ pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
         Leaf::Multiplier => leaf::multiplier(number(v)?).map(|_| ()),
         Leaf::Threshold => leaf::threshold(number(v)?).map(|_| ()),
         Leaf::PoolName => leaf::pool_name(&text(v)?),
+        Leaf::ProviderPoolName => leaf::provider_pool_name(&text(v)?),
         Leaf::PolicyVersion => match v.as_u64() {
             Some(n) => leaf::version(n).map(|_| ()),
             None => Err(format!("expected the number 1, found {}", kind(v))),
@@ -574,6 +598,19 @@ pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
 /// The JSON Schema (draft 2020-12) of the policy, for editor completion.
 pub fn json_schema() -> Value {
     let mut root = to_schema(&POLICY, "");
+    // `include` exists in policy files only: the CLI merges the included
+    // files before anything compiles, and a filter handed an `include`
+    // refuses it as an unknown field. Editors should still accept it.
+    if let Some(props) = root.get_mut("properties").and_then(Value::as_object_mut) {
+        props.insert(
+            "include".into(),
+            json!({
+                "type": "array",
+                "items": { "type": "string", "minLength": 1 },
+                "description": "Files (relative to this one) whose groups, pools, provider_pools and prices are merged into this policy by the tollgate CLI (e.g. provider-limits.json from `tollgate limits pull`); a name defined twice is an error."
+            }),
+        );
+    }
     if let Some(obj) = root.as_object_mut() {
         obj.insert(
             "$schema".into(),
@@ -648,6 +685,9 @@ fn leaf_schema(rule: Leaf) -> Value {
         Leaf::Multiplier => json!({ "type": "number", "exclusiveMinimum": 0 }),
         Leaf::PoolName => {
             json!({ "type": "string", "pattern": "^(team|project|user|app|agent):.+$" })
+        }
+        Leaf::ProviderPoolName => {
+            json!({ "type": "string", "pattern": "^provider:[^:\\s]+:\\S+$" })
         }
         Leaf::PolicyVersion => json!({ "const": 1 }),
         Leaf::UnknownRoutes => json!({ "enum": ["deny", "pass"] }),
