@@ -200,6 +200,8 @@ struct Lease {
     unreported: f64,
     granted: f64,
     reclaim_at: u64,
+    /// The lease granted at the last report (`granted` until reclaimed).
+    grant: f64,
     /// Since the replica's last report: when Redis applied it, what was left
     /// of the lease then, the settlements of requests the lease served, and
     /// the over-credit created.
@@ -238,10 +240,11 @@ struct Report {
     to: u64,
     /// Over-credit created in `(from, to]`.
     created: f64,
-    /// What was left of the lease at the previous report: spendable while
-    /// that report's answer is on its way (or lost), although Redis took it
-    /// back when it applied the report.
-    remainder: f64,
+    /// What was left of the lease at the previous report beyond the lease
+    /// granted then (all of it if Redis reclaimed that grant before this
+    /// report): the replica spends its old lease until the answer arrives,
+    /// and that comes out of the new grant.
+    in_flight: f64,
     /// Settlement debt and refunds of requests the lease served.
     debt: f64,
     refunds: f64,
@@ -588,6 +591,7 @@ impl Sim {
                     let g = &answer.grants[j];
                     let lease = &mut self.leases[replica][k];
                     lease.granted = g.lease as f64;
+                    lease.grant = lease.granted;
                     // Redis reclaims an unsynced lease 3T after it expires.
                     lease.reclaim_at = g.expires_at_ms as u64 + 3 * PERIOD;
                 }
@@ -645,7 +649,11 @@ impl Sim {
             from: lease.since,
             to: self.now,
             created: lease.created,
-            remainder: lease.remainder,
+            in_flight: if lease.granted > 0.0 {
+                (lease.remainder - lease.grant).max(0.0)
+            } else {
+                lease.remainder
+            },
             debt: lease.debt,
             refunds: lease.refunds,
         });
@@ -1263,7 +1271,7 @@ async fn check(w: Workload) {
     // and refunds; the rest is settlement debt.
     for r in &sim.reports {
         assert!(
-            r.created <= r.remainder + r.debt + r.refunds + EPS,
+            r.created <= r.in_flight + r.debt + r.refunds + EPS,
             "{tag}: {} spent beyond its lease: {r:?}",
             sim.buckets[r.bucket].label()
         );
