@@ -210,6 +210,10 @@ struct Lease {
     debt: f64,
     refunds: f64,
     created: f64,
+    /// Refunds this replica still owed Redis while one exact bucket was
+    /// full: that bucket could not take them back, Redis takes them when
+    /// they are reported (the most owed at such a time).
+    discarded: f64,
 }
 
 impl Lease {
@@ -218,8 +222,10 @@ impl Lease {
     }
 }
 
-/// Over-credit that appeared, and when the report that repaid it was
-/// applied (`u64::MAX` until then).
+/// Over-credit that appeared, and when it was gone (`u64::MAX` until
+/// then): repaid by the report that carried it, or for a refund the exact
+/// bucket discarded (`discarded`), once that bucket is full again (Redis,
+/// at most as full, then holds nothing it does not have).
 #[derive(Debug, Clone, Copy)]
 struct Creation {
     bucket: usize,
@@ -227,6 +233,7 @@ struct Creation {
     at: u64,
     amount: f64,
     closed: u64,
+    discarded: bool,
 }
 
 /// A report Redis applied for one replica and bucket (the first call with
@@ -639,9 +646,19 @@ impl Sim {
         );
         self.ledger[k] += b.consumed as f64;
         for c in &mut self.creations {
-            if c.bucket == k && c.replica == replica && c.closed == u64::MAX {
+            if c.bucket == k && c.replica == replica && c.closed == u64::MAX && !c.discarded {
                 c.closed = self.now;
             }
+        }
+        if lease.discarded > 0.0 {
+            self.creations.push(Creation {
+                bucket: k,
+                replica,
+                at: self.now,
+                amount: lease.discarded,
+                closed: u64::MAX,
+                discarded: true,
+            });
         }
         self.reports.push(Report {
             bucket: k,
@@ -667,6 +684,7 @@ impl Sim {
             debt: 0.0,
             refunds: 0.0,
             created: 0.0,
+            discarded: 0.0,
             ..lease
         };
         Some(k)
@@ -690,6 +708,7 @@ impl Sim {
                 at,
                 amount,
                 closed: u64::MAX,
+                discarded: false,
             });
         }
     }
@@ -712,7 +731,40 @@ impl Sim {
 
     /// The over-credit outstanding in a bucket.
     fn over_credit(&self, k: usize) -> f64 {
-        self.leases.iter().map(|l| l[k].over_credit()).sum()
+        let discarded: f64 = self
+            .creations
+            .iter()
+            .filter(|c| c.bucket == k && c.discarded && c.closed == u64::MAX)
+            .map(|c| c.amount)
+            .sum();
+        discarded + self.leases.iter().map(|l| l[k].over_credit()).sum::<f64>()
+    }
+
+    /// While the exact bucket is full, the refunds replicas still owe
+    /// Redis are more than it can take back: noted per lease. Once it is
+    /// full with none owed, Redis (at most as full) holds nothing it does
+    /// not have.
+    fn full(&mut self) {
+        let states = meter::states(&*self.shadow, &self.buckets, self.clock());
+        for (k, (b, s)) in self.buckets.iter().zip(&states).enumerate() {
+            if !per_minute(b) || s.view.remaining < b.limit {
+                continue;
+            }
+            let mut owed = 0.0;
+            for leases in &mut self.leases {
+                let lease = &mut leases[k];
+                let refund = (-lease.unreported).max(0.0);
+                lease.discarded = lease.discarded.max(refund);
+                owed += refund;
+            }
+            if owed == 0.0 {
+                for c in &mut self.creations {
+                    if c.bucket == k && c.discarded && c.closed == u64::MAX {
+                        c.closed = self.now;
+                    }
+                }
+            }
+        }
     }
 
     /// A Sync or Settle under the workload's faults: the answer (None: lost
@@ -769,6 +821,7 @@ impl Sim {
         while let Some(Reverse((time, id))) = self.heap.pop() {
             self.now = time;
             self.reclaim();
+            self.full();
             match self.events[id as usize].take().unwrap() {
                 Ev::Arrive(i) => self.arrive(i).await,
                 Ev::AdmitAnswer(i, answer) => self.admit_answer(i, answer),
