@@ -1364,7 +1364,8 @@ async fn check(w: Workload) {
     for r in &sim.reports {
         assert!(
             r.created <= r.in_flight + r.debt + r.refunds + EPS,
-            "{tag}: envoy-{} spent beyond its lease of {}: {r:?}",
+            "{tag}: envoy-{}'s report of {} carried more over-credit than its lease \
+             allows: {r:?}",
             r.replica,
             sim.buckets[r.bucket].label()
         );
