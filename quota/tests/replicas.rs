@@ -1315,8 +1315,12 @@ async fn check(w: Workload) {
     let count = |f: &dyn Fn(&Req) -> bool| sim.reqs.iter().filter(|r| f(r)).count();
     // The workload exercised what it is about: leases, refusals, faults.
     assert!(
-        count(&|r| r.fate == Fate::Lease) > 0 && count(&|r| r.fate == Fate::Refused) > 0,
-        "{tag}: no request served from a lease, or none refused"
+        count(&|r| r.fate == Fate::Lease) > 0,
+        "{tag}: no request served from a lease"
+    );
+    assert!(
+        count(&|r| r.fate == Fate::Refused) > 0,
+        "{tag}: no request refused"
     );
     assert!(
         sim.counts.dropped > 0 && sim.counts.duplicated > 0,
@@ -1558,7 +1562,7 @@ async fn a_large_request_limit_shared_evenly_by_five_replicas() {
                 tpd: DAY,
                 ..Limits::default()
             },
-            60.0,
+            70.0,
         )
     })
     .await;
@@ -1577,7 +1581,7 @@ async fn a_large_request_limit_with_skewed_traffic_over_six_replicas() {
                 tpd: DAY,
                 ..Limits::default()
             },
-            30.0,
+            36.0,
         )
     })
     .await;
