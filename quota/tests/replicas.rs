@@ -1354,8 +1354,8 @@ async fn check(w: Workload) {
     );
     for f in sim.figures() {
         println!(
-            "  {} {}: admitted {} (alone {}); over-admitted {} (most in 60 s {}, allowed there \
-             {}); per 60 s vs alone +{} (settlement debt there {}) / -{}",
+            "  {} {}: admitted {} (alone {}); over-admitted {:.1} (most in 60 s {:.1}, allowed \
+             there {:.1}); per 60 s vs alone +{} (settlement debt there {}) / -{}",
             sim.w.name,
             f.label,
             f.admitted,
