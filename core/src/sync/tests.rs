@@ -97,6 +97,16 @@ fn admitted(request: &[u8]) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// A cold key's request at NOW: it pauses for Admit, which admits it.
+fn admitted_by_redis(p: &Rc<Policy>, store: &Rc<MemStore>, id: &str) -> (RequestFlow, FakeHost) {
+    let mut f = flow(p);
+    let mut h = host(store, id, NOW);
+    send(&mut f, &mut h);
+    let request = h.quota_calls[0].1.clone();
+    f.on_quota_response(&mut h, Some(&admitted(&request)));
+    (f, h)
+}
+
 /// A quota service that grants every bucket `lease` units for 300 ms.
 fn grant_all(request: &[u8], lease: i64, now: u64) -> (pb::SyncRequest, Vec<u8>) {
     let req = pb::SyncRequest::decode(request).unwrap();
@@ -174,11 +184,7 @@ fn leases_serve_a_busy_key_without_a_round_trip_and_a_lost_sync_is_resent_not_re
     let mut root = FakeRoot::new(store.clone(), NOW);
     let mut leader = Leader::new("vm-1".into(), opts());
     // One request through Admit marks the key for a lease.
-    let mut f = flow(&p);
-    let mut h = host(&store, "r-0", NOW);
-    send(&mut f, &mut h);
-    let request = h.quota_calls[0].1.clone();
-    f.on_quota_response(&mut h, Some(&admitted(&request)));
+    let (mut f, mut h) = admitted_by_redis(&p, &store, "r-0");
     respond(&mut f, &mut h, 10);
 
     leader.tick(&mut root);
@@ -249,11 +255,7 @@ fn a_key_revoked_in_redis_is_refused_at_its_headers() {
     let p = policy(r#"{"requests_per_minute": 60}"#);
     let mut root = FakeRoot::new(store.clone(), NOW);
     let mut leader = Leader::new("vm-1".into(), opts());
-    let mut f = flow(&p);
-    let mut h = host(&store, "r-0", NOW);
-    send(&mut f, &mut h);
-    let request = h.quota_calls[0].1.clone();
-    f.on_quota_response(&mut h, Some(&admitted(&request)));
+    let _cold = admitted_by_redis(&p, &store, "r-0");
     leader.tick(&mut root);
     let (token, _, sync) = root.calls.last().cloned().unwrap();
     let (_, answer) = grant_all(&sync, 5, NOW);
@@ -423,11 +425,7 @@ fn a_lost_sync_answer_does_not_hold_back_the_other_buckets_reports() {
         (f, h)
     };
     // A cold request through Admit asks for leases of both buckets.
-    let mut f = flow(&p);
-    let mut h = host(&store, "r-0", NOW);
-    send(&mut f, &mut h);
-    let request = h.quota_calls[0].1.clone();
-    f.on_quota_response(&mut h, Some(&admitted(&request)));
+    let _cold = admitted_by_redis(&p, &store, "r-0");
     leader.tick(&mut root);
     answer(&mut leader, &mut root, NOW + 1);
 
