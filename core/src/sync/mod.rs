@@ -16,8 +16,12 @@
 //!   clears it. A failed or lost sync is resent with the same sequence and
 //!   the same amount (the service applies a sequence once and answers a
 //!   repeat with its first answer), by this leader or the next one, since
-//!   both live in the bucket's slot in shared data. A new sequence waits for
-//!   the answer to the previous one.
+//!   both live in the bucket's slot in shared data. A bucket's new sequence
+//!   waits for the answer to its previous one; the other buckets keep
+//!   syncing meanwhile. A lost answer is only known at the call's timeout
+//!   (1 s by default), and Redis reclaims a lease 3 periods after it
+//!   expires: a bucket held back that long would have what it spent from
+//!   its lease handed out again before its report arrives.
 
 use crate::host::{Queue, QuotaMethod, RootHost, SharedStore, Stat};
 use crate::meter::record::{self, Record, FLAG_REVOKED};
@@ -162,14 +166,6 @@ impl Leader {
         }
         self.send_settlements(host);
         self.send_cancellations(host);
-        if self
-            .pending
-            .iter()
-            .any(|(_, p)| matches!(p, Pending::Sync(_)))
-        {
-            // The previous sync has not answered: a new sequence waits.
-            return;
-        }
         self.sync(host, now);
     }
 
@@ -244,6 +240,18 @@ impl Leader {
         if self.active.is_empty() {
             return;
         }
+        // Buckets whose sync has not answered yet wait for it (or for its
+        // failure, which hands them back): their sequence is on its way.
+        let waiting: Vec<(&str, Metric, u64)> = self
+            .pending
+            .iter()
+            .filter_map(|(_, p)| match p {
+                Pending::Sync(sent) => Some(sent),
+                _ => None,
+            })
+            .flatten()
+            .map(|s| (s.store_key.as_str(), s.metric, s.seq))
+            .collect();
         let seq = next_seq(host);
         let replicas = f64::from(replicas(host));
         let period = self.period();
@@ -290,6 +298,9 @@ impl Leader {
                     }
                     // In flight: the scope stays active until it is answered.
                     live = true;
+                    if waiting.contains(&(store_key.as_str(), *metric, slot.seq)) {
+                        continue;
+                    }
                     let want = if *lease {
                         lease_units(slot.rate, slot.last, bucket, replicas)
                     } else {

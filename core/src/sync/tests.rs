@@ -97,6 +97,16 @@ fn admitted(request: &[u8]) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// A cold key's request at NOW: it pauses for Admit, which admits it.
+fn admitted_by_redis(p: &Rc<Policy>, store: &Rc<MemStore>, id: &str) -> (RequestFlow, FakeHost) {
+    let mut f = flow(p);
+    let mut h = host(store, id, NOW);
+    send(&mut f, &mut h);
+    let request = h.quota_calls[0].1.clone();
+    f.on_quota_response(&mut h, Some(&admitted(&request)));
+    (f, h)
+}
+
 /// A quota service that grants every bucket `lease` units for 300 ms.
 fn grant_all(request: &[u8], lease: i64, now: u64) -> (pb::SyncRequest, Vec<u8>) {
     let req = pb::SyncRequest::decode(request).unwrap();
@@ -174,11 +184,7 @@ fn leases_serve_a_busy_key_without_a_round_trip_and_a_lost_sync_is_resent_not_re
     let mut root = FakeRoot::new(store.clone(), NOW);
     let mut leader = Leader::new("vm-1".into(), opts());
     // One request through Admit marks the key for a lease.
-    let mut f = flow(&p);
-    let mut h = host(&store, "r-0", NOW);
-    send(&mut f, &mut h);
-    let request = h.quota_calls[0].1.clone();
-    f.on_quota_response(&mut h, Some(&admitted(&request)));
+    let (mut f, mut h) = admitted_by_redis(&p, &store, "r-0");
     respond(&mut f, &mut h, 10);
 
     leader.tick(&mut root);
@@ -249,11 +255,7 @@ fn a_key_revoked_in_redis_is_refused_at_its_headers() {
     let p = policy(r#"{"requests_per_minute": 60}"#);
     let mut root = FakeRoot::new(store.clone(), NOW);
     let mut leader = Leader::new("vm-1".into(), opts());
-    let mut f = flow(&p);
-    let mut h = host(&store, "r-0", NOW);
-    send(&mut f, &mut h);
-    let request = h.quota_calls[0].1.clone();
-    f.on_quota_response(&mut h, Some(&admitted(&request)));
+    let _cold = admitted_by_redis(&p, &store, "r-0");
     leader.tick(&mut root);
     let (token, _, sync) = root.calls.last().cloned().unwrap();
     let (_, answer) = grant_all(&sync, 5, NOW);
@@ -456,4 +458,80 @@ fn float_sums_of_micro_dollars_travel_as_the_whole_units_they_are() {
     assert_eq!(whole_units(430.999_999_999_999_94), 431.0);
     assert_eq!(whole_units(430.4), 430.0);
     assert_eq!(whole_units(-2.000_000_000_1), -2.0);
+}
+
+/// The Sync calls the leader started, decoded.
+fn syncs(root: &FakeRoot) -> Vec<(u32, pb::SyncRequest)> {
+    root.calls
+        .iter()
+        .filter(|(_, method, _)| *method == QuotaMethod::Sync)
+        .map(|(token, _, m)| (*token, pb::SyncRequest::decode(m.as_slice()).unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_lost_sync_answer_does_not_hold_back_the_other_buckets_reports() {
+    // Found by quota/tests/replicas.rs (a_large_request_limit_shared_evenly_
+    // by_five_replicas, seed 13): a Sync whose answer is lost waits for its
+    // timeout (admit_timeout_ms, 1 s). Redis reclaims a lease 3T after it
+    // expires (600 ms after the grant). A bucket spent meanwhile and not in
+    // the lost Sync must still be reported before that, or Redis hands the
+    // units it spent out a second time.
+    let store = MemStore::new();
+    let p = policy(r#"{"requests_per_minute": 6000, "tokens_per_day": 1000000}"#);
+    let mut root = FakeRoot::new(store.clone(), NOW);
+    let mut leader = Leader::new("vm-1".into(), opts());
+    let answer = |leader: &mut Leader, root: &mut FakeRoot, at: u64| {
+        root.now_ms = at;
+        let (token, sync) = syncs(root).pop().unwrap();
+        let (_, answer) = grant_all(&sync.encode_to_vec(), 500, at);
+        leader.on_response(root, &p, token, Some(&answer));
+    };
+    let lease_served = |id: &str, at: u64| {
+        let mut f = flow(&p);
+        let mut h = host(&store, id, at);
+        assert_eq!(send(&mut f, &mut h), Decision::Continue, "{id} from leases");
+        (f, h)
+    };
+    // A cold request through Admit asks for leases of both buckets.
+    let _cold = admitted_by_redis(&p, &store, "r-0");
+    leader.tick(&mut root);
+    answer(&mut leader, &mut root, NOW + 1);
+
+    let (mut f1, mut h1) = lease_served("r-1", NOW + 10);
+    root.now_ms = NOW + 100;
+    leader.tick(&mut root);
+    // Both leases renewed until NOW + 401.
+    answer(&mut leader, &mut root, NOW + 101);
+
+    // r-1 used fewer tokens than it reserved: only the quota has something
+    // to report, and this Sync's answer is lost.
+    h1.now_ms = NOW + 150;
+    respond(&mut f1, &mut h1, 10);
+    root.now_ms = NOW + 200;
+    leader.tick(&mut root);
+    let (_, lost) = syncs(&root).pop().unwrap();
+    let ids: Vec<&str> = lost
+        .buckets
+        .iter()
+        .map(|b| b.bucket.as_ref().unwrap().id.as_str())
+        .collect();
+    assert_eq!(ids, ["key:k:tokens_per_day"]);
+
+    // r-2 spends the requests lease, which Redis reclaims at NOW + 701.
+    let _r2 = lease_served("r-2", NOW + 250);
+    let sent = syncs(&root).len();
+    for at in [NOW + 300, NOW + 400, NOW + 500, NOW + 600, NOW + 700] {
+        root.now_ms = at;
+        leader.tick(&mut root);
+    }
+    let reported = syncs(&root)[sent..].iter().any(|(_, s)| {
+        s.buckets.iter().any(|b| {
+            b.bucket.as_ref().unwrap().id == "key:k:requests_per_minute" && b.consumed == 1
+        })
+    });
+    assert!(
+        reported,
+        "the requests bucket's consumption waited behind the lost Sync"
+    );
 }
