@@ -293,6 +293,12 @@ impl Leader {
                         // refunds) and what Redis admitted for this Envoy.
                         let demand = slot.inflight.max(0.0) + slot.asked;
                         slot.rate = 0.5 * slot.rate + 0.5 * demand;
+                        if demand <= 0.0 {
+                            // An idle period: the largest recent request is
+                            // less recent, so an idle key's lease shrinks to
+                            // nothing and its scope leaves the active set.
+                            slot.last *= 0.5;
+                        }
                         slot.asked = 0.0;
                         slot.seq = seq;
                     }
@@ -499,10 +505,13 @@ fn give_back(host: &impl RootHost, admit: &[u8], answer: &[u8]) {
 /// In base units (micro-dollars for budgets), rounded up to a whole unit.
 fn lease_units(rate: f64, last: f64, bucket: &pb::Bucket, replicas: f64) -> f64 {
     let cap = bucket.limit as f64 / (10.0 * replicas.max(1.0));
-    to_units(bucket, (1.65 * rate).max(last))
-        .min(cap)
-        .ceil()
-        .max(0.0)
+    let want = to_units(bucket, (1.65 * rate).max(last)).min(cap);
+    // Less than one unit of demand is none: no lease to keep renewing.
+    if want < 1.0 {
+        0.0
+    } else {
+        want.ceil()
+    }
 }
 
 /// Below this, a base-unit amount is float error (sums of micro-dollar
