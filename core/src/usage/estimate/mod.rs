@@ -84,6 +84,8 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use std::fmt;
 use walk::{Mode, Tag, Tally, Walk};
 
+pub use text::TextCounter;
+
 /// The top-level request object.
 struct Request<'de> {
     route: Route,
