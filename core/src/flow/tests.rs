@@ -410,6 +410,19 @@ fn text_delta(text: &str) -> String {
 
 const MESSAGE_START: &str = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-sonnet-4-5\",\"usage\":{\"input_tokens\":7,\"output_tokens\":1}}}\n\n";
 
+/// A `claude-sonnet-4-5` stream of `max_tokens` with an empty prompt (input
+/// estimate 4), under [`quota_policy`], after its `message_start`
+/// (`input_tokens: 7`) at time 0.
+fn sonnet_stream(max_tokens: u64) -> (RequestFlow, FakeHost) {
+    let body = format!(
+        r#"{{"model":"claude-sonnet-4-5","max_tokens":{max_tokens},"stream":true,"messages":[]}}"#
+    );
+    let mut flow = RequestFlow::new(quota_policy());
+    let mut host = start_stream(&mut flow, "/v1/messages", &body);
+    chunk(&mut flow, &mut host, 0, MESSAGE_START);
+    (flow, host)
+}
+
 /// Every provisional record published with a charge, parsed, in order
 /// (the one published at the request headers only names the caller).
 fn provisional(host: &FakeHost) -> Vec<AuditRecord> {
@@ -425,10 +438,7 @@ fn provisional(host: &FakeHost) -> Vec<AuditRecord> {
 /// one, which is what Envoy's access loggers read.
 #[test]
 fn a_stream_the_client_leaves_is_charged_exactly_what_its_last_record_says() {
-    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":100,"stream":true,"messages":[]}"#;
-    let mut flow = RequestFlow::new(quota_policy());
-    let mut host = start_stream(&mut flow, "/v1/messages", body);
-    chunk(&mut flow, &mut host, 0, MESSAGE_START);
+    let (mut flow, mut host) = sonnet_stream(100);
     // 45 one-token words, one every 10 ms.
     for i in 1..=45 {
         chunk(&mut flow, &mut host, 10 * i, &text_delta("word "));
@@ -463,10 +473,7 @@ fn a_stream_the_client_leaves_is_charged_exactly_what_its_last_record_says() {
 
 #[test]
 fn a_fast_stream_is_republished_every_32_tokens() {
-    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":500,"stream":true,"messages":[]}"#;
-    let mut flow = RequestFlow::new(quota_policy());
-    let mut host = start_stream(&mut flow, "/v1/messages", body);
-    chunk(&mut flow, &mut host, 0, MESSAGE_START);
+    let (mut flow, mut host) = sonnet_stream(500);
     // 100 words in 50 ms: the clock never reaches 200 ms.
     for i in 1..=100 {
         chunk(&mut flow, &mut host, i / 2, &text_delta("word "));
@@ -484,10 +491,7 @@ fn a_fast_stream_is_republished_every_32_tokens() {
 
 #[test]
 fn the_providers_output_count_is_published_at_once_and_charged_if_the_client_leaves() {
-    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":100,"stream":true,"messages":[]}"#;
-    let mut flow = RequestFlow::new(quota_policy());
-    let mut host = start_stream(&mut flow, "/v1/messages", body);
-    chunk(&mut flow, &mut host, 0, MESSAGE_START);
+    let (mut flow, mut host) = sonnet_stream(100);
     chunk(&mut flow, &mut host, 1, &text_delta("three words here"));
     chunk(
         &mut flow,
