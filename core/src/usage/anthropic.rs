@@ -169,11 +169,9 @@ pub fn wanted_event(event: &[u8]) -> bool {
 /// (`input_json_delta.partial_json`). A `signature_delta` and citations are
 /// not text the model generated token by token, and are not counted.
 pub(crate) fn count_delta(data: &[u8], relayed: &mut TextCounter) {
-    for key in [&b"\"text\""[..], b"\"thinking\"", b"\"partial_json\""] {
-        for_each_string_value(data, key, |raw| {
-            let _ = relayed.push_json(raw);
-        });
-    }
+    for_each_string_value(data, &[b"text", b"thinking", b"partial_json"], |raw| {
+        relayed.push_json(raw)
+    });
 }
 
 /// How Anthropic frames a prompt: the tokens it adds around the text, for the

@@ -282,28 +282,65 @@ pub(crate) fn has_usage_object(data: &[u8]) -> bool {
     false
 }
 
-/// Calls `f` with every string value of the object key `key` (quoted, as
-/// `b"\"text\""`) in `data`: the bytes just after the value's opening quote,
-/// ready for [`TextCounter::push_json`]. A key inside a string is escaped
-/// (`\"text\"`) and never matches; a key whose value is not a string
-/// (`"content":null`, `"content":[...]`) is skipped.
-pub(crate) fn for_each_string_value(data: &[u8], key: &[u8], mut f: impl FnMut(&[u8])) {
-    let mut rest = data;
-    while let Some(i) = find(rest, key) {
-        rest = rest.get(i + key.len()..).unwrap_or_default();
-        let mut at = rest.iter().position(|b| !b.is_ascii_whitespace());
-        if at.and_then(|a| rest.get(a)) != Some(&b':') {
+/// Calls `count` with every string value of an object key in `keys`
+/// (unquoted, as `b"text"`) in the JSON `data`: the bytes just after the
+/// value's opening quote, ready for [`TextCounter::push_json`], which
+/// returns where the value's closing quote is. One pass: every string is
+/// skipped whole (its escapes too), so a key-like text inside a string
+/// never matches, and a key whose value is not a string (`"content":null`,
+/// `"content":[...]`) is passed over. Stops at a string it cannot end.
+pub(crate) fn for_each_string_value(
+    data: &[u8],
+    keys: &[&[u8]],
+    mut count: impl FnMut(&[u8]) -> Option<usize>,
+) {
+    // Event data is short and dense with short strings: a plain byte loop
+    // beats a vectorised search that pays its set-up at every string.
+    let mut at = 0;
+    while let Some(&b) = data.get(at) {
+        at += 1;
+        if b != b'"' {
             continue;
         }
-        at = at.and_then(|a| {
-            let after = rest.get(a + 1..)?;
-            Some(a + 1 + after.iter().position(|b| !b.is_ascii_whitespace())?)
-        });
-        if let Some(a) = at.filter(|a| rest.get(*a) == Some(&b'"')) {
-            rest = rest.get(a + 1..).unwrap_or_default();
-            f(rest);
+        let start = at;
+        let Some(end) = string_end(data, start) else {
+            return;
+        };
+        at = end + 1;
+        if !data.get(start..end).is_some_and(|s| keys.contains(&s)) {
+            continue;
+        }
+        // A key: `:` and a string value may follow, with white space between.
+        let next = |from: usize| {
+            data.get(from..)
+                .and_then(|d| d.iter().position(|b| !b.is_ascii_whitespace()))
+                .map(|i| from + i)
+        };
+        let Some(colon) = next(at).filter(|i| data.get(*i) == Some(&b':')) else {
+            continue;
+        };
+        let Some(quote) = next(colon + 1).filter(|i| data.get(*i) == Some(&b'"')) else {
+            continue;
+        };
+        match data.get(quote + 1..).and_then(&mut count) {
+            Some(close) => at = quote + 1 + close + 1,
+            None => return,
         }
     }
+}
+
+/// The index of the quote closing the JSON string whose first byte is at
+/// `start`, skipping escaped characters.
+fn string_end(data: &[u8], start: usize) -> Option<usize> {
+    let mut i = start;
+    while let Some(&b) = data.get(i) {
+        match b {
+            b'"' => return Some(i),
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 fn starts_with_error_object(data: &[u8]) -> bool {

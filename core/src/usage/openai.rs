@@ -159,20 +159,16 @@ pub fn wanted_event(event: &[u8]) -> bool {
 
 /// Counts the text of a Responses text delta (`"delta": "..."`).
 pub(crate) fn count_responses_delta(data: &[u8], relayed: &mut TextCounter) {
-    for_each_string_value(data, b"\"delta\"", |raw| {
-        let _ = relayed.push_json(raw);
-    });
+    for_each_string_value(data, &[b"delta"], |raw| relayed.push_json(raw));
 }
 
 /// Counts the text a chat chunk's choices carry: `delta.content`,
 /// `delta.refusal` and `delta.tool_calls[].function.arguments`, for every
 /// choice. `logprobs.content` is an array and is not matched.
 pub(crate) fn count_chat_delta(data: &[u8], relayed: &mut TextCounter) {
-    for key in [&b"\"content\""[..], b"\"refusal\"", b"\"arguments\""] {
-        for_each_string_value(data, key, |raw| {
-            let _ = relayed.push_json(raw);
-        });
-    }
+    for_each_string_value(data, &[b"content", b"refusal", b"arguments"], |raw| {
+        relayed.push_json(raw)
+    });
 }
 
 /// How OpenAI frames a prompt: the tokens it adds around the text, for the

@@ -181,7 +181,10 @@ impl Splitter {
                 if self.unwanted {
                     self.event.data.clear();
                 } else {
-                    self.event.name.push_str(&String::from_utf8_lossy(value));
+                    match std::str::from_utf8(value) {
+                        Ok(name) => self.event.name.push_str(name),
+                        Err(_) => self.event.name.push_str(&String::from_utf8_lossy(value)),
+                    }
                 }
             }
             _ => {}

@@ -684,15 +684,22 @@ fn openai_counts_content_refusals_and_tool_arguments_of_every_choice() {
 fn string_values_are_found_only_as_keys_with_string_values() {
     let mut found = Vec::new();
     for_each_string_value(
-        br#"{"type":"text","text" : "a\"text\":\"b","content":null,"x":{"text":"c"}}"#,
-        b"\"text\"",
+        br#"{"type":"text","text" : "a\"text\":\"b","content":null,"x":{"text":"c"},"text":["d"]}"#,
+        &[b"text", b"content"],
         |raw| {
-            found.push(
-                String::from_utf8_lossy(&raw[..raw.iter().position(|b| *b == b'"').unwrap()])
-                    .into_owned(),
-            )
+            let end = estimate::TextCounter::default().push_json(raw)?;
+            found.push(String::from_utf8_lossy(&raw[..end]).into_owned());
+            Some(end)
         },
     );
-    // `"type":"text"` is a value, the escaped key inside the string is text.
-    assert_eq!(found, ["a\\", "c"]);
+    // `"type":"text"` is a value; the key-like text inside the first value
+    // is skipped with it; `null` and `["d"]` are not string values.
+    assert_eq!(found, [r#"a\"text\":\"b"#, "c"]);
+    // A string that never ends stops the scan.
+    let mut calls = 0;
+    for_each_string_value(br#"{"text":"open"#, &[b"text"], |_| {
+        calls += 1;
+        None
+    });
+    assert_eq!(calls, 1);
 }
