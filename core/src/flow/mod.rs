@@ -701,6 +701,12 @@ impl RequestFlow {
             self.finish(host);
             return Decision::Continue;
         }
+        // A compressed answer's text cannot be counted as it passes: should
+        // it end early, it is charged the output reserved, and the record
+        // Envoy's loggers may read must say so now.
+        if self.response.encoded && matches!(self.phase, Phase::Admitted { .. }) {
+            self.publish_provisional(host);
+        }
         self.hold_models_list(host)
     }
 
@@ -862,6 +868,11 @@ impl RequestFlow {
                 u.output = s.output;
                 u.reasoning = s.reasoning;
                 TokenSource::Provider
+            }
+            // A compressed answer's text cannot be read: what was reserved.
+            _ if self.response.encoded => {
+                u.output = self.audit.tokens.output_reserved;
+                TokenSource::Reservation
             }
             // Only the text the client was sent: nothing before the first
             // delta (a non-streamed answer cut in its body is charged no

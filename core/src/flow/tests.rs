@@ -331,6 +331,33 @@ fn client_abort_before_any_output_charges_the_input_estimate_and_no_output() {
     assert_eq!(pool_output(&host), 1000.0, "no output charged");
 }
 
+#[test]
+fn a_compressed_answer_that_ends_early_is_charged_the_output_reserved() {
+    let mut host = request("/v1/messages", ALICE, SONNET);
+    let mut flow = RequestFlow::new(policy(""));
+    send(&mut flow, &mut host);
+    host.response_headers = vec![
+        (":status".into(), b"200".to_vec()),
+        ("content-type".into(), b"text/event-stream".to_vec()),
+        ("content-encoding".into(), b"gzip".to_vec()),
+    ];
+    flow.on_response_headers(&mut host, false);
+    host.response_chunk = vec![0x1f, 0x8b, 0x08, 0x00];
+    flow.on_response_body(&mut host, 4, false);
+    let logged = host.last_audit().unwrap();
+    flow.on_end(&mut host);
+    let t = &logged.tokens;
+    assert_eq!((t.input, t.output), (Some(8), Some(100)));
+    assert_eq!(
+        (t.input_source, t.output_source),
+        (
+            Some(TokenSource::Reservation),
+            Some(TokenSource::Reservation)
+        )
+    );
+    assert_eq!(pool_output(&host), 900.0, "the 100 reserved are kept");
+}
+
 /// A key with a daily token quota and a daily budget: neither refills
 /// within the day, so what is left tells exactly what was charged.
 fn quota_policy() -> Rc<Policy> {
