@@ -116,6 +116,21 @@ impl Reason {
     }
 }
 
+/// Where a charged token figure came from. The buckets and budgets are
+/// settled with the same figures the record carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenSource {
+    /// The provider's own count (its `usage`).
+    Provider,
+    /// Estimated by Tollgate from the text the stream relayed to the client
+    /// (a stream that ended before the provider's count).
+    Estimate,
+    /// What was reserved before forwarding: the input estimate, or
+    /// `max_tokens` (the default reservation when absent).
+    Reservation,
+}
+
 /// Token counts by class. `*_estimated` / `output_reserved` are what was
 /// reserved before forwarding; the others come from the provider's `usage`,
 /// normalised as [`crate::usage::Usage`] says. Fields added after schema 1
@@ -138,6 +153,15 @@ pub struct Tokens {
     /// Web searches the provider ran (and bills per 1,000).
     #[serde(default)]
     pub web_search_requests: Option<u64>,
+    /// Where `input` and the cache classes came from; `None` when no tokens
+    /// were charged (a denial, a refunded upstream error, a route that is
+    /// not an LLM call) and in records written before this field.
+    #[serde(default)]
+    pub input_source: Option<TokenSource>,
+    /// Where `output` (and `reasoning`) came from; `None` as for
+    /// `input_source`.
+    #[serde(default)]
+    pub output_source: Option<TokenSource>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -147,7 +171,9 @@ pub struct AuditRecord {
     /// Request start, milliseconds since the Unix epoch.
     pub timestamp_ms: u64,
     /// `false` while the request is in flight: a record still provisional at
-    /// log time means the client or upstream went away before the end.
+    /// log time means the client or upstream went away before the end. Its
+    /// tokens and cost are then what the request was charged (republished
+    /// as the stream progresses, see `flow`).
     pub complete: bool,
     pub key_id: Option<String>,
     pub user: Option<String>,
@@ -224,9 +250,21 @@ mod tests {
             ),
             (None, None, None)
         );
+        // Nor do they say where their figures came from.
+        assert_eq!(
+            (r.tokens.input_source, r.tokens.output_source),
+            (None, None)
+        );
         // And a new record round-trips with them.
         let mut new = r.clone();
         new.tokens.web_search_requests = Some(3);
+        new.tokens.input_source = Some(TokenSource::Provider);
+        new.tokens.output_source = Some(TokenSource::Estimate);
+        let json = String::from_utf8(new.to_json()).unwrap();
+        assert!(
+            json.contains(r#""input_source":"provider","output_source":"estimate""#),
+            "{json}"
+        );
         new.service_tier = Some("priority".into());
         new.price_multiplier = Some(2.0);
         assert_eq!(AuditRecord::from_json(&new.to_json()).unwrap(), new);

@@ -1,6 +1,6 @@
 //! The incremental SSE usage reader and the usage-chunk stripper on any
 //! bytes cut at any point: never panic, and the split never changes the
-//! usage found.
+//! usage found or the delta text counted.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use tollgate_core::route::Route;
@@ -25,6 +25,11 @@ fuzz_target!(|data: &[u8]| {
             whole.usage(),
             split.usage(),
             "split at {cut} changed the usage"
+        );
+        assert_eq!(
+            (whole.relayed_tokens(), whole.reported()),
+            (split.relayed_tokens(), split.reported()),
+            "split at {cut} changed the text counted or what was reported"
         );
     }
     let mut s = UsageChunkStripper::default();

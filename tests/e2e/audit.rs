@@ -131,7 +131,9 @@ fn every_kind_of_request_gets_one_record_and_usage_totals_match_the_provider() {
         serde_json::Value::Null,
         "upstream error without usage"
     );
-    // The aborted stream keeps its provisional record: identity, no completion.
+    // The aborted stream keeps its provisional record: identity, no
+    // completion, and what it was charged (the usage totals below include
+    // it; before, the record said nothing of its charge).
     let aborted = gw.any_audit_record("a-abort");
     assert_eq!(
         (
@@ -141,6 +143,9 @@ fn every_kind_of_request_gets_one_record_and_usage_totals_match_the_provider() {
         ),
         (Some(false), Some(true), Some("alice"))
     );
+    let abort = |class: &str| aborted["tokens"][class].as_u64().unwrap();
+    let abort_cost = aborted["cost_usd"].as_f64().unwrap();
+    assert!(abort("input") > 0, "{aborted}");
 
     // Usage report totals equal what the mock provider reported, exactly.
     let out = Command::new(tollgate_bin())
@@ -162,8 +167,12 @@ fn every_kind_of_request_gets_one_record_and_usage_totals_match_the_provider() {
         .iter()
         .find(|r| r["name"] == "payments")
         .unwrap();
-    assert_eq!(payments["input_tokens"], 61 + 23 + 24, "{payments}");
-    assert_eq!(payments["output_tokens"], 74 + 118 + 61);
+    assert_eq!(
+        payments["input_tokens"],
+        61 + 23 + 24 + abort("input"),
+        "{payments}"
+    );
+    assert_eq!(payments["output_tokens"], 74 + 118 + 61 + abort("output"));
     assert_eq!(payments["cache_read_tokens"], 1207);
     assert_eq!(payments["denials"]["model_not_allowed"], 1);
     let search = report["rows"]
@@ -181,7 +190,8 @@ fn every_kind_of_request_gets_one_record_and_usage_totals_match_the_provider() {
         (Some(2), Some(1), Some(74))
     );
     let cost = payments["cost_usd"].as_f64().unwrap();
-    let want = (61.0 + 23.0 + 24.0) * 3e-6 + (74.0 + 118.0 + 61.0) * 15e-6 + 1207.0 * 0.3e-6;
+    let want =
+        (61.0 + 23.0 + 24.0) * 3e-6 + (74.0 + 118.0 + 61.0) * 15e-6 + 1207.0 * 0.3e-6 + abort_cost;
     assert!((cost - want).abs() < 1e-9, "cost {cost} want {want}");
 
     // Prometheus metrics and the usage API from the collector.

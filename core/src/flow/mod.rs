@@ -14,6 +14,14 @@
 //!    key's allowlist ([`models`]).
 //! 4. End of response: settle reservations against actual usage, price it,
 //!    publish the final audit record (before Envoy's access loggers run).
+//! 5. A request that ends early (client abort, upstream reset, idle
+//!    timeout) gets no callback before Envoy's access loggers read the
+//!    record: only `on_log`, which runs after them. So the provisional
+//!    record always says what the request would be charged if it ended now
+//!    (republished as a stream is relayed, [`REPUBLISH_TOKENS`],
+//!    [`REPUBLISH_MS`]), and an early end settles with exactly the figures
+//!    last published: the audit record and the buckets agree by
+//!    construction.
 
 mod headers;
 pub mod headroom;
@@ -24,7 +32,7 @@ pub use headers::rate_limit_headers;
 pub use models::{empty_list, filter_list, Filtered, MAX_MODELS_LIST};
 pub use refusal::Refusal;
 
-use crate::audit::{AuditRecord, Outcome, Reason, Tokens, SCHEMA_VERSION};
+use crate::audit::{AuditRecord, Outcome, Reason, TokenSource, Tokens, SCHEMA_VERSION};
 use crate::host::{header, Decision, Host, LocalReply, Stat};
 use crate::host::{Queue, QuotaMethod};
 use crate::meter::shared::{self, Plan, RemoteRefusal, SharedOptions, Source};
@@ -39,6 +47,21 @@ use std::rc::Rc;
 /// Output tokens reserved when a request names no `max_tokens` (OpenAI makes
 /// it optional). Settlement corrects it to the actual count.
 pub const DEFAULT_OUTPUT_RESERVATION: u64 = 4_096;
+
+/// While a stream is relayed, the provisional audit record is republished
+/// once what the request would be charged if it ended now has moved by this
+/// many tokens since the last publication (or its sources changed: the
+/// provider's counts arrived). An early end is charged the last published
+/// figures, so it is under-charged by fewer than this many estimated output
+/// tokens. Each publication serialises the record (about 1 KB) and replaces
+/// the filter state: about 32 tokens per publication keeps that to a few a
+/// second at provider speeds.
+pub const REPUBLISH_TOKENS: u64 = 32;
+
+/// ... or by any amount, when this much stream time has passed since the
+/// last publication: a slow stream's record is never older than this at
+/// its last chunk.
+pub const REPUBLISH_MS: u64 = 200;
 
 /// Non-streamed response bodies are copied (not buffered by Envoy) up to this
 /// size to read `usage`; beyond it the reservation is charged.
@@ -88,6 +111,36 @@ struct Response {
     strip: Option<usage::inject::UsageChunkStripper>,
     body: Vec<u8>,
     truncated: bool,
+}
+
+/// How a request's charge is worked out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The response is complete: the provider's usage, else the
+    /// reservation (or nothing for an upstream error).
+    Complete,
+    /// If it ended now: input from the provider's count when it arrived,
+    /// else the input estimate reserved; output from the provider's count
+    /// when it arrived, else estimated from the text relayed so far.
+    Early,
+}
+
+/// Where the figures of a charge came from (input, output), and the token
+/// total they add up to: what tells when a provisional record is due again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Mark {
+    tokens: u64,
+    sources: Option<(TokenSource, TokenSource)>,
+}
+
+/// The last provisional record published: Envoy's access loggers read it
+/// if the request ends early, and the buckets are then settled with its
+/// demand.
+#[derive(Debug, Clone, Copy, Default)]
+struct Published {
+    demand: Demand,
+    mark: Mark,
+    at_ms: u64,
 }
 
 /// Where a request stands. Each callback acts on the phase it finds and
@@ -143,6 +196,7 @@ pub struct RequestFlow {
     pending: Option<(Demand, usize)>,
     /// When a held request must be answered, from its first hold.
     hold_deadline: Option<u64>,
+    published: Published,
 }
 
 impl RequestFlow {
@@ -166,6 +220,7 @@ impl RequestFlow {
             key_sha256: None,
             pending: None,
             hold_deadline: None,
+            published: Published::default(),
         }
     }
 
@@ -628,8 +683,7 @@ impl RequestFlow {
                 } else {
                     Reason::Ok
                 };
-                self.audit.complete = false;
-                host.set_audit_record(&self.audit.to_json());
+                self.publish_provisional(host);
                 host.stat(Stat::Decision(self.audit.reason), 1);
                 host.stat(Stat::ReservationsOutstanding, 1);
                 Decision::Continue
@@ -815,6 +869,12 @@ impl RequestFlow {
             self.finish(host);
             return Decision::Continue;
         }
+        // A compressed answer's text cannot be counted as it passes: should
+        // it end early, it is charged the output reserved, and the record
+        // Envoy's loggers may read must say so now.
+        if self.response.encoded && matches!(self.phase, Phase::Admitted { .. }) {
+            self.publish_provisional(host);
+        }
         self.hold_models_list(host)
     }
 
@@ -830,11 +890,13 @@ impl RequestFlow {
         if self.response.models_list {
             return self.rewrite_models_list(host, body_size, end_of_stream);
         }
+        let mut streamed = false;
         if !self.response.encoded && (body_size > 0 || end_of_stream) {
             if let Some(chunk) = host.response_body(body_size) {
                 match &mut self.response.sse {
                     Some(sse) => {
                         sse.feed(&chunk);
+                        streamed = true;
                         if let Some(strip) = &mut self.response.strip {
                             if let Some(out) = strip.filter(&chunk, end_of_stream) {
                                 if out != chunk {
@@ -852,16 +914,22 @@ impl RequestFlow {
         }
         if end_of_stream {
             self.finish(host);
+        } else if streamed {
+            self.republish_if_due(host);
         }
         Decision::Continue
     }
 
     /// The stream ended without a complete response (client abort, upstream
-    /// reset). Reservations are settled against what was seen; the record
-    /// published at request time (marked incomplete) stays the audit record.
+    /// reset, idle timeout). Envoy's access loggers have already read the
+    /// last provisional record (they run before the filter's `on_log`), so
+    /// the reservations are settled with exactly the figures it carries.
     pub fn on_end(&mut self, host: &mut impl Host) {
         match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::Admitted { admission, .. } => self.settle(host, &admission, false),
+            Phase::Admitted { admission, .. } => {
+                let charged = self.published.demand;
+                self.settle(host, &admission, &charged);
+            }
             // The client left while Redis was deciding: if it admitted, the
             // leader gives everything back (the Admit is idempotent, so the
             // leader's repeat learns the first answer).
@@ -875,7 +943,12 @@ impl RequestFlow {
     /// The response is complete: settle and publish the final record.
     fn finish(&mut self, host: &mut impl Host) {
         match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::Admitted { admission, .. } => self.settle(host, &admission, true),
+            Phase::Admitted { admission, .. } => {
+                let now = host.now_ms();
+                self.audit.latency_ms = Some(now.saturating_sub(self.audit.timestamp_ms));
+                let charged = self.charge(host, End::Complete);
+                self.settle(host, &admission, &charged);
+            }
             Phase::Authenticated { .. } if self.response.status == 413 => {
                 // Envoy refused the body (over the buffer limit) before this
                 // filter could decide: the request was denied, not served.
@@ -892,15 +965,102 @@ impl RequestFlow {
         host.set_audit_record(&self.audit.to_json());
     }
 
-    /// Works out actual usage and settles every reservation.
-    fn settle(&mut self, host: &mut impl Host, admission: &Admission, complete: bool) {
+    /// Publishes the provisional record with what the request is charged if
+    /// it ends now, and remembers it: an early end settles with it.
+    fn publish_provisional(&mut self, host: &mut impl Host) {
+        let demand = self.charge(host, End::Early);
+        self.published = Published {
+            demand,
+            mark: self.early_mark(),
+            at_ms: host.now_ms(),
+        };
+        self.audit.complete = false;
+        host.set_audit_record(&self.audit.to_json());
+    }
+
+    /// After a stream chunk: republishes the provisional record when its
+    /// figures are due ([`REPUBLISH_TOKENS`], [`REPUBLISH_MS`]).
+    fn republish_if_due(&mut self, host: &mut impl Host) {
+        if !matches!(self.phase, Phase::Admitted { .. }) {
+            return;
+        }
+        let mark = self.early_mark();
+        let last = self.published;
+        let moved = mark.tokens.abs_diff(last.mark.tokens);
+        let due = mark.sources != last.mark.sources
+            || moved >= REPUBLISH_TOKENS
+            || (moved > 0 && host.now_ms().saturating_sub(last.at_ms) >= REPUBLISH_MS);
+        if due {
+            self.publish_provisional(host);
+        }
+    }
+
+    /// The token total and sources an early end would charge now.
+    fn early_mark(&self) -> Mark {
+        match self.early_counts() {
+            Some((u, input, output)) => Mark {
+                tokens: u.total(),
+                sources: Some((input, output)),
+            },
+            None => Mark::default(),
+        }
+    }
+
+    /// What an early end charges, by class, and where input and output came
+    /// from; `None` on routes that charge no tokens. The provider's tier and
+    /// region are left out (they cost an allocation per chunk).
+    fn early_counts(&self) -> Option<(Usage, TokenSource, TokenSource)> {
+        if !self.route.is_llm() || self.route == Route::AnthropicCountTokens {
+            return None;
+        }
+        let sse = self.response.sse.as_ref();
+        let reported = sse.map(StreamUsage::reported).unwrap_or_default();
+        let seen = sse.and_then(StreamUsage::usage);
+        let mut u = Usage {
+            web_search_requests: seen.map_or(0, |s| s.web_search_requests),
+            ..Usage::default()
+        };
+        let input = match seen {
+            Some(s) if reported.input => {
+                u.input = s.input;
+                u.cache_write = s.cache_write;
+                u.cache_write_1h = s.cache_write_1h;
+                u.cache_read = s.cache_read;
+                TokenSource::Provider
+            }
+            _ => {
+                u.input = self.audit.tokens.input_estimated;
+                TokenSource::Reservation
+            }
+        };
+        let output = match seen {
+            Some(s) if reported.output => {
+                u.output = s.output;
+                u.reasoning = s.reasoning;
+                TokenSource::Provider
+            }
+            // A compressed answer's text cannot be read: what was reserved.
+            _ if self.response.encoded => {
+                u.output = self.audit.tokens.output_reserved;
+                TokenSource::Reservation
+            }
+            // Only the text the client was sent: nothing before the first
+            // delta (a non-streamed answer cut in its body is charged no
+            // output: its count is at the end of the body).
+            _ => {
+                u.output = sse.map_or(0, StreamUsage::relayed_tokens);
+                TokenSource::Estimate
+            }
+        };
+        Some((u, input, output))
+    }
+
+    /// Settles every reservation with what the request is charged.
+    fn settle(&mut self, host: &mut impl Host, admission: &Admission, actual: &Demand) {
         host.stat(Stat::ReservationsOutstanding, -1);
-        let now = host.now_ms();
-        self.audit.latency_ms = Some(now.saturating_sub(self.audit.timestamp_ms));
-        let actual = self.actual_usage(host, complete);
-        let clock = self.clock(now);
+        let clock = self.clock(host.now_ms());
         let settled = match self.options.shared {
-            None => meter::settle(host, &admission.reservations, &actual, clock),
+            None => meter::settle(host, &admission.reservations, actual, clock),
             Some(opts) => shared::settle(
                 shared::Ctx {
                     plane: &*host,
@@ -908,7 +1068,7 @@ impl RequestFlow {
                     opts,
                 },
                 &admission.reservations,
-                &actual,
+                actual,
                 &self.audit.request_id,
             )
             .map(|settle| {
@@ -929,17 +1089,23 @@ impl RequestFlow {
         }
     }
 
-    /// What the request really used, from the provider's usage when it was
-    /// readable, and what the audit record says of it.
-    fn actual_usage(&mut self, host: &mut impl Host, complete: bool) -> Demand {
+    /// What the request is charged, as it ended or if it ended now, written
+    /// into the audit record (tokens by class, where each came from, the
+    /// price): the demand the buckets are settled with.
+    fn charge(&mut self, host: &mut impl Host, end: End) -> Demand {
         let seen = match &self.response.sse {
             Some(sse) => {
                 if let Some(m) = sse.model() {
-                    self.audit.model_served = Some(m.to_string());
+                    if self.audit.model_served.as_deref() != Some(m) {
+                        self.audit.model_served = Some(m.to_string());
+                    }
                 }
                 sse.usage().cloned()
             }
-            None if !self.response.body.is_empty() && !self.response.truncated => {
+            None if end == End::Complete
+                && !self.response.body.is_empty()
+                && !self.response.truncated =>
+            {
                 usage::parse_json_usage(self.route, &self.response.body).map(|(u, model)| {
                     self.audit.model_served = model;
                     u
@@ -947,52 +1113,37 @@ impl RequestFlow {
             }
             None => None,
         };
+        if self.route == Route::AnthropicCountTokens {
+            return Demand::none();
+        }
+        if !self.route.is_llm() {
+            return Demand::one_request();
+        }
         // The provider's own refusal (429: its rate limit, 529: overloaded)
         // served nothing: nothing is charged, not even the request, so a
         // client retrying after `retry-after` is not also refused by
         // Tollgate for requests the provider never served.
-        if seen.is_none() {
+        if end == End::Complete && seen.is_none() {
             if let Some(reason) = Reason::of_upstream_status(self.response.status) {
                 self.audit.reason = reason;
                 host.stat(Stat::Decision(reason), 1);
+                self.record_charge(None);
                 return Demand::none();
             }
         }
-        let count_cache_reads = self.policy.settings.cache_reads_count_toward_input_limit;
-        match seen {
-            _ if self.route == Route::AnthropicCountTokens => Demand::none(),
-            _ if !self.route.is_llm() => Demand::one_request(),
-            Some(u) => {
-                let t = &mut self.audit.tokens;
-                t.input = Some(u.input);
-                t.output = Some(u.output);
-                t.cache_write = Some(u.cache_write);
-                t.cache_write_1h = Some(u.cache_write_1h);
-                t.cache_read = Some(u.cache_read);
-                t.reasoning = Some(u.reasoning);
-                t.web_search_requests = Some(u.web_search_requests);
-                let policy = self.policy.clone();
-                let quote = self.price_in(&policy).map(|p| p.quote(&u));
-                let a = &mut self.audit;
-                a.cost_usd = quote.map(|q| q.usd);
-                a.price_multiplier = quote.map(|q| q.multiplier);
-                a.long_context = quote.map(|q| q.long_context);
-                a.service_tier = u.service_tier.clone();
-                a.inference_geo = u.inference_geo.clone();
-                let usd = a.cost_usd;
-                Demand {
-                    requests: 1.0,
-                    input_tokens: u.input_for_limit(count_cache_reads) as f64,
-                    output_tokens: u.output as f64,
-                    all_tokens: u.total() as f64,
-                    usd: usd.unwrap_or(0.0),
+        let charged = match (end, seen) {
+            (End::Early, seen) => self.early_counts().map(|(mut u, input, output)| {
+                if let Some(s) = seen {
+                    u.service_tier = s.service_tier;
+                    u.inference_geo = s.inference_geo;
                 }
-            }
-            // Any other upstream error without usage consumed no tokens:
-            // refund them; the request counts.
-            None if complete && self.response.status >= 400 => Demand::one_request(),
-            // Success (or an abort) without readable usage: charge the reservation.
-            None => {
+                (u, input, output)
+            }),
+            (End::Complete, Some(u)) => Some((u, TokenSource::Provider, TokenSource::Provider)),
+            // An upstream error without usage consumed nothing: refund.
+            (End::Complete, None) if self.response.status >= 400 => None,
+            // Success without readable usage: charge the reservation.
+            (End::Complete, None) => {
                 host.stat(Stat::UsageUnreadable, 1);
                 self.audit.detail = Some(if self.response.encoded {
                     "response was compressed; charged the reservation".to_string()
@@ -1004,16 +1155,56 @@ impl RequestFlow {
                     output: self.audit.tokens.output_reserved,
                     ..Default::default()
                 };
-                Demand {
-                    requests: 1.0,
-                    input_tokens: reserved.input as f64,
-                    output_tokens: reserved.output as f64,
-                    all_tokens: reserved.total() as f64,
-                    usd: self
-                        .price_in(&self.policy)
-                        .map_or(0.0, |p| p.cost(&reserved)),
-                }
+                Some((reserved, TokenSource::Reservation, TokenSource::Reservation))
             }
+        };
+        self.record_charge(charged)
+    }
+
+    /// Writes a charge into the audit record and returns its demand;
+    /// `None` charges one request and no tokens, and clears what a
+    /// provisional record said.
+    fn record_charge(&mut self, charged: Option<(Usage, TokenSource, TokenSource)>) -> Demand {
+        let count_cache_reads = self.policy.settings.cache_reads_count_toward_input_limit;
+        let Some((u, input_source, output_source)) = charged else {
+            let t = &mut self.audit.tokens;
+            (
+                t.input,
+                t.output,
+                t.cache_write,
+                t.cache_write_1h,
+                t.cache_read,
+            ) = (None, None, None, None, None);
+            (t.reasoning, t.web_search_requests) = (None, None);
+            (t.input_source, t.output_source) = (None, None);
+            let a = &mut self.audit;
+            (a.cost_usd, a.price_multiplier, a.long_context) = (None, None, None);
+            return Demand::one_request();
+        };
+        let t = &mut self.audit.tokens;
+        t.input = Some(u.input);
+        t.output = Some(u.output);
+        t.cache_write = Some(u.cache_write);
+        t.cache_write_1h = Some(u.cache_write_1h);
+        t.cache_read = Some(u.cache_read);
+        t.reasoning = Some(u.reasoning);
+        t.web_search_requests = Some(u.web_search_requests);
+        t.input_source = Some(input_source);
+        t.output_source = Some(output_source);
+        let policy = self.policy.clone();
+        let quote = self.price_in(&policy).map(|p| p.quote(&u));
+        let a = &mut self.audit;
+        a.cost_usd = quote.map(|q| q.usd);
+        a.price_multiplier = quote.map(|q| q.multiplier);
+        a.long_context = quote.map(|q| q.long_context);
+        a.service_tier = u.service_tier.clone();
+        a.inference_geo = u.inference_geo.clone();
+        Demand {
+            requests: 1.0,
+            input_tokens: u.input_for_limit(count_cache_reads) as f64,
+            output_tokens: u.output as f64,
+            all_tokens: u.total() as f64,
+            usd: a.cost_usd.unwrap_or(0.0),
         }
     }
 

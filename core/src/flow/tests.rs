@@ -345,20 +345,304 @@ fn upstream_error_without_usage_refunds_the_reservation() {
         .unwrap()
         .slot(crate::meter::Metric::from_field("output_tokens_per_minute").unwrap());
     assert_eq!(cell.value, 1000.0);
-    assert_eq!(host.last_audit().unwrap().status, 529);
+    let rec = host.last_audit().unwrap();
+    assert_eq!(rec.status, 529);
+    // Nothing was charged: the provisional figures published at admission
+    // are gone from the final record.
+    assert_eq!(
+        (
+            rec.tokens.input,
+            rec.tokens.output,
+            rec.tokens.input_source,
+            rec.cost_usd
+        ),
+        (None, None, None, None)
+    );
 }
 
+/// The pool's output bucket (1,000 a minute) as it stands.
+fn pool_output(host: &FakeHost) -> f64 {
+    crate::meter::store::read(&*host.store, "tollgate/2/pool:team:payments")
+        .unwrap()
+        .slot(crate::meter::Metric::from_field("output_tokens_per_minute").unwrap())
+        .value
+}
+
+/// Before this change an abort charged the whole reservation and audited
+/// null tokens; now it is charged what it consumed (the input estimate, no
+/// output: nothing was relayed) and the record Envoy logs says so.
 #[test]
-fn client_abort_before_any_usage_charges_the_reservation() {
+fn client_abort_before_any_output_charges_the_input_estimate_and_no_output() {
     let mut host = request("/v1/messages", ALICE, SONNET);
     let mut flow = RequestFlow::new(policy(""));
     send(&mut flow, &mut host);
+    // What Envoy's access loggers read: they run before `on_log`.
+    let logged = host.last_audit().unwrap();
+    let published = host.audit.len();
     flow.on_end(&mut host);
-    let cell = crate::meter::store::read(&*host.store, "tollgate/2/pool:team:payments")
-        .unwrap()
-        .slot(crate::meter::Metric::from_field("output_tokens_per_minute").unwrap());
-    assert_eq!(cell.value, 900.0);
-    assert!(!host.last_audit().unwrap().complete);
+    assert_eq!(
+        host.audit.len(),
+        published,
+        "nothing is published at on_log"
+    );
+    assert!(!logged.complete);
+    let t = &logged.tokens;
+    // "hi": 1 token, plus 4 per request and 3 per message.
+    assert_eq!(
+        (t.input_estimated, t.input, t.output),
+        (8, Some(8), Some(0))
+    );
+    assert_eq!(
+        (t.input_source, t.output_source),
+        (Some(TokenSource::Reservation), Some(TokenSource::Estimate))
+    );
+    // 8 input tokens at $3/M.
+    assert!((logged.cost_usd.unwrap() - 0.000024).abs() < 1e-12);
+    assert_eq!(pool_output(&host), 1000.0, "no output charged");
+}
+
+#[test]
+fn a_compressed_answer_that_ends_early_is_charged_the_output_reserved() {
+    let mut host = request("/v1/messages", ALICE, SONNET);
+    let mut flow = RequestFlow::new(policy(""));
+    send(&mut flow, &mut host);
+    host.response_headers = vec![
+        (":status".into(), b"200".to_vec()),
+        ("content-type".into(), b"text/event-stream".to_vec()),
+        ("content-encoding".into(), b"gzip".to_vec()),
+    ];
+    flow.on_response_headers(&mut host, false);
+    host.response_chunk = vec![0x1f, 0x8b, 0x08, 0x00];
+    flow.on_response_body(&mut host, 4, false);
+    let logged = host.last_audit().unwrap();
+    flow.on_end(&mut host);
+    let t = &logged.tokens;
+    assert_eq!((t.input, t.output), (Some(8), Some(100)));
+    assert_eq!(
+        (t.input_source, t.output_source),
+        (
+            Some(TokenSource::Reservation),
+            Some(TokenSource::Reservation)
+        )
+    );
+    assert_eq!(pool_output(&host), 900.0, "the 100 reserved are kept");
+}
+
+/// A key with a daily token quota and a daily budget: neither refills
+/// within the day, so what is left tells exactly what was charged.
+fn quota_policy() -> Rc<Policy> {
+    let json = format!(
+        r#"{{"version": 1,
+            "defaults": {{"models": ["claude-*", "gpt-4o*"],
+                          "limits": {{"tokens_per_day": 100000, "budget_usd_per_day": 10}}}},
+            "keys": [{{"id": "alice-laptop", "key_sha256": "{}"}}],
+            "prices": {{"claude-sonnet-*": {{"input": 3, "output": 15}},
+                        "gpt-4o*": {{"input": 2.5, "output": 10}}}}}}"#,
+        crate::vkey::sha256_hex(ALICE)
+    );
+    Rc::new(
+        crate::policy::compile(json.as_bytes(), "q.json", 0)
+            .unwrap()
+            .0,
+    )
+}
+
+/// What the daily quota and budget were charged: (tokens, USD). A quota's
+/// cell holds what the day consumed.
+fn charged(host: &FakeHost) -> (f64, f64) {
+    let record = crate::meter::store::read(&*host.store, "tollgate/2/key:alice-laptop").unwrap();
+    let used = |field| {
+        record
+            .slot(crate::meter::Metric::from_field(field).unwrap())
+            .value
+    };
+    (used("tokens_per_day"), used("budget_usd_per_day"))
+}
+
+/// Asserts the buckets were charged exactly what the record says.
+fn assert_charged_as_audited(host: &FakeHost, rec: &AuditRecord) {
+    let t = &rec.tokens;
+    let tokens =
+        t.input.unwrap() + t.output.unwrap() + t.cache_write.unwrap() + t.cache_read.unwrap();
+    let (got_tokens, got_usd) = charged(host);
+    assert_eq!(
+        got_tokens, tokens as f64,
+        "tokens charged vs audited: {rec:?}"
+    );
+    assert!(
+        (got_usd - rec.cost_usd.unwrap()).abs() < 1e-12,
+        "USD charged {got_usd} vs audited: {rec:?}"
+    );
+}
+
+const STREAM_OK: &[(&str, &[u8])] = &[
+    (":status", b"200"),
+    ("content-type", b"text/event-stream; charset=utf-8"),
+];
+
+/// Sends a streamed request for `body` and its 200 response headers.
+fn start_stream(flow: &mut RequestFlow, path: &str, body: &str) -> FakeHost {
+    let mut host = request(path, ALICE, body);
+    send(flow, &mut host);
+    host.response_headers = STREAM_OK
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_vec()))
+        .collect();
+    flow.on_response_headers(&mut host, false);
+    host
+}
+
+/// Passes one stream chunk at `at_ms` after the start.
+fn chunk(flow: &mut RequestFlow, host: &mut FakeHost, at_ms: u64, data: &str) {
+    host.now_ms = 1_795_000_000_000 + at_ms;
+    host.response_chunk = data.as_bytes().to_vec();
+    flow.on_response_body(host, data.len(), false);
+}
+
+fn text_delta(text: &str) -> String {
+    format!(
+        "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"{text}\"}}}}\n\n"
+    )
+}
+
+const MESSAGE_START: &str = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-sonnet-4-5\",\"usage\":{\"input_tokens\":7,\"output_tokens\":1}}}\n\n";
+
+/// A `claude-sonnet-4-5` stream of `max_tokens` with an empty prompt (input
+/// estimate 4), under [`quota_policy`], after its `message_start`
+/// (`input_tokens: 7`) at time 0.
+fn sonnet_stream(max_tokens: u64) -> (RequestFlow, FakeHost) {
+    let body = format!(
+        r#"{{"model":"claude-sonnet-4-5","max_tokens":{max_tokens},"stream":true,"messages":[]}}"#
+    );
+    let mut flow = RequestFlow::new(quota_policy());
+    let mut host = start_stream(&mut flow, "/v1/messages", &body);
+    chunk(&mut flow, &mut host, 0, MESSAGE_START);
+    (flow, host)
+}
+
+/// Every provisional record published with a charge, parsed, in order
+/// (the one published at the request headers only names the caller).
+fn provisional(host: &FakeHost) -> Vec<AuditRecord> {
+    host.audit
+        .iter()
+        .map(|r| AuditRecord::from_json(r).unwrap())
+        .filter(|r| !r.complete && r.tokens.input_source.is_some())
+        .collect()
+}
+
+/// A client that leaves mid-stream: the record is republished every 32
+/// tokens or 200 ms of stream, and the buckets are settled with the last
+/// one, which is what Envoy's access loggers read.
+#[test]
+fn a_stream_the_client_leaves_is_charged_exactly_what_its_last_record_says() {
+    let (mut flow, mut host) = sonnet_stream(100);
+    // 45 one-token words, one every 10 ms.
+    for i in 1..=45 {
+        chunk(&mut flow, &mut host, 10 * i, &text_delta("word "));
+    }
+    let logged = host.last_audit().unwrap();
+    let published = host.audit.len();
+    flow.on_end(&mut host);
+    assert_eq!(host.audit.len(), published);
+    // Published at admission (input estimate 4, no output), when
+    // message_start brought the provider's input count, then after 20
+    // words (200 ms) and 40 (200 ms again): the last 5 were never published.
+    let outputs: Vec<_> = provisional(&host)
+        .iter()
+        .map(|r| (r.tokens.input, r.tokens.output, r.tokens.input_source))
+        .collect();
+    assert_eq!(
+        outputs,
+        [
+            (Some(4), Some(0), Some(TokenSource::Reservation)),
+            (Some(7), Some(0), Some(TokenSource::Provider)),
+            (Some(7), Some(20), Some(TokenSource::Provider)),
+            (Some(7), Some(40), Some(TokenSource::Provider)),
+        ]
+    );
+    assert_eq!(logged.tokens.output_source, Some(TokenSource::Estimate));
+    assert!(!logged.complete);
+    // 7 × $3/M + 40 × $15/M.
+    assert!((logged.cost_usd.unwrap() - 0.000621).abs() < 1e-12);
+    assert_charged_as_audited(&host, &logged);
+    assert_eq!(charged(&host).0, 47.0);
+}
+
+#[test]
+fn a_fast_stream_is_republished_every_32_tokens() {
+    let (mut flow, mut host) = sonnet_stream(500);
+    // 100 words in 50 ms: the clock never reaches 200 ms.
+    for i in 1..=100 {
+        chunk(&mut flow, &mut host, i / 2, &text_delta("word "));
+    }
+    let outputs: Vec<_> = provisional(&host)
+        .iter()
+        .filter_map(|r| r.tokens.output)
+        .collect();
+    assert_eq!(outputs, [0, 0, 32, 64, 96]);
+    let logged = host.last_audit().unwrap();
+    flow.on_end(&mut host);
+    assert_charged_as_audited(&host, &logged);
+    assert_eq!(charged(&host).0, 7.0 + 96.0, "under-charged by 4 < 32");
+}
+
+#[test]
+fn the_providers_output_count_is_published_at_once_and_charged_if_the_client_leaves() {
+    let (mut flow, mut host) = sonnet_stream(100);
+    chunk(&mut flow, &mut host, 1, &text_delta("three words here"));
+    chunk(
+        &mut flow,
+        &mut host,
+        2,
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":55}}\n\n",
+    );
+    // The client leaves before message_stop.
+    let logged = host.last_audit().unwrap();
+    flow.on_end(&mut host);
+    let t = &logged.tokens;
+    assert_eq!((t.input, t.output), (Some(7), Some(55)));
+    assert_eq!(
+        (t.input_source, t.output_source),
+        (Some(TokenSource::Provider), Some(TokenSource::Provider))
+    );
+    assert_charged_as_audited(&host, &logged);
+    assert_eq!(charged(&host).0, 7.0 + 55.0);
+}
+
+#[test]
+fn an_openai_stream_cut_before_its_usage_chunk_is_charged_the_input_estimate_and_the_text_relayed()
+{
+    let body = r#"{"model":"gpt-4o","max_tokens":200,"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Tell me a story"}]}"#;
+    let mut flow = RequestFlow::new(quota_policy());
+    let mut host = start_stream(&mut flow, "/v1/chat/completions", body);
+    let content = |text: &str| {
+        format!("data: {{\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}}}}],\"usage\":null}}\n\n")
+    };
+    chunk(&mut flow, &mut host, 0, &content("Once upon"));
+    // 250 ms later: due by time.
+    chunk(
+        &mut flow,
+        &mut host,
+        250,
+        &content(" a time, in a data centre"),
+    );
+    let logged = host.last_audit().unwrap();
+    flow.on_end(&mut host);
+    let t = &logged.tokens;
+    // "Tell me a story": 4 tokens, 3 for the message, 3 to prime the reply.
+    assert_eq!(
+        (t.input, t.input_source),
+        (Some(10), Some(TokenSource::Reservation))
+    );
+    // "Once upon a time, in a data centre": 8 words and a comma.
+    assert_eq!(
+        (t.output, t.output_source),
+        (Some(9), Some(TokenSource::Estimate))
+    );
+    assert_eq!(logged.model_served.as_deref(), Some("gpt-4o-2024-08-06"));
+    // 10 × $2.50/M + 9 × $10/M.
+    assert!((logged.cost_usd.unwrap() - 0.000115).abs() < 1e-12);
+    assert_charged_as_audited(&host, &logged);
 }
 
 #[test]
@@ -520,7 +804,18 @@ fn compressed_response_charges_the_reservation_and_says_why() {
         rec.detail.as_deref(),
         Some("response was compressed; charged the reservation")
     );
-    assert_eq!(rec.tokens.output, None);
+    // The record says what was charged (it said nothing before): the
+    // reservation, 8 input and 100 output tokens at $3/M and $15/M.
+    let t = &rec.tokens;
+    assert_eq!((t.input, t.output), (Some(8), Some(100)));
+    assert_eq!(
+        (t.input_source, t.output_source),
+        (
+            Some(TokenSource::Reservation),
+            Some(TokenSource::Reservation)
+        )
+    );
+    assert!((rec.cost_usd.unwrap() - 0.001524).abs() < 1e-12);
     // The pool's output bucket keeps the whole reservation (100 of 1000).
     let cell = crate::meter::store::read(&*host.store, "tollgate/2/pool:team:payments")
         .unwrap()

@@ -535,3 +535,63 @@ fn a_lost_sync_answer_does_not_hold_back_the_other_buckets_reports() {
         "the requests bucket's consumption waited behind the lost Sync"
     );
 }
+
+/// A stream admitted by Redis and cut mid-way: the Settle sent to the quota
+/// service carries exactly the figures of the last record Envoy logged.
+#[test]
+fn a_stream_cut_mid_way_settles_in_redis_with_what_its_record_says() {
+    let store = MemStore::new();
+    let p = policy(
+        r#"{"requests_per_minute": 60, "output_tokens_per_minute": 10000, "tokens_per_day": 100000, "budget_usd_per_day": 10}"#,
+    );
+    let mut f = flow(&p);
+    let mut h = host(&store, "cut-1", NOW).with_body(
+        r#"{"model":"claude-haiku-4-5","max_tokens":100,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(send(&mut f, &mut h), Decision::Pause);
+    let (_, request) = h.quota_calls[0].clone();
+    assert_eq!(
+        f.on_quota_response(&mut h, Some(&admitted(&request))),
+        Some(Decision::Continue)
+    );
+    h.response_headers = vec![
+        (":status".into(), b"200".to_vec()),
+        ("content-type".into(), b"text/event-stream".to_vec()),
+    ];
+    f.on_response_headers(&mut h, false);
+    let chunks = [
+        (0, "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-haiku-4-5\",\"usage\":{\"input_tokens\":5,\"output_tokens\":1}}}\n\n"),
+        (10, "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"three \"}}\n\n"),
+        (250, "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"more words\"}}\n\n"),
+    ];
+    for (at, data) in chunks {
+        h.now_ms = NOW + at;
+        h.response_chunk = data.as_bytes().to_vec();
+        f.on_response_body(&mut h, data.len(), false);
+    }
+    let logged = h.last_audit().unwrap();
+    f.on_end(&mut h);
+    assert_eq!(
+        (logged.complete, logged.tokens.input, logged.tokens.output),
+        (false, Some(5), Some(3))
+    );
+    // 5 × $1/M + 3 × $5/M.
+    assert!((logged.cost_usd.unwrap() - 0.00002).abs() < 1e-12);
+    let (method, settle) = h.quota_calls.last().unwrap().clone();
+    assert_eq!(method, QuotaMethod::Settle);
+    let settle = pb::SettleRequest::decode(settle.as_slice()).unwrap();
+    let deltas: Vec<(String, i64)> = settle
+        .deltas
+        .iter()
+        .map(|c| (c.bucket.as_ref().unwrap().id.clone(), c.amount))
+        .collect();
+    // Reserved: 8 input ("hi" and framing), 100 output, $0.000508.
+    assert_eq!(
+        deltas,
+        [
+            ("key:k:output_tokens_per_minute".to_string(), 3 - 100),
+            ("key:k:tokens_per_day".to_string(), (5 + 3) - (8 + 100)),
+            ("key:k:budget_usd_per_day".to_string(), 20 - 508),
+        ]
+    );
+}

@@ -7,7 +7,8 @@
 //! last one wins; it always has `output_tokens` and may repeat the input
 //! fields, and carries the final `server_tool_use`).
 
-use super::Usage;
+use super::estimate::TextCounter;
+use super::{for_each_string_value, Reported, Usage};
 use serde::Deserialize;
 use std::borrow::Cow;
 
@@ -114,45 +115,63 @@ pub fn json(body: &[u8]) -> Option<(Usage, Option<String>)> {
     Some((usage, m.model.map(Cow::into_owned)))
 }
 
-/// Applies one stream event's data; returns whether it carried usage.
-pub fn stream_event(data: &[u8], usage: &mut Option<Usage>, model: &mut Option<String>) -> bool {
+/// Applies one stream event's data; returns which counts it reported.
+pub fn stream_event(
+    data: &[u8],
+    usage: &mut Option<Usage>,
+    model: &mut Option<String>,
+) -> Reported {
     let Ok(e) = serde_json::from_slice::<StreamEvent>(data) else {
-        return false;
+        return Reported::default();
     };
-    let raw = match e.kind.as_ref() {
+    let (raw, is_delta) = match e.kind.as_ref() {
         // `message_start` names the model and carries the input counts (and
         // an output count of 1 or so, replaced by the first `message_delta`).
-        "message_start" => e.message.and_then(|m| {
-            if let Some(m) = m.model {
-                *model = Some(m.into_owned());
-            }
-            m.usage
-        }),
+        "message_start" => (
+            e.message.and_then(|m| {
+                if let Some(m) = m.model {
+                    *model = Some(m.into_owned());
+                }
+                m.usage
+            }),
+            false,
+        ),
         // Cumulative: each one replaces the counts it names; a mid-stream
         // `error` simply leaves the last counts seen.
-        "message_delta" => e.usage,
-        _ => None,
+        "message_delta" => (e.usage, true),
+        _ => (None, false),
     };
-    match raw {
-        Some(u) => {
-            merge(usage.get_or_insert_with(Usage::default), &u);
-            true
-        }
-        None => false,
-    }
+    let Some(u) = raw else {
+        return Reported::default();
+    };
+    let reported = Reported {
+        input: u.input_tokens.is_some(),
+        output: is_delta && u.output_tokens.is_some(),
+    };
+    merge(usage.get_or_insert_with(Usage::default), &u);
+    reported
 }
 
-/// Whether a stream event of this name can carry usage, the model or an
-/// error. Content events (most of a stream) cannot; an unknown name is kept.
-pub fn may_carry_usage(event: &[u8]) -> bool {
+/// Whether the stream reader wants an event of this name: every one that can
+/// carry usage, the model or an error, and the content deltas whose text it
+/// counts. Block starts and stops, pings and `message_stop` carry none of
+/// these and their data is never copied; an unknown name is kept.
+pub fn wanted_event(event: &[u8]) -> bool {
     !matches!(
         event,
-        b"content_block_start"
-            | b"content_block_delta"
-            | b"content_block_stop"
-            | b"ping"
-            | b"message_stop"
+        b"content_block_start" | b"content_block_stop" | b"ping" | b"message_stop"
     )
+}
+
+/// Counts the model text a `content_block_delta` carries: the answer
+/// (`text_delta.text`), thinking (`thinking_delta.thinking`, billed as
+/// output) and a tool call's input as the model writes it
+/// (`input_json_delta.partial_json`). A `signature_delta` and citations are
+/// not text the model generated token by token, and are not counted.
+pub(crate) fn count_delta(data: &[u8], relayed: &mut TextCounter) {
+    for_each_string_value(data, &[b"text", b"thinking", b"partial_json"], |raw| {
+        relayed.push_json(raw)
+    });
 }
 
 /// How Anthropic frames a prompt: the tokens it adds around the text, for the

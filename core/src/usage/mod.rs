@@ -11,6 +11,7 @@ pub mod openai;
 pub mod sse;
 
 use crate::route::{Provider, Route};
+use estimate::TextCounter;
 
 /// Usage normalised across providers: one count per class the providers
 /// bill, and the tier and region the response says served the request.
@@ -108,15 +109,39 @@ pub fn parse_json_usage(route: Route, body: &[u8]) -> Option<(Usage, Option<Stri
     }
 }
 
+/// Which of a stream's counts the provider has reported so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reported {
+    /// The input counts: Anthropic `message_start`, OpenAI's usage chunk or
+    /// final Responses event.
+    pub input: bool,
+    /// The output count: an Anthropic `message_delta` usage (the output
+    /// count `message_start` carries is a placeholder), OpenAI's usage.
+    pub output: bool,
+}
+
+impl Reported {
+    fn add(&mut self, other: Reported) {
+        self.input |= other.input;
+        self.output |= other.output;
+    }
+}
+
 /// Incremental usage reader for a streamed (SSE) response, fed each chunk as
 /// it passes. Keeps only the incomplete tail of the stream; JSON-parses only
-/// events whose data mentions `"usage"` (content deltas are skipped).
+/// events whose data mentions `"usage"`. The text of content deltas is
+/// counted in place with the estimator's text rule ([`TextCounter`]), so a
+/// stream that ends before the provider's count is charged for the text it
+/// relayed.
 #[derive(Debug)]
 pub struct StreamUsage {
     provider: Provider,
     splitter: sse::Splitter,
     usage: Option<Usage>,
     model: Option<String>,
+    reported: Reported,
+    /// The text of every content delta seen, counted as one text.
+    relayed: TextCounter,
     /// A mid-stream `error` event was seen.
     pub errored: bool,
 }
@@ -127,45 +152,83 @@ impl StreamUsage {
         StreamUsage {
             provider,
             splitter: sse::Splitter::with_filter(match provider {
-                Provider::Anthropic => anthropic::may_carry_usage,
-                Provider::OpenAi => openai::may_carry_usage,
+                Provider::Anthropic => anthropic::wanted_event,
+                Provider::OpenAi => openai::wanted_event,
             }),
             usage: None,
             model: None,
+            reported: Reported::default(),
+            relayed: TextCounter::default(),
             errored: false,
         }
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
-        let (provider, usage, model, errored) = (
-            self.provider,
-            &mut self.usage,
-            &mut self.model,
-            &mut self.errored,
-        );
-        self.splitter.feed(chunk, |event| {
+        let StreamUsage {
+            provider,
+            splitter,
+            usage,
+            model,
+            reported,
+            relayed,
+            errored,
+        } = self;
+        let provider = *provider;
+        splitter.feed(chunk, |event| {
             // Anthropic and the Responses API name their error events;
             // Chat Completions sends an unnamed `data: {"error": ...}`.
             if event.name == "error" || starts_with_error_object(&event.data) {
                 *errored = true;
             }
-            // Content deltas are most of a stream: only events that carry a
-            // usage object are parsed, plus the first one naming the model
-            // (a stream without usage still says which model served it).
+            // Content deltas are most of a stream and carry no usage: their
+            // text is counted in place and nothing is parsed.
+            let delta_only = match provider {
+                Provider::Anthropic if event.name == "content_block_delta" => {
+                    anthropic::count_delta(&event.data, relayed);
+                    true
+                }
+                Provider::OpenAi if event.name.ends_with(".delta") => {
+                    openai::count_responses_delta(&event.data, relayed);
+                    true
+                }
+                // Chat chunks are unnamed and carry text and usage alike.
+                Provider::OpenAi if event.name.is_empty() => {
+                    openai::count_chat_delta(&event.data, relayed);
+                    false
+                }
+                _ => false,
+            };
+            if delta_only {
+                return;
+            }
+            // Only events that carry a usage object are parsed, plus the
+            // first one naming the model (a stream without usage still
+            // says which model served it).
             let wanted = has_usage_object(&event.data)
                 || (model.is_none() && contains(&event.data, b"\"model\""));
             if !wanted {
                 return;
             }
-            match provider {
+            reported.add(match provider {
                 Provider::Anthropic => anthropic::stream_event(&event.data, usage, model),
                 Provider::OpenAi => openai::stream_event(&event.data, usage, model),
-            };
+            });
         });
     }
 
     pub fn usage(&self) -> Option<&Usage> {
         self.usage.as_ref()
+    }
+
+    /// Which counts the provider has reported so far.
+    pub fn reported(&self) -> Reported {
+        self.reported
+    }
+
+    /// Tokens of the text the content deltas carried so far (answer text,
+    /// thinking, tool-call arguments), by the estimator's text rule.
+    pub fn relayed_tokens(&self) -> u64 {
+        self.relayed.tokens()
     }
 
     pub fn model(&self) -> Option<&str> {
@@ -217,6 +280,67 @@ pub(crate) fn has_usage_object(data: &[u8]) -> bool {
         }
     }
     false
+}
+
+/// Calls `count` with every string value of an object key in `keys`
+/// (unquoted, as `b"text"`) in the JSON `data`: the bytes just after the
+/// value's opening quote, ready for [`TextCounter::push_json`], which
+/// returns where the value's closing quote is. One pass: every string is
+/// skipped whole (its escapes too), so a key-like text inside a string
+/// never matches, and a key whose value is not a string (`"content":null`,
+/// `"content":[...]`) is passed over. Stops at a string it cannot end.
+pub(crate) fn for_each_string_value(
+    data: &[u8],
+    keys: &[&[u8]],
+    mut count: impl FnMut(&[u8]) -> Option<usize>,
+) {
+    // Event data is short and dense with short strings: a plain byte loop
+    // beats a vectorised search that pays its set-up at every string.
+    let mut at = 0;
+    while let Some(&b) = data.get(at) {
+        at += 1;
+        if b != b'"' {
+            continue;
+        }
+        let start = at;
+        let Some(end) = string_end(data, start) else {
+            return;
+        };
+        at = end + 1;
+        if !data.get(start..end).is_some_and(|s| keys.contains(&s)) {
+            continue;
+        }
+        // A key: `:` and a string value may follow, with white space between.
+        let next = |from: usize| {
+            data.get(from..)
+                .and_then(|d| d.iter().position(|b| !b.is_ascii_whitespace()))
+                .map(|i| from + i)
+        };
+        let Some(colon) = next(at).filter(|i| data.get(*i) == Some(&b':')) else {
+            continue;
+        };
+        let Some(quote) = next(colon + 1).filter(|i| data.get(*i) == Some(&b'"')) else {
+            continue;
+        };
+        match data.get(quote + 1..).and_then(&mut count) {
+            Some(close) => at = quote + 1 + close + 1,
+            None => return,
+        }
+    }
+}
+
+/// The index of the quote closing the JSON string whose first byte is at
+/// `start`, skipping escaped characters.
+fn string_end(data: &[u8], start: usize) -> Option<usize> {
+    let mut i = start;
+    while let Some(&b) = data.get(i) {
+        match b {
+            b'"' => return Some(i),
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 fn starts_with_error_object(data: &[u8]) -> bool {

@@ -13,7 +13,8 @@
 //! normalised `input` excludes them (see [`Usage`]). Reasoning tokens are
 //! already inside the completion / output count: never added again.
 
-use super::Usage;
+use super::estimate::TextCounter;
+use super::{for_each_string_value, Reported, Usage};
 use serde::Deserialize;
 use std::borrow::Cow;
 
@@ -107,10 +108,15 @@ pub fn json(body: &[u8]) -> Option<(Usage, Option<String>)> {
     Some((b.usage()?, b.model.map(Cow::into_owned)))
 }
 
-/// Applies one stream event's data (a chat chunk or a Responses event).
-pub fn stream_event(data: &[u8], usage: &mut Option<Usage>, model: &mut Option<String>) -> bool {
+/// Applies one stream event's data (a chat chunk or a Responses event);
+/// returns which counts it reported (OpenAI reports them together, once).
+pub fn stream_event(
+    data: &[u8],
+    usage: &mut Option<Usage>,
+    model: &mut Option<String>,
+) -> Reported {
     let Ok(b) = serde_json::from_slice::<Body>(data) else {
-        return false;
+        return Reported::default();
     };
     let b = match b.response {
         Some(r) => *r,
@@ -122,17 +128,47 @@ pub fn stream_event(data: &[u8], usage: &mut Option<Usage>, model: &mut Option<S
     match b.usage() {
         Some(u) => {
             *usage = Some(u);
-            true
+            Reported {
+                input: true,
+                output: true,
+            }
         }
-        None => false,
+        None => Reported::default(),
     }
 }
 
-/// Whether a stream event of this name can carry usage, the model or an
-/// error. Chat chunks have no name (kept); the Responses API's `*.delta`
-/// events carry only generated text.
-pub fn may_carry_usage(event: &[u8]) -> bool {
-    !event.ends_with(b".delta")
+/// Responses stream events whose `delta` is text the model generated: the
+/// answer, a refusal, a function call's arguments, a custom tool's input,
+/// reasoning text and its summary. Other `*.delta` events (audio, as
+/// base64) carry no usage and are skipped unread.
+const TEXT_DELTAS: &[&[u8]] = &[
+    b"response.output_text.delta",
+    b"response.refusal.delta",
+    b"response.function_call_arguments.delta",
+    b"response.custom_tool_call_input.delta",
+    b"response.reasoning_text.delta",
+    b"response.reasoning_summary_text.delta",
+];
+
+/// Whether the stream reader wants an event of this name. Chat chunks have
+/// no name (kept); of the Responses API's `*.delta` events, which carry only
+/// generated content, the text ones are kept for their text to be counted.
+pub fn wanted_event(event: &[u8]) -> bool {
+    !event.ends_with(b".delta") || TEXT_DELTAS.contains(&event)
+}
+
+/// Counts the text of a Responses text delta (`"delta": "..."`).
+pub(crate) fn count_responses_delta(data: &[u8], relayed: &mut TextCounter) {
+    for_each_string_value(data, &[b"delta"], |raw| relayed.push_json(raw));
+}
+
+/// Counts the text a chat chunk's choices carry: `delta.content`,
+/// `delta.refusal` and `delta.tool_calls[].function.arguments`, for every
+/// choice. `logprobs.content` is an array and is not matched.
+pub(crate) fn count_chat_delta(data: &[u8], relayed: &mut TextCounter) {
+    for_each_string_value(data, &[b"content", b"refusal", b"arguments"], |raw| {
+        relayed.push_json(raw)
+    });
 }
 
 /// How OpenAI frames a prompt: the tokens it adds around the text, for the

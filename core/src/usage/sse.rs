@@ -75,8 +75,8 @@ impl Splitter {
     }
 
     /// A splitter that dispatches only events whose name (empty when the
-    /// event has none) `wanted` accepts. Content deltas are most of a
-    /// stream's bytes: skipping them by name avoids copying their data.
+    /// event has none) `wanted` accepts: the data of events a reader never
+    /// looks at (pings, block starts and stops, audio deltas) is not copied.
     pub fn with_filter(wanted: fn(&[u8]) -> bool) -> Splitter {
         Splitter {
             wanted,
@@ -181,7 +181,10 @@ impl Splitter {
                 if self.unwanted {
                     self.event.data.clear();
                 } else {
-                    self.event.name.push_str(&String::from_utf8_lossy(value));
+                    match std::str::from_utf8(value) {
+                        Ok(name) => self.event.name.push_str(name),
+                        Err(_) => self.event.name.push_str(&String::from_utf8_lossy(value)),
+                    }
                 }
             }
             _ => {}

@@ -493,3 +493,213 @@ fn openai_web_searches_are_the_calls_that_did_not_fail() {
     let (u, _) = parse_json_usage(Route::OpenAiResponses, body).unwrap();
     assert_eq!(u.web_search_requests, 2);
 }
+
+/// The text a stream's content deltas carry, read with a full JSON parse of
+/// every event (the oracle the in-place reader is held to): Anthropic
+/// `text_delta`, `thinking_delta`, `input_json_delta`; OpenAI chat
+/// `delta.content` / `refusal` / tool-call arguments; Responses text deltas.
+fn delta_text(route: Route, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body).replace("\r\n", "\n");
+    let mut out = String::new();
+    for event in text.split("\n\n") {
+        let name = event
+            .lines()
+            .find_map(|l| l.strip_prefix("event:"))
+            .map(str::trim)
+            .unwrap_or("");
+        let data: String = event
+            .lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(|d| d.strip_prefix(' ').unwrap_or(d))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let Ok(v) = serde_json::from_str::<Value>(&data) else {
+            continue;
+        };
+        let mut push = |s: &Value| {
+            if let Some(s) = s.as_str() {
+                out.push_str(s);
+            }
+        };
+        match route.provider() {
+            Provider::Anthropic if name == "content_block_delta" => {
+                for key in ["text", "thinking", "partial_json"] {
+                    push(&v["delta"][key]);
+                }
+            }
+            Provider::Anthropic => {}
+            Provider::OpenAi if name.is_empty() => {
+                for choice in v["choices"].as_array().into_iter().flatten() {
+                    push(&choice["delta"]["content"]);
+                    push(&choice["delta"]["refusal"]);
+                    for call in choice["delta"]["tool_calls"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                    {
+                        push(&call["function"]["arguments"]);
+                    }
+                }
+            }
+            Provider::OpenAi
+                if openai::wanted_event(name.as_bytes()) && name.ends_with(".delta") =>
+            {
+                push(&v["delta"])
+            }
+            Provider::OpenAi => {}
+        }
+    }
+    out
+}
+
+fn tokens_of(text: &str) -> u64 {
+    let json = serde_json::to_string(text).unwrap();
+    let mut counter = estimate::TextCounter::default();
+    counter.push_json(&json.as_bytes()[1..]).unwrap();
+    counter.tokens()
+}
+
+fn relayed(route: Route, chunks: &[&[u8]]) -> (u64, Reported) {
+    let mut s = StreamUsage::new(route);
+    for c in chunks {
+        s.feed(c);
+    }
+    (s.relayed_tokens(), s.reported())
+}
+
+#[test]
+fn every_sse_fixture_counts_its_delta_text_the_same_at_every_split_point() {
+    let mut checked = 0;
+    for ex in manifest().iter().filter(|e| e["stream"] == true) {
+        let name = ex["name"].as_str().unwrap();
+        let body = file(ex["response"].as_str().unwrap());
+        let r = route(ex);
+        let whole = relayed(r, &[&body]);
+        let text = delta_text(r, &body);
+        assert!(!text.is_empty(), "{name}: no delta text in the fixture");
+        assert_eq!(
+            whole.0,
+            tokens_of(&text),
+            "{name}: the deltas' text, joined"
+        );
+        for cut in 0..=body.len() {
+            assert_eq!(
+                relayed(r, &[&body[..cut], &body[cut..]]),
+                whole,
+                "{name}: split at byte {cut}"
+            );
+        }
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(relayed(r, &bytes), whole, "{name}: byte by byte");
+        checked += 1;
+    }
+    assert!(checked >= 7, "only {checked} SSE fixtures");
+}
+
+#[test]
+fn anthropic_counts_answer_thinking_and_tool_input_deltas_and_nothing_else() {
+    let doc = concat!(
+        "event: message_start\n",
+        "data: {\"type\":\"message_start\",\"message\":{\"model\":\"m\",\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"Let me think\"}}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"signature_delta\",\"signature\":\"EqQBCkYIBxgCKkBvY2sgc2lnbmF0dXJl\"}}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\": \"content_block_delta\", \"index\": 1, \"delta\": {\"type\": \"text_delta\", \"text\": \" about \\\"it\\\"\"}}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\":\"content_block_delta\",\"index\":2,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"city\\\": \\\"Par\"}}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\":\"content_block_delta\",\"index\":2,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"is\\\"}\"}}\n\n",
+        "event: content_block_delta\n",
+        "data: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"citations_delta\",\"citation\":{\"cited_text\":\"not generated\",\"title\":\"t\"}}}\n\n",
+    );
+    let joined = "Let me think about \"it\"{\"city\": \"Paris\"}";
+    let whole = relayed(Route::AnthropicMessages, &[doc.as_bytes()]);
+    assert_eq!(whole.0, tokens_of(joined));
+    // "Let me think about" 4, ` "` 1, "it" 1, `"{"` 2, "city" 1, `":` 1,
+    // ` "` 1, "Paris" 1, `"}` 1: the tool input's word "Paris" is one
+    // word, though it arrived in two deltas.
+    assert_eq!(whole.0, 13);
+    // message_start reports the input; its output count is a placeholder.
+    assert_eq!(
+        whole.1,
+        Reported {
+            input: true,
+            output: false
+        }
+    );
+    let mut s = StreamUsage::new(Route::AnthropicMessages);
+    s.feed(doc.as_bytes());
+    s.feed(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":21}}\n\n");
+    assert_eq!(
+        s.reported(),
+        Reported {
+            input: true,
+            output: true
+        }
+    );
+    assert_eq!(s.usage().map(|u| (u.input, u.output)), Some((9, 21)));
+}
+
+#[test]
+fn openai_counts_content_refusals_and_tool_arguments_of_every_choice() {
+    let chat = concat!(
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null}}],\"usage\":null}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello there\"},\"logprobs\":{\"content\":[{\"token\":\"Hello\"}]}},{\"index\":1,\"delta\":{\"refusal\":\"I can't\"}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"get\",\"arguments\":\"{\\\"q\\\":1}\"}}]}}]}\n\n",
+        "data: [DONE]\n\n",
+    );
+    let (tokens, reported) = relayed(Route::OpenAiChat, &[chat.as_bytes()]);
+    assert_eq!(tokens, tokens_of("Hello thereI can't{\"q\":1}"));
+    assert_eq!(
+        reported,
+        Reported::default(),
+        "no usage chunk: nothing reported"
+    );
+    let responses = concat!(
+        "event: response.created\n",
+        "data: {\"type\":\"response.created\",\"response\":{\"model\":\"gpt-4o\",\"usage\":null}}\n\n",
+        "event: response.output_text.delta\n",
+        "data: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"delta\":\"Hello\"}\n\n",
+        "event: response.function_call_arguments.delta\n",
+        "data: {\"type\":\"response.function_call_arguments.delta\",\"delta\":\" world\"}\n\n",
+        "event: response.audio.delta\n",
+        "data: {\"type\":\"response.audio.delta\",\"delta\":\"UklGRiQAAABXQVZFZm10IBAAAAABAAEA\"}\n\n",
+        "event: response.completed\n",
+        "data: {\"type\":\"response.completed\",\"response\":{\"model\":\"gpt-4o\",\"usage\":{\"input_tokens\":4,\"output_tokens\":2}}}\n\n",
+    );
+    let (tokens, reported) = relayed(Route::OpenAiResponses, &[responses.as_bytes()]);
+    assert_eq!(tokens, 2, "\"Hello\" and \" world\"; audio is not text");
+    assert_eq!(
+        reported,
+        Reported {
+            input: true,
+            output: true
+        }
+    );
+}
+
+#[test]
+fn string_values_are_found_only_as_keys_with_string_values() {
+    let mut found = Vec::new();
+    for_each_string_value(
+        br#"{"type":"text","text" : "a\"text\":\"b","content":null,"x":{"text":"c"},"text":["d"]}"#,
+        &[b"text", b"content"],
+        |raw| {
+            let end = estimate::TextCounter::default().push_json(raw)?;
+            found.push(String::from_utf8_lossy(&raw[..end]).into_owned());
+            Some(end)
+        },
+    );
+    // `"type":"text"` is a value; the key-like text inside the first value
+    // is skipped with it; `null` and `["d"]` are not string values.
+    assert_eq!(found, [r#"a\"text\":\"b"#, "c"]);
+    // A string that never ends stops the scan.
+    let mut calls = 0;
+    for_each_string_value(br#"{"text":"open"#, &[b"text"], |_| {
+        calls += 1;
+        None
+    });
+    assert_eq!(calls, 1);
+}

@@ -58,7 +58,9 @@
 //!
 //! # Layout
 //!
-//! - `text`: character classes and the per-string token count;
+//! - `text`: character classes and the per-string token count, and
+//!   [`TextCounter`], the same count over a text that arrives in pieces (the
+//!   deltas a stream relays, charged when it ends before its usage);
 //! - `media`: base64 images and PDFs: dimensions, pages, what they cost;
 //! - `walk`: the serde visitor over the prompt fields;
 //! - `scalar`: model, max_tokens, stream, stream_options;
@@ -83,6 +85,8 @@ use scalar::{IncludeUsage, Key, Scalar};
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use std::fmt;
 use walk::{Mode, Tag, Tally, Walk};
+
+pub use text::TextCounter;
 
 /// The top-level request object.
 struct Request<'de> {

@@ -347,7 +347,17 @@ fn scan(
     json: bool,
     classify: impl Fn(&[u8; 64], bool) -> Masks,
 ) -> Option<(u64, usize)> {
-    let mut runs = Runs::default();
+    scan_runs(Runs::default(), bytes, json, classify).map(|(runs, end)| (runs.finish(), end))
+}
+
+/// [`scan`] continuing from `runs` (a text that arrives in pieces): returns
+/// the runs with the run at the end still open, and where reading stopped.
+fn scan_runs(
+    mut runs: Runs,
+    bytes: &[u8],
+    json: bool,
+    classify: impl Fn(&[u8; 64], bool) -> Masks,
+) -> Option<(Runs, usize)> {
     let mut base = 0usize;
     let mut tail = [0u8; 64];
     loop {
@@ -383,7 +393,7 @@ fn scan(
                 return if json {
                     None
                 } else {
-                    Some((runs.finish(), bytes.len()))
+                    Some((runs, bytes.len()))
                 };
             }
             match step(bytes, i, json) {
@@ -391,7 +401,7 @@ fn scan(
                     runs.push(c);
                     a = b + len as u32;
                 }
-                Step::End => return Some((runs.finish(), i)),
+                Step::End => return Some((runs, i)),
                 Step::Invalid => return None,
             }
         }
@@ -411,6 +421,31 @@ pub(super) fn text_tokens(s: &str) -> u64 {
 /// the error.
 pub(super) fn json_text_tokens(raw: &[u8]) -> Option<(u64, usize)> {
     scan(raw, true, classify)
+}
+
+/// Counts a text that arrives in pieces (the deltas of a streamed answer)
+/// by the same rule as one string: a run open at the end of one piece
+/// continues into the next, so the count is the count of the pieces joined.
+/// Copy-sized: a stream keeps one and never allocates for it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TextCounter {
+    runs: Runs,
+}
+
+impl TextCounter {
+    /// Adds a JSON string read in place: `raw` starts just after its opening
+    /// quote. Returns the index of the closing quote, or `None` (and adds
+    /// nothing) when it is not a valid JSON string.
+    pub fn push_json(&mut self, raw: &[u8]) -> Option<usize> {
+        let (runs, end) = scan_runs(self.runs, raw, true, classify)?;
+        self.runs = runs;
+        Some(end)
+    }
+
+    /// Tokens of everything added so far.
+    pub fn tokens(&self) -> u64 {
+        self.runs.finish()
+    }
 }
 
 #[cfg(test)]
@@ -446,5 +481,35 @@ mod tests {
         // Accented letters stay in their word, at 3 letters per token.
         assert_eq!(text_tokens("déjà"), 2);
         assert_eq!(text_tokens("привет мир"), 2 + 1);
+    }
+
+    /// A streamed answer's text arrives in deltas cut between any two
+    /// characters, even inside a word: the count is the count of the text
+    /// joined, whatever the cuts.
+    #[test]
+    fn text_counted_in_pieces_counts_as_the_pieces_joined() {
+        let text = "internationalization\n  of 2025-11-23: 速率 déjà \"vu\" 🙂 end";
+        let whole = text_tokens(text);
+        let chars: Vec<(usize, char)> = text.char_indices().collect();
+        for &(cut, _) in &chars {
+            for &(cut2, _) in chars.iter().filter(|(i, _)| *i >= cut) {
+                let mut counter = TextCounter::default();
+                for piece in [&text[..cut], &text[cut..cut2], &text[cut2..]] {
+                    let json = serde_json::to_string(piece).unwrap();
+                    let raw = &json.as_bytes()[1..];
+                    assert_eq!(counter.push_json(raw), Some(raw.len() - 1));
+                }
+                assert_eq!(counter.tokens(), whole, "cut at {cut} and {cut2}");
+            }
+        }
+        // Long words cost as one word, not as two halves.
+        let mut counter = TextCounter::default();
+        counter.push_json(b"internation\"").unwrap();
+        counter.push_json(b"alization\"").unwrap();
+        assert_eq!(counter.tokens(), 3);
+        // An invalid string adds nothing.
+        assert_eq!(counter.push_json(b"bad \\q escape\""), None);
+        assert_eq!(counter.push_json(b"no closing quote"), None);
+        assert_eq!(counter.tokens(), 3);
     }
 }
