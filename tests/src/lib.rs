@@ -69,6 +69,8 @@ pub struct Options {
     pub stream_idle_timeout_s: Option<u64>,
     /// Share limits through this Redis (`tollgate run --redis URL`).
     pub redis: Option<String>,
+    /// More `tollgate run` arguments (`--audit-log-max-bytes 4096`).
+    pub run_args: Vec<String>,
 }
 
 impl Default for Options {
@@ -80,6 +82,7 @@ impl Default for Options {
             wasm: None,
             stream_idle_timeout_s: None,
             redis: None,
+            run_args: Vec::new(),
         }
     }
 }
@@ -107,6 +110,7 @@ impl Gateway {
         if let Some(url) = &opts.redis {
             cmd.arg("--redis").arg(url);
         }
+        cmd.args(&opts.run_args);
         let child = cmd
             .current_dir(workspace())
             .args([

@@ -21,10 +21,15 @@ pub struct CollectorArgs {
     /// HTTP listener for /metrics, /api/usage and the dashboard.
     #[arg(long, default_value = "127.0.0.1:9613")]
     pub http: SocketAddr,
-    /// Import this JSON-lines audit log (Envoy's file access log) at start-up,
-    /// recovering records the gRPC stream lost while the collector was down.
+    /// Import this JSON-lines audit log (Envoy's file access log) and its rotated
+    /// files (FILE.N … FILE.1, oldest first) at start-up, recovering records the
+    /// gRPC stream lost while the collector was down.
     #[arg(long)]
     pub import: Option<PathBuf>,
+    /// Roll raw records older than this many days up into daily sums, then delete
+    /// them (usage reports keep covering those days). Default: keep everything.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub retain_days: Option<u32>,
 }
 
 pub fn run(args: CollectorArgs) -> Result<()> {
@@ -48,6 +53,9 @@ pub fn run(args: CollectorArgs) -> Result<()> {
             http.local_addr()?,
             args.db.display()
         ));
-        audit_service::serve(grpc, http, store, shutdown::signal()).await
+        let upkeep = audit_service::Upkeep {
+            retain_days: args.retain_days,
+        };
+        audit_service::serve(grpc, http, store, upkeep, shutdown::signal()).await
     })
 }

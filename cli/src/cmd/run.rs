@@ -3,6 +3,7 @@
 //! this process, starts the pinned real Envoy with tollgate.wasm, watches the
 //! policy file for edits, and stops everything on Ctrl-C.
 
+use crate::audit_log::Rotation;
 use crate::gateway::render::Upstream;
 use crate::gateway::{self, Collector, EnvoyOptions, Providers};
 use crate::output::{status, Output};
@@ -74,6 +75,17 @@ pub struct RunArgs {
     /// How often Envoy flushes audit records to the collector (ms).
     #[arg(long, default_value_t = 1000)]
     pub audit_flush_ms: u64,
+    /// Rotate the audit file log (<state-dir>/audit.jsonl) once it reaches this size:
+    /// it is renamed audit.jsonl.1 and Envoy reopens a new one.
+    #[arg(long, default_value_t = 100 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_log_max_bytes: u64,
+    /// Rotated audit file logs kept (audit.jsonl.1 … .N); older ones are deleted.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_log_keep: u64,
+    /// Roll audit records older than this many days up into daily sums, then delete
+    /// them (usage reports keep covering those days). Default: keep everything.
+    #[arg(long, conflicts_with = "external_collector", value_parser = clap::value_parser!(u32).range(1..))]
+    pub audit_retain_days: Option<u32>,
     /// Seconds a request may go without a byte in either direction before
     /// Envoy cuts it off (504 `timeout_error` before the response starts).
     /// Generations pause between events; keep this generous.
@@ -138,6 +150,11 @@ fn options(args: &RunArgs) -> Result<gateway::Options> {
         wasm: args.wasm.clone(),
         body_limit: args.body_limit,
         audit_flush_ms: args.audit_flush_ms,
+        audit_log: Rotation {
+            max_bytes: args.audit_log_max_bytes,
+            keep: usize::try_from(args.audit_log_keep).unwrap_or(usize::MAX),
+        },
+        audit_retain_days: args.audit_retain_days,
         stream_idle_timeout_s: args.stream_idle_timeout,
         shared: shared(args)?,
     })

@@ -5,9 +5,12 @@
 //! A full queue drops the entry and counts it; the file access log keeps the
 //! durable copy.
 
+pub mod gaps;
 pub mod http;
+pub mod ingest;
 pub mod metrics;
 pub mod report;
+pub mod retention;
 pub mod sheet;
 pub mod store;
 
@@ -29,7 +32,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use store::AuditStore;
+use store::{AuditStore, Stored};
 use tokio::sync::{mpsc, watch};
 use tollgate_core::audit::{AuditRecord, Outcome, Reason, FILTER_STATE_KEY};
 
@@ -58,7 +61,21 @@ pub struct Stats {
     /// Usage counters behind `/metrics`; `None` until seeded from the store
     /// (the writer does that before storing its first batch).
     pub usage: Mutex<Option<metrics::Usage>>,
+    /// Missing audit records per Envoy, most first, as last computed from
+    /// the store ([`maintain`]); `None` before the first computation.
+    pub missing: Mutex<Option<Vec<(String, u64)>>>,
 }
+
+/// How far back the missing-records gauge looks, and how often it is
+/// computed again from the store (one indexed pass over the window).
+pub const GAPS_WINDOW: Duration = Duration::from_secs(7 * 86_400);
+pub const GAPS_EVERY: Duration = Duration::from_secs(60);
+/// How long after the request that follows a gap the gap counts: until
+/// then the missing request may still be streaming (Envoy logs a request's
+/// record when it ends).
+pub const GAPS_SETTLE: Duration = Duration::from_secs(30 * 60);
+/// How often retention runs (when the collector has a `--retain-days`).
+pub const RETAIN_EVERY: Duration = Duration::from_secs(3_600);
 
 /// The payload of an encoded `google.protobuf.BytesValue` or `StringValue`
 /// (field 1, length-delimited: tag byte 0x0A, a varint length, the bytes),
@@ -256,6 +273,27 @@ async fn seed(store: &AuditStore, stats: &Arc<Stats>) -> bool {
     }
 }
 
+/// Stores records in one transaction and, once the usage counters are
+/// seeded, counts each record into them by what storing it did.
+pub fn store_counted(
+    store: &AuditStore,
+    stats: &Stats,
+    records: &[AuditRecord],
+) -> Result<Vec<Stored>> {
+    let stored = store.insert_batch(records)?;
+    stats
+        .stored
+        .fetch_add(records.len() as u64, Ordering::Relaxed);
+    if let Ok(mut usage) = stats.usage.lock() {
+        if let Some(usage) = usage.as_mut() {
+            for (record, stored) in records.iter().zip(&stored) {
+                usage.count(record, stored);
+            }
+        }
+    }
+    Ok(stored)
+}
+
 /// Stores queued records in batches until every sender is gone and the
 /// queue is empty, counting each into the usage metrics once stored.
 async fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, store: AuditStore, stats: Arc<Stats>) {
@@ -283,18 +321,7 @@ async fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, store: AuditStore, stat
         let (store, stats) = (store.clone(), stats.clone());
         let n = records.len() as u64;
         let done = tokio::task::spawn_blocking(move || -> Result<()> {
-            let stored = store.insert_batch(&records)?;
-            stats.stored.fetch_add(n, Ordering::Relaxed);
-            if seeded {
-                if let Ok(mut usage) = stats.usage.lock() {
-                    if let Some(usage) = usage.as_mut() {
-                        for (record, stored) in records.iter().zip(&stored) {
-                            usage.count(record, stored);
-                        }
-                    }
-                }
-            }
-            Ok(())
+            store_counted(&store, &stats, &records).map(drop)
         })
         .await;
         match done {
@@ -302,6 +329,61 @@ async fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, store: AuditStore, stat
             Ok(Err(e)) => tracing::error!("storing {n} audit records failed: {e:#}"),
             Err(e) => tracing::error!("audit writer task failed: {e}"),
         }
+    }
+}
+
+/// Recomputes the missing-records gauge from the store, and with
+/// `retain_days` runs retention, until `stop` resolves: retention at once
+/// and every [`RETAIN_EVERY`], the gaps after it and every [`GAPS_EVERY`].
+pub async fn maintain(
+    store: AuditStore,
+    stats: Arc<Stats>,
+    retain_days: Option<u32>,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut gaps = tokio::time::interval(GAPS_EVERY);
+    let mut retain = tokio::time::interval(RETAIN_EVERY);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut stop => return,
+            _ = retain.tick(), if retain_days.is_some() => {
+                let days = retain_days.unwrap_or_default();
+                let store = store.clone();
+                let now = crate::clock::now_ms();
+                match tokio::task::spawn_blocking(move || store.retain(days, now)).await {
+                    Ok(Ok(r)) if r.days > 0 || r.deleted > 0 => crate::output::status(format_args!(
+                        "audit retention: {} day(s) rolled up, {} records deleted, raw records kept from {}",
+                        r.days,
+                        r.deleted,
+                        tollgate_core::time::format_rfc3339(u64::try_from(r.horizon_ms).unwrap_or(0))
+                    )),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!("audit retention failed: {e:#}"),
+                    Err(e) => tracing::error!("audit retention task failed: {e}"),
+                }
+                gaps.reset_immediately();
+            }
+            _ = gaps.tick() => refresh_missing(&store, &stats).await,
+        }
+    }
+}
+
+/// Computes the missing records per Envoy from the store (see `gaps.rs`).
+pub async fn refresh_missing(store: &AuditStore, stats: &Stats) {
+    let store = store.clone();
+    let now = crate::clock::now_ms();
+    let since = now.saturating_sub(GAPS_WINDOW.as_millis() as u64);
+    let settled = now.saturating_sub(GAPS_SETTLE.as_millis() as u64);
+    match tokio::task::spawn_blocking(move || store.gaps(since, settled)).await {
+        Ok(Ok(found)) => {
+            if let Ok(mut missing) = stats.missing.lock() {
+                *missing = Some(gaps::missing_by_envoy(&found));
+            }
+        }
+        Ok(Err(e)) => tracing::error!("reading audit gaps failed: {e:#}"),
+        Err(e) => tracing::error!("audit gaps task failed: {e}"),
     }
 }
 

@@ -23,7 +23,7 @@ pub use headers::rate_limit_headers;
 pub use models::{empty_list, filter_list, Filtered, MAX_MODELS_LIST};
 pub use refusal::Refusal;
 
-use crate::audit::{AuditRecord, Outcome, Reason, Tokens, SCHEMA_VERSION};
+use crate::audit::{AuditRecord, Origin, Outcome, Reason, Tokens, SCHEMA_VERSION};
 use crate::host::{header, Decision, Host, LocalReply, Stat};
 use crate::host::{Queue, QuotaMethod};
 use crate::meter::shared::{self, Plan, RemoteRefusal, SharedOptions, Source};
@@ -125,6 +125,8 @@ pub struct RequestFlow {
     audit: AuditRecord,
     /// SHA-256 of the presented virtual key, once identified.
     key_sha256: Option<[u8; 32]>,
+    /// Whether the record has been published (and numbered) once.
+    published: bool,
 }
 
 impl RequestFlow {
@@ -146,6 +148,7 @@ impl RequestFlow {
                 ..Default::default()
             },
             key_sha256: None,
+            published: false,
         }
     }
 
@@ -249,7 +252,7 @@ impl RequestFlow {
         // Published now so that a request that never reaches the body
         // decision (Envoy's own 413, a client that goes away) is still
         // audited with its identity; the collector adds Envoy's status.
-        host.set_audit_record(&self.audit.to_json());
+        self.publish(host);
         if self.holds_headers() {
             Decision::Pause
         } else {
@@ -391,6 +394,23 @@ impl RequestFlow {
             );
             self.response.strip = Some(usage::inject::UsageChunkStripper::default());
         }
+    }
+
+    /// Publishes the record before the end of the response. The first
+    /// publication numbers it in this Envoy's audit sequence (one shared-data
+    /// read and write): a number is taken only by a request whose record
+    /// Envoy will log, so a number the collector never sees is a lost
+    /// record, and the final record keeps the same number.
+    fn publish(&mut self, host: &mut impl Host) {
+        if !self.published {
+            self.published = true;
+            let (id, start) = (&self.audit.request_id, self.audit.timestamp_ms);
+            self.audit.origin = Origin::next(&*host, || Origin::propose_envoy(id, start));
+            if self.audit.origin.is_none() {
+                host.stat(Stat::CasExhausted, 1);
+            }
+        }
+        host.set_audit_record(&self.audit.to_json());
     }
 
     /// Every bucket the authenticated key touches (computed once per request).
@@ -563,7 +583,7 @@ impl RequestFlow {
                     Reason::Ok
                 };
                 self.audit.complete = false;
-                host.set_audit_record(&self.audit.to_json());
+                self.publish(host);
                 host.stat(Stat::Decision(self.audit.reason), 1);
                 host.stat(Stat::ReservationsOutstanding, 1);
                 Decision::Continue
@@ -611,7 +631,7 @@ impl RequestFlow {
         self.audit.bucket = refusal.bucket();
         self.audit.complete = true;
         self.audit.latency_ms = Some(now.saturating_sub(self.audit.timestamp_ms));
-        host.set_audit_record(&self.audit.to_json());
+        self.publish(host);
         host.stat(Stat::Decision(reason), 1);
         self.phase = Phase::Done;
         Decision::Reply(reply)
