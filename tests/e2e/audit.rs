@@ -570,21 +570,7 @@ fn collector_absent_at_start_loses_nothing_once_it_arrives_or_the_file_is_import
     c.wait().unwrap();
     // Whatever the gRPC stream lost shows as gaps in the Envoy's numbers:
     // every request is either stored or counted missing.
-    let gaps = || -> serde_json::Value {
-        let out = Command::new(tollgate_bin())
-            .args([
-                "audit", "gaps", "--settle", "0s", "--format", "json", "--db",
-            ])
-            .arg(&db)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let gaps = || audit_gaps(&db);
     let numbered = || -> Vec<serde_json::Value> {
         let out = Command::new(tollgate_bin())
             .args(["audit", "tail", "--format", "json", "-n", "1000", "--db"])
@@ -638,6 +624,23 @@ fn collector_absent_at_start_loses_nothing_once_it_arrives_or_the_file_is_import
         .filter(|l| l.contains("\"request_id\":\"absent-") && l.contains("\"complete\":true"))
         .count();
     assert_eq!(complete, 15, "every request has its complete record");
+}
+
+/// `tollgate audit gaps` on a store, every gap settled, as JSON.
+fn audit_gaps(db: &std::path::Path) -> serde_json::Value {
+    let out = Command::new(tollgate_bin())
+        .args([
+            "audit", "gaps", "--settle", "0s", "--format", "json", "--db",
+        ])
+        .arg(db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The JSON records of a file access log (`-` lines skipped); panics on a
@@ -763,16 +766,7 @@ fn a_real_gateways_file_log_posted_to_another_collector_is_stored_whole() {
     let (grpc, http) = (free_port(), free_port());
     let mut c = collector(&grpc, &http, &db);
     wait_http(&http);
-    let gaps = || -> serde_json::Value {
-        let out = Command::new(tollgate_bin())
-            .args([
-                "audit", "gaps", "--settle", "0s", "--format", "json", "--db",
-            ])
-            .arg(&db)
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let gaps = || audit_gaps(&db);
     // Records 4, 5 and 8 held back (as if lost on the way).
     let first: Vec<String> = lines
         .iter()

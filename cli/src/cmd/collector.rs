@@ -59,3 +59,31 @@ pub fn run(args: CollectorArgs) -> Result<()> {
         audit_service::serve(grpc, http, store, upkeep, shutdown::signal()).await
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<CollectorArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            collector: CollectorArgs,
+        }
+        <Cli as clap::Parser>::try_parse_from(
+            std::iter::once("collector").chain(args.iter().copied()),
+        )
+        .map(|c| c.collector)
+    }
+
+    #[test]
+    fn retention_is_off_by_default_and_takes_whole_days() {
+        assert_eq!(parse(&[]).unwrap().retain_days, None);
+        assert_eq!(
+            parse(&["--retain-days", "90"]).unwrap().retain_days,
+            Some(90)
+        );
+        let err = parse(&["--retain-days", "0"]).err().unwrap().to_string();
+        assert!(err.contains("--retain-days"), "{err}");
+    }
+}

@@ -252,3 +252,72 @@ fn remote_upstreams(args: &RunArgs) -> Result<(Upstream, Upstream)> {
         pick(&args.openai_upstream, "https://api.openai.com")?,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        <Cli as clap::Parser>::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
+            .map(|c| c.run)
+    }
+
+    #[test]
+    fn the_audit_file_log_rotates_at_100_mib_keeping_5_and_records_are_kept_forever() {
+        let o = options(&parse(&[]).unwrap()).unwrap();
+        assert_eq!(
+            (o.audit_log, o.audit_retain_days),
+            (
+                Rotation {
+                    max_bytes: 100 << 20,
+                    keep: 5
+                },
+                None
+            )
+        );
+        let o = options(
+            &parse(&[
+                "--audit-log-max-bytes",
+                "4096",
+                "--audit-log-keep",
+                "2",
+                "--audit-retain-days",
+                "30",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (o.audit_log, o.audit_retain_days),
+            (
+                Rotation {
+                    max_bytes: 4096,
+                    keep: 2
+                },
+                Some(30)
+            )
+        );
+    }
+
+    #[test]
+    fn rotation_and_retention_flags_refuse_what_cannot_work() {
+        for (args, flag) in [
+            (&["--audit-log-keep", "0"][..], "--audit-log-keep"),
+            (&["--audit-log-max-bytes", "0"][..], "--audit-log-max-bytes"),
+            (&["--audit-retain-days", "0"][..], "--audit-retain-days"),
+            // Retention is the in-process collector's: an external one has its own.
+            (
+                &["--audit-retain-days", "7", "--external-collector", "c:9611"][..],
+                "--external-collector",
+            ),
+        ] {
+            let err = parse(args).err().unwrap().to_string();
+            assert!(err.contains(flag), "{args:?}: {err}");
+        }
+    }
+}

@@ -10,6 +10,11 @@
 //! *after* it is older than a settling delay (`settled_ms`). Numbers at or
 //! below an Envoy's highest expired number (deleted by retention) are not
 //! gaps.
+//!
+//! [`find`] searches the whole window in one query (`tollgate audit gaps`).
+//! The collector's gauge is kept by a [`Tracker`] instead, which reads only
+//! what is new each minute: the rows stored since (by row key), and the
+//! numbers of the gaps it already knows, one indexed lookup each.
 
 use super::sheet::{self, Align, Column};
 use super::store::{AuditBackend, Param};
@@ -137,6 +142,156 @@ fn stored_before<B: AuditBackend + ?Sized>(
             Ok(())
         },
     )?;
+    Ok(out)
+}
+
+/// The gaps of the store, followed incrementally: each [`Tracker::refresh`]
+/// reads the rows stored since the last one (by row key, so rows stored by
+/// another collector on the same database count too), the numbers of each
+/// Envoy above the highest one it examined, and each known gap's numbers
+/// (a late record fills it). Its gaps are those [`find`] lists, at a cost
+/// per refresh that follows the traffic instead of the store's size.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    /// Row keys up to this one were read (two refreshes back: PostgreSQL
+    /// may commit a row after one with a higher key, so the last stretch is
+    /// read again).
+    cursor: i64,
+    previous: i64,
+    envoys: HashMap<String, Followed>,
+}
+
+#[derive(Debug, Default)]
+struct Followed {
+    /// The highest number examined, and when its request started.
+    examined: i64,
+    examined_ms: Option<u64>,
+    /// Known gaps at or below `examined`.
+    gaps: Vec<Gap>,
+}
+
+impl Tracker {
+    /// Reads what changed in the store, and forgets gaps whose next record
+    /// started before `forget_before_ms`.
+    pub fn refresh<B: AuditBackend + ?Sized>(
+        &mut self,
+        store: &B,
+        forget_before_ms: u64,
+    ) -> Result<()> {
+        let mut last = self.cursor;
+        let mut active = Vec::new();
+        store.query(
+            "SELECT origin_envoy AS envoy, MAX(seq) AS last FROM audit
+             WHERE seq > $1 AND origin_envoy IS NOT NULL GROUP BY origin_envoy",
+            &[Param::Int(self.previous)],
+            &mut |row| {
+                active.push(row.text("envoy")?);
+                last = last.max(row.int("last")?);
+                Ok(())
+            },
+        )?;
+        self.previous = self.cursor;
+        self.cursor = last;
+        for envoy in active {
+            let followed = self.envoys.entry(envoy.clone()).or_default();
+            let floor = expired_seq(store, &envoy)?;
+            let (mut prev, mut prev_ts) = if followed.examined >= floor {
+                (followed.examined, followed.examined_ms)
+            } else {
+                (floor, None)
+            };
+            store.query(
+                "SELECT origin_seq, timestamp_ms FROM audit
+                 WHERE origin_envoy = $1 AND origin_seq > $2 ORDER BY origin_seq",
+                &[Param::Text(&envoy), Param::Int(prev)],
+                &mut |row| {
+                    let (seq, ts) = (row.int("origin_seq")?, row.int("timestamp_ms")?);
+                    if seq > prev + 1 {
+                        followed.gaps.push(Gap {
+                            envoy: envoy.clone(),
+                            from_seq: u64::try_from(prev + 1).unwrap_or(0),
+                            to_seq: u64::try_from(seq - 1).unwrap_or(0),
+                            after_ms: prev_ts,
+                            before_ms: u64::try_from(ts).unwrap_or(0),
+                        });
+                    }
+                    (prev, prev_ts) = (seq, u64::try_from(ts).ok());
+                    Ok(())
+                },
+            )?;
+            (followed.examined, followed.examined_ms) = (prev, prev_ts);
+        }
+        for (envoy, followed) in &mut self.envoys {
+            let floor = u64::try_from(expired_seq(store, envoy)?).unwrap_or(0);
+            let mut open = Vec::new();
+            for gap in std::mem::take(&mut followed.gaps) {
+                if gap.before_ms < forget_before_ms || gap.to_seq <= floor {
+                    continue;
+                }
+                let mut gap = gap;
+                gap.from_seq = gap.from_seq.max(floor + 1);
+                open.extend(still_missing(store, gap)?);
+            }
+            followed.gaps = open;
+        }
+        Ok(())
+    }
+
+    /// Every known gap whose next record started between `since_ms` and
+    /// `settled_ms`.
+    pub fn gaps(&self, since_ms: u64, settled_ms: u64) -> Vec<Gap> {
+        let mut out: Vec<Gap> = self
+            .envoys
+            .values()
+            .flat_map(|f| &f.gaps)
+            .filter(|g| g.before_ms >= since_ms && g.before_ms <= settled_ms)
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| (&a.envoy, a.from_seq).cmp(&(&b.envoy, b.from_seq)));
+        out
+    }
+}
+
+/// What is left of a gap once the records stored since are taken out.
+fn still_missing<B: AuditBackend + ?Sized>(store: &B, gap: Gap) -> Result<Vec<Gap>> {
+    let mut found = Vec::new();
+    store.query(
+        "SELECT origin_seq, timestamp_ms FROM audit
+         WHERE origin_envoy = $1 AND origin_seq >= $2 AND origin_seq <= $3 ORDER BY origin_seq",
+        &[
+            Param::Text(&gap.envoy),
+            Param::Int(i64::try_from(gap.from_seq).unwrap_or(i64::MAX)),
+            Param::Int(i64::try_from(gap.to_seq).unwrap_or(i64::MAX)),
+        ],
+        &mut |row| {
+            found.push((
+                u64::try_from(row.int("origin_seq")?).unwrap_or(0),
+                u64::try_from(row.int("timestamp_ms")?).unwrap_or(0),
+            ));
+            Ok(())
+        },
+    )?;
+    let mut out = Vec::new();
+    let (mut from, mut after) = (gap.from_seq, gap.after_ms);
+    for (seq, ts) in found {
+        if seq > from {
+            out.push(Gap {
+                from_seq: from,
+                to_seq: seq - 1,
+                after_ms: after,
+                before_ms: ts,
+                ..gap.clone()
+            });
+        }
+        (from, after) = (seq + 1, Some(ts));
+    }
+    if from <= gap.to_seq {
+        out.push(Gap {
+            from_seq: from,
+            after_ms: after,
+            ..gap
+        });
+    }
     Ok(out)
 }
 

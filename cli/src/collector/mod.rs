@@ -16,6 +16,8 @@ pub mod store;
 
 #[cfg(test)]
 mod cpu_bench;
+#[cfg(test)]
+mod disk_bench;
 
 use anyhow::Result;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::{
@@ -332,9 +334,9 @@ async fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, store: AuditStore, stat
     }
 }
 
-/// Recomputes the missing-records gauge from the store, and with
-/// `retain_days` runs retention, until `stop` resolves: retention at once
-/// and every [`RETAIN_EVERY`], the gaps after it and every [`GAPS_EVERY`].
+/// Keeps the missing-records gauge from the store, and with `retain_days`
+/// runs retention, until `stop` resolves: retention at once and every
+/// [`RETAIN_EVERY`], the gaps after it and every [`GAPS_EVERY`].
 pub async fn maintain(
     store: AuditStore,
     stats: Arc<Stats>,
@@ -344,6 +346,7 @@ pub async fn maintain(
     tokio::pin!(stop);
     let mut gaps = tokio::time::interval(GAPS_EVERY);
     let mut retain = tokio::time::interval(RETAIN_EVERY);
+    let tracker = Arc::new(Mutex::new(gaps::Tracker::default()));
     loop {
         tokio::select! {
             biased;
@@ -365,23 +368,36 @@ pub async fn maintain(
                 }
                 gaps.reset_immediately();
             }
-            _ = gaps.tick() => refresh_missing(&store, &stats).await,
+            _ = gaps.tick() => refresh_missing(&store, &stats, &tracker).await,
         }
     }
 }
 
-/// Computes the missing records per Envoy from the store (see `gaps.rs`).
-pub async fn refresh_missing(store: &AuditStore, stats: &Stats) {
-    let store = store.clone();
-    let now = crate::clock::now_ms();
-    let since = now.saturating_sub(GAPS_WINDOW.as_millis() as u64);
-    let settled = now.saturating_sub(GAPS_SETTLE.as_millis() as u64);
-    match tokio::task::spawn_blocking(move || store.gaps(since, settled)).await {
-        Ok(Ok(found)) => {
-            if let Ok(mut missing) = stats.missing.lock() {
-                *missing = Some(gaps::missing_by_envoy(&found));
-            }
+/// Brings the missing-records gauge up to date from the store (see
+/// [`gaps::Tracker`]).
+pub async fn refresh_missing(
+    store: &AuditStore,
+    stats: &Arc<Stats>,
+    tracker: &Arc<Mutex<gaps::Tracker>>,
+) {
+    let (store, stats, tracker) = (store.clone(), stats.clone(), tracker.clone());
+    let done = tokio::task::spawn_blocking(move || -> Result<()> {
+        let now = crate::clock::now_ms();
+        let since = now.saturating_sub(GAPS_WINDOW.as_millis() as u64);
+        let settled = now.saturating_sub(GAPS_SETTLE.as_millis() as u64);
+        let mut tracker = tracker
+            .lock()
+            .map_err(|_| anyhow::anyhow!("gap tracker lock poisoned"))?;
+        tracker.refresh(&*store, since)?;
+        let missing = gaps::missing_by_envoy(&tracker.gaps(since, settled));
+        if let Ok(mut m) = stats.missing.lock() {
+            *m = Some(missing);
         }
+        Ok(())
+    })
+    .await;
+    match done {
+        Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!("reading audit gaps failed: {e:#}"),
         Err(e) => tracing::error!("audit gaps task failed: {e}"),
     }

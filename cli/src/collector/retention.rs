@@ -105,7 +105,7 @@ pub(super) fn run<B: AuditBackend + ?Sized>(store: &B, days: u32, now_ms: u64) -
 fn step(tx: &mut dyn Sql, cutoff: i64, horizon: &mut i64) -> Result<bool> {
     let mut current = 0;
     tx.query(super::store::HORIZON, &[], &mut |row| {
-        current = row.int("horizon_ms")?;
+        current = row.int("n")?;
         Ok(())
     })?;
     *horizon = current;

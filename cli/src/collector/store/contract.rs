@@ -5,7 +5,7 @@
 //! `TOLLGATE_PG_URL` set, an unreachable server fails the PostgreSQL tests.
 
 use super::*;
-use crate::collector::gaps::Gap;
+use crate::collector::gaps::{Gap, Tracker};
 use crate::collector::report::{GroupBy, Report};
 use crate::collector::retention::{Retained, DAY_MS};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,7 +20,7 @@ struct Fixture {
     _cleanup: Cleanup,
 }
 
-enum Cleanup {
+pub(crate) enum Cleanup {
     Dir(#[allow(dead_code)] tempfile::TempDir),
     Schema { url: String, schema: String },
 }
@@ -54,7 +54,7 @@ fn postgres() -> Option<Fixture> {
 }
 
 /// A fresh schema of the test server and the URL that opens it.
-fn postgres_schema() -> Option<(String, Cleanup)> {
+pub(crate) fn postgres_schema() -> Option<(String, Cleanup)> {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let (url, required) = match std::env::var("TOLLGATE_PG_URL") {
         Ok(url) => (url, true),
@@ -119,6 +119,7 @@ contract!(
     retention_rolls_up_whole_days_then_deletes_and_reports_do_not_change,
     records_older_than_the_horizon_are_not_stored_again,
     gaps_ignore_numbers_retention_deleted,
+    the_gauges_tracker_follows_what_the_full_search_finds,
 );
 
 fn record(id: &str, complete: bool) -> AuditRecord {
@@ -818,4 +819,58 @@ fn a_postgres_store_from_before_the_sequence_gains_its_columns() {
                 .unwrap()
         },
     );
+}
+
+fn the_gauges_tracker_follows_what_the_full_search_finds(s: &dyn AuditBackend) {
+    let day0 = 20_000 * DAY_MS as u64;
+    let h = 3_600_000;
+    let mut tracker = Tracker::default();
+    let agree = |tracker: &mut Tracker, want: &[Gap]| {
+        tracker.refresh(s, 0).unwrap();
+        assert_eq!(s.gaps(0, u64::MAX).unwrap(), want, "the full search");
+        assert_eq!(tracker.gaps(0, u64::MAX), want, "the tracker");
+    };
+    agree(&mut tracker, &[]);
+    let mut records = three_days(day0);
+    records.retain(|r| !matches!(r.origin.as_ref().map(|o| o.seq), Some(2) | Some(5)));
+    let (first, later): (Vec<AuditRecord>, Vec<AuditRecord>) = records
+        .into_iter()
+        .partition(|r| r.timestamp_ms < day0 + DAY_MS as u64);
+    s.insert_batch(&first).unwrap();
+    agree(
+        &mut tracker,
+        &[gap("e", 2, 2, Some(day0 + h), day0 + 3 * h)],
+    );
+    // Day 1 arrives: a new gap after the numbers already examined.
+    s.insert_batch(&later).unwrap();
+    let day1 = day0 + DAY_MS as u64;
+    agree(
+        &mut tracker,
+        &[
+            gap("e", 2, 2, Some(day0 + h), day0 + 3 * h),
+            gap("e", 5, 5, Some(day1 + h), day1 + 3 * h),
+        ],
+    );
+    // A second Envoy whose first records were lost, and a late record that
+    // fills number 5.
+    s.insert_batch(&[
+        numbered("x4", "x", 4, day1 + 5 * h),
+        numbered("e5", "e", 5, day1 + 2 * h),
+    ])
+    .unwrap();
+    agree(
+        &mut tracker,
+        &[
+            gap("e", 2, 2, Some(day0 + h), day0 + 3 * h),
+            gap("x", 1, 3, None, day1 + 5 * h),
+        ],
+    );
+    // Retention deletes day 0 with its gap.
+    s.retain(1, day0 + 2 * DAY_MS as u64).unwrap();
+    agree(&mut tracker, &[gap("x", 1, 3, None, day1 + 5 * h)]);
+    // Gaps older than the window are forgotten; settling hides recent ones.
+    assert_eq!(tracker.gaps(day1 + 6 * h, u64::MAX), []);
+    assert_eq!(tracker.gaps(0, day1 + 5 * h - 1), []);
+    tracker.refresh(s, day1 + 6 * h).unwrap();
+    assert_eq!(tracker.gaps(0, u64::MAX), []);
 }

@@ -18,7 +18,7 @@
 //! retention deleted.
 
 #[cfg(test)]
-mod contract;
+pub(crate) mod contract;
 mod pg;
 mod sqlite;
 
@@ -243,27 +243,13 @@ pub trait AuditBackend: Send + Sync {
     /// The position of the newest stored row (0 when empty), for reading
     /// only what arrives after it with [`AuditBackend::since`].
     fn last_seq(&self) -> Result<i64> {
-        let mut last = 0;
-        self.query(
-            "SELECT COALESCE(MAX(seq), 0) AS last FROM audit",
-            &[],
-            &mut |row| {
-                last = row.int("last")?;
-                Ok(())
-            },
-        )?;
-        Ok(last)
+        scalar(self, "SELECT COALESCE(MAX(seq), 0) AS n FROM audit")
     }
 
     /// How many requests are stored.
     #[cfg_attr(not(test), allow(dead_code))] // tests and future tools
     fn count(&self) -> Result<u64> {
-        let mut n = 0;
-        self.query("SELECT COUNT(*) AS n FROM audit", &[], &mut |row| {
-            n = row.count("n")?;
-            Ok(())
-        })?;
-        Ok(n)
+        Ok(u64::try_from(scalar(self, "SELECT COUNT(*) AS n FROM audit")?).unwrap_or(0))
     }
 
     /// Usage since `since_ms`, grouped by `by` (see `report.rs`): raw
@@ -275,12 +261,7 @@ pub trait AuditBackend: Send + Sync {
     /// The retention horizon: records before it live only in the daily
     /// rollups (0 until retention first ran).
     fn horizon(&self) -> Result<i64> {
-        let mut horizon = 0;
-        self.query(HORIZON, &[], &mut |row| {
-            horizon = row.int("horizon_ms")?;
-            Ok(())
-        })?;
-        Ok(horizon)
+        scalar(self, HORIZON)
     }
 
     /// Rolls up and deletes the records older than `days` days before
@@ -404,6 +385,16 @@ pub trait AuditBackend: Send + Sync {
         stats.count(&self.insert_batch(&batch)?);
         Ok(stats)
     }
+}
+
+/// The one integer a query selects as `n` (0 without a row).
+fn scalar<B: AuditBackend + ?Sized>(store: &B, sql: &str) -> Result<i64> {
+    let mut n = 0;
+    store.query(sql, &[], &mut |row| {
+        n = row.int("n")?;
+        Ok(())
+    })?;
+    Ok(n)
 }
 
 /// `(seq, record)` rows of a query selecting those two columns.
@@ -542,7 +533,7 @@ fn audit_table(seq_column: &str) -> String {
 }
 
 /// The retention horizon (one row).
-pub(super) const HORIZON: &str = "SELECT horizon_ms FROM audit_retention WHERE id = 1";
+pub(super) const HORIZON: &str = "SELECT horizon_ms AS n FROM audit_retention WHERE id = 1";
 
 /// The first record of a request. Almost every record is one, so storing
 /// it costs a single statement; a conflict falls back to [`PROVISIONAL`]

@@ -40,10 +40,23 @@ impl PostgresStore {
         let mut client = Client::connect(url, postgres::NoTls)
             .with_context(|| format!("connecting to PostgreSQL {}", redact_url(url)))?;
         client.batch_execute(&audit_table("BIGSERIAL PRIMARY KEY"))?;
+        // Only the columns missing: an ALTER TABLE locks the table against
+        // every other collector's inserts, even when it changes nothing.
+        let have: Vec<String> = client
+            .query(
+                "SELECT CAST(column_name AS TEXT) FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND table_name = 'audit'",
+                &[],
+            )?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
         for (column, kind) in ADDED_COLUMNS {
-            client.batch_execute(&format!(
-                "ALTER TABLE audit ADD COLUMN IF NOT EXISTS {column} {kind}"
-            ))?;
+            if !have.iter().any(|c| c == column) {
+                client.batch_execute(&format!(
+                    "ALTER TABLE audit ADD COLUMN IF NOT EXISTS {column} {kind}"
+                ))?;
+            }
         }
         client.batch_execute(TABLES)?;
         client.batch_execute(INDEXES)?;

@@ -74,6 +74,12 @@ fn sql_params<'p>(params: &'p [Param<'_>]) -> Vec<&'p dyn ToSql> {
         .collect()
 }
 
+/// Runs a statement on a connection or transaction.
+fn execute_on(conn: &rusqlite::Connection, sql: &str, params: &[Param<'_>]) -> Result<u64> {
+    let mut stmt = conn.prepare_cached(&numbered(sql))?;
+    Ok(stmt.execute(sql_params(params).as_slice())? as u64)
+}
+
 /// Runs a read query on a connection or transaction.
 fn query_on(
     conn: &rusqlite::Connection,
@@ -129,8 +135,7 @@ struct Step<'c>(&'c rusqlite::Transaction<'c>);
 
 impl Sql for Step<'_> {
     fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
-        let mut stmt = self.0.prepare_cached(&numbered(sql))?;
-        Ok(stmt.execute(sql_params(params).as_slice())? as u64)
+        execute_on(self.0, sql, params)
     }
 
     fn query(
@@ -174,9 +179,7 @@ impl AuditBackend for SqliteStore {
     }
 
     fn execute(&self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
-        let conn = self.lock()?;
-        let mut stmt = conn.prepare_cached(&numbered(sql))?;
-        Ok(stmt.execute(sql_params(params).as_slice())? as u64)
+        execute_on(&*self.lock()?, sql, params)
     }
 
     /// SQLite has one writer at a time: an immediate transaction is the lock.
