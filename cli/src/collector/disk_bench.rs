@@ -10,6 +10,7 @@
 
 use super::retention::DAY_MS;
 use super::store::AuditStore;
+use std::sync::atomic::AtomicBool;
 use tollgate_core::audit::{AuditRecord, Origin, Outcome, Reason};
 
 const N: usize = 100_000;
@@ -36,7 +37,7 @@ fn realistic(i: usize) -> AuditRecord {
         envoy: "3f2a9c0d1e4b5a67".into(),
         seq: i as u64 + 1,
     });
-    if i % 20 == 0 {
+    if i.is_multiple_of(20) {
         r.decision = Outcome::Denied;
         r.reason = Reason::RateLimited;
         r.status = 429;
@@ -123,7 +124,9 @@ fn audit_disk_per_record() {
     // eight days before the last two are rolled up.
     let last_day = records.iter().map(|r| r.timestamp_ms).max().unwrap_or(0);
     let started = std::time::Instant::now();
-    let retained = store.retain(1, last_day + DAY_MS as u64 / 2).unwrap();
+    let retained = store
+        .retain(1, last_day + DAY_MS as u64 / 2, &AtomicBool::new(false))
+        .unwrap();
     let took = started.elapsed();
     let mut rollups = 0;
     store

@@ -347,15 +347,29 @@ pub async fn maintain(
     let mut gaps = tokio::time::interval(GAPS_EVERY);
     let mut retain = tokio::time::interval(RETAIN_EVERY);
     let tracker = Arc::new(Mutex::new(gaps::Tracker::default()));
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         tokio::select! {
             biased;
             () = &mut stop => return,
             _ = retain.tick(), if retain_days.is_some() => {
                 let days = retain_days.unwrap_or_default();
-                let store = store.clone();
+                let (store, flag) = (store.clone(), stopping.clone());
                 let now = crate::clock::now_ms();
-                match tokio::task::spawn_blocking(move || store.retain(days, now)).await {
+                let pass = tokio::task::spawn_blocking(move || {
+                    store.retain(days, now, &flag)
+                });
+                tokio::pin!(pass);
+                let done = tokio::select! {
+                    done = &mut pass => done,
+                    () = &mut stop => {
+                        // The pass ends at its next step; then stop.
+                        stopping.store(true, Ordering::Relaxed);
+                        let _ = pass.await;
+                        return;
+                    }
+                };
+                match done {
                     Ok(Ok(r)) if r.days > 0 || r.deleted > 0 => crate::output::status(format_args!(
                         "audit retention: {} day(s) rolled up, {} records deleted, raw records kept from {}",
                         r.days,

@@ -8,7 +8,7 @@ use super::*;
 use crate::collector::gaps::{Gap, Tracker};
 use crate::collector::report::{GroupBy, Report};
 use crate::collector::retention::{Retained, DAY_MS};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tollgate_core::audit::{Origin, Outcome, Reason, Tokens};
 
 const DEFAULT_PG_URL: &str = "postgres://tollgate:tollgate@127.0.0.1:5432/tollgate_test";
@@ -120,6 +120,7 @@ contract!(
     records_older_than_the_horizon_are_not_stored_again,
     gaps_ignore_numbers_retention_deleted,
     the_gauges_tracker_follows_what_the_full_search_finds,
+    retention_asked_to_stop_leaves_the_store_as_it_was,
 );
 
 fn record(id: &str, complete: bool) -> AuditRecord {
@@ -663,7 +664,7 @@ fn retention_rolls_up_whole_days_then_deletes_and_reports_do_not_change(s: &dyn 
     // whole days before day 1 (day 0) expire.
     let now = day0 + 2 * DAY_MS as u64 + DAY_MS as u64 / 2;
     assert_eq!(
-        s.retain(1, now).unwrap(),
+        s.retain(1, now, &AtomicBool::new(false)).unwrap(),
         Retained {
             days: 1,
             deleted: 5,
@@ -685,21 +686,25 @@ fn retention_rolls_up_whole_days_then_deletes_and_reports_do_not_change(s: &dyn 
     );
     // Running again the same day changes nothing; a day later, day 1 goes.
     assert_eq!(
-        s.retain(1, now).unwrap(),
+        s.retain(1, now, &AtomicBool::new(false)).unwrap(),
         Retained {
             days: 0,
             deleted: 0,
             horizon_ms: (day0 + DAY_MS as u64) as i64
         }
     );
-    let r = s.retain(1, now + DAY_MS as u64).unwrap();
+    let r = s
+        .retain(1, now + DAY_MS as u64, &AtomicBool::new(false))
+        .unwrap();
     assert_eq!((r.days, r.deleted), (1, 4));
     for (by, want) in bys.iter().zip(&before) {
         assert_eq!(&s.report(*by, day0).unwrap(), want, "by {}", by.as_str());
     }
     assert_eq!(s.series_totals().unwrap(), totals_before);
     // Far in the future, with nothing left to roll: the horizon still moves.
-    let r = s.retain(1, now + 30 * DAY_MS as u64).unwrap();
+    let r = s
+        .retain(1, now + 30 * DAY_MS as u64, &AtomicBool::new(false))
+        .unwrap();
     assert_eq!((r.days, r.deleted, s.count().unwrap()), (1, 4, 0));
     assert_eq!(r.horizon_ms, (day0 + 31 * DAY_MS as u64) as i64);
     assert_eq!(s.report(GroupBy::Team, day0).unwrap(), before[2]);
@@ -710,7 +715,8 @@ fn records_older_than_the_horizon_are_not_stored_again(s: &dyn AuditBackend) {
     let records = three_days(day0);
     s.insert_batch(&records).unwrap();
     let before = s.report(GroupBy::Team, day0).unwrap();
-    s.retain(1, day0 + 2 * DAY_MS as u64).unwrap();
+    s.retain(1, day0 + 2 * DAY_MS as u64, &AtomicBool::new(false))
+        .unwrap();
     // Replaying the whole file (a start-up import) stores nothing twice.
     let stored = s.insert_batch(&records).unwrap();
     assert_eq!(
@@ -754,7 +760,8 @@ fn gaps_ignore_numbers_retention_deleted(s: &dyn AuditBackend) {
             ),
         ]
     );
-    s.retain(1, day0 + 2 * DAY_MS as u64).unwrap();
+    s.retain(1, day0 + 2 * DAY_MS as u64, &AtomicBool::new(false))
+        .unwrap();
     assert_eq!(
         s.gaps(0, u64::MAX).unwrap(),
         [gap(
@@ -866,11 +873,25 @@ fn the_gauges_tracker_follows_what_the_full_search_finds(s: &dyn AuditBackend) {
         ],
     );
     // Retention deletes day 0 with its gap.
-    s.retain(1, day0 + 2 * DAY_MS as u64).unwrap();
+    s.retain(1, day0 + 2 * DAY_MS as u64, &AtomicBool::new(false))
+        .unwrap();
     agree(&mut tracker, &[gap("x", 1, 3, None, day1 + 5 * h)]);
     // Gaps older than the window are forgotten; settling hides recent ones.
     assert_eq!(tracker.gaps(day1 + 6 * h, u64::MAX), []);
     assert_eq!(tracker.gaps(0, day1 + 5 * h - 1), []);
     tracker.refresh(s, day1 + 6 * h).unwrap();
     assert_eq!(tracker.gaps(0, u64::MAX), []);
+}
+
+fn retention_asked_to_stop_leaves_the_store_as_it_was(s: &dyn AuditBackend) {
+    let day0 = 20_000 * DAY_MS as u64;
+    s.insert_batch(&three_days(day0)).unwrap();
+    let before = s.report(GroupBy::Team, day0).unwrap();
+    assert_eq!(
+        s.retain(1, day0 + 10 * DAY_MS as u64, &AtomicBool::new(true))
+            .unwrap(),
+        Retained::default()
+    );
+    assert_eq!((s.horizon().unwrap(), s.count().unwrap()), (0, 13));
+    assert_eq!(s.report(GroupBy::Team, day0).unwrap(), before);
 }

@@ -30,6 +30,7 @@ use super::report::{GroupBy, Report};
 use super::retention::Retained;
 use anyhow::{Context, Result};
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tollgate_core::audit::{AuditRecord, Outcome};
 
@@ -265,9 +266,10 @@ pub trait AuditBackend: Send + Sync {
     }
 
     /// Rolls up and deletes the records older than `days` days before
-    /// `now_ms` (whole UTC days), in small batches (see `retention.rs`).
-    fn retain(&self, days: u32, now_ms: u64) -> Result<Retained> {
-        super::retention::run(self, days, now_ms)
+    /// `now_ms` (whole UTC days), in small batches, until done or `stop` is
+    /// set (see `retention.rs`).
+    fn retain(&self, days: u32, now_ms: u64, stop: &AtomicBool) -> Result<Retained> {
+        super::retention::run(self, days, now_ms, stop)
     }
 
     /// Runs of audit sequence numbers the store lacks, per Envoy, among the
