@@ -740,6 +740,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn upkeep_runs_retention_at_once_and_publishes_the_missing_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(dir.path().join("a.db")).unwrap();
+        let numbered = |id: &str, seq: u64, t: u64| AuditRecord {
+            request_id: id.into(),
+            complete: true,
+            route: "anthropic.messages".into(),
+            timestamp_ms: t,
+            origin: Some(tollgate_core::audit::Origin {
+                envoy: "e".into(),
+                seq,
+            }),
+            ..Default::default()
+        };
+        let day = 86_400_000;
+        // Two requests long expired, and number 3 missing between two
+        // requests of last week (settled long ago).
+        let week_ago = crate::clock::now_ms() - 7 * day + 3_600_000;
+        store
+            .insert_batch(&[
+                numbered("old-1", 1, day),
+                numbered("old-2", 2, day + 1),
+                numbered("w-4", 4, week_ago),
+                numbered("w-5", 5, week_ago + 1),
+                numbered("w-7", 7, week_ago + 2),
+            ])
+            .unwrap();
+        let stats = Arc::new(Stats::default());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let upkeep = tokio::spawn(maintain(store.clone(), stats.clone(), Some(30), async {
+            let _ = stop_rx.await;
+        }));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stats.missing.lock().unwrap().is_none() {
+            assert!(std::time::Instant::now() < deadline, "no gauge");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // Retention ran first: the old day is rolled up and its numbers are
+        // not missing; 3 (after the expired 2) and 6 are.
+        assert_eq!(store.count().unwrap(), 3);
+        assert_eq!(
+            stats.missing.lock().unwrap().clone(),
+            Some(vec![("e".to_string(), 2)])
+        );
+        assert!(metrics::render(&stats).contains("tollgate_audit_missing_records{envoy=\"e\"} 2\n"));
+        let _ = stop_tx.send(());
+        upkeep.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn metrics_are_served_from_memory_without_reading_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("a.db");
