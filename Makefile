@@ -17,7 +17,7 @@ export TOLLGATE_BIN   := $(abspath $(TOLLGATE))
 # The PostgreSQL audit-store test's database (`make postgres` provides it).
 export TOLLGATE_PG_URL ?= postgres://tollgate:tollgate@127.0.0.1:5432/tollgate_test
 
-.PHONY: bench help demo test build wasm-trap fuzz fuzz-smoke wasm cli envoy sdk chromium postgres redis quota wasm-target unit e2e lint fmt clean bench-policy estimate-simd-check
+.PHONY: bench bench-scale help demo test build wasm-trap fuzz fuzz-smoke wasm cli envoy sdk chromium postgres redis quota wasm-target unit e2e lint fmt clean bench-policy estimate-simd-check
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -128,6 +128,13 @@ bench: wasm envoy ## Overhead vs plain Envoy and no-op wasm filters (S1-S5), CPU
 	@TOLLGATE_BIN=target/release/tollgate scripts/bench-policy.sh
 	@echo; echo "Input-token estimate against the recorded exchanges (provider's count vs Tollgate's estimate):"
 	@$(CARGO) test -q --release -p tollgate-core --lib estimator_error_against_every_fixture -- --nocapture 2>&1 | grep -E "actual|error"
+
+bench-scale: wasm envoy redis ## Shared limits across 4 Envoy replicas on Redis: over-admission, burst, latency/CPU, Redis calls, revocation, failures; installs wrk and grpcio
+	@command -v wrk >/dev/null || { echo "==> installing wrk (Debian)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	@$(VENV)/bin/python -c "import grpc" 2>/dev/null || { echo "==> installing grpcio into $(VENV) (the benchmark's gRPC chaos proxy)"; \
+	  $(VENV)/bin/pip install --disable-pip-version-check -q grpcio==1.85.3; }
+	$(CARGO) build --release -p tollgate
+	@$(VENV)/bin/python scripts/bench_scale.py
 
 bench-policy: build envoy ## Policy scale: check time, load time, in-VM compile time, memory and CPU per request at 0/1k/10k/100k keys
 	@command -v wrk >/dev/null || { echo "==> installing wrk (Debian)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }

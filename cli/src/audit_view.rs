@@ -10,11 +10,7 @@ use std::time::Duration;
 use tollgate_core::audit::{AuditRecord, Outcome};
 use tollgate_core::time::format_rfc3339;
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    Table,
-    Json,
-}
+pub use crate::output::Format;
 
 /// How often `--follow` looks for new records.
 const FOLLOW_EVERY: Duration = Duration::from_millis(500);

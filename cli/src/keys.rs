@@ -1,10 +1,13 @@
 //! Virtual keys: minting one, its policy entry (which holds only the key's
-//! SHA-256), and adding that entry to a policy file without reformatting it.
+//! SHA-256), adding that entry to a policy file without reformatting it,
+//! and the edits of a key's lifecycle: rotation (a new secret, the old one
+//! kept until a deadline) and revocation.
 
 use crate::atomic_file;
 use crate::policy_file;
 use anyhow::{bail, Context, Result};
 use rand::RngCore;
+use serde_json::{Map, Value};
 use std::path::Path;
 use tollgate_core::vkey;
 
@@ -26,15 +29,27 @@ pub fn mint() -> String {
     format!("{}{}", vkey::PREFIX, hex::encode(bytes))
 }
 
-/// Inserts one entry at the end of the top-level `keys` array, touching no
-/// other byte of the file so reviews show a one-entry diff. Adds `"keys"`
-/// if the policy has none.
-pub fn insert_key(text: &str, entry: &str) -> Result<String> {
+/// Where the top-level `keys` array and its object entries sit in a
+/// policy's text (byte offsets), found by a scan that knows strings and
+/// nesting, so that an edit can leave every other byte as it was.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Layout {
+    /// `[` and `]` of the top-level `keys` array.
+    keys: Option<(usize, usize)>,
+    /// Each object element of `keys`: its `{` and one past its `}`.
+    entries: Vec<(usize, usize)>,
+    /// The `}` closing the root object.
+    root_close: Option<usize>,
+}
+
+fn layout(text: &str) -> Layout {
+    let mut out = Layout::default();
     let mut depth = 0usize;
     // The string seen last at the top level: a field name once a `[` follows.
     let mut last_top_string: Option<&str> = None;
+    // The `[` of `keys` while the scan is inside that array.
     let mut keys_open: Option<usize> = None;
-    let mut root_close = None;
+    let mut entry_open: Option<usize> = None;
     let mut chars = text.char_indices();
     while let Some((i, c)) = chars.next() {
         match c {
@@ -57,26 +72,52 @@ pub fn insert_key(text: &str, entry: &str) -> Result<String> {
                 }
             }
             '{' | '[' => {
-                if depth == 1 && c == '[' && last_top_string == Some("keys") && keys_open.is_none()
+                if depth == 1
+                    && c == '['
+                    && last_top_string == Some("keys")
+                    && out.keys.is_none()
+                    && keys_open.is_none()
                 {
                     keys_open = Some(i);
+                }
+                if depth == 2 && c == '{' && keys_open.is_some() {
+                    entry_open = Some(i);
                 }
                 depth += 1;
             }
             '}' | ']' => {
                 depth = depth.saturating_sub(1);
-                if let Some(open) = keys_open.filter(|_| depth == 1 && c == ']') {
-                    return Ok(append_to_array(text, open, i, entry));
-                }
-                if depth == 0 {
-                    root_close = Some(i);
+                match (depth, c) {
+                    (2, '}') => {
+                        if let Some(open) = entry_open.take() {
+                            out.entries.push((open, i + 1));
+                        }
+                    }
+                    (1, ']') => {
+                        if let Some(open) = keys_open.take() {
+                            out.keys = Some((open, i));
+                        }
+                    }
+                    (0, _) => out.root_close = Some(i),
+                    _ => {}
                 }
             }
             ',' if depth == 1 => last_top_string = None,
             _ => {}
         }
     }
-    let Some(close) = root_close else {
+    out
+}
+
+/// Inserts one entry at the end of the top-level `keys` array, touching no
+/// other byte of the file so reviews show a one-entry diff. Adds `"keys"`
+/// if the policy has none.
+pub fn insert_key(text: &str, entry: &str) -> Result<String> {
+    let layout = layout(text);
+    if let Some((open, close)) = layout.keys {
+        return Ok(append_to_array(text, open, close, entry));
+    }
+    let Some(close) = layout.root_close else {
         bail!("the policy is not a JSON object");
     };
     let (before, after) = cut(text, close);
@@ -85,6 +126,29 @@ pub fn insert_key(text: &str, entry: &str) -> Result<String> {
     Ok(format!(
         "{before}{comma}\n  \"keys\": [\n    {entry}\n  ]\n{after}"
     ))
+}
+
+/// `text` with the `index`-th object of its `keys` array replaced by
+/// `entry`, every other byte kept: on one line if the old entry was, else
+/// pretty-printed at its indentation. `None` if the scan does not find
+/// `keys_len` object entries (a `keys` array holding other values), so
+/// the caller cannot replace the wrong one.
+fn replace_entry(text: &str, keys_len: usize, index: usize, entry: &Value) -> Option<String> {
+    let layout = layout(text);
+    if layout.entries.len() != keys_len {
+        return None;
+    }
+    let (start, end) = *layout.entries.get(index)?;
+    let old = text.get(start..end)?;
+    let new = if old.contains('\n') {
+        let indent = line_indent(text, start);
+        serde_json::to_string_pretty(entry)
+            .ok()?
+            .replace('\n', &format!("\n{indent}"))
+    } else {
+        serde_json::to_string(entry).ok()?
+    };
+    Some(format!("{}{new}{}", text.get(..start)?, text.get(end..)?))
 }
 
 /// `entry` as the last element of the array between byte offsets `open`
@@ -150,52 +214,45 @@ pub fn add_to_policy(path: &Path, entry: &serde_json::Value) -> Result<()> {
     atomic_file::write(path, &updated, 0o644)
 }
 
-/// What `revoke_in_policy` did.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Revoked {
-    /// The key's SHA-256 (what the shared store's revocation list holds).
-    pub key_sha256: [u8; 32],
-    /// False when the policy already said `"revoked": true`.
-    pub changed: bool,
-}
-
-/// Marks the key `id` revoked in the policy file at `path`: validated
-/// first, written atomically (the gateway watching it never sees a bad
-/// policy). The file is rewritten as pretty JSON with its fields in order.
-pub fn revoke_in_policy(path: &Path, id: &str) -> Result<Revoked> {
+/// Applies `edit` to the entry of key `id` in the policy file at `path`;
+/// when it reports a change, validates the whole policy and replaces the
+/// file atomically, so the gateway watching it never sees a bad policy.
+/// Only that entry's text changes (a one-entry diff for reviewers).
+fn edit_key<T>(
+    path: &Path,
+    id: &str,
+    edit: impl FnOnce(&mut Map<String, Value>) -> Result<(T, bool)>,
+) -> Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut doc: serde_json::Value =
+    let mut doc: Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
     let keys = doc
         .get_mut("keys")
-        .and_then(serde_json::Value::as_array_mut)
+        .and_then(Value::as_array_mut)
         .with_context(|| format!("{} has no \"keys\"", path.display()))?;
-    let known: Vec<String> = keys
-        .iter()
-        .filter_map(|k| Some(k.get("id")?.as_str()?.to_string()))
-        .collect();
-    let Some(entry) = keys
+    let keys_len = keys.len();
+    let Some((index, entry)) = keys
         .iter_mut()
-        .find(|k| k.get("id").and_then(serde_json::Value::as_str) == Some(id))
+        .enumerate()
+        .find(|(_, k)| k.get("id").and_then(Value::as_str) == Some(id))
     else {
+        let known: Vec<&str> = keys.iter().filter_map(|k| k.get("id")?.as_str()).collect();
         bail!(
             "no key with id {id:?} in {} (ids: {})",
             path.display(),
             known.join(", ")
         );
     };
-    let hash = entry
-        .get("key_sha256")
-        .and_then(serde_json::Value::as_str)
-        .and_then(|h| tollgate_core::policy::leaf::sha256(h).ok())
-        .with_context(|| format!("key {id:?} has no valid key_sha256"))?;
-    let changed = entry.get("revoked") != Some(&serde_json::Value::Bool(true));
+    let Some(fields) = entry.as_object_mut() else {
+        bail!("key {id:?} is not an object");
+    };
+    let (out, changed) = edit(fields)?;
     if changed {
-        if let Some(obj) = entry.as_object_mut() {
-            obj.insert("revoked".to_string(), serde_json::Value::Bool(true));
-        }
-        let updated = serde_json::to_string_pretty(&doc)? + "\n";
+        let updated = match replace_entry(&text, keys_len, index, entry) {
+            Some(updated) => updated,
+            None => serde_json::to_string_pretty(&doc)? + "\n",
+        };
         if let Err(errors) = policy_file::validate(&updated, &path.display().to_string()) {
             bail!(
                 "not written: the policy would be invalid:\n{}",
@@ -204,9 +261,133 @@ pub fn revoke_in_policy(path: &Path, id: &str) -> Result<Revoked> {
         }
         atomic_file::write(path, &updated, 0o644)?;
     }
-    Ok(Revoked {
-        key_sha256: hash,
-        changed,
+    Ok(out)
+}
+
+/// The hash under `key_sha256` of a key entry or a previous secret.
+fn hash_of(holder: &Map<String, Value>) -> Option<[u8; 32]> {
+    holder
+        .get("key_sha256")
+        .and_then(Value::as_str)
+        .and_then(|h| tollgate_core::policy::leaf::sha256(h).ok())
+}
+
+/// What `revoke_in_policy` did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Revoked {
+    /// The SHA-256 of every secret of the key, current first (what the
+    /// shared store's revocation list holds: a client still on a previous
+    /// secret is refused too).
+    pub key_sha256: Vec<[u8; 32]>,
+    /// False when the policy already said `"revoked": true`.
+    pub changed: bool,
+}
+
+/// Marks the key `id` revoked in the policy file at `path` (see
+/// [`edit_key`]).
+pub fn revoke_in_policy(path: &Path, id: &str) -> Result<Revoked> {
+    edit_key(path, id, |entry| {
+        let current =
+            hash_of(entry).with_context(|| format!("key {id:?} has no valid key_sha256"))?;
+        let previous = entry
+            .get("previous")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| hash_of(p.as_object()?));
+        let key_sha256 = std::iter::once(current).chain(previous).collect();
+        let changed = entry.get("revoked") != Some(&Value::Bool(true));
+        if changed {
+            entry.insert("revoked".to_string(), Value::Bool(true));
+        }
+        Ok((
+            Revoked {
+                key_sha256,
+                changed,
+            },
+            changed,
+        ))
+    })
+}
+
+/// What `rotate_in_policy` did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Rotated {
+    /// The key's new secret: shown once, never stored.
+    pub key: String,
+    /// When the secret it replaced stops working (RFC 3339, whole seconds).
+    pub not_after: String,
+    /// Previous secrets dropped from the entry because their `not_after`
+    /// had passed (they were refused already).
+    pub dropped: usize,
+}
+
+/// Gives the key `id` a new secret: its current hash moves to `previous`
+/// with `not_after = now + grace` (rounded up to the second, so the grace
+/// is never shorter than asked), the new secret's hash becomes
+/// `key_sha256`, and previous secrets already past their `not_after` are
+/// dropped. Written as [`edit_key`] writes. A revoked or expired key is
+/// refused: its new secret would be refused too.
+pub fn rotate_in_policy(path: &Path, id: &str, grace_ms: u64, now_ms: u64) -> Result<Rotated> {
+    edit_key(path, id, |entry| {
+        if entry.get("revoked") == Some(&Value::Bool(true)) {
+            bail!("key {id:?} is revoked: a new secret would be refused too (mint a new key with `tollgate key new`)");
+        }
+        if let Some(at) = entry.get("expires_at").and_then(Value::as_str) {
+            if tollgate_core::time::parse_rfc3339(at).is_ok_and(|ms| ms <= now_ms) {
+                bail!("key {id:?} expired at {at}: a new secret would be refused too (move its expires_at first)");
+            }
+        }
+        let current = entry
+            .get("key_sha256")
+            .cloned()
+            .with_context(|| format!("key {id:?} has no key_sha256"))?;
+        let deadline_ms = now_ms
+            .checked_add(grace_ms)
+            .map(|ms| ms.div_ceil(1000) * 1000)
+            .context("the grace period ends too far in the future")?;
+        let not_after = tollgate_core::time::format_rfc3339(deadline_ms);
+        let mut previous = match entry.get("previous") {
+            None => Vec::new(),
+            Some(Value::Array(list)) => list.clone(),
+            Some(_) => bail!("key {id:?}: \"previous\" is not a list"),
+        };
+        let before = previous.len();
+        // An entry whose time does not parse is kept: validation names it.
+        previous.retain(|p| {
+            let at = p.get("not_after").and_then(Value::as_str);
+            at.and_then(|t| tollgate_core::time::parse_rfc3339(t).ok())
+                .is_none_or(|ms| ms > now_ms)
+        });
+        let dropped = before - previous.len();
+        previous.push(serde_json::json!({ "key_sha256": current, "not_after": not_after }));
+        let key = mint();
+        // Rebuilt so that `previous` sits right after `key_sha256`, where a
+        // reviewer reads the rotation as one change.
+        let old = std::mem::take(entry);
+        for (name, value) in old {
+            match name.as_str() {
+                "previous" => {}
+                "key_sha256" => {
+                    entry.insert(name, vkey::sha256_hex(&key).into());
+                    entry.insert(
+                        "previous".to_string(),
+                        Value::Array(std::mem::take(&mut previous)),
+                    );
+                }
+                _ => {
+                    entry.insert(name, value);
+                }
+            }
+        }
+        Ok((
+            Rotated {
+                key,
+                not_after,
+                dropped,
+            },
+            true,
+        ))
     })
 }
 
@@ -229,7 +410,8 @@ mod tests {
         .unwrap();
         let r = revoke_in_policy(&path, "a").unwrap();
         assert!(r.changed);
-        assert_eq!(hex::encode(r.key_sha256), hash);
+        assert_eq!(r.key_sha256, [tollgate_core::vkey::sha256(b"tg-a")]);
+        assert_eq!(hex::encode(r.key_sha256[0]), hash);
         let doc: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(doc["keys"][0]["revoked"], true);
@@ -240,6 +422,163 @@ mod tests {
             revoke_in_policy(&path, "zz").unwrap_err().to_string(),
             format!("no key with id \"zz\" in {} (ids: a, b)", path.display())
         );
+    }
+
+    /// 2026-12-05T12:00:00.250Z
+    const NOW: u64 = 1_796_472_000_250;
+
+    fn policy_file(keys: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.json");
+        std::fs::write(&path, format!(r#"{{"version":1,"keys":[{keys}]}}"#)).unwrap();
+        (dir, path)
+    }
+
+    fn doc(path: &Path) -> Value {
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn rotating_moves_the_hash_to_previous_with_a_deadline_and_keeps_the_id() {
+        let old = vkey::sha256_hex("tg-a");
+        let (_dir, path) = policy_file(&format!(
+            r#"{{"id":"a","key_sha256":"{old}","team":"t"}},{{"id":"b","key_sha256":"{}"}}"#,
+            vkey::sha256_hex("tg-b")
+        ));
+        let r = rotate_in_policy(&path, "a", 24 * 3_600_000, NOW).unwrap();
+        // 24h after 12:00:00.250, rounded up to the second.
+        assert_eq!(r.not_after, "2026-12-06T12:00:01Z");
+        assert_eq!(r.dropped, 0);
+        assert!(r.key.starts_with("tg-") && r.key.len() == 51);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains(&r.key), "the policy never holds a secret");
+        let d = doc(&path);
+        let a = d["keys"][0].as_object().unwrap();
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            ["id", "key_sha256", "previous", "team"],
+            "previous sits right after key_sha256"
+        );
+        assert_eq!(a["key_sha256"], vkey::sha256_hex(&r.key));
+        assert_eq!(
+            a["previous"],
+            serde_json::json!([{"key_sha256": old, "not_after": "2026-12-06T12:00:01Z"}])
+        );
+        assert_eq!(d["keys"][1]["id"], "b", "other keys untouched");
+        // The rotated policy compiles: both secrets open key "a".
+        let (p, _) = tollgate_core::policy::compile(text.as_bytes(), "p.json", NOW).unwrap();
+        for k in ["tg-a", &r.key] {
+            assert_eq!(
+                p.lookup(&vkey::sha256(k.as_bytes())).map(|k| k.id.as_str()),
+                Some("a")
+            );
+        }
+    }
+
+    #[test]
+    fn rotating_again_keeps_live_previous_secrets_and_drops_expired_ones() {
+        let (_dir, path) = policy_file(&format!(
+            r#"{{"id":"a","key_sha256":"{}","previous":[
+                {{"key_sha256":"{}","not_after":"2026-12-05T12:00:00Z"}},
+                {{"key_sha256":"{}","not_after":"2026-12-05T13:00:00Z"}}]}}"#,
+            vkey::sha256_hex("tg-3"),
+            vkey::sha256_hex("tg-1"),
+            vkey::sha256_hex("tg-2"),
+        ));
+        let r = rotate_in_policy(&path, "a", 30_000, NOW).unwrap();
+        assert_eq!(
+            (r.not_after.as_str(), r.dropped),
+            ("2026-12-05T12:00:31Z", 1)
+        );
+        assert_eq!(
+            doc(&path)["keys"][0]["previous"],
+            serde_json::json!([
+                {"key_sha256": vkey::sha256_hex("tg-2"), "not_after": "2026-12-05T13:00:00Z"},
+                {"key_sha256": vkey::sha256_hex("tg-3"), "not_after": "2026-12-05T12:00:31Z"}
+            ])
+        );
+        // Revoking the key names every secret it still has, current first.
+        let revoked = revoke_in_policy(&path, "a").unwrap();
+        assert_eq!(
+            revoked.key_sha256,
+            [
+                vkey::sha256(r.key.as_bytes()),
+                vkey::sha256(b"tg-2"),
+                vkey::sha256(b"tg-3")
+            ]
+        );
+    }
+
+    #[test]
+    fn rotation_refuses_revoked_expired_and_unknown_keys_leaving_the_file_as_it_was() {
+        let (_dir, path) = policy_file(&format!(
+            r#"{{"id":"r","key_sha256":"{}","revoked":true}},{{"id":"e","key_sha256":"{}","expires_at":"2026-01-01T00:00:00Z"}}"#,
+            vkey::sha256_hex("tg-r"),
+            vkey::sha256_hex("tg-e"),
+        ));
+        let before = std::fs::read_to_string(&path).unwrap();
+        let err = |id: &str| {
+            rotate_in_policy(&path, id, 1000, NOW)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err("r"),
+            "key \"r\" is revoked: a new secret would be refused too (mint a new key with `tollgate key new`)"
+        );
+        assert_eq!(
+            err("e"),
+            "key \"e\" expired at 2026-01-01T00:00:00Z: a new secret would be refused too (move its expires_at first)"
+        );
+        assert_eq!(
+            err("x"),
+            format!("no key with id \"x\" in {} (ids: r, e)", path.display())
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
+        // A policy already invalid elsewhere is not rewritten.
+        let (_dir, bad) = policy_file(&format!(
+            r#"{{"id":"a","key_sha256":"{}","groups":["nope"]}}"#,
+            vkey::sha256_hex("tg-a")
+        ));
+        let before = std::fs::read_to_string(&bad).unwrap();
+        let e = rotate_in_policy(&bad, "a", 1000, NOW)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("not written: the policy would be invalid:\n")
+                && e.ends_with("keys[0].groups[0]: unknown group (no groups are defined under \"groups\") (value: \"nope\")"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&bad).unwrap(), before);
+    }
+
+    #[test]
+    fn edits_replace_only_the_entry_one_line_or_pretty_at_its_indentation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.json");
+        let (a, b) = (vkey::sha256_hex("tg-a"), vkey::sha256_hex("tg-b"));
+        let text = format!(
+            "{{\n  \"version\": 1,\n  \"keys\": [\n    {{ \"id\": \"a\", \"key_sha256\": \"{a}\" }},\n    {{\n      \"id\": \"b\",\n      \"key_sha256\": \"{b}\", \"team\": \"t\"\n    }}\n  ],\n  \"groups\": {{ \"g\": {{}} }}\n}}\n"
+        );
+        std::fs::write(&path, &text).unwrap();
+        revoke_in_policy(&path, "a").unwrap();
+        revoke_in_policy(&path, "b").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!(
+                "{{\n  \"version\": 1,\n  \"keys\": [\n    {{\"id\":\"a\",\"key_sha256\":\"{a}\",\"revoked\":true}},\n    {{\n      \"id\": \"b\",\n      \"key_sha256\": \"{b}\",\n      \"team\": \"t\",\n      \"revoked\": true\n    }}\n  ],\n  \"groups\": {{ \"g\": {{}} }}\n}}\n"
+            )
+        );
+    }
+
+    #[test]
+    fn layout_finds_the_top_level_keys_entries_only() {
+        let text = r#"{"groups": {"keys": [{"x": 1}]}, "note": "\"keys\": [{", "keys": [ {"a": {"b": [1]}}, 2, {} ]}"#;
+        let l = layout(text);
+        let spans: Vec<&str> = l.entries.iter().map(|(s, e)| &text[*s..*e]).collect();
+        assert_eq!(spans, [r#"{"a": {"b": [1]}}"#, "{}"]);
+        // Three elements, two objects: no entry is replaced by position.
+        assert_eq!(replace_entry(text, 3, 1, &Value::Null), None);
     }
 
     #[test]

@@ -23,7 +23,9 @@ mod clock;
 mod collector;
 /// The local gateway: Envoy's rendered configuration and its supervision.
 mod gateway;
-/// Minting virtual keys and adding their entries to a policy file.
+/// Keys as `key list` and `key show` print them.
+mod key_view;
+/// Minting virtual keys, adding their entries to a policy file, rotating and revoking them.
 mod keys;
 /// Istio WasmPlugin and Envoy Gateway EnvoyExtensionPolicy renders.
 mod mesh;
@@ -71,7 +73,7 @@ enum Command {
     Policy(cmd::policy::PolicyArgs),
     /// Run the shared-limit service in front of Redis, so every Envoy replica meters one set of limits.
     Quota(cmd::quota::QuotaArgs),
-    /// Mint virtual keys.
+    /// Mint, list, show, rotate and revoke virtual keys.
     Key(cmd::key::KeyArgs),
     /// Package tollgate.wasm as an OCI image (layout directory and tarball) for Istio and Envoy Gateway.
     Package(cmd::package::PackageArgs),

@@ -11,6 +11,14 @@
 use std::fmt::Display;
 use std::io::{self, BufWriter, Stdout, Write};
 
+/// How a listing command prints: a plain-text table for people, or JSON
+/// for programs (`--format table|json`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+}
+
 /// Marks an EPIPE that came from stdout (a socket's EPIPE is a real error).
 #[derive(Debug)]
 struct StdoutClosed;

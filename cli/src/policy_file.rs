@@ -43,6 +43,17 @@ pub fn compiled(path: &Path) -> Result<(policy::Policy, Vec<u8>), Vec<String>> {
     }
 }
 
+/// [`compiled`] for a command that reads a policy: each error on stderr,
+/// then one error saying how many.
+pub fn open(path: &Path) -> anyhow::Result<(policy::Policy, Vec<u8>)> {
+    compiled(path).map_err(|errors| {
+        for e in &errors {
+            eprintln!("{e}");
+        }
+        anyhow::anyhow!("policy {} has {} error(s)", path.display(), errors.len())
+    })
+}
+
 /// What `policy check` says about one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {

@@ -8,11 +8,7 @@ use serde_json::{json, Map, Value};
 use tollgate_core::policy::Policy;
 use tollgate_core::price::{table, Price, Rates};
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    Table,
-    Json,
-}
+pub use crate::output::Format;
 
 /// Where a row's price comes from.
 #[derive(Debug, Clone, PartialEq)]

@@ -35,6 +35,8 @@ pub enum Reason {
     UnknownKey,
     RevokedKey,
     ExpiredKey,
+    /// A rotated key's previous secret, presented after its grace period.
+    RotatedKey,
     ModelNotAllowed,
     InvalidRequest,
     BodyTooLarge,
@@ -54,12 +56,13 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::Ok,
         Reason::MissingKey,
         Reason::UnknownKey,
         Reason::RevokedKey,
         Reason::ExpiredKey,
+        Reason::RotatedKey,
         Reason::ModelNotAllowed,
         Reason::InvalidRequest,
         Reason::BodyTooLarge,
@@ -81,6 +84,7 @@ impl Reason {
             Reason::UnknownKey => "unknown_key",
             Reason::RevokedKey => "revoked_key",
             Reason::ExpiredKey => "expired_key",
+            Reason::RotatedKey => "rotated_key",
             Reason::ModelNotAllowed => "model_not_allowed",
             Reason::InvalidRequest => "invalid_request",
             Reason::BodyTooLarge => "body_too_large",

@@ -131,10 +131,14 @@ pub enum Stat {
     FallbackAdmits,
     /// Milliseconds of each synchronous admission round trip (histogram).
     RemoteAdmitRttMs,
+    /// Requests held for a limit to refill (`max_wait_ms`) right now
+    /// (gauge), and held requests admitted in the end (counter).
+    Held,
+    HeldAdmitted,
 }
 
 /// Every stat besides decisions, with its name, in index order.
-const STATS: [(Stat, &str); 10] = [
+const STATS: [(Stat, &str); 12] = [
     (Stat::CasConflict, "tollgate.cas_conflicts"),
     (Stat::CasExhausted, "tollgate.cas_exhausted"),
     (Stat::UsageUnreadable, "tollgate.usage_unreadable"),
@@ -151,6 +155,8 @@ const STATS: [(Stat, &str); 10] = [
     ),
     (Stat::FallbackAdmits, "tollgate.quota.fallback_admits"),
     (Stat::RemoteAdmitRttMs, "tollgate.quota.remote_admit_rtt_ms"),
+    (Stat::Held, "tollgate.held"),
+    (Stat::HeldAdmitted, "tollgate.held_admitted"),
 ];
 
 impl Stat {
@@ -167,7 +173,7 @@ impl Stat {
     }
 
     pub fn is_gauge(self) -> bool {
-        self == Stat::ReservationsOutstanding
+        matches!(self, Stat::ReservationsOutstanding | Stat::Held)
     }
 
     /// Values recorded one by one into a distribution (Envoy histogram).
@@ -226,6 +232,13 @@ pub trait Host: SharedPlane {
         message: &[u8],
         timeout_ms: u64,
     ) -> Result<(), CallFailed>;
+    /// Whether one more request may be held for a limit to refill (the
+    /// host keeps them, bounded, and retries them from its timer through
+    /// `RequestFlow::on_wait_tick`).
+    fn may_hold(&self) -> bool;
+    /// Whether requests are held for this bucket (`key:a:requests_per_minute`):
+    /// a new request then queues behind them, in arrival order.
+    fn held_for(&self, bucket: &str) -> bool;
 }
 
 /// What a lifecycle callback tells the host to do next.

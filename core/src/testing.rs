@@ -129,6 +129,10 @@ pub struct FakeHost {
     pub quota_calls: Vec<(QuotaMethod, Vec<u8>)>,
     /// When set, starting a quota call fails (no cluster, host refused).
     pub quota_unreachable: bool,
+    /// How many more requests the host would hold (`may_hold`).
+    pub hold_room: usize,
+    /// Buckets other requests are held for (`held_for`).
+    pub held_buckets: Vec<String>,
 }
 
 impl Default for FakeHost {
@@ -144,6 +148,8 @@ impl Default for FakeHost {
             now_ms: 1_795_000_000_000,
             quota_calls: Vec::new(),
             quota_unreachable: false,
+            hold_room: 1024,
+            held_buckets: Vec::new(),
         }
     }
 }
@@ -283,6 +289,20 @@ impl Host for FakeHost {
         }
         self.quota_calls.push((method, message.to_vec()));
         Ok(())
+    }
+
+    fn may_hold(&self) -> bool {
+        self.hold_room()
+    }
+
+    fn held_for(&self, bucket: &str) -> bool {
+        self.held_buckets.iter().any(|b| b == bucket)
+    }
+}
+
+impl FakeHost {
+    fn hold_room(&self) -> bool {
+        self.hold_room > 0
     }
 }
 

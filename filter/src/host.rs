@@ -135,6 +135,14 @@ impl Host for Hostcalls {
     ) -> Result<(), CallFailed> {
         grpc_call(method, message, timeout_ms).map(|_| ())
     }
+
+    fn may_hold(&self) -> bool {
+        crate::held::room()
+    }
+
+    fn held_for(&self, bucket: &str) -> bool {
+        crate::held::held_for(bucket)
+    }
 }
 
 impl SharedPlane for Hostcalls {

@@ -4,11 +4,14 @@
 //! return a `Status`) rather than the SDK's context helpers, which unwrap and
 //! would trap the VM on an unexpected host status.
 
+mod held;
 mod host;
 
+use held::SharedFlow;
 use host::Hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
+use std::cell::RefCell;
 use std::rc::Rc;
 use tollgate_core::flow::{FilterOptions, RequestFlow};
 use tollgate_core::host::Decision;
@@ -22,11 +25,21 @@ proxy_wasm::main! {{
     std::panic::set_hook(Box::new(|info| {
         let _ = proxy_wasm::hostcalls::log(LogLevel::Critical, &format!("panic: {info}"));
     }));
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> {
+        Box::new(Root {
+            id,
+            ..Root::default()
+        })
+    });
 }}
+
+/// How often held requests are retried (ms): a refill of one request per
+/// second is seen within a tenth of it.
+const HELD_TICK_MS: u64 = 50;
 
 #[derive(Default)]
 struct Root {
+    id: u32,
     policy: Option<Rc<Policy>>,
     options: FilterOptions,
     /// With a shared store: this VM's side of the sync leadership.
@@ -114,6 +127,20 @@ impl RootContext for Root {
                     policy.pools.len(),
                     bytes.len()
                 );
+                if policy.holds_requests() {
+                    // Held requests are retried from the timer; the sync
+                    // leader keeps its own period on top of it.
+                    let period = self
+                        .options
+                        .shared
+                        .map_or(HELD_TICK_MS, |s| s.sync_period_ms.min(HELD_TICK_MS));
+                    if let Err(e) = proxy_wasm::hostcalls::set_tick_period(
+                        std::time::Duration::from_millis(period),
+                    ) {
+                        log::error!("cannot start the timer of held requests: {e:?}");
+                        return false;
+                    }
+                }
                 self.policy = Some(Rc::new(policy));
                 true
             }
@@ -126,12 +153,14 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
-            flow: self
-                .policy
-                .clone()
-                .map(|p| RequestFlow::with_options(p, self.options)),
+            id: context_id,
+            flow: Rc::new(RefCell::new(
+                self.policy
+                    .clone()
+                    .map(|p| RequestFlow::with_options(p, self.options)),
+            )),
         }))
     }
 
@@ -145,12 +174,34 @@ impl RootContext for Root {
         if let Some(leader) = &mut self.leader {
             leader.tick(&mut Hostcalls);
         }
+        held::tick(self.id, |d| {
+            act(d);
+        });
     }
 }
 
 struct Http {
-    /// `None` when no policy ever loaded: every request is refused.
-    flow: Option<RequestFlow>,
+    id: u32,
+    /// `None` when no policy ever loaded: every request is refused. Shared
+    /// with the held-request queue while the request waits for a refill.
+    flow: SharedFlow,
+}
+
+impl Http {
+    /// Runs one callback on the flow; a request the flow holds joins the
+    /// worker's queue.
+    fn run(&mut self, f: impl FnOnce(&mut RequestFlow) -> Decision) -> Option<Decision> {
+        let decision = {
+            let mut slot = self.flow.try_borrow_mut().ok()?;
+            let flow = slot.as_mut()?;
+            let decision = f(flow);
+            (decision, flow.held().is_some())
+        };
+        if decision.1 {
+            held::enqueue(self.id, &self.flow);
+        }
+        Some(decision.0)
+    }
 }
 
 impl Context for Http {
@@ -163,19 +214,30 @@ impl Context for Http {
         body_size: usize,
         num_trailers: usize,
     ) {
-        let Some(flow) = &mut self.flow else { return };
         let response = host::grpc_response(num_headers, body_size, num_trailers);
-        match flow.on_quota_response(&mut Hostcalls, response.as_deref()) {
+        let answer = {
+            let Ok(mut slot) = self.flow.try_borrow_mut() else {
+                return;
+            };
+            let Some(flow) = slot.as_mut() else { return };
+            let answer = flow.on_quota_response(&mut Hostcalls, response.as_deref());
+            (answer, flow.held().is_some())
+        };
+        if answer.1 {
+            held::enqueue(self.id, &self.flow);
+        }
+        match answer.0 {
             Some(Decision::Continue) => {
                 if let Err(e) = proxy_wasm::hostcalls::resume_http_request() {
                     log::warn!("resuming the request failed: {e:?}");
                 }
             }
-            Some(other) => {
-                act(other);
+            // Still waiting (a failed call repeated), or a settlement's
+            // answer: nothing to do.
+            Some(Decision::Pause) | None => {}
+            Some(reply) => {
+                act(reply);
             }
-            // A settlement's answer: nothing waits for it.
-            None => {}
         }
     }
 }
@@ -202,36 +264,32 @@ impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         #[cfg(feature = "test-trap")]
         trap_if_asked();
-        match &mut self.flow {
-            Some(flow) => act(flow.on_request_headers(&mut Hostcalls, end_of_stream)),
+        match self.run(|flow| flow.on_request_headers(&mut Hostcalls, end_of_stream)) {
+            Some(decision) => act(decision),
             None => act(Decision::Reply(host::no_policy_reply())),
         }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        match &mut self.flow {
-            Some(flow) => act(flow.on_request_body(&mut Hostcalls, body_size, end_of_stream)),
-            None => Action::Continue,
-        }
+        self.run(|flow| flow.on_request_body(&mut Hostcalls, body_size, end_of_stream))
+            .map_or(Action::Continue, act)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        match &mut self.flow {
-            Some(flow) => act(flow.on_response_headers(&mut Hostcalls, end_of_stream)),
-            None => Action::Continue,
-        }
+        self.run(|flow| flow.on_response_headers(&mut Hostcalls, end_of_stream))
+            .map_or(Action::Continue, act)
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        match &mut self.flow {
-            Some(flow) => act(flow.on_response_body(&mut Hostcalls, body_size, end_of_stream)),
-            None => Action::Continue,
-        }
+        self.run(|flow| flow.on_response_body(&mut Hostcalls, body_size, end_of_stream))
+            .map_or(Action::Continue, act)
     }
 
     fn on_log(&mut self) {
-        if let Some(flow) = &mut self.flow {
-            flow.on_end(&mut Hostcalls);
+        if let Ok(mut slot) = self.flow.try_borrow_mut() {
+            if let Some(flow) = slot.as_mut() {
+                flow.on_end(&mut Hostcalls);
+            }
         }
     }
 }

@@ -41,6 +41,7 @@ pub(crate) struct Scripts {
     pub sync_replica: Lua,
     pub sync_bucket: Lua,
     pub revoke: Lua,
+    pub reseed: Lua,
 }
 
 impl Scripts {
@@ -51,16 +52,18 @@ impl Scripts {
             sync_replica: compose(clock, include_str!("lua/sync_replica.lua")),
             sync_bucket: compose(clock, include_str!("lua/sync_bucket.lua")),
             revoke: compose(clock, include_str!("lua/revoke.lua")),
+            reseed: compose(clock, include_str!("lua/reseed.lua")),
         }
     }
 
-    pub fn all(&self) -> [&Lua; 5] {
+    pub fn all(&self) -> [&Lua; 6] {
         [
             &self.admit,
             &self.settle,
             &self.sync_replica,
             &self.sync_bucket,
             &self.revoke,
+            &self.reseed,
         ]
     }
 }

@@ -350,6 +350,28 @@ impl QuotaService {
         Ok(RevokeResponse { epoch })
     }
 
+    /// Raises a calendar bucket's use in its current window to `used` (base
+    /// units), for rebuilding daily and monthly windows from the audit
+    /// store after Redis lost its data. Never lowers it. Returns the use.
+    pub async fn reseed(&self, bucket: &Bucket, used: i64) -> Result<i64, Status> {
+        let spec = Spec::of(Some(bucket), "bucket")?;
+        if spec.refill == Refill::PerMinute {
+            return Err(invalid(format!(
+                "bucket '{}': per-minute buckets refill on their own; only DAY and MONTH windows are reseeded",
+                spec.id
+            )));
+        }
+        if !(0..=MAX_EXACT).contains(&used) {
+            return Err(invalid(format!("used {used} must be between 0 and 2^53")));
+        }
+        let keys = [keys::bucket(spec.id), keys::leases(spec.id)];
+        let mut cmd = self.evalsha(&self.inner.scripts.reseed, &keys);
+        cmd.arg(self.inner.settings.keep_ms());
+        spec.args(&mut cmd).arg(used);
+        let reply = self.run_one(cmd, "reseed").await?;
+        reply.parse().map_err(|_| bad_reply("reseed", &reply))
+    }
+
     /// `EVALSHA sha numkeys keys... clock`: every script's ARGV[1] is the
     /// test clock, empty in production (the script reads Redis TIME).
     fn evalsha<K: redis::ToRedisArgs>(&self, script: &Lua, keys: &[K]) -> redis::Cmd {

@@ -202,18 +202,16 @@ fn a_key_revoked_in_redis_is_refused_by_every_replica_within_a_second() {
     let copy = dir.path().join("policy.json");
     std::fs::write(&copy, &json).unwrap();
     let revoked_at = Instant::now();
-    let out = std::process::Command::new(tollgate_e2e::tollgate_bin())
-        .args(["key", "revoke", "--id", "leaver", "--policy"])
-        .arg(&copy)
-        .args(["--redis", &redis.url()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = tollgate_e2e::tollgate_ok([
+        "key".as_ref(),
+        "revoke".as_ref(),
+        "--id".as_ref(),
+        "leaver".as_ref(),
+        "--policy".as_ref(),
+        copy.as_os_str(),
+        "--redis".as_ref(),
+        redis.url().as_ref(),
+    ]);
     assert!(stdout.contains("key \"leaver\" revoked in"), "{stdout}");
     assert!(
         stdout.contains("revocation recorded in Redis (epoch 1)"),

@@ -37,6 +37,22 @@ fn artifact(var: &str, default: &str) -> PathBuf {
     path
 }
 
+/// Runs the `tollgate` CLI, asserts it succeeded, and returns its stdout.
+pub fn tollgate_ok<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(tollgate_bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "tollgate failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// SHA-256 hex of a virtual key, as policies store it.
 pub fn sha(key: &str) -> String {
     use sha2::{Digest, Sha256};

@@ -4,7 +4,7 @@
 use crate::output::Output;
 use crate::policy_file;
 use crate::price_view::{self, Format};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -19,15 +19,7 @@ pub struct PricesArgs {
 
 pub fn run(args: PricesArgs) -> Result<()> {
     let policy = match &args.policy {
-        Some(path) => match policy_file::compiled(path) {
-            Ok((policy, _)) => Some(policy),
-            Err(errors) => {
-                for e in &errors {
-                    eprintln!("{e}");
-                }
-                bail!("policy {} has {} error(s)", path.display(), errors.len());
-            }
-        },
+        Some(path) => Some(policy_file::open(path)?.0),
         None => None,
     };
     let rows = price_view::rows(policy.as_ref());

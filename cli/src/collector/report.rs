@@ -81,18 +81,8 @@ pub struct Report {
 
 /// `7d`, `24h`, `30m`, `90s`, or an RFC 3339 time; returns Unix ms.
 pub fn parse_since(s: &str, now_ms: u64) -> Result<u64> {
-    let unit = |c: char| match c {
-        'd' => Some(86_400_000u64),
-        'h' => Some(3_600_000),
-        'm' => Some(60_000),
-        's' => Some(1_000),
-        _ => None,
-    };
-    if let Some(last) = s.chars().last() {
-        let number = s.strip_suffix(last).unwrap_or_default();
-        if let (Some(mult), Ok(n)) = (unit(last), number.parse::<u64>()) {
-            return Ok(now_ms.saturating_sub(n.saturating_mul(mult)));
-        }
+    if let Ok(ms) = crate::clock::parse_duration_ms(s) {
+        return Ok(now_ms.saturating_sub(ms));
     }
     match tollgate_core::time::parse_rfc3339(s) {
         Ok(ms) => Ok(ms),

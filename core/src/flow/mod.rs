@@ -28,7 +28,7 @@ use crate::host::{header, Decision, Host, LocalReply, Stat};
 use crate::host::{Queue, QuotaMethod};
 use crate::meter::shared::{self, Plan, RemoteRefusal, SharedOptions, Source};
 use crate::meter::{self, Admission, BucketState, Clock, Demand, Denial};
-use crate::policy::{Key, KeyRefusal, Policy, Price, UnknownRoutes};
+use crate::policy::{Key, KeyRefusal, Policy, Price, Secret, UnknownRoutes};
 use crate::reply::error_reply;
 use crate::route::{Provider, Route};
 use crate::usage::{self, RequestInfo, StreamUsage, Usage};
@@ -104,6 +104,19 @@ enum Phase {
         body_size: usize,
         request: Vec<u8>,
         since: u64,
+        /// Whether the call was already repeated once after a failure.
+        retried: bool,
+    },
+    /// Held for a limit to refill (`max_wait_ms`) instead of a 429; the
+    /// host retries it from its timer ([`RequestFlow::on_wait_tick`]).
+    Waiting {
+        key: usize,
+        demand: Demand,
+        body_size: usize,
+        /// When the refusing bucket should have room again.
+        until: u64,
+        /// The bucket it waits for, so later requests queue behind it.
+        bucket: String,
     },
     /// Forwarded upstream with its reservations, which the end of the
     /// response settles.
@@ -127,6 +140,10 @@ pub struct RequestFlow {
     key_sha256: Option<[u8; 32]>,
     /// Whether the record has been published (and numbered) once.
     published: bool,
+    /// What the admission under way asks for, should it have to wait.
+    pending: Option<(Demand, usize)>,
+    /// When a held request must be answered, from its first hold.
+    hold_deadline: Option<u64>,
 }
 
 impl RequestFlow {
@@ -149,6 +166,8 @@ impl RequestFlow {
             },
             key_sha256: None,
             published: false,
+            pending: None,
+            hold_deadline: None,
         }
     }
 
@@ -174,6 +193,7 @@ impl RequestFlow {
         match self.phase {
             Phase::Authenticated { key }
             | Phase::Admitting { key, .. }
+            | Phase::Waiting { key, .. }
             | Phase::Admitted { key, .. } => Some(key),
             Phase::Start | Phase::Done => None,
         }
@@ -211,18 +231,23 @@ impl RequestFlow {
             }
         }
         let policy = self.policy.clone();
-        let key = match self.identify(&policy, presented) {
-            Ok(key) => key,
+        let secret = match self.identify(&policy, presented) {
+            Ok(secret) => secret,
             Err(refusal) => return self.refuse(host, refusal, &[]),
         };
+        let key = secret.key;
         // From here the caller is known: refusals carry its bucket states.
         let bad_path = bad_path.map(|error| Refusal::BadPath {
             path: String::from_utf8_lossy(path).into_owned(),
             error,
         });
-        let refusal = match policy.key(key).map(|k| (k, k.check_valid(now))) {
+        // The key's own state first: a revoked or expired key is refused as
+        // such whichever of its secrets is presented.
+        let valid = |k: &Key| k.check_valid(now).and_then(|()| secret.check_valid(now));
+        let refusal = match policy.key(key).map(|k| (k, valid(k))) {
             Some((_, Err(KeyRefusal::Revoked))) => Some(Refusal::RevokedKey),
             Some((_, Err(KeyRefusal::Expired(at_ms)))) => Some(Refusal::ExpiredKey { at_ms }),
+            Some((_, Err(KeyRefusal::SecretRotated(at_ms)))) => Some(Refusal::RotatedKey { at_ms }),
             // Revoked through the shared store: every replica learns it
             // within a sync period, before the policy file reaches it.
             Some((_, Ok(())))
@@ -260,19 +285,20 @@ impl RequestFlow {
         }
     }
 
-    /// The presented key's position in the policy; the audit record then
-    /// carries its identity, whatever is decided next.
-    fn identify(&mut self, policy: &Policy, presented: Presented) -> Result<usize, Refusal> {
+    /// The presented secret and its key's position in the policy; the
+    /// audit record then carries the key's identity (its one id, whichever
+    /// of its secrets was presented), whatever is decided next.
+    fn identify(&mut self, policy: &Policy, presented: Presented) -> Result<Secret, Refusal> {
         let hash = match presented {
             Presented::Key(hash) => hash,
             Presented::Missing => return Err(Refusal::MissingKey),
             Presented::Conflicting => return Err(Refusal::ConflictingKeys),
         };
-        let index = policy.lookup_index(&hash).ok_or(Refusal::UnknownKey)?;
-        let key = policy.key(index).ok_or(Refusal::UnknownKey)?;
+        let secret = policy.lookup_secret(&hash).ok_or(Refusal::UnknownKey)?;
+        let key = policy.key(secret.key).ok_or(Refusal::UnknownKey)?;
         self.key_sha256 = Some(hash);
         self.fill_identity(key);
-        Ok(index)
+        Ok(secret)
     }
 
     fn fill_identity(&mut self, key: &Key) {
@@ -437,6 +463,20 @@ impl RequestFlow {
         let now = host.now_ms();
         let clock = self.clock(now);
         let buckets = self.buckets();
+        self.pending = Some((demand, body_size));
+        // Requests held for a bucket go first, in arrival order: a new one
+        // that may wait for that bucket queues behind them.
+        if self.hold_deadline.is_none() {
+            if let Some(b) = buckets
+                .iter()
+                .find(|b| b.max_wait_ms.is_some() && host.held_for(&b.label()))
+            {
+                let deadline = now + b.max_wait_ms.unwrap_or(0);
+                if let Some(d) = self.hold(host, key, b.label(), now, deadline) {
+                    return d;
+                }
+            }
+        }
         let Some(opts) = self.options.shared else {
             let result = meter::admit(host, &buckets, &demand, clock);
             return self.admitted(host, key, result);
@@ -465,6 +505,7 @@ impl RequestFlow {
                             body_size,
                             request,
                             since: now,
+                            retried: false,
                         };
                         Decision::Pause
                     }
@@ -492,6 +533,28 @@ impl RequestFlow {
     ) -> Option<Decision> {
         if !matches!(self.phase, Phase::Admitting { .. }) {
             return None;
+        }
+        // A failed call is repeated once: Admit is idempotent by request id,
+        // and with several quota replicas the repeat goes to another one
+        // (round robin), so one replica's death costs a round trip, not the
+        // request's admission.
+        if let (
+            None,
+            Phase::Admitting {
+                request,
+                retried: retried @ false,
+                ..
+            },
+        ) = (response, &mut self.phase)
+        {
+            let timeout = self.options.shared.map_or(0, |o| o.admit_timeout_ms);
+            if host
+                .call_quota(QuotaMethod::Admit, request, timeout)
+                .is_ok()
+            {
+                *retried = true;
+                return Some(Decision::Pause);
+            }
         }
         let Phase::Admitting {
             key,
@@ -571,6 +634,7 @@ impl RequestFlow {
     ) -> Decision {
         match result {
             Ok(admission) => {
+                self.release_hold(host);
                 let uncounted = admission
                     .reservations
                     .iter()
@@ -592,13 +656,106 @@ impl RequestFlow {
                 bucket,
                 wait_ms,
                 states,
-            }) => self.refuse(host, Refusal::Limited { bucket, wait_ms }, &states),
+            }) => {
+                if let Some(max) = bucket.max_wait_ms {
+                    let now = host.now_ms();
+                    let deadline = self.hold_deadline.unwrap_or(now + max);
+                    if now + wait_ms <= deadline {
+                        if let Some(d) =
+                            self.hold(host, key, bucket.label(), now + wait_ms, deadline)
+                        {
+                            return d;
+                        }
+                    }
+                }
+                self.release_hold(host);
+                self.refuse(host, Refusal::Limited { bucket, wait_ms }, &states)
+            }
             Err(Denial::Contention) => {
+                self.release_hold(host);
                 host.stat(Stat::CasExhausted, 1);
                 let states = self.states_now(host);
                 self.refuse(host, Refusal::Contention, &states)
             }
         }
+    }
+
+    /// Holds the request until `until` (at most `deadline`) for `bucket` to
+    /// refill, if the host has room for one more; `None` when it has not.
+    fn hold(
+        &mut self,
+        host: &mut impl Host,
+        key: usize,
+        bucket: String,
+        until: u64,
+        deadline: u64,
+    ) -> Option<Decision> {
+        let (demand, body_size) = self.pending?;
+        if self.hold_deadline.is_none() {
+            if !host.may_hold() {
+                return None;
+            }
+            host.stat(Stat::Held, 1);
+        }
+        self.hold_deadline = Some(deadline);
+        self.phase = Phase::Waiting {
+            key,
+            demand,
+            body_size,
+            until,
+            bucket,
+        };
+        Some(Decision::Pause)
+    }
+
+    /// A held request leaves the queue (admitted, refused or gone).
+    fn release_hold(&mut self, host: &mut impl Host) {
+        if self.hold_deadline.take().is_some() {
+            host.stat(Stat::Held, -1);
+        }
+    }
+
+    /// When a held request should be retried, and the bucket it waits for.
+    pub fn held(&self) -> Option<(u64, &str)> {
+        match &self.phase {
+            Phase::Waiting { until, bucket, .. } => Some((*until, bucket.as_str())),
+            _ => None,
+        }
+    }
+
+    /// The host's timer, for a held request whose time has come: admits it
+    /// (the host resumes it), refuses it past its deadline (the host answers
+    /// it), or keeps it held (`None`). With a shared store the retry may
+    /// pause for a synchronous admission instead (`Some(Pause)`).
+    pub fn on_wait_tick(&mut self, host: &mut impl Host) -> Option<Decision> {
+        let Phase::Waiting {
+            key,
+            demand,
+            body_size,
+            until,
+            ..
+        } = self.phase
+        else {
+            return None;
+        };
+        if host.now_ms() < until {
+            return None;
+        }
+        self.phase = Phase::Authenticated { key };
+        let decision = self.admit(host, demand, body_size);
+        if matches!(self.phase, Phase::Waiting { .. }) {
+            return None;
+        }
+        if decision == Decision::Continue {
+            self.release_hold(host);
+            host.stat(Stat::HeldAdmitted, 1);
+            if self.route.is_llm() {
+                if let Some(body) = host.request_body(body_size) {
+                    self.ask_for_stream_usage(host, &body);
+                }
+            }
+        }
+        Some(decision)
     }
 
     /// Answers the client in its provider's error shape, with the caller's
@@ -718,6 +875,8 @@ impl RequestFlow {
             // leader gives everything back (the Admit is idempotent, so the
             // leader's repeat learns the first answer).
             Phase::Admitting { request, .. } => host.enqueue(Queue::Cancel, &request),
+            // Held and gone: nothing was taken, nothing to give back.
+            Phase::Waiting { .. } => self.release_hold(host),
             _ => {}
         }
     }
@@ -885,5 +1044,7 @@ pub fn reply_headers(reply: &LocalReply) -> Vec<(&str, &str)> {
         .collect()
 }
 
+#[cfg(test)]
+mod hold_tests;
 #[cfg(test)]
 mod tests;

@@ -22,6 +22,10 @@ pub enum Refusal {
     ExpiredKey {
         at_ms: u64,
     },
+    /// A previous secret of a rotated key, presented from its `not_after`.
+    RotatedKey {
+        at_ms: u64,
+    },
     /// A path outside the LLM APIs while the policy denies unknown routes.
     UnknownRoute {
         path: String,
@@ -74,6 +78,7 @@ impl Refusal {
             Refusal::ConflictingKeys | Refusal::UnknownKey => Reason::UnknownKey,
             Refusal::RevokedKey => Reason::RevokedKey,
             Refusal::ExpiredKey { .. } => Reason::ExpiredKey,
+            Refusal::RotatedKey { .. } => Reason::RotatedKey,
             Refusal::UnknownRoute { .. }
             | Refusal::BadPath {
                 error: PathError::CaseMismatch(_),
@@ -106,9 +111,11 @@ impl Refusal {
             return ErrorKind::NotFound;
         }
         match self.reason() {
-            Reason::MissingKey | Reason::UnknownKey | Reason::RevokedKey | Reason::ExpiredKey => {
-                ErrorKind::Unauthenticated
-            }
+            Reason::MissingKey
+            | Reason::UnknownKey
+            | Reason::RevokedKey
+            | Reason::ExpiredKey
+            | Reason::RotatedKey => ErrorKind::Unauthenticated,
             Reason::ModelNotAllowed => ErrorKind::ModelNotAllowed,
             Reason::InvalidRequest => ErrorKind::InvalidRequest,
             Reason::BodyTooLarge => ErrorKind::TooLarge,
@@ -133,6 +140,10 @@ impl Refusal {
             Refusal::ExpiredKey { at_ms } => {
                 format!("this API key expired at {}", format_rfc3339(*at_ms))
             }
+            Refusal::RotatedKey { at_ms } => format!(
+                "this API key was rotated and its previous secret expired at {}",
+                format_rfc3339(*at_ms)
+            ),
             Refusal::UnknownRoute { path } => {
                 format!("{path} is not an LLM API route served by this gateway")
             }
@@ -160,11 +171,19 @@ impl Refusal {
                 "model {model} has no price in the policy and a USD budget applies to this key; add it under \"prices\" or set settings.default_price"
             ),
             Refusal::Limited { bucket, .. } => format!(
-                "{} limit of {}{} reached for {}; {} in {}s",
+                "{} limit of {}{} reached for {}{}; {} in {}s",
                 bucket.metric.name(),
                 if bucket.metric.is_usd() { "USD " } else { "" },
                 trim_num(bucket.limit),
                 bucket.scope,
+                match bucket.held_back() {
+                    Some(r) => format!(
+                        " (the last {}% is kept for {} requests)",
+                        trim_num(r.fraction * 100.0),
+                        r.for_priority.name()
+                    ),
+                    None => String::new(),
+                },
                 if bucket.metric.is_quota() {
                     "resets"
                 } else {
@@ -228,6 +247,7 @@ mod tests {
             Refusal::UnknownKey,
             Refusal::RevokedKey,
             Refusal::ExpiredKey { at_ms: 0 },
+            Refusal::RotatedKey { at_ms: 0 },
             Refusal::UnknownRoute {
                 path: "/v1/files".into(),
             },
@@ -385,6 +405,21 @@ mod tests {
             "budget_usd_per_day limit of USD 0.0005 reached for pool:team:payments; resets in 3600s"
         );
         assert_eq!(budget.reason(), Reason::BudgetExhausted);
+        let mut limit = crate::policy::Limit::new(1000.0);
+        limit.reserve = Some(crate::policy::Reserve {
+            fraction: 0.2,
+            for_priority: crate::policy::leaf::Priority(100),
+        });
+        let mut pool = Bucket::with_limit("pool:team:payments".into(), Metric::Requests, limit);
+        pool.priority = crate::policy::leaf::Priority(0);
+        assert_eq!(
+            Refusal::Limited {
+                bucket: pool,
+                wait_ms: 1_000
+            }
+            .message(),
+            "requests_per_minute limit of 1000 reached for pool:team:payments (the last 20% is kept for interactive requests); retry in 1s"
+        );
         assert_eq!(budget.kind(), ErrorKind::QuotaExhausted);
     }
 }

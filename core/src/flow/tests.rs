@@ -149,6 +149,76 @@ fn expired_key_says_when() {
     assert_eq!(host.last_audit().unwrap().reason, Reason::ExpiredKey);
 }
 
+/// `carol` rotated from `tg-carol-old` to `tg-carol-new`; the old secret
+/// works until 2026-12-06T12:00:00Z (1_796_558_400_000 ms).
+fn rotated_policy(revoked: bool) -> Rc<Policy> {
+    policy(&format!(
+        r#",{{"id":"carol","key_sha256":"{}","team":"payments","groups":["engineering"],"revoked":{revoked},
+             "previous":[{{"key_sha256":"{}","not_after":"2026-12-06T12:00:00Z"}}]}}"#,
+        crate::vkey::sha256_hex("tg-carol-new"),
+        crate::vkey::sha256_hex("tg-carol-old")
+    ))
+}
+
+const CAROL_OLD_UNTIL: u64 = 1_796_558_400_000;
+
+#[test]
+fn both_secrets_of_a_rotating_key_work_under_its_one_id_until_not_after() {
+    let p = rotated_policy(false);
+    for key in ["tg-carol-new", "tg-carol-old"] {
+        let mut host = request("/v1/messages", key, SONNET).at(CAROL_OLD_UNTIL - 1);
+        let mut flow = RequestFlow::new(p.clone());
+        assert_eq!(send(&mut flow, &mut host), Decision::Continue, "{key}");
+        let rec = host.last_audit().unwrap();
+        assert_eq!(rec.key_id.as_deref(), Some("carol"), "{key}");
+        assert_eq!(rec.team.as_deref(), Some("payments"), "{key}");
+    }
+}
+
+#[test]
+fn a_previous_secret_is_refused_from_its_not_after_saying_it_was_rotated() {
+    let p = rotated_policy(false);
+    let mut host = request("/v1/messages", "tg-carol-old", SONNET).at(CAROL_OLD_UNTIL);
+    let r = reply(RequestFlow::new(p.clone()).on_request_headers(&mut host, false));
+    assert_eq!(r.status, 401);
+    let b = json(&r.body);
+    assert_eq!(b["error"]["type"], "authentication_error");
+    assert_eq!(
+        b["error"]["message"],
+        "this API key was rotated and its previous secret expired at 2026-12-06T12:00:00Z"
+    );
+    let rec = host.last_audit().unwrap();
+    assert_eq!(
+        (rec.reason, rec.status, rec.key_id.as_deref()),
+        (Reason::RotatedKey, 401, Some("carol")),
+        "the refusal is audited under the key's one id"
+    );
+    // The current secret goes on working.
+    let mut host = request("/v1/messages", "tg-carol-new", SONNET).at(CAROL_OLD_UNTIL + 1);
+    assert_eq!(
+        send(&mut RequestFlow::new(p), &mut host),
+        Decision::Continue
+    );
+}
+
+#[test]
+fn a_revoked_key_is_refused_as_revoked_whichever_secret_is_presented() {
+    let p = rotated_policy(true);
+    for (key, at) in [
+        ("tg-carol-new", CAROL_OLD_UNTIL - 1),
+        ("tg-carol-old", CAROL_OLD_UNTIL - 1),
+        ("tg-carol-old", CAROL_OLD_UNTIL + 1),
+    ] {
+        let mut host = request("/v1/messages", key, SONNET).at(at);
+        let r = reply(RequestFlow::new(p.clone()).on_request_headers(&mut host, false));
+        assert_eq!(
+            json(&r.body)["error"]["message"],
+            "this API key has been revoked",
+            "{key} at {at}"
+        );
+    }
+}
+
 #[test]
 fn denies_model_outside_group_allowlist() {
     let body = r#"{"model":"claude-opus-4-1","max_tokens":10,"messages":[]}"#;

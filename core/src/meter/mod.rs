@@ -8,6 +8,11 @@
 //! It must fit all of them; when several refuse, the one that frees up last
 //! decides and is named in the error.
 
+// A refusal (`Denial`) carries the refusing bucket and every bucket's
+// state for the response headers: a large `Err`, but only on the refusal
+// path, where one move of it costs nothing next to the reply it becomes.
+#![allow(clippy::result_large_err)]
+
 pub mod cell;
 pub mod metric;
 pub mod record;
@@ -18,7 +23,8 @@ pub use metric::{Measure, Metric, METRICS};
 pub use shared::{SharedOptions, Source};
 
 use crate::host::SharedStore;
-use crate::policy::{Key, Limit, Limits, Policy, StoreFailure};
+use crate::policy::leaf::Priority;
+use crate::policy::{Key, Limit, Limits, Policy, Reserve, StoreFailure};
 use crate::time::Millis;
 use cell::{Refill, View};
 use record::Record;
@@ -35,6 +41,12 @@ pub struct Bucket {
     pub strict: bool,
     /// With a shared store: what to do when it cannot be reached.
     pub on_store_failure: StoreFailure,
+    /// How long a request this bucket refuses may be held instead (ms).
+    pub max_wait_ms: Option<u64>,
+    /// Headroom kept for higher priorities than the requester's.
+    pub reserve: Option<Reserve>,
+    /// The priority of the key whose request this is.
+    pub priority: Priority,
     /// Its scope's shared-data record, formatted once per request.
     store_key: String,
 }
@@ -50,9 +62,39 @@ impl Bucket {
             on_store_failure: limit.store_failure(metric),
             strict: limit.strict,
             limit: limit.amount,
+            max_wait_ms: limit.max_wait_ms,
+            reserve: limit.reserve,
+            priority: Priority::default(),
             scope,
             metric,
             store_key,
+        }
+    }
+
+    /// The part of the limit this request may use: all of it, or, below the
+    /// reserve's priority, the limit less its reserved fraction.
+    pub fn usable(&self) -> f64 {
+        match self.reserve {
+            Some(r) if self.priority < r.for_priority => self.limit * (1.0 - r.fraction),
+            _ => self.limit,
+        }
+    }
+
+    /// The reserve that keeps this request out of part of the limit, if any.
+    pub fn held_back(&self) -> Option<Reserve> {
+        self.reserve.filter(|r| self.priority < r.for_priority)
+    }
+
+    /// Whether `amount` fits now, reserve included: a per-minute bucket
+    /// keeps the reserved units in its balance, a calendar window stops
+    /// short of them. A per-minute amount is capped (as at reservation) at
+    /// what this request may use, so a large request still passes a bucket
+    /// full up to that point.
+    pub(crate) fn fits(&self, current: cell::Cell, amount: f64) -> bool {
+        let reserved = self.limit - self.usable();
+        match self.refill() {
+            Refill::PerMinute => current.value - reserved >= amount.min(self.usable()),
+            _ => self.refill().fits(current, self.usable(), amount),
         }
     }
 
@@ -89,6 +131,10 @@ impl Bucket {
     }
 
     pub(crate) fn wait_ms(&self, current: cell::Cell, amount: f64, clock: Clock) -> u64 {
+        let amount = match self.refill() {
+            Refill::PerMinute => amount.min(self.usable()) + (self.limit - self.usable()),
+            _ => amount,
+        };
         self.refill()
             .wait_ms(current, self.limit, amount, clock.now, clock.utc_offset_min)
     }
@@ -100,7 +146,9 @@ pub fn buckets_for(policy: &Policy, key: &Key) -> Vec<Bucket> {
     let mut out = Vec::new();
     let mut add = |scope: String, limits: &Limits| {
         for (metric, limit) in limits.iter() {
-            out.push(Bucket::with_limit(scope.clone(), metric, limit));
+            let mut b = Bucket::with_limit(scope.clone(), metric, limit);
+            b.priority = key.priority;
+            out.push(b);
         }
     };
     add(format!("key:{}", key.id), &key.limits);
@@ -189,6 +237,22 @@ pub struct Admission {
     pub states: Vec<BucketState>,
 }
 
+impl Admission {
+    /// Records `amount` taken from `bucket` (at `source`) and the bucket's
+    /// state afterwards.
+    pub(crate) fn take(&mut self, bucket: &Bucket, amount: f64, source: Source, view: View) {
+        self.states.push(BucketState {
+            bucket: bucket.clone(),
+            view,
+        });
+        self.reservations.push(Reservation {
+            bucket: bucket.clone(),
+            amount,
+            source,
+        });
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Denial {
     /// This bucket cannot take the request until `wait_ms` from now.
@@ -272,7 +336,7 @@ pub fn admit(
             let Some(b) = buckets.get(i) else { continue };
             let current = b.current(&record, clock);
             let amount = reserve_amount(b, demand);
-            if amount > 0.0 && !b.refill().fits(current, b.limit, amount) {
+            if amount > 0.0 && !b.fits(current, amount) {
                 let wait = b.wait_ms(current, amount, clock);
                 if worst.is_none_or(|(_, w)| wait > w) {
                     worst = Some((i, wait));
@@ -304,7 +368,7 @@ pub fn admit(
                 let Some(b) = buckets.get(i) else { continue };
                 let current = b.current(&record, clock);
                 let amount = reserve_amount(b, demand);
-                if amount > 0.0 && !b.refill().fits(current, b.limit, amount) {
+                if amount > 0.0 && !b.fits(current, amount) {
                     return Step::Keep(Err((i, b.wait_ms(current, amount, clock), current)));
                 }
                 let next = b.refill().charge(current, amount);

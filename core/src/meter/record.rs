@@ -20,8 +20,8 @@ use crate::host::SharedStore;
 
 pub const RECORD_VERSION: u8 = 2;
 const HEADER_LEN: usize = 11;
-/// A slot: twelve 8-byte fields.
-pub const SLOT_LEN: usize = 96;
+/// A slot: thirteen 8-byte fields.
+pub const SLOT_LEN: usize = 104;
 pub const RECORD_LEN: usize = HEADER_LEN + SLOT_LEN * Metric::COUNT;
 
 /// The key is revoked (learned from the shared store's revocation list).
@@ -44,7 +44,9 @@ pub const FLAG_LEASED: u8 = 2;
 /// `fallback`/`fallback_stamp` the local bucket used while the store cannot
 /// be reached (`on_store_failure: local`), `rate` the consumption per sync
 /// period (a moving average) and `last` the largest recent single charge,
-/// from which the leader sizes the next lease.
+/// from which the leader sizes the next lease, with `asked`, what Redis
+/// admitted for this Envoy synchronously since the last sync (demand the
+/// leases did not serve).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Slot {
     /// Whether the local bucket (`value`/`stamp`) was ever written: a
@@ -61,6 +63,7 @@ pub struct Slot {
     pub fallback_stamp: u64,
     pub rate: f64,
     pub last: f64,
+    pub asked: f64,
 }
 
 impl Slot {
@@ -108,7 +111,7 @@ impl Record {
         out.extend_from_slice(&self.queued_at.to_le_bytes());
         for s in &self.slots {
             for f in [
-                s.value, s.consumed, s.inflight, s.shared, s.fallback, s.rate, s.last,
+                s.value, s.consumed, s.inflight, s.shared, s.fallback, s.rate, s.last, s.asked,
             ] {
                 out.extend_from_slice(&f.to_le_bytes());
             }
@@ -145,7 +148,8 @@ impl Record {
         };
         for i in 0..count as usize {
             let mut float = || next().map(f64::from_bits).filter(|f| f.is_finite());
-            let (value, consumed, inflight, shared, fallback, rate, last) = (
+            let (value, consumed, inflight, shared, fallback, rate, last, asked) = (
+                float()?,
                 float()?,
                 float()?,
                 float()?,
@@ -162,6 +166,7 @@ impl Record {
                 fallback,
                 rate,
                 last,
+                asked,
                 stamp: next()?,
                 seq: next()?,
                 expires: next()?,
@@ -227,6 +232,7 @@ mod tests {
             written: true,
             rate: 14.0,
             last: 15.0,
+            asked: 16.0,
         };
         let bytes = r.encode();
         assert_eq!(bytes.len(), RECORD_LEN);

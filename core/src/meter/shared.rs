@@ -157,12 +157,16 @@ fn mark_for_sync(record: &mut Record, clock: Clock, opts: SharedOptions) -> bool
 
 /// The message that hands a scope's buckets to the leader: a `SyncRequest`
 /// naming them (the leader reads their slots when it syncs).
+/// `want` marks whether the bucket takes leases (1) or, being strict, only
+/// has consumption to push (0: what the fallback metered while the store
+/// was down).
 fn sync_entry(buckets: &[&Bucket], clock: Clock) -> Vec<u8> {
     pb::SyncRequest {
         buckets: buckets
             .iter()
             .map(|b| pb::BucketSync {
                 bucket: Some(wire_bucket(b, clock)),
+                want: i64::from(!b.strict),
                 ..Default::default()
             })
             .collect(),
@@ -196,6 +200,39 @@ pub fn admit(
         .iter()
         .map(|g| store::read_with_cas(store, g.key))
         .collect();
+    // Reserved headroom: Redis knows no priorities, so a request below a
+    // reserve's priority is checked here against the bucket as this Envoy
+    // last saw it (Redis's unleased balance at the last sync plus its own
+    // lease). A bucket never synced here is left to Redis.
+    for (g, read) in groups.iter().zip(&reads) {
+        let record = read.record.unwrap_or_default();
+        for &i in &g.members {
+            let Some(b) = buckets.get(i) else { continue };
+            let slot = record.slot(b.metric);
+            let amount = reserve_amount(b, demand);
+            if amount <= 0.0 || b.held_back().is_none() || slot.expires == 0 {
+                continue;
+            }
+            let seen = lease_view(b, &slot, clock);
+            let current = Cell {
+                value: match b.refill() {
+                    Refill::PerMinute => seen.remaining,
+                    _ => b.limit - seen.remaining,
+                },
+                stamp: clock.now,
+            };
+            if !b.fits(current, amount) {
+                return Err(Denial::Limited {
+                    bucket: b.clone(),
+                    wait_ms: b.wait_ms(current, amount, clock),
+                    states: vec![BucketState {
+                        bucket: b.clone(),
+                        view: seen,
+                    }],
+                });
+            }
+        }
+    }
     let covered = groups.iter().zip(&reads).all(|(g, read)| {
         let record = read.record.unwrap_or_default();
         g.members.iter().all(|&i| {
@@ -210,8 +247,10 @@ pub fn admit(
             buckets, demand, clock, request_id, key_sha256,
         )));
     }
-    let mut reservations = Vec::with_capacity(buckets.len());
-    let mut states = Vec::with_capacity(buckets.len());
+    let mut admission = Admission {
+        reservations: Vec::with_capacity(buckets.len()),
+        states: Vec::with_capacity(buckets.len()),
+    };
     for (g, read) in groups.iter().zip(reads) {
         let result = store::update_from(store, g.key, Some(read), |record| {
             let mut record = record.unwrap_or_default();
@@ -243,32 +282,22 @@ pub fn admit(
                     store.enqueue(Queue::Sync, &sync_entry(&members, clock));
                 }
                 for (i, amount, view) in taken {
-                    let Some(b) = buckets.get(i) else { continue };
-                    states.push(BucketState {
-                        bucket: b.clone(),
-                        view,
-                    });
-                    reservations.push(Reservation {
-                        bucket: b.clone(),
-                        amount,
-                        source: Source::Lease,
-                    });
+                    if let Some(b) = buckets.get(i) {
+                        admission.take(b, amount, Source::Lease, view);
+                    }
                 }
             }
             Ok(None) | Err(_) => {
                 // A lease ran out under us (or the record stayed contended):
                 // give back what this request took and ask Redis for all of it.
-                let _ = settle(ctx, &reservations, &Demand::default(), "");
+                let _ = settle(ctx, &admission.reservations, &Demand::default(), "");
                 return Ok(Plan::Remote(admit_request(
                     buckets, demand, clock, request_id, key_sha256,
                 )));
             }
         }
     }
-    Ok(Plan::Admitted(Admission {
-        reservations,
-        states,
-    }))
+    Ok(Plan::Admitted(admission))
 }
 
 fn admit_request(
@@ -369,22 +398,31 @@ pub fn on_admit_response(
 /// record that stays contended only delays that.
 fn want_leases(ctx: Ctx, buckets: &[Bucket], demand: &Demand) {
     for g in groups(buckets) {
+        // Strict buckets never hold leases: every request asks Redis.
+        let leased: Vec<&Bucket> = g
+            .members
+            .iter()
+            .filter_map(|&i| buckets.get(i))
+            .filter(|b| !b.strict)
+            .collect();
+        if leased.is_empty() {
+            continue;
+        }
         let noted = store::update(ctx.plane, g.key, |record| {
             let mut record = record.unwrap_or_default();
-            for &i in &g.members {
-                let Some(b) = buckets.get(i) else { continue };
+            for b in &leased {
                 let amount = reserve_amount(b, demand);
                 if let Some(slot) = record.slot_mut(b.metric) {
                     slot.last = slot.last.max(amount);
+                    slot.asked += amount;
                 }
             }
             let enqueue = mark_for_sync(&mut record, ctx.clock, ctx.opts);
             Step::Write(record, enqueue)
         });
         if let Ok(true) = noted {
-            let members: Vec<&Bucket> = g.members.iter().filter_map(|&i| buckets.get(i)).collect();
             ctx.plane
-                .enqueue(Queue::Sync, &sync_entry(&members, ctx.clock));
+                .enqueue(Queue::Sync, &sync_entry(&leased, ctx.clock));
         }
     }
 }
@@ -406,8 +444,10 @@ fn fallback(
         return Err(RemoteRefusal::Unavailable(closed.clone()));
     }
     let share = f64::from(replicas.max(1));
-    let mut reservations = Vec::with_capacity(buckets.len());
-    let mut states = Vec::with_capacity(buckets.len());
+    let mut admission = Admission {
+        reservations: Vec::with_capacity(buckets.len()),
+        states: Vec::with_capacity(buckets.len()),
+    };
     for g in groups(buckets) {
         let result = store::update(store, g.key, |record| {
             let mut record = record.unwrap_or_default();
@@ -449,43 +489,33 @@ fn fallback(
         match result {
             Ok(Ok(taken)) => {
                 for (i, amount, source, view) in taken {
-                    let Some(b) = buckets.get(i) else { continue };
-                    states.push(BucketState {
-                        bucket: b.clone(),
-                        view,
-                    });
-                    reservations.push(Reservation {
-                        bucket: b.clone(),
-                        amount,
-                        source,
-                    });
+                    if let Some(b) = buckets.get(i) {
+                        admission.take(b, amount, source, view);
+                    }
                 }
             }
             Ok(Err((i, wait_ms, view))) => {
-                let _ = settle(ctx, &reservations, &Demand::default(), "");
+                let _ = settle(ctx, &admission.reservations, &Demand::default(), "");
                 let Some(bucket) = buckets.get(i).cloned() else {
                     return Err(RemoteRefusal::Limited(Denial::Contention));
                 };
-                states.push(BucketState {
+                admission.states.push(BucketState {
                     bucket: bucket.clone(),
                     view,
                 });
                 return Err(RemoteRefusal::Limited(Denial::Limited {
                     bucket,
                     wait_ms,
-                    states,
+                    states: admission.states,
                 }));
             }
             Err(_) => {
-                let _ = settle(ctx, &reservations, &Demand::default(), "");
+                let _ = settle(ctx, &admission.reservations, &Demand::default(), "");
                 return Err(RemoteRefusal::Limited(Denial::Contention));
             }
         }
     }
-    Ok(Admission {
-        reservations,
-        states,
-    })
+    Ok(admission)
 }
 
 /// The fallback bucket of a slot, brought up to now (a missing one is full).

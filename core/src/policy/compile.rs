@@ -7,7 +7,7 @@ use super::error::{PolicyError, PolicyReport};
 use super::pattern::ModelPattern;
 use super::raw::{Obj, RawLongContext, RawPolicy, RawPrice};
 use super::schema::{self, join, show, Problem};
-use super::{Identity, Key, Limits, ModelSet, Policy, Pool, Price, Settings, POOL_KINDS};
+use super::{Identity, Key, Limits, ModelSet, Policy, Pool, Price, Secret, Settings, POOL_KINDS};
 use crate::price::{LongContext, Rates, DEFAULT_WEB_SEARCH_PER_THOUSAND};
 use hashbrown::HashMap;
 use serde_json::Value;
@@ -144,7 +144,8 @@ fn unpriced_allowlists(raw: &RawPolicy, policy: &Policy) -> Vec<Problem> {
     out
 }
 
-/// Checks that need more than one value: unique key ids and hashes, groups
+/// Checks that need more than one value: unique key ids and hashes (of
+/// current and previous secrets alike), groups
 /// that exist. Run on the raw document so they are reported together with
 /// shape errors.
 fn cross_references(doc: &Value, out: &mut Vec<Problem>) {
@@ -153,7 +154,8 @@ fn cross_references(doc: &Value, out: &mut Vec<Problem>) {
         return;
     };
     let mut ids: HashMap<&str, usize> = HashMap::new();
-    let mut hashes: HashMap<String, usize> = HashMap::new();
+    // Hash (lower case) to the path of its first holder.
+    let mut hashes: HashMap<String, String> = HashMap::new();
     for (i, k) in keys.iter().enumerate() {
         if let Some(id) = k.get("id").and_then(Value::as_str) {
             if let Some(first) = ids.insert(id, i) {
@@ -164,17 +166,36 @@ fn cross_references(doc: &Value, out: &mut Vec<Problem>) {
                 });
             }
         }
-        if let Some(h) = k
-            .get("key_sha256")
-            .and_then(Value::as_str)
-            .filter(|h| h.len() == 64)
+        // Every secret, current and previous, opens exactly one key: a hash
+        // seen twice is one virtual key with two meanings.
+        let previous = k
+            .get("previous")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(j, p)| (format!("keys[{i}].previous[{j}].key_sha256"), p));
+        for (path, holder) in std::iter::once((format!("keys[{i}].key_sha256"), k)).chain(previous)
         {
-            if let Some(first) = hashes.insert(h.to_ascii_lowercase(), i) {
-                out.push(Problem {
-                    path: format!("keys[{i}].key_sha256"),
+            let Some(h) = holder
+                .get("key_sha256")
+                .and_then(Value::as_str)
+                .filter(|h| h.len() == 64)
+            else {
+                continue;
+            };
+            match hashes.entry(h.to_ascii_lowercase()) {
+                hashbrown::hash_map::Entry::Occupied(first) => out.push(Problem {
+                    reason: format!(
+                        "duplicate key hash (also {}): two entries for one virtual key",
+                        first.get()
+                    ),
+                    path,
                     value: Some(show(&Value::String(h.into()))),
-                    reason: format!("duplicate key hash (also keys[{first}].key_sha256): two entries for one virtual key"),
-                });
+                }),
+                hashbrown::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(path);
+                }
             }
         }
         for (j, g) in k
@@ -204,14 +225,15 @@ fn cross_references(doc: &Value, out: &mut Vec<Problem>) {
 }
 
 /// The typed twin of [`cross_references`] for the fast path: whether key
-/// ids and hashes are unique and every group a key names exists. When not,
-/// the DOM path says which.
+/// ids and the hashes of all secrets are unique and every group a key names
+/// exists. When not, the DOM path says which.
 fn references_resolve(raw: &RawPolicy) -> bool {
     let mut ids = hashbrown::HashSet::with_capacity(raw.keys.len());
     let mut hashes = hashbrown::HashSet::with_capacity(raw.keys.len());
     raw.keys.iter().all(|k| {
         ids.insert(k.id.0.as_str())
             && hashes.insert(k.key_sha256.0)
+            && k.previous.iter().all(|p| hashes.insert(p.key_sha256.0))
             && k.groups.iter().all(|g| raw.groups.contains_key(g))
     })
 }
@@ -326,7 +348,23 @@ fn build(raw: &RawPolicy) -> Policy {
     let mut keys = Vec::with_capacity(raw.keys.len());
     let mut index = HashMap::with_capacity(raw.keys.len());
     for k in &raw.keys {
-        index.insert(k.key_sha256.0, keys.len());
+        let key = keys.len();
+        index.insert(
+            k.key_sha256.0,
+            Secret {
+                key,
+                not_after_ms: None,
+            },
+        );
+        for p in &k.previous {
+            index.insert(
+                p.key_sha256.0,
+                Secret {
+                    key,
+                    not_after_ms: Some(p.not_after.ms),
+                },
+            );
+        }
         let member_of: Vec<&(Option<&[ModelPattern]>, &Limits)> = k
             .groups
             .iter()
@@ -372,6 +410,17 @@ fn build(raw: &RawPolicy) -> Policy {
             pools: key_pools,
             revoked: k.revoked,
             expires_at_ms: k.expires_at.as_ref().map(|t| t.ms),
+            previous_not_after_ms: k.previous.iter().map(|p| p.not_after.ms).collect(),
+            // The key's own, else the highest of its groups', else normal.
+            priority: k
+                .priority
+                .or_else(|| {
+                    k.groups
+                        .iter()
+                        .filter_map(|g| raw.groups.get(g)?.priority)
+                        .max()
+                })
+                .unwrap_or_default(),
         });
     }
 

@@ -109,6 +109,77 @@ pub fn unknown_routes(s: &str) -> Result<UnknownRoutes, String> {
     }
 }
 
+/// A request's priority: `"batch"` (0), `"normal"` (50, the default),
+/// `"interactive"` (100), or a number from 0 to 100. Reserved headroom
+/// (`reserve`) is kept for requests at or above a priority.
+pub fn priority(v: &serde_json::Value) -> Result<u8, String> {
+    const WHAT: &str =
+        "must be \"batch\", \"normal\", \"interactive\" or a whole number from 0 to 100";
+    match v {
+        serde_json::Value::String(s) => match s.as_str() {
+            "batch" => Ok(Priority::BATCH),
+            "normal" => Ok(Priority::NORMAL),
+            "interactive" => Ok(Priority::INTERACTIVE),
+            _ => Err(WHAT.to_string()),
+        },
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .filter(|n| *n <= 100)
+            .map(|n| n as u8)
+            .ok_or_else(|| WHAT.to_string()),
+        _ => Err(WHAT.to_string()),
+    }
+}
+
+/// A fraction strictly between 0 and 1 (a reserved share of a limit).
+pub fn fraction(n: f64) -> Result<f64, String> {
+    if n > 0.0 && n < 1.0 {
+        Ok(n)
+    } else {
+        Err("must be a fraction between 0 and 1 (exclusive), e.g. 0.2".to_string())
+    }
+}
+
+/// Milliseconds a request may be held for a limit to refill: positive,
+/// at most 60,000 (a client waiting longer has given up).
+pub fn wait_ms(n: f64) -> Result<u64, String> {
+    if n <= 0.0 || n.fract() != 0.0 || n > 60_000.0 {
+        return Err("must be a whole number of milliseconds from 1 to 60000".to_string());
+    }
+    Ok(n as u64)
+}
+
+/// A request priority ([`priority`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Priority(pub u8);
+
+impl Priority {
+    pub const BATCH: u8 = 0;
+    pub const NORMAL: u8 = 50;
+    pub const INTERACTIVE: u8 = 100;
+
+    pub fn name(self) -> String {
+        match self.0 {
+            Priority::BATCH => "batch".to_string(),
+            Priority::NORMAL => "normal".to_string(),
+            Priority::INTERACTIVE => "interactive".to_string(),
+            n => format!("priority {n}"),
+        }
+    }
+}
+
+impl Default for Priority {
+    fn default() -> Self {
+        Priority(Priority::NORMAL)
+    }
+}
+
+impl<'de> Deserialize<'de> for Priority {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |v: serde_json::Value| priority(&v).map(Priority))
+    }
+}
+
 /// Deserialises a `T` through a checking function, so that a bad value
 /// fails inside deserialisation with the function's reason.
 fn checked<'de, D, T, U, E>(d: D, check: impl FnOnce(T) -> Result<U, E>) -> Result<U, D::Error>

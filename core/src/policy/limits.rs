@@ -7,7 +7,7 @@
 //! "budget_usd_per_month": { "limit": 200, "strict": true, "on_store_failure": "closed" }
 //! ```
 
-use super::leaf::{self, Count, Usd};
+use super::leaf::{self, Count, Priority, Usd};
 use crate::meter::{Measure, Metric};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
@@ -44,8 +44,16 @@ impl StoreFailure {
     }
 }
 
+/// Headroom of a limit kept for higher priorities: requests below `for_`
+/// may not take the last `fraction` of the limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reserve {
+    pub fraction: f64,
+    pub for_priority: Priority,
+}
+
 /// One limit: its amount (a whole count, or USD for budgets) and how it
-/// behaves across replicas.
+/// behaves: across replicas, when it runs out, and for whom.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limit {
     pub amount: f64,
@@ -54,6 +62,10 @@ pub struct Limit {
     pub strict: bool,
     /// `None`: the default for the limit's kind (see [`Limit::store_failure`]).
     pub on_store_failure: Option<StoreFailure>,
+    /// Hold a request that would fit within this many ms, instead of 429.
+    pub max_wait_ms: Option<u64>,
+    /// Headroom kept for higher priorities.
+    pub reserve: Option<Reserve>,
 }
 
 impl Limit {
@@ -62,6 +74,8 @@ impl Limit {
             amount,
             strict: false,
             on_store_failure: None,
+            max_wait_ms: None,
+            reserve: None,
         }
     }
 
@@ -185,6 +199,8 @@ impl<'de> Visitor<'de> for LimitSeed {
         let mut amount = None;
         let mut strict = false;
         let mut on_store_failure = None;
+        let mut max_wait_ms = None;
+        let mut reserve = None;
         while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             match name.as_ref() {
                 "limit" => {
@@ -199,10 +215,24 @@ impl<'de> Visitor<'de> for LimitSeed {
                     on_store_failure =
                         Some(StoreFailure::parse(&s).map_err(serde::de::Error::custom)?);
                 }
+                "max_wait_ms" => {
+                    let n: f64 = map.next_value()?;
+                    max_wait_ms = Some(leaf::wait_ms(n).map_err(serde::de::Error::custom)?);
+                }
+                "reserve" => {
+                    let super::raw::Obj(r) = map.next_value::<super::raw::Obj<RawReserve>>()?;
+                    reserve = Some(r.into());
+                }
                 other => {
                     return Err(serde::de::Error::unknown_field(
                         other,
-                        &["limit", "strict", "on_store_failure"],
+                        &[
+                            "limit",
+                            "strict",
+                            "on_store_failure",
+                            "max_wait_ms",
+                            "reserve",
+                        ],
                     ))
                 }
             }
@@ -212,7 +242,43 @@ impl<'de> Visitor<'de> for LimitSeed {
             amount,
             strict,
             on_store_failure,
+            max_wait_ms,
+            reserve,
         })
+    }
+}
+
+/// `"reserve": {"fraction": 0.2, "for": "interactive"}` (`for` defaults to
+/// interactive).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReserve {
+    fraction: Fraction,
+    #[serde(rename = "for", default = "interactive")]
+    for_priority: Priority,
+}
+
+fn interactive() -> Priority {
+    Priority(Priority::INTERACTIVE)
+}
+
+struct Fraction(f64);
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = f64::deserialize(d)?;
+        leaf::fraction(n)
+            .map(Fraction)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl From<RawReserve> for Reserve {
+    fn from(r: RawReserve) -> Reserve {
+        Reserve {
+            fraction: r.fraction.0,
+            for_priority: r.for_priority,
+        }
     }
 }
 

@@ -16,7 +16,7 @@ pub mod schema;
 pub use crate::price::Price;
 pub use compile::{compile, compile_checked};
 pub use error::{PolicyError, PolicyReport};
-pub use limits::{Limit, Limits, StoreFailure};
+pub use limits::{Limit, Limits, Reserve, StoreFailure};
 pub use pattern::ModelPattern;
 
 use hashbrown::HashMap;
@@ -29,11 +29,23 @@ pub const POOL_KINDS: [&str; 5] = ["team", "project", "user", "app", "agent"];
 #[derive(Debug, Default)]
 pub struct Policy {
     keys: Vec<Key>,
-    index: HashMap<[u8; 32], usize>,
+    /// Every secret's hash, current and previous, to the key it opens.
+    index: HashMap<[u8; 32], Secret>,
     pub pools: Vec<Pool>,
     pub groups: Vec<String>,
     prices: Vec<(ModelPattern, Price)>,
     pub settings: Settings,
+}
+
+/// Where the hash of a presented virtual key leads: its key, and for a
+/// previous secret (kept by a rotation for a grace period) the instant it
+/// stops opening that key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Secret {
+    /// Position in [`Policy::keys`].
+    pub key: usize,
+    /// `None` for the key's current secret.
+    pub not_after_ms: Option<u64>,
 }
 
 /// Identity attributes of a key, carried into every audit record.
@@ -61,6 +73,12 @@ pub struct Key {
     pub pools: Vec<usize>,
     pub revoked: bool,
     pub expires_at_ms: Option<u64>,
+    /// `not_after` of each previous secret, in file order: the key's
+    /// holders may still present one of those until then.
+    pub previous_not_after_ms: Vec<u64>,
+    /// Reserved headroom (`reserve`) is kept for requests at or above a
+    /// priority.
+    pub priority: leaf::Priority,
 }
 
 /// A shared pool (`team:payments`): every key whose attribute matches draws
@@ -96,15 +114,32 @@ pub struct Settings {
 }
 
 impl Policy {
-    /// O(1) lookup by the SHA-256 of a virtual key.
+    /// O(1) lookup by the SHA-256 of a virtual key, current or previous.
     pub fn lookup(&self, key_sha256: &[u8; 32]) -> Option<&Key> {
-        self.index.get(key_sha256).and_then(|i| self.keys.get(*i))
+        self.index
+            .get(key_sha256)
+            .and_then(|s| self.keys.get(s.key))
     }
 
-    /// Position of a key in [`Policy::keys`], for per-request state that
-    /// must not borrow the policy.
-    pub fn lookup_index(&self, key_sha256: &[u8; 32]) -> Option<usize> {
+    /// The secret a hash is, with its key's position in [`Policy::keys`]
+    /// (for per-request state that must not borrow the policy).
+    pub fn lookup_secret(&self, key_sha256: &[u8; 32]) -> Option<Secret> {
         self.index.get(key_sha256).copied()
+    }
+
+    /// The hashes of every secret of the key at `index`: the current one
+    /// first, then the previous ones by `not_after`. A scan of the whole
+    /// index, for tools (`tollgate key show`), not for requests.
+    pub fn secrets_of(&self, index: usize) -> Vec<([u8; 32], Secret)> {
+        let mut out: Vec<([u8; 32], Secret)> = self
+            .index
+            .iter()
+            .filter(|(_, s)| s.key == index)
+            .map(|(h, s)| (*h, *s))
+            .collect();
+        // `None` (the current secret) sorts before every `Some`.
+        out.sort_by_key(|(h, s)| (s.not_after_ms, *h));
+        out
     }
 
     pub fn key(&self, index: usize) -> Option<&Key> {
@@ -113,6 +148,13 @@ impl Policy {
 
     pub fn keys(&self) -> &[Key] {
         &self.keys
+    }
+
+    /// Whether any limit holds requests for a refill (`max_wait_ms`): the
+    /// filter then needs its timer.
+    pub fn holds_requests(&self) -> bool {
+        let waits = |l: &Limits| l.iter().any(|(_, limit)| limit.max_wait_ms.is_some());
+        self.keys.iter().any(|k| waits(&k.limits)) || self.pools.iter().any(|p| waits(&p.limits))
     }
 
     pub fn pool(&self, index: usize) -> Option<&Pool> {
@@ -168,6 +210,11 @@ impl ModelSet {
         self.patterns.iter().any(|p| p.matches(model))
     }
 
+    /// The patterns as written in the policy.
+    pub fn patterns(&self) -> impl Iterator<Item = &str> {
+        self.patterns.iter().map(ModelPattern::as_str)
+    }
+
     /// `claude-haiku-*, claude-sonnet-*` for error messages.
     pub fn describe(&self) -> String {
         if self.patterns.is_empty() {
@@ -193,12 +240,69 @@ impl Key {
             _ => Ok(()),
         }
     }
+
+    /// Where the key stands at `now_ms`, as `tollgate key list` shows it.
+    pub fn status(&self, now_ms: u64) -> KeyStatus {
+        match self.check_valid(now_ms) {
+            Err(KeyRefusal::Revoked) => KeyStatus::Revoked,
+            Err(KeyRefusal::Expired(at_ms) | KeyRefusal::SecretRotated(at_ms)) => {
+                KeyStatus::Expired { at_ms }
+            }
+            Ok(()) => match self.rotating_until(now_ms) {
+                Some(until_ms) => KeyStatus::Rotating { until_ms },
+                None => KeyStatus::Active,
+            },
+        }
+    }
+
+    /// The last instant a previous secret still works, if one does at
+    /// `now_ms`: the end of the rotation in progress.
+    pub fn rotating_until(&self, now_ms: u64) -> Option<u64> {
+        self.previous_not_after_ms
+            .iter()
+            .copied()
+            .filter(|at| *at > now_ms)
+            .max()
+    }
+
+    /// How many secrets the policy holds for this key (current and previous).
+    pub fn secrets(&self) -> usize {
+        1 + self.previous_not_after_ms.len()
+    }
+}
+
+impl Secret {
+    /// Whether this secret still opens its key at `now_ms` (the key's own
+    /// state is [`Key::check_valid`]'s): a previous secret is refused from
+    /// its `not_after`, as `expires_at` refuses a key from that instant.
+    pub fn check_valid(&self, now_ms: u64) -> Result<(), KeyRefusal> {
+        match self.not_after_ms {
+            Some(at) if now_ms >= at => Err(KeyRefusal::SecretRotated(at)),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyRefusal {
     Revoked,
     Expired(u64),
+    /// A previous secret presented at or after its `not_after`.
+    SecretRotated(u64),
+}
+
+/// A key's state as a whole (whichever secret is presented).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStatus {
+    Active,
+    Revoked,
+    Expired {
+        at_ms: u64,
+    },
+    /// Usable, and a previous secret also works until `until_ms`.
+    Rotating {
+        until_ms: u64,
+    },
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! exist) before building the runtime `Policy`.
 
 use super::leaf::{
-    Multiplier, PerMillion, PerThousand, PoolName, Sha256, Text, Threshold, Time, TimeZone, Version,
+    Multiplier, PerMillion, PerThousand, PoolName, Priority, Sha256, Text, Threshold, Time,
+    TimeZone, Version,
 };
 use super::pattern::ModelPattern;
 use super::{Limits, UnknownRoutes};
@@ -75,6 +76,7 @@ pub struct RawDefaults {
 #[serde(deny_unknown_fields)]
 pub struct RawGroup {
     pub models: Option<Vec<ModelPattern>>,
+    pub priority: Option<Priority>,
     #[serde(default)]
     pub limits: Limits,
 }
@@ -83,7 +85,11 @@ pub struct RawGroup {
 #[serde(deny_unknown_fields)]
 pub struct RawKey {
     pub id: Text,
+    /// The current secret's hash.
     pub key_sha256: Sha256,
+    /// Earlier secrets still honoured through a rotation's grace period.
+    #[serde(default)]
+    pub previous: Vec<Obj<RawPreviousSecret>>,
     pub user: Option<Text>,
     pub team: Option<Text>,
     pub project: Option<Text>,
@@ -98,6 +104,16 @@ pub struct RawKey {
     pub expires_at: Option<Time>,
     #[serde(default)]
     pub revoked: bool,
+    pub priority: Option<Priority>,
+}
+
+/// An earlier secret of a key (`keys[].previous[]`), left working by a
+/// rotation until `not_after` so that its holders can switch to the new one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPreviousSecret {
+    pub key_sha256: Sha256,
+    pub not_after: Time,
 }
 
 /// A price entry (policy `prices.<pattern>`, `settings.default_price`, and

@@ -64,6 +64,12 @@ pub enum Leaf {
     UnknownRoutes,
     /// `local`, `closed` or `open`.
     StoreFailure,
+    /// `batch`, `normal`, `interactive` or 0..=100.
+    Priority,
+    /// Strictly between 0 and 1.
+    Fraction,
+    /// Whole milliseconds, 1..=60,000.
+    WaitMs,
 }
 
 const fn field(name: &'static str, ty: &'static Ty, doc: &'static str) -> Field {
@@ -107,7 +113,20 @@ static USD_LIMIT: Ty = Ty::Limit {
     settings: &Ty::Object(&limit_settings(&USD)),
 };
 
-const fn limit_settings(amount: &'static Ty) -> [Field; 3] {
+static RESERVE: Ty = Ty::Object(&[
+    required(
+        "fraction",
+        &Ty::Leaf(Leaf::Fraction),
+        "Share of the limit kept for higher priorities (0.2: the last 20%).",
+    ),
+    field(
+        "for",
+        &Ty::Leaf(Leaf::Priority),
+        "Requests below this priority may not use the reserve (default interactive).",
+    ),
+]);
+
+const fn limit_settings(amount: &'static Ty) -> [Field; 5] {
     [
         required("limit", amount, "The limit's amount."),
         field(
@@ -119,6 +138,16 @@ const fn limit_settings(amount: &'static Ty) -> [Field; 3] {
             "on_store_failure",
             &Ty::Leaf(Leaf::StoreFailure),
             "With a shared store, when it cannot be reached: \"local\" (limit / replicas, default for per-minute limits), \"closed\" (503, default for quotas and budgets) or \"open\".",
+        ),
+        field(
+            "max_wait_ms",
+            &Ty::Leaf(Leaf::WaitMs),
+            "Hold a request that would fit within this many ms (in arrival order) instead of answering 429.",
+        ),
+        field(
+            "reserve",
+            &RESERVE,
+            "Headroom kept for higher priorities: {\"fraction\": 0.2, \"for\": \"interactive\"}.",
         ),
     ]
 }
@@ -231,6 +260,11 @@ static GROUP: Ty = Ty::Object(&[
         "Models members may call (a key gets the union of its groups' lists).",
     ),
     field(
+        "priority",
+        &Ty::Leaf(Leaf::Priority),
+        "Priority of members' requests (a key takes the highest of its groups').",
+    ),
+    field(
         "limits",
         &LIMITS,
         "Per-key limits for members (the most restrictive group wins).",
@@ -248,6 +282,11 @@ static KEY: Ty = Ty::Object(&[
         &Ty::Leaf(Leaf::Sha256Hex),
         "SHA-256 (hex) of the virtual key; the key itself is never stored.",
     ),
+    field(
+        "previous",
+        &Ty::Array(&PREVIOUS_SECRET),
+        "Earlier secrets of this key, each refused from its not_after (tollgate key rotate keeps the old one through a grace period); audit records carry the one id.",
+    ),
     field("user", &TEXT, "User identity (also the pool user:<value>)."),
     field("team", &TEXT, "Team (pool team:<value>)."),
     field("project", &TEXT, "Project (pool project:<value>)."),
@@ -263,6 +302,24 @@ static KEY: Ty = Ty::Object(&[
         "RFC 3339 time after which the key is refused.",
     ),
     field("revoked", &BOOL, "Refuse this key."),
+    field(
+        "priority",
+        &Ty::Leaf(Leaf::Priority),
+        "This key's priority: batch, normal (default), interactive, or 0-100; reserved headroom is kept for higher priorities.",
+    ),
+]);
+
+static PREVIOUS_SECRET: Ty = Ty::Object(&[
+    required(
+        "key_sha256",
+        &Ty::Leaf(Leaf::Sha256Hex),
+        "SHA-256 (hex) of the earlier virtual key.",
+    ),
+    required(
+        "not_after",
+        &Ty::Leaf(Leaf::Rfc3339),
+        "RFC 3339 time from which this secret is refused (401 saying it was rotated).",
+    ),
 ]);
 
 static SETTINGS: Ty = Ty::Object(&[
@@ -508,6 +565,9 @@ pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
         },
         Leaf::UnknownRoutes => leaf::unknown_routes(&text(v)?).map(|_| ()),
         Leaf::StoreFailure => super::StoreFailure::parse(&text(v)?).map(|_| ()),
+        Leaf::Priority => leaf::priority(v).map(|_| ()),
+        Leaf::Fraction => leaf::fraction(number(v)?).map(|_| ()),
+        Leaf::WaitMs => leaf::wait_ms(number(v)?).map(|_| ()),
     }
 }
 
@@ -592,5 +652,11 @@ fn leaf_schema(rule: Leaf) -> Value {
         Leaf::PolicyVersion => json!({ "const": 1 }),
         Leaf::UnknownRoutes => json!({ "enum": ["deny", "pass"] }),
         Leaf::StoreFailure => json!({ "enum": ["local", "closed", "open"] }),
+        Leaf::Priority => json!({ "oneOf": [
+            { "enum": ["batch", "normal", "interactive"] },
+            { "type": "integer", "minimum": 0, "maximum": 100 }
+        ] }),
+        Leaf::Fraction => json!({ "type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1 }),
+        Leaf::WaitMs => json!({ "type": "integer", "minimum": 1, "maximum": 60000 }),
     }
 }

@@ -119,7 +119,9 @@ fn valid_policies_take_the_typed_path_and_compile_as_the_dom_path_does() {
         "keys":[{"id":"a","key_sha256":"AB00000000000000000000000000000000000000000000000000000000000001",
                  "user":"alice@example.com","team":"payments","groups":["eng"],
                  "limits":{"output_tokens_per_minute":8000},"expires_at":"2027-06-30T00:00:00Z","revoked":false},
-                {"id":"b","key_sha256":"ab00000000000000000000000000000000000000000000000000000000000002"}],
+                {"id":"b","key_sha256":"ab00000000000000000000000000000000000000000000000000000000000002",
+                 "previous":[{"key_sha256":"ab00000000000000000000000000000000000000000000000000000000000003","not_after":"2026-12-06T12:00:00Z"},
+                             {"key_sha256":"AB00000000000000000000000000000000000000000000000000000000000004","not_after":"2026-12-01"}]}],
         "prices":{"claude-sonnet-4-*":{"input":3,"output":15,"cache_read":0.3},
                   "claude-opus-5-5":{"input":5,"output":25,"cache_write_1h":10,"web_search_per_thousand":10,
                                      "long_context":{"above_input_tokens":200000,"input":10,"output":37.5},
@@ -142,14 +144,9 @@ fn valid_policies_take_the_typed_path_and_compile_as_the_dom_path_does() {
         );
         assert_eq!(fast.model_patterns(), dom.model_patterns());
         assert_eq!(fast_report, dom_report);
-        for k in dom.keys() {
-            let hash: [u8; 32] = *dom
-                .index
-                .iter()
-                .find(|(_, i)| dom.key(**i).is_some_and(|d| d.id == k.id))
-                .unwrap()
-                .0;
-            assert_eq!(fast.lookup(&hash).map(|f| &f.id), Some(&k.id));
+        assert_eq!(fast.index.len(), dom.index.len());
+        for (hash, secret) in &dom.index {
+            assert_eq!(fast.lookup_secret(hash), Some(*secret));
         }
     }
 }
@@ -263,5 +260,121 @@ fn arrays_where_the_policy_has_objects_are_refused_by_both_paths() {
             [error],
             "{doc}"
         );
+    }
+}
+
+#[test]
+fn every_secret_of_a_rotated_key_opens_the_same_key_until_its_not_after() {
+    let json = format!(
+        r#"{{"version":1,"keys":[
+            {{"id":"k","key_sha256":"{}","previous":[
+                {{"key_sha256":"{}","not_after":"2026-12-06T12:00:00Z"}},
+                {{"key_sha256":"{}","not_after":"2026-12-01T00:00:00Z"}}]}},
+            {{"id":"other","key_sha256":"{}"}}]}}"#,
+        crate::vkey::sha256_hex("tg-new"),
+        crate::vkey::sha256_hex("tg-old"),
+        crate::vkey::sha256_hex("tg-older"),
+        crate::vkey::sha256_hex("tg-other"),
+    );
+    let (p, report) = compile(json.as_bytes(), "p.json", 0).unwrap();
+    assert!(report.warnings.is_empty());
+    let until = crate::time::parse_rfc3339("2026-12-06T12:00:00Z").unwrap();
+    let older = crate::time::parse_rfc3339("2026-12-01T00:00:00Z").unwrap();
+    let secret = |k: &str| p.lookup_secret(&crate::vkey::sha256(k.as_bytes()));
+    assert_eq!(
+        secret("tg-new"),
+        Some(Secret {
+            key: 0,
+            not_after_ms: None
+        })
+    );
+    assert_eq!(
+        secret("tg-old"),
+        Some(Secret {
+            key: 0,
+            not_after_ms: Some(until)
+        })
+    );
+    assert_eq!(secret("tg-older").map(|s| s.key), Some(0));
+    assert_eq!(secret("tg-other").map(|s| s.key), Some(1));
+    let old = secret("tg-old").unwrap();
+    assert_eq!(old.check_valid(until - 1), Ok(()));
+    assert_eq!(
+        old.check_valid(until),
+        Err(KeyRefusal::SecretRotated(until))
+    );
+
+    let k = &p.keys()[0];
+    assert_eq!(k.secrets(), 3);
+    assert_eq!(k.previous_not_after_ms, [until, older]);
+    assert_eq!(
+        k.status(older - 1),
+        KeyStatus::Rotating { until_ms: until },
+        "the rotation lasts until its last previous secret stops"
+    );
+    assert_eq!(k.status(until - 1), KeyStatus::Rotating { until_ms: until });
+    assert_eq!(k.status(until), KeyStatus::Active);
+    assert_eq!(p.keys()[1].status(0), KeyStatus::Active);
+}
+
+#[test]
+fn key_status_puts_revoked_before_expired_before_rotating() {
+    let json = format!(
+        r#"{{"version":1,"keys":[
+            {{"id":"r","key_sha256":"{}","revoked":true,"expires_at":"2020-01-01T00:00:00Z"}},
+            {{"id":"e","key_sha256":"{}","expires_at":"2020-01-01T00:00:00Z",
+              "previous":[{{"key_sha256":"{}","not_after":"2030-01-01T00:00:00Z"}}]}}]}}"#,
+        crate::vkey::sha256_hex("tg-r"),
+        crate::vkey::sha256_hex("tg-e"),
+        crate::vkey::sha256_hex("tg-e-old"),
+    );
+    let (p, _) = compile(json.as_bytes(), "p.json", 0).unwrap();
+    let now = crate::time::parse_rfc3339("2025-01-01T00:00:00Z").unwrap();
+    assert_eq!(p.keys()[0].status(now), KeyStatus::Revoked);
+    assert_eq!(
+        p.keys()[1].status(now),
+        KeyStatus::Expired {
+            at_ms: crate::time::parse_rfc3339("2020-01-01T00:00:00Z").unwrap()
+        }
+    );
+}
+
+#[test]
+fn both_paths_agree_on_previous_secrets_at_the_edges() {
+    let (h, old) = (
+        crate::vkey::sha256_hex("tg-now"),
+        crate::vkey::sha256_hex("tg-then"),
+    );
+    for (previous, accepted) in [
+        ("[]".to_string(), true),
+        (
+            format!(r#"[{{"key_sha256":"{old}","not_after":"2026-12-06"}}]"#),
+            true,
+        ),
+        ("null".to_string(), false),
+        (format!(r#"[["{old}","2026-12-06"]]"#), false),
+        (format!(r#"[{{"key_sha256":"{old}"}}]"#), false),
+        (
+            format!(r#"[{{"key_sha256":"{h}","not_after":"2026-12-06"}}]"#),
+            false,
+        ),
+    ] {
+        let doc = format!(
+            r#"{{"version":1,"keys":[{{"id":"k","key_sha256":"{h}","previous":{previous}}}]}}"#
+        );
+        let fast = compile(doc.as_bytes(), "p.json", 0);
+        let dom = compile_checked(doc.as_bytes(), "p.json", 0);
+        assert_eq!(fast.is_ok(), accepted, "{doc}");
+        match (fast, dom) {
+            (Ok((f, _)), Ok((d, _))) => {
+                assert_eq!(format!("{:?}", f.keys()), format!("{:?}", d.keys()));
+            }
+            (Err(f), Err(d)) => assert_eq!(f, d, "{doc}"),
+            (f, d) => panic!(
+                "paths disagree on {doc}: fast {}, DOM {}",
+                f.is_ok(),
+                d.is_ok()
+            ),
+        }
     }
 }

@@ -43,12 +43,22 @@ const SETTLES_PER_TICK: usize = 512;
 /// Buckets per Sync call at most.
 const BUCKETS_PER_SYNC: usize = 1_000;
 
+/// A bucket the leader syncs: its metric, how the service sees it, and
+/// whether it takes leases (a strict bucket only pushes consumption).
+#[derive(Debug, Clone)]
+struct Tracked {
+    metric: Metric,
+    bucket: pb::Bucket,
+    lease: bool,
+}
+
 /// A bucket in a sync under way.
 #[derive(Debug, Clone)]
 struct Sent {
     store_key: String,
     metric: Metric,
     bucket: pb::Bucket,
+    lease: bool,
     seq: u64,
 }
 
@@ -68,7 +78,10 @@ pub struct Leader {
     pending: Vec<(u32, Pending)>,
     /// Scopes this leader syncs each period while they hold a lease or
     /// consumption (by record key: their buckets as the service sees them).
-    active: HashMap<String, Vec<(Metric, pb::Bucket)>>,
+    active: HashMap<String, Vec<Tracked>>,
+    /// When this worker last ran a period (the timer may fire more often,
+    /// for held requests).
+    last_tick: u64,
 }
 
 fn read_u64(store: &dyn SharedStore, key: &str) -> Option<(u64, u32)> {
@@ -106,6 +119,7 @@ impl Leader {
             opts,
             pending: Vec::new(),
             active: HashMap::new(),
+            last_tick: 0,
         }
     }
 
@@ -139,6 +153,10 @@ impl Leader {
     /// sync the buckets the workers touched.
     pub fn tick(&mut self, host: &mut impl RootHost) {
         let now = host.now_ms();
+        if now < self.last_tick + self.period() {
+            return;
+        }
+        self.last_tick = now;
         if !self.elect(host, now) {
             return;
         }
@@ -191,11 +209,13 @@ impl Leader {
     /// Drains the sync queue, moves each bucket's consumption in flight and
     /// sends one Sync.
     fn sync(&mut self, host: &mut impl RootHost, now: u64) {
-        let mut named: HashMap<String, pb::Bucket> = HashMap::new();
+        let mut named: HashMap<String, (pb::Bucket, bool)> = HashMap::new();
         while let Some(message) = host.dequeue(Queue::Sync) {
             if let Ok(entry) = pb::SyncRequest::decode(message.as_slice()) {
-                for b in entry.buckets.into_iter().filter_map(|b| b.bucket) {
-                    named.insert(b.id.clone(), b);
+                for sync in entry.buckets {
+                    if let Some(b) = sync.bucket {
+                        named.insert(b.id.clone(), (b, sync.want != 0));
+                    }
                 }
             }
         }
@@ -203,17 +223,22 @@ impl Leader {
         // Scopes synced before stay active while they hold a lease: their
         // later consumption is pushed even if no request hands them over
         // again (a burst that ends inside one period).
-        for (id, bucket) in &named {
+        for (id, (bucket, lease)) in &named {
             let Some((scope, field)) = id.rsplit_once(':') else {
                 continue;
             };
             let Some(metric) = Metric::from_field(field) else {
                 continue;
             };
+            let tracked = Tracked {
+                metric,
+                bucket: bucket.clone(),
+                lease: *lease,
+            };
             let buckets = self.active.entry(record::store_key(scope)).or_default();
-            match buckets.iter_mut().find(|(m, _)| *m == metric) {
-                Some(entry) => entry.1 = bucket.clone(),
-                None => buckets.push((metric, bucket.clone())),
+            match buckets.iter_mut().find(|t| t.metric == metric) {
+                Some(entry) => *entry = tracked,
+                None => buckets.push(tracked),
             }
         }
         if self.active.is_empty() {
@@ -230,7 +255,12 @@ impl Leader {
                 let mut record = record.unwrap_or_default();
                 let mut out = Vec::new();
                 let mut live = false;
-                for (metric, bucket) in buckets {
+                for Tracked {
+                    metric,
+                    bucket,
+                    lease,
+                } in buckets
+                {
                     let Some(slot) = record.slot_mut(*metric) else {
                         continue;
                     };
@@ -241,29 +271,43 @@ impl Leader {
                             live |= slot.expires > now;
                             continue;
                         }
-                        // Whole base units travel; a fraction of a
-                        // micro-dollar waits in `consumed` for the next sync.
-                        let units = to_units(bucket, slot.consumed).trunc();
+                        let units = whole_units(to_units(bucket, slot.consumed));
                         slot.inflight = from_units(bucket, units);
                         slot.consumed -= slot.inflight;
-                        slot.rate = 0.5 * slot.rate + 0.5 * slot.inflight.max(0.0);
+                        if whole_units(to_units(bucket, slot.consumed)) == 0.0
+                            && to_units(bucket, slot.consumed).abs() < ROUNDING
+                        {
+                            // What is left is the float error of summing
+                            // amounts, not consumption.
+                            slot.consumed = 0.0;
+                        }
+                        // Demand per period: what leases served (before
+                        // refunds) and what Redis admitted for this Envoy.
+                        let demand = slot.inflight.max(0.0) + slot.asked;
+                        slot.rate = 0.5 * slot.rate + 0.5 * demand;
+                        slot.asked = 0.0;
                         slot.seq = seq;
                     }
                     // In flight: the scope stays active until it is answered.
                     live = true;
-                    let want = lease_size(slot.rate, slot.last, bucket, replicas);
+                    let want = if *lease {
+                        lease_units(slot.rate, slot.last, bucket, replicas)
+                    } else {
+                        0.0
+                    };
                     out.push((
                         pb::BucketSync {
                             bucket: Some(bucket.clone()),
                             seq: slot.seq,
                             consumed: to_units(bucket, slot.inflight).round() as i64,
-                            want: to_units(bucket, want).ceil() as i64,
+                            want: want as i64,
                             window: window_of(bucket, slot.stamp, now),
                         },
                         Sent {
                             store_key: store_key.clone(),
                             metric: *metric,
                             bucket: bucket.clone(),
+                            lease: *lease,
                             seq: slot.seq,
                         },
                     ));
@@ -440,9 +484,30 @@ fn give_back(host: &impl RootHost, admit: &[u8], answer: &[u8]) {
 /// refuse a request early; at a tenth, all of them together hold at most
 /// 10% of the limit, and a limit too small for a lease to cover one
 /// request is decided by Redis, exactly, on every request.
-fn lease_size(rate: f64, last: f64, bucket: &pb::Bucket, replicas: f64) -> f64 {
-    let cap = from_units(bucket, bucket.limit as f64) / (10.0 * replicas.max(1.0));
-    (1.65 * rate).max(last).min(cap).ceil().max(0.0)
+///
+/// In base units (micro-dollars for budgets), rounded up to a whole unit.
+fn lease_units(rate: f64, last: f64, bucket: &pb::Bucket, replicas: f64) -> f64 {
+    let cap = bucket.limit as f64 / (10.0 * replicas.max(1.0));
+    to_units(bucket, (1.65 * rate).max(last))
+        .min(cap)
+        .ceil()
+        .max(0.0)
+}
+
+/// Below this, a base-unit amount is float error (sums of micro-dollar
+/// amounts), not consumption.
+const ROUNDING: f64 = 1e-6;
+
+/// Whole base units of an amount: a sum of whole micro-dollars computed in
+/// floats (430.99999999999994) is the whole number it is meant to be; a
+/// real fraction waits in `consumed` for the next sync.
+fn whole_units(units: f64) -> f64 {
+    let nearest = units.round();
+    if (units - nearest).abs() < ROUNDING {
+        nearest
+    } else {
+        units.trunc()
+    }
 }
 
 fn next_seq(host: &impl RootHost) -> u64 {
@@ -468,6 +533,7 @@ fn requeue(host: &impl RootHost, sent: &[Sent]) {
             .iter()
             .map(|s| pb::BucketSync {
                 bucket: Some(s.bucket.clone()),
+                want: i64::from(s.lease),
                 ..Default::default()
             })
             .collect(),

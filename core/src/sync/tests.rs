@@ -395,3 +395,72 @@ fn a_client_gone_while_redis_decides_gets_everything_back_if_it_was_admitted() {
     assert_eq!(settle.request_id, "gone-1");
     assert_eq!(settle.deltas[0].amount, -100);
 }
+
+#[test]
+fn a_failed_admit_is_repeated_once_then_the_limits_failure_mode_decides() {
+    let store = MemStore::new();
+    let p = policy(r#"{"requests_per_minute": 60}"#);
+    let mut f = flow(&p);
+    let mut h = host(&store, "retry-1", NOW);
+    assert_eq!(send(&mut f, &mut h), Decision::Pause);
+    let first = h.quota_calls[0].1.clone();
+    assert_eq!(
+        f.on_quota_response(&mut h, None),
+        Some(Decision::Pause),
+        "still waiting: the call is repeated"
+    );
+    assert_eq!(h.quota_calls.len(), 2);
+    assert_eq!(
+        h.quota_calls[1],
+        (QuotaMethod::Admit, first),
+        "the same Admit"
+    );
+    // The repeat fails too: per-minute limits meter locally.
+    assert_eq!(f.on_quota_response(&mut h, None), Some(Decision::Continue));
+    assert_eq!(h.quota_calls.len(), 2, "repeated once only");
+}
+
+#[test]
+fn leases_follow_the_demand_redis_served_in_base_units_and_strict_buckets_take_none() {
+    let store = MemStore::new();
+    let p = policy(
+        r#"{"output_tokens_per_minute": 100000, "budget_usd_per_day": 10,
+            "requests_per_minute": {"limit": 600, "strict": true}}"#,
+    );
+    for i in 0..3 {
+        let mut f = flow(&p);
+        let mut h = host(&store, &format!("d-{i}"), NOW);
+        send(&mut f, &mut h);
+        let request = h.quota_calls[0].1.clone();
+        f.on_quota_response(&mut h, Some(&admitted(&request)));
+        respond(&mut f, &mut h, 100);
+    }
+    let mut root = FakeRoot::new(store.clone(), NOW);
+    let mut leader = Leader::new("vm-1".into(), opts());
+    leader.tick(&mut root);
+    let (_, _, sync) = root.calls.last().cloned().unwrap();
+    let req = pb::SyncRequest::decode(sync.as_slice()).unwrap();
+    let want = |id: &str| {
+        req.buckets
+            .iter()
+            .find(|b| b.bucket.as_ref().unwrap().id == id)
+            .map(|b| b.want)
+    };
+    // Three requests of 100 output tokens each, served by Redis: a lease
+    // of 1.65 x the demand per period (a moving average: 150), not the 100
+    // a single request needs.
+    assert_eq!(want("key:k:output_tokens_per_minute"), Some(248));
+    // USD in micro-dollars: each request reserves $0.00051 (10 input
+    // tokens at $1/M estimated + 100 output at $5/M), never a whole dollar.
+    let usd = want("key:k:budget_usd_per_day").unwrap();
+    assert!((800..=1_300).contains(&usd), "{usd}");
+    // Strict: no lease, and nothing to push.
+    assert_eq!(want("key:k:requests_per_minute"), None);
+}
+
+#[test]
+fn float_sums_of_micro_dollars_travel_as_the_whole_units_they_are() {
+    assert_eq!(whole_units(430.999_999_999_999_94), 431.0);
+    assert_eq!(whole_units(430.4), 430.0);
+    assert_eq!(whole_units(-2.000_000_000_1), -2.0);
+}
