@@ -11,6 +11,8 @@ mod cmd;
 // Libraries.
 /// Files replaced by rename, so their readers never see half of one.
 mod atomic_file;
+/// Envoy's file access log of audit records: its rotated files and rotation.
+mod audit_log;
 /// The collector as one service (gRPC + HTTP over one store) and its start-up import.
 mod audit_service;
 /// Audit records as `tollgate audit tail` shows them, and the follow loop.

@@ -3,10 +3,15 @@
 //! access loggers ship it to the collector. Never contains the virtual key,
 //! the prompt or the completion.
 
+use crate::host::{SharedStore, StoreError};
+use crate::meter::store::{CREATE_CAS, MAX_ATTEMPTS};
 use serde::{Deserialize, Serialize};
 
 /// Version of the record layout; bumped on any incompatible change.
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// Bytes reserved for a record's JSON (see [`AuditRecord::to_json`]).
+const JSON_CAPACITY: usize = 2048;
 
 /// Filter-state name Envoy's access loggers are configured to read.
 pub const FILTER_STATE_KEY: &str = "wasm.tollgate_audit";
@@ -215,11 +220,95 @@ pub struct AuditRecord {
     pub latency_ms: Option<u64>,
     /// The bucket that decided a denial (`key:alice-laptop:requests_per_minute`).
     pub bucket: Option<String>,
+    /// The Envoy that published the record and its place in that Envoy's
+    /// sequence, so the collector can tell which records never arrived
+    /// (absent in records written before it, and when shared data refused
+    /// the numbering).
+    #[serde(default)]
+    pub origin: Option<Origin>,
+}
+
+/// Which Envoy process published a record, and the record's number in that
+/// process: numbers start at 1 and are handed out without holes, one per
+/// request, when its record is first published. The provisional and the
+/// final record of a request carry the same number, so a number the store
+/// never receives is a request whose every record was lost.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The Envoy's replica id (`crate::sync::replica_id`), chosen once per
+    /// process by the first worker that needs it.
+    pub envoy: String,
+    pub seq: u64,
+}
+
+/// Shared-data key of this Envoy's audit sequence: the last number handed
+/// out (u64, little-endian), then the Envoy's id. One key holds both so that
+/// numbering a request costs one read and one write.
+pub const SEQ_KEY: &str = "tollgate/2/audit-seq";
+
+impl Origin {
+    /// Takes the next number of this Envoy's sequence with a CAS increment
+    /// (retried on conflicts, bounded like every shared-data update). On the
+    /// first call in the process the Envoy's id is settled: the replica id if
+    /// a worker already chose one, else `proposal()`. `None` when the
+    /// retries run out or the host refuses the write: the record then goes
+    /// unnumbered, and no number is skipped.
+    pub fn next(store: &dyn SharedStore, proposal: impl Fn() -> String) -> Option<Origin> {
+        for _ in 0..MAX_ATTEMPTS {
+            let (envoy, last, cas) = match store.get(SEQ_KEY) {
+                Some((bytes, cas)) => match bytes.split_first_chunk::<8>() {
+                    Some((last, id)) if !id.is_empty() => (
+                        String::from_utf8_lossy(id).into_owned(),
+                        u64::from_le_bytes(*last),
+                        cas,
+                    ),
+                    // Not a sequence (the ABI's empty "deleted" value):
+                    // replaced under its CAS token.
+                    _ => (crate::sync::replica_id(store, &proposal()), 0, cas),
+                },
+                None => (crate::sync::replica_id(store, &proposal()), 0, CREATE_CAS),
+            };
+            let seq = last.saturating_add(1);
+            let mut value = Vec::with_capacity(8 + envoy.len());
+            value.extend_from_slice(&seq.to_le_bytes());
+            value.extend_from_slice(envoy.as_bytes());
+            match store.set(SEQ_KEY, &value, cas) {
+                Ok(()) => return Some(Origin { envoy, seq }),
+                Err(StoreError::CasMismatch) => continue,
+                Err(StoreError::Failed) => return None,
+            }
+        }
+        None
+    }
+
+    /// A replica id to propose when this Envoy has none: 16 hex digits of a
+    /// hash of the first numbered request's id (Envoy generates a random
+    /// UUID per request) and its start time.
+    pub fn propose_envoy(request_id: &str, now_ms: u64) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(request_id.as_bytes())
+            .chain_update(now_ms.to_le_bytes())
+            .finalize();
+        let mut id = String::with_capacity(16);
+        for b in digest.iter().take(8) {
+            id.push_str(&format!("{b:02x}"));
+        }
+        id
+    }
 }
 
 impl AuditRecord {
+    /// The record as published, in one allocation: a record is about 1 KB
+    /// (a served one with identity, models, tokens, cost and origin), and
+    /// serde_json's own buffer would start at 128 bytes and grow by copying
+    /// four times, three times per request.
     pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        let mut out = Vec::with_capacity(JSON_CAPACITY);
+        match serde_json::to_writer(&mut out, self) {
+            Ok(()) => out,
+            Err(_) => Vec::new(),
+        }
     }
 
     pub fn from_json(bytes: &[u8]) -> Result<AuditRecord, serde_json::Error> {
@@ -268,5 +357,75 @@ mod tests {
         new.service_tier = Some("priority".into());
         new.price_multiplier = Some(2.0);
         assert_eq!(AuditRecord::from_json(&new.to_json()).unwrap(), new);
+        assert_eq!(r.origin, None, "records before the sequence have no origin");
+    }
+
+    #[test]
+    fn numbers_are_consecutive_per_envoy_and_the_envoy_id_is_the_replica_id() {
+        let store = crate::testing::MemStore::new();
+        let first = Origin::next(&*store, || "proposed".to_string()).unwrap();
+        assert_eq!(
+            first,
+            Origin {
+                envoy: "proposed".into(),
+                seq: 1
+            }
+        );
+        // Later proposals lose: the id was chosen once for the process.
+        let second = Origin::next(&*store, || "other".to_string()).unwrap();
+        assert_eq!(
+            second,
+            Origin {
+                envoy: "proposed".into(),
+                seq: 2
+            }
+        );
+        assert_eq!(crate::sync::replica_id(&*store, "x"), "proposed");
+    }
+
+    #[test]
+    fn numbering_reuses_a_replica_id_the_sync_leader_chose() {
+        let store = crate::testing::MemStore::new();
+        assert_eq!(crate::sync::replica_id(&*store, "leader-vm"), "leader-vm");
+        let o = Origin::next(&*store, || "worker".to_string()).unwrap();
+        assert_eq!((o.envoy.as_str(), o.seq), ("leader-vm", 1));
+    }
+
+    #[test]
+    fn a_cas_conflict_retries_and_skips_no_number() {
+        let store = crate::testing::MemStore::new();
+        Origin::next(&*store, || "e".to_string()).unwrap();
+        store.inject_conflicts(3);
+        let o = Origin::next(&*store, || "e".to_string()).unwrap();
+        assert_eq!(o.seq, 2);
+        assert_eq!(store.mismatches.get(), 3);
+        store.inject_conflicts(MAX_ATTEMPTS);
+        assert_eq!(Origin::next(&*store, || "e".to_string()), None);
+        assert_eq!(
+            Origin::next(&*store, || "e".to_string()).unwrap().seq,
+            3,
+            "a request that got no number took none"
+        );
+    }
+
+    #[test]
+    fn the_origin_round_trips_in_the_record() {
+        let r = AuditRecord {
+            request_id: "r".into(),
+            origin: Some(Origin {
+                envoy: "0123abcd".into(),
+                seq: 7,
+            }),
+            ..Default::default()
+        };
+        let json = String::from_utf8(r.to_json()).unwrap();
+        assert!(
+            json.contains(r#""origin":{"envoy":"0123abcd","seq":7}"#),
+            "{json}"
+        );
+        assert_eq!(AuditRecord::from_json(json.as_bytes()).unwrap(), r);
+        let proposal = Origin::propose_envoy("req-1", 5);
+        assert_eq!(proposal.len(), 16);
+        assert_ne!(proposal, Origin::propose_envoy("req-2", 5));
     }
 }

@@ -578,6 +578,24 @@ fn collector_absent_at_start_loses_nothing_once_it_arrives_or_the_file_is_import
     std::thread::sleep(Duration::from_millis(2500));
     c.kill().unwrap();
     c.wait().unwrap();
+    // Whatever the gRPC stream lost shows as gaps in the Envoy's numbers:
+    // every request is either stored or counted missing.
+    let gaps = || audit_gaps(&db);
+    let numbered = || -> Vec<serde_json::Value> {
+        let out = Command::new(tollgate_bin())
+            .args(["audit", "tail", "--format", "json", "-n", "1000", "--db"])
+            .arg(&db)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["origin"]["seq"].is_u64())
+            .collect()
+    };
+    let lost = gaps();
+    let stored = numbered().len() as u64;
+    assert_eq!(lost["missing"].as_u64().unwrap() + stored, 15, "{lost}");
     let out = Command::new(tollgate_bin())
         .args(["audit", "import"])
         .arg(&gw.audit_log)
@@ -590,6 +608,22 @@ fn collector_absent_at_start_loses_nothing_once_it_arrives_or_the_file_is_import
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The imported records fill every gap.
+    let after = gaps();
+    assert_eq!(
+        (
+            after["missing"].as_u64(),
+            after["gaps"].as_array().map(Vec::len)
+        ),
+        (Some(0), Some(0)),
+        "{after}"
+    );
+    let mut seqs: Vec<u64> = numbered()
+        .iter()
+        .map(|r| r["origin"]["seq"].as_u64().unwrap())
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=15).collect::<Vec<u64>>());
     let out = Command::new(tollgate_bin())
         .args(["audit", "tail", "--format", "json", "-n", "1000", "--db"])
         .arg(&db)
@@ -600,4 +634,278 @@ fn collector_absent_at_start_loses_nothing_once_it_arrives_or_the_file_is_import
         .filter(|l| l.contains("\"request_id\":\"absent-") && l.contains("\"complete\":true"))
         .count();
     assert_eq!(complete, 15, "every request has its complete record");
+}
+
+/// `tollgate audit gaps` on a store, every gap settled, as JSON.
+fn audit_gaps(db: &std::path::Path) -> serde_json::Value {
+    let out = Command::new(tollgate_bin())
+        .args([
+            "audit", "gaps", "--settle", "0s", "--format", "json", "--db",
+        ])
+        .arg(db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The JSON records of a file access log (`-` lines skipped); panics on a
+/// line that is not a record, so a torn line fails the test.
+fn file_records(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty() && l.trim() != "-")
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{}: not a record ({e}): {l}", path.display()))
+        })
+        .collect()
+}
+
+/// The audit file log and its rotated files in `dir`.
+fn log_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("audit.jsonl"))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Waits until the HTTP side of a collector answers `/healthz`.
+fn wait_http(http: &str) {
+    let client = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while client
+        .get(format!("http://{http}/healthz"))
+        .send()
+        .map_or(true, |r| !r.status().is_success())
+    {
+        assert!(Instant::now() < deadline, "collector http {http} not up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// POSTs a body to `/api/ingest`, retrying while the collector is still
+/// reading its store (503); the status and the JSON answer.
+fn ingest(http: &str, body: String) -> (u16, serde_json::Value) {
+    let client = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = client
+            .post(format!("http://{http}/api/ingest"))
+            .header("content-type", "application/x-ndjson")
+            .body(body.clone())
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        if status != 503 || Instant::now() > deadline {
+            return (status, r.json().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every record a gateway logged to its audit.jsonl, POSTed to a second
+/// collector's `/api/ingest` (as Vector or Fluent Bit would ship it), is
+/// stored there exactly as the gateway's own collector stored it.
+#[test]
+fn a_real_gateways_file_log_posted_to_another_collector_is_stored_whole() {
+    let gw = Gateway::start(&audit_policy());
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let id = format!("ship-{i}");
+        let (key, body) = match i {
+            3 => ("tg-audit-nobody", MSG),
+            5 => (
+                KEY,
+                r#"{"model":"claude-sonnet-4-5","max_tokens":300,"stream":true,"messages":[]}"#,
+            ),
+            7 => (KEY, r#"{"model":"o3-pro","max_tokens":5,"messages":[]}"#),
+            _ => (KEY, MSG),
+        };
+        let r = gw.post_with(
+            "/v1/messages",
+            &[("x-api-key", key), ("x-request-id", &id)],
+            body,
+        );
+        let _ = r.text();
+        ids.push(id);
+    }
+    // Envoy flushes the file every second.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let lines: Vec<String> = loop {
+        let text = std::fs::read_to_string(&gw.audit_log).unwrap_or_default();
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.contains("\"request_id\":\"ship-"))
+            .map(str::to_string)
+            .collect();
+        if lines.len() == ids.len() {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "file log has {lines:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    // The Envoy numbered its requests 1, 2, 3, … without a hole.
+    let seq = |l: &String| -> u64 {
+        let r: serde_json::Value = serde_json::from_str(l).unwrap();
+        r["origin"]["seq"].as_u64().unwrap()
+    };
+    let mut lines = lines;
+    lines.sort_by_key(seq);
+    assert_eq!(
+        lines.iter().map(seq).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<u64>>()
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("second.db");
+    let (grpc, http) = (free_port(), free_port());
+    let mut c = collector(&grpc, &http, &db);
+    wait_http(&http);
+    let gaps = || audit_gaps(&db);
+    // Records 4, 5 and 8 held back (as if lost on the way).
+    let first: Vec<String> = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| ![3, 4, 7].contains(i))
+        .map(|(_, l)| l.clone())
+        .collect();
+    let (status, answer) = ingest(&http, first.join("\n"));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        serde_json::json!({"lines": 7, "stored": 7, "duplicates": 0, "expired": 0, "invalid": 0})
+    );
+    let held_back = gaps();
+    assert_eq!(held_back["missing"], 3, "{held_back}");
+    assert_eq!(
+        held_back["gaps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| (
+                g["from_seq"].as_u64().unwrap(),
+                g["to_seq"].as_u64().unwrap()
+            ))
+            .collect::<Vec<_>>(),
+        [(4, 5), (8, 8)]
+    );
+    // The whole file, as a shipper that resends after a timeout would: the
+    // seven are duplicates, the three new ones fill the gaps.
+    let (status, all) = ingest(&http, lines.join("\n") + "\n-\n");
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(
+        all,
+        serde_json::json!({"lines": 10, "stored": 3, "duplicates": 7, "expired": 0, "invalid": 0})
+    );
+    assert_eq!(gaps()["missing"], 0);
+    let (status, garbage) = ingest(&http, "GET / HTTP/1.1\nhello".to_string());
+    assert_eq!(status, 400);
+    assert!(
+        garbage["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("no audit record in the body (line 1: "),
+        "{garbage}"
+    );
+
+    let out = Command::new(tollgate_bin())
+        .args(["audit", "tail", "--format", "json", "-n", "1000", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let shipped: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(shipped.len(), ids.len());
+    for id in &ids {
+        let there = shipped.iter().find(|r| r["request_id"] == id.as_str());
+        assert_eq!(there, Some(&gw.audit_record(id)), "{id}");
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// A small size limit rotates audit.jsonl many times under a steady stream
+/// of requests: every line is whole, every request is in exactly one file,
+/// and the collector stored every one.
+#[test]
+fn the_file_log_rotates_by_size_without_losing_a_line() {
+    let gw = Gateway::start_with(
+        &audit_policy(),
+        Options {
+            extra_args: ["--audit-log-max-bytes", "8192", "--audit-log-keep", "1000"]
+                .map(String::from)
+                .to_vec(),
+            ..Options::default()
+        },
+    );
+    let mut sent = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        let id = format!("rot-{}", sent.len());
+        let status = gw
+            .post_with(
+                "/v1/messages",
+                &[("x-api-key", KEY), ("x-request-id", &id)],
+                MSG,
+            )
+            .status();
+        assert_eq!(status, 200);
+        sent.push(id);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let dir = gw.audit_log.parent().unwrap().to_path_buf();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut in_files: Vec<String> = log_files(&dir)
+            .iter()
+            .flat_map(|f| file_records(f))
+            .filter(|r| r["complete"] == true)
+            .map(|r| r["request_id"].as_str().unwrap().to_string())
+            .collect();
+        in_files.sort();
+        let mut want = sent.clone();
+        want.sort();
+        if in_files == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the files hold {} records for {} requests",
+            in_files.len(),
+            sent.len()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let files = log_files(&dir);
+    assert!(
+        files.len() >= 3,
+        "rotated at least twice in 5 s at 8 KiB: {files:?}"
+    );
+    assert!(files.contains(&dir.join("audit.jsonl.1")));
+    let stored: std::collections::HashSet<String> = gw
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["complete"] == true)
+        .map(|r| r["request_id"].as_str().unwrap().to_string())
+        .collect();
+    for id in &sent {
+        assert!(stored.contains(id), "{id} not in the store");
+    }
 }

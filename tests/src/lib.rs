@@ -85,7 +85,7 @@ pub struct Options {
     pub stream_idle_timeout_s: Option<u64>,
     /// Share limits through this Redis (`tollgate run --redis URL`).
     pub redis: Option<String>,
-    /// More `tollgate run` arguments.
+    /// More `tollgate run` arguments (`--audit-log-max-bytes 4096`).
     pub extra_args: Vec<String>,
     /// Environment of `tollgate run` beside the inherited one.
     pub env: Vec<(String, String)>,

@@ -21,10 +21,15 @@ pub struct CollectorArgs {
     /// HTTP listener for /metrics, /api/usage and the dashboard.
     #[arg(long, default_value = "127.0.0.1:9613")]
     pub http: SocketAddr,
-    /// Import this JSON-lines audit log (Envoy's file access log) at start-up,
-    /// recovering records the gRPC stream lost while the collector was down.
+    /// Import this JSON-lines audit log (Envoy's file access log) and its rotated
+    /// files (FILE.N … FILE.1, oldest first) at start-up, recovering records the
+    /// gRPC stream lost while the collector was down.
     #[arg(long)]
     pub import: Option<PathBuf>,
+    /// Roll raw records older than this many days up into daily sums, then delete
+    /// them (usage reports keep covering those days). Default: keep everything.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub retain_days: Option<u32>,
 }
 
 pub fn run(args: CollectorArgs) -> Result<()> {
@@ -48,6 +53,37 @@ pub fn run(args: CollectorArgs) -> Result<()> {
             http.local_addr()?,
             args.db.display()
         ));
-        audit_service::serve(grpc, http, store, shutdown::signal()).await
+        let upkeep = audit_service::Upkeep {
+            retain_days: args.retain_days,
+        };
+        audit_service::serve(grpc, http, store, upkeep, shutdown::signal()).await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<CollectorArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            collector: CollectorArgs,
+        }
+        <Cli as clap::Parser>::try_parse_from(
+            std::iter::once("collector").chain(args.iter().copied()),
+        )
+        .map(|c| c.collector)
+    }
+
+    #[test]
+    fn retention_is_off_by_default_and_takes_whole_days() {
+        assert_eq!(parse(&[]).unwrap().retain_days, None);
+        assert_eq!(
+            parse(&["--retain-days", "90"]).unwrap().retain_days,
+            Some(90)
+        );
+        let err = parse(&["--retain-days", "0"]).err().unwrap().to_string();
+        assert!(err.contains("--retain-days"), "{err}");
+    }
 }

@@ -4,6 +4,7 @@
 //! policy file for edits, and stops everything on Ctrl-C.
 
 use super::limits::AdminApiArgs;
+use crate::audit_log::Rotation;
 use crate::gateway::render::Upstream;
 use crate::gateway::{self, Collector, EnvoyOptions, Providers};
 use crate::output::{status, Output};
@@ -76,6 +77,17 @@ pub struct RunArgs {
     /// How often Envoy flushes audit records to the collector (ms).
     #[arg(long, default_value_t = 1000)]
     pub audit_flush_ms: u64,
+    /// Rotate the audit file log (<state-dir>/audit.jsonl) once it reaches this size:
+    /// it is renamed audit.jsonl.1 and Envoy reopens a new one.
+    #[arg(long, default_value_t = 100 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_log_max_bytes: u64,
+    /// Rotated audit file logs kept (audit.jsonl.1 … .N); older ones are deleted.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_log_keep: u64,
+    /// Roll audit records older than this many days up into daily sums, then delete
+    /// them (usage reports keep covering those days). Default: keep everything.
+    #[arg(long, conflicts_with = "external_collector", value_parser = clap::value_parser!(u32).range(1..))]
+    pub audit_retain_days: Option<u32>,
     /// Seconds a request may go without a byte in either direction before
     /// Envoy cuts it off (504 `timeout_error` before the response starts).
     /// Generations pause between events; keep this generous.
@@ -191,6 +203,11 @@ fn options(args: &RunArgs) -> Result<gateway::Options> {
         wasm: args.wasm.clone(),
         body_limit: args.body_limit,
         audit_flush_ms: args.audit_flush_ms,
+        audit_log: Rotation {
+            max_bytes: args.audit_log_max_bytes,
+            keep: usize::try_from(args.audit_log_keep).unwrap_or(usize::MAX),
+        },
+        audit_retain_days: args.audit_retain_days,
         stream_idle_timeout_s: args.stream_idle_timeout,
         shared: shared(args)?,
     })
@@ -287,4 +304,73 @@ fn remote_upstreams(args: &RunArgs) -> Result<(Upstream, Upstream)> {
         pick(&args.anthropic_upstream, "https://api.anthropic.com")?,
         pick(&args.openai_upstream, "https://api.openai.com")?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        <Cli as clap::Parser>::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
+            .map(|c| c.run)
+    }
+
+    #[test]
+    fn the_audit_file_log_rotates_at_100_mib_keeping_5_and_records_are_kept_forever() {
+        let o = options(&parse(&[]).unwrap()).unwrap();
+        assert_eq!(
+            (o.audit_log, o.audit_retain_days),
+            (
+                Rotation {
+                    max_bytes: 100 << 20,
+                    keep: 5
+                },
+                None
+            )
+        );
+        let o = options(
+            &parse(&[
+                "--audit-log-max-bytes",
+                "4096",
+                "--audit-log-keep",
+                "2",
+                "--audit-retain-days",
+                "30",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (o.audit_log, o.audit_retain_days),
+            (
+                Rotation {
+                    max_bytes: 4096,
+                    keep: 2
+                },
+                Some(30)
+            )
+        );
+    }
+
+    #[test]
+    fn rotation_and_retention_flags_refuse_what_cannot_work() {
+        for (args, flag) in [
+            (&["--audit-log-keep", "0"][..], "--audit-log-keep"),
+            (&["--audit-log-max-bytes", "0"][..], "--audit-log-max-bytes"),
+            (&["--audit-retain-days", "0"][..], "--audit-retain-days"),
+            // Retention is the in-process collector's: an external one has its own.
+            (
+                &["--audit-retain-days", "7", "--external-collector", "c:9611"][..],
+                "--external-collector",
+            ),
+        ] {
+            let err = parse(args).err().unwrap().to_string();
+            assert!(err.contains(flag), "{args:?}: {err}");
+        }
+    }
 }

@@ -62,10 +62,10 @@ fn ms(n: i32) -> Option<PbDuration> {
     })
 }
 
-/// One entry as Envoy sends it: connection, timing and HTTP properties
-/// beside the record in the filter state.
-fn entry(i: usize) -> HttpAccessLogEntry {
-    let record = AuditRecord {
+/// A complete record with identity, models, tokens and cost: what a
+/// served request's audit record holds.
+pub(super) fn record(i: usize) -> AuditRecord {
+    AuditRecord {
         schema: 1,
         request_id: format!("bench-{i:08}-5f0c2a4e-8f1d-4c7a-9a57-2f1f0c3d4b5a"),
         timestamp_ms: 1_790_000_000_000 + i as u64,
@@ -95,7 +95,13 @@ fn entry(i: usize) -> HttpAccessLogEntry {
         cost_usd: Some(0.017_124),
         latency_ms: Some(850),
         ..Default::default()
-    };
+    }
+}
+
+/// One entry as Envoy sends it: connection, timing and HTTP properties
+/// beside the record in the filter state.
+fn entry(i: usize) -> HttpAccessLogEntry {
+    let record = record(i);
     let mut common = AccessLogCommon {
         sample_rate: 1.0,
         downstream_remote_address: socket("10.0.3.17", 52_000 + (i % 1000) as u32),

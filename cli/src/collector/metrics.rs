@@ -173,7 +173,7 @@ impl Usage {
         let old = match stored {
             Stored::New => None,
             Stored::Replaced(old) => Some(Counted::of(old)),
-            Stored::Kept => return,
+            Stored::Kept | Stored::Expired => return,
         };
         let sums = self.sums(new.labels, new.denied);
         if old.is_none() {
@@ -224,7 +224,18 @@ fn family<L: Display, V: Display>(
     help: &str,
     samples: impl IntoIterator<Item = (L, V)>,
 ) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    family_of(out, "counter", name, help, samples)
+}
+
+/// [`family`] of any metric type.
+fn family_of<L: Display, V: Display>(
+    out: &mut String,
+    kind: &str,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, V)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     for (labels, value) in samples {
         let labels = labels.to_string();
         if labels.is_empty() {
@@ -242,6 +253,9 @@ pub fn render(stats: &Stats) -> String {
         Ok(Some(usage)) => usage.render(&mut out),
         // Not seeded yet (the store did not answer): families without samples.
         _ => Usage::default().render(&mut out),
+    }
+    if let Ok(missing) = stats.missing.lock() {
+        render_missing(&mut out, missing.as_deref().unwrap_or_default());
     }
     for (name, help, counter) in [
         (
@@ -278,6 +292,29 @@ pub fn render(stats: &Stats) -> String {
         );
     }
     out
+}
+
+/// The missing-records gauge: a series per Envoy with records missing (the
+/// [`MAX_SERIES`] with most; the others summed as `other`). A gauge, not a
+/// counter: a record that arrives late fills its gap and the value drops.
+fn render_missing(out: &mut String, missing: &[(String, u64)]) {
+    let with_gaps: Vec<&(String, u64)> = missing.iter().filter(|(_, n)| *n > 0).collect();
+    let mut samples: Vec<(String, u64)> = with_gaps
+        .iter()
+        .take(MAX_SERIES)
+        .map(|(envoy, n)| (format!("envoy=\"{}\"", escape(envoy)), *n))
+        .collect();
+    let others: u64 = with_gaps.iter().skip(MAX_SERIES).map(|(_, n)| n).sum();
+    if others > 0 {
+        samples.push(("envoy=\"other\"".to_string(), others));
+    }
+    family_of(
+        out,
+        "gauge",
+        "tollgate_audit_missing_records",
+        "Audit records never stored, by Envoy: holes in its sequence numbers over the last 7 days, once the next record is 30 minutes old (tollgate audit gaps lists them).",
+        samples,
+    );
 }
 
 impl Usage {
@@ -386,6 +423,29 @@ mod tests {
              # TYPE tollgate_collector_entries_without_record_total counter\n\
              tollgate_collector_entries_without_record_total 0\n"
         ));
+    }
+
+    #[test]
+    fn missing_records_are_a_gauge_per_envoy_with_a_gap() {
+        let stats = Stats::default();
+        let text = render(&stats);
+        assert!(
+            text.contains("# TYPE tollgate_audit_missing_records gauge\n"),
+            "{text}"
+        );
+        assert!(!text.contains("tollgate_audit_missing_records{"));
+        let mut missing: Vec<(String, u64)> = (0..MAX_SERIES + 2)
+            .map(|i| (format!("e{i:03}"), 1))
+            .collect();
+        missing.insert(0, ("big".to_string(), 7));
+        missing.push(("healthy".to_string(), 0));
+        *stats.missing.lock().unwrap() = Some(missing);
+        let text = render(&stats);
+        let samples = samples(&text, "tollgate_audit_missing_records");
+        assert_eq!(samples.len(), MAX_SERIES + 1);
+        assert_eq!(samples[0], "{envoy=\"big\"} 7");
+        assert_eq!(samples[MAX_SERIES], "{envoy=\"other\"} 3");
+        assert!(!text.contains("healthy"));
     }
 
     #[test]

@@ -5,14 +5,19 @@
 //! A full queue drops the entry and counts it; the file access log keeps the
 //! durable copy.
 
+pub mod gaps;
 pub mod http;
+pub mod ingest;
 pub mod metrics;
 pub mod report;
+pub mod retention;
 pub mod sheet;
 pub mod store;
 
 #[cfg(test)]
 mod cpu_bench;
+#[cfg(test)]
+mod disk_bench;
 
 use anyhow::Result;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::{
@@ -29,7 +34,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use store::AuditStore;
+use store::{AuditStore, Stored};
 use tokio::sync::{mpsc, watch};
 use tollgate_core::audit::{AuditRecord, Outcome, Reason, FILTER_STATE_KEY};
 
@@ -58,7 +63,21 @@ pub struct Stats {
     /// Usage counters behind `/metrics`; `None` until seeded from the store
     /// (the writer does that before storing its first batch).
     pub usage: Mutex<Option<metrics::Usage>>,
+    /// Missing audit records per Envoy, most first, as last computed from
+    /// the store ([`maintain`]); `None` before the first computation.
+    pub missing: Mutex<Option<Vec<(String, u64)>>>,
 }
+
+/// How far back the missing-records gauge looks, and how often it is
+/// computed again from the store (one indexed pass over the window).
+pub const GAPS_WINDOW: Duration = Duration::from_secs(7 * 86_400);
+pub const GAPS_EVERY: Duration = Duration::from_secs(60);
+/// How long after the request that follows a gap the gap counts: until
+/// then the missing request may still be streaming (Envoy logs a request's
+/// record when it ends).
+pub const GAPS_SETTLE: Duration = Duration::from_secs(30 * 60);
+/// How often retention runs (when the collector has a `--retain-days`).
+pub const RETAIN_EVERY: Duration = Duration::from_secs(3_600);
 
 /// The payload of an encoded `google.protobuf.BytesValue` or `StringValue`
 /// (field 1, length-delimited: tag byte 0x0A, a varint length, the bytes),
@@ -256,6 +275,27 @@ async fn seed(store: &AuditStore, stats: &Arc<Stats>) -> bool {
     }
 }
 
+/// Stores records in one transaction and, once the usage counters are
+/// seeded, counts each record into them by what storing it did.
+pub fn store_counted(
+    store: &AuditStore,
+    stats: &Stats,
+    records: &[AuditRecord],
+) -> Result<Vec<Stored>> {
+    let stored = store.insert_batch(records)?;
+    stats
+        .stored
+        .fetch_add(records.len() as u64, Ordering::Relaxed);
+    if let Ok(mut usage) = stats.usage.lock() {
+        if let Some(usage) = usage.as_mut() {
+            for (record, stored) in records.iter().zip(&stored) {
+                usage.count(record, stored);
+            }
+        }
+    }
+    Ok(stored)
+}
+
 /// Stores queued records in batches until every sender is gone and the
 /// queue is empty, counting each into the usage metrics once stored.
 async fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, store: AuditStore, stats: Arc<Stats>) {
@@ -283,18 +323,7 @@ async fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, store: AuditStore, stat
         let (store, stats) = (store.clone(), stats.clone());
         let n = records.len() as u64;
         let done = tokio::task::spawn_blocking(move || -> Result<()> {
-            let stored = store.insert_batch(&records)?;
-            stats.stored.fetch_add(n, Ordering::Relaxed);
-            if seeded {
-                if let Ok(mut usage) = stats.usage.lock() {
-                    if let Some(usage) = usage.as_mut() {
-                        for (record, stored) in records.iter().zip(&stored) {
-                            usage.count(record, stored);
-                        }
-                    }
-                }
-            }
-            Ok(())
+            store_counted(&store, &stats, &records).map(drop)
         })
         .await;
         match done {
@@ -302,6 +331,89 @@ async fn write_loop(mut rx: mpsc::Receiver<AuditRecord>, store: AuditStore, stat
             Ok(Err(e)) => tracing::error!("storing {n} audit records failed: {e:#}"),
             Err(e) => tracing::error!("audit writer task failed: {e}"),
         }
+    }
+}
+
+/// Keeps the missing-records gauge from the store, and with `retain_days`
+/// runs retention, until `stop` resolves: retention at once and every
+/// [`RETAIN_EVERY`], the gaps after it and every [`GAPS_EVERY`].
+pub async fn maintain(
+    store: AuditStore,
+    stats: Arc<Stats>,
+    retain_days: Option<u32>,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut gaps = tokio::time::interval(GAPS_EVERY);
+    let mut retain = tokio::time::interval(RETAIN_EVERY);
+    let tracker = Arc::new(Mutex::new(gaps::Tracker::default()));
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut stop => return,
+            _ = retain.tick(), if retain_days.is_some() => {
+                let days = retain_days.unwrap_or_default();
+                let (store, flag) = (store.clone(), stopping.clone());
+                let now = crate::clock::now_ms();
+                let pass = tokio::task::spawn_blocking(move || {
+                    store.retain(days, now, &flag)
+                });
+                tokio::pin!(pass);
+                let done = tokio::select! {
+                    done = &mut pass => done,
+                    () = &mut stop => {
+                        // The pass ends at its next step; then stop.
+                        stopping.store(true, Ordering::Relaxed);
+                        let _ = pass.await;
+                        return;
+                    }
+                };
+                match done {
+                    Ok(Ok(r)) if r.days > 0 || r.deleted > 0 => crate::output::status(format_args!(
+                        "audit retention: {} day(s) rolled up, {} records deleted, raw records kept from {}",
+                        r.days,
+                        r.deleted,
+                        tollgate_core::time::format_rfc3339(u64::try_from(r.horizon_ms).unwrap_or(0))
+                    )),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!("audit retention failed: {e:#}"),
+                    Err(e) => tracing::error!("audit retention task failed: {e}"),
+                }
+                gaps.reset_immediately();
+            }
+            _ = gaps.tick() => refresh_missing(&store, &stats, &tracker).await,
+        }
+    }
+}
+
+/// Brings the missing-records gauge up to date from the store (see
+/// [`gaps::Tracker`]).
+pub async fn refresh_missing(
+    store: &AuditStore,
+    stats: &Arc<Stats>,
+    tracker: &Arc<Mutex<gaps::Tracker>>,
+) {
+    let (store, stats, tracker) = (store.clone(), stats.clone(), tracker.clone());
+    let done = tokio::task::spawn_blocking(move || -> Result<()> {
+        let now = crate::clock::now_ms();
+        let since = now.saturating_sub(GAPS_WINDOW.as_millis() as u64);
+        let settled = now.saturating_sub(GAPS_SETTLE.as_millis() as u64);
+        let mut tracker = tracker
+            .lock()
+            .map_err(|_| anyhow::anyhow!("gap tracker lock poisoned"))?;
+        tracker.refresh(&*store, since)?;
+        let missing = gaps::missing_by_envoy(&tracker.gaps(since, settled));
+        if let Ok(mut m) = stats.missing.lock() {
+            *m = Some(missing);
+        }
+        Ok(())
+    })
+    .await;
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("reading audit gaps failed: {e:#}"),
+        Err(e) => tracing::error!("audit gaps task failed: {e}"),
     }
 }
 
@@ -625,6 +737,56 @@ mod tests {
             usage_lines(&live),
             usage_lines(&metrics::render(&restarted))
         );
+    }
+
+    #[tokio::test]
+    async fn upkeep_runs_retention_at_once_and_publishes_the_missing_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(dir.path().join("a.db")).unwrap();
+        let numbered = |id: &str, seq: u64, t: u64| AuditRecord {
+            request_id: id.into(),
+            complete: true,
+            route: "anthropic.messages".into(),
+            timestamp_ms: t,
+            origin: Some(tollgate_core::audit::Origin {
+                envoy: "e".into(),
+                seq,
+            }),
+            ..Default::default()
+        };
+        let day = 86_400_000;
+        // Two requests long expired, and number 3 missing between two
+        // requests of last week (settled long ago).
+        let week_ago = crate::clock::now_ms() - 7 * day + 3_600_000;
+        store
+            .insert_batch(&[
+                numbered("old-1", 1, day),
+                numbered("old-2", 2, day + 1),
+                numbered("w-4", 4, week_ago),
+                numbered("w-5", 5, week_ago + 1),
+                numbered("w-7", 7, week_ago + 2),
+            ])
+            .unwrap();
+        let stats = Arc::new(Stats::default());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let upkeep = tokio::spawn(maintain(store.clone(), stats.clone(), Some(30), async {
+            let _ = stop_rx.await;
+        }));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stats.missing.lock().unwrap().is_none() {
+            assert!(std::time::Instant::now() < deadline, "no gauge");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // Retention ran first: the old day is rolled up and its numbers are
+        // not missing; 3 (after the expired 2) and 6 are.
+        assert_eq!(store.count().unwrap(), 3);
+        assert_eq!(
+            stats.missing.lock().unwrap().clone(),
+            Some(vec![("e".to_string(), 2)])
+        );
+        assert!(metrics::render(&stats).contains("tollgate_audit_missing_records{envoy=\"e\"} 2\n"));
+        let _ = stop_tx.send(());
+        upkeep.await.unwrap();
     }
 
     #[tokio::test]

@@ -90,6 +90,35 @@ pub fn parse_since(s: &str, now_ms: u64) -> Result<u64> {
     }
 }
 
+/// Where a report reads: raw records above the retention horizon, one per
+/// request, and the daily rollups below it, one per day and group.
+struct Source {
+    table: &'static str,
+    /// The requests a row stands for.
+    requests: &'static str,
+    /// The rows between `$1` and `$2` ...
+    filter: &'static str,
+    /// ... given the report's start and the horizon.
+    bounds: fn(i64, i64) -> [i64; 2],
+}
+
+const SOURCES: [Source; 2] = [
+    Source {
+        table: "audit",
+        requests: "1",
+        filter: "timestamp_ms >= $1 AND timestamp_ms >= $2",
+        bounds: |since, horizon| [since, horizon],
+    },
+    // A rolled-up day is in the window when the window starts on or before
+    // its end: a report reaching back past the horizon counts whole days.
+    Source {
+        table: "audit_daily",
+        requests: "requests",
+        filter: "timestamp_ms >= $1 AND timestamp_ms < $2",
+        bounds: |since, horizon| [super::retention::day_start(since), horizon],
+    },
+];
+
 /// Aggregates complete and provisional records since `since_ms`: the body of
 /// [`AuditBackend::report`].
 pub(super) fn build<B: AuditBackend + ?Sized>(
@@ -98,53 +127,62 @@ pub(super) fn build<B: AuditBackend + ?Sized>(
     since_ms: u64,
 ) -> Result<Report> {
     let group = by.sql(store.day_expr());
-    let since = [Param::Int(i64::try_from(since_ms).unwrap_or(i64::MAX))];
-    // Portable SQL for SQLite and PostgreSQL: CASE sums, and BIGINT casts
-    // because PostgreSQL sums BIGINT columns into NUMERIC.
+    let since = i64::try_from(since_ms).unwrap_or(i64::MAX);
+    let horizon = store.horizon()?;
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
-    store.query(
-        &format!(
-            "SELECT {group} AS name, COUNT(*) AS requests,
-                    SUM(CASE WHEN decision = 'allowed' THEN 1 ELSE 0 END) AS allowed,
-                    SUM(CASE WHEN decision = 'denied' THEN 1 ELSE 0 END) AS denied,
+    for source in SOURCES {
+        let Source {
+            table,
+            requests: n,
+            filter,
+            bounds,
+        } = source;
+        let params = bounds(since, horizon).map(Param::Int);
+        // Portable SQL for SQLite and PostgreSQL: CASE sums, and BIGINT casts
+        // because PostgreSQL sums BIGINT columns into NUMERIC.
+        store.query(
+            &format!(
+                "SELECT {group} AS name, CAST(SUM({n}) AS BIGINT) AS requests,
+                    CAST(SUM(CASE WHEN decision = 'allowed' THEN {n} ELSE 0 END) AS BIGINT) AS allowed,
+                    CAST(SUM(CASE WHEN decision = 'denied' THEN {n} ELSE 0 END) AS BIGINT) AS denied,
                     CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens,
                     CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens,
                     CAST(COALESCE(SUM(cache_write_tokens), 0) AS BIGINT) AS cache_write_tokens,
                     CAST(COALESCE(SUM(cache_read_tokens), 0) AS BIGINT) AS cache_read_tokens,
                     COALESCE(SUM(cost_usd), 0) AS cost_usd
-             FROM audit WHERE timestamp_ms >= $1 GROUP BY 1"
-        ),
-        &since,
-        &mut |r| {
-            let row = Row {
-                name: r.text("name")?,
-                requests: r.count("requests")?,
-                allowed: r.count("allowed")?,
-                denied: r.count("denied")?,
-                input_tokens: r.count("input_tokens")?,
-                output_tokens: r.count("output_tokens")?,
-                cache_write_tokens: r.count("cache_write_tokens")?,
-                cache_read_tokens: r.count("cache_read_tokens")?,
-                cost_usd: r.real("cost_usd")?,
-                denials: BTreeMap::new(),
-            };
-            rows.insert(row.name.clone(), row);
-            Ok(())
-        },
-    )?;
-    store.query(
-        &format!(
-            "SELECT {group} AS name, reason, COUNT(*) AS denials FROM audit
-             WHERE timestamp_ms >= $1 AND decision = 'denied' GROUP BY 1, 2"
-        ),
-        &since,
-        &mut |r| {
-            if let Some(row) = rows.get_mut(&r.text("name")?) {
-                row.denials.insert(r.text("reason")?, r.count("denials")?);
-            }
-            Ok(())
-        },
-    )?;
+                 FROM {table} WHERE {filter} GROUP BY 1"
+            ),
+            &params,
+            &mut |r| {
+                let row = rows.entry(r.text("name")?).or_default();
+                row.requests += r.count("requests")?;
+                row.allowed += r.count("allowed")?;
+                row.denied += r.count("denied")?;
+                row.input_tokens += r.count("input_tokens")?;
+                row.output_tokens += r.count("output_tokens")?;
+                row.cache_write_tokens += r.count("cache_write_tokens")?;
+                row.cache_read_tokens += r.count("cache_read_tokens")?;
+                row.cost_usd += r.real("cost_usd")?;
+                Ok(())
+            },
+        )?;
+        store.query(
+            &format!(
+                "SELECT {group} AS name, reason, CAST(SUM({n}) AS BIGINT) AS denials FROM {table}
+                 WHERE {filter} AND decision = 'denied' GROUP BY 1, 2"
+            ),
+            &params,
+            &mut |r| {
+                if let Some(row) = rows.get_mut(&r.text("name")?) {
+                    *row.denials.entry(r.text("reason")?).or_default() += r.count("denials")?;
+                }
+                Ok(())
+            },
+        )?;
+    }
+    for (name, row) in rows.iter_mut() {
+        row.name = name.clone();
+    }
     let mut rows: Vec<Row> = rows.into_values().collect();
     if by == GroupBy::Day {
         rows.sort_by(|a, b| a.name.cmp(&b.name));

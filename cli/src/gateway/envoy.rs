@@ -115,6 +115,37 @@ async fn admin_ready(admin: SocketAddr) -> bool {
     buf.starts_with(b"HTTP/1.0 200") || buf.starts_with(b"HTTP/1.1 200")
 }
 
+/// Sends a mutation to the admin interface (`POST`, no body) and checks
+/// that Envoy answered 200.
+pub async fn admin_post(admin: SocketAddr, path: &str) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(admin).await?;
+        s.write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .with_context(|| format!("POST {path} to Envoy's admin {admin}: no answer in 2s"))?
+        .with_context(|| format!("POST {path} to Envoy's admin {admin}"))?;
+    if answer.starts_with(b"HTTP/1.1 200") || answer.starts_with(b"HTTP/1.0 200") {
+        return Ok(());
+    }
+    let line = String::from_utf8_lossy(&answer);
+    bail!(
+        "POST {path} to Envoy's admin {admin}: {}",
+        line.lines().next().unwrap_or("no answer")
+    )
+}
+
 /// Waits for Envoy to exit on its own: always a failure, carrying the end
 /// of its log.
 pub async fn exited(child: &mut Child, layout: &Layout) -> anyhow::Error {

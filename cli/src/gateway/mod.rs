@@ -5,7 +5,8 @@
 //!
 //! - [`render`]: the bootstrap, ECDS and SDS files from `envoy/` templates;
 //! - [`envoy`]: the Envoy child process;
-//! - [`reload`]: the policy file watch.
+//! - [`reload`]: the policy file watch;
+//! - the audit file log's rotation (`crate::audit_log`), on the same tick.
 //!
 //! [`start`] returns a [`Running`] gateway once Envoy answers;
 //! [`Running::serve`] supervises it until a shutdown signal. [`render_only`]
@@ -15,6 +16,7 @@ mod envoy;
 mod reload;
 pub mod render;
 
+use crate::audit_log::{self, Rotation};
 use crate::audit_service;
 use crate::collector::store::AuditStore;
 use crate::shared_store::{self, Redis, RedisAt};
@@ -48,6 +50,10 @@ pub struct Options {
     pub body_limit: u64,
     /// How often Envoy flushes audit records to the collector (ms).
     pub audit_flush_ms: u64,
+    /// When the audit file log is rotated, and how many rotated files stay.
+    pub audit_log: Rotation,
+    /// The in-process collector's retention (days); `None` keeps everything.
+    pub audit_retain_days: Option<u32>,
     /// Seconds without a byte either way before Envoy cuts a request off.
     pub stream_idle_timeout_s: u64,
     /// Limits shared by every replica through a shared store; `None`: in
@@ -149,6 +155,10 @@ pub struct Running {
     stop: Stop,
     collector: Option<JoinHandle<Result<()>>>,
     quota: Option<QuotaRunning>,
+    rotation: Rotation,
+    /// When the audit file log was renamed and Envoy has not reopened it
+    /// yet: asked again each second until the new file appears.
+    reopen_asked: Option<std::time::Instant>,
 }
 
 /// The in-process quota service and the Redis it may have started.
@@ -185,7 +195,7 @@ pub async fn start(
     let (policy, wasm, layout) = prepare(&opts)?;
     let stop = Stop::new();
     // Collector first: Envoy connects to it as soon as it starts.
-    let collector = start_collector(collector, &layout, &stop).await?;
+    let collector = start_collector(collector, &layout, opts.audit_retain_days, &stop).await?;
     let (quota_at, quota) = start_quota(opts.shared.as_ref(), &layout, &stop).await?;
     let providers = start_providers(providers, &stop).await?;
     let (listen, admin) = (free_port(opts.listen)?, free_port(opts.admin)?);
@@ -227,6 +237,8 @@ pub async fn start(
         stop,
         collector: collector.task,
         quota,
+        rotation: opts.audit_log,
+        reopen_asked: None,
     })
 }
 
@@ -307,8 +319,42 @@ impl Running {
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
                 e = envoy::exited(&mut self.envoy, &self.summary.layout) => return Err(e),
-                _ = tick.tick() => self.watch.poll()?,
+                _ = tick.tick() => {
+                    self.watch.poll()?;
+                    self.rotate_audit_log().await;
+                }
             }
+        }
+    }
+
+    /// Rotates the audit file log once it reaches its size: renames it and
+    /// asks Envoy to reopen it (Envoy writes to the renamed file until then,
+    /// so no line is lost). Failures are reported and retried, never fatal:
+    /// the file only grows meanwhile.
+    async fn rotate_audit_log(&mut self) {
+        let live = self.summary.layout.audit_log();
+        if let Some(asked) = self.reopen_asked {
+            if live.exists() {
+                self.reopen_asked = None;
+            } else if asked.elapsed() >= Duration::from_secs(1) {
+                self.reopen_logs().await;
+            }
+            return;
+        }
+        if !audit_log::due(&live, self.rotation) {
+            return;
+        }
+        match audit_log::rotate(&live, self.rotation.keep) {
+            Ok(true) => self.reopen_logs().await,
+            Ok(false) => {}
+            Err(e) => eprintln!("warning: rotating {} failed: {e}", live.display()),
+        }
+    }
+
+    async fn reopen_logs(&mut self) {
+        self.reopen_asked = Some(std::time::Instant::now());
+        if let Err(e) = envoy::admin_post(self.summary.admin, "/reopen_logs").await {
+            eprintln!("warning: asking Envoy to reopen its access logs failed: {e:#}");
         }
     }
 }
@@ -414,6 +460,7 @@ fn free_port(addr: SocketAddr) -> Result<SocketAddr> {
 async fn start_collector(
     collector: Collector,
     layout: &Layout,
+    retain_days: Option<u32>,
     stop: &Stop,
 ) -> Result<CollectorAt> {
     let (grpc, http) = match collector {
@@ -442,7 +489,14 @@ async fn start_collector(
         .with_context(|| format!("binding collector http {http}"))?;
     let local = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
-    let task = tokio::spawn(audit_service::serve(grpc, http, store, stop.stopped()));
+    let upkeep = audit_service::Upkeep { retain_days };
+    let task = tokio::spawn(audit_service::serve(
+        grpc,
+        http,
+        store,
+        upkeep,
+        stop.stopped(),
+    ));
     Ok(CollectorAt {
         addr: (local.ip().to_string(), local.port()),
         http: Some(http_addr),

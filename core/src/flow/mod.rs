@@ -32,7 +32,7 @@ pub use headers::rate_limit_headers;
 pub use models::{empty_list, filter_list, Filtered, MAX_MODELS_LIST};
 pub use refusal::Refusal;
 
-use crate::audit::{AuditRecord, Outcome, Reason, TokenSource, Tokens, SCHEMA_VERSION};
+use crate::audit::{AuditRecord, Origin, Outcome, Reason, TokenSource, Tokens, SCHEMA_VERSION};
 use crate::host::{header, Decision, Host, LocalReply, Stat};
 use crate::host::{Queue, QuotaMethod};
 use crate::meter::shared::{self, Plan, RemoteRefusal, SharedOptions, Source};
@@ -192,11 +192,14 @@ pub struct RequestFlow {
     audit: AuditRecord,
     /// SHA-256 of the presented virtual key, once identified.
     key_sha256: Option<[u8; 32]>,
+    /// Whether the record has been published (and numbered) once.
+    published: bool,
     /// What the admission under way asks for, should it have to wait.
     pending: Option<(Demand, usize)>,
     /// When a held request must be answered, from its first hold.
     hold_deadline: Option<u64>,
-    published: Published,
+    /// The last provisional record, which an early end is charged.
+    provisional: Published,
 }
 
 impl RequestFlow {
@@ -218,9 +221,10 @@ impl RequestFlow {
                 ..Default::default()
             },
             key_sha256: None,
+            published: false,
             pending: None,
             hold_deadline: None,
-            published: Published::default(),
+            provisional: Published::default(),
         }
     }
 
@@ -330,7 +334,7 @@ impl RequestFlow {
         // Published now so that a request that never reaches the body
         // decision (Envoy's own 413, a client that goes away) is still
         // audited with its identity; the collector adds Envoy's status.
-        host.set_audit_record(&self.audit.to_json());
+        self.publish(host);
         if self.holds_headers() {
             Decision::Pause
         } else {
@@ -473,6 +477,23 @@ impl RequestFlow {
             );
             self.response.strip = Some(usage::inject::UsageChunkStripper::default());
         }
+    }
+
+    /// Publishes the record before the end of the response. The first
+    /// publication numbers it in this Envoy's audit sequence (one shared-data
+    /// read and write): a number is taken only by a request whose record
+    /// Envoy will log, so a number the collector never sees is a lost
+    /// record, and the final record keeps the same number.
+    fn publish(&mut self, host: &mut impl Host) {
+        if !self.published {
+            self.published = true;
+            let (id, start) = (&self.audit.request_id, self.audit.timestamp_ms);
+            self.audit.origin = Origin::next(&*host, || Origin::propose_envoy(id, start));
+            if self.audit.origin.is_none() {
+                host.stat(Stat::CasExhausted, 1);
+            }
+        }
+        host.set_audit_record(&self.audit.to_json());
     }
 
     /// Every bucket the request touches: its key's, and from the body
@@ -824,7 +845,7 @@ impl RequestFlow {
         self.audit.bucket = refusal.bucket();
         self.audit.complete = true;
         self.audit.latency_ms = Some(now.saturating_sub(self.audit.timestamp_ms));
-        host.set_audit_record(&self.audit.to_json());
+        self.publish(host);
         host.stat(Stat::Decision(reason), 1);
         self.phase = Phase::Done;
         Decision::Reply(reply)
@@ -927,7 +948,7 @@ impl RequestFlow {
     pub fn on_end(&mut self, host: &mut impl Host) {
         match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Admitted { admission, .. } => {
-                let charged = self.published.demand;
+                let charged = self.provisional.demand;
                 self.settle(host, &admission, &charged);
             }
             // The client left while Redis was deciding: if it admitted, the
@@ -962,20 +983,20 @@ impl RequestFlow {
         }
         self.audit.complete = true;
         self.audit.status = self.response.status;
-        host.set_audit_record(&self.audit.to_json());
+        self.publish(host);
     }
 
     /// Publishes the provisional record with what the request is charged if
     /// it ends now, and remembers it: an early end settles with it.
     fn publish_provisional(&mut self, host: &mut impl Host) {
         let demand = self.charge(host, End::Early);
-        self.published = Published {
+        self.provisional = Published {
             demand,
             mark: self.early_mark(),
             at_ms: host.now_ms(),
         };
         self.audit.complete = false;
-        host.set_audit_record(&self.audit.to_json());
+        self.publish(host);
     }
 
     /// After a stream chunk: republishes the provisional record when its
@@ -985,7 +1006,7 @@ impl RequestFlow {
             return;
         }
         let mark = self.early_mark();
-        let last = self.published;
+        let last = self.provisional;
         let moved = mark.tokens.abs_diff(last.mark.tokens);
         let due = mark.sources != last.mark.sources
             || moved >= REPUBLISH_TOKENS

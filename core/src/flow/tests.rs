@@ -1355,3 +1355,67 @@ fn the_providers_headroom_becomes_gauges_and_the_caller_sees_its_own() {
         Some("1")
     );
 }
+
+#[test]
+fn every_record_of_a_request_carries_one_number_of_this_envoys_sequence() {
+    let p = policy("");
+    let store = MemStore::new();
+    // Allowed: numbered at the first publication (the identity, before the
+    // body), then the admission and the final record repeat the number.
+    let mut host = request("/v1/messages", ALICE, SONNET).with_store(store.clone());
+    let mut flow = RequestFlow::new(p.clone());
+    assert_eq!(send(&mut flow, &mut host), Decision::Continue);
+    host.response_headers = vec![
+        (":status".into(), b"200".to_vec()),
+        ("content-type".into(), b"application/json".to_vec()),
+    ];
+    flow.on_response_headers(&mut host, false);
+    host.response_chunk = br#"{"usage":{"input_tokens":1,"output_tokens":2}}"#.to_vec();
+    let n = host.response_chunk.len();
+    flow.on_response_body(&mut host, n, true);
+    let records: Vec<AuditRecord> = host
+        .audit
+        .iter()
+        .map(|j| AuditRecord::from_json(j).unwrap())
+        .collect();
+    assert_eq!(records.len(), 3, "identity, admission, final");
+    assert!(records.last().unwrap().complete);
+    let envoy = records[0].origin.as_ref().unwrap().envoy.clone();
+    assert_eq!(envoy, Origin::propose_envoy("req-1", host.now_ms));
+    for r in &records {
+        assert_eq!(
+            r.origin,
+            Some(Origin {
+                envoy: envoy.clone(),
+                seq: 1
+            })
+        );
+    }
+    // Denied at the headers (unknown key) and at the body (rate limited):
+    // one number each, the next ones.
+    let mut host = request("/v1/messages", "tg-nobody", SONNET).with_store(store.clone());
+    reply(send(&mut RequestFlow::new(p.clone()), &mut host));
+    assert_eq!(host.last_audit().unwrap().origin.unwrap().seq, 2);
+    let mut host = request("/v1/messages", ALICE, SONNET).with_store(store.clone());
+    send(&mut RequestFlow::new(p.clone()), &mut host);
+    let mut host = request("/v1/messages", ALICE, SONNET).with_store(store.clone());
+    assert_eq!(reply(send(&mut RequestFlow::new(p), &mut host)).status, 429);
+    let seqs: Vec<u64> = host
+        .audit
+        .iter()
+        .map(|j| AuditRecord::from_json(j).unwrap().origin.unwrap().seq)
+        .collect();
+    assert_eq!(seqs, [4, 4], "identity and refusal of the fourth request");
+}
+
+#[test]
+fn a_request_shared_data_could_not_number_is_published_without_an_origin() {
+    let store = MemStore::new();
+    Origin::next(&*store, || "e".to_string()).unwrap();
+    store.inject_conflicts(crate::meter::store::MAX_ATTEMPTS);
+    let mut host = request("/v1/messages", "tg-nobody", SONNET).with_store(store.clone());
+    reply(send(&mut RequestFlow::new(policy("")), &mut host));
+    let rec = host.last_audit().unwrap();
+    assert_eq!((rec.reason, rec.origin), (Reason::UnknownKey, None));
+    assert_eq!(host.stats.get("tollgate.cas_exhausted"), Some(&1));
+}

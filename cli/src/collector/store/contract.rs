@@ -5,9 +5,11 @@
 //! `TOLLGATE_PG_URL` set, an unreachable server fails the PostgreSQL tests.
 
 use super::*;
-use crate::collector::report::GroupBy;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use tollgate_core::audit::{Outcome, Reason, Tokens};
+use crate::collector::gaps::{Gap, Tracker};
+use crate::collector::report::{GroupBy, Report};
+use crate::collector::retention::{Retained, DAY_MS};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use tollgate_core::audit::{Origin, Outcome, Reason, Tokens};
 
 const DEFAULT_PG_URL: &str = "postgres://tollgate:tollgate@127.0.0.1:5432/tollgate_test";
 
@@ -18,7 +20,7 @@ struct Fixture {
     _cleanup: Cleanup,
 }
 
-enum Cleanup {
+pub(crate) enum Cleanup {
     Dir(#[allow(dead_code)] tempfile::TempDir),
     Schema { url: String, schema: String },
 }
@@ -44,6 +46,15 @@ fn sqlite() -> Fixture {
 /// A store in a fresh schema of the test server; `None` (said on stderr)
 /// only when `TOLLGATE_PG_URL` is unset and nothing answers at the default.
 fn postgres() -> Option<Fixture> {
+    let (target, cleanup) = postgres_schema()?;
+    Some(Fixture {
+        store: AuditStore::open(&target).unwrap(),
+        _cleanup: cleanup,
+    })
+}
+
+/// A fresh schema of the test server and the URL that opens it.
+pub(crate) fn postgres_schema() -> Option<(String, Cleanup)> {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let (url, required) = match std::env::var("TOLLGATE_PG_URL") {
         Ok(url) => (url, true),
@@ -69,10 +80,7 @@ fn postgres() -> Option<Fixture> {
         .unwrap();
     let sep = if url.contains('?') { '&' } else { '?' };
     let target = format!("{url}{sep}options=-c%20search_path%3D{schema}");
-    Some(Fixture {
-        store: AuditStore::open(&target).unwrap(),
-        _cleanup: Cleanup::Schema { url, schema },
-    })
+    Some((target, Cleanup::Schema { url, schema }))
 }
 
 /// Runs each contract test on both backends.
@@ -105,6 +113,14 @@ contract!(
     groups_sums_and_counts_denials_by_reason,
     series_totals_sum_every_row_by_metric_labels_busiest_first,
     import_is_idempotent_and_counts_what_it_skipped,
+    stores_the_origin_and_a_complete_record_keeps_it,
+    gaps_are_the_numbers_each_envoy_lacks_and_late_records_fill_them,
+    gaps_wait_for_the_next_record_to_settle_and_start_at_the_window,
+    retention_rolls_up_whole_days_then_deletes_and_reports_do_not_change,
+    records_older_than_the_horizon_are_not_stored_again,
+    gaps_ignore_numbers_retention_deleted,
+    the_gauges_tracker_follows_what_the_full_search_finds,
+    retention_asked_to_stop_leaves_the_store_as_it_was,
 );
 
 fn record(id: &str, complete: bool) -> AuditRecord {
@@ -444,6 +460,7 @@ fn import_is_idempotent_and_counts_what_it_skipped(s: &dyn AuditBackend) {
         ImportStats {
             lines: 4,
             stored: 3,
+            expired: 0,
             invalid: 1
         }
     );
@@ -452,6 +469,7 @@ fn import_is_idempotent_and_counts_what_it_skipped(s: &dyn AuditBackend) {
         ImportStats {
             lines: 4,
             stored: 0,
+            expired: 0,
             invalid: 1
         }
     );
@@ -467,4 +485,413 @@ fn import_is_idempotent_and_counts_what_it_skipped(s: &dyn AuditBackend) {
         )),
         "{err:#}"
     );
+}
+
+/// A complete record of `envoy`'s request number `seq`, started at `t`.
+fn numbered(id: &str, envoy: &str, seq: u64, t: u64) -> AuditRecord {
+    let mut r = record(id, true);
+    r.timestamp_ms = t;
+    r.origin = Some(Origin {
+        envoy: envoy.into(),
+        seq,
+    });
+    r
+}
+
+fn stores_the_origin_and_a_complete_record_keeps_it(s: &dyn AuditBackend) {
+    let mut provisional = numbered("r", "e1", 7, 5);
+    provisional.complete = false;
+    s.insert_batch(&[provisional]).unwrap();
+    s.insert_batch(&[numbered("r", "e1", 7, 5)]).unwrap();
+    let mut origins = Vec::new();
+    s.query(
+        "SELECT origin_envoy, origin_seq FROM audit",
+        &[],
+        &mut |row| {
+            origins.push((row.text("origin_envoy")?, row.int("origin_seq")?));
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(origins, [("e1".to_string(), 7)]);
+    assert_eq!(
+        s.get("r").unwrap().unwrap().origin,
+        Some(Origin {
+            envoy: "e1".into(),
+            seq: 7
+        })
+    );
+}
+
+fn gap(envoy: &str, from_seq: u64, to_seq: u64, after_ms: Option<u64>, before_ms: u64) -> Gap {
+    Gap {
+        envoy: envoy.into(),
+        from_seq,
+        to_seq,
+        after_ms,
+        before_ms,
+    }
+}
+
+fn gaps_are_the_numbers_each_envoy_lacks_and_late_records_fill_them(s: &dyn AuditBackend) {
+    s.insert_batch(&[
+        numbered("a1", "a", 1, 100),
+        numbered("a2", "a", 2, 200),
+        numbered("a5", "a", 5, 500),
+        numbered("a6", "a", 6, 600),
+        numbered("a9", "a", 9, 900),
+        // Envoy b lost its first two records.
+        numbered("b3", "b", 3, 300),
+        // Records without an origin (older filters) are not part of it.
+        record("old", true),
+    ])
+    .unwrap();
+    let all = s.gaps(0, u64::MAX).unwrap();
+    assert_eq!(
+        all,
+        [
+            gap("a", 3, 4, Some(200), 500),
+            gap("a", 7, 8, Some(600), 900),
+            gap("b", 1, 2, None, 300),
+        ]
+    );
+    assert_eq!(s.gaps(0, u64::MAX).unwrap(), all, "computing again: same");
+    // A record that arrives later (an import) fills its gap: a provisional
+    // one as well, since a request's records share its number.
+    let mut late = numbered("a4", "a", 4, 400);
+    late.complete = false;
+    s.insert_batch(&[late, numbered("a8", "a", 8, 800)])
+        .unwrap();
+    assert_eq!(
+        s.gaps(0, u64::MAX).unwrap(),
+        [
+            gap("a", 3, 3, Some(200), 400),
+            gap("a", 7, 7, Some(600), 800),
+            gap("b", 1, 2, None, 300),
+        ]
+    );
+}
+
+fn gaps_wait_for_the_next_record_to_settle_and_start_at_the_window(s: &dyn AuditBackend) {
+    s.insert_batch(&[
+        numbered("1", "a", 1, 1_000),
+        numbered("3", "a", 3, 3_000),
+        numbered("6", "a", 6, 6_000),
+        // Numbered after 6 but started before it (its body took longer).
+        numbered("7", "a", 7, 5_500),
+        numbered("9", "a", 9, 9_000),
+    ])
+    .unwrap();
+    // The record after 4-5 started at 6 000: not settled at 5 999.
+    assert_eq!(
+        s.gaps(0, 5_999).unwrap(),
+        [gap("a", 2, 2, Some(1_000), 3_000)]
+    );
+    // Since 5 500: the window starts at number 6 (the first number since),
+    // and the hole before it is measured from the stored number below it.
+    assert_eq!(
+        s.gaps(5_500, u64::MAX).unwrap(),
+        [
+            gap("a", 4, 5, Some(3_000), 6_000),
+            gap("a", 8, 8, Some(5_500), 9_000)
+        ]
+    );
+    assert_eq!(s.gaps(10_000, u64::MAX).unwrap(), []);
+}
+
+/// Records spread over three UTC days, with denials, a provisional record
+/// and costs that sum exactly in any order.
+fn three_days(day0: u64) -> Vec<AuditRecord> {
+    let mut out = Vec::new();
+    for d in 0..3u64 {
+        for (i, team) in ["payments", "search", "payments"].iter().enumerate() {
+            let t = day0 + d * DAY_MS as u64 + 3_600_000 * (i as u64 + 1);
+            let mut r = rec(
+                &format!("d{d}-{i}"),
+                team,
+                if i == 1 { "m2" } else { "m1" },
+                None,
+                10 * (d + 1),
+                20,
+                0.25 * (i as f64 + 1.0),
+                t,
+            );
+            r.origin = Some(Origin {
+                envoy: "e".into(),
+                seq: d * 3 + i as u64 + 1,
+            });
+            out.push(r);
+        }
+        let mut denied = rec(
+            &format!("d{d}-denied"),
+            "search",
+            "m1",
+            Some(Reason::RateLimited),
+            0,
+            0,
+            0.0,
+            day0 + d * DAY_MS as u64 + 7_200_000,
+        );
+        denied.user = Some("bob".into());
+        out.push(denied);
+    }
+    let mut provisional = rec("in-flight", "payments", "m1", None, 0, 0, 0.0, day0 + 5);
+    provisional.complete = false;
+    provisional.model_served = None;
+    provisional.model_requested = Some("m1".into());
+    provisional.tokens = Tokens::default();
+    provisional.cost_usd = None;
+    out.push(provisional);
+    out
+}
+
+fn retention_rolls_up_whole_days_then_deletes_and_reports_do_not_change(s: &dyn AuditBackend) {
+    let day0 = 20_000 * DAY_MS as u64;
+    s.insert_batch(&three_days(day0)).unwrap();
+    let bys = [
+        GroupBy::Key,
+        GroupBy::User,
+        GroupBy::Team,
+        GroupBy::Project,
+        GroupBy::App,
+        GroupBy::Agent,
+        GroupBy::Model,
+        GroupBy::Day,
+    ];
+    let before: Vec<Report> = bys.iter().map(|by| s.report(*by, day0).unwrap()).collect();
+    let totals_before = s.series_totals().unwrap();
+    // Now is day 2 at noon: keeping 1 day keeps day 1 noon onwards, so
+    // whole days before day 1 (day 0) expire.
+    let now = day0 + 2 * DAY_MS as u64 + DAY_MS as u64 / 2;
+    assert_eq!(
+        s.retain(1, now, &AtomicBool::new(false)).unwrap(),
+        Retained {
+            days: 1,
+            deleted: 5,
+            horizon_ms: (day0 + DAY_MS as u64) as i64
+        }
+    );
+    assert_eq!(s.count().unwrap(), 8, "days 1 and 2 stay raw");
+    for (by, want) in bys.iter().zip(&before) {
+        assert_eq!(&s.report(*by, day0).unwrap(), want, "by {}", by.as_str());
+    }
+    assert_eq!(s.series_totals().unwrap(), totals_before);
+    // Only the raw days when the window starts after the horizon.
+    let recent = s.report(GroupBy::Team, day0 + DAY_MS as u64).unwrap();
+    assert_eq!(recent.totals.requests, 8);
+    // A window starting inside a rolled-up day counts the whole day.
+    assert_eq!(
+        s.report(GroupBy::Team, day0 + 1).unwrap().totals,
+        before[2].totals
+    );
+    // Running again the same day changes nothing; a day later, day 1 goes.
+    assert_eq!(
+        s.retain(1, now, &AtomicBool::new(false)).unwrap(),
+        Retained {
+            days: 0,
+            deleted: 0,
+            horizon_ms: (day0 + DAY_MS as u64) as i64
+        }
+    );
+    let r = s
+        .retain(1, now + DAY_MS as u64, &AtomicBool::new(false))
+        .unwrap();
+    assert_eq!((r.days, r.deleted), (1, 4));
+    for (by, want) in bys.iter().zip(&before) {
+        assert_eq!(&s.report(*by, day0).unwrap(), want, "by {}", by.as_str());
+    }
+    assert_eq!(s.series_totals().unwrap(), totals_before);
+    // Far in the future, with nothing left to roll: the horizon still moves.
+    let r = s
+        .retain(1, now + 30 * DAY_MS as u64, &AtomicBool::new(false))
+        .unwrap();
+    assert_eq!((r.days, r.deleted, s.count().unwrap()), (1, 4, 0));
+    assert_eq!(r.horizon_ms, (day0 + 31 * DAY_MS as u64) as i64);
+    assert_eq!(s.report(GroupBy::Team, day0).unwrap(), before[2]);
+}
+
+fn records_older_than_the_horizon_are_not_stored_again(s: &dyn AuditBackend) {
+    let day0 = 20_000 * DAY_MS as u64;
+    let records = three_days(day0);
+    s.insert_batch(&records).unwrap();
+    let before = s.report(GroupBy::Team, day0).unwrap();
+    s.retain(1, day0 + 2 * DAY_MS as u64, &AtomicBool::new(false))
+        .unwrap();
+    // Replaying the whole file (a start-up import) stores nothing twice.
+    let stored = s.insert_batch(&records).unwrap();
+    assert_eq!(
+        stored.iter().filter(|s| **s == Stored::Expired).count(),
+        5,
+        "day 0's records"
+    );
+    assert!(stored.iter().all(|s| !s.changed()));
+    assert_eq!(s.report(GroupBy::Team, day0).unwrap(), before);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("audit.jsonl");
+    let lines: Vec<String> = records
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap())
+        .collect();
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let imported = s.import_jsonl(&file).unwrap();
+    assert_eq!(
+        (imported.stored, imported.expired, imported.duplicates()),
+        (0, 5, 8)
+    );
+}
+
+fn gaps_ignore_numbers_retention_deleted(s: &dyn AuditBackend) {
+    let day0 = 20_000 * DAY_MS as u64;
+    let mut records = three_days(day0);
+    // Lose number 5 (day 1) and number 2 (day 0).
+    records.retain(|r| !matches!(r.origin.as_ref().map(|o| o.seq), Some(2) | Some(5)));
+    s.insert_batch(&records).unwrap();
+    let h = 3_600_000;
+    assert_eq!(
+        s.gaps(0, u64::MAX).unwrap(),
+        [
+            gap("e", 2, 2, Some(day0 + h), day0 + 3 * h),
+            gap(
+                "e",
+                5,
+                5,
+                Some(day0 + DAY_MS as u64 + h),
+                day0 + DAY_MS as u64 + 3 * h
+            ),
+        ]
+    );
+    s.retain(1, day0 + 2 * DAY_MS as u64, &AtomicBool::new(false))
+        .unwrap();
+    assert_eq!(
+        s.gaps(0, u64::MAX).unwrap(),
+        [gap(
+            "e",
+            5,
+            5,
+            Some(day0 + DAY_MS as u64 + h),
+            day0 + DAY_MS as u64 + 3 * h
+        )],
+        "day 0's numbers are gone, not missing"
+    );
+}
+
+/// A store written before the audit sequence opens, gains its columns, and
+/// keeps its rows.
+fn a_store_from_before_the_sequence_gains_its_columns(
+    open: impl Fn() -> AuditStore,
+    create: &dyn Fn(&str),
+) {
+    create(
+        "CREATE TABLE audit (seq INTEGER PRIMARY KEY, request_id TEXT NOT NULL UNIQUE,
+            timestamp_ms BIGINT NOT NULL, complete INTEGER NOT NULL, key_id TEXT, \"user\" TEXT,
+            team TEXT, project TEXT, app TEXT, agent TEXT, route TEXT NOT NULL,
+            model_requested TEXT, model_served TEXT, decision TEXT NOT NULL, reason TEXT NOT NULL,
+            status INTEGER NOT NULL, input_tokens BIGINT, output_tokens BIGINT,
+            cache_write_tokens BIGINT, cache_read_tokens BIGINT, cost_usd DOUBLE PRECISION,
+            record TEXT NOT NULL);
+         INSERT INTO audit (request_id, timestamp_ms, complete, route, decision, reason, status, record)
+         VALUES ('old', 1, 1, 'anthropic.messages', 'allowed', 'ok', 200,
+            '{\"schema\":1,\"request_id\":\"old\",\"timestamp_ms\":1,\"complete\":true,\"key_id\":null,\"user\":null,\"team\":null,\"project\":null,\"app\":null,\"agent\":null,\"environment\":null,\"cost_center\":null,\"groups\":[],\"route\":\"anthropic.messages\",\"provider\":\"anthropic\",\"model_requested\":null,\"model_served\":null,\"stream\":false,\"decision\":\"allowed\",\"reason\":\"ok\",\"detail\":null,\"status\":200,\"tokens\":{\"input_estimated\":0,\"output_reserved\":0,\"input\":null,\"output\":null,\"cache_write\":null,\"cache_read\":null},\"cost_usd\":null,\"latency_ms\":null,\"bucket\":null}');",
+    );
+    let store = open();
+    assert_eq!(store.get("old").unwrap().unwrap().origin, None);
+    store.insert_batch(&[numbered("new", "e", 2, 10)]).unwrap();
+    assert_eq!(store.gaps(0, u64::MAX).unwrap(), [gap("e", 1, 1, None, 10)]);
+    assert_eq!(store.report(GroupBy::Team, 0).unwrap().totals.requests, 2);
+}
+
+#[test]
+fn a_sqlite_store_from_before_the_sequence_gains_its_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("old.db");
+    a_store_from_before_the_sequence_gains_its_columns(|| AuditStore::open(&db).unwrap(), &|sql| {
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap()
+    });
+}
+
+#[test]
+fn a_postgres_store_from_before_the_sequence_gains_its_columns() {
+    let Some((target, _cleanup)) = postgres_schema() else {
+        return;
+    };
+    a_store_from_before_the_sequence_gains_its_columns(
+        || AuditStore::open(&target).unwrap(),
+        &|sql| {
+            postgres::Client::connect(&target, postgres::NoTls)
+                .unwrap()
+                .batch_execute(&sql.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY"))
+                .unwrap()
+        },
+    );
+}
+
+fn the_gauges_tracker_follows_what_the_full_search_finds(s: &dyn AuditBackend) {
+    let day0 = 20_000 * DAY_MS as u64;
+    let h = 3_600_000;
+    let mut tracker = Tracker::default();
+    let agree = |tracker: &mut Tracker, want: &[Gap]| {
+        tracker.refresh(s, 0).unwrap();
+        assert_eq!(s.gaps(0, u64::MAX).unwrap(), want, "the full search");
+        assert_eq!(tracker.gaps(0, u64::MAX), want, "the tracker");
+    };
+    agree(&mut tracker, &[]);
+    let mut records = three_days(day0);
+    records.retain(|r| !matches!(r.origin.as_ref().map(|o| o.seq), Some(2) | Some(5)));
+    let (first, later): (Vec<AuditRecord>, Vec<AuditRecord>) = records
+        .into_iter()
+        .partition(|r| r.timestamp_ms < day0 + DAY_MS as u64);
+    s.insert_batch(&first).unwrap();
+    agree(
+        &mut tracker,
+        &[gap("e", 2, 2, Some(day0 + h), day0 + 3 * h)],
+    );
+    // Day 1 arrives: a new gap after the numbers already examined.
+    s.insert_batch(&later).unwrap();
+    let day1 = day0 + DAY_MS as u64;
+    agree(
+        &mut tracker,
+        &[
+            gap("e", 2, 2, Some(day0 + h), day0 + 3 * h),
+            gap("e", 5, 5, Some(day1 + h), day1 + 3 * h),
+        ],
+    );
+    // A second Envoy whose first records were lost, and a late record that
+    // fills number 5.
+    s.insert_batch(&[
+        numbered("x4", "x", 4, day1 + 5 * h),
+        numbered("e5", "e", 5, day1 + 2 * h),
+    ])
+    .unwrap();
+    agree(
+        &mut tracker,
+        &[
+            gap("e", 2, 2, Some(day0 + h), day0 + 3 * h),
+            gap("x", 1, 3, None, day1 + 5 * h),
+        ],
+    );
+    // Retention deletes day 0 with its gap.
+    s.retain(1, day0 + 2 * DAY_MS as u64, &AtomicBool::new(false))
+        .unwrap();
+    agree(&mut tracker, &[gap("x", 1, 3, None, day1 + 5 * h)]);
+    // Gaps older than the window are forgotten; settling hides recent ones.
+    assert_eq!(tracker.gaps(day1 + 6 * h, u64::MAX), []);
+    assert_eq!(tracker.gaps(0, day1 + 5 * h - 1), []);
+    tracker.refresh(s, day1 + 6 * h).unwrap();
+    assert_eq!(tracker.gaps(0, u64::MAX), []);
+}
+
+fn retention_asked_to_stop_leaves_the_store_as_it_was(s: &dyn AuditBackend) {
+    let day0 = 20_000 * DAY_MS as u64;
+    s.insert_batch(&three_days(day0)).unwrap();
+    let before = s.report(GroupBy::Team, day0).unwrap();
+    assert_eq!(
+        s.retain(1, day0 + 10 * DAY_MS as u64, &AtomicBool::new(true))
+            .unwrap(),
+        Retained::default()
+    );
+    assert_eq!((s.horizon().unwrap(), s.count().unwrap()), (0, 13));
+    assert_eq!(s.report(GroupBy::Team, day0).unwrap(), before);
 }

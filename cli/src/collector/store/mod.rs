@@ -9,30 +9,95 @@
 //! once on top of them, so both backends run the same SQL (`$n` parameters,
 //! portable aggregates). [`AuditStore`] is an opened store of either kind,
 //! picked by [`AuditStore::open`] from the target.
+//!
+//! Beside the `audit` table of raw records: `audit_daily`, the daily rollups
+//! that retention (`retention.rs`) writes before it deletes expired records;
+//! `audit_retention`, the horizon below which records live only in rollups;
+//! and `audit_expired_seq`, the highest audit sequence number each Envoy had
+//! among the expired records, so gaps (`gaps.rs`) are not reported where
+//! retention deleted.
 
 #[cfg(test)]
-mod contract;
+pub(crate) mod contract;
 mod pg;
 mod sqlite;
 
 pub use pg::PostgresStore;
 pub use sqlite::SqliteStore;
 
+use super::gaps::Gap;
 use super::report::{GroupBy, Report};
+use super::retention::Retained;
 use anyhow::{Context, Result};
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tollgate_core::audit::{AuditRecord, Outcome};
 
 /// What an import did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct ImportStats {
     /// Lines holding a record.
     pub lines: usize,
     /// Rows inserted or upgraded from provisional to complete.
     pub stored: usize,
+    /// Records older than the retention horizon: their day lives only in
+    /// the rollups, so they are not stored again.
+    pub expired: usize,
     /// Lines that were not a valid record.
     pub invalid: usize,
+}
+
+impl ImportStats {
+    /// Records the store already had (or a complete version of).
+    pub fn duplicates(&self) -> usize {
+        self.lines
+            .saturating_sub(self.stored)
+            .saturating_sub(self.expired)
+            .saturating_sub(self.invalid)
+    }
+
+    /// Adds what storing a batch did.
+    pub fn count(&mut self, stored: &[Stored]) {
+        self.stored += stored.iter().filter(|s| s.changed()).count();
+        self.expired += stored.iter().filter(|s| **s == Stored::Expired).count();
+    }
+}
+
+/// One line of a JSON-lines audit log: `None` for a line without a record
+/// (blank, or Envoy's `-` for an entry without Tollgate's filter state),
+/// else the record or why the line is not one. A line may also be a record
+/// wrapped by a log shipper that did not parse it: an object whose `log`
+/// (Fluent Bit) or `message` (Vector) field holds the record's JSON.
+pub fn parse_line(line: &str) -> Option<Result<AuditRecord, serde_json::Error>> {
+    let line = line.trim();
+    if line.is_empty() || line == "-" {
+        return None;
+    }
+    let direct = serde_json::from_str::<AuditRecord>(line);
+    if direct.is_ok() {
+        return Some(direct);
+    }
+    #[derive(serde::Deserialize)]
+    struct Shipped {
+        log: Option<String>,
+        message: Option<String>,
+    }
+    match serde_json::from_str::<Shipped>(line) {
+        Ok(Shipped {
+            log: Some(inner), ..
+        })
+        | Ok(Shipped {
+            message: Some(inner),
+            ..
+        }) => match parse_line(&inner) {
+            // A wrapper around a line without a record is such a line.
+            None => None,
+            Some(Ok(r)) => Some(Ok(r)),
+            Some(Err(_)) => Some(direct),
+        },
+        _ => Some(direct),
+    }
 }
 
 /// What storing one record did.
@@ -44,20 +109,35 @@ pub enum Stored {
     Replaced(Box<AuditRecord>),
     /// The request already had this record or a complete one: no change.
     Kept,
+    /// The record is older than the retention horizon: its day is already
+    /// rolled up, so it is not stored (it would be counted twice).
+    Expired,
 }
 
 impl Stored {
     pub fn changed(&self) -> bool {
-        !matches!(self, Stored::Kept)
+        !matches!(self, Stored::Kept | Stored::Expired)
     }
 }
 
-/// A parameter of a read query.
+/// A parameter of a query.
 #[derive(Debug, Clone, Copy)]
 pub enum Param<'a> {
     Int(i64),
-    #[cfg_attr(not(test), allow(dead_code))] // read by `get`
     Text(&'a str),
+}
+
+/// Statements inside a transaction (see [`AuditBackend::retention_tx`]).
+pub trait Sql {
+    /// Runs a statement; how many rows it changed.
+    fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64>;
+    /// Runs a read query, handing each row to `each`.
+    fn query(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+        each: &mut dyn FnMut(&dyn Columns) -> Result<()>,
+    ) -> Result<()>;
 }
 
 /// One row of a query result, read by column name (the `AS` alias).
@@ -119,6 +199,16 @@ pub trait AuditBackend: Send + Sync {
     /// SQL for the UTC day (`YYYY-MM-DD`) of a row's `timestamp_ms`.
     fn day_expr(&self) -> &'static str;
 
+    /// Runs one statement in a transaction of its own; how many rows it
+    /// changed.
+    fn execute(&self, sql: &str, params: &[Param<'_>]) -> Result<u64>;
+
+    /// Runs `work` in one transaction that holds the retention lock: no
+    /// other retention step and no insert runs meanwhile (an insert reads
+    /// the horizon under the same lock), so a day is rolled up exactly once
+    /// and no record of it is stored after.
+    fn retention_tx(&self, work: &mut dyn FnMut(&mut dyn Sql) -> Result<()>) -> Result<()>;
+
     /// The stored record of one request.
     #[cfg_attr(not(test), allow(dead_code))] // tests and future tools
     fn get(&self, request_id: &str) -> Result<Option<AuditRecord>> {
@@ -154,70 +244,120 @@ pub trait AuditBackend: Send + Sync {
     /// The position of the newest stored row (0 when empty), for reading
     /// only what arrives after it with [`AuditBackend::since`].
     fn last_seq(&self) -> Result<i64> {
-        let mut last = 0;
-        self.query(
-            "SELECT COALESCE(MAX(seq), 0) AS last FROM audit",
-            &[],
-            &mut |row| {
-                last = row.int("last")?;
-                Ok(())
-            },
-        )?;
-        Ok(last)
+        scalar(self, "SELECT COALESCE(MAX(seq), 0) AS n FROM audit")
     }
 
     /// How many requests are stored.
     #[cfg_attr(not(test), allow(dead_code))] // tests and future tools
     fn count(&self) -> Result<u64> {
-        let mut n = 0;
-        self.query("SELECT COUNT(*) AS n FROM audit", &[], &mut |row| {
-            n = row.count("n")?;
-            Ok(())
-        })?;
-        Ok(n)
+        Ok(u64::try_from(scalar(self, "SELECT COUNT(*) AS n FROM audit")?).unwrap_or(0))
     }
 
-    /// Usage since `since_ms`, grouped by `by` (see `report.rs`).
+    /// Usage since `since_ms`, grouped by `by` (see `report.rs`): raw
+    /// records above the retention horizon, daily rollups below it.
     fn report(&self, by: GroupBy, since_ms: u64) -> Result<Report> {
         super::report::build(self, by, since_ms)
     }
 
-    /// Every stored row summed by metric label set, busiest first: one
-    /// aggregate query that seeds the collector's counters at start.
+    /// The retention horizon: records before it live only in the daily
+    /// rollups (0 until retention first ran).
+    fn horizon(&self) -> Result<i64> {
+        scalar(self, HORIZON)
+    }
+
+    /// Rolls up and deletes the records older than `days` days before
+    /// `now_ms` (whole UTC days), in small batches, until done or `stop` is
+    /// set (see `retention.rs`).
+    fn retain(&self, days: u32, now_ms: u64, stop: &AtomicBool) -> Result<Retained> {
+        super::retention::run(self, days, now_ms, stop)
+    }
+
+    /// Runs of audit sequence numbers the store lacks, per Envoy, among the
+    /// records since `since_ms`, whose next record started at or before
+    /// `settled_ms` (see `gaps.rs`).
+    fn gaps(&self, since_ms: u64, settled_ms: u64) -> Result<Vec<Gap>> {
+        super::gaps::find(self, since_ms, settled_ms)
+    }
+
+    /// Every request summed by metric label set, busiest first: the raw
+    /// records above the retention horizon and the rollups below it, in one
+    /// aggregate query each. What a restarted collector starts counting from.
     fn series_totals(&self) -> Result<Vec<SeriesTotals>> {
-        let mut out = Vec::new();
-        self.query(
-            "SELECT COALESCE(team, '') AS team, COALESCE(app, '') AS app,
-                    COALESCE(agent, '') AS agent,
-                    COALESCE(model_served, model_requested, '') AS model,
-                    decision, reason, COUNT(*) AS requests,
-                    CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens,
-                    CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens,
-                    CAST(COALESCE(SUM(cache_write_tokens), 0) AS BIGINT) AS cache_write_tokens,
-                    CAST(COALESCE(SUM(cache_read_tokens), 0) AS BIGINT) AS cache_read_tokens,
-                    COALESCE(SUM(cost_usd), 0) AS cost_usd
-             FROM audit GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 7 DESC",
-            &[],
-            &mut |row| {
-                out.push(SeriesTotals {
-                    team: row.text("team")?,
-                    app: row.text("app")?,
-                    agent: row.text("agent")?,
-                    model: row.text("model")?,
-                    decision: row.text("decision")?,
-                    reason: row.text("reason")?,
-                    requests: row.count("requests")?,
-                    tokens: [
-                        row.count("input_tokens")?,
-                        row.count("output_tokens")?,
-                        row.count("cache_write_tokens")?,
-                        row.count("cache_read_tokens")?,
-                    ],
-                    cost_usd: row.real("cost_usd")?,
-                });
-                Ok(())
-            },
-        )?;
+        let horizon = self.horizon()?;
+        let mut by_labels: std::collections::HashMap<[String; 6], SeriesTotals> =
+            std::collections::HashMap::new();
+        for (requests, from, filter) in [
+            ("COUNT(*)", "audit", "timestamp_ms >= $1"),
+            ("SUM(requests)", "audit_daily", "timestamp_ms < $1"),
+        ] {
+            self.query(
+                &format!(
+                    "SELECT COALESCE(team, '') AS team, COALESCE(app, '') AS app,
+                        COALESCE(agent, '') AS agent,
+                        COALESCE(model_served, model_requested, '') AS model,
+                        decision, reason, CAST({requests} AS BIGINT) AS requests,
+                        CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens,
+                        CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens,
+                        CAST(COALESCE(SUM(cache_write_tokens), 0) AS BIGINT) AS cache_write_tokens,
+                        CAST(COALESCE(SUM(cache_read_tokens), 0) AS BIGINT) AS cache_read_tokens,
+                        COALESCE(SUM(cost_usd), 0) AS cost_usd
+                     FROM {from} WHERE {filter} GROUP BY 1, 2, 3, 4, 5, 6"
+                ),
+                &[Param::Int(horizon)],
+                &mut |row| {
+                    let t = SeriesTotals {
+                        team: row.text("team")?,
+                        app: row.text("app")?,
+                        agent: row.text("agent")?,
+                        model: row.text("model")?,
+                        decision: row.text("decision")?,
+                        reason: row.text("reason")?,
+                        requests: row.count("requests")?,
+                        tokens: [
+                            row.count("input_tokens")?,
+                            row.count("output_tokens")?,
+                            row.count("cache_write_tokens")?,
+                            row.count("cache_read_tokens")?,
+                        ],
+                        cost_usd: row.real("cost_usd")?,
+                    };
+                    let key = [
+                        t.team.clone(),
+                        t.app.clone(),
+                        t.agent.clone(),
+                        t.model.clone(),
+                        t.decision.clone(),
+                        t.reason.clone(),
+                    ];
+                    match by_labels.get_mut(&key) {
+                        Some(sum) => {
+                            sum.requests += t.requests;
+                            for (s, n) in sum.tokens.iter_mut().zip(t.tokens) {
+                                *s += n;
+                            }
+                            sum.cost_usd += t.cost_usd;
+                        }
+                        None => {
+                            by_labels.insert(key, t);
+                        }
+                    }
+                    Ok(())
+                },
+            )?;
+        }
+        let mut out: Vec<SeriesTotals> = by_labels.into_values().collect();
+        out.sort_by(|a, b| {
+            b.requests.cmp(&a.requests).then_with(|| {
+                (&a.team, &a.app, &a.agent, &a.model, &a.decision, &a.reason).cmp(&(
+                    &b.team,
+                    &b.app,
+                    &b.agent,
+                    &b.model,
+                    &b.decision,
+                    &b.reason,
+                ))
+            })
+        });
         Ok(out)
     }
 
@@ -230,30 +370,33 @@ pub trait AuditBackend: Send + Sync {
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let mut stats = ImportStats::default();
         let mut batch = Vec::with_capacity(BATCH);
-        let store = |batch: &mut Vec<AuditRecord>, stats: &mut ImportStats| -> Result<()> {
-            let stored = self.insert_batch(batch)?;
-            stats.stored += stored.iter().filter(|s| s.changed()).count();
-            batch.clear();
-            Ok(())
-        };
         for line in std::io::BufReader::new(file).lines() {
-            let line = line?;
-            let line = line.trim();
-            if line.is_empty() || line == "-" {
+            let Some(parsed) = parse_line(&line?) else {
                 continue;
-            }
+            };
             stats.lines += 1;
-            match serde_json::from_str::<AuditRecord>(line) {
+            match parsed {
                 Ok(r) => batch.push(r),
                 Err(_) => stats.invalid += 1,
             }
             if batch.len() == BATCH {
-                store(&mut batch, &mut stats)?;
+                stats.count(&self.insert_batch(&batch)?);
+                batch.clear();
             }
         }
-        store(&mut batch, &mut stats)?;
+        stats.count(&self.insert_batch(&batch)?);
         Ok(stats)
     }
+}
+
+/// The one integer a query selects as `n` (0 without a row).
+fn scalar<B: AuditBackend + ?Sized>(store: &B, sql: &str) -> Result<i64> {
+    let mut n = 0;
+    store.query(sql, &[], &mut |row| {
+        n = row.int("n")?;
+        Ok(())
+    })?;
+    Ok(n)
 }
 
 /// `(seq, record)` rows of a query selecting those two columns.
@@ -317,7 +460,7 @@ fn is_url(target: &str) -> bool {
     target.starts_with("postgres://") || target.starts_with("postgresql://")
 }
 
-/// The table, after its key column (which differs per backend).
+/// The `audit` table, after its key column (which differs per backend).
 const COLUMNS: &str = "
     request_id    TEXT NOT NULL UNIQUE,
     timestamp_ms  BIGINT NOT NULL,
@@ -339,24 +482,70 @@ const COLUMNS: &str = "
     cache_write_tokens BIGINT,
     cache_read_tokens  BIGINT,
     cost_usd      DOUBLE PRECISION,
-    record        TEXT NOT NULL";
+    record        TEXT NOT NULL,
+    origin_envoy  TEXT,
+    origin_seq    BIGINT";
 
+/// Columns added to `audit` after its first release, with their types:
+/// a store created before them gets them at open.
+const ADDED_COLUMNS: [(&str, &str); 2] = [("origin_envoy", "TEXT"), ("origin_seq", "BIGINT")];
+
+/// The tables besides `audit`. `audit_daily` holds one row per UTC day
+/// (`timestamp_ms`: the day's start) and identity, model, decision and
+/// reason, with the sums of the records it replaced.
+const TABLES: &str = "
+CREATE TABLE IF NOT EXISTS audit_daily (
+    timestamp_ms  BIGINT NOT NULL,
+    key_id        TEXT,
+    \"user\"        TEXT,
+    team          TEXT,
+    project       TEXT,
+    app           TEXT,
+    agent         TEXT,
+    model_requested TEXT,
+    model_served  TEXT,
+    decision      TEXT NOT NULL,
+    reason        TEXT NOT NULL,
+    requests      BIGINT NOT NULL,
+    input_tokens  BIGINT NOT NULL,
+    output_tokens BIGINT NOT NULL,
+    cache_write_tokens BIGINT NOT NULL,
+    cache_read_tokens  BIGINT NOT NULL,
+    cost_usd      DOUBLE PRECISION NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_daily_time ON audit_daily(timestamp_ms);
+CREATE TABLE IF NOT EXISTS audit_retention (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    horizon_ms    BIGINT NOT NULL);
+INSERT INTO audit_retention (id, horizon_ms) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS audit_expired_seq (
+    envoy         TEXT PRIMARY KEY,
+    seq           BIGINT NOT NULL);";
+
+/// `audit_origin` serves the gap search: each Envoy's numbers in order,
+/// with the time each request started, read from the index alone.
 const INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS audit_time ON audit(timestamp_ms);
-CREATE INDEX IF NOT EXISTS audit_key ON audit(key_id);";
+CREATE INDEX IF NOT EXISTS audit_key ON audit(key_id);
+CREATE INDEX IF NOT EXISTS audit_origin ON audit(origin_envoy, origin_seq, timestamp_ms)
+    WHERE origin_envoy IS NOT NULL;";
 
-/// `CREATE TABLE` for a backend whose row key is `seq_column`.
-fn schema(seq_column: &str) -> String {
-    format!("CREATE TABLE IF NOT EXISTS audit (seq {seq_column}, {COLUMNS});{INDEXES}")
+/// `CREATE TABLE` for `audit`, whose row key is `seq_column`.
+fn audit_table(seq_column: &str) -> String {
+    format!("CREATE TABLE IF NOT EXISTS audit (seq {seq_column}, {COLUMNS});")
 }
+
+/// The retention horizon (one row).
+pub(super) const HORIZON: &str = "SELECT horizon_ms AS n FROM audit_retention WHERE id = 1";
 
 /// The first record of a request. Almost every record is one, so storing
 /// it costs a single statement; a conflict falls back to [`PROVISIONAL`]
 /// and [`COMPLETE`].
 const INSERT: &str = "INSERT INTO audit (request_id, timestamp_ms, complete, key_id, \"user\", team, project, app, agent,
         route, model_requested, model_served, decision, reason, status,
-        input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_usd, record)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)
+        input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_usd, record,
+        origin_envoy, origin_seq)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21,
+        $22, $23)
      ON CONFLICT (request_id) DO NOTHING";
 
 /// The provisional record a complete one may replace.
@@ -367,7 +556,8 @@ const COMPLETE: &str = "UPDATE audit SET
         timestamp_ms = $2, complete = $3, key_id = $4, \"user\" = $5, team = $6, project = $7,
         app = $8, agent = $9, route = $10, model_requested = $11, model_served = $12,
         decision = $13, reason = $14, status = $15, input_tokens = $16, output_tokens = $17,
-        cache_write_tokens = $18, cache_read_tokens = $19, cost_usd = $20, record = $21
+        cache_write_tokens = $18, cache_read_tokens = $19, cost_usd = $20, record = $21,
+        origin_envoy = $22, origin_seq = $23
      WHERE request_id = $1 AND complete = 0";
 
 /// The column values of one record, borrowed from it, in [`INSERT`]'s
@@ -395,6 +585,8 @@ struct RecordRow<'a> {
     cache_read_tokens: Option<i64>,
     cost_usd: Option<f64>,
     record: &'a str,
+    origin_envoy: Option<&'a str>,
+    origin_seq: Option<i64>,
 }
 
 /// The stored spelling of a decision (the record's JSON spelling).
@@ -430,6 +622,8 @@ impl<'a> RecordRow<'a> {
             cache_read_tokens: r.tokens.cache_read.map(big),
             cost_usd: r.cost_usd,
             record: json,
+            origin_envoy: r.origin.as_ref().map(|o| o.envoy.as_str()),
+            origin_seq: r.origin.as_ref().map(|o| big(o.seq)),
         }
     }
 }
@@ -440,7 +634,8 @@ macro_rules! record_params {
     ($row:expr, $param:ty) => {
         record_params!(@ $row, $param, request_id, timestamp_ms, complete, key_id, user, team,
             project, app, agent, route, model_requested, model_served, decision, reason, status,
-            input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_usd, record)
+            input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_usd, record,
+            origin_envoy, origin_seq)
     };
     (@ $row:expr, $param:ty, $($field:ident),*) => {
         [$(&$row.$field as $param),*]
@@ -459,11 +654,20 @@ trait InsertTx {
 }
 
 /// The insert rules of [`AuditBackend::insert_batch`], written once for
-/// both backends. One JSON buffer serves the whole batch.
-fn insert_each(tx: &mut impl InsertTx, records: &[AuditRecord]) -> Result<Vec<Stored>> {
+/// both backends, for a transaction that read the retention `horizon` under
+/// the retention lock. One JSON buffer serves the whole batch.
+fn insert_each(
+    tx: &mut impl InsertTx,
+    records: &[AuditRecord],
+    horizon: i64,
+) -> Result<Vec<Stored>> {
     let mut json = Vec::with_capacity(1024);
     let mut out = Vec::with_capacity(records.len());
     for r in records {
+        if i64::try_from(r.timestamp_ms).unwrap_or(i64::MAX) < horizon {
+            out.push(Stored::Expired);
+            continue;
+        }
         json.clear();
         serde_json::to_writer(&mut json, r)?;
         let row = RecordRow::new(r, std::str::from_utf8(&json)?);

@@ -4,8 +4,8 @@
 //! connection.
 
 use super::{
-    insert_each, record_params, redact_url, schema, AuditBackend, Columns, InsertTx, Param,
-    RecordRow, Stored, COMPLETE, INSERT, PROVISIONAL,
+    audit_table, insert_each, record_params, redact_url, AuditBackend, Columns, InsertTx, Param,
+    RecordRow, Sql, Stored, ADDED_COLUMNS, COMPLETE, HORIZON, INDEXES, INSERT, PROVISIONAL, TABLES,
 };
 use anyhow::{Context, Result};
 use postgres::types::ToSql;
@@ -23,6 +23,10 @@ struct Connection {
 }
 
 struct Statements {
+    /// The horizon, read under a share lock: a retention step (which locks
+    /// the row for update) waits for the inserts under way, and inserts wait
+    /// for it, so no record lands in a day as it is rolled up.
+    horizon: Statement,
     insert: Statement,
     provisional: Statement,
     complete: Statement,
@@ -35,8 +39,29 @@ impl PostgresStore {
     pub fn connect(url: &str) -> Result<PostgresStore> {
         let mut client = Client::connect(url, postgres::NoTls)
             .with_context(|| format!("connecting to PostgreSQL {}", redact_url(url)))?;
-        client.batch_execute(&schema("BIGSERIAL PRIMARY KEY"))?;
+        client.batch_execute(&audit_table("BIGSERIAL PRIMARY KEY"))?;
+        // Only the columns missing: an ALTER TABLE locks the table against
+        // every other collector's inserts, even when it changes nothing.
+        let have: Vec<String> = client
+            .query(
+                "SELECT CAST(column_name AS TEXT) FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND table_name = 'audit'",
+                &[],
+            )?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        for (column, kind) in ADDED_COLUMNS {
+            if !have.iter().any(|c| c == column) {
+                client.batch_execute(&format!(
+                    "ALTER TABLE audit ADD COLUMN IF NOT EXISTS {column} {kind}"
+                ))?;
+            }
+        }
+        client.batch_execute(TABLES)?;
+        client.batch_execute(INDEXES)?;
         let statements = Statements {
+            horizon: client.prepare(&format!("{HORIZON} FOR SHARE"))?,
             insert: client.prepare(INSERT)?,
             // Another collector may complete the same request concurrently.
             provisional: client.prepare(&format!("{PROVISIONAL} FOR UPDATE"))?,
@@ -83,12 +108,14 @@ impl AuditBackend for PostgresStore {
         let mut conn = self.lock()?;
         let Connection { client, statements } = &mut *conn;
         let mut tx = client.transaction()?;
+        let horizon: i64 = tx.query_one(&statements.horizon, &[])?.try_get(0)?;
         let stored = insert_each(
             &mut Tx {
                 tx: &mut tx,
                 statements,
             },
             records,
+            horizon,
         )?;
         tx.commit()?;
         Ok(stored)
@@ -101,21 +128,61 @@ impl AuditBackend for PostgresStore {
         each: &mut dyn FnMut(&dyn Columns) -> Result<()>,
     ) -> Result<()> {
         let mut conn = self.lock()?;
-        let params: Vec<&(dyn ToSql + Sync)> = params
-            .iter()
-            .map(|p| match p {
-                Param::Int(v) => v as &(dyn ToSql + Sync),
-                Param::Text(v) => v as &(dyn ToSql + Sync),
-            })
-            .collect();
-        for row in conn.client.query(sql, &params)? {
+        for row in conn.client.query(sql, &pg_params(params))? {
             each(&row)?;
         }
         Ok(())
     }
 
+    fn execute(&self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
+        Ok(self.lock()?.client.execute(sql, &pg_params(params))?)
+    }
+
+    /// Locks the horizon row for update: other collectors' retention steps
+    /// and inserts wait until this transaction ends.
+    fn retention_tx(&self, work: &mut dyn FnMut(&mut dyn Sql) -> Result<()>) -> Result<()> {
+        let mut conn = self.lock()?;
+        let mut tx = conn.client.transaction()?;
+        tx.query_one(&format!("{HORIZON} FOR UPDATE"), &[])?;
+        work(&mut Step(&mut tx))?;
+        tx.commit()?;
+        Ok(())
+    }
+
     fn day_expr(&self) -> &'static str {
         "to_char(to_timestamp(timestamp_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+    }
+}
+
+/// Parameters as the postgres crate takes them.
+fn pg_params<'p>(params: &'p [Param<'_>]) -> Vec<&'p (dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| match p {
+            Param::Int(v) => v as &(dyn ToSql + Sync),
+            Param::Text(v) => v as &(dyn ToSql + Sync),
+        })
+        .collect()
+}
+
+/// Statements of a retention step.
+struct Step<'t, 'c>(&'t mut Transaction<'c>);
+
+impl Sql for Step<'_, '_> {
+    fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
+        Ok(self.0.execute(sql, &pg_params(params))?)
+    }
+
+    fn query(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+        each: &mut dyn FnMut(&dyn Columns) -> Result<()>,
+    ) -> Result<()> {
+        for row in self.0.query(sql, &pg_params(params))? {
+            each(&row)?;
+        }
+        Ok(())
     }
 }
 

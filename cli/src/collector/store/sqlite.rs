@@ -3,11 +3,11 @@
 //! writes.
 
 use super::{
-    insert_each, record_params, schema, AuditBackend, Columns, InsertTx, Param, RecordRow, Stored,
-    COMPLETE, INSERT, PROVISIONAL,
+    audit_table, insert_each, record_params, AuditBackend, Columns, InsertTx, Param, RecordRow,
+    Sql, Stored, ADDED_COLUMNS, COMPLETE, HORIZON, INDEXES, INSERT, PROVISIONAL, TABLES,
 };
 use anyhow::{Context, Result};
-use rusqlite::{CachedStatement, OptionalExtension, ToSql};
+use rusqlite::{CachedStatement, OptionalExtension, ToSql, TransactionBehavior};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use tollgate_core::audit::AuditRecord;
@@ -30,7 +30,10 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(&schema("INTEGER PRIMARY KEY"))?;
+        conn.execute_batch(&audit_table("INTEGER PRIMARY KEY"))?;
+        add_columns(&conn)?;
+        conn.execute_batch(TABLES)?;
+        conn.execute_batch(INDEXES)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
@@ -41,6 +44,55 @@ impl SqliteStore {
             .lock()
             .map_err(|_| anyhow::anyhow!("audit store lock poisoned"))
     }
+}
+
+/// Adds the columns a store created before them lacks (SQLite has no
+/// `ADD COLUMN IF NOT EXISTS`).
+fn add_columns(conn: &rusqlite::Connection) -> Result<()> {
+    let mut have = Vec::new();
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('audit')")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        have.push(row.get::<_, String>(0)?);
+    }
+    for (column, kind) in ADDED_COLUMNS {
+        if !have.iter().any(|c| c == column) {
+            conn.execute_batch(&format!("ALTER TABLE audit ADD COLUMN {column} {kind}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Parameters as rusqlite takes them.
+fn sql_params<'p>(params: &'p [Param<'_>]) -> Vec<&'p dyn ToSql> {
+    params
+        .iter()
+        .map(|p| match p {
+            Param::Int(v) => v as &dyn ToSql,
+            Param::Text(v) => v as &dyn ToSql,
+        })
+        .collect()
+}
+
+/// Runs a statement on a connection or transaction.
+fn execute_on(conn: &rusqlite::Connection, sql: &str, params: &[Param<'_>]) -> Result<u64> {
+    let mut stmt = conn.prepare_cached(&numbered(sql))?;
+    Ok(stmt.execute(sql_params(params).as_slice())? as u64)
+}
+
+/// Runs a read query on a connection or transaction.
+fn query_on(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    params: &[Param<'_>],
+    each: &mut dyn FnMut(&dyn Columns) -> Result<()>,
+) -> Result<()> {
+    let mut stmt = conn.prepare_cached(&numbered(sql))?;
+    let mut rows = stmt.query(sql_params(params).as_slice())?;
+    while let Some(row) = rows.next()? {
+        each(row)?;
+    }
+    Ok(())
 }
 
 /// The shared SQL with SQLite's numbered parameters. SQLite reads `$1` as a
@@ -78,10 +130,32 @@ impl InsertTx for Tx<'_> {
     }
 }
 
+/// Statements of a retention step.
+struct Step<'c>(&'c rusqlite::Transaction<'c>);
+
+impl Sql for Step<'_> {
+    fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
+        execute_on(self.0, sql, params)
+    }
+
+    fn query(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+        each: &mut dyn FnMut(&dyn Columns) -> Result<()>,
+    ) -> Result<()> {
+        query_on(self.0, sql, params, each)
+    }
+}
+
 impl AuditBackend for SqliteStore {
+    /// In an immediate transaction: it takes the write lock before reading
+    /// the horizon, so a retention step in another process cannot roll up
+    /// a day between that read and the inserts.
     fn insert_batch(&self, records: &[AuditRecord]) -> Result<Vec<Stored>> {
         let mut conn = self.lock()?;
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let horizon: i64 = tx.query_row(HORIZON, [], |r| r.get(0))?;
         let stored = insert_each(
             &mut Tx {
                 insert: tx.prepare_cached(&numbered(INSERT))?,
@@ -89,6 +163,7 @@ impl AuditBackend for SqliteStore {
                 complete: tx.prepare_cached(&numbered(COMPLETE))?,
             },
             records,
+            horizon,
         )?;
         tx.commit()?;
         Ok(stored)
@@ -100,19 +175,19 @@ impl AuditBackend for SqliteStore {
         params: &[Param<'_>],
         each: &mut dyn FnMut(&dyn Columns) -> Result<()>,
     ) -> Result<()> {
-        let conn = self.lock()?;
-        let mut stmt = conn.prepare_cached(&numbered(sql))?;
-        let params: Vec<&dyn ToSql> = params
-            .iter()
-            .map(|p| match p {
-                Param::Int(v) => v as &dyn ToSql,
-                Param::Text(v) => v as &dyn ToSql,
-            })
-            .collect();
-        let mut rows = stmt.query(params.as_slice())?;
-        while let Some(row) = rows.next()? {
-            each(row)?;
-        }
+        query_on(&*self.lock()?, sql, params, each)
+    }
+
+    fn execute(&self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
+        execute_on(&*self.lock()?, sql, params)
+    }
+
+    /// SQLite has one writer at a time: an immediate transaction is the lock.
+    fn retention_tx(&self, work: &mut dyn FnMut(&mut dyn Sql) -> Result<()>) -> Result<()> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        work(&mut Step(&tx))?;
+        tx.commit()?;
         Ok(())
     }
 
