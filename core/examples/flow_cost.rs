@@ -43,15 +43,20 @@ fn bench_policy() -> Vec<u8> {
 struct Phases {
     names: Vec<&'static str>,
     ns: Vec<u128>,
+    /// Host calls made in each phase (what the fake host counted).
+    calls: Vec<u64>,
 }
 
 impl Phases {
-    fn add(&mut self, i: usize, name: &'static str, t: Instant) -> Instant {
+    fn add(&mut self, i: usize, name: &'static str, t: Instant, host: &FakeHost) -> Instant {
+        let elapsed = t.elapsed().as_nanos();
         if self.names.len() <= i {
             self.names.push(name);
             self.ns.push(0);
+            self.calls.push(0);
         }
-        self.ns[i] += t.elapsed().as_nanos();
+        self.ns[i] += elapsed;
+        self.calls[i] += u64::from(host.calls.take().values().sum::<u32>());
         Instant::now()
     }
 }
@@ -88,30 +93,33 @@ fn run(label: &str, iterations: u32, body: &str, response: &[u8], stream: bool) 
         let t = Instant::now();
         let mut flow = RequestFlow::new(policy.clone());
         flow.on_request_headers(&mut host, false);
-        let t = p.add(0, "request headers", t);
+        let t = p.add(0, "request headers", t, &host);
         let size = host.body_len();
         flow.on_request_body(&mut host, size, true);
-        let t = p.add(1, "request body", t);
+        let t = p.add(1, "request body", t, &host);
         flow.on_response_headers(&mut host, false);
-        let mut t = p.add(2, "response headers", t);
+        let mut t = p.add(2, "response headers", t, &host);
         for (i, c) in chunks.iter().enumerate() {
             host.response_chunk = c.to_vec();
             flow.on_response_body(&mut host, c.len(), i + 1 == chunks.len());
         }
-        t = p.add(3, "response body", t);
+        t = p.add(3, "response body", t, &host);
         flow.on_end(&mut host);
-        p.add(4, "end", t);
+        p.add(4, "end", t, &host);
         assert!(host.now_ms() > 0 && flow.tokens().output.is_some());
     }
     let total: u128 = p.ns.iter().sum();
+    let calls: u64 = p.calls.iter().sum();
     println!(
-        "{label}: {:.1} us per request",
-        total as f64 / 1e3 / f64::from(iterations)
+        "{label}: {:.1} us per request, {:.1} host calls",
+        total as f64 / 1e3 / f64::from(iterations),
+        calls as f64 / f64::from(iterations)
     );
-    for (name, ns) in p.names.iter().zip(&p.ns) {
+    for ((name, ns), calls) in p.names.iter().zip(&p.ns).zip(&p.calls) {
         println!(
-            "  {name:<18} {:8.2} us",
-            *ns as f64 / 1e3 / f64::from(iterations)
+            "  {name:<18} {:8.2} us {:6.1} host calls",
+            *ns as f64 / 1e3 / f64::from(iterations),
+            *calls as f64 / f64::from(iterations)
         );
     }
 }

@@ -210,6 +210,8 @@ pub trait Host: SharedPlane {
     fn response_headers(&self) -> HeaderList;
     /// Sets (`Some`) or removes (`None`) a response header.
     fn set_response_header(&mut self, name: &str, value: Option<&[u8]>);
+    /// Replaces every response header with `headers`, in one host call.
+    fn set_response_headers(&mut self, headers: &HeaderList);
     /// The current response body chunk (`size` bytes). Not buffered: for a
     /// stream this is only the newest chunk.
     fn response_body(&self, size: usize) -> Option<Vec<u8>>;

@@ -135,6 +135,9 @@ pub struct FakeHost {
     pub hold_room: usize,
     /// Buckets other requests are held for (`held_for`).
     pub held_buckets: Vec<String>,
+    /// Calls made through the host, by method: each is one proxy-wasm host
+    /// call in the filter (the host-call budget test counts them).
+    pub calls: std::cell::RefCell<std::collections::BTreeMap<&'static str, u32>>,
 }
 
 impl Default for FakeHost {
@@ -153,11 +156,21 @@ impl Default for FakeHost {
             quota_unreachable: false,
             hold_room: 1024,
             held_buckets: Vec::new(),
+            calls: Default::default(),
         }
     }
 }
 
 impl FakeHost {
+    fn count(&self, call: &'static str) {
+        *self.calls.borrow_mut().entry(call).or_default() += 1;
+    }
+
+    /// Host calls made so far, in total.
+    pub fn host_calls(&self) -> u32 {
+        self.calls.borrow().values().sum()
+    }
+
     pub fn new() -> FakeHost {
         FakeHost::default()
     }
@@ -220,24 +233,29 @@ fn set_header(list: &mut HeaderList, name: &str, value: Option<&[u8]>) {
 
 impl SharedStore for FakeHost {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.count("get_shared_data");
         self.store.get(key)
     }
 
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        self.count("set_shared_data");
         self.store.set(key, value, cas)
     }
 }
 
 impl Host for FakeHost {
     fn request_headers(&self) -> HeaderList {
+        self.count("get_request_headers");
         self.request_headers.clone()
     }
 
     fn set_request_header(&mut self, name: &str, value: Option<&[u8]>) {
+        self.count("set_request_header");
         set_header(&mut self.request_headers, name, value);
     }
 
     fn request_body(&self, size: usize) -> Option<Vec<u8>> {
+        self.count("get_request_body");
         Some(
             self.request_body
                 .get(..size.min(self.request_body.len()))?
@@ -246,18 +264,27 @@ impl Host for FakeHost {
     }
 
     fn replace_request_body(&mut self, body: &[u8]) {
+        self.count("set_request_body");
         self.request_body = body.to_vec();
     }
 
     fn response_headers(&self) -> HeaderList {
+        self.count("get_response_headers");
         self.response_headers.clone()
     }
 
     fn set_response_header(&mut self, name: &str, value: Option<&[u8]>) {
+        self.count("set_response_header");
         set_header(&mut self.response_headers, name, value);
     }
 
+    fn set_response_headers(&mut self, headers: &HeaderList) {
+        self.count("set_response_headers");
+        self.response_headers = headers.clone();
+    }
+
     fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        self.count("get_response_body");
         Some(
             self.response_chunk
                 .get(..size.min(self.response_chunk.len()))?
@@ -266,22 +293,31 @@ impl Host for FakeHost {
     }
 
     fn replace_response_body(&mut self, body: &[u8]) {
+        self.count("set_response_body");
         self.response_chunk = body.to_vec();
     }
 
     fn set_audit_record(&mut self, record: &[u8]) {
+        self.count("set_property");
         self.audit.push(record.to_vec());
     }
 
     fn stat(&mut self, stat: crate::host::Stat, delta: i64) {
+        // Not a host call: the filter adds it to the worker's pending
+        // counters, which its timer hands to Envoy.
+        if stat.is_histogram() {
+            self.count("record_metric");
+        }
         *self.stats.entry(stat.name()).or_default() += delta;
     }
 
     fn set_gauge(&mut self, name: &str, value: u64) {
+        self.count("record_metric");
         self.gauges.insert(name.to_string(), value);
     }
 
     fn now_ms(&self) -> u64 {
+        self.count("get_current_time");
         self.now_ms
     }
 
@@ -291,6 +327,7 @@ impl Host for FakeHost {
         message: &[u8],
         _timeout_ms: u64,
     ) -> Result<(), CallFailed> {
+        self.count("dispatch_grpc_call");
         if self.quota_unreachable {
             return Err(CallFailed);
         }
@@ -315,6 +352,8 @@ impl FakeHost {
 
 impl SharedPlane for FakeHost {
     fn enqueue(&self, queue: Queue, message: &[u8]) {
+        self.count("enqueue_shared_queue");
+        self.count("enqueue_shared_queue");
         self.store.enqueue(queue, message);
     }
 }

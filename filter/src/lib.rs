@@ -37,6 +37,10 @@ proxy_wasm::main! {{
 /// second is seen within a tenth of it.
 const HELD_TICK_MS: u64 = 50;
 
+/// The longest Envoy's counters lag behind the requests that moved them
+/// (ms): stats are handed over from the timer, not from each request.
+pub const STATS_FLUSH_MS: u64 = 1000;
+
 #[derive(Default)]
 struct Root {
     id: u32,
@@ -60,6 +64,12 @@ impl Context for Root {
             leader.on_response(&mut Hostcalls, policy, token_id, response.as_deref());
         }
     }
+
+    /// The VM is stopping: counts not yet flushed are handed over.
+    fn on_done(&mut self) -> bool {
+        host::flush_stats();
+        true
+    }
 }
 
 /// A name for this VM that no other VM of the process shares: the time and
@@ -82,6 +92,14 @@ impl RootContext for Root {
             }
         };
         self.options = options;
+        // The timer flushes the stats the requests counted
+        // (`host::flush_stats`); a shared store or held requests shorten it.
+        if let Err(e) =
+            proxy_wasm::hostcalls::set_tick_period(std::time::Duration::from_millis(STATS_FLUSH_MS))
+        {
+            log::error!("cannot start the stats timer: {e:?}");
+            return false;
+        }
         if let (Some(shared), Some(cluster)) = (options.shared, cluster) {
             host::init_shared(&cluster);
             self.leader = Some(Leader::new(vm_id(), shared));
@@ -178,6 +196,7 @@ impl RootContext for Root {
         held::tick(self.id, |d| {
             act(d);
         });
+        host::flush_stats();
     }
 }
 

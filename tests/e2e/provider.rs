@@ -404,7 +404,8 @@ fn the_providers_529_passes_through_audited_and_refunds_the_request() {
         (Some("allowed"), Some("upstream_overloaded"), Some(529)),
         "{rec}"
     );
-    assert!(gw
-        .stats("tollgate.decisions.upstream_overloaded")
-        .contains("wasmcustom.tollgate.decisions.upstream_overloaded: 1"));
+    assert_eq!(
+        gw.wait_for_stat("tollgate.decisions.upstream_overloaded", |v| v >= 1),
+        1
+    );
 }

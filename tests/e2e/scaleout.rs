@@ -306,8 +306,7 @@ fn when_redis_is_down_minute_limits_meter_locally_and_budgets_refuse() {
             "the shared rate limiter cannot be reached and key:budget:budget_usd_per_day refuses until it is back (on_store_failure: closed); retry shortly"
         );
     }
-    let stats = gws[0].stats("tollgate.quota");
-    assert!(stats.contains("fallback_admits"), "{stats}");
+    gws[0].wait_for_stat("tollgate.quota.fallback_admits", |v| v > 0);
     // Redis back (empty, on the same port): budgets are served again.
     let _redis = RedisServer::start_on(port).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -349,6 +349,28 @@ impl Gateway {
             .unwrap()
     }
 
+    /// The value of the filter's stat `name` (`tollgate.…`), once it
+    /// satisfies `ok`. The filter hands its counts to Envoy from a timer
+    /// (at least once a second), so a count lags its request: polled for up
+    /// to 10 s.
+    pub fn wait_for_stat(&self, name: &str, ok: impl Fn(i64) -> bool) -> i64 {
+        let line = format!("wasmcustom.{name}: ");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stats = self.stats(name);
+            let value = stats
+                .lines()
+                .find_map(|l| l.strip_prefix(&line)?.trim().parse().ok());
+            match value {
+                Some(v) if ok(v) => return v,
+                _ if Instant::now() > deadline => {
+                    panic!("stat {name} is {value:?} after 10s:\n{stats}")
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
     pub fn log(&self, name: &str) -> String {
         let path = match name {
             "envoy" => self.dir.path().join("state/envoy.log"),
