@@ -264,7 +264,8 @@ def main():
         ratio = f"Tollgate adds {(tg - none) / (noop - none):.1f}x what the no-op adds" if noop - none > 2 else "no-op cost within noise"
         print(f"{'':<36} {'added CPU us':<14} {'':>15} {noop - none:8.2f}       {noopb - none:8.2f}       {tg - none:8.2f}       {ratio}")
     profile(variants, b)
-    phases()
+    v8, native = phases()
+    targets(rows, v8, native)
 
 
 def profile(variants, b):
@@ -323,13 +324,53 @@ def phases():
     example = os.path.join(ROOT, "target/wasm32-wasip1/wasm/examples/flow_cost.wasm")
     native = os.path.join(ROOT, "target/release/examples/flow_cost")
     print("\nFilter phases, S1, S2 and S5 shapes and the estimator alone, 10,002-key policy (core/examples/flow_cost.rs):")
+    v8 = native = ""
     if shutil.which("node") and os.path.exists(example):
-        out = subprocess.run(["node", "--no-warnings", os.path.join(ROOT, "scripts/run-wasi.mjs"), example, "3000"],
-                             capture_output=True, text=True)
-        print("  in V8 (wasm, as in Envoy):\n" + "\n".join("    " + l for l in out.stdout.splitlines()))
+        v8 = subprocess.run(["node", "--no-warnings", os.path.join(ROOT, "scripts/run-wasi.mjs"), example, "3000"],
+                            capture_output=True, text=True).stdout
+        print("  in V8 (wasm, as in Envoy):\n" + "\n".join("    " + l for l in v8.splitlines()))
     if os.path.exists(native):
-        out = subprocess.run([native, "3000"], capture_output=True, text=True)
-        print("  native:\n" + "\n".join("    " + l for l in out.stdout.splitlines()))
+        native = subprocess.run([native, "3000"], capture_output=True, text=True).stdout
+        print("  native:\n" + "\n".join("    " + l for l in native.splitlines()))
+    return v8, native
+
+
+def targets(rows, v8, native):
+    """Each target of the hot path with what this run measured: medians
+    with their spread (max - min over the runs), met or not. The policy-scale
+    and collector targets are measured by the steps after this one."""
+    res = {name.split()[0]: r for name, r in rows}
+    out = []
+
+    def added(sc):
+        (tg, stg), (none, snone) = res[sc]["tollgate"]["cpu"], res[sc]["none"]["cpu"]
+        return tg - none, stg + snone
+
+    if "S1" in res:
+        a, spread = added("S1")
+        out.append(("S1 adds <= 100 us CPU per request over no filter", f"{a:.1f} us (±{spread:.1f})", a <= 100))
+        ratio = res["S1"]["tollgate"]["rps"][0] / res["S1"]["none"]["rps"][0]
+        out.append(("S1 serves >= 70% of no filter's requests/s", f"{100 * ratio:.0f}%", ratio >= 0.7))
+    if "S5" in res:
+        a, spread = added("S5")
+        out.append(("S5 (900 KB) adds <= 300 us CPU per request", f"{a:.1f} us (±{spread:.1f})", a <= 300))
+    for sc in ("S2", "S3"):
+        if sc in res and res[sc]["tollgate"]["ttfb"]:
+            d = res[sc]["tollgate"]["ttfb"] - res[sc]["none"]["ttfb"]
+            out.append((f"{sc} first byte within 1 ms of no filter", f"+{d:.2f} ms", d <= 1.0))
+    m = re.search(r"estimate of S1's \d+ byte body \(\d+ tokens\): ([\d.]+) us", v8)
+    if m:
+        out.append(("16 KB estimate <= 10 us in V8", f"{float(m.group(1)):.1f} us (best of 10 batches)", float(m.group(1)) <= 10))
+    m = re.search(r"S1 [^:]*: [\d.]+ us per request, ([\d.]+) host calls", native)
+    if m:
+        calls = float(m.group(1))
+        out.append(("allowed non-streamed request <= 12 host calls", f"{calls:.0f} (S1; 25 with a team budget, core/src/flow/cost_tests.rs)", calls <= 12))
+    print("\nTargets (this run):")
+    width = max(len(t) for t, _, _ in out) if out else 0
+    for t, v, ok in out:
+        print(f"  {t:<{width}}  {v:<44} {'met' if ok else 'NOT MET'}")
+    print("  100,000 keys ready <= 1.5 s, RSS <= 200 MB: see the policy scale table below")
+    print("  collector <= 15 us CPU per audited request: see the collector figure below")
 
 
 VARIANTS = ["none", "noop", "noop-buffer", "tollgate"]
