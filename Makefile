@@ -127,7 +127,7 @@ bench: wasm envoy ## Overhead vs plain Envoy and no-op wasm filters (S1-S5), CPU
 	@scripts/bench.py
 	@TOLLGATE_BIN=target/release/tollgate scripts/bench-policy.sh
 	@echo; echo "The collector's CPU per audited request (gRPC ingest + SQLite, cli/src/collector/cpu_bench.rs):"
-	@$(CARGO) test -q --release -p tollgate collector_cpu_per_record -- --ignored --nocapture 2>&1 | grep -iE "us|µs" | grep -v "^running\|test result" || true
+	@$(CARGO) test -q --release -p tollgate collector_cpu_per_record -- --ignored --nocapture 2>&1 | grep "^collector," || true
 	@echo; echo "Input-token estimate against the recorded exchanges (provider's count vs Tollgate's estimate):"
 	@$(CARGO) test -q --release -p tollgate-core --lib estimator_error_against_every_fixture -- --nocapture 2>&1 | grep -E "actual|error"
 
