@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tollgate_e2e::{policy, tollgate_bin, Gateway, Options};
+use tollgate_e2e::{cli_ok, policy, tollgate_bin, Gateway, Options};
 
 const KEY: &str = "tg-audit-alice";
 const OTHER: &str = "tg-audit-bob";
@@ -148,17 +148,12 @@ fn every_kind_of_request_gets_one_record_and_usage_totals_match_the_provider() {
     assert!(abort("input") > 0, "{aborted}");
 
     // Usage report totals equal what the mock provider reported, exactly.
-    let out = Command::new(tollgate_bin())
-        .args([
-            "usage", "--by", "team", "--since", "1h", "--format", "json", "--db",
-        ])
-        .arg(&gw.audit_db)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = cli_ok(
+        Command::new(tollgate_bin())
+            .args([
+                "usage", "--by", "team", "--since", "1h", "--format", "json", "--db",
+            ])
+            .arg(&gw.audit_db),
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let payments = report["rows"]
@@ -476,17 +471,9 @@ fn collector_stores_in_postgresql_by_url() {
         let _ = r.text();
     }
     let usage = || {
-        let out = Command::new(tollgate_bin())
-            .args([
-                "usage", "--by", "team", "--since", "1h", "--format", "json", "--db", &url,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = cli_ok(Command::new(tollgate_bin()).args([
+            "usage", "--by", "team", "--since", "1h", "--format", "json", "--db", &url,
+        ]));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v["rows"]
             .as_array()
@@ -596,17 +583,12 @@ fn collector_absent_at_start_loses_nothing_once_it_arrives_or_the_file_is_import
     let lost = gaps();
     let stored = numbered().len() as u64;
     assert_eq!(lost["missing"].as_u64().unwrap() + stored, 15, "{lost}");
-    let out = Command::new(tollgate_bin())
-        .args(["audit", "import"])
-        .arg(&gw.audit_log)
-        .arg("--db")
-        .arg(&db)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    cli_ok(
+        Command::new(tollgate_bin())
+            .args(["audit", "import"])
+            .arg(&gw.audit_log)
+            .arg("--db")
+            .arg(&db),
     );
     // The imported records fill every gap.
     let after = gaps();
@@ -638,17 +620,12 @@ fn collector_absent_at_start_loses_nothing_once_it_arrives_or_the_file_is_import
 
 /// `tollgate audit gaps` on a store, every gap settled, as JSON.
 fn audit_gaps(db: &std::path::Path) -> serde_json::Value {
-    let out = Command::new(tollgate_bin())
-        .args([
-            "audit", "gaps", "--settle", "0s", "--format", "json", "--db",
-        ])
-        .arg(db)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = cli_ok(
+        Command::new(tollgate_bin())
+            .args([
+                "audit", "gaps", "--settle", "0s", "--format", "json", "--db",
+            ])
+            .arg(db),
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -2,6 +2,7 @@
 //! rejected case, key minting into a policy, reports piped into other tools.
 
 use std::process::Command;
+use tollgate_e2e::cli_ok;
 
 fn tollgate() -> Command {
     let bin = std::env::var_os("TOLLGATE_BIN")
@@ -68,17 +69,12 @@ fn key_new_into_adds_a_valid_entry_holding_only_the_hash() {
         "{\n  \"version\": 1,\n  \"groups\": {\"eng\": {}},\n  \"keys\": []\n}\n",
     )
     .unwrap();
-    let out = tollgate()
-        .args([
-            "key", "new", "--id", "ci-bot", "--team", "payments", "--group", "eng", "--into",
-        ])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = cli_ok(
+        tollgate()
+            .args([
+                "key", "new", "--id", "ci-bot", "--team", "payments", "--group", "eng", "--into",
+            ])
+            .arg(&path),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let key = stdout

@@ -20,6 +20,18 @@ fn workspace() -> PathBuf {
 }
 
 /// The `tollgate` binary under test.
+/// Runs a command to completion and returns its output; fails the test
+/// with the command's stderr unless it succeeded.
+pub fn cli_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 pub fn tollgate_bin() -> PathBuf {
     artifact("TOLLGATE_BIN", "target/debug/tollgate")
 }
