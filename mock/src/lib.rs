@@ -339,7 +339,10 @@ fn check_and_record(
         }
     }
     let (key_header, expected) = if req.openai {
-        ("authorization", vec![format!("Bearer {}", s.config.openai_key)])
+        (
+            "authorization",
+            vec![format!("Bearer {}", s.config.openai_key)],
+        )
     } else {
         let mut keys = vec![s.config.anthropic_key.clone()];
         keys.extend(s.config.failover_anthropic_keys.iter().cloned());
@@ -540,11 +543,13 @@ async fn provider(
         .as_ref()
         .and_then(|v| v["stream"].as_bool())
         .unwrap_or(false);
-    let chosen = exchange_for_key(&headers).or_else(|| chosen_exchange(&headers)).or_else(|| {
-        parsed
-            .as_ref()
-            .map(|b| default_exchange(route, b).to_string())
-    });
+    let chosen = exchange_for_key(&headers)
+        .or_else(|| chosen_exchange(&headers))
+        .or_else(|| {
+            parsed
+                .as_ref()
+                .map(|b| default_exchange(route, b).to_string())
+        });
     let mut body_problems = Vec::new();
     if parsed.is_none() || model.is_none() {
         body_problems.push((

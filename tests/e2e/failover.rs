@@ -119,5 +119,9 @@ fn the_first_keys_429_is_retried_on_the_second_and_charged_once() {
         "0",
         "f-3 was refunded: f-4 is the third request charged"
     );
-    assert!(gw.mock_violations().is_empty(), "{:?}", gw.mock_violations());
+    assert!(
+        gw.mock_violations().is_empty(),
+        "{:?}",
+        gw.mock_violations()
+    );
 }

@@ -69,7 +69,11 @@ fn requests_beyond_the_bucket_wait_a_second_each_and_past_max_wait_get_the_exact
         },
     );
     drain(&gw, PATIENT, 60, HAIKU);
-    assert_eq!(stat(&gw, "tollgate.held_admitted"), None, "nothing held yet");
+    assert_eq!(
+        stat(&gw, "tollgate.held_admitted"),
+        None,
+        "nothing held yet"
+    );
 
     // Three more, one after the other: each is held until a token refills,
     // then admitted and served, about a second after the one before.

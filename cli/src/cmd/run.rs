@@ -406,6 +406,26 @@ mod tests {
     }
 
     #[test]
+    fn a_failover_key_variable_that_is_not_set_starts_nothing() {
+        let args = parse(&[
+            "--anthropic-key-env",
+            "PATH",
+            "--anthropic-key-env",
+            "TOLLGATE_TEST_NO_SUCH_KEY",
+        ])
+        .unwrap();
+        assert_eq!(
+            anthropic_keys(&args).unwrap_err().to_string(),
+            "--anthropic-key-env TOLLGATE_TEST_NO_SUCH_KEY: TOLLGATE_TEST_NO_SUCH_KEY is not set or empty"
+        );
+        let twice = parse(&["--anthropic-key-env", "PATH", "--anthropic-key-env", "PATH"]).unwrap();
+        assert_eq!(
+            anthropic_keys(&twice).unwrap_err().to_string(),
+            "--anthropic-key-env PATH: holds the same key as an earlier variable"
+        );
+    }
+
+    #[test]
     fn rotation_and_retention_flags_refuse_what_cannot_work() {
         for (args, flag) in [
             (&["--audit-log-keep", "0"][..], "--audit-log-keep"),

@@ -57,10 +57,7 @@ pub fn placeholders(
                 ("name", q(name)),
                 ("stream_idle_timeout", stream_idle_timeout_s.to_string()),
                 ("secret_name", q(&secret)),
-                (
-                    "secret_path",
-                    q(&layout.secret(&file).to_string_lossy()),
-                ),
+                ("secret_path", q(&layout.secret(&file).to_string_lossy())),
             ],
         )?);
         clusters.push(format!(

@@ -565,7 +565,9 @@ async fn start_mock(
 fn remote((anthropic, anthropic_keys): (Upstream, Vec<String>), openai: Upstream) -> ProvidersAt {
     let openai_key = std::env::var("OPENAI_API_KEY").unwrap_or_default();
     if openai_key.is_empty() {
-        eprintln!("warning: OPENAI_API_KEY is not set: OpenAI routes will be refused by the provider");
+        eprintln!(
+            "warning: OPENAI_API_KEY is not set: OpenAI routes will be refused by the provider"
+        );
     }
     ProvidersAt {
         anthropic,
@@ -615,11 +617,7 @@ fn write_config(
 ) -> Result<()> {
     for (i, key) in providers.anthropic_keys.iter().enumerate() {
         let (file, name) = failover::anthropic_secret(i);
-        atomic_file::write(
-            &layout.secret(&file),
-            &render::secret(&name, key)?,
-            0o600,
-        )?;
+        atomic_file::write(&layout.secret(&file), &render::secret(&name, key)?, 0o600)?;
     }
     atomic_file::write(
         &layout.secret("openai"),
