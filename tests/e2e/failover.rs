@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
 use tollgate_e2e::{policy, Gateway, Options};
 
 const ALICE: &str = "tg-failover-alice";
@@ -124,4 +125,22 @@ fn the_first_keys_429_is_retried_on_the_second_and_charged_once() {
         "{:?}",
         gw.mock_violations()
     );
+
+    // Each key lives only in its own 0600 SDS secret, never in the
+    // bootstrap or a log.
+    let state = gw.dir.path().join("state");
+    for (file, key) in [("anthropic.yaml", FIRST), ("anthropic-1.yaml", SECOND)] {
+        let path = state.join("secrets").join(file);
+        assert!(std::fs::read_to_string(&path).unwrap().contains(key));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+    for text in [
+        std::fs::read_to_string(state.join("envoy.yaml")).unwrap(),
+        gw.log("envoy"),
+        gw.log("tollgate.out"),
+        gw.log("tollgate.err"),
+    ] {
+        assert!(!text.contains(FIRST) && !text.contains(SECOND));
+    }
 }
