@@ -15,7 +15,10 @@
 //! the recorded exchange, `x-mock-delay-ms` paces stream events,
 //! `x-mock-reset-after: N` drops the connection after N events,
 //! `x-mock-stall-ms: MS` goes silent (before the headers, or after N events
-//! with `x-mock-stall-after: N`).
+//! with `x-mock-stall-after: N`). `x-mock-exchange-for-key: KEY=NAME, …`
+//! answers the requests that arrive with the real key KEY with exchange
+//! NAME, the way one of several provider keys is rate limited while the
+//! next is not (the failover tests).
 //!
 //! Every LLM answer carries the provider's own rate-limit headers
 //! (`anthropic-ratelimit-*`, OpenAI's `x-ratelimit-*`), limit and
@@ -56,6 +59,9 @@ pub const DEFAULT_ADMIN_KEY: &str = "sk-ant-admin-mock-key";
 pub struct MockConfig {
     /// The `x-api-key` expected on Anthropic routes.
     pub anthropic_key: String,
+    /// Further `x-api-key`s accepted on Anthropic routes: the other keys
+    /// of a gateway that fails over across several (`--anthropic-key-env`).
+    pub failover_anthropic_keys: Vec<String>,
     /// The bearer token expected on OpenAI routes.
     pub openai_key: String,
     /// The `x-api-key` expected on the Admin API.
@@ -69,6 +75,7 @@ impl MockConfig {
     pub fn with_default_keys(event_delay_ms: u64) -> MockConfig {
         MockConfig {
             anthropic_key: DEFAULT_ANTHROPIC_KEY.to_string(),
+            failover_anthropic_keys: Vec::new(),
             openai_key: DEFAULT_OPENAI_KEY.to_string(),
             admin_key: DEFAULT_ADMIN_KEY.to_string(),
             event_delay_ms,
@@ -332,15 +339,20 @@ fn check_and_record(
         }
     }
     let (key_header, expected) = if req.openai {
-        ("authorization", format!("Bearer {}", s.config.openai_key))
+        (
+            "authorization",
+            vec![format!("Bearer {}", s.config.openai_key)],
+        )
     } else {
-        ("x-api-key", s.config.anthropic_key.clone())
+        let mut keys = vec![s.config.anthropic_key.clone()];
+        keys.extend(s.config.failover_anthropic_keys.iter().cloned());
+        ("x-api-key", keys)
     };
     let got = req
         .headers
         .get(key_header)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    if got.as_deref() != Some(expected.as_str()) && problems.is_empty() {
+    if !got.as_ref().is_some_and(|g| expected.contains(g)) && problems.is_empty() {
         problems.push((
             "mock provider: missing or wrong real API key".to_string(),
             got.map(|g| format!("{key_header}: {}", redact(&g))),
@@ -415,6 +427,20 @@ fn recorded(s: &AppState, name: &str, openai: bool) -> Result<(&'static [u8], Ex
             &format!("mock provider: fixture {} missing", ex.response),
         )),
     }
+}
+
+/// `x-mock-exchange-for-key: KEY=NAME, KEY2=NAME2`: the exchange for the
+/// real key this request arrived with (`x-api-key`, or OpenAI's bearer
+/// token), if the header names it.
+fn exchange_for_key(headers: &HeaderMap) -> Option<String> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let key = text("x-api-key")
+        .or_else(|| text("authorization").and_then(|a| a.strip_prefix("Bearer ")))?;
+    text("x-mock-exchange-for-key")?
+        .split(',')
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, name)| name.to_string())
 }
 
 fn chosen_exchange(headers: &HeaderMap) -> Option<String> {
@@ -517,11 +543,13 @@ async fn provider(
         .as_ref()
         .and_then(|v| v["stream"].as_bool())
         .unwrap_or(false);
-    let chosen = chosen_exchange(&headers).or_else(|| {
-        parsed
-            .as_ref()
-            .map(|b| default_exchange(route, b).to_string())
-    });
+    let chosen = exchange_for_key(&headers)
+        .or_else(|| chosen_exchange(&headers))
+        .or_else(|| {
+            parsed
+                .as_ref()
+                .map(|b| default_exchange(route, b).to_string())
+        });
     let mut body_problems = Vec::new();
     if parsed.is_none() || model.is_none() {
         body_problems.push((
@@ -786,6 +814,7 @@ mod tests {
     async fn streams_events_over_time_and_flags_leaked_keys() {
         let config = MockConfig {
             anthropic_key: "real".into(),
+            failover_anthropic_keys: Vec::new(),
             openai_key: "oreal".into(),
             admin_key: "admin".into(),
             event_delay_ms: 20,
@@ -872,6 +901,7 @@ mod tests {
     async fn serves_each_providers_model_list_to_its_key() {
         let config = MockConfig {
             anthropic_key: "real".into(),
+            failover_anthropic_keys: Vec::new(),
             openai_key: "oreal".into(),
             admin_key: "admin".into(),
             event_delay_ms: 0,
@@ -1071,6 +1101,38 @@ mod tests {
         .await;
         assert!(overloaded.starts_with("HTTP/1.1 529"), "{overloaded}");
         assert!(overloaded.contains("retry-after: 7\r\n"), "{overloaded}");
+    }
+
+    #[tokio::test]
+    async fn one_of_several_keys_is_answered_with_the_exchange_named_for_it() {
+        let addr = started(MockConfig {
+            failover_anthropic_keys: vec!["second".into()],
+            ..MockConfig::with_default_keys(0)
+        })
+        .await;
+        let control = format!("{DEFAULT_ANTHROPIC_KEY}=error-rate-limited, third=error-overloaded");
+        let send = |key: &'static str| {
+            let control = control.clone();
+            async move {
+                raw_post(
+                    addr,
+                    "/v1/messages",
+                    &[("x-api-key", key), ("x-mock-exchange-for-key", &control)],
+                    r#"{"model":"claude-sonnet-4-5"}"#,
+                )
+                .await
+            }
+        };
+        let first = send(DEFAULT_ANTHROPIC_KEY).await;
+        assert!(first.starts_with("HTTP/1.1 429"), "{first}");
+        assert!(first.contains("retry-after: 13\r\n"), "{first}");
+        assert!(first.contains("\"rate_limit_error\""), "{first}");
+        // The failover key is accepted, and not named: the usual answer.
+        let second = send("second").await;
+        assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+        // A key the mock was not given is still refused.
+        let third = send("third").await;
+        assert!(third.starts_with("HTTP/1.1 401"), "{third}");
     }
 
     async fn raw(addr: std::net::SocketAddr, req: String) -> String {

@@ -36,6 +36,7 @@ pub fn run(args: MockArgs) -> Result<()> {
         ));
         let config = MockConfig {
             anthropic_key: args.anthropic_key,
+            failover_anthropic_keys: Vec::new(),
             openai_key: args.openai_key,
             admin_key: args.admin_key,
             event_delay_ms: args.event_delay_ms,

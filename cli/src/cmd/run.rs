@@ -30,6 +30,11 @@ pub struct RunArgs {
     /// Overrides --upstream for OpenAI routes (/v1/chat/completions, /v1/responses).
     #[arg(long)]
     pub openai_upstream: Option<String>,
+    /// Environment variable holding an Anthropic API key (repeatable; default ANTHROPIC_API_KEY).
+    /// With several, Anthropic routes go out with the first, and a 429 or 529 from one key
+    /// is retried once on the next, in order. With --upstream mock, the mock accepts these keys.
+    #[arg(long, value_name = "NAME")]
+    pub anthropic_key_env: Vec<String>,
     /// Where clients connect (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -136,7 +141,12 @@ pub fn run(args: RunArgs) -> Result<()> {
             bail!("--render-only serves no mock provider: pass --upstream URL (e.g. http://mock:9612)");
         }
         let (anthropic, openai) = remote_upstreams(&args)?;
-        let rendered = gateway::render_only(options(&args)?, (host, port), anthropic, openai)?;
+        let rendered = gateway::render_only(
+            options(&args)?,
+            (host, port),
+            (anthropic, anthropic_keys(&args)?),
+            openai,
+        )?;
         let mut out = Output::stdout();
         writeln!(out, "{rendered}")?;
         out.flush()?;
@@ -272,7 +282,11 @@ fn providers(args: &RunArgs) -> Result<Providers> {
         return mock_provider(args);
     }
     let (anthropic, openai) = remote_upstreams(args)?;
-    Ok(Providers::Remote { anthropic, openai })
+    Ok(Providers::Remote {
+        anthropic,
+        openai,
+        anthropic_keys: anthropic_keys(args)?,
+    })
 }
 
 #[cfg(feature = "mock")]
@@ -280,6 +294,11 @@ fn mock_provider(args: &RunArgs) -> Result<Providers> {
     Ok(Providers::Mock {
         listen: args.mock_listen,
         event_delay_ms: args.mock_event_delay_ms,
+        anthropic_keys: if args.anthropic_key_env.is_empty() {
+            None
+        } else {
+            Some(anthropic_keys(args)?)
+        },
     })
 }
 
@@ -289,6 +308,35 @@ fn mock_provider(_: &RunArgs) -> Result<Providers> {
         "--upstream mock: this tollgate was built without the mock provider \
          (cargo feature `mock`); pass --upstream URL, or build it with the default features"
     )
+}
+
+/// The Anthropic keys, in failover order, from the variables
+/// `--anthropic-key-env` names (by default `ANTHROPIC_API_KEY` alone, which
+/// may be unset: the provider then refuses, as without Tollgate). A variable
+/// named explicitly must hold a key: failing over to an empty one would
+/// only turn a 429 into a 401.
+fn anthropic_keys(args: &RunArgs) -> Result<Vec<String>> {
+    if args.anthropic_key_env.is_empty() {
+        let key = std::env::var("ANTHROPIC_API_KEY").unwrap_or_default();
+        if key.is_empty() {
+            eprintln!(
+                "warning: ANTHROPIC_API_KEY is not set: Anthropic routes will be refused by the provider"
+            );
+        }
+        return Ok(vec![key]);
+    }
+    let mut keys = Vec::with_capacity(args.anthropic_key_env.len());
+    for name in &args.anthropic_key_env {
+        let key = std::env::var(name).unwrap_or_default();
+        if key.is_empty() {
+            bail!("--anthropic-key-env {name}: {name} is not set or empty");
+        }
+        if keys.contains(&key) {
+            bail!("--anthropic-key-env {name}: holds the same key as an earlier variable");
+        }
+        keys.push(key);
+    }
+    Ok(keys)
 }
 
 /// One --upstream serves both route families; the per-provider flags win.
@@ -354,6 +402,26 @@ mod tests {
                 },
                 Some(30)
             )
+        );
+    }
+
+    #[test]
+    fn a_failover_key_variable_that_is_not_set_starts_nothing() {
+        let args = parse(&[
+            "--anthropic-key-env",
+            "PATH",
+            "--anthropic-key-env",
+            "TOLLGATE_TEST_NO_SUCH_KEY",
+        ])
+        .unwrap();
+        assert_eq!(
+            anthropic_keys(&args).unwrap_err().to_string(),
+            "--anthropic-key-env TOLLGATE_TEST_NO_SUCH_KEY: TOLLGATE_TEST_NO_SUCH_KEY is not set or empty"
+        );
+        let twice = parse(&["--anthropic-key-env", "PATH", "--anthropic-key-env", "PATH"]).unwrap();
+        assert_eq!(
+            anthropic_keys(&twice).unwrap_err().to_string(),
+            "--anthropic-key-env PATH: holds the same key as an earlier variable"
         );
     }
 

@@ -13,6 +13,7 @@
 //! writes the same files for an Envoy started elsewhere.
 
 mod envoy;
+mod failover;
 mod reload;
 pub mod render;
 
@@ -99,17 +100,20 @@ pub enum Collector {
 /// Where provider traffic goes.
 #[derive(Debug, Clone)]
 pub enum Providers {
-    /// Provider URLs; the real keys come from `ANTHROPIC_API_KEY` and
-    /// `OPENAI_API_KEY`.
+    /// Provider URLs; the real keys: `anthropic_keys` (in failover order,
+    /// at least one) and `OPENAI_API_KEY`.
     Remote {
         anthropic: Upstream,
         openai: Upstream,
+        anthropic_keys: Vec<String>,
     },
-    /// The mock provider in this process, which expects its default keys.
+    /// The mock provider in this process, which expects its default keys,
+    /// or these Anthropic keys (in failover order).
     #[cfg(feature = "mock")]
     Mock {
         listen: SocketAddr,
         event_delay_ms: u64,
+        anthropic_keys: Option<Vec<String>>,
     },
 }
 
@@ -139,6 +143,8 @@ pub struct Summary {
     pub collector_http: Option<SocketAddr>,
     pub mock: Option<SocketAddr>,
     pub anthropic: Upstream,
+    /// How many Anthropic keys Envoy fails over across (1: no failover).
+    pub anthropic_keys: usize,
     pub openai: Upstream,
     pub layout: Layout,
     /// The quota service's replicas and Redis, with a shared store.
@@ -180,7 +186,8 @@ struct ProvidersAt {
     anthropic: Upstream,
     openai: Upstream,
     mock: Option<SocketAddr>,
-    anthropic_key: String,
+    /// In failover order; never empty.
+    anthropic_keys: Vec<String>,
     openai_key: String,
 }
 
@@ -224,6 +231,7 @@ pub async fn start(
         collector_http: collector.http,
         mock: providers.mock,
         anthropic: providers.anthropic,
+        anthropic_keys: providers.anthropic_keys.len(),
         openai: providers.openai,
         layout: layout.clone(),
         redis: quota.as_ref().map(|q| q._redis.url.clone()),
@@ -372,7 +380,7 @@ pub struct Rendered {
 pub fn render_only(
     opts: Options,
     collector: (String, u16),
-    anthropic: Upstream,
+    anthropic: (Upstream, Vec<String>),
     openai: Upstream,
 ) -> Result<Rendered> {
     let (policy, wasm, layout) = prepare(&opts)?;
@@ -508,49 +516,69 @@ async fn start_collector(
 #[cfg_attr(not(feature = "mock"), allow(unused_variables))]
 async fn start_providers(providers: Providers, stop: &Stop) -> Result<ProvidersAt> {
     match providers {
-        Providers::Remote { anthropic, openai } => Ok(remote(anthropic, openai)),
+        Providers::Remote {
+            anthropic,
+            openai,
+            anthropic_keys,
+        } => Ok(remote((anthropic, anthropic_keys), openai)),
         #[cfg(feature = "mock")]
         Providers::Mock {
             listen,
             event_delay_ms,
-        } => start_mock(listen, event_delay_ms, stop).await,
+            anthropic_keys,
+        } => start_mock(listen, event_delay_ms, anthropic_keys, stop).await,
     }
 }
 
-/// The mock provider on `listen`, expecting its default keys.
+/// The mock provider on `listen`, expecting its default keys (or the
+/// given Anthropic keys, every one of a failover).
 #[cfg(feature = "mock")]
-async fn start_mock(listen: SocketAddr, event_delay_ms: u64, stop: &Stop) -> Result<ProvidersAt> {
+async fn start_mock(
+    listen: SocketAddr,
+    event_delay_ms: u64,
+    anthropic_keys: Option<Vec<String>>,
+    stop: &Stop,
+) -> Result<ProvidersAt> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding mock provider {listen}"))?;
     let addr = listener.local_addr()?;
-    let config = tollgate_mock::MockConfig::with_default_keys(event_delay_ms);
-    let (anthropic_key, openai_key) = (config.anthropic_key.clone(), config.openai_key.clone());
+    let mut config = tollgate_mock::MockConfig::with_default_keys(event_delay_ms);
+    if let Some((first, rest)) = anthropic_keys.as_deref().and_then(<[String]>::split_first) {
+        config.anthropic_key = first.clone();
+        config.failover_anthropic_keys = rest.to_vec();
+    }
+    let mut keys = vec![config.anthropic_key.clone()];
+    keys.extend(config.failover_anthropic_keys.iter().cloned());
+    let openai_key = config.openai_key.clone();
     tokio::spawn(tollgate_mock::serve(listener, config, stop.stopped()));
     Ok(ProvidersAt {
         anthropic: Upstream::local(addr.port()),
         openai: Upstream::local(addr.port()),
         mock: Some(addr),
-        anthropic_key,
+        anthropic_keys: keys,
         openai_key,
     })
 }
 
 /// Real providers: their keys from the environment, never the policy.
-fn remote(anthropic: Upstream, openai: Upstream) -> ProvidersAt {
-    let key = |var: &str, family: &str| {
-        let k = std::env::var(var).unwrap_or_default();
-        if k.is_empty() {
-            eprintln!("warning: {var} is not set: {family} routes will be refused by the provider");
-        }
-        k
-    };
+fn remote((anthropic, anthropic_keys): (Upstream, Vec<String>), openai: Upstream) -> ProvidersAt {
+    let openai_key = std::env::var("OPENAI_API_KEY").unwrap_or_default();
+    if openai_key.is_empty() {
+        eprintln!(
+            "warning: OPENAI_API_KEY is not set: OpenAI routes will be refused by the provider"
+        );
+    }
     ProvidersAt {
         anthropic,
         openai,
         mock: None,
-        anthropic_key: key("ANTHROPIC_API_KEY", "Anthropic"),
-        openai_key: key("OPENAI_API_KEY", "OpenAI"),
+        anthropic_keys: if anthropic_keys.is_empty() {
+            vec![String::new()]
+        } else {
+            anthropic_keys
+        },
+        openai_key,
     }
 }
 
@@ -567,6 +595,7 @@ fn gateway(
         admin_port: admin.port(),
         collector: collector.clone(),
         anthropic: providers.anthropic.clone(),
+        anthropic_keys: providers.anthropic_keys.len(),
         openai: providers.openai.clone(),
         body_limit_bytes: opts.body_limit,
         audit_flush_interval_ms: opts.audit_flush_ms,
@@ -586,11 +615,10 @@ fn write_config(
     gateway: &Gateway,
     providers: &ProvidersAt,
 ) -> Result<()> {
-    atomic_file::write(
-        &layout.secret("anthropic"),
-        &render::secret("anthropic_api_key", &providers.anthropic_key)?,
-        0o600,
-    )?;
+    for (i, key) in providers.anthropic_keys.iter().enumerate() {
+        let (file, name) = failover::anthropic_secret(i);
+        atomic_file::write(&layout.secret(&file), &render::secret(&name, key)?, 0o600)?;
+    }
     atomic_file::write(
         &layout.secret("openai"),
         &render::secret(
@@ -640,6 +668,13 @@ impl fmt::Display for Summary {
                 "  upstream:  Anthropic {}, OpenAI {}",
                 self.anthropic, self.openai
             )?,
+        }
+        if self.anthropic_keys > 1 {
+            writeln!(
+                f,
+                "  failover:  {} Anthropic keys; a 429 or 529 is retried on the next",
+                self.anthropic_keys
+            )?;
         }
         writeln!(
             f,

@@ -122,6 +122,8 @@ pub struct Gateway {
     /// Collector host (IP or DNS name) and port.
     pub collector: (String, u16),
     pub anthropic: Upstream,
+    /// Anthropic keys to fail over across, in order (1: no failover).
+    pub anthropic_keys: usize,
     pub openai: Upstream,
     pub body_limit_bytes: u64,
     pub audit_flush_interval_ms: u64,
@@ -205,39 +207,40 @@ fn tls_block(u: &Upstream, ca_bundle: &Path) -> Result<String> {
 
 pub fn bootstrap(gw: &Gateway, layout: &Layout) -> Result<String> {
     let dns = |u: &Upstream| if u.is_ip() { "STATIC" } else { "LOGICAL_DNS" }.to_string();
-    fill(
-        BOOTSTRAP,
-        &[
-            ("admin_port", gw.admin_port.to_string()),
-            ("listen_address", q(&gw.listen.ip().to_string())),
-            ("listen_port", gw.listen.port().to_string()),
-            ("body_limit_bytes", gw.body_limit_bytes.to_string()),
-            ("stream_idle_timeout", gw.stream_idle_timeout_s.to_string()),
-            (
-                "audit_flush_interval",
-                format!("{}s", gw.audit_flush_interval_ms as f64 / 1000.0),
-            ),
-            ("audit_log_path", p(&layout.audit_log())),
-            ("openai_host", q(&gw.openai.host)),
-            ("anthropic_host", q(&gw.anthropic.host)),
-            ("ecds_path", p(&layout.ecds())),
-            ("ecds_dir", p(&layout.ecds_dir())),
-            ("anthropic_secret_path", p(&layout.secret("anthropic"))),
-            ("openai_secret_path", p(&layout.secret("openai"))),
-            ("anthropic_dns_type", dns(&gw.anthropic)),
-            ("anthropic_address", q(&gw.anthropic.address)),
-            ("anthropic_port", gw.anthropic.port.to_string()),
-            ("anthropic_tls", tls_block(&gw.anthropic, &gw.ca_bundle)?),
-            ("openai_dns_type", dns(&gw.openai)),
-            ("openai_address", q(&gw.openai.address)),
-            ("openai_port", gw.openai.port.to_string()),
-            ("openai_tls", tls_block(&gw.openai, &gw.ca_bundle)?),
-            ("collector_address", q(&gw.collector.0)),
-            ("collector_port", gw.collector.1.to_string()),
-            ("collector_dns_type", dns_type(&gw.collector.0)),
-            ("quota_cluster", quota_cluster(&gw.quota)?),
-        ],
-    )
+    let failover =
+        super::failover::placeholders(gw.anthropic_keys, gw.stream_idle_timeout_s, layout)?;
+    let mut values = vec![
+        ("admin_port", gw.admin_port.to_string()),
+        ("listen_address", q(&gw.listen.ip().to_string())),
+        ("listen_port", gw.listen.port().to_string()),
+        ("body_limit_bytes", gw.body_limit_bytes.to_string()),
+        ("stream_idle_timeout", gw.stream_idle_timeout_s.to_string()),
+        (
+            "audit_flush_interval",
+            format!("{}s", gw.audit_flush_interval_ms as f64 / 1000.0),
+        ),
+        ("audit_log_path", p(&layout.audit_log())),
+        ("openai_host", q(&gw.openai.host)),
+        ("anthropic_host", q(&gw.anthropic.host)),
+        ("ecds_path", p(&layout.ecds())),
+        ("ecds_dir", p(&layout.ecds_dir())),
+        ("anthropic_secret_path", p(&layout.secret("anthropic"))),
+        ("openai_secret_path", p(&layout.secret("openai"))),
+        ("anthropic_dns_type", dns(&gw.anthropic)),
+        ("anthropic_address", q(&gw.anthropic.address)),
+        ("anthropic_port", gw.anthropic.port.to_string()),
+        ("anthropic_tls", tls_block(&gw.anthropic, &gw.ca_bundle)?),
+        ("openai_dns_type", dns(&gw.openai)),
+        ("openai_address", q(&gw.openai.address)),
+        ("openai_port", gw.openai.port.to_string()),
+        ("openai_tls", tls_block(&gw.openai, &gw.ca_bundle)?),
+        ("collector_address", q(&gw.collector.0)),
+        ("collector_port", gw.collector.1.to_string()),
+        ("collector_dns_type", dns_type(&gw.collector.0)),
+        ("quota_cluster", quota_cluster(&gw.quota)?),
+    ];
+    values.extend(failover);
+    fill(BOOTSTRAP, &values)
 }
 
 /// STATIC for IP addresses, STRICT_DNS for names (every address a name
@@ -344,6 +347,7 @@ mod tests {
             admin_port: 9901,
             collector: ("127.0.0.1".to_string(), 9611),
             anthropic: Upstream::parse("https://api.anthropic.com").unwrap(),
+            anthropic_keys: 1,
             openai: Upstream::local(9612),
             body_limit_bytes: 1 << 25,
             audit_flush_interval_ms: 1000,
