@@ -281,7 +281,9 @@ pub fn compiled(path: &Path) -> Result<(policy::Policy, Vec<u8>), Vec<String>> {
 /// policy again and again (the dashboard's burn-down), where the gateway
 /// already said them once.
 pub fn compiled_quietly(path: &Path) -> Result<(policy::Policy, Vec<u8>), Vec<String>> {
-    read(path).compile().map(|(policy, _, bytes)| (policy, bytes))
+    read(path)
+        .compile()
+        .map(|(policy, _, bytes)| (policy, bytes))
 }
 
 /// [`compiled`] for a command that reads a policy: each error on stderr,

@@ -52,7 +52,7 @@ fn get(gw: &Gateway, path_and_query: &str) -> Value {
 /// The page's figures: KPIs, the spend chart's bars, the burn-down cards.
 fn figures(b: &mut Browser) -> Value {
     b.eval(
-        r#"(() => {
+        r##"(() => {
           const num = s => Number(s.replace(/[$,]/g, ""));
           const bars = [...document.querySelectorAll("#spend-chart rect.bar-rect")];
           return {
@@ -72,7 +72,7 @@ fn figures(b: &mut Browser) -> Value {
               points: Number(d.querySelector(".used-line").dataset.points),
             })),
           };
-        })()"#,
+        })()"##,
     )
 }
 
@@ -191,7 +191,11 @@ fn dashboard_charts_filters_and_drills_down_without_overflowing() {
     b.resize(1280, 900);
     open(&mut b, &base, "?since=1h");
     let f = figures(&mut b);
-    assert_eq!((f["requests"].clone(), f["denied"].clone()), (6.into(), 1.into()), "{f}");
+    assert_eq!(
+        (f["requests"].clone(), f["denied"].clone()),
+        (6.into(), 1.into()),
+        "{f}"
+    );
     assert_eq!(f["cost"], format!("${cost:.4}"));
     assert_eq!(f["bars"], daily["points"].as_array().unwrap().len());
     assert!(close(f["bar_cost"].as_f64().unwrap(), cost), "{f}");
@@ -202,7 +206,10 @@ fn dashboard_charts_filters_and_drills_down_without_overflowing() {
     assert_eq!(burns.len(), 3, "{f}");
     for (drawn, api) in burns.iter().zip(burn["limits"].as_array().unwrap()) {
         assert_eq!(drawn["entity"], api["entity"]);
-        assert!(close(drawn["used"].as_f64().unwrap(), api["used"].as_f64().unwrap()));
+        assert!(close(
+            drawn["used"].as_f64().unwrap(),
+            api["used"].as_f64().unwrap()
+        ));
         assert_eq!(drawn["points"], api["points"].as_array().unwrap().len());
         assert_eq!(drawn["alerts"], 3, "50, 80 and 100% marked: {drawn}");
     }
@@ -233,10 +240,7 @@ fn dashboard_charts_filters_and_drills_down_without_overflowing() {
            s.value = {}; s.dispatchEvent(new Event('change')); }})()",
         serde_json::to_string(&gpt).unwrap()
     ));
-    let search = format!(
-        "?since=1h&bucket=hour&model={}",
-        gpt.replace(':', "%3A")
-    );
+    let search = format!("?since=1h&model={}&bucket=hour", gpt.replace(':', "%3A"));
     wait_loaded(&mut b, &search);
     let f = figures(&mut b);
     let only = get(&gw, &format!("/api/series{search}"));
@@ -260,7 +264,7 @@ fn dashboard_charts_filters_and_drills_down_without_overflowing() {
     wait_loaded(&mut b, "?since=1h&drill=bob");
     let bob = get(&gw, "/api/key?id=bob&since=1h");
     let drill = b.eval(
-        r#"(() => {
+        r##"(() => {
           const d = document.getElementById("drill");
           const k = n => d.querySelector(`[data-k=${n}]`);
           return {
@@ -272,21 +276,25 @@ fn dashboard_charts_filters_and_drills_down_without_overflowing() {
             denials: [...d.querySelectorAll("#t-drill-denials tr[data-request]")].map(r => r.dataset.request + " " + r.cells[2].textContent),
             recent: [...d.querySelectorAll("#t-drill-recent tr[data-request]")].map(r => r.dataset.request),
           };
-        })()"#,
+        })()"##,
     );
     assert_eq!(drill["hidden"], false);
     assert_eq!(drill["key"], "bob");
     assert_eq!(
-        (drill["requests"].clone(), drill["denied"].clone(), drill["tokens"].clone()),
+        (
+            drill["requests"].clone(),
+            drill["denied"].clone(),
+            drill["tokens"].clone()
+        ),
         ("2".into(), "1".into(), "135".into()),
         "{drill}"
     );
     assert!(close(drill["cost"].as_f64().unwrap(), 0.001293), "{drill}");
-    assert!(close(
-        bob["totals"]["cost_usd"].as_f64().unwrap(),
-        0.001293
-    ));
-    assert_eq!(drill["bars"], bob["series"]["points"].as_array().unwrap().len());
+    assert!(close(bob["totals"]["cost_usd"].as_f64().unwrap(), 0.001293));
+    assert_eq!(
+        drill["bars"],
+        bob["series"]["points"].as_array().unwrap().len()
+    );
     assert_eq!(drill["recent"], serde_json::json!(["b-1", "b-0"]));
     let denials = drill["denials"].as_array().unwrap();
     assert_eq!(denials.len(), 1, "{drill}");
@@ -302,7 +310,7 @@ fn dashboard_charts_filters_and_drills_down_without_overflowing() {
     open(&mut b, &base, "?since=1h&drill=bob");
     assert_nothing_overflows(&mut b, 390);
     let cards = b.eval(
-        "[...document.querySelectorAll('.grid > .card:not([hidden])')].map(c => c.getBoundingClientRect().width)",
+        "[...document.querySelectorAll('body > .grid > .card:not([hidden])')].map(c => c.getBoundingClientRect().width)",
     );
     let widths: Vec<f64> = cards
         .as_array()

@@ -81,8 +81,12 @@ fn view(q: &HashMap<String, String>) -> Result<Filter, Response> {
 
 fn bucket(q: &HashMap<String, String>) -> Result<Bucket, Response> {
     let text = q.get("bucket").map(String::as_str).unwrap_or("day");
-    Bucket::parse(text)
-        .ok_or_else(|| error(StatusCode::BAD_REQUEST, format!("bucket={text}: use hour or day")))
+    Bucket::parse(text).ok_or_else(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("bucket={text}: use hour or day"),
+        )
+    })
 }
 
 /// Runs a store read off the async workers and answers its JSON.
@@ -153,10 +157,8 @@ async fn key(State(app): State<App>, Query(q): Params) -> Response {
         (Ok(v), Ok(b)) => (v, b),
         (Err(r), _) | (_, Err(r)) => return r,
     };
-    answer(move || {
-        super::drilldown::build(&*app.store, &id, &view, bucket, crate::clock::now_ms())
-    })
-    .await
+    answer(move || super::drilldown::build(&*app.store, &id, &view, bucket, crate::clock::now_ms()))
+        .await
 }
 
 /// Stores the records of a JSON-lines body; answers what it did.

@@ -187,7 +187,9 @@ mod tests {
         assert_eq!(buckets(Bucket::Hour, h + 5, 3 * h + 1).unwrap().len(), 3);
         assert_eq!(buckets(Bucket::Day, 5, 5).unwrap(), [0]);
         assert_eq!(
-            buckets(Bucket::Hour, 0, 90 * 24 * h).unwrap_err().to_string(),
+            buckets(Bucket::Hour, 0, 90 * 24 * h)
+                .unwrap_err()
+                .to_string(),
             "2160 hourly buckets: at most 2000; shorten the range or bucket by day"
         );
     }

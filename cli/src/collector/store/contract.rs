@@ -5,13 +5,13 @@
 //! `TOLLGATE_PG_URL` set, an unreachable server fails the PostgreSQL tests.
 
 use super::*;
-use crate::collector::gaps::{Gap, Tracker};
 use crate::collector::burndown::{self, Alerts, BurnPoint};
 use crate::collector::drilldown;
 use crate::collector::filter::Filter;
+use crate::collector::gaps::{Gap, Tracker};
 use crate::collector::report::{GroupBy, Report};
-use crate::collector::series::{Bucket, Point};
 use crate::collector::retention::{Retained, DAY_MS};
+use crate::collector::series::{Bucket, Point};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tollgate_core::audit::{Origin, Outcome, Reason, Tokens};
 
@@ -917,7 +917,16 @@ fn two_days() -> Vec<AuditRecord> {
     vec![
         rec("a", "payments", "m1", None, 10, 20, 0.5, DAY0 + H + 5),
         rec("b", "payments", "m2", None, 1, 2, 0.25, DAY0 + H + 10),
-        rec("c", "payments", "m1", Some(Reason::BudgetExhausted), 0, 0, 0.0, DAY0 + 3 * H),
+        rec(
+            "c",
+            "payments",
+            "m1",
+            Some(Reason::BudgetExhausted),
+            0,
+            0,
+            0.0,
+            DAY0 + 3 * H,
+        ),
         rec("d", "search", "m1", None, 100, 200, 2.0, DAY1 + 2 * H),
         rec("e", "payments", "m1", None, 5, 5, 0.5, DAY1 + H),
     ]
@@ -966,7 +975,10 @@ fn series_sum_each_hour_or_day_of_a_view_and_keep_idle_buckets(s: &dyn AuditBack
     );
     assert_eq!(
         daily.points,
-        [point(DAY0, 3, 1, 42, 0.75), point(DAY1, 2, 0, 303 + 13, 2.5)]
+        [
+            point(DAY0, 3, 1, 42, 0.75),
+            point(DAY1, 2, 0, 303 + 13, 2.5)
+        ]
     );
     assert_eq!(daily.totals, point(DAY0, 5, 1, 358, 3.25));
     let m1 = s
@@ -1004,7 +1016,11 @@ fn usage_in_a_view_is_filtered_by_each_dimension_and_the_range(s: &dyn AuditBack
         names(&s.usage(GroupBy::Model, &day0_only).unwrap()),
         [("m1".to_string(), 2, 0.5), ("m2".to_string(), 1, 0.25)]
     );
-    let by_key = view(DAY0, DAY1 + DAY_MS as u64, &[(GroupBy::Key, "key-payments")]);
+    let by_key = view(
+        DAY0,
+        DAY1 + DAY_MS as u64,
+        &[(GroupBy::Key, "key-payments")],
+    );
     assert_eq!(
         names(&s.usage(GroupBy::Day, &by_key).unwrap()),
         [
@@ -1020,7 +1036,10 @@ fn usage_in_a_view_is_filtered_by_each_dimension_and_the_range(s: &dyn AuditBack
         .unwrap();
     assert_eq!(
         names(&m1),
-        [("search".to_string(), 1, 2.0), ("payments".to_string(), 3, 1.0)]
+        [
+            ("search".to_string(), 1, 2.0),
+            ("payments".to_string(), 3, 1.0)
+        ]
     );
     assert_eq!(m1.totals.denials.get("budget_exhausted"), Some(&1));
     // A record without a user is `(none)` in reports, and filtered so.
@@ -1060,7 +1079,10 @@ fn recent_lists_the_newest_records_of_a_view_and_its_denials(s: &dyn AuditBacken
     assert_eq!(ids(&s.recent(&all, true, 10).unwrap()), ["c"]);
     let m1_day0 = view(DAY0, DAY1, &[(GroupBy::Model, "m1")]);
     assert_eq!(ids(&s.recent(&m1_day0, false, 10).unwrap()), ["c", "a"]);
-    assert_eq!(s.recent(&Filter::since(DAY1 + 3 * H), false, 10).unwrap(), []);
+    assert_eq!(
+        s.recent(&Filter::since(DAY1 + 3 * H), false, 10).unwrap(),
+        []
+    );
 }
 
 fn a_keys_drilldown_has_its_totals_models_series_and_denials(s: &dyn AuditBackend) {
@@ -1104,7 +1126,8 @@ const BURN_POLICY: &str = r#"{"version": 1, "defaults": {"models": ["m*"]},
     {"id": "key-search", "team": "search",
      "key_sha256": "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
      "limits": {"budget_usd_per_month": 10}}],
-  "pools": {"team:payments": {"budget_usd_per_day": 1}}}"#;
+  "pools": {"team:payments": {"budget_usd_per_day": 1}},
+  "prices": {"m*": {"input": 1, "output": 1}}}"#;
 
 fn burndown_sums_each_daily_and_monthly_limit_in_its_window(s: &dyn AuditBackend) {
     s.insert_batch(&two_days()).unwrap();
@@ -1132,7 +1155,12 @@ fn burndown_sums_each_daily_and_monthly_limit_in_its_window(s: &dyn AuditBackend
         ("usd", 2.0, DAY1, DAY1 + DAY_MS as u64)
     );
     assert_eq!(day.alerts, [0.5, 0.8, 1.0]);
-    let cumulative = |b: &burndown::Burn| b.points.iter().map(|p| (p.end_ms, p.used)).collect::<Vec<_>>();
+    let cumulative = |b: &burndown::Burn| {
+        b.points
+            .iter()
+            .map(|p| (p.end_ms, p.used))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
         cumulative(day),
         [
@@ -1178,7 +1206,10 @@ fn burndown_sums_each_daily_and_monthly_limit_in_its_window(s: &dyn AuditBackend
     )
     .unwrap();
     assert_eq!(m2.len(), 4);
-    assert!(m2.iter().all(|b| b.used == 0.0), "m2 was called on day 0 only");
+    assert!(
+        m2.iter().all(|b| b.used == 0.0),
+        "m2 was called on day 0 only"
+    );
     // A view ending on day 0 shows day 0's window.
     let yesterday = burndown::build(s, &policy, &alerts, &view(DAY0, DAY1, &[]), now).unwrap();
     assert_eq!(

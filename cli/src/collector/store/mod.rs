@@ -28,8 +28,8 @@ pub use sqlite::SqliteStore;
 use super::filter::Filter;
 use super::gaps::Gap;
 use super::report::{GroupBy, Report};
-use super::series::{Bucket, Series};
 use super::retention::Retained;
+use super::series::{Bucket, Series};
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -275,9 +275,7 @@ pub trait AuditBackend: Send + Sync {
     /// The newest `n` records of a view, newest first; only denials when
     /// `denied_only`. Rolled-up days have no records left to show.
     fn recent(&self, view: &Filter, denied_only: bool, n: usize) -> Result<Vec<AuditRecord>> {
-        let mut params = vec![Param::Int(
-            i64::try_from(view.since_ms).unwrap_or(i64::MAX),
-        )];
+        let mut params = vec![Param::Int(i64::try_from(view.since_ms).unwrap_or(i64::MAX))];
         let mut filter = view.conditions(self.day_expr(), &mut params);
         if denied_only {
             filter.push_str(" AND decision = 'denied'");
