@@ -19,6 +19,7 @@ use super::series::{buckets, grouped, Bucket, Point};
 use super::store::AuditBackend;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use tollgate_core::meter::cell::Refill;
 use tollgate_core::meter::Measure;
@@ -238,22 +239,23 @@ pub fn build<B: AuditBackend + ?Sized>(
             let Some((win, bucket)) = window(metric.refill(), at, offset) else {
                 continue;
             };
-            let key = (bucket, e.dimension);
-            if !sums.contains_key(&key) {
-                let in_window = Filter {
-                    since_ms: win.start,
-                    until_ms: Some(win.end.min(end)),
-                    equals: view
-                        .equals
-                        .iter()
-                        .filter(|(d, _)| *d != e.dimension)
-                        .cloned()
-                        .collect(),
-                };
-                let g = grouped(store, &in_window, e.dimension.sql(store.day_expr()), bucket)?;
-                sums.insert(key, g);
-            }
-            let Some(g) = sums.get(&key) else { continue };
+            let g = match sums.entry((bucket, e.dimension)) {
+                Entry::Occupied(o) => o.into_mut(),
+                Entry::Vacant(v) => {
+                    let in_window = Filter {
+                        since_ms: win.start,
+                        until_ms: Some(win.end.min(end)),
+                        equals: view
+                            .equals
+                            .iter()
+                            .filter(|(d, _)| *d != e.dimension)
+                            .cloned()
+                            .collect(),
+                    };
+                    let sql = e.dimension.sql(store.day_expr());
+                    v.insert(grouped(store, &in_window, sql, bucket)?)
+                }
+            };
             let mut used = 0.0;
             let points = buckets(bucket, win.start, win.end.min(end))?
                 .into_iter()

@@ -73,20 +73,20 @@ fn error(status: StatusCode, msg: String) -> Response {
 
 type Params = Query<HashMap<String, String>>;
 
-/// The view a query asks for, or the answer saying what is wrong with it.
-fn view(q: &HashMap<String, String>) -> Result<Filter, Response> {
-    Filter::from_query(q, DEFAULT_SINCE, crate::clock::now_ms())
-        .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
+/// The view a query asks for, or what is wrong with it.
+fn view(q: &HashMap<String, String>) -> Result<Filter, String> {
+    Filter::from_query(q, DEFAULT_SINCE, crate::clock::now_ms()).map_err(|e| e.to_string())
 }
 
-fn bucket(q: &HashMap<String, String>) -> Result<Bucket, Response> {
+/// The view and the series bucket (`day` unless asked) a query asks for.
+fn view_and_bucket(q: &HashMap<String, String>) -> Result<(Filter, Bucket), String> {
     let text = q.get("bucket").map(String::as_str).unwrap_or("day");
-    Bucket::parse(text).ok_or_else(|| {
-        error(
-            StatusCode::BAD_REQUEST,
-            format!("bucket={text}: use hour or day"),
-        )
-    })
+    let bucket = Bucket::parse(text).ok_or_else(|| format!("bucket={text}: use hour or day"))?;
+    Ok((view(q)?, bucket))
+}
+
+fn bad_request(msg: String) -> Response {
+    error(StatusCode::BAD_REQUEST, msg)
 }
 
 /// Runs a store read off the async workers and answers its JSON.
@@ -110,15 +110,15 @@ async fn usage(State(app): State<App>, Query(q): Params) -> Response {
     };
     let view = match view(&q) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(e) => return bad_request(e),
     };
     answer(move || app.store.usage(by, &view)).await
 }
 
 async fn series(State(app): State<App>, Query(q): Params) -> Response {
-    let (view, bucket) = match (view(&q), bucket(&q)) {
-        (Ok(v), Ok(b)) => (v, b),
-        (Err(r), _) | (_, Err(r)) => return r,
+    let (view, bucket) = match view_and_bucket(&q) {
+        Ok(vb) => vb,
+        Err(e) => return bad_request(e),
     };
     answer(move || app.store.series(&view, bucket, crate::clock::now_ms())).await
 }
@@ -128,7 +128,7 @@ async fn series(State(app): State<App>, Query(q): Params) -> Response {
 async fn burndown(State(app): State<App>, Query(q): Params) -> Response {
     let view = match view(&q) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(e) => return bad_request(e),
     };
     let Some(path) = app.policy.clone() else {
         return Json(serde_json::json!({
@@ -153,9 +153,9 @@ async fn key(State(app): State<App>, Query(q): Params) -> Response {
     let Some(id) = q.get("id").filter(|i| !i.is_empty()).cloned() else {
         return error(StatusCode::BAD_REQUEST, "id: name the key".to_string());
     };
-    let (view, bucket) = match (view(&q), bucket(&q)) {
-        (Ok(v), Ok(b)) => (v, b),
-        (Err(r), _) | (_, Err(r)) => return r,
+    let (view, bucket) = match view_and_bucket(&q) {
+        Ok(vb) => vb,
+        Err(e) => return bad_request(e),
     };
     answer(move || super::drilldown::build(&*app.store, &id, &view, bucket, crate::clock::now_ms()))
         .await
@@ -190,4 +190,36 @@ async fn metrics(State(app): State<App>) -> Response {
         super::metrics::render(&app.stats),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_view_query_names_its_bucket_or_says_what_is_wrong() {
+        let (view, bucket) =
+            view_and_bucket(&query(&[("since", "1970-01-02"), ("model", "m1")])).unwrap();
+        assert_eq!(bucket, Bucket::Day, "by day unless asked");
+        assert_eq!(view, Filter::since(86_400_000).and(GroupBy::Model, "m1"));
+        assert_eq!(
+            view_and_bucket(&query(&[("bucket", "hour")])).unwrap().1,
+            Bucket::Hour
+        );
+        assert_eq!(
+            view_and_bucket(&query(&[("bucket", "week")])).unwrap_err(),
+            "bucket=week: use hour or day"
+        );
+        assert_eq!(
+            super::view(&query(&[("since", "last week")])).unwrap_err(),
+            "--since \"last week\": use a duration such as 7d, 24h, 30m or an RFC 3339 time"
+        );
+    }
 }
