@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use tollgate_core::meter::cell::Refill;
-use tollgate_core::meter::Measure;
+use tollgate_core::meter::{Measure, Metric};
 use tollgate_core::policy::{Limits, Policy};
 use tollgate_core::time::{day_window, month_window, Window};
 
@@ -233,8 +233,11 @@ pub fn build<B: AuditBackend + ?Sized>(
     // One grouped query per window kind and dimension, however many
     // entities share them.
     let mut sums: HashMap<(Bucket, GroupBy), BTreeMap<(String, u64), Point>> = HashMap::new();
-    let mut out = Vec::new();
-    for e in entities(policy).iter().filter(|e| listed(view, e)) {
+    let entities = entities(policy);
+    // What each limit used, for every listed entity (a policy may hold
+    // 100,000 keys); the points are drawn for the most used only.
+    let mut used_by: Vec<(&Entity<'_>, Metric, f64, Window, Bucket, f64)> = Vec::new();
+    for e in entities.iter().filter(|e| listed(view, e)) {
         for (metric, limit) in e.limits.iter() {
             let Some((win, bucket)) = window(metric.refill(), at, offset) else {
                 continue;
@@ -256,41 +259,62 @@ pub fn build<B: AuditBackend + ?Sized>(
                     v.insert(grouped(store, &in_window, sql, bucket)?)
                 }
             };
-            let mut used = 0.0;
-            let points = buckets(bucket, win.start, win.end.min(end))?
-                .into_iter()
-                .map(|start| {
-                    if let Some(p) = g.get(&(e.value.clone(), bucket.start(start))) {
-                        used += amount_of(p, metric.measure());
-                    }
-                    BurnPoint {
-                        end_ms: (start + bucket.ms()).min(win.end),
-                        used,
-                    }
-                })
-                .collect();
-            out.push(Burn {
-                entity: e.name.clone(),
-                limit: metric.name(),
-                unit: if metric.is_usd() { "usd" } else { "tokens" },
-                amount: limit.amount,
-                window_start_ms: win.start,
-                window_end_ms: win.end,
-                used,
-                ratio: used / limit.amount,
-                alerts: alerts.of(&e.name),
-                points,
-            });
+            let used = of_entity(g, &e.value)
+                .map(|(_, p)| amount_of(p, metric.measure()))
+                .sum();
+            used_by.push((e, metric, limit.amount, win, bucket, used));
         }
     }
-    out.sort_by(|a, b| {
-        b.ratio
-            .total_cmp(&a.ratio)
-            .then_with(|| a.entity.cmp(&b.entity))
-            .then_with(|| a.limit.cmp(b.limit))
+    let ratio = |u: &(&Entity<'_>, Metric, f64, Window, Bucket, f64)| u.5 / u.2;
+    used_by.sort_by(|a, b| {
+        ratio(b)
+            .total_cmp(&ratio(a))
+            .then_with(|| a.0.name.cmp(&b.0.name))
+            .then_with(|| a.1.name().cmp(b.1.name()))
     });
-    out.truncate(MAX_LIMITS);
+    used_by.truncate(MAX_LIMITS);
+    let mut out = Vec::with_capacity(used_by.len());
+    for u in &used_by {
+        let (e, metric, amount, win, bucket, used) = *u;
+        let by_bucket: HashMap<u64, &Point> = sums
+            .get(&(bucket, e.dimension))
+            .map(|g| of_entity(g, &e.value).map(|((_, t), p)| (*t, p)).collect())
+            .unwrap_or_default();
+        let mut so_far = 0.0;
+        let points = buckets(bucket, win.start, win.end.min(end))?
+            .into_iter()
+            .map(|start| {
+                if let Some(p) = by_bucket.get(&start) {
+                    so_far += amount_of(p, metric.measure());
+                }
+                BurnPoint {
+                    end_ms: (start + bucket.ms()).min(win.end),
+                    used: so_far,
+                }
+            })
+            .collect();
+        out.push(Burn {
+            entity: e.name.clone(),
+            limit: metric.name(),
+            unit: if metric.is_usd() { "usd" } else { "tokens" },
+            amount,
+            window_start_ms: win.start,
+            window_end_ms: win.end,
+            used,
+            ratio: ratio(u),
+            alerts: alerts.of(&e.name),
+            points,
+        });
+    }
     Ok(out)
+}
+
+/// One entity's buckets of a grouped sum.
+fn of_entity<'g>(
+    g: &'g BTreeMap<(String, u64), Point>,
+    value: &str,
+) -> impl Iterator<Item = (&'g (String, u64), &'g Point)> {
+    g.range((value.to_string(), 0)..=(value.to_string(), u64::MAX))
 }
 
 #[cfg(test)]
