@@ -258,6 +258,28 @@ fn dashboard_charts_filters_and_drills_down_without_overflowing() {
     );
     assert_nothing_overflows(&mut b, 1280);
 
+    // A key filter, bookmarked: bob's two requests, one denied; only his
+    // own token quota in the burn-down.
+    open(&mut b, &base, "?since=1h&key=bob");
+    let f = figures(&mut b);
+    assert_eq!(
+        (f["requests"].clone(), f["denied"].clone()),
+        (2.into(), 1.into()),
+        "{f}"
+    );
+    assert!(close(f["bar_cost"].as_f64().unwrap(), 0.001293), "{f}");
+    assert_eq!(f["teams"], serde_json::json!(["search"]));
+    assert_eq!(
+        f["burns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["entity"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["key:bob"],
+        "{f}"
+    );
+
     // A key's drill-down, opened by clicking its row.
     open(&mut b, &base, "?since=1h");
     b.click("#t-key tr[data-name=bob]");

@@ -10,7 +10,8 @@
 //! holding the end of the view, so a view ending yesterday shows
 //! yesterday's burn-down. The view's other filters narrow what is summed
 //! (a model filter shows that model's share of each budget) and which
-//! entities are listed (a team filter lists that team's pool and keys).
+//! entities are listed (a team filter lists that team's pool and keys, a
+//! key filter that key and the pools it draws from).
 //! Per-minute limits refill continuously and have no burn-down.
 
 use super::filter::Filter;
@@ -234,10 +235,30 @@ pub fn build<B: AuditBackend + ?Sized>(
     // entities share them.
     let mut sums: HashMap<(Bucket, GroupBy), BTreeMap<(String, u64), Point>> = HashMap::new();
     let entities = entities(policy);
+    // A key filter lists the pools that key draws from, when the policy
+    // knows the key.
+    let key_pools: Option<Vec<&str>> = view
+        .equals
+        .iter()
+        .find(|(d, _)| *d == GroupBy::Key)
+        .and_then(|(_, id)| policy.keys().iter().find(|k| k.id == *id))
+        .map(|k| {
+            k.pools
+                .iter()
+                .filter_map(|i| policy.pool(*i))
+                .map(|p| p.name.as_str())
+                .collect()
+        });
+    let draws = |e: &Entity<'_>| {
+        e.dimension == GroupBy::Key
+            || key_pools
+                .as_ref()
+                .is_none_or(|pools| pools.contains(&e.name.as_str()))
+    };
     // What each limit used, for every listed entity (a policy may hold
     // 100,000 keys); the points are drawn for the most used only.
     let mut used_by: Vec<(&Entity<'_>, Metric, f64, Window, Bucket, f64)> = Vec::new();
-    for e in entities.iter().filter(|e| listed(view, e)) {
+    for e in entities.iter().filter(|e| listed(view, e) && draws(e)) {
         for (metric, limit) in e.limits.iter() {
             let Some((win, bucket)) = window(metric.refill(), at, offset) else {
                 continue;

@@ -1197,6 +1197,26 @@ fn burndown_sums_each_daily_and_monthly_limit_in_its_window(s: &dyn AuditBackend
         search.iter().map(|b| b.entity.as_str()).collect::<Vec<_>>(),
         ["key:key-search"]
     );
+    let listed = |filter: Filter| {
+        burndown::build(s, &policy, &alerts, &filter, now)
+            .unwrap()
+            .iter()
+            .map(|b| format!("{} {}", b.entity, b.limit))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        listed(Filter::since(DAY0).and(GroupBy::Key, "key-search")),
+        ["key:key-search budget_usd_per_month"],
+        "a key filter lists the key and the pools it draws from"
+    );
+    assert_eq!(
+        listed(Filter::since(DAY0).and(GroupBy::Key, "key-payments")),
+        [
+            "team:payments budget_usd_per_day",
+            "key:key-payments budget_usd_per_day",
+            "key:key-payments tokens_per_day"
+        ]
+    );
     let m2 = burndown::build(
         s,
         &policy,
