@@ -13,16 +13,19 @@ use crate::output::status;
 use crate::shutdown::Stop;
 use anyhow::Result;
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
 /// What the collector does besides storing.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Upkeep {
     /// Roll up and delete raw records older than this many days; `None`
     /// keeps everything.
     pub retain_days: Option<u32>,
+    /// The policy whose daily and monthly limits the dashboard's
+    /// burn-down draws; `None`: no burn-down.
+    pub policy: Option<PathBuf>,
 }
 
 /// Serves both listeners until `shutdown` resolves, then stops the HTTP
@@ -40,6 +43,7 @@ pub async fn serve(
         http,
         store.clone(),
         stats.clone(),
+        upkeep.policy,
         side_stop.stopped(),
     ));
     let maintain = tokio::spawn(collector::maintain(

@@ -277,6 +277,15 @@ pub fn compiled(path: &Path) -> Result<(policy::Policy, Vec<u8>), Vec<String>> {
     read(path).compiled()
 }
 
+/// [`compiled`] without printing warnings, for a reader that reads the
+/// policy again and again (the dashboard's burn-down), where the gateway
+/// already said them once.
+pub fn compiled_quietly(path: &Path) -> Result<(policy::Policy, Vec<u8>), Vec<String>> {
+    read(path)
+        .compile()
+        .map(|(policy, _, bytes)| (policy, bytes))
+}
+
 /// [`compiled`] for a command that reads a policy: each error on stderr,
 /// then one error saying how many.
 pub fn open(path: &Path) -> anyhow::Result<(policy::Policy, Vec<u8>)> {

@@ -399,14 +399,18 @@ fn dashboard_shows_the_real_figures_in_a_browser() {
     assert!(dom.contains(r#"<b id="k-cost">$0.0052</b>"#));
     assert!(
         dom.contains(
-            r#"<tr data-name="payments"><td>payments</td><td>3</td><td>405</td><td>$0.0039</td>"#
+            r#"<tr data-name="payments"><td class="name" title="payments">payments</td><td>3</td><td>$0.0039</td>"#
         ),
         "{dom}"
     );
-    assert!(dom.contains(r#"<tr data-name="rate_limited"><td>rate_limited</td><td>1</td>"#));
+    assert!(dom.contains(
+        r#"<tr data-name="rate_limited"><td class="name" title="rate_limited">rate_limited</td><td>1</td>"#
+    ));
     assert!(
-        dom.contains(r#"<tr data-name="bob"><td>bob</td><td>2</td><td>1</td>"#),
-        "keys with denials"
+        dom.contains(
+            r#"<tr data-name="bob" class="link"><td class="name" title="bob">bob</td><td>2</td><td>1</td>"#
+        ),
+        "keys with their denials"
     );
 
     let artifacts =

@@ -93,6 +93,22 @@ fn virtual_keys_never_appear_in_logs_audit_metrics_or_upstream() {
             .text()
             .unwrap(),
     ));
+    for path in [
+        "/",
+        "/api/series?since=1h&bucket=hour",
+        "/api/burndown?since=1h",
+        "/api/key?id=alice&since=1h",
+    ] {
+        places.push((
+            format!("dashboard {path}"),
+            gw.client()
+                .get(format!("{http}{path}"))
+                .send()
+                .unwrap()
+                .text()
+                .unwrap(),
+        ));
+    }
     let db = std::fs::read(&gw.audit_db).unwrap_or_default();
     places.push((
         "audit database file".into(),

@@ -4,6 +4,8 @@
 //! Logs are printed only when a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod cdp;
+
 use serde_json::Value;
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -30,6 +30,10 @@ pub struct CollectorArgs {
     /// them (usage reports keep covering those days). Default: keep everything.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub retain_days: Option<u32>,
+    /// The gateway's policy file: the dashboard draws the burn-down of its daily and
+    /// monthly limits (read at each view, so edits show at once).
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
 }
 
 pub fn run(args: CollectorArgs) -> Result<()> {
@@ -55,6 +59,7 @@ pub fn run(args: CollectorArgs) -> Result<()> {
         ));
         let upkeep = audit_service::Upkeep {
             retain_days: args.retain_days,
+            policy: args.policy.clone(),
         };
         audit_service::serve(grpc, http, store, upkeep, shutdown::signal()).await
     })

@@ -1,8 +1,14 @@
 //! The collector's HTTP side: Prometheus `/metrics` (see `metrics.rs`), `/api/usage` (the same
 //! JSON as `tollgate usage --format json`), `POST /api/ingest` (Envoy's file access log shipped
-//! over HTTP, see `ingest.rs`) and a small dashboard at `/`.
+//! over HTTP, see `ingest.rs`) and the dashboard at `/` with the views it reads: `/api/series`
+//! (usage per hour or day), `/api/burndown` (each daily and monthly limit's use, from the
+//! policy) and `/api/key` (one key's drill-down). Every `/api` read takes the same view
+//! parameters (`since`, `until`, `team`, `project`, `user`, `app`, `agent`, `model`, `key`;
+//! see `filter.rs`).
 
-use super::report::{parse_since, GroupBy};
+use super::filter::Filter;
+use super::report::GroupBy;
+use super::series::Bucket;
 use super::store::AuditStore;
 use super::Stats;
 use axum::body::Bytes;
@@ -14,32 +20,47 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// The view of a request without `since`: the last week.
+const DEFAULT_SINCE: &str = "7d";
 
 #[derive(Clone)]
 struct App {
     store: AuditStore,
     stats: Arc<Stats>,
+    /// The policy whose limits the burn-down draws, read at each request
+    /// so edits show at once.
+    policy: Option<Arc<PathBuf>>,
 }
 
 pub async fn serve(
     listener: tokio::net::TcpListener,
     store: AuditStore,
     stats: Arc<Stats>,
+    policy: Option<PathBuf>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/", get(|| async { Html(DASHBOARD) }))
         .route("/metrics", get(metrics))
         .route("/api/usage", get(usage))
+        .route("/api/series", get(series))
+        .route("/api/burndown", get(burndown))
+        .route("/api/key", get(key))
         .route(
             "/api/ingest",
             post(ingest).layer(DefaultBodyLimit::max(super::ingest::MAX_BODY)),
         )
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(App { store, stats });
+        .with_state(App {
+            store,
+            stats,
+            policy: policy.map(Arc::new),
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
@@ -50,7 +71,36 @@ fn error(status: StatusCode, msg: String) -> Response {
     (status, Json(serde_json::json!({ "error": msg }))).into_response()
 }
 
-async fn usage(State(app): State<App>, Query(q): Query<HashMap<String, String>>) -> Response {
+type Params = Query<HashMap<String, String>>;
+
+/// The view a query asks for, or what is wrong with it.
+fn view(q: &HashMap<String, String>) -> Result<Filter, String> {
+    Filter::from_query(q, DEFAULT_SINCE, crate::clock::now_ms()).map_err(|e| e.to_string())
+}
+
+/// The view and the series bucket (`day` unless asked) a query asks for.
+fn view_and_bucket(q: &HashMap<String, String>) -> Result<(Filter, Bucket), String> {
+    let text = q.get("bucket").map(String::as_str).unwrap_or("day");
+    let bucket = Bucket::parse(text).ok_or_else(|| format!("bucket={text}: use hour or day"))?;
+    Ok((view(q)?, bucket))
+}
+
+fn bad_request(msg: String) -> Response {
+    error(StatusCode::BAD_REQUEST, msg)
+}
+
+/// Runs a store read off the async workers and answers its JSON.
+async fn answer<T: serde::Serialize + Send + 'static>(
+    read: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(read).await {
+        Ok(Ok(r)) => Json(r).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn usage(State(app): State<App>, Query(q): Params) -> Response {
     let by_text = q.get("by").map(String::as_str).unwrap_or("team");
     let Some(by) = GroupBy::parse(by_text) else {
         return error(
@@ -58,19 +108,57 @@ async fn usage(State(app): State<App>, Query(q): Query<HashMap<String, String>>)
             format!("by={by_text}: use key, user, team, project, app, agent, model or day"),
         );
     };
-    let since = match parse_since(
-        q.get("since").map(String::as_str).unwrap_or("7d"),
-        crate::clock::now_ms(),
-    ) {
-        Ok(s) => s,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    let view = match view(&q) {
+        Ok(v) => v,
+        Err(e) => return bad_request(e),
     };
-    let store = app.store.clone();
-    match tokio::task::spawn_blocking(move || store.report(by, since)).await {
-        Ok(Ok(r)) => Json(r).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    answer(move || app.store.usage(by, &view)).await
+}
+
+async fn series(State(app): State<App>, Query(q): Params) -> Response {
+    let (view, bucket) = match view_and_bucket(&q) {
+        Ok(vb) => vb,
+        Err(e) => return bad_request(e),
+    };
+    answer(move || app.store.series(&view, bucket, crate::clock::now_ms())).await
+}
+
+/// The burn-down needs the policy: a collector started without one
+/// answers an empty list and says why.
+async fn burndown(State(app): State<App>, Query(q): Params) -> Response {
+    let view = match view(&q) {
+        Ok(v) => v,
+        Err(e) => return bad_request(e),
+    };
+    let Some(path) = app.policy.clone() else {
+        return Json(serde_json::json!({
+            "limits": [],
+            "note": "the collector was started without --policy: no limits to draw",
+        }))
+        .into_response();
+    };
+    answer(move || {
+        let (policy, bytes) = crate::policy_file::compiled_quietly(&path).map_err(|errors| {
+            anyhow::anyhow!("policy {}: {}", path.display(), errors.join("; "))
+        })?;
+        let alerts = super::burndown::Alerts::of_policy(&bytes);
+        let limits =
+            super::burndown::build(&*app.store, &policy, &alerts, &view, crate::clock::now_ms())?;
+        Ok(serde_json::json!({ "policy": path.display().to_string(), "limits": limits }))
+    })
+    .await
+}
+
+async fn key(State(app): State<App>, Query(q): Params) -> Response {
+    let Some(id) = q.get("id").filter(|i| !i.is_empty()).cloned() else {
+        return error(StatusCode::BAD_REQUEST, "id: name the key".to_string());
+    };
+    let (view, bucket) = match view_and_bucket(&q) {
+        Ok(vb) => vb,
+        Err(e) => return bad_request(e),
+    };
+    answer(move || super::drilldown::build(&*app.store, &id, &view, bucket, crate::clock::now_ms()))
+        .await
 }
 
 /// Stores the records of a JSON-lines body; answers what it did.
@@ -102,4 +190,36 @@ async fn metrics(State(app): State<App>) -> Response {
         super::metrics::render(&app.stats),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_view_query_names_its_bucket_or_says_what_is_wrong() {
+        let (view, bucket) =
+            view_and_bucket(&query(&[("since", "1970-01-02"), ("model", "m1")])).unwrap();
+        assert_eq!(bucket, Bucket::Day, "by day unless asked");
+        assert_eq!(view, Filter::since(86_400_000).and(GroupBy::Model, "m1"));
+        assert_eq!(
+            view_and_bucket(&query(&[("bucket", "hour")])).unwrap().1,
+            Bucket::Hour
+        );
+        assert_eq!(
+            view_and_bucket(&query(&[("bucket", "week")])).unwrap_err(),
+            "bucket=week: use hour or day"
+        );
+        assert_eq!(
+            super::view(&query(&[("since", "last week")])).unwrap_err(),
+            "--since \"last week\": use a duration such as 7d, 24h, 30m or an RFC 3339 time"
+        );
+    }
 }

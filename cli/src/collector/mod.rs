@@ -5,12 +5,16 @@
 //! A full queue drops the entry and counts it; the file access log keeps the
 //! durable copy.
 
+pub mod burndown;
+pub mod drilldown;
+pub mod filter;
 pub mod gaps;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod report;
 pub mod retention;
+pub mod series;
 pub mod sheet;
 pub mod store;
 
@@ -807,7 +811,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let web = tokio::spawn(http::serve(listener, store, stats, async move {
+        let web = tokio::spawn(http::serve(listener, store, stats, None, async move {
             let _ = stop_rx.await;
         }));
         let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -3,6 +3,7 @@
 //! JSON form is stable (see docs/audit.md) and shared by `tollgate usage`,
 //! the collector's `/api/usage` and its dashboard.
 
+use super::filter::Filter;
 use super::sheet::{self, Align, Column};
 use super::store::{AuditBackend, Param};
 use anyhow::{bail, Result};
@@ -10,7 +11,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 /// What rows are grouped by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GroupBy {
     Key,
@@ -25,7 +26,7 @@ pub enum GroupBy {
 
 impl GroupBy {
     /// The SQL value rows are grouped by, for a backend with `day_expr`.
-    fn sql(self, day_expr: &'static str) -> &'static str {
+    pub(super) fn sql(self, day_expr: &'static str) -> &'static str {
         match self {
             GroupBy::Key => "COALESCE(key_id, '(no key)')",
             GroupBy::User => "COALESCE(\"user\", '(none)')",
@@ -92,52 +93,66 @@ pub fn parse_since(s: &str, now_ms: u64) -> Result<u64> {
 
 /// Where a report reads: raw records above the retention horizon, one per
 /// request, and the daily rollups below it, one per day and group.
-struct Source {
-    table: &'static str,
+pub(super) struct Scan<'a> {
+    pub table: &'static str,
     /// The requests a row stands for.
-    requests: &'static str,
-    /// The rows between `$1` and `$2` ...
-    filter: &'static str,
-    /// ... given the report's start and the horizon.
-    bounds: fn(i64, i64) -> [i64; 2],
+    pub requests: &'static str,
+    /// The conditions selecting the view's rows of `table` ...
+    pub filter: String,
+    /// ... and their parameters.
+    pub params: Vec<Param<'a>>,
 }
 
-const SOURCES: [Source; 2] = [
-    Source {
-        table: "audit",
-        requests: "1",
-        filter: "timestamp_ms >= $1 AND timestamp_ms >= $2",
-        bounds: |since, horizon| [since, horizon],
-    },
-    // A rolled-up day is in the window when the window starts on or before
-    // its end: a report reaching back past the horizon counts whole days.
-    Source {
-        table: "audit_daily",
-        requests: "requests",
-        filter: "timestamp_ms >= $1 AND timestamp_ms < $2",
-        bounds: |since, horizon| [super::retention::day_start(since), horizon],
-    },
-];
+/// The two scans of a view: raw records from the later of its start and
+/// the horizon, and the rolled-up days before the horizon. A rolled-up day
+/// is in the view when the view starts on or before its end: a view
+/// reaching back past the horizon counts whole days (and an hourly series
+/// puts a rolled-up day's sums at its first hour).
+pub(super) fn scans<'a>(day_expr: &'static str, horizon: i64, filter: &'a Filter) -> [Scan<'a>; 2] {
+    let since = i64::try_from(filter.since_ms).unwrap_or(i64::MAX);
+    let scan = |table, requests, first: &str, bounds: [i64; 2]| {
+        let mut params = bounds.map(Param::Int).to_vec();
+        let rest = filter.conditions(day_expr, &mut params);
+        Scan {
+            table,
+            requests,
+            filter: format!("{first}{rest}"),
+            params,
+        }
+    };
+    [
+        scan(
+            "audit",
+            "1",
+            "timestamp_ms >= $1 AND timestamp_ms >= $2",
+            [since, horizon],
+        ),
+        scan(
+            "audit_daily",
+            "requests",
+            "timestamp_ms >= $1 AND timestamp_ms < $2",
+            [super::retention::day_start(since), horizon],
+        ),
+    ]
+}
 
-/// Aggregates complete and provisional records since `since_ms`: the body of
-/// [`AuditBackend::report`].
+/// Aggregates complete and provisional records in a view: the body of
+/// [`AuditBackend::usage`].
 pub(super) fn build<B: AuditBackend + ?Sized>(
     store: &B,
     by: GroupBy,
-    since_ms: u64,
+    view: &Filter,
 ) -> Result<Report> {
     let group = by.sql(store.day_expr());
-    let since = i64::try_from(since_ms).unwrap_or(i64::MAX);
     let horizon = store.horizon()?;
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
-    for source in SOURCES {
-        let Source {
+    for scan in scans(store.day_expr(), horizon, view) {
+        let Scan {
             table,
             requests: n,
             filter,
-            bounds,
-        } = source;
-        let params = bounds(since, horizon).map(Param::Int);
+            params,
+        } = scan;
         // Portable SQL for SQLite and PostgreSQL: CASE sums, and BIGINT casts
         // because PostgreSQL sums BIGINT columns into NUMERIC.
         store.query(
@@ -213,7 +228,7 @@ pub(super) fn build<B: AuditBackend + ?Sized>(
     }
     Ok(Report {
         by,
-        since_ms,
+        since_ms: view.since_ms,
         rows,
         totals,
     })

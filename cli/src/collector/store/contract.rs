@@ -5,9 +5,13 @@
 //! `TOLLGATE_PG_URL` set, an unreachable server fails the PostgreSQL tests.
 
 use super::*;
+use crate::collector::burndown::{self, Alerts, BurnPoint};
+use crate::collector::drilldown;
+use crate::collector::filter::Filter;
 use crate::collector::gaps::{Gap, Tracker};
 use crate::collector::report::{GroupBy, Report};
 use crate::collector::retention::{Retained, DAY_MS};
+use crate::collector::series::{Bucket, Point};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tollgate_core::audit::{Origin, Outcome, Reason, Tokens};
 
@@ -121,6 +125,12 @@ contract!(
     gaps_ignore_numbers_retention_deleted,
     the_gauges_tracker_follows_what_the_full_search_finds,
     retention_asked_to_stop_leaves_the_store_as_it_was,
+    series_sum_each_hour_or_day_of_a_view_and_keep_idle_buckets,
+    usage_in_a_view_is_filtered_by_each_dimension_and_the_range,
+    series_count_rolled_up_days_at_their_first_hour,
+    recent_lists_the_newest_records_of_a_view_and_its_denials,
+    a_keys_drilldown_has_its_totals_models_series_and_denials,
+    burndown_sums_each_daily_and_monthly_limit_in_its_window,
 );
 
 fn record(id: &str, complete: bool) -> AuditRecord {
@@ -894,4 +904,345 @@ fn retention_asked_to_stop_leaves_the_store_as_it_was(s: &dyn AuditBackend) {
     );
     assert_eq!((s.horizon().unwrap(), s.count().unwrap()), (0, 13));
     assert_eq!(s.report(GroupBy::Team, day0).unwrap(), before);
+}
+
+const H: u64 = 3_600_000;
+const DAY0: u64 = 20_000 * DAY_MS as u64; // 2024-10-04
+const DAY1: u64 = DAY0 + DAY_MS as u64;
+
+/// Two teams' keys over two days: payments calls m1 and m2 on day 0 (one
+/// call denied) and m1 on day 1; search calls m1 on day 1. Tokens per
+/// record: input + output + 3 cache reads.
+fn two_days() -> Vec<AuditRecord> {
+    vec![
+        rec("a", "payments", "m1", None, 10, 20, 0.5, DAY0 + H + 5),
+        rec("b", "payments", "m2", None, 1, 2, 0.25, DAY0 + H + 10),
+        rec(
+            "c",
+            "payments",
+            "m1",
+            Some(Reason::BudgetExhausted),
+            0,
+            0,
+            0.0,
+            DAY0 + 3 * H,
+        ),
+        rec("d", "search", "m1", None, 100, 200, 2.0, DAY1 + 2 * H),
+        rec("e", "payments", "m1", None, 5, 5, 0.5, DAY1 + H),
+    ]
+}
+
+fn point(start_ms: u64, requests: u64, denied: u64, tokens: u64, cost_usd: f64) -> Point {
+    Point {
+        start_ms,
+        requests,
+        denied,
+        tokens,
+        cost_usd,
+    }
+}
+
+fn view(since_ms: u64, until_ms: u64, equals: &[(GroupBy, &str)]) -> Filter {
+    Filter {
+        since_ms,
+        until_ms: Some(until_ms),
+        equals: equals.iter().map(|(d, v)| (*d, v.to_string())).collect(),
+    }
+}
+
+fn series_sum_each_hour_or_day_of_a_view_and_keep_idle_buckets(s: &dyn AuditBackend) {
+    s.insert_batch(&two_days()).unwrap();
+    let hourly = s
+        .series(&view(DAY0, DAY0 + 4 * H, &[]), Bucket::Hour, 0)
+        .unwrap();
+    assert_eq!(
+        hourly.points,
+        [
+            point(DAY0, 0, 0, 0, 0.0),
+            point(DAY0 + H, 2, 0, 33 + 6, 0.75),
+            point(DAY0 + 2 * H, 0, 0, 0, 0.0),
+            point(DAY0 + 3 * H, 1, 1, 3, 0.0),
+        ]
+    );
+    assert_eq!(hourly.totals, point(DAY0, 3, 1, 42, 0.75));
+    let daily = s
+        .series(&Filter::since(DAY0), Bucket::Day, DAY1 + 5 * H)
+        .unwrap();
+    assert_eq!(
+        (daily.since_ms, daily.until_ms),
+        (DAY0, DAY1 + 5 * H),
+        "up to now"
+    );
+    assert_eq!(
+        daily.points,
+        [
+            point(DAY0, 3, 1, 42, 0.75),
+            point(DAY1, 2, 0, 303 + 13, 2.5)
+        ]
+    );
+    assert_eq!(daily.totals, point(DAY0, 5, 1, 358, 3.25));
+    let m1 = s
+        .series(
+            &view(DAY0, DAY1 + DAY_MS as u64, &[(GroupBy::Model, "m1")]),
+            Bucket::Day,
+            0,
+        )
+        .unwrap();
+    assert_eq!(
+        m1.points,
+        [point(DAY0, 2, 1, 36, 0.5), point(DAY1, 2, 0, 316, 2.5)]
+    );
+    let search_m1 = view(
+        DAY0,
+        DAY1 + DAY_MS as u64,
+        &[(GroupBy::Model, "m1"), (GroupBy::Team, "search")],
+    );
+    assert_eq!(
+        s.series(&search_m1, Bucket::Day, 0).unwrap().totals,
+        point(DAY0, 1, 0, 303, 2.0)
+    );
+}
+
+fn usage_in_a_view_is_filtered_by_each_dimension_and_the_range(s: &dyn AuditBackend) {
+    s.insert_batch(&two_days()).unwrap();
+    let names = |r: &Report| {
+        r.rows
+            .iter()
+            .map(|r| (r.name.clone(), r.requests, r.cost_usd))
+            .collect::<Vec<_>>()
+    };
+    let day0_only = view(DAY0, DAY1, &[]);
+    assert_eq!(
+        names(&s.usage(GroupBy::Model, &day0_only).unwrap()),
+        [("m1".to_string(), 2, 0.5), ("m2".to_string(), 1, 0.25)]
+    );
+    let by_key = view(
+        DAY0,
+        DAY1 + DAY_MS as u64,
+        &[(GroupBy::Key, "key-payments")],
+    );
+    assert_eq!(
+        names(&s.usage(GroupBy::Day, &by_key).unwrap()),
+        [
+            ("2024-10-04".to_string(), 3, 0.75),
+            ("2024-10-05".to_string(), 1, 0.5)
+        ]
+    );
+    let m1 = s
+        .usage(
+            GroupBy::Team,
+            &view(DAY0, DAY1 + DAY_MS as u64, &[(GroupBy::Model, "m1")]),
+        )
+        .unwrap();
+    assert_eq!(
+        names(&m1),
+        [
+            ("search".to_string(), 1, 2.0),
+            ("payments".to_string(), 3, 1.0)
+        ]
+    );
+    assert_eq!(m1.totals.denials.get("budget_exhausted"), Some(&1));
+    // A record without a user is `(none)` in reports, and filtered so.
+    let none = view(DAY0, DAY1 + DAY_MS as u64, &[(GroupBy::User, "(none)")]);
+    assert_eq!(s.usage(GroupBy::Team, &none).unwrap().totals.requests, 5);
+    let nobody = view(DAY0, DAY1 + DAY_MS as u64, &[(GroupBy::User, "carol")]);
+    assert_eq!(s.usage(GroupBy::Team, &nobody).unwrap().rows, []);
+}
+
+fn series_count_rolled_up_days_at_their_first_hour(s: &dyn AuditBackend) {
+    s.insert_batch(&two_days()).unwrap();
+    let all = view(DAY0, DAY1 + DAY_MS as u64, &[(GroupBy::Team, "payments")]);
+    let before = s.series(&all, Bucket::Day, 0).unwrap();
+    s.retain(1, DAY1 + DAY_MS as u64 + 12 * H, &AtomicBool::new(false))
+        .unwrap();
+    assert_eq!(s.count().unwrap(), 2, "day 0 rolled up");
+    assert_eq!(s.series(&all, Bucket::Day, 0).unwrap(), before);
+    let hourly = s.series(&all, Bucket::Hour, 0).unwrap();
+    assert_eq!(hourly.points[0], point(DAY0, 3, 1, 42, 0.75));
+    assert_eq!(hourly.points[25], point(DAY1 + H, 1, 0, 13, 0.5));
+    assert_eq!(hourly.totals, before.totals);
+    assert_eq!(
+        s.usage(GroupBy::Model, &all).unwrap().totals.cost_usd,
+        1.25,
+        "filters apply to the rollups too"
+    );
+}
+
+fn ids(records: &[AuditRecord]) -> Vec<&str> {
+    records.iter().map(|r| r.request_id.as_str()).collect()
+}
+
+fn recent_lists_the_newest_records_of_a_view_and_its_denials(s: &dyn AuditBackend) {
+    s.insert_batch(&two_days()).unwrap();
+    let all = Filter::since(DAY0);
+    assert_eq!(ids(&s.recent(&all, false, 3).unwrap()), ["d", "e", "c"]);
+    assert_eq!(ids(&s.recent(&all, true, 10).unwrap()), ["c"]);
+    let m1_day0 = view(DAY0, DAY1, &[(GroupBy::Model, "m1")]);
+    assert_eq!(ids(&s.recent(&m1_day0, false, 10).unwrap()), ["c", "a"]);
+    assert_eq!(
+        s.recent(&Filter::since(DAY1 + 3 * H), false, 10).unwrap(),
+        []
+    );
+}
+
+fn a_keys_drilldown_has_its_totals_models_series_and_denials(s: &dyn AuditBackend) {
+    let mut records = two_days();
+    records[4].user = Some("alice".into());
+    s.insert_batch(&records).unwrap();
+    // The view's own key filter is replaced by the key asked for.
+    let v = view(DAY0, DAY1 + DAY_MS as u64, &[(GroupBy::Key, "key-search")]);
+    let k = drilldown::build(s, "key-payments", &v, Bucket::Day, 0).unwrap();
+    assert_eq!(
+        (k.key.as_str(), k.user.as_deref(), k.team.as_deref()),
+        ("key-payments", Some("alice"), Some("payments"))
+    );
+    assert_eq!(
+        (k.totals.requests, k.totals.denied, k.totals.cost_usd),
+        (4, 1, 1.25)
+    );
+    assert_eq!(
+        k.models
+            .iter()
+            .map(|m| (m.name.as_str(), m.requests, m.cost_usd))
+            .collect::<Vec<_>>(),
+        [("m1", 3, 1.0), ("m2", 1, 0.25)]
+    );
+    assert_eq!(
+        k.series.points,
+        [point(DAY0, 3, 1, 42, 0.75), point(DAY1, 1, 0, 13, 0.5)]
+    );
+    assert_eq!(ids(&k.recent), ["e", "c", "b", "a"]);
+    assert_eq!(ids(&k.denials), ["c"]);
+    assert_eq!(k.denials[0].reason, Reason::BudgetExhausted);
+}
+
+/// Two keys and a team pool with daily and monthly limits (and a
+/// per-minute one, which has no burn-down).
+const BURN_POLICY: &str = r#"{"version": 1, "defaults": {"models": ["m*"]},
+  "keys": [
+    {"id": "key-payments", "team": "payments",
+     "key_sha256": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+     "limits": {"budget_usd_per_day": 2, "tokens_per_day": 100, "requests_per_minute": 5}},
+    {"id": "key-search", "team": "search",
+     "key_sha256": "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+     "limits": {"budget_usd_per_month": 10}}],
+  "pools": {"team:payments": {"budget_usd_per_day": 1}},
+  "prices": {"m*": {"input": 1, "output": 1}}}"#;
+
+fn burndown_sums_each_daily_and_monthly_limit_in_its_window(s: &dyn AuditBackend) {
+    s.insert_batch(&two_days()).unwrap();
+    let (policy, _) = tollgate_core::policy::compile(BURN_POLICY.as_bytes(), "p.json", 0).unwrap();
+    let alerts = Alerts::of_policy(BURN_POLICY.as_bytes());
+    let now = DAY1 + 4 * H;
+    let all = burndown::build(s, &policy, &alerts, &Filter::since(DAY0), now).unwrap();
+    let summary: Vec<(&str, &str, f64, f64)> = all
+        .iter()
+        .map(|b| (b.entity.as_str(), b.limit, b.used, b.ratio))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("team:payments", "budget_usd_per_day", 0.5, 0.5),
+            ("key:key-payments", "budget_usd_per_day", 0.5, 0.25),
+            ("key:key-search", "budget_usd_per_month", 2.0, 0.2),
+            ("key:key-payments", "tokens_per_day", 13.0, 0.13),
+        ],
+        "most used first; today's use only, day 0 is yesterday"
+    );
+    let day = &all[1];
+    assert_eq!(
+        (day.unit, day.amount, day.window_start_ms, day.window_end_ms),
+        ("usd", 2.0, DAY1, DAY1 + DAY_MS as u64)
+    );
+    assert_eq!(day.alerts, [0.5, 0.8, 1.0]);
+    let cumulative = |b: &burndown::Burn| {
+        b.points
+            .iter()
+            .map(|p| (p.end_ms, p.used))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        cumulative(day),
+        [
+            (DAY1 + H, 0.0),
+            (DAY1 + 2 * H, 0.5),
+            (DAY1 + 3 * H, 0.5),
+            (DAY1 + 4 * H, 0.5)
+        ]
+    );
+    // October 2024 from the 1st (day 19 997) to today, day by day.
+    let month = &all[2];
+    assert_eq!(month.window_start_ms, 19_997 * DAY_MS as u64);
+    assert_eq!(
+        month.points.last(),
+        Some(&BurnPoint {
+            end_ms: DAY1 + DAY_MS as u64,
+            used: 2.0
+        })
+    );
+    assert_eq!(month.points.len(), 5);
+    assert_eq!(month.unit, "usd");
+    assert_eq!(all[3].unit, "tokens");
+    // A team filter lists that team's pool and keys only; a model filter
+    // sums that model's share.
+    let search = burndown::build(
+        s,
+        &policy,
+        &alerts,
+        &Filter::since(DAY0).and(GroupBy::Team, "search"),
+        now,
+    )
+    .unwrap();
+    assert_eq!(
+        search.iter().map(|b| b.entity.as_str()).collect::<Vec<_>>(),
+        ["key:key-search"]
+    );
+    let listed = |filter: Filter| {
+        burndown::build(s, &policy, &alerts, &filter, now)
+            .unwrap()
+            .iter()
+            .map(|b| format!("{} {}", b.entity, b.limit))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        listed(Filter::since(DAY0).and(GroupBy::Key, "key-search")),
+        ["key:key-search budget_usd_per_month"],
+        "a key filter lists the key and the pools it draws from"
+    );
+    assert_eq!(
+        listed(Filter::since(DAY0).and(GroupBy::Key, "key-payments")),
+        [
+            "team:payments budget_usd_per_day",
+            "key:key-payments budget_usd_per_day",
+            "key:key-payments tokens_per_day"
+        ]
+    );
+    let m2 = burndown::build(
+        s,
+        &policy,
+        &alerts,
+        &Filter::since(DAY0).and(GroupBy::Model, "m2"),
+        now,
+    )
+    .unwrap();
+    assert_eq!(m2.len(), 4);
+    assert!(
+        m2.iter().all(|b| b.used == 0.0),
+        "m2 was called on day 0 only"
+    );
+    // A view ending on day 0 shows day 0's window.
+    let yesterday = burndown::build(s, &policy, &alerts, &view(DAY0, DAY1, &[]), now).unwrap();
+    assert_eq!(
+        yesterday
+            .iter()
+            .map(|b| (b.entity.as_str(), b.limit, b.used))
+            .collect::<Vec<_>>(),
+        [
+            ("team:payments", "budget_usd_per_day", 0.75),
+            ("key:key-payments", "tokens_per_day", 42.0),
+            ("key:key-payments", "budget_usd_per_day", 0.75),
+            ("key:key-search", "budget_usd_per_month", 0.0),
+        ]
+    );
+    assert_eq!(yesterday[0].points.len(), 24);
 }

@@ -25,9 +25,11 @@ mod sqlite;
 pub use pg::PostgresStore;
 pub use sqlite::SqliteStore;
 
+use super::filter::Filter;
 use super::gaps::Gap;
 use super::report::{GroupBy, Report};
 use super::retention::Retained;
+use super::series::{Bucket, Series};
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -256,7 +258,39 @@ pub trait AuditBackend: Send + Sync {
     /// Usage since `since_ms`, grouped by `by` (see `report.rs`): raw
     /// records above the retention horizon, daily rollups below it.
     fn report(&self, by: GroupBy, since_ms: u64) -> Result<Report> {
-        super::report::build(self, by, since_ms)
+        self.usage(by, &Filter::since(since_ms))
+    }
+
+    /// Usage in a view (a time range and filters), grouped by `by`.
+    fn usage(&self, by: GroupBy, view: &Filter) -> Result<Report> {
+        super::report::build(self, by, view)
+    }
+
+    /// A view's sums per UTC hour or day, every bucket of its range present
+    /// (see `series.rs`).
+    fn series(&self, view: &Filter, bucket: Bucket, now_ms: u64) -> Result<Series> {
+        super::series::build(self, view, bucket, now_ms)
+    }
+
+    /// The newest `n` records of a view, newest first; only denials when
+    /// `denied_only`. Rolled-up days have no records left to show.
+    fn recent(&self, view: &Filter, denied_only: bool, n: usize) -> Result<Vec<AuditRecord>> {
+        let mut params = vec![Param::Int(i64::try_from(view.since_ms).unwrap_or(i64::MAX))];
+        let mut filter = view.conditions(self.day_expr(), &mut params);
+        if denied_only {
+            filter.push_str(" AND decision = 'denied'");
+        }
+        params.push(Param::Int(i64::try_from(n).unwrap_or(i64::MAX)));
+        let rows = records(
+            self,
+            &format!(
+                "SELECT seq, record FROM audit WHERE timestamp_ms >= $1{filter}
+                 ORDER BY timestamp_ms DESC, seq DESC LIMIT ${}",
+                params.len()
+            ),
+            &params,
+        )?;
+        Ok(rows.into_iter().map(|(_, r)| r).collect())
     }
 
     /// The retention horizon: records before it live only in the daily
