@@ -23,6 +23,10 @@
 //!    last published: the audit record and the buckets agree by
 //!    construction.
 
+// A refusal carries the refusing bucket (as `meter`'s `Denial` does): a
+// large `Err`, moved once on the refusal path into the reply it becomes.
+#![allow(clippy::result_large_err)]
+
 mod headers;
 pub mod headroom;
 mod ladder;
