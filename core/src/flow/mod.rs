@@ -1288,4 +1288,6 @@ pub fn reply_headers(reply: &LocalReply) -> Vec<(&str, &str)> {
 #[cfg(test)]
 mod hold_tests;
 #[cfg(test)]
+mod ladder_tests;
+#[cfg(test)]
 mod tests;

@@ -82,7 +82,9 @@ pub fn buckets(pool: &SessionPool, value: &str, slot: u32) -> Vec<Bucket> {
     let key = buckets_key(&pool.name, slot);
     pool.limits
         .iter()
-        .map(|(metric, limit)| Bucket::with_limit(scope.clone(), metric, limit).stored_at(key.clone()))
+        .map(|(metric, limit)| {
+            Bucket::with_limit(scope.clone(), metric, limit).stored_at(key.clone())
+        })
         .collect()
 }
 
@@ -122,9 +124,8 @@ fn idle(store: &dyn SharedStore, pool: &SessionPool, slot: u32, clock: Clock) ->
     let main = store::read(store, &buckets_key(&pool.name, slot)).unwrap_or_default();
     buckets.iter().all(|b| {
         at_rest(b, &main)
-            && b.overflow().is_none_or(|o| {
-                at_rest(&o, &store::read(store, o.store_key()).unwrap_or_default())
-            })
+            && b.overflow()
+                .is_none_or(|o| at_rest(&o, &store::read(store, o.store_key()).unwrap_or_default()))
     })
 }
 

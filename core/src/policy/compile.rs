@@ -222,8 +222,7 @@ fn ladder_problems(raw: &RawPolicy, policy: &Policy) -> Vec<Problem> {
             // pool's limit applies to every member.
             let pool = path.starts_with("pools");
             let refusing = keys.iter().flatten().find(|k| {
-                (pool || k.limits.limit(metric).as_ref() == Some(&limit))
-                    && !k.models.allows(model)
+                (pool || k.limits.limit(metric).as_ref() == Some(&limit)) && !k.models.allows(model)
             });
             if let Some(key) = refusing {
                 out.push(Problem {

@@ -163,9 +163,12 @@ pub fn fraction(n: f64) -> Result<f64, String> {
 /// A request header name as Envoy hands it over: lower case token
 /// characters (RFC 9110), so a policy cannot name a header no request has.
 pub fn header_name(s: &str) -> Result<(), String> {
-    let token = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "!#$%&'*+.^_`|~-".contains(c);
+    let token =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "!#$%&'*+.^_`|~-".contains(c);
     if s.is_empty() || !s.chars().all(token) {
-        return Err("must be a header name in lower case (e.g. x-claude-code-session-id)".to_string());
+        return Err(
+            "must be a header name in lower case (e.g. x-claude-code-session-id)".to_string(),
+        );
     }
     Ok(())
 }

@@ -72,7 +72,8 @@ impl OnExhausted {
     /// `"block"`, `{"downgrade_to": MODEL}` or `{"throttle": FRACTION}`, the
     /// one rule the typed parse and the schema walker share.
     pub fn parse(v: &serde_json::Value) -> Result<OnExhausted, String> {
-        const WHAT: &str = "must be \"block\", {\"downgrade_to\": MODEL} or {\"throttle\": FRACTION}";
+        const WHAT: &str =
+            "must be \"block\", {\"downgrade_to\": MODEL} or {\"throttle\": FRACTION}";
         if v.as_str() == Some("block") {
             return Ok(OnExhausted::Block);
         }
@@ -81,15 +82,20 @@ impl OnExhausted {
         };
         if let Some(m) = obj.get("downgrade_to") {
             let model = m.as_str().unwrap_or_default();
-            if model.trim().is_empty() || model.contains(['*', '?']) || model.contains(char::is_whitespace) {
-                return Err("downgrade_to: must be one model name (no globs, no spaces)".to_string());
+            if model.trim().is_empty()
+                || model.contains(['*', '?'])
+                || model.contains(char::is_whitespace)
+            {
+                return Err(
+                    "downgrade_to: must be one model name (no globs, no spaces)".to_string()
+                );
             }
             return Ok(OnExhausted::DowngradeTo(model.to_string()));
         }
         if let Some(f) = obj.get("throttle") {
-            let f = f
-                .as_f64()
-                .ok_or_else(|| "throttle: must be a fraction between 0 and 1 (exclusive), e.g. 0.2".to_string())?;
+            let f = f.as_f64().ok_or_else(|| {
+                "throttle: must be a fraction between 0 and 1 (exclusive), e.g. 0.2".to_string()
+            })?;
             return leaf::fraction(f)
                 .map(OnExhausted::Throttle)
                 .map_err(|e| format!("throttle: {e}"));

@@ -5,8 +5,8 @@
 //! exist) before building the runtime `Policy`.
 
 use super::leaf::{
-    HeaderName, MaxTracked, Multiplier, PerMillion, PerThousand, PoolName, Priority, ProviderPoolName, Sha256, Text,
-    Threshold, Time, TimeZone, Version,
+    HeaderName, MaxTracked, Multiplier, PerMillion, PerThousand, PoolName, Priority,
+    ProviderPoolName, Sha256, Text, Threshold, Time, TimeZone, Version,
 };
 use super::pattern::ModelPattern;
 use super::{Limits, UnknownRoutes};
