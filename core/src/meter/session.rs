@@ -186,3 +186,62 @@ pub fn slot(
     }
     Err(Full)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::policy::{Limit, Limits};
+    use crate::testing::MemStore;
+
+    fn pool(max_tracked: u32) -> SessionPool {
+        let mut limits = Limits::default();
+        limits.set(crate::meter::Metric::Requests, Limit::new(1.0));
+        SessionPool {
+            name: "cc".into(),
+            header: "x-session".into(),
+            limits,
+            max_tracked,
+        }
+    }
+
+    const CLOCK: Clock = Clock {
+        now: 1_795_000_000_000,
+        utc_offset_min: 0,
+    };
+
+    #[test]
+    fn a_session_keeps_its_slot_and_a_claim_lost_to_another_worker_looks_again() {
+        let store = MemStore::new();
+        let p = pool(100);
+        let a = owner("k", b"a");
+        store.inject_conflicts(1);
+        let first = slot(&*store, &p, &a, CLOCK).unwrap();
+        assert_eq!(store.mismatches.get(), 1, "the first claim lost a race");
+        assert_eq!(slot(&*store, &p, &a, CLOCK), Ok(first));
+        assert!(probes(&p, &a).any(|s| s == first));
+        assert_eq!(probes(&p, &a).count(), PROBES as usize);
+        // Another key sending the same value is another session.
+        assert_ne!(owner("k", b"a"), owner("k2", b"a"));
+    }
+
+    #[test]
+    fn a_free_slot_is_taken_before_an_idle_one_and_an_active_one_never() {
+        let store = MemStore::new();
+        let p = pool(1);
+        let (a, b) = (owner("k", b"a"), owner("k", b"b"));
+        assert_eq!(slot(&*store, &p, &a, CLOCK), Ok(0));
+        // a has used nothing yet: its slot is idle, so b may take it.
+        assert_eq!(slot(&*store, &p, &b, CLOCK), Ok(0));
+        // b spends its minute: active, so a is refused.
+        let buckets = buckets(&p, "b", 0);
+        let demand = crate::meter::Demand::one_request();
+        crate::meter::admit(&*store, &buckets, &demand, CLOCK).unwrap();
+        assert_eq!(slot(&*store, &p, &a, CLOCK), Err(Full));
+        let later = Clock {
+            now: CLOCK.now + 60_000,
+            ..CLOCK
+        };
+        assert_eq!(slot(&*store, &p, &a, later), Ok(0), "refilled: idle again");
+    }
+}

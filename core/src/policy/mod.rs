@@ -193,7 +193,9 @@ impl Policy {
     /// filter then needs its timer.
     pub fn holds_requests(&self) -> bool {
         let waits = |l: &Limits| l.iter().any(|(_, limit)| limit.max_wait_ms.is_some());
-        self.keys.iter().any(|k| waits(&k.limits)) || self.pools.iter().any(|p| waits(&p.limits))
+        self.keys.iter().any(|k| waits(&k.limits))
+            || self.pools.iter().any(|p| waits(&p.limits))
+            || self.session_pools.iter().any(|p| waits(&p.limits))
     }
 
     pub fn pool(&self, index: usize) -> Option<&Pool> {
