@@ -60,6 +60,9 @@ pub enum Reason {
     /// Forwarded, and the provider answered 529 (overloaded); as
     /// [`Reason::UpstreamRateLimited`], allowed and charged nothing.
     UpstreamOverloaded,
+    /// A session pool tracks its maximum of active sessions and this
+    /// request's session is not among them.
+    SessionPoolFull,
 }
 
 impl Reason {
@@ -73,7 +76,7 @@ impl Reason {
         }
     }
 
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Reason::Ok,
         Reason::MissingKey,
         Reason::UnknownKey,
@@ -93,6 +96,7 @@ impl Reason {
         Reason::Uncounted,
         Reason::UpstreamRateLimited,
         Reason::UpstreamOverloaded,
+        Reason::SessionPoolFull,
     ];
     pub const COUNT: usize = Reason::ALL.len();
 
@@ -117,6 +121,7 @@ impl Reason {
             Reason::Uncounted => "uncounted",
             Reason::UpstreamRateLimited => "upstream_rate_limited",
             Reason::UpstreamOverloaded => "upstream_overloaded",
+            Reason::SessionPoolFull => "session_pool_full",
         }
     }
 }
@@ -226,6 +231,36 @@ pub struct AuditRecord {
     /// the numbering).
     #[serde(default)]
     pub origin: Option<Origin>,
+    /// Shadow limits that would have denied this request, which was
+    /// admitted (and charged to them) anyway.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub would_deny: Vec<String>,
+    /// The limit that served this request with a cheaper model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downgrade: Option<Downgrade>,
+    /// The limit whose overflow (`throttle`) admitted this request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttled: Option<String>,
+    /// The session pools this request drew from, with its session.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sessions: Vec<SessionRef>,
+}
+
+/// A downgrade: the model the client asked for, the one that served it
+/// (the body sent upstream named it), and the limit that made the change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Downgrade {
+    pub from: String,
+    pub to: String,
+    pub bucket: String,
+}
+
+/// A session pool and the request's value of its header (as sent when
+/// short and printable, else `sha256:` and 16 hex digits).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRef {
+    pub pool: String,
+    pub value: String,
 }
 
 /// Which Envoy process published a record, and the record's number in that

@@ -135,10 +135,13 @@ pub enum Stat {
     /// (gauge), and held requests admitted in the end (counter).
     Held,
     HeldAdmitted,
+    ShadowWouldDeny,
+    Downgraded,
+    Throttled,
 }
 
 /// Every stat besides decisions, with its name, in index order.
-const STATS: [(Stat, &str); 12] = [
+const STATS: [(Stat, &str); 15] = [
     (Stat::CasConflict, "tollgate.cas_conflicts"),
     (Stat::CasExhausted, "tollgate.cas_exhausted"),
     (Stat::UsageUnreadable, "tollgate.usage_unreadable"),
@@ -157,6 +160,9 @@ const STATS: [(Stat, &str); 12] = [
     (Stat::RemoteAdmitRttMs, "tollgate.quota.remote_admit_rtt_ms"),
     (Stat::Held, "tollgate.held"),
     (Stat::HeldAdmitted, "tollgate.held_admitted"),
+    (Stat::ShadowWouldDeny, "tollgate.ladder.shadow_would_deny"),
+    (Stat::Downgraded, "tollgate.ladder.downgraded"),
+    (Stat::Throttled, "tollgate.ladder.throttled"),
 ];
 
 impl Stat {

@@ -23,10 +23,16 @@
 //!    last published: the audit record and the buckets agree by
 //!    construction.
 
+// A refusal carries the refusing bucket (as `meter`'s `Denial` does): a
+// large `Err`, moved once on the refusal path into the reply it becomes.
+#![allow(clippy::result_large_err)]
+
 mod headers;
 pub mod headroom;
+mod ladder;
 mod models;
 mod refusal;
+mod sessions;
 
 pub use headers::rate_limit_headers;
 pub use models::{empty_list, filter_list, Filtered, MAX_MODELS_LIST};
@@ -200,6 +206,10 @@ pub struct RequestFlow {
     hold_deadline: Option<u64>,
     /// The last provisional record, which an early end is charged.
     provisional: Published,
+    /// The rungs of the ladder this request took ([`ladder`]).
+    ladder: ladder::Ladder,
+    /// The session pools whose header this request carries ([`sessions`]).
+    sessions: Vec<sessions::Session>,
 }
 
 impl RequestFlow {
@@ -225,6 +235,8 @@ impl RequestFlow {
             pending: None,
             hold_deadline: None,
             provisional: Published::default(),
+            ladder: ladder::Ladder::default(),
+            sessions: Vec::new(),
         }
     }
 
@@ -293,6 +305,7 @@ impl RequestFlow {
             Err(refusal) => return self.refuse(host, refusal, &[]),
         };
         let key = secret.key;
+        self.find_sessions(&policy, key, &headers);
         // From here the caller is known: refusals carry its bucket states.
         let bad_path = bad_path.map(|error| Refusal::BadPath {
             path: String::from_utf8_lossy(path).into_owned(),
@@ -398,7 +411,7 @@ impl RequestFlow {
         };
         let decision = self.admit(host, demand, body_size);
         if decision == Decision::Continue {
-            self.ask_for_stream_usage(host, &body);
+            self.prepare_upstream(host, body);
         }
         decision
     }
@@ -499,10 +512,12 @@ impl RequestFlow {
     /// Every bucket the request touches: its key's, and from the body
     /// decision on the provider pools of its model.
     fn buckets(&self) -> Vec<meter::Bucket> {
-        self.key_index()
-            .and_then(|i| self.policy.key(i))
-            .map(|key| meter::buckets_for(&self.policy, key, self.info.model.as_deref()))
-            .unwrap_or_default()
+        let Some(key) = self.key_index().and_then(|i| self.policy.key(i)) else {
+            return Vec::new();
+        };
+        let mut out = meter::buckets_for(&self.policy, key, self.info.model.as_deref());
+        out.extend(self.session_buckets(key));
+        self.ladder.apply(out, self.options.shared.is_some())
     }
 
     /// The key's buckets as they stand, for the headers of a refusal that
@@ -520,6 +535,9 @@ impl RequestFlow {
         };
         let now = host.now_ms();
         let clock = self.clock(now);
+        if let Err(refusal) = self.track_sessions(host, clock) {
+            return self.refuse(host, refusal, &[]);
+        }
         let buckets = self.buckets();
         self.pending = Some((demand, body_size));
         // Requests held for a bucket go first, in arrival order: a new one
@@ -632,7 +650,7 @@ impl RequestFlow {
         let decision = self.remote_answer(host, key, demand, response);
         if decision == Decision::Continue && self.route.is_llm() {
             if let Some(body) = host.request_body(body_size) {
-                self.ask_for_stream_usage(host, &body);
+                self.prepare_upstream(host, body);
             }
         }
         Some(decision)
@@ -714,6 +732,9 @@ impl RequestFlow {
                 wait_ms,
                 states,
             }) => {
+                if let Some(d) = self.climb(host, key, &bucket, &states) {
+                    return d;
+                }
                 if let Some(max) = bucket.max_wait_ms {
                     let now = host.now_ms();
                     let deadline = self.hold_deadline.unwrap_or(now + max);
@@ -808,7 +829,7 @@ impl RequestFlow {
             host.stat(Stat::HeldAdmitted, 1);
             if self.route.is_llm() {
                 if let Some(body) = host.request_body(body_size) {
-                    self.ask_for_stream_usage(host, &body);
+                    self.prepare_upstream(host, body);
                 }
             }
         }
@@ -893,6 +914,9 @@ impl RequestFlow {
                         .map(|(n, v)| (n.to_string(), v.into_bytes())),
                 );
                 host.set_response_headers(&all);
+            }
+            if let Some(d) = &self.audit.downgrade {
+                host.set_response_header(ladder::DOWNGRADED_FROM, Some(d.from.as_bytes()));
             }
         }
         if end_of_stream {
@@ -1241,10 +1265,12 @@ impl RequestFlow {
     /// The price of the model that served the request (else the one asked
     /// for) in a policy.
     fn price_in<'p>(&self, policy: &'p Policy) -> Option<&'p Price> {
+        // The model sent upstream (a downgrade's) before the one asked for.
         let model = self
             .audit
             .model_served
             .as_deref()
+            .or(self.info.model.as_deref())
             .or(self.audit.model_requested.as_deref())?;
         policy.price(model)
     }
@@ -1272,5 +1298,7 @@ pub fn reply_headers(reply: &LocalReply) -> Vec<(&str, &str)> {
 mod cost_tests;
 #[cfg(test)]
 mod hold_tests;
+#[cfg(test)]
+mod ladder_tests;
 #[cfg(test)]
 mod tests;

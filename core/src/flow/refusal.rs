@@ -68,6 +68,19 @@ pub enum Refusal {
     },
     /// No valid policy was ever loaded: fail closed.
     NoPolicy,
+    /// A limit would refuse and says `downgrade_to` a model this key may
+    /// not call (a provider or session pool's limit: checked per request).
+    DowngradeNotAllowed {
+        bucket: Bucket,
+        model: String,
+        allowed: String,
+    },
+    /// Every slot this request's session could take in a session pool holds
+    /// an active session.
+    SessionPoolFull {
+        pool: String,
+        max_tracked: u32,
+    },
 }
 
 impl Refusal {
@@ -93,7 +106,9 @@ impl Refusal {
             } => Reason::InvalidRequest,
             Refusal::ModelNotAllowed { .. }
             | Refusal::ModelNotListed { .. }
-            | Refusal::UnpricedModel { .. } => Reason::ModelNotAllowed,
+            | Refusal::UnpricedModel { .. }
+            | Refusal::DowngradeNotAllowed { .. } => Reason::ModelNotAllowed,
+            Refusal::SessionPoolFull { .. } => Reason::SessionPoolFull,
             Refusal::Limited { bucket, .. } if bucket.metric.is_usd() => Reason::BudgetExhausted,
             Refusal::Limited { bucket, .. } if bucket.metric.is_quota() => Reason::QuotaExhausted,
             Refusal::Limited { .. } => Reason::RateLimited,
@@ -119,7 +134,9 @@ impl Refusal {
             Reason::ModelNotAllowed => ErrorKind::ModelNotAllowed,
             Reason::InvalidRequest => ErrorKind::InvalidRequest,
             Reason::BodyTooLarge => ErrorKind::TooLarge,
-            Reason::RateLimited | Reason::StoreContention => ErrorKind::RateLimited,
+            Reason::RateLimited | Reason::StoreContention | Reason::SessionPoolFull => {
+                ErrorKind::RateLimited
+            }
             Reason::QuotaExhausted | Reason::BudgetExhausted => ErrorKind::QuotaExhausted,
             Reason::UnknownRoute => ErrorKind::NotFound,
             Reason::QuotaStoreUnavailable => ErrorKind::Unavailable,
@@ -202,6 +219,18 @@ impl Refusal {
                 bucket.label()
             ),
             Refusal::NoPolicy => "tollgate has no valid policy loaded".to_string(),
+            Refusal::DowngradeNotAllowed {
+                bucket,
+                model,
+                allowed,
+            } => format!(
+                "{} is exhausted and downgrades to model {model}, which is not allowed for this key (allowed: {allowed})",
+                bucket.label()
+            ),
+            Refusal::SessionPoolFull { pool, max_tracked } => format!(
+                "session pool {pool} is tracking its maximum of {max_tracked} active sessions; retry in {}s",
+                SESSION_RETRY_S
+            ),
         }
     }
 
@@ -210,6 +239,7 @@ impl Refusal {
         match self {
             Refusal::Limited { wait_ms, .. } => Some(wait_ms.div_ceil(1000).max(1)),
             Refusal::Contention | Refusal::StoreUnavailable { .. } => Some(1),
+            Refusal::SessionPoolFull { .. } => Some(SESSION_RETRY_S),
             _ => None,
         }
     }
@@ -217,13 +247,17 @@ impl Refusal {
     /// The bucket that decided, as named in the audit record.
     pub fn bucket(&self) -> Option<String> {
         match self {
-            Refusal::Limited { bucket, .. } | Refusal::StoreUnavailable { bucket } => {
-                Some(bucket.label())
-            }
+            Refusal::Limited { bucket, .. }
+            | Refusal::StoreUnavailable { bucket }
+            | Refusal::DowngradeNotAllowed { bucket, .. } => Some(bucket.label()),
             _ => None,
         }
     }
 }
+
+/// When a full session pool is worth trying again: a per-minute session
+/// bucket is back to full (its slot idle, free to take) within a minute.
+pub const SESSION_RETRY_S: u64 = 60;
 
 /// A limit as written in the policy: `60`, `0.0005` (no trailing zeros).
 pub fn trim_num(v: f64) -> String {
@@ -292,6 +326,15 @@ mod tests {
                 bucket: bucket(Metric::UsdPerMonth),
             },
             Refusal::NoPolicy,
+            Refusal::DowngradeNotAllowed {
+                bucket: bucket(Metric::UsdPerDay),
+                model: "claude-haiku-4-5".into(),
+                allowed: "claude-opus-*".into(),
+            },
+            Refusal::SessionPoolFull {
+                pool: "claude-code".into(),
+                max_tracked: 2,
+            },
         ]
     }
 

@@ -16,6 +16,7 @@
 pub mod cell;
 pub mod metric;
 pub mod record;
+pub mod session;
 pub mod shared;
 pub mod store;
 
@@ -24,7 +25,7 @@ pub use shared::{SharedOptions, Source};
 
 use crate::host::SharedStore;
 use crate::policy::leaf::Priority;
-use crate::policy::{Key, Limit, Limits, Policy, Reserve, StoreFailure};
+use crate::policy::{Key, Limit, Limits, OnExhausted, Policy, Reserve, StoreFailure};
 use crate::time::Millis;
 use cell::{Refill, View};
 use record::Record;
@@ -47,6 +48,13 @@ pub struct Bucket {
     pub reserve: Option<Reserve>,
     /// The priority of the key whose request this is.
     pub priority: Priority,
+    /// Decide and audit "would deny", admit anyway.
+    pub shadow: bool,
+    /// What a request it would refuse gets instead of a 429.
+    pub on_exhausted: OnExhausted,
+    /// This request is admitted past this bucket (a shadow limit, or a
+    /// downgrade): it always fits, and is still charged.
+    pub past: bool,
     /// Its scope's shared-data record, formatted once per request.
     store_key: String,
 }
@@ -65,10 +73,39 @@ impl Bucket {
             max_wait_ms: limit.max_wait_ms,
             reserve: limit.reserve,
             priority: Priority::default(),
+            shadow: limit.shadow,
+            on_exhausted: limit.on_exhausted,
+            past: false,
             scope,
             metric,
             store_key,
         }
+    }
+
+    /// The same bucket kept in another shared-data record (a session
+    /// pool's slot: its scope names the session, its record the slot).
+    pub fn stored_at(mut self, store_key: String) -> Bucket {
+        self.store_key = store_key;
+        self
+    }
+
+    /// The overflow bucket of a limit that says `{"throttle": f}`: `f` x
+    /// the limit, with the same window and refill, in a record of its own
+    /// (`<scope>/throttle`). It admits only what the limit refuses.
+    pub fn overflow(&self) -> Option<Bucket> {
+        let OnExhausted::Throttle(f) = self.on_exhausted else {
+            return None;
+        };
+        let limit = Limit {
+            amount: self.limit * f,
+            strict: self.strict,
+            on_store_failure: Some(self.on_store_failure),
+            ..Limit::new(0.0)
+        };
+        let mut b = Bucket::with_limit(format!("{}/throttle", self.scope), self.metric, limit);
+        b.priority = self.priority;
+        b.store_key = format!("{}/throttle", self.store_key);
+        Some(b)
     }
 
     /// The part of the limit this request may use: all of it, or, below the
@@ -91,6 +128,9 @@ impl Bucket {
     /// what this request may use, so a large request still passes a bucket
     /// full up to that point.
     pub(crate) fn fits(&self, current: cell::Cell, amount: f64) -> bool {
+        if self.past {
+            return true;
+        }
         let reserved = self.limit - self.usable();
         match self.refill() {
             Refill::PerMinute => current.value - reserved >= amount.min(self.usable()),
@@ -116,7 +156,7 @@ impl Bucket {
     }
 
     /// This bucket brought up to `clock.now` from its slot of a record.
-    fn current(&self, record: &Record, clock: Clock) -> cell::Cell {
+    pub(crate) fn current(&self, record: &Record, clock: Clock) -> cell::Cell {
         self.refill().current(
             record.slot(self.metric).cell(),
             self.limit,

@@ -8,8 +8,8 @@ use super::pattern::ModelPattern;
 use super::raw::{Obj, RawLongContext, RawPolicy, RawPrice};
 use super::schema::{self, join, show, Problem};
 use super::{
-    Identity, Key, Limits, ModelSet, Policy, Pool, Price, ProviderPool, Secret, Settings,
-    POOL_KINDS,
+    Identity, Key, Limits, ModelSet, OnExhausted, Policy, Pool, Price, ProviderPool, Secret,
+    SessionPool, Settings, DEFAULT_MAX_TRACKED, POOL_KINDS,
 };
 use crate::price::{LongContext, Rates, DEFAULT_WEB_SEARCH_PER_THOUSAND};
 use hashbrown::HashMap;
@@ -79,6 +79,7 @@ fn build_with_report(
     let policy = build(&raw);
     let mut problems = provider_pool_problems(&raw);
     problems.extend(unpriced_allowlists(&raw, &policy));
+    problems.extend(ladder_problems(&raw, &policy));
     if !problems.is_empty() {
         return Err(problems.into_iter().map(|p| p.in_file(file)).collect());
     }
@@ -140,6 +141,97 @@ fn unpriced_allowlists(raw: &RawPolicy, policy: &Policy) -> Vec<Problem> {
                     reason: format!(
                         "model \"{}\" has no price and a USD budget applies to {whose} (add it under \"prices\" or settings.default_price)",
                         pattern.as_str()
+                    ),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Every limit of the document with its JSON path and the keys it applies
+/// to (`None`: any key, decided per request: provider and session pools).
+fn limits_with_paths<'r>(
+    raw: &'r RawPolicy,
+    policy: &'r Policy,
+) -> Vec<(String, &'r Limits, Option<Vec<&'r Key>>)> {
+    let keys = policy.keys();
+    let in_group = |g: &str| -> Vec<&Key> {
+        keys.iter()
+            .filter(|k| k.identity.groups.iter().any(|x| x == g))
+            .collect()
+    };
+    let mut out = vec![(
+        "defaults.limits".to_string(),
+        &raw.defaults.limits,
+        Some(keys.iter().collect()),
+    )];
+    for (name, g) in &raw.groups {
+        out.push((
+            join(&join("groups", &name.0), "limits"),
+            &g.limits,
+            Some(in_group(&name.0)),
+        ));
+    }
+    for (i, (name, limits)) in raw.pools.iter().enumerate() {
+        let members = keys.iter().filter(|k| k.pools.contains(&i)).collect();
+        out.push((join("pools", &name.0), limits, Some(members)));
+    }
+    for (name, pool) in &raw.provider_pools {
+        out.push((
+            join(&join("provider_pools", &name.0), "limits"),
+            &pool.limits,
+            None,
+        ));
+    }
+    for (name, pool) in &raw.session_pools {
+        out.push((
+            join(&join("session_pools", &name.0), "limits"),
+            &pool.limits,
+            None,
+        ));
+    }
+    for (i, (k, key)) in raw.keys.iter().zip(keys).enumerate() {
+        out.push((format!("keys[{i}].limits"), &k.limits, Some(vec![key])));
+    }
+    out
+}
+
+/// The ladder's checks that span values: a shadow limit never refuses, so
+/// an `on_exhausted` beside it could never apply; a `downgrade_to` model
+/// must be one every key the limit applies to may call (keys whose limit
+/// comes from defaults or a group are checked against their own list).
+/// Provider and session pools apply to any key: checked per request.
+fn ladder_problems(raw: &RawPolicy, policy: &Policy) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for (path, limits, keys) in limits_with_paths(raw, policy) {
+        for (metric, limit) in limits.iter() {
+            let at = join(&join(&path, metric.name()), "on_exhausted");
+            if limit.shadow && !limit.on_exhausted.is_block() {
+                out.push(Problem {
+                    path: at.clone(),
+                    value: None,
+                    reason: "a shadow limit never refuses, so on_exhausted cannot apply: remove one of the two".to_string(),
+                });
+            }
+            let OnExhausted::DowngradeTo(model) = &limit.on_exhausted else {
+                continue;
+            };
+            // A key's limit is its own, else a group's, else the default:
+            // a key is checked where its resolved limit was written. A
+            // pool's limit applies to every member.
+            let pool = path.starts_with("pools");
+            let refusing = keys.iter().flatten().find(|k| {
+                (pool || k.limits.limit(metric).as_ref() == Some(&limit)) && !k.models.allows(model)
+            });
+            if let Some(key) = refusing {
+                out.push(Problem {
+                    path: join(&at, "downgrade_to"),
+                    value: Some(show(&Value::String(model.clone()))),
+                    reason: format!(
+                        "key {} may not call this model (allowed: {})",
+                        key.id,
+                        key.models.describe()
                     ),
                 });
             }
@@ -361,7 +453,7 @@ fn build(raw: &RawPolicy) -> Policy {
         .iter()
         .map(|(name, limits)| Pool {
             name: name.0.clone(),
-            limits: *limits,
+            limits: limits.clone(),
         })
         .collect();
     let pool_index: HashMap<&str, usize> = raw
@@ -377,7 +469,17 @@ fn build(raw: &RawPolicy) -> Policy {
         .map(|(name, pool)| ProviderPool {
             name: name.0.clone(),
             models: ModelSet::new(pool.models.clone()),
-            limits: pool.limits,
+            limits: pool.limits.clone(),
+        })
+        .collect();
+    let session_pools = raw
+        .session_pools
+        .iter()
+        .map(|(name, pool)| SessionPool {
+            name: name.0.clone(),
+            header: pool.header.0.clone(),
+            limits: pool.limits.clone(),
+            max_tracked: pool.max_tracked.map_or(DEFAULT_MAX_TRACKED, |m| m.0),
         })
         .collect();
 
@@ -474,6 +576,7 @@ fn build(raw: &RawPolicy) -> Policy {
         groups: raw.groups.keys().map(|g| g.0.clone()).collect(),
         pools,
         provider_pools,
+        session_pools,
         prices,
         settings: Settings {
             unknown_routes: settings.unknown_routes.unwrap_or_default(),

@@ -160,6 +160,48 @@ pub fn fraction(n: f64) -> Result<f64, String> {
     }
 }
 
+/// A request header name as Envoy hands it over: lower case token
+/// characters (RFC 9110), so a policy cannot name a header no request has.
+pub fn header_name(s: &str) -> Result<(), String> {
+    let token =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "!#$%&'*+.^_`|~-".contains(c);
+    if s.is_empty() || !s.chars().all(token) {
+        return Err(
+            "must be a header name in lower case (e.g. x-claude-code-session-id)".to_string(),
+        );
+    }
+    Ok(())
+}
+
+/// How many values a session pool tracks: whole, 1 to 1,000,000 (each is
+/// two shared-data entries).
+pub fn max_tracked(n: f64) -> Result<u32, String> {
+    if n < 1.0 || n.fract() != 0.0 || n > 1_000_000.0 {
+        return Err("must be a whole number from 1 to 1000000".to_string());
+    }
+    Ok(n as u32)
+}
+
+/// A header name ([`header_name`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderName(pub String);
+
+impl<'de> Deserialize<'de> for HeaderName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |s: String| header_name(&s).map(|()| HeaderName(s)))
+    }
+}
+
+/// A session pool's bound ([`max_tracked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxTracked(pub u32);
+
+impl<'de> Deserialize<'de> for MaxTracked {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |n: f64| max_tracked(n).map(MaxTracked))
+    }
+}
+
 /// Milliseconds a request may be held for a limit to refill: positive,
 /// at most 60,000 (a client waiting longer has given up).
 pub fn wait_ms(n: f64) -> Result<u64, String> {

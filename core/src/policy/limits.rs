@@ -52,9 +52,65 @@ pub struct Reserve {
     pub for_priority: Priority,
 }
 
+/// What a limit does with a request it would refuse (`on_exhausted`): the
+/// rungs of the ladder between admitting and a 429 (`docs/metering.md`,
+/// "A ladder instead of a wall").
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum OnExhausted {
+    /// Refuse (429), the default.
+    #[default]
+    Block,
+    /// Serve the request with this (cheaper) model instead, admitted past
+    /// this limit and still charged to it.
+    DowngradeTo(String),
+    /// Admit it from an overflow bucket of this fraction of the limit,
+    /// with the same window and refill.
+    Throttle(f64),
+}
+
+impl OnExhausted {
+    /// `"block"`, `{"downgrade_to": MODEL}` or `{"throttle": FRACTION}`, the
+    /// one rule the typed parse and the schema walker share.
+    pub fn parse(v: &serde_json::Value) -> Result<OnExhausted, String> {
+        const WHAT: &str =
+            "must be \"block\", {\"downgrade_to\": MODEL} or {\"throttle\": FRACTION}";
+        if v.as_str() == Some("block") {
+            return Ok(OnExhausted::Block);
+        }
+        let Some(obj) = v.as_object().filter(|o| o.len() == 1) else {
+            return Err(WHAT.to_string());
+        };
+        if let Some(m) = obj.get("downgrade_to") {
+            let model = m.as_str().unwrap_or_default();
+            if model.trim().is_empty()
+                || model.contains(['*', '?'])
+                || model.contains(char::is_whitespace)
+            {
+                return Err(
+                    "downgrade_to: must be one model name (no globs, no spaces)".to_string()
+                );
+            }
+            return Ok(OnExhausted::DowngradeTo(model.to_string()));
+        }
+        if let Some(f) = obj.get("throttle") {
+            let f = f.as_f64().ok_or_else(|| {
+                "throttle: must be a fraction between 0 and 1 (exclusive), e.g. 0.2".to_string()
+            })?;
+            return leaf::fraction(f)
+                .map(OnExhausted::Throttle)
+                .map_err(|e| format!("throttle: {e}"));
+        }
+        Err(WHAT.to_string())
+    }
+
+    pub fn is_block(&self) -> bool {
+        *self == OnExhausted::Block
+    }
+}
+
 /// One limit: its amount (a whole count, or USD for budgets) and how it
 /// behaves: across replicas, when it runs out, and for whom.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Limit {
     pub amount: f64,
     /// Always admitted through the shared store, one round trip per request
@@ -66,6 +122,9 @@ pub struct Limit {
     pub max_wait_ms: Option<u64>,
     /// Headroom kept for higher priorities.
     pub reserve: Option<Reserve>,
+    /// Decide and audit "would deny", admit anyway (and still debit).
+    pub shadow: bool,
+    pub on_exhausted: OnExhausted,
 }
 
 impl Limit {
@@ -76,6 +135,8 @@ impl Limit {
             on_store_failure: None,
             max_wait_ms: None,
             reserve: None,
+            shadow: false,
+            on_exhausted: OnExhausted::Block,
         }
     }
 
@@ -91,7 +152,7 @@ impl Limit {
 }
 
 /// Limits of one key or one pool; a missing limit means unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Limits([Option<Limit>; Metric::COUNT]);
 
 impl Limits {
@@ -100,7 +161,7 @@ impl Limits {
     }
 
     pub fn limit(&self, metric: Metric) -> Option<Limit> {
-        self.0.get(metric as usize).copied().flatten()
+        self.0.get(metric as usize).cloned().flatten()
     }
 
     pub fn set(&mut self, metric: Metric, limit: Limit) {
@@ -201,6 +262,8 @@ impl<'de> Visitor<'de> for LimitSeed {
         let mut on_store_failure = None;
         let mut max_wait_ms = None;
         let mut reserve = None;
+        let mut shadow = false;
+        let mut on_exhausted = OnExhausted::Block;
         while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             match name.as_ref() {
                 "limit" => {
@@ -223,6 +286,11 @@ impl<'de> Visitor<'de> for LimitSeed {
                     let super::raw::Obj(r) = map.next_value::<super::raw::Obj<RawReserve>>()?;
                     reserve = Some(r.into());
                 }
+                "shadow" => shadow = map.next_value()?,
+                "on_exhausted" => {
+                    let v: serde_json::Value = map.next_value()?;
+                    on_exhausted = OnExhausted::parse(&v).map_err(serde::de::Error::custom)?;
+                }
                 other => {
                     return Err(serde::de::Error::unknown_field(
                         other,
@@ -232,6 +300,8 @@ impl<'de> Visitor<'de> for LimitSeed {
                             "on_store_failure",
                             "max_wait_ms",
                             "reserve",
+                            "shadow",
+                            "on_exhausted",
                         ],
                     ))
                 }
@@ -244,6 +314,8 @@ impl<'de> Visitor<'de> for LimitSeed {
             on_store_failure,
             max_wait_ms,
             reserve,
+            shadow,
+            on_exhausted,
         })
     }
 }

@@ -16,7 +16,7 @@ pub mod schema;
 pub use crate::price::Price;
 pub use compile::{compile, compile_checked};
 pub use error::{PolicyError, PolicyReport};
-pub use limits::{Limit, Limits, Reserve, StoreFailure};
+pub use limits::{Limit, Limits, OnExhausted, Reserve, StoreFailure};
 pub use pattern::ModelPattern;
 
 use hashbrown::HashMap;
@@ -34,6 +34,8 @@ pub struct Policy {
     pub pools: Vec<Pool>,
     /// The provider's own limits by model group, in name order.
     pub provider_pools: Vec<ProviderPool>,
+    /// Pool templates keyed by a request header, in name order.
+    pub session_pools: Vec<SessionPool>,
     pub groups: Vec<String>,
     prices: Vec<(ModelPattern, Price)>,
     pub settings: Settings,
@@ -101,6 +103,22 @@ pub struct ProviderPool {
     pub models: ModelSet,
     pub limits: Limits,
 }
+
+/// A pool template keyed by a request header (`session_pools.<name>`):
+/// each distinct value of `header`, per key, draws from its own buckets of
+/// `limits`; this Envoy tracks at most `max_tracked` values at once
+/// (`crate::meter::session`).
+#[derive(Debug, Clone)]
+pub struct SessionPool {
+    pub name: String,
+    /// Lower case, as Envoy hands header names over.
+    pub header: String,
+    pub limits: Limits,
+    pub max_tracked: u32,
+}
+
+/// `max_tracked` when a session pool does not say.
+pub const DEFAULT_MAX_TRACKED: u32 = 10_000;
 
 impl ProviderPool {
     /// The group as metrics name it: the name without `provider:`
@@ -175,7 +193,9 @@ impl Policy {
     /// filter then needs its timer.
     pub fn holds_requests(&self) -> bool {
         let waits = |l: &Limits| l.iter().any(|(_, limit)| limit.max_wait_ms.is_some());
-        self.keys.iter().any(|k| waits(&k.limits)) || self.pools.iter().any(|p| waits(&p.limits))
+        self.keys.iter().any(|k| waits(&k.limits))
+            || self.pools.iter().any(|p| waits(&p.limits))
+            || self.session_pools.iter().any(|p| waits(&p.limits))
     }
 
     pub fn pool(&self, index: usize) -> Option<&Pool> {

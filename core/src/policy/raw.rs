@@ -5,8 +5,8 @@
 //! exist) before building the runtime `Policy`.
 
 use super::leaf::{
-    Multiplier, PerMillion, PerThousand, PoolName, Priority, ProviderPoolName, Sha256, Text,
-    Threshold, Time, TimeZone, Version,
+    HeaderName, MaxTracked, Multiplier, PerMillion, PerThousand, PoolName, Priority,
+    ProviderPoolName, Sha256, Text, Threshold, Time, TimeZone, Version,
 };
 use super::pattern::ModelPattern;
 use super::{Limits, UnknownRoutes};
@@ -59,6 +59,8 @@ pub struct RawPolicy {
     #[serde(default)]
     pub provider_pools: BTreeMap<ProviderPoolName, Obj<RawProviderPool>>,
     #[serde(default)]
+    pub session_pools: BTreeMap<Text, Obj<RawSessionPool>>,
+    #[serde(default)]
     pub keys: Vec<Obj<RawKey>>,
     #[serde(default)]
     pub prices: BTreeMap<ModelPattern, Obj<RawPrice>>,
@@ -91,6 +93,16 @@ pub struct RawGroup {
 pub struct RawProviderPool {
     pub models: Vec<ModelPattern>,
     pub limits: Limits,
+}
+
+/// A pool template keyed by a request header: every distinct value (per
+/// key) gets its own buckets from `limits`, at most `max_tracked` at once.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSessionPool {
+    pub header: HeaderName,
+    pub limits: Limits,
+    pub max_tracked: Option<MaxTracked>,
 }
 
 #[derive(Debug, Deserialize)]

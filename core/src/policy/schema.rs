@@ -72,6 +72,12 @@ pub enum Leaf {
     Fraction,
     /// Whole milliseconds, 1..=60,000.
     WaitMs,
+    /// `"block"`, `{"downgrade_to": MODEL}` or `{"throttle": FRACTION}`.
+    OnExhausted,
+    /// A request header name: lower case, no spaces.
+    HeaderName,
+    /// How many values a session pool tracks: whole, 1..=1,000,000.
+    MaxTracked,
 }
 
 const fn field(name: &'static str, ty: &'static Ty, doc: &'static str) -> Field {
@@ -128,7 +134,7 @@ static RESERVE: Ty = Ty::Object(&[
     ),
 ]);
 
-const fn limit_settings(amount: &'static Ty) -> [Field; 5] {
+const fn limit_settings(amount: &'static Ty) -> [Field; 7] {
     [
         required("limit", amount, "The limit's amount."),
         field(
@@ -150,6 +156,16 @@ const fn limit_settings(amount: &'static Ty) -> [Field; 5] {
             "reserve",
             &RESERVE,
             "Headroom kept for higher priorities: {\"fraction\": 0.2, \"for\": \"interactive\"}.",
+        ),
+        field(
+            "shadow",
+            &BOOL,
+            "Decide and audit would_deny, but admit anyway (still debited, so the limit reports true use): for rolling out a new limit.",
+        ),
+        field(
+            "on_exhausted",
+            &Ty::Leaf(Leaf::OnExhausted),
+            "What a request this limit would refuse gets: \"block\" (429, default), {\"downgrade_to\": MODEL} (served by that cheaper model, admitted past this limit) or {\"throttle\": FRACTION} (admitted from an overflow bucket of FRACTION x the limit, same window).",
         ),
     ]
 }
@@ -337,6 +353,24 @@ static PREVIOUS_SECRET: Ty = Ty::Object(&[
     ),
 ]);
 
+static SESSION_POOL: Ty = Ty::Object(&[
+    required(
+        "header",
+        &Ty::Leaf(Leaf::HeaderName),
+        "The request header whose value names the session (lower case); requests without it are not limited by this pool.",
+    ),
+    required(
+        "limits",
+        &LIMITS,
+        "Limits of each session (each distinct header value of each key).",
+    ),
+    field(
+        "max_tracked",
+        &Ty::Leaf(Leaf::MaxTracked),
+        "How many sessions this Envoy tracks at once (default 10000): a new session takes a free or idle slot, never an active one's; none left: 429 session_pool_full.",
+    ),
+]);
+
 static SETTINGS: Ty = Ty::Object(&[
     field(
         "unknown_routes",
@@ -395,6 +429,14 @@ pub static POLICY: Ty = Ty::Object(&[
             value: &PROVIDER_POOL,
         },
         "The provider's own limits by model group (provider:anthropic:claude-sonnet-4), drawn from by every request for one of its models whatever the key; written by `tollgate limits pull`.",
+    ),
+    field(
+        "session_pools",
+        &Ty::Map {
+            key: Leaf::Text,
+            value: &SESSION_POOL,
+        },
+        "Pool templates keyed by a request header (x-claude-code-session-id): every distinct value of the header, per key, gets its own buckets from these limits.",
     ),
     field("keys", &Ty::Array(&KEY), "Virtual keys."),
     field(
@@ -592,6 +634,9 @@ pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
         Leaf::Priority => leaf::priority(v).map(|_| ()),
         Leaf::Fraction => leaf::fraction(number(v)?).map(|_| ()),
         Leaf::WaitMs => leaf::wait_ms(number(v)?).map(|_| ()),
+        Leaf::OnExhausted => super::limits::OnExhausted::parse(v).map(|_| ()),
+        Leaf::HeaderName => leaf::header_name(&text(v)?),
+        Leaf::MaxTracked => leaf::max_tracked(number(v)?).map(|_| ()),
     }
 }
 
@@ -698,5 +743,14 @@ fn leaf_schema(rule: Leaf) -> Value {
         ] }),
         Leaf::Fraction => json!({ "type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1 }),
         Leaf::WaitMs => json!({ "type": "integer", "minimum": 1, "maximum": 60000 }),
+        Leaf::OnExhausted => json!({ "oneOf": [
+            { "const": "block" },
+            { "type": "object", "properties": { "downgrade_to": { "type": "string", "pattern": "^[^*?\\s]+$" } },
+              "required": ["downgrade_to"], "additionalProperties": false },
+            { "type": "object", "properties": { "throttle": { "type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1 } },
+              "required": ["throttle"], "additionalProperties": false }
+        ] }),
+        Leaf::HeaderName => json!({ "type": "string", "pattern": "^[a-z0-9!#$%&'*+.^_`|~-]+$" }),
+        Leaf::MaxTracked => json!({ "type": "integer", "minimum": 1, "maximum": 1000000 }),
     }
 }

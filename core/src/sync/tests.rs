@@ -602,3 +602,45 @@ fn a_stream_cut_mid_way_settles_in_redis_with_what_its_record_says() {
         ]
     );
 }
+
+#[test]
+fn a_shadow_limit_redis_refuses_is_audited_and_left_out_of_the_next_admission() {
+    let p = policy(
+        r#"{"requests_per_minute": {"limit": 1, "shadow": true}, "tokens_per_day": 100000}"#,
+    );
+    let store = MemStore::new();
+    let mut f = flow(&p);
+    let mut h = host(&store, "r-shadow", NOW);
+    assert_eq!(send(&mut f, &mut h), Decision::Pause);
+    let first = pb::AdmitRequest::decode(h.quota_calls[0].1.as_slice()).unwrap();
+    assert_eq!(first.charges.len(), 2);
+    let refused = pb::AdmitResponse {
+        outcome: Outcome::Limited as i32,
+        refused: 0,
+        wait_ms: 60_000,
+        now_ms: NOW as i64,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    // Redis refuses the shadow limit: the request is asked for again
+    // without it (the quota service checks every bucket it is sent).
+    assert_eq!(
+        f.on_quota_response(&mut h, Some(&refused)),
+        Some(Decision::Pause)
+    );
+    let second = pb::AdmitRequest::decode(h.quota_calls[1].1.as_slice()).unwrap();
+    let ids: Vec<String> = second
+        .charges
+        .iter()
+        .map(|c| c.bucket.as_ref().unwrap().id.clone())
+        .collect();
+    assert_eq!(ids, ["key:k:tokens_per_day"]);
+    let request = h.quota_calls[1].1.clone();
+    assert_eq!(
+        f.on_quota_response(&mut h, Some(&admitted(&request))),
+        Some(Decision::Continue)
+    );
+    let rec = h.last_audit().unwrap();
+    assert_eq!(rec.would_deny, ["key:k:requests_per_minute"]);
+    assert_eq!(rec.reason, crate::audit::Reason::Ok);
+}

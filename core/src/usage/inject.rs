@@ -41,6 +41,16 @@ pub fn include_usage(body: &[u8]) -> Option<Vec<u8>> {
     serde_json::to_vec(&v).ok()
 }
 
+/// The request body with its top-level `model` replaced (a downgrade), or
+/// `None` if it is not a JSON object. Rewritten through a DOM: a downgrade
+/// is the exception, and the field can sit anywhere in the object.
+pub fn replace_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.as_object_mut()?
+        .insert("model".into(), serde_json::Value::String(model.to_string()));
+    serde_json::to_vec(&v).ok()
+}
+
 /// Removes the usage-only chunk (`"choices":[]` with `usage`) from a chat
 /// stream. Bytes are forwarded event by event: an incomplete event waits in
 /// the carry until its end arrives, so the client still gets every content
