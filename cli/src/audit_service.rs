@@ -13,16 +13,21 @@ use crate::output::status;
 use crate::shutdown::Stop;
 use anyhow::Result;
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
 /// What the collector does besides storing.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Upkeep {
     /// Roll up and delete raw records older than this many days; `None`
     /// keeps everything.
     pub retain_days: Option<u32>,
+    /// The policy whose limits and `alerts` the collector watches (read
+    /// again on every edit); `None`: no budget gauges and no alerts.
+    pub policy: Option<PathBuf>,
+    /// Where alert events are posted; without it they are only recorded.
+    pub alert_webhook: Option<String>,
 }
 
 /// Serves both listeners until `shutdown` resolves, then stops the HTTP
@@ -48,10 +53,32 @@ pub async fn serve(
         upkeep.retain_days,
         side_stop.stopped(),
     ));
+    if upkeep.alert_webhook.is_some() {
+        stats.alerts.with_webhook();
+    }
+    let alerts = upkeep.policy.map(|path| {
+        tokio::spawn(collector::alerts::keep(
+            store.clone(),
+            stats.clone(),
+            path,
+            side_stop.stopped(),
+        ))
+    });
+    let sender = upkeep.alert_webhook.map(|url| {
+        tokio::spawn(collector::alerts::webhook::deliver(
+            store.clone(),
+            stats.clone(),
+            url,
+            side_stop.stopped(),
+        ))
+    });
     let result = collector::serve_with_stats(grpc, store, stats, shutdown).await;
     side_stop.stop();
     let _ = web.await;
     let _ = maintain.await;
+    for task in [alerts, sender].into_iter().flatten() {
+        let _ = task.await;
+    }
     result
 }
 

@@ -5,6 +5,7 @@
 //! A full queue drops the entry and counts it; the file access log keeps the
 //! durable copy.
 
+pub mod alerts;
 pub mod gaps;
 pub mod http;
 pub mod ingest;
@@ -66,6 +67,8 @@ pub struct Stats {
     /// Missing audit records per Envoy, most first, as last computed from
     /// the store ([`maintain`]); `None` before the first computation.
     pub missing: Mutex<Option<Vec<(String, u64)>>>,
+    /// Budget and quota alerts (counting only once a policy is set).
+    pub alerts: alerts::Alerts,
 }
 
 /// How far back the missing-records gauge looks, and how often it is
@@ -282,6 +285,9 @@ pub fn store_counted(
     stats: &Stats,
     records: &[AuditRecord],
 ) -> Result<Vec<Stored>> {
+    // Held across the insert: alerts that start counting a window from the
+    // store must not then count this batch into it again.
+    let held = stats.alerts.hold();
     let stored = store.insert_batch(records)?;
     stats
         .stored
@@ -293,6 +299,9 @@ pub fn store_counted(
             }
         }
     }
+    stats
+        .alerts
+        .observe(held, store, records, &stored, crate::clock::now_ms());
     Ok(stored)
 }
 

@@ -54,6 +54,9 @@ pub struct Options {
     pub audit_log: Rotation,
     /// The in-process collector's retention (days); `None` keeps everything.
     pub audit_retain_days: Option<u32>,
+    /// Where the in-process collector posts alert events (it watches the
+    /// policy's `alerts` either way).
+    pub alert_webhook: Option<String>,
     /// Seconds without a byte either way before Envoy cuts a request off.
     pub stream_idle_timeout_s: u64,
     /// Limits shared by every replica through a shared store; `None`: in
@@ -195,7 +198,12 @@ pub async fn start(
     let (policy, wasm, layout) = prepare(&opts)?;
     let stop = Stop::new();
     // Collector first: Envoy connects to it as soon as it starts.
-    let collector = start_collector(collector, &layout, opts.audit_retain_days, &stop).await?;
+    let upkeep = audit_service::Upkeep {
+        retain_days: opts.audit_retain_days,
+        policy: Some(opts.policy.clone()),
+        alert_webhook: opts.alert_webhook.clone(),
+    };
+    let collector = start_collector(collector, &layout, upkeep, &stop).await?;
     let (quota_at, quota) = start_quota(opts.shared.as_ref(), &layout, &stop).await?;
     let providers = start_providers(providers, &stop).await?;
     let (listen, admin) = (free_port(opts.listen)?, free_port(opts.admin)?);
@@ -460,7 +468,7 @@ fn free_port(addr: SocketAddr) -> Result<SocketAddr> {
 async fn start_collector(
     collector: Collector,
     layout: &Layout,
-    retain_days: Option<u32>,
+    upkeep: audit_service::Upkeep,
     stop: &Stop,
 ) -> Result<CollectorAt> {
     let (grpc, http) = match collector {
@@ -489,7 +497,6 @@ async fn start_collector(
         .with_context(|| format!("binding collector http {http}"))?;
     let local = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
-    let upkeep = audit_service::Upkeep { retain_days };
     let task = tokio::spawn(audit_service::serve(
         grpc,
         http,

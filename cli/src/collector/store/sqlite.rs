@@ -3,7 +3,7 @@
 //! writes.
 
 use super::{
-    audit_table, insert_each, record_params, AuditBackend, Columns, InsertTx, Param, RecordRow,
+    alerts_table, audit_table, insert_each, record_params, AuditBackend, Columns, InsertTx, Param, RecordRow,
     Sql, Stored, ADDED_COLUMNS, COMPLETE, HORIZON, INDEXES, INSERT, PROVISIONAL, TABLES,
 };
 use anyhow::{Context, Result};
@@ -33,6 +33,7 @@ impl SqliteStore {
         conn.execute_batch(&audit_table("INTEGER PRIMARY KEY"))?;
         add_columns(&conn)?;
         conn.execute_batch(TABLES)?;
+        conn.execute_batch(&alerts_table("INTEGER PRIMARY KEY"))?;
         conn.execute_batch(INDEXES)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
@@ -193,6 +194,10 @@ impl AuditBackend for SqliteStore {
 
     fn day_expr(&self) -> &'static str {
         "date(timestamp_ms / 1000, 'unixepoch')"
+    }
+
+    fn cache_write_1h_expr(&self) -> &'static str {
+        "COALESCE(json_extract(record, '$.tokens.cache_write_1h'), 0)"
     }
 }
 
