@@ -196,8 +196,10 @@ impl AuditBackend for SqliteStore {
         "date(timestamp_ms / 1000, 'unixepoch')"
     }
 
+    // The `->` operators rather than `json_extract`: its `$` path would be
+    // read as a parameter by `numbered`.
     fn cache_write_1h_expr(&self) -> &'static str {
-        "COALESCE(json_extract(record, '$.tokens.cache_write_1h'), 0)"
+        "COALESCE(record -> 'tokens' ->> 'cache_write_1h', 0)"
     }
 }
 
