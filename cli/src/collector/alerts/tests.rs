@@ -4,6 +4,7 @@
 use super::super::store::AuditStore;
 use super::super::{store_counted, Stats};
 use super::engine::{Period, WindowId};
+use std::collections::HashSet;
 use super::*;
 use std::sync::Arc;
 use tollgate_core::audit::Tokens;
@@ -401,3 +402,84 @@ async fn a_refused_delivery_stays_pending_and_is_retried_until_the_webhook_takes
     sender.await.unwrap();
 }
 
+
+/// Every `tollgate_*` name in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("tollgate_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[test]
+fn shipped_alert_rules_and_dashboard_use_only_metrics_the_collector_exports() {
+    let exported: HashSet<String> = super::super::metrics::render(&Stats::default())
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_string)
+        .collect();
+    assert!(exported.contains("tollgate_budget_used_ratio"));
+
+    let rules: serde_yaml::Value =
+        serde_yaml::from_str(include_str!("../../../../deploy/prometheus/tollgate-alerts.yaml"))
+            .unwrap();
+    let mut rule_exprs = Vec::new();
+    for group in rules["groups"].as_sequence().unwrap() {
+        assert!(group["name"].as_str().is_some(), "{group:?}");
+        for rule in group["rules"].as_sequence().unwrap() {
+            let name = rule["alert"].as_str().unwrap();
+            assert!(
+                rule["labels"]["severity"].as_str().is_some()
+                    && rule["annotations"]["summary"].as_str().is_some(),
+                "{name}: needs a severity and a summary"
+            );
+            rule_exprs.push((name.to_string(), rule["expr"].as_str().unwrap().to_string()));
+        }
+    }
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../../../deploy/grafana/tollgate-dashboard.json"))
+            .unwrap();
+    assert_eq!(dashboard["uid"], "tollgate-budgets");
+    let mut panel_exprs = Vec::new();
+    let mut ids = HashSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap();
+        assert!(ids.insert(panel["id"].as_u64().unwrap()), "{title}: id taken");
+        for key in ["x", "y", "w", "h"] {
+            assert!(panel["gridPos"][key].is_u64(), "{title}: gridPos.{key}");
+        }
+        for target in panel["targets"].as_array().unwrap() {
+            panel_exprs.push((title.to_string(), target["expr"].as_str().unwrap().to_string()));
+        }
+    }
+
+    let mut used = HashSet::new();
+    for (what, expr) in rule_exprs.iter().chain(&panel_exprs) {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "{what}: {expr} reads no Tollgate metric");
+        for name in names {
+            assert!(
+                exported.contains(&name),
+                "{what}: {name} is not exported by the collector"
+            );
+            used.insert(name);
+        }
+    }
+    for needed in [
+        "tollgate_budget_used_ratio",
+        "tollgate_budget_used",
+        "tollgate_audit_missing_records",
+        "tollgate_alert_webhook_failures_total",
+    ] {
+        assert!(used.contains(needed), "{needed} is used by neither file");
+    }
+}
