@@ -43,7 +43,9 @@ impl Receiver {
                 kept.lock()
                     .unwrap()
                     .push(serde_json::from_slice(&body).unwrap());
-                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
             }
         });
         Receiver { url, events }
@@ -61,7 +63,11 @@ impl Receiver {
             if events.len() >= n {
                 return events;
             }
-            assert!(Instant::now() < deadline, "{} of {n} events: {events:?}", events.len());
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} events: {events:?}",
+                events.len()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -82,10 +88,16 @@ fn tokens_per_request() -> u64 {
         .iter()
         .find(|e| e["name"] == "messages-basic")
         .unwrap()["usage"];
-    ["input", "output", "cache_write", "cache_write_1h", "cache_read"]
-        .iter()
-        .map(|c| usage[*c].as_u64().unwrap())
-        .sum()
+    [
+        "input",
+        "output",
+        "cache_write",
+        "cache_write_1h",
+        "cache_read",
+    ]
+    .iter()
+    .map(|c| usage[*c].as_u64().unwrap())
+    .sum()
 }
 
 const BODY: &str =
@@ -236,7 +248,14 @@ fn a_daily_quota_sends_one_event_per_threshold_and_never_repeats_it() {
     let http2 = free_addr();
     let second = Collector(
         Command::new(tollgate_bin())
-            .args(["collector", "--listen", "127.0.0.1:0", "--http", &http2, "--db"])
+            .args([
+                "collector",
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                &http2,
+                "--db",
+            ])
             .arg(&gw.audit_db)
             .arg("--policy")
             .arg(&policy_path)

@@ -176,7 +176,10 @@ fn collector_manifests_define_configmap_deployment_and_services() {
     // --policy reads it.
     assert!(args.contains(&"--policy=/etc/tollgate/policy.json"));
     assert_eq!(
-        s(&all[1], "spec.template.spec.containers.0.volumeMounts.1.mountPath"),
+        s(
+            &all[1],
+            "spec.template.spec.containers.0.volumeMounts.1.mountPath"
+        ),
         "/etc/tollgate"
     );
     assert_eq!(

@@ -111,6 +111,9 @@ mod tests {
             "http://hooks.example/x",
         ])
         .unwrap();
-        assert_eq!(args.alert_webhook.as_deref(), Some("http://hooks.example/x"));
+        assert_eq!(
+            args.alert_webhook.as_deref(),
+            Some("http://hooks.example/x")
+        );
     }
 }

@@ -105,17 +105,20 @@ impl Targets {
         if let Some(id) = &who.key_id {
             names.push(format!("key:{id}"));
         }
-        for (kind, value) in POOL_KINDS
-            .iter()
-            .zip([&who.team, &who.project, &who.user, &who.app, &who.agent])
+        for (kind, value) in
+            POOL_KINDS
+                .iter()
+                .zip([&who.team, &who.project, &who.user, &who.app, &who.agent])
         {
             if let Some(v) = value {
                 names.push(format!("pool:{kind}:{v}"));
             }
         }
-        names
-            .into_iter()
-            .filter_map(|n| self.entities.get_key_value(n.as_str()).map(|(k, _)| k.as_str()))
+        names.into_iter().filter_map(|n| {
+            self.entities
+                .get_key_value(n.as_str())
+                .map(|(k, _)| k.as_str())
+        })
     }
 }
 
@@ -214,11 +217,7 @@ impl Engine {
     /// Adds (or with negative amounts, takes back) what an identity used in
     /// a counted window; the entities it touched.
     pub fn add(&mut self, id: WindowId, who: &IdentityUsage, delta: Used) -> Vec<String> {
-        let entities: Vec<String> = self
-            .targets
-            .entities_of(who)
-            .map(str::to_string)
-            .collect();
+        let entities: Vec<String> = self.targets.entities_of(who).map(str::to_string).collect();
         if let Some((_, used)) = self.windows.get_mut(&id) {
             for e in &entities {
                 let u = used.entry(e.clone()).or_default();
@@ -231,10 +230,7 @@ impl Engine {
 
     /// The entities an identity's usage counts toward.
     pub fn entities_of(&self, who: &IdentityUsage) -> Vec<String> {
-        self.targets
-            .entities_of(who)
-            .map(str::to_string)
-            .collect()
+        self.targets.entities_of(who).map(str::to_string).collect()
     }
 
     /// Thresholds of `entity` in window `id` crossed and not yet recorded;

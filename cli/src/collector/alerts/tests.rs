@@ -4,8 +4,8 @@
 use super::super::store::AuditStore;
 use super::super::{store_counted, Stats};
 use super::engine::{Period, WindowId};
-use std::collections::HashSet;
 use super::*;
+use std::collections::HashSet;
 use std::sync::Arc;
 use tollgate_core::audit::Tokens;
 
@@ -354,7 +354,11 @@ async fn a_refused_delivery_stays_pending_and_is_retried_until_the_webhook_takes
                 if let Some((head, body)) = text.split_once("\r\n\r\n") {
                     let len: usize = head
                         .lines()
-                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
                         .unwrap_or(0);
                     if body.len() >= len {
                         kept.lock().unwrap().push(body.to_string());
@@ -366,9 +370,16 @@ async fn a_refused_delivery_stays_pending_and_is_retried_until_the_webhook_takes
                 }
             }
             n += 1;
-            let status = if n == 1 { "503 Service Unavailable" } else { "200 OK" };
+            let status = if n == 1 {
+                "503 Service Unavailable"
+            } else {
+                "200 OK"
+            };
             let _ = conn
-                .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes())
+                .write_all(
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
                 .await;
         }
     });
@@ -402,7 +413,6 @@ async fn a_refused_delivery_stays_pending_and_is_retried_until_the_webhook_takes
     sender.await.unwrap();
 }
 
-
 /// Every `tollgate_*` name in a PromQL expression.
 fn metric_names(expr: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -428,9 +438,10 @@ fn shipped_alert_rules_and_dashboard_use_only_metrics_the_collector_exports() {
         .collect();
     assert!(exported.contains("tollgate_budget_used_ratio"));
 
-    let rules: serde_yaml::Value =
-        serde_yaml::from_str(include_str!("../../../../deploy/prometheus/tollgate-alerts.yaml"))
-            .unwrap();
+    let rules: serde_yaml::Value = serde_yaml::from_str(include_str!(
+        "../../../../deploy/prometheus/tollgate-alerts.yaml"
+    ))
+    .unwrap();
     let mut rule_exprs = Vec::new();
     for group in rules["groups"].as_sequence().unwrap() {
         assert!(group["name"].as_str().is_some(), "{group:?}");
@@ -445,20 +456,27 @@ fn shipped_alert_rules_and_dashboard_use_only_metrics_the_collector_exports() {
         }
     }
 
-    let dashboard: serde_json::Value =
-        serde_json::from_str(include_str!("../../../../deploy/grafana/tollgate-dashboard.json"))
-            .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(include_str!(
+        "../../../../deploy/grafana/tollgate-dashboard.json"
+    ))
+    .unwrap();
     assert_eq!(dashboard["uid"], "tollgate-budgets");
     let mut panel_exprs = Vec::new();
     let mut ids = HashSet::new();
     for panel in dashboard["panels"].as_array().unwrap() {
         let title = panel["title"].as_str().unwrap();
-        assert!(ids.insert(panel["id"].as_u64().unwrap()), "{title}: id taken");
+        assert!(
+            ids.insert(panel["id"].as_u64().unwrap()),
+            "{title}: id taken"
+        );
         for key in ["x", "y", "w", "h"] {
             assert!(panel["gridPos"][key].is_u64(), "{title}: gridPos.{key}");
         }
         for target in panel["targets"].as_array().unwrap() {
-            panel_exprs.push((title.to_string(), target["expr"].as_str().unwrap().to_string()));
+            panel_exprs.push((
+                title.to_string(),
+                target["expr"].as_str().unwrap().to_string(),
+            ));
         }
     }
 

@@ -912,18 +912,35 @@ fn new_alert<'a>(entity: &'a str, threshold_ppm: u32, window: u64, event: &'a st
 
 fn alerts_are_recorded_once_per_entity_limit_threshold_and_window(s: &dyn AuditBackend) {
     let day = DAY_MS as u64;
-    assert!(s.record_alert(&new_alert("key:a", 500_000, day, "{\"n\":1}"), false).unwrap());
+    assert!(s
+        .record_alert(&new_alert("key:a", 500_000, day, "{\"n\":1}"), false)
+        .unwrap());
     // The same event again, from this collector after a restart or from
     // another sharing the store: refused, the first body kept.
-    assert!(!s.record_alert(&new_alert("key:a", 500_000, day, "{\"n\":2}"), false).unwrap());
+    assert!(!s
+        .record_alert(&new_alert("key:a", 500_000, day, "{\"n\":2}"), false)
+        .unwrap());
     // Another threshold, window or entity is another event.
-    assert!(s.record_alert(&new_alert("key:a", 800_000, day, "{}"), false).unwrap());
-    assert!(s.record_alert(&new_alert("key:a", 500_000, 2 * day, "{}"), false).unwrap());
-    assert!(s.record_alert(&new_alert("pool:team:x", 500_000, day, "{}"), true).unwrap());
+    assert!(s
+        .record_alert(&new_alert("key:a", 800_000, day, "{}"), false)
+        .unwrap());
+    assert!(s
+        .record_alert(&new_alert("key:a", 500_000, 2 * day, "{}"), false)
+        .unwrap());
+    assert!(s
+        .record_alert(&new_alert("pool:team:x", 500_000, day, "{}"), true)
+        .unwrap());
     let all = s.alerts().unwrap();
     let keys: Vec<(&str, u32, u64, Option<u64>)> = all
         .iter()
-        .map(|a| (a.entity.as_str(), a.threshold_ppm, a.window_start_ms, a.delivered_ms))
+        .map(|a| {
+            (
+                a.entity.as_str(),
+                a.threshold_ppm,
+                a.window_start_ms,
+                a.delivered_ms,
+            )
+        })
         .collect();
     assert_eq!(
         keys,
@@ -978,7 +995,16 @@ fn window_usage_sums_every_token_class_by_identity_across_the_horizon(s: &dyn Au
     let day0 = 20_000 * DAY_MS as u64;
     let day = DAY_MS as u64;
     let mut records = three_days(day0);
-    let mut hour_cache = rec("1h", "payments", "m1", None, 1, 2, 0.5, day0 + 2 * day + 60_000);
+    let mut hour_cache = rec(
+        "1h",
+        "payments",
+        "m1",
+        None,
+        1,
+        2,
+        0.5,
+        day0 + 2 * day + 60_000,
+    );
     hour_cache.tokens.cache_write_1h = Some(100);
     records.push(hour_cache);
     s.insert_batch(&records).unwrap();
@@ -1006,7 +1032,10 @@ fn window_usage_sums_every_token_class_by_identity_across_the_horizon(s: &dyn Au
     let rows = sorted(s.window_usage(day0, day0 + 3 * day).unwrap());
     let mut merged: Vec<IdentityUsage> = Vec::new();
     for r in rows {
-        match merged.iter_mut().find(|m| (&m.key_id, &m.user) == (&r.key_id, &r.user)) {
+        match merged
+            .iter_mut()
+            .find(|m| (&m.key_id, &m.user) == (&r.key_id, &r.user))
+        {
             Some(m) => {
                 m.tokens += r.tokens;
                 m.usd += r.usd;

@@ -4,8 +4,9 @@
 //! connection.
 
 use super::{
-    alerts_table, audit_table, insert_each, record_params, redact_url, AuditBackend, Columns, InsertTx, Param,
-    RecordRow, Sql, Stored, ADDED_COLUMNS, COMPLETE, HORIZON, INDEXES, INSERT, PROVISIONAL, TABLES,
+    alerts_table, audit_table, insert_each, record_params, redact_url, AuditBackend, Columns,
+    InsertTx, Param, RecordRow, Sql, Stored, ADDED_COLUMNS, COMPLETE, HORIZON, INDEXES, INSERT,
+    PROVISIONAL, TABLES,
 };
 use anyhow::{Context, Result};
 use postgres::types::ToSql;

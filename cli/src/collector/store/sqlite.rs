@@ -3,8 +3,8 @@
 //! writes.
 
 use super::{
-    alerts_table, audit_table, insert_each, record_params, AuditBackend, Columns, InsertTx, Param, RecordRow,
-    Sql, Stored, ADDED_COLUMNS, COMPLETE, HORIZON, INDEXES, INSERT, PROVISIONAL, TABLES,
+    alerts_table, audit_table, insert_each, record_params, AuditBackend, Columns, InsertTx, Param,
+    RecordRow, Sql, Stored, ADDED_COLUMNS, COMPLETE, HORIZON, INDEXES, INSERT, PROVISIONAL, TABLES,
 };
 use anyhow::{Context, Result};
 use rusqlite::{CachedStatement, OptionalExtension, ToSql, TransactionBehavior};
