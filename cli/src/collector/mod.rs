@@ -285,6 +285,16 @@ pub fn store_counted(
     stats: &Stats,
     records: &[AuditRecord],
 ) -> Result<Vec<Stored>> {
+    store_counted_at(store, stats, records, crate::clock::now_ms())
+}
+
+/// [`store_counted`] at `now` (what the alerts take as the present).
+pub fn store_counted_at(
+    store: &AuditStore,
+    stats: &Stats,
+    records: &[AuditRecord],
+    now: u64,
+) -> Result<Vec<Stored>> {
     // Held across the insert: alerts that start counting a window from the
     // store must not then count this batch into it again.
     let held = stats.alerts.hold();
@@ -299,9 +309,7 @@ pub fn store_counted(
             }
         }
     }
-    stats
-        .alerts
-        .observe(held, store, records, &stored, crate::clock::now_ms());
+    stats.alerts.observe(held, store, records, &stored, now);
     Ok(stored)
 }
 

@@ -303,7 +303,7 @@ impl Engine {
     /// record for one counts it again from the store) and what is known of
     /// them.
     pub fn prune(&mut self, now: u64) {
-        const GRACE: u64 = 86_400_000;
+        const GRACE: u64 = super::STALE_AFTER_MS;
         self.windows
             .retain(|_, (end, _)| end.saturating_add(GRACE) > now);
         let oldest = now.saturating_sub(40 * GRACE);

@@ -40,6 +40,10 @@ pub struct Alerts {
     pub failed: AtomicU64,
 }
 
+/// How long after its end a window still takes records and alerts (a
+/// request that started before midnight ends after it).
+const STALE_AFTER_MS: u64 = 86_400_000;
+
 /// The engine, held across an insert and its counting.
 pub type Held<'a> = Option<MutexGuard<'a, Option<Engine>>>;
 
@@ -82,13 +86,16 @@ impl Alerts {
         let Some(engine) = guard.as_mut() else { return };
         // Windows first needed by this batch are counted from the store,
         // which holds the batch already: its records are not added again.
+        // Windows that ended over a day ago are left alone: an import of
+        // old records is history, not news, and costs no query.
+        let live = |end: u64| end.saturating_add(STALE_AFTER_MS) > now;
         let mut fresh = HashSet::new();
         for (r, s) in records.iter().zip(stored) {
             if !s.changed() {
                 continue;
             }
             for (id, end) in engine.windows_at(r.timestamp_ms) {
-                if !engine.is_counted(&id) && fresh.insert(id) {
+                if live(end) && !engine.is_counted(&id) && fresh.insert(id) {
                     match store.window_usage(id.start, end) {
                         Ok(rows) => engine.seed(id, end, &rows),
                         Err(e) => tracing::error!("reading usage for alerts failed: {e:#}"),
@@ -110,7 +117,10 @@ impl Alerts {
                     tokens: sign * charge.tokens,
                     usd: sign * charge.usd,
                 };
-                for (id, _) in engine.windows_at(record.timestamp_ms) {
+                for (id, end) in engine.windows_at(record.timestamp_ms) {
+                    if !live(end) {
+                        continue;
+                    }
                     let entities = if fresh.contains(&id) {
                         engine.entities_of(&who)
                     } else {

@@ -2,7 +2,7 @@
 //! runs them (`store_counted`), with a policy inline.
 
 use super::super::store::AuditStore;
-use super::super::{store_counted, Stats};
+use super::super::{store_counted_at, Stats};
 use super::engine::{Period, WindowId};
 use super::*;
 use std::collections::HashSet;
@@ -12,6 +12,9 @@ use tollgate_core::audit::Tokens;
 const DAY: u64 = 86_400_000;
 /// 2026-12-05T00:00:00Z.
 const DEC_5: u64 = 1_796_428_800_000;
+/// What the alerts take as now in these tests: 2026-12-06T01:00:00Z, so
+/// that 5 and 6 December are both live windows whatever the wall clock.
+const NOW: u64 = DEC_5 + DAY + 3_600_000;
 
 fn policy(json: &str) -> Policy {
     tollgate_core::policy::compile(json.as_bytes(), "p.json", 0)
@@ -68,7 +71,7 @@ fn fixture(p: &Policy) -> Fixture {
 
 impl Fixture {
     fn ingest(&self, records: &[AuditRecord]) {
-        store_counted(&self.store, &self.stats, records).unwrap();
+        store_counted_at(&self.store, &self.stats, records, NOW).unwrap();
     }
 
     /// (entity, limit, threshold, window name) of every recorded alert.
@@ -189,6 +192,14 @@ fn a_new_day_counts_from_zero_and_alerts_again_while_the_month_keeps_counting() 
 }
 
 #[test]
+fn records_of_a_day_over_for_more_than_a_day_alert_nothing() {
+    let f = fixture(&key_policy("[0.5]", "UTC"));
+    // Dec 2 ended 3 days before NOW: an import of history, not news.
+    f.ingest(&[record("old", DEC_5 - 3 * DAY, 900, 0.0)]);
+    assert_eq!(f.sent(), []);
+}
+
+#[test]
 fn a_restarted_collector_counts_from_the_store_and_repeats_nothing() {
     let p = key_policy("[0.5, 1.0]", "UTC");
     let f = fixture(&p);
@@ -230,7 +241,7 @@ fn a_complete_record_counts_what_it_adds_to_its_provisional_one() {
 #[test]
 fn a_lowered_limit_alerts_at_the_next_refresh_and_without_a_policy_nothing_counts() {
     let f = fixture(&key_policy("[0.5]", "UTC"));
-    let now = crate::clock::now_ms();
+    let now = NOW;
     f.ingest(&[record("r1", now, 300, 0.0)]);
     assert_eq!(f.sent(), []);
     f.stats.alerts.set_policy(&policy(&format!(
@@ -243,14 +254,14 @@ fn a_lowered_limit_alerts_at_the_next_refresh_and_without_a_policy_nothing_count
     let dir = tempfile::tempdir().unwrap();
     let store = AuditStore::open(dir.path().join("b.db")).unwrap();
     let stats = Stats::default();
-    store_counted(&store, &stats, &[record("r1", now, 5000, 0.0)]).unwrap();
+    store_counted_at(&store, &stats, &[record("r1", now, 5000, 0.0)], now).unwrap();
     assert_eq!(store.alerts().unwrap(), []);
 }
 
 #[test]
 fn gauges_show_each_limits_use_in_its_current_window() {
     let f = fixture(&key_policy("[0.5]", "UTC"));
-    let now = crate::clock::now_ms();
+    let now = NOW;
     f.ingest(&[
         record("r1", now, 250, 1.25),
         record("old", now - 40 * DAY, 900, 5.0),
@@ -331,7 +342,9 @@ async fn a_refused_delivery_stays_pending_and_is_retried_until_the_webhook_takes
     let f = fixture(&key_policy("[0.5]", "UTC"));
     let (store, stats) = (f.store.clone(), f.stats.clone());
     tokio::task::spawn_blocking(move || {
-        store_counted(&store, &stats, &[record("r1", DEC_5, 600, 0.0)]).unwrap()
+        // The sender takes what is due by the wall clock: the record is now.
+        let now = crate::clock::now_ms();
+        store_counted_at(&store, &stats, &[record("r1", now, 600, 0.0)], now).unwrap()
     })
     .await
     .unwrap();
