@@ -289,3 +289,119 @@ fn a_daily_quota_sends_one_event_per_threshold_and_never_repeats_it() {
     assert_eq!(webhook.events().len(), 2, "{:?}", webhook.events());
     drop(second);
 }
+
+/// Complete records stored in `db` whose request id starts with `prefix`.
+fn complete_records(db: &std::path::Path, prefix: &str) -> usize {
+    let out = Command::new(tollgate_bin())
+        .args(["audit", "tail", "--format", "json", "-n", "1000", "--db"])
+        .arg(db)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| {
+            r["complete"] == true && r["request_id"].as_str().unwrap_or("").starts_with(prefix)
+        })
+        .count()
+}
+
+#[test]
+fn a_team_pool_crossing_50_and_80_percent_through_two_envoys_sends_two_events() {
+    // 135 tokens a request at $1,000 per million either way: $0.135 each,
+    // ten of them fill the pool's $1.35 a day.
+    let policy_json = format!(
+        r#"{{"version": 1, "defaults": {{"models": ["claude-*"]}},
+            "prices": {{"claude-*": {{"input": 1000, "output": 1000}}}},
+            "pools": {{"team:payments": {{"budget_usd_per_day": 1.35, "alerts": [0.5, 0.8]}}}},
+            "keys": [{{"id": "alice", "key_sha256": "{}", "team": "payments"}},
+                     {{"id": "bob", "key_sha256": "{}", "team": "payments"}}]}}"#,
+        tollgate_e2e::sha("tg-alice"),
+        tollgate_e2e::sha("tg-bob")
+    );
+    assert_eq!(tokens_per_request(), 135);
+    let webhook = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (policy_path, db) = (dir.path().join("policy.json"), dir.path().join("audit.db"));
+    std::fs::write(&policy_path, &policy_json).unwrap();
+    let (grpc, http) = (free_addr(), free_addr());
+    let _collector = Collector(
+        Command::new(tollgate_bin())
+            .args(["collector", "--listen", &grpc, "--http", &http, "--db"])
+            .arg(&db)
+            .arg("--policy")
+            .arg(&policy_path)
+            .args(["--alert-webhook", &webhook.url])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let envoys: Vec<Gateway> = (0..2)
+        .map(|_| {
+            Gateway::start_with(
+                &policy_json,
+                Options {
+                    external_collector: Some(grpc.clone()),
+                    ..Options::default()
+                },
+            )
+        })
+        .collect();
+    // Nine requests, alternating replicas and keys: 90% of the pool.
+    for i in 0..9 {
+        let (gw, key) = [(&envoys[0], "tg-alice"), (&envoys[1], "tg-bob")][i % 2];
+        let r = gw.post_with(
+            "/v1/messages",
+            &[
+                ("x-api-key", key),
+                ("x-request-id", &format!("pool-{i}")),
+                ("x-mock-exchange", "messages-basic"),
+            ],
+            BODY,
+        );
+        assert_eq!(r.status().as_u16(), 200, "request {i}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while complete_records(&db, "pool-") < 9 {
+        assert!(
+            Instant::now() < deadline,
+            "the collector did not store the 9 records"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    webhook.wait_for(2);
+    // Absence needs a wait: every record is stored and counted, and the
+    // sender posts what they crossed within milliseconds; 1.5 s is margin.
+    std::thread::sleep(Duration::from_millis(1500));
+    let events = webhook.events();
+    let got: Vec<(&Value, &Value, &Value)> = events
+        .iter()
+        .map(|e| (&e["entity"], &e["limit"], &e["threshold"]))
+        .collect();
+    let (pool, limit) = (
+        Value::from("pool:team:payments"),
+        Value::from("budget_usd_per_day"),
+    );
+    assert_eq!(
+        got,
+        [
+            (&pool, &limit, &Value::from(0.5)),
+            (&pool, &limit, &Value::from(0.8))
+        ]
+    );
+    assert!(
+        events[0]["text"].as_str().unwrap().starts_with(
+            "Tollgate: pool:team:payments reached 50% of its budget_usd_per_day (USD "
+        ),
+        "{}",
+        events[0]["text"]
+    );
+    // `used` is the use counted when the crossing was seen: the records
+    // arrive in batches, so anywhere from the crossing request to all nine.
+    for (e, at_least) in events.iter().zip([5.0 * 0.135, 8.0 * 0.135]) {
+        let used = e["used"].as_f64().unwrap();
+        assert!(used > at_least - 1e-9 && used < 9.0 * 0.135 + 1e-9, "{e}");
+        assert_eq!(e["limit_value"], 1.35);
+    }
+}
