@@ -23,9 +23,12 @@ pub struct Upkeep {
     /// Roll up and delete raw records older than this many days; `None`
     /// keeps everything.
     pub retain_days: Option<u32>,
-    /// The policy whose daily and monthly limits the dashboard's
-    /// burn-down draws; `None`: no burn-down.
+    /// The policy whose limits and `alerts` the collector watches (budget
+    /// gauges, alerts, the dashboard's burn-down; read again on every edit);
+    /// `None`: none of those.
     pub policy: Option<PathBuf>,
+    /// Where alert events are posted; without it they are only recorded.
+    pub alert_webhook: Option<String>,
 }
 
 /// Serves both listeners until `shutdown` resolves, then stops the HTTP
@@ -43,7 +46,7 @@ pub async fn serve(
         http,
         store.clone(),
         stats.clone(),
-        upkeep.policy,
+        upkeep.policy.clone(),
         side_stop.stopped(),
     ));
     let maintain = tokio::spawn(collector::maintain(
@@ -52,10 +55,32 @@ pub async fn serve(
         upkeep.retain_days,
         side_stop.stopped(),
     ));
+    if upkeep.alert_webhook.is_some() {
+        stats.alerts.with_webhook();
+    }
+    let alerts = upkeep.policy.map(|path| {
+        tokio::spawn(collector::alerts::keep(
+            store.clone(),
+            stats.clone(),
+            path,
+            side_stop.stopped(),
+        ))
+    });
+    let sender = upkeep.alert_webhook.map(|url| {
+        tokio::spawn(collector::alerts::webhook::deliver(
+            store.clone(),
+            stats.clone(),
+            url,
+            side_stop.stopped(),
+        ))
+    });
     let result = collector::serve_with_stats(grpc, store, stats, shutdown).await;
     side_stop.stop();
     let _ = web.await;
     let _ = maintain.await;
+    for task in [alerts, sender].into_iter().flatten() {
+        let _ = task.await;
+    }
     result
 }
 

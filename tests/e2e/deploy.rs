@@ -172,6 +172,20 @@ fn collector_manifests_define_configmap_deployment_and_services() {
         .collect();
     assert_eq!(args[0], "collector");
     assert!(args.contains(&"--listen=0.0.0.0:9611"));
+    // The policy the alerts follow is the ConfigMap's, mounted where
+    // --policy reads it.
+    assert!(args.contains(&"--policy=/etc/tollgate/policy.json"));
+    assert_eq!(
+        s(
+            &all[1],
+            "spec.template.spec.containers.0.volumeMounts.1.mountPath"
+        ),
+        "/etc/tollgate"
+    );
+    assert_eq!(
+        s(&all[1], "spec.template.spec.volumes.1.configMap.name"),
+        s(&all[0], "metadata.name")
+    );
     assert_eq!(
         s(&all[3], "spec.ports.0.appProtocol"),
         "grpc",

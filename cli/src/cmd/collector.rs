@@ -30,10 +30,14 @@ pub struct CollectorArgs {
     /// them (usage reports keep covering those days). Default: keep everything.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub retain_days: Option<u32>,
-    /// The gateway's policy file: the dashboard draws the burn-down of its daily and
-    /// monthly limits (read at each view, so edits show at once).
+    /// Policy file (JSON) whose daily and monthly limits the budget gauges, alerts and the
+    /// dashboard's burn-down follow; read again on every edit. Without it: none of those.
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// POST one JSON event (with a Slack-compatible `text`) here each time an entity
+    /// first reaches one of its `alerts` thresholds in a window. Needs --policy.
+    #[arg(long, value_name = "URL", requires = "policy")]
+    pub alert_webhook: Option<String>,
 }
 
 pub fn run(args: CollectorArgs) -> Result<()> {
@@ -60,6 +64,7 @@ pub fn run(args: CollectorArgs) -> Result<()> {
         let upkeep = audit_service::Upkeep {
             retain_days: args.retain_days,
             policy: args.policy.clone(),
+            alert_webhook: args.alert_webhook,
         };
         audit_service::serve(grpc, http, store, upkeep, shutdown::signal()).await
     })
@@ -90,5 +95,25 @@ mod tests {
         );
         let err = parse(&["--retain-days", "0"]).err().unwrap().to_string();
         assert!(err.contains("--retain-days"), "{err}");
+    }
+
+    #[test]
+    fn an_alert_webhook_needs_the_policy_that_declares_the_alerts() {
+        let err = parse(&["--alert-webhook", "http://hooks.example/x"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("--policy <POLICY>"), "{err}");
+        let args = parse(&[
+            "--policy",
+            "p.json",
+            "--alert-webhook",
+            "http://hooks.example/x",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.alert_webhook.as_deref(),
+            Some("http://hooks.example/x")
+        );
     }
 }

@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// them (usage reports keep covering those days). Default: keep everything.
     #[arg(long, conflicts_with = "external_collector", value_parser = clap::value_parser!(u32).range(1..))]
     pub audit_retain_days: Option<u32>,
+    /// POST one JSON event (with a Slack-compatible `text`) here each time a key or pool
+    /// first reaches one of its `alerts` thresholds in a day or month (in-process collector).
+    #[arg(long, value_name = "URL", conflicts_with = "external_collector")]
+    pub alert_webhook: Option<String>,
     /// Seconds a request may go without a byte in either direction before
     /// Envoy cuts it off (504 `timeout_error` before the response starts).
     /// Generations pause between events; keep this generous.
@@ -218,6 +222,7 @@ fn options(args: &RunArgs) -> Result<gateway::Options> {
             keep: usize::try_from(args.audit_log_keep).unwrap_or(usize::MAX),
         },
         audit_retain_days: args.audit_retain_days,
+        alert_webhook: args.alert_webhook.clone(),
         stream_idle_timeout_s: args.stream_idle_timeout,
         shared: shared(args)?,
     })

@@ -19,7 +19,7 @@ use super::report::GroupBy;
 use super::series::{buckets, grouped, Bucket, Point};
 use super::store::AuditBackend;
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use tollgate_core::meter::cell::Refill;
@@ -61,80 +61,15 @@ pub struct BurnPoint {
     pub used: f64,
 }
 
-/// The `alerts` fractions a policy declares, by entity (`key:alice`,
-/// `team:payments`), read beside the limits (`"alerts": [0.5, 0.8, 1.0]` in
-/// a key, in its `limits`, in a pool or in `defaults`), without requiring
-/// the compiled policy to know the field.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Alerts {
-    by_entity: HashMap<String, Vec<f64>>,
-    default: Option<Vec<f64>>,
-}
-
-#[derive(Deserialize, Default)]
-struct WithAlerts {
-    #[serde(default)]
-    alerts: Option<Vec<f64>>,
-    #[serde(default)]
-    limits: Option<Box<WithAlerts>>,
-}
-
-impl WithAlerts {
-    fn alerts(self) -> Option<Vec<f64>> {
-        self.alerts.or(self.limits.and_then(|l| l.alerts))
-    }
-}
-
-#[derive(Deserialize)]
-struct KeyAlerts {
-    id: String,
-    #[serde(flatten)]
-    alerts: WithAlerts,
-}
-
-#[derive(Deserialize)]
-struct AlertsDoc {
-    #[serde(default)]
-    defaults: Option<WithAlerts>,
-    #[serde(default)]
-    keys: Vec<KeyAlerts>,
-    #[serde(default)]
-    pools: HashMap<String, WithAlerts>,
-}
-
-impl Alerts {
-    /// The thresholds of a policy document; none (the defaults) when it
-    /// declares none or they cannot be read.
-    pub fn of_policy(json: &[u8]) -> Alerts {
-        let Ok(doc) = serde_json::from_slice::<AlertsDoc>(json) else {
-            return Alerts::default();
-        };
-        let mut by_entity = HashMap::new();
-        for k in doc.keys {
-            if let Some(a) = k.alerts.alerts() {
-                by_entity.insert(format!("key:{}", k.id), a);
-            }
-        }
-        for (name, p) in doc.pools {
-            if let Some(a) = p.alerts() {
-                by_entity.insert(name, a);
-            }
-        }
-        Alerts {
-            by_entity,
-            default: doc.defaults.and_then(WithAlerts::alerts),
-        }
-    }
-
-    fn of(&self, entity: &str) -> Vec<f64> {
-        let mut a = self
-            .by_entity
-            .get(entity)
-            .or(self.default.as_ref())
-            .cloned()
-            .unwrap_or_else(|| DEFAULT_ALERTS.to_vec());
-        a.sort_by(f64::total_cmp);
-        a
+/// The fractions marked on an entity's charts: its `alerts` as the
+/// compiled policy resolved them (the key's own, else its first group's
+/// with some, else the defaults'; a pool's own), or 50/80/100% where the
+/// policy declares none. `[]` (alerts off) marks nothing.
+fn thresholds(limits: &Limits) -> Vec<f64> {
+    if limits.has_alerts() {
+        limits.alerts().to_vec()
+    } else {
+        DEFAULT_ALERTS.to_vec()
     }
 }
 
@@ -224,7 +159,6 @@ fn amount_of(p: &Point, measure: Measure) -> f64 {
 pub fn build<B: AuditBackend + ?Sized>(
     store: &B,
     policy: &Policy,
-    alerts: &Alerts,
     view: &Filter,
     now_ms: u64,
 ) -> Result<Vec<Burn>> {
@@ -323,7 +257,7 @@ pub fn build<B: AuditBackend + ?Sized>(
             window_end_ms: win.end,
             used,
             ratio: ratio(u),
-            alerts: alerts.of(&e.name),
+            alerts: thresholds(e.limits),
             points,
         });
     }
@@ -343,20 +277,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn alerts_are_read_beside_the_limits_of_keys_pools_and_defaults() {
-        let a = Alerts::of_policy(
+    fn alerts_are_marked_as_the_policy_resolves_them_else_at_50_80_100_percent() {
+        let (policy, _) = tollgate_core::policy::compile(
             br#"{"version": 1, "defaults": {"limits": {"alerts": [0.9]}},
-                 "keys": [{"id": "a", "alerts": [1.0, 0.25]},
-                          {"id": "b", "limits": {"alerts": [0.6], "budget_usd_per_day": 1}},
-                          {"id": "c"}],
-                 "pools": {"team:payments": {"budget_usd_per_day": 5, "alerts": [0.7]}}}"#,
-        );
-        assert_eq!(a.of("key:a"), [0.25, 1.0]);
-        assert_eq!(a.of("key:b"), [0.6]);
-        assert_eq!(a.of("key:c"), [0.9]);
-        assert_eq!(a.of("team:payments"), [0.7]);
-        let none = Alerts::of_policy(br#"{"version": 1, "keys": []}"#);
-        assert_eq!(none.of("key:a"), DEFAULT_ALERTS);
-        assert_eq!(Alerts::of_policy(b"not json").of("x"), DEFAULT_ALERTS);
+                 "groups": {"ops": {"limits": {"alerts": [0.25, 1.0]}}},
+                 "keys": [{"id": "a", "groups": ["ops"],
+                           "key_sha256": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"},
+                          {"id": "b", "limits": {"alerts": [], "budget_usd_per_day": 1},
+                           "key_sha256": "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"},
+                          {"id": "c",
+                           "key_sha256": "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc"}],
+                 "pools": {"team:payments": {"budget_usd_per_day": 5, "alerts": [0.7]},
+                           "team:search": {"budget_usd_per_day": 5}}}"#,
+            "p.json",
+            0,
+        )
+        .unwrap();
+        let by_entity: HashMap<String, Vec<f64>> = entities(&policy)
+            .into_iter()
+            .map(|e| (e.name, thresholds(e.limits)))
+            .collect();
+        assert_eq!(by_entity["key:a"], [0.25, 1.0], "its group's");
+        assert!(by_entity["key:b"].is_empty(), "turned off");
+        assert_eq!(by_entity["key:c"], [0.9], "the defaults'");
+        assert_eq!(by_entity["team:payments"], [0.7]);
+        assert_eq!(by_entity["team:search"], DEFAULT_ALERTS, "none declared");
     }
 }

@@ -138,12 +138,10 @@ async fn burndown(State(app): State<App>, Query(q): Params) -> Response {
         .into_response();
     };
     answer(move || {
-        let (policy, bytes) = crate::policy_file::compiled_quietly(&path).map_err(|errors| {
+        let (policy, _) = crate::policy_file::compiled_quietly(&path).map_err(|errors| {
             anyhow::anyhow!("policy {}: {}", path.display(), errors.join("; "))
         })?;
-        let alerts = super::burndown::Alerts::of_policy(&bytes);
-        let limits =
-            super::burndown::build(&*app.store, &policy, &alerts, &view, crate::clock::now_ms())?;
+        let limits = super::burndown::build(&*app.store, &policy, &view, crate::clock::now_ms())?;
         Ok(serde_json::json!({ "policy": path.display().to_string(), "limits": limits }))
     })
     .await

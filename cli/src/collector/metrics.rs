@@ -210,7 +210,7 @@ impl Usage {
     }
 }
 
-fn escape(v: &str) -> String {
+pub fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
@@ -257,6 +257,7 @@ pub fn render(stats: &Stats) -> String {
     if let Ok(missing) = stats.missing.lock() {
         render_missing(&mut out, missing.as_deref().unwrap_or_default());
     }
+    stats.alerts.render(&mut out, crate::clock::now_ms());
     for (name, help, counter) in [
         (
             "tollgate_collector_entries_received_total",

@@ -5,6 +5,7 @@
 //! A full queue drops the entry and counts it; the file access log keeps the
 //! durable copy.
 
+pub mod alerts;
 pub mod burndown;
 pub mod drilldown;
 pub mod filter;
@@ -70,6 +71,8 @@ pub struct Stats {
     /// Missing audit records per Envoy, most first, as last computed from
     /// the store ([`maintain`]); `None` before the first computation.
     pub missing: Mutex<Option<Vec<(String, u64)>>>,
+    /// Budget and quota alerts (counting only once a policy is set).
+    pub alerts: alerts::Alerts,
 }
 
 /// How far back the missing-records gauge looks, and how often it is
@@ -286,6 +289,19 @@ pub fn store_counted(
     stats: &Stats,
     records: &[AuditRecord],
 ) -> Result<Vec<Stored>> {
+    store_counted_at(store, stats, records, crate::clock::now_ms())
+}
+
+/// [`store_counted`] at `now` (what the alerts take as the present).
+pub fn store_counted_at(
+    store: &AuditStore,
+    stats: &Stats,
+    records: &[AuditRecord],
+    now: u64,
+) -> Result<Vec<Stored>> {
+    // Held across the insert: alerts that start counting a window from the
+    // store must not then count this batch into it again.
+    let held = stats.alerts.hold();
     let stored = store.insert_batch(records)?;
     stats
         .stored
@@ -297,6 +313,7 @@ pub fn store_counted(
             }
         }
     }
+    stats.alerts.observe(held, store, records, &stored, now);
     Ok(stored)
 }
 

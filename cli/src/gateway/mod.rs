@@ -55,6 +55,9 @@ pub struct Options {
     pub audit_log: Rotation,
     /// The in-process collector's retention (days); `None` keeps everything.
     pub audit_retain_days: Option<u32>,
+    /// Where the in-process collector posts alert events (it watches the
+    /// policy's `alerts` either way).
+    pub alert_webhook: Option<String>,
     /// Seconds without a byte either way before Envoy cuts a request off.
     pub stream_idle_timeout_s: u64,
     /// Limits shared by every replica through a shared store; `None`: in
@@ -205,6 +208,7 @@ pub async fn start(
     let upkeep = audit_service::Upkeep {
         retain_days: opts.audit_retain_days,
         policy: Some(opts.policy.clone()),
+        alert_webhook: opts.alert_webhook.clone(),
     };
     let collector = start_collector(collector, &layout, upkeep, &stop).await?;
     let (quota_at, quota) = start_quota(opts.shared.as_ref(), &layout, &stop).await?;

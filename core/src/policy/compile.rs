@@ -258,6 +258,13 @@ fn provider_pool_problems(raw: &RawPolicy) -> Vec<Problem> {
                 reason: "a provider pool needs at least one model".to_string(),
             });
         }
+        if pool.limits.has_alerts() {
+            out.push(Problem {
+                path: join(&join(&at, "limits"), "alerts"),
+                value: None,
+                reason: "alerts apply to daily and monthly quotas and budgets, which provider pools do not have; put them on keys, groups or pools".to_string(),
+            });
+        }
         for (metric, limit) in pool.limits.iter().filter(|(m, _)| m.is_quota()) {
             out.push(Problem {
                 path: join(&join(&at, "limits"), metric.name()),

@@ -173,6 +173,45 @@ pub fn header_name(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Most thresholds one `alerts` list may hold: each is an event a day or a
+/// month per entity, and a list longer than this is a typo, not a plan.
+pub const MAX_ALERTS: usize = 10;
+
+/// One alert threshold: a fraction of a quota or budget above 0 and at most
+/// 1.5 (past 1, an alert for spend beyond a limit that admitted the request
+/// that crossed it, such as a long stream settled after the reservation).
+pub fn alert_threshold(n: f64) -> Result<f64, String> {
+    if n > 0.0 && n <= 1.5 {
+        Ok(n)
+    } else {
+        Err("must be a fraction of the limit above 0 and at most 1.5, e.g. 0.8 for 80%".to_string())
+    }
+}
+
+/// A whole `alerts` list, its thresholds each valid: listed once each, in
+/// increasing order (a list read top to bottom is the order its events
+/// come in). On error, the position of the first offending threshold and
+/// why (`None` for the list itself).
+pub fn alerts(list: &[f64]) -> Result<(), (Option<usize>, String)> {
+    if list.len() > MAX_ALERTS {
+        return Err((
+            None,
+            format!("at most {MAX_ALERTS} thresholds, found {}", list.len()),
+        ));
+    }
+    for (i, pair) in list.windows(2).enumerate() {
+        if let [before, after] = pair {
+            if after <= before {
+                return Err((
+                    Some(i + 1),
+                    format!("thresholds must increase, each listed once (after {before})"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How many values a session pool tracks: whole, 1 to 1,000,000 (each is
 /// two shared-data entries).
 pub fn max_tracked(n: f64) -> Result<u32, String> {

@@ -151,9 +151,54 @@ impl Limit {
     }
 }
 
+/// Alert thresholds of a key's or a pool's quotas and budgets
+/// (`"alerts": [0.5, 0.8, 1.0]`): fractions of each daily or monthly limit
+/// at which the collector sends one event per window. Per-minute limits
+/// have none: they refill continuously, so "80% used" has no window to be
+/// said once in. A fixed array keeps [`Limits`] `Copy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Alerts {
+    len: u8,
+    at: [f64; leaf::MAX_ALERTS],
+}
+
+impl Alerts {
+    /// A list that passed [`leaf::alerts`]; thresholds past the maximum
+    /// are ignored.
+    pub fn new(list: &[f64]) -> Alerts {
+        let mut out = Alerts::default();
+        for (slot, t) in out.at.iter_mut().zip(list) {
+            *slot = *t;
+            out.len += 1;
+        }
+        out
+    }
+
+    /// The thresholds, increasing.
+    pub fn thresholds(&self) -> &[f64] {
+        self.at.get(..usize::from(self.len)).unwrap_or_default()
+    }
+}
+
+impl<'de> Deserialize<'de> for Alerts {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let list = Vec::<f64>::deserialize(d)?;
+        for t in &list {
+            leaf::alert_threshold(*t).map_err(D::Error::custom)?;
+        }
+        leaf::alerts(&list).map_err(|(_, e)| D::Error::custom(e))?;
+        Ok(Alerts::new(&list))
+    }
+}
+
 /// Limits of one key or one pool; a missing limit means unlimited.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Limits([Option<Limit>; Metric::COUNT]);
+pub struct Limits {
+    limits: [Option<Limit>; Metric::COUNT],
+    /// `None`: not set here (a key then takes its groups' or the defaults').
+    alerts: Option<Alerts>,
+}
 
 impl Limits {
     pub fn get(&self, metric: Metric) -> Option<f64> {
@@ -161,13 +206,28 @@ impl Limits {
     }
 
     pub fn limit(&self, metric: Metric) -> Option<Limit> {
-        self.0.get(metric as usize).cloned().flatten()
+        self.limits.get(metric as usize).cloned().flatten()
     }
 
     pub fn set(&mut self, metric: Metric, limit: Limit) {
-        if let Some(slot) = self.0.get_mut(metric as usize) {
+        if let Some(slot) = self.limits.get_mut(metric as usize) {
             *slot = Some(limit);
         }
+    }
+
+    /// The alert thresholds that apply to these limits' quotas and budgets
+    /// (none when unset).
+    pub fn alerts(&self) -> &[f64] {
+        self.alerts.as_ref().map_or(&[], Alerts::thresholds)
+    }
+
+    /// Whether `alerts` is set here, even to an empty list.
+    pub fn has_alerts(&self) -> bool {
+        self.alerts.is_some()
+    }
+
+    pub fn set_alerts(&mut self, alerts: Alerts) {
+        self.alerts = Some(alerts);
     }
 
     /// Every limit that is set, in table order.
@@ -177,8 +237,17 @@ impl Limits {
 
     /// For each limit: this one if set, else the most restrictive among
     /// `groups`, else `defaults` (its settings travel with its amount).
+    /// Alerts are one list, not a value per limit: this one's if set (an
+    /// empty list turns alerts off), else the first of `groups` (the key's
+    /// order) that sets one, else the defaults'.
     pub fn resolve(&self, groups: &[&Limits], defaults: &Limits) -> Limits {
-        let mut out = Limits::default();
+        let mut out = Limits {
+            alerts: self
+                .alerts
+                .or_else(|| groups.iter().find_map(|g| g.alerts))
+                .or(defaults.alerts),
+            ..Limits::default()
+        };
         for metric in Metric::all() {
             let group = groups
                 .iter()
@@ -204,6 +273,13 @@ impl<'de> Deserialize<'de> for Limits {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Limits, A::Error> {
                 let mut limits = Limits::default();
                 while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if name == "alerts" {
+                        if limits.alerts.is_some() {
+                            return Err(serde::de::Error::duplicate_field("alerts"));
+                        }
+                        limits.alerts = Some(map.next_value()?);
+                        continue;
+                    }
                     let Some(metric) = Metric::from_field(&name) else {
                         return Err(serde::de::Error::unknown_field(&name, &[]));
                     };

@@ -16,7 +16,7 @@ pub mod schema;
 pub use crate::price::Price;
 pub use compile::{compile, compile_checked};
 pub use error::{PolicyError, PolicyReport};
-pub use limits::{Limit, Limits, OnExhausted, Reserve, StoreFailure};
+pub use limits::{Alerts, Limit, Limits, OnExhausted, Reserve, StoreFailure};
 pub use pattern::ModelPattern;
 
 use hashbrown::HashMap;

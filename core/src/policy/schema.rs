@@ -17,6 +17,9 @@ pub enum Ty {
         value: &'static Ty,
     },
     Array(&'static Ty),
+    /// Alert thresholds: an array of [`Leaf::AlertThreshold`], each listed
+    /// once and in increasing order, at most [`leaf::MAX_ALERTS`].
+    Alerts,
     Leaf(Leaf),
     /// A limit: its amount alone (`amount`, a leaf), or an object
     /// (`settings`) with the amount under `limit` and how it behaves.
@@ -78,6 +81,8 @@ pub enum Leaf {
     HeaderName,
     /// How many values a session pool tracks: whole, 1..=1,000,000.
     MaxTracked,
+    /// A fraction of a limit in (0, 1.5].
+    AlertThreshold,
 }
 
 const fn field(name: &'static str, ty: &'static Ty, doc: &'static str) -> Field {
@@ -110,7 +115,14 @@ static TEXT_LIST: Ty = Ty::Array(&TEXT);
 /// a USD amount as the row's measure says, alone or with its settings.
 pub static LIMITS: Ty = Ty::Object(&LIMIT_FIELDS);
 
-static LIMIT_FIELDS: [Field; Metric::COUNT] = limit_fields();
+static LIMIT_FIELDS: [Field; Metric::COUNT + 1] = limit_fields();
+
+/// The `alerts` field of a limits object.
+const ALERTS_FIELD: Field = field(
+    "alerts",
+    &Ty::Alerts,
+    "Fractions of each daily or monthly quota and budget here (tokens_per_day, budget_usd_per_day, budget_usd_per_month; not per-minute limits) at which the collector sends one webhook event per window, e.g. [0.5, 0.8, 1.0]; increasing, each in (0, 1.5]. A key without its own takes its first group's that has one, else the defaults'; [] turns them off.",
+);
 
 static COUNT_LIMIT: Ty = Ty::Limit {
     amount: &COUNT,
@@ -173,8 +185,8 @@ const fn limit_settings(amount: &'static Ty) -> [Field; 7] {
 // Const evaluation: `i < Metric::COUNT` bounds both arrays, and an
 // out-of-bounds index would fail the build, not a request.
 #[allow(clippy::indexing_slicing)]
-const fn limit_fields() -> [Field; Metric::COUNT] {
-    let mut out = [field("", &COUNT, ""); Metric::COUNT];
+const fn limit_fields() -> [Field; Metric::COUNT + 1] {
+    let mut out = [ALERTS_FIELD; Metric::COUNT + 1];
     let mut i = 0;
     while i < Metric::COUNT {
         let spec = &METRICS[i];
@@ -588,6 +600,41 @@ pub fn check(v: &Value, ty: &Ty, path: &str, out: &mut Vec<Problem>) {
                 push(path.to_string(), Some(show(v)), reason);
             }
         }
+        Ty::Alerts => {
+            let Some(arr) = v.as_array() else {
+                push(
+                    path.to_string(),
+                    Some(show(v)),
+                    format!("expected an array, found {}", kind(v)),
+                );
+                return;
+            };
+            let before = out.len();
+            for (i, x) in arr.iter().enumerate() {
+                check(
+                    x,
+                    &Ty::Leaf(Leaf::AlertThreshold),
+                    &format!("{path}[{i}]"),
+                    out,
+                );
+            }
+            // The order is only worth a word once every threshold is one.
+            if out.len() > before {
+                return;
+            }
+            let list: Vec<f64> = arr.iter().filter_map(Value::as_f64).collect();
+            if let Err((at, reason)) = leaf::alerts(&list) {
+                let (path, value) = match at.and_then(|i| Some((i, arr.get(i)?))) {
+                    Some((i, x)) => (format!("{path}[{i}]"), show(x)),
+                    None => (path.to_string(), show(v)),
+                };
+                out.push(Problem {
+                    path,
+                    value: Some(value),
+                    reason,
+                });
+            }
+        }
         Ty::Limit { amount, settings } => {
             let ty = if v.is_object() { settings } else { amount };
             check(v, ty, path, out);
@@ -637,6 +684,7 @@ pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
         Leaf::OnExhausted => super::limits::OnExhausted::parse(v).map(|_| ()),
         Leaf::HeaderName => leaf::header_name(&text(v)?),
         Leaf::MaxTracked => leaf::max_tracked(number(v)?).map(|_| ()),
+        Leaf::AlertThreshold => leaf::alert_threshold(number(v)?).map(|_| ()),
     }
 }
 
@@ -698,6 +746,13 @@ fn to_schema(ty: &Ty, doc: &str) -> Value {
         }
         Ty::Array(item) => json!({ "type": "array", "items": to_schema(item, "") }),
         Ty::Leaf(rule) => leaf_schema(*rule),
+        // JSON Schema cannot say "increasing"; unique and bounded it can.
+        Ty::Alerts => json!({
+            "type": "array",
+            "items": leaf_schema(Leaf::AlertThreshold),
+            "uniqueItems": true,
+            "maxItems": leaf::MAX_ALERTS,
+        }),
         Ty::Limit { amount, settings } => {
             json!({ "oneOf": [to_schema(amount, ""), to_schema(settings, "")] })
         }
@@ -752,5 +807,8 @@ fn leaf_schema(rule: Leaf) -> Value {
         ] }),
         Leaf::HeaderName => json!({ "type": "string", "pattern": "^[a-z0-9!#$%&'*+.^_`|~-]+$" }),
         Leaf::MaxTracked => json!({ "type": "integer", "minimum": 1, "maximum": 1000000 }),
+        Leaf::AlertThreshold => {
+            json!({ "type": "number", "exclusiveMinimum": 0, "maximum": 1.5 })
+        }
     }
 }

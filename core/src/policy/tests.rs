@@ -87,6 +87,42 @@ fn most_restrictive_group_limit_applies_when_the_key_sets_none() {
 }
 
 #[test]
+fn alerts_come_from_the_key_else_its_first_group_with_some_else_the_defaults() {
+    let key = |id: &str, rest: &str| {
+        format!(
+            r#"{{"id":"{id}","key_sha256":"{}"{rest}}}"#,
+            crate::vkey::sha256_hex(&format!("tg-{id}"))
+        )
+    };
+    let json = format!(
+        r#"{{"version":1,"defaults":{{"limits":{{"tokens_per_day":1000,"alerts":[0.9]}}}},
+            "groups":{{"quiet":{{}},"a":{{"limits":{{"alerts":[0.5,1]}}}},"b":{{"limits":{{"alerts":[0.8]}}}}}},
+            "pools":{{"team:payments":{{"budget_usd_per_day":50,"alerts":[0.25,0.75,1.5]}}}},
+            "keys":[{},{},{},{}]}}"#,
+        key("own", r#","groups":["a"],"limits":{"alerts":[0.7]}"#),
+        key("grouped", r#","groups":["quiet","b","a"]"#),
+        key("default", ""),
+        key("off", r#","groups":["a"],"limits":{"alerts":[]}"#),
+    );
+    let (p, _) = compile(json.as_bytes(), "p.json", 0).unwrap();
+    let alerts: Vec<(&str, &[f64])> = p
+        .keys()
+        .iter()
+        .map(|k| (k.id.as_str(), k.limits.alerts()))
+        .collect();
+    assert_eq!(
+        alerts,
+        [
+            ("own", &[0.7][..]),
+            ("grouped", &[0.8][..]),
+            ("default", &[0.9][..]),
+            ("off", &[][..]),
+        ]
+    );
+    assert_eq!(p.pools[0].limits.alerts(), [0.25, 0.75, 1.5]);
+}
+
+#[test]
 fn expired_keys_are_a_warning_not_an_error() {
     let json = format!(
         r#"{{"version":1,"keys":[{{"id":"old","key_sha256":"{}","expires_at":"2020-01-01T00:00:00Z"}}]}}"#,

@@ -5,7 +5,7 @@
 //! `TOLLGATE_PG_URL` set, an unreachable server fails the PostgreSQL tests.
 
 use super::*;
-use crate::collector::burndown::{self, Alerts, BurnPoint};
+use crate::collector::burndown::{self, BurnPoint};
 use crate::collector::drilldown;
 use crate::collector::filter::Filter;
 use crate::collector::gaps::{Gap, Tracker};
@@ -131,6 +131,9 @@ contract!(
     recent_lists_the_newest_records_of_a_view_and_its_denials,
     a_keys_drilldown_has_its_totals_models_series_and_denials,
     burndown_sums_each_daily_and_monthly_limit_in_its_window,
+    alerts_are_recorded_once_per_entity_limit_threshold_and_window,
+    an_alert_is_claimed_by_one_sender_then_retried_or_delivered,
+    window_usage_sums_every_token_class_by_identity_across_the_horizon,
 );
 
 fn record(id: &str, complete: bool) -> AuditRecord {
@@ -1132,9 +1135,8 @@ const BURN_POLICY: &str = r#"{"version": 1, "defaults": {"models": ["m*"]},
 fn burndown_sums_each_daily_and_monthly_limit_in_its_window(s: &dyn AuditBackend) {
     s.insert_batch(&two_days()).unwrap();
     let (policy, _) = tollgate_core::policy::compile(BURN_POLICY.as_bytes(), "p.json", 0).unwrap();
-    let alerts = Alerts::of_policy(BURN_POLICY.as_bytes());
     let now = DAY1 + 4 * H;
-    let all = burndown::build(s, &policy, &alerts, &Filter::since(DAY0), now).unwrap();
+    let all = burndown::build(s, &policy, &Filter::since(DAY0), now).unwrap();
     let summary: Vec<(&str, &str, f64, f64)> = all
         .iter()
         .map(|b| (b.entity.as_str(), b.limit, b.used, b.ratio))
@@ -1188,7 +1190,6 @@ fn burndown_sums_each_daily_and_monthly_limit_in_its_window(s: &dyn AuditBackend
     let search = burndown::build(
         s,
         &policy,
-        &alerts,
         &Filter::since(DAY0).and(GroupBy::Team, "search"),
         now,
     )
@@ -1198,7 +1199,7 @@ fn burndown_sums_each_daily_and_monthly_limit_in_its_window(s: &dyn AuditBackend
         ["key:key-search"]
     );
     let listed = |filter: Filter| {
-        burndown::build(s, &policy, &alerts, &filter, now)
+        burndown::build(s, &policy, &filter, now)
             .unwrap()
             .iter()
             .map(|b| format!("{} {}", b.entity, b.limit))
@@ -1220,7 +1221,6 @@ fn burndown_sums_each_daily_and_monthly_limit_in_its_window(s: &dyn AuditBackend
     let m2 = burndown::build(
         s,
         &policy,
-        &alerts,
         &Filter::since(DAY0).and(GroupBy::Model, "m2"),
         now,
     )
@@ -1231,7 +1231,7 @@ fn burndown_sums_each_daily_and_monthly_limit_in_its_window(s: &dyn AuditBackend
         "m2 was called on day 0 only"
     );
     // A view ending on day 0 shows day 0's window.
-    let yesterday = burndown::build(s, &policy, &alerts, &view(DAY0, DAY1, &[]), now).unwrap();
+    let yesterday = burndown::build(s, &policy, &view(DAY0, DAY1, &[]), now).unwrap();
     assert_eq!(
         yesterday
             .iter()
@@ -1245,4 +1245,151 @@ fn burndown_sums_each_daily_and_monthly_limit_in_its_window(s: &dyn AuditBackend
         ]
     );
     assert_eq!(yesterday[0].points.len(), 24);
+}
+
+fn new_alert<'a>(entity: &'a str, threshold_ppm: u32, window: u64, event: &'a str) -> NewAlert<'a> {
+    NewAlert {
+        entity,
+        limit: "tokens_per_day",
+        threshold_ppm,
+        window_start_ms: window,
+        event,
+        now_ms: 1_000,
+    }
+}
+
+fn alerts_are_recorded_once_per_entity_limit_threshold_and_window(s: &dyn AuditBackend) {
+    let day = DAY_MS as u64;
+    assert!(s
+        .record_alert(&new_alert("key:a", 500_000, day, "{\"n\":1}"), false)
+        .unwrap());
+    // The same event again, from this collector after a restart or from
+    // another sharing the store: refused, the first body kept.
+    assert!(!s
+        .record_alert(&new_alert("key:a", 500_000, day, "{\"n\":2}"), false)
+        .unwrap());
+    // Another threshold, window or entity is another event.
+    assert!(s
+        .record_alert(&new_alert("key:a", 800_000, day, "{}"), false)
+        .unwrap());
+    assert!(s
+        .record_alert(&new_alert("key:a", 500_000, 2 * day, "{}"), false)
+        .unwrap());
+    assert!(s
+        .record_alert(&new_alert("pool:team:x", 500_000, day, "{}"), true)
+        .unwrap());
+    let all = s.alerts().unwrap();
+    let keys: Vec<(&str, u32, u64, Option<u64>)> = all
+        .iter()
+        .map(|a| {
+            (
+                a.entity.as_str(),
+                a.threshold_ppm,
+                a.window_start_ms,
+                a.delivered_ms,
+            )
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("key:a", 500_000, day, None),
+            ("key:a", 800_000, day, None),
+            ("key:a", 500_000, 2 * day, None),
+            ("pool:team:x", 500_000, day, Some(1_000)),
+        ]
+    );
+    assert_eq!(all[0].event, "{\"n\":1}");
+    // Recorded as delivered (no webhook): never due.
+    assert_eq!(s.due_alerts(u64::MAX, 10).unwrap().len(), 3);
+}
+
+fn an_alert_is_claimed_by_one_sender_then_retried_or_delivered(s: &dyn AuditBackend) {
+    s.record_alert(&new_alert("key:a", 500_000, 0, "{\"e\":1}"), false)
+        .unwrap();
+    s.record_alert(&new_alert("key:b", 500_000, 0, "{\"e\":2}"), false)
+        .unwrap();
+    let due = s.due_alerts(1_000, 1).unwrap();
+    assert_eq!(
+        due,
+        [PendingAlert {
+            id: due[0].id,
+            event: "{\"e\":1}".into(),
+            attempts: 0
+        }],
+        "oldest first, at most n"
+    );
+    let id = due[0].id;
+    assert!(s.claim_alert(id, 1_000, 11_000).unwrap());
+    assert!(!s.claim_alert(id, 1_000, 11_000).unwrap(), "taken already");
+    assert_eq!(s.due_alerts(5_000, 10).unwrap().len(), 1, "only key:b");
+    // A sender that died mid-attempt: due again at the lease's end.
+    assert_eq!(s.due_alerts(11_000, 10).unwrap()[0].id, id);
+    s.alert_failed(id, 13_000, "webhook answered 503").unwrap();
+    assert_eq!(s.due_alerts(12_000, 10).unwrap().len(), 1);
+    assert!(s.claim_alert(id, 13_000, 23_000).unwrap());
+    s.alert_delivered(id, 14_000).unwrap();
+    assert!(!s.claim_alert(id, 30_000, 40_000).unwrap(), "delivered");
+    let a = &s.alerts().unwrap()[0];
+    assert_eq!(
+        (a.attempts, a.delivered_ms, a.last_error.as_deref()),
+        (2, Some(14_000), None)
+    );
+    let b = &s.alerts().unwrap()[1];
+    assert_eq!((b.attempts, b.delivered_ms), (0, None));
+}
+
+fn window_usage_sums_every_token_class_by_identity_across_the_horizon(s: &dyn AuditBackend) {
+    let day0 = 20_000 * DAY_MS as u64;
+    let day = DAY_MS as u64;
+    let mut records = three_days(day0);
+    let mut hour_cache = rec(
+        "1h",
+        "payments",
+        "m1",
+        None,
+        1,
+        2,
+        0.5,
+        day0 + 2 * day + 60_000,
+    );
+    hour_cache.tokens.cache_write_1h = Some(100);
+    records.push(hour_cache);
+    s.insert_batch(&records).unwrap();
+    let sorted = |mut v: Vec<IdentityUsage>| {
+        v.sort_by(|a, b| (&a.key_id, &a.user).cmp(&(&b.key_id, &b.user)));
+        v
+    };
+    let before = sorted(s.window_usage(day0, day0 + 3 * day).unwrap());
+    let payments = |tokens: u64, usd: f64| IdentityUsage {
+        key_id: Some("key-payments".into()),
+        team: Some("payments".into()),
+        tokens,
+        usd,
+        ..Default::default()
+    };
+    // Per day, payments: two records of (10(d+1) + 20 + 3) tokens at $0.25
+    // and $0.75; plus the 1-hour cache record (1 + 2 + 3 + 100) on day 2.
+    assert_eq!(before[0], payments(2 * (33 + 43 + 53) + 106, 3.0 + 0.5));
+    // One day alone.
+    let day1 = sorted(s.window_usage(day0 + day, day0 + 2 * day).unwrap());
+    assert_eq!(day1[0], payments(2 * 43, 1.0));
+    // Day 0 rolled up: the window reads its rollups, and sums the same.
+    let now = day0 + 2 * day + day / 2;
+    s.retain(1, now, &AtomicBool::new(false)).unwrap();
+    let rows = sorted(s.window_usage(day0, day0 + 3 * day).unwrap());
+    let mut merged: Vec<IdentityUsage> = Vec::new();
+    for r in rows {
+        match merged
+            .iter_mut()
+            .find(|m| (&m.key_id, &m.user) == (&r.key_id, &r.user))
+        {
+            Some(m) => {
+                m.tokens += r.tokens;
+                m.usd += r.usd;
+            }
+            None => merged.push(r),
+        }
+    }
+    assert_eq!(merged, before);
 }

@@ -182,6 +182,57 @@ pub struct SeriesTotals {
     pub cost_usd: f64,
 }
 
+/// What one identity used in a window (see [`AuditBackend::window_usage`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IdentityUsage {
+    pub key_id: Option<String>,
+    pub user: Option<String>,
+    pub team: Option<String>,
+    pub project: Option<String>,
+    pub app: Option<String>,
+    pub agent: Option<String>,
+    /// Every token of every class, as daily token quotas count them.
+    pub tokens: u64,
+    pub usd: f64,
+}
+
+/// An alert event to record once (see [`AuditBackend::record_alert`]).
+#[derive(Debug, Clone, Copy)]
+pub struct NewAlert<'a> {
+    pub entity: &'a str,
+    pub limit: &'a str,
+    /// The threshold in millionths of the limit (0.8: 800,000), so equal
+    /// thresholds compare equal in SQL.
+    pub threshold_ppm: u32,
+    pub window_start_ms: u64,
+    /// The JSON body the webhook receives.
+    pub event: &'a str,
+    pub now_ms: u64,
+}
+
+/// An alert waiting for the webhook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingAlert {
+    pub id: i64,
+    pub event: String,
+    /// Delivery attempts so far.
+    pub attempts: u64,
+}
+
+/// A recorded alert, delivered or not.
+#[cfg_attr(not(test), allow(dead_code))] // tests and future tools
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredAlert {
+    pub entity: String,
+    pub limit: String,
+    pub threshold_ppm: u32,
+    pub window_start_ms: u64,
+    pub event: String,
+    pub attempts: u64,
+    pub delivered_ms: Option<u64>,
+    pub last_error: Option<String>,
+}
+
 /// What the collector and the CLI need from an audit store.
 pub trait AuditBackend: Send + Sync {
     /// Stores records in one transaction, in order. A new request id is
@@ -395,6 +446,180 @@ pub trait AuditBackend: Send + Sync {
         Ok(out)
     }
 
+    /// SQL for a row's 1-hour cache-write tokens, which have no column of
+    /// their own (0 when the record has none).
+    fn cache_write_1h_expr(&self) -> &'static str;
+
+    /// What each identity used in `[start_ms, end_ms)`: raw records above
+    /// the retention horizon, daily rollups below it (which carry no 1-hour
+    /// cache writes). What the alerts start counting a window from.
+    fn window_usage(&self, start_ms: u64, end_ms: u64) -> Result<Vec<IdentityUsage>> {
+        let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let (start, end) = (big(start_ms), big(end_ms));
+        let horizon = self.horizon()?;
+        let mut out = Vec::new();
+        let tokens = "COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)
+            + COALESCE(cache_write_tokens, 0) + COALESCE(cache_read_tokens, 0)";
+        let raw = format!("{tokens} + {}", self.cache_write_1h_expr());
+        for (from, sum, lo, hi) in [
+            ("audit", raw.as_str(), start.max(horizon), end),
+            ("audit_daily", tokens, start, end.min(horizon)),
+        ] {
+            if lo >= hi {
+                continue;
+            }
+            self.query(
+                &format!(
+                    "SELECT key_id, \"user\" AS user_id, team, project, app, agent,
+                        CAST(COALESCE(SUM({sum}), 0) AS BIGINT) AS tokens,
+                        COALESCE(SUM(cost_usd), 0) AS usd
+                     FROM {from} WHERE timestamp_ms >= $1 AND timestamp_ms < $2
+                     GROUP BY 1, 2, 3, 4, 5, 6"
+                ),
+                &[Param::Int(lo), Param::Int(hi)],
+                &mut |row| {
+                    out.push(IdentityUsage {
+                        key_id: row.nullable_text("key_id")?,
+                        user: row.nullable_text("user_id")?,
+                        team: row.nullable_text("team")?,
+                        project: row.nullable_text("project")?,
+                        app: row.nullable_text("app")?,
+                        agent: row.nullable_text("agent")?,
+                        tokens: row.count("tokens")?,
+                        usd: row.real("usd")?,
+                    });
+                    Ok(())
+                },
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// Records an alert event unless one of its (entity, limit, threshold,
+    /// window) is already recorded, by this collector or any other sharing
+    /// the store: `true` when this call recorded it (and so must send it).
+    /// `delivered` records it as sent already (no webhook to send it to).
+    fn record_alert(&self, alert: &NewAlert<'_>, delivered: bool) -> Result<bool> {
+        let sql = if delivered {
+            "INSERT INTO audit_alerts (entity, limit_name, threshold_ppm, window_start, event,
+                created_ms, attempts, next_attempt_ms, delivered_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, 0, $6, $6)
+             ON CONFLICT (entity, limit_name, threshold_ppm, window_start) DO NOTHING"
+        } else {
+            "INSERT INTO audit_alerts (entity, limit_name, threshold_ppm, window_start, event,
+                created_ms, attempts, next_attempt_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, 0, $6)
+             ON CONFLICT (entity, limit_name, threshold_ppm, window_start) DO NOTHING"
+        };
+        let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        Ok(self.execute(
+            sql,
+            &[
+                Param::Text(alert.entity),
+                Param::Text(alert.limit),
+                Param::Int(i64::from(alert.threshold_ppm)),
+                Param::Int(big(alert.window_start_ms)),
+                Param::Text(alert.event),
+                Param::Int(big(alert.now_ms)),
+            ],
+        )? == 1)
+    }
+
+    /// Undelivered alerts whose next attempt is due at `now_ms`, oldest
+    /// first, at most `n`.
+    fn due_alerts(&self, now_ms: u64, n: usize) -> Result<Vec<PendingAlert>> {
+        let mut out = Vec::new();
+        self.query(
+            "SELECT id, event, attempts FROM audit_alerts
+             WHERE delivered_ms IS NULL AND next_attempt_ms <= $1 ORDER BY id LIMIT $2",
+            &[
+                Param::Int(i64::try_from(now_ms).unwrap_or(i64::MAX)),
+                Param::Int(i64::try_from(n).unwrap_or(i64::MAX)),
+            ],
+            &mut |row| {
+                out.push(PendingAlert {
+                    id: row.int("id")?,
+                    event: row.text("event")?,
+                    attempts: row.count("attempts")?,
+                });
+                Ok(())
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// Takes an alert for one delivery attempt, until `lease_until_ms`:
+    /// `false` when it was delivered or taken meanwhile (another collector
+    /// sharing the store), so an event is posted by one sender at a time.
+    /// A sender that dies mid-attempt leaves the alert due again at the
+    /// lease's end.
+    fn claim_alert(&self, id: i64, now_ms: u64, lease_until_ms: u64) -> Result<bool> {
+        let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        Ok(self.execute(
+            "UPDATE audit_alerts SET attempts = attempts + 1, next_attempt_ms = $3
+             WHERE id = $1 AND delivered_ms IS NULL AND next_attempt_ms <= $2",
+            &[
+                Param::Int(id),
+                Param::Int(big(now_ms)),
+                Param::Int(big(lease_until_ms)),
+            ],
+        )? == 1)
+    }
+
+    /// The webhook took the alert.
+    fn alert_delivered(&self, id: i64, now_ms: u64) -> Result<()> {
+        self.execute(
+            "UPDATE audit_alerts SET delivered_ms = $2, last_error = NULL WHERE id = $1",
+            &[
+                Param::Int(id),
+                Param::Int(i64::try_from(now_ms).unwrap_or(i64::MAX)),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The webhook refused the alert or could not be reached: try again at
+    /// `retry_at_ms`.
+    fn alert_failed(&self, id: i64, retry_at_ms: u64, error: &str) -> Result<()> {
+        self.execute(
+            "UPDATE audit_alerts SET next_attempt_ms = $2, last_error = $3 WHERE id = $1",
+            &[
+                Param::Int(id),
+                Param::Int(i64::try_from(retry_at_ms).unwrap_or(i64::MAX)),
+                Param::Text(error),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every recorded alert, oldest first.
+    #[cfg_attr(not(test), allow(dead_code))] // tests and future tools
+    fn alerts(&self) -> Result<Vec<StoredAlert>> {
+        let mut out = Vec::new();
+        self.query(
+            "SELECT entity, limit_name, threshold_ppm, window_start, event, attempts,
+                delivered_ms, last_error
+             FROM audit_alerts ORDER BY id",
+            &[],
+            &mut |row| {
+                out.push(StoredAlert {
+                    entity: row.text("entity")?,
+                    limit: row.text("limit_name")?,
+                    threshold_ppm: u32::try_from(row.int("threshold_ppm")?).unwrap_or(0),
+                    window_start_ms: row.count("window_start")?,
+                    event: row.text("event")?,
+                    attempts: row.count("attempts")?,
+                    delivered_ms: row
+                        .nullable_int("delivered_ms")?
+                        .map(|v| u64::try_from(v).unwrap_or(0)),
+                    last_error: row.nullable_text("last_error")?,
+                });
+                Ok(())
+            },
+        )?;
+        Ok(out)
+    }
+
     /// Imports a JSON-lines audit log (Envoy's file access log): one record
     /// per line, lines without a record (`-`) skipped. Idempotent.
     fn import_jsonl(&self, path: &Path) -> Result<ImportStats> {
@@ -554,6 +779,29 @@ INSERT INTO audit_retention (id, horizon_ms) VALUES (1, 0) ON CONFLICT (id) DO N
 CREATE TABLE IF NOT EXISTS audit_expired_seq (
     envoy         TEXT PRIMARY KEY,
     seq           BIGINT NOT NULL);";
+
+/// `audit_alerts`: every alert event recorded, one per (entity, limit,
+/// threshold, window) whichever collector saw the crossing, with its
+/// delivery state (the outbox the webhook sender drains).
+fn alerts_table(id_column: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS audit_alerts (
+    id            {id_column},
+    entity        TEXT NOT NULL,
+    limit_name    TEXT NOT NULL,
+    threshold_ppm BIGINT NOT NULL,
+    window_start  BIGINT NOT NULL,
+    event         TEXT NOT NULL,
+    created_ms    BIGINT NOT NULL,
+    attempts      BIGINT NOT NULL,
+    next_attempt_ms BIGINT NOT NULL,
+    delivered_ms  BIGINT,
+    last_error    TEXT,
+    UNIQUE (entity, limit_name, threshold_ppm, window_start));
+CREATE INDEX IF NOT EXISTS audit_alerts_due ON audit_alerts(next_attempt_ms)
+    WHERE delivered_ms IS NULL;"
+    )
+}
 
 /// `audit_origin` serves the gap search: each Envoy's numbers in order,
 /// with the time each request started, read from the index alone.

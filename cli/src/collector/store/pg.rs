@@ -4,8 +4,9 @@
 //! connection.
 
 use super::{
-    audit_table, insert_each, record_params, redact_url, AuditBackend, Columns, InsertTx, Param,
-    RecordRow, Sql, Stored, ADDED_COLUMNS, COMPLETE, HORIZON, INDEXES, INSERT, PROVISIONAL, TABLES,
+    alerts_table, audit_table, insert_each, record_params, redact_url, AuditBackend, Columns,
+    InsertTx, Param, RecordRow, Sql, Stored, ADDED_COLUMNS, COMPLETE, HORIZON, INDEXES, INSERT,
+    PROVISIONAL, TABLES,
 };
 use anyhow::{Context, Result};
 use postgres::types::ToSql;
@@ -59,6 +60,7 @@ impl PostgresStore {
             }
         }
         client.batch_execute(TABLES)?;
+        client.batch_execute(&alerts_table("BIGSERIAL PRIMARY KEY"))?;
         client.batch_execute(INDEXES)?;
         let statements = Statements {
             horizon: client.prepare(&format!("{HORIZON} FOR SHARE"))?,
@@ -151,6 +153,10 @@ impl AuditBackend for PostgresStore {
 
     fn day_expr(&self) -> &'static str {
         "to_char(to_timestamp(timestamp_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+    }
+
+    fn cache_write_1h_expr(&self) -> &'static str {
+        "COALESCE((record::json -> 'tokens' ->> 'cache_write_1h')::bigint, 0)"
     }
 }
 

@@ -3,8 +3,8 @@
 //! writes.
 
 use super::{
-    audit_table, insert_each, record_params, AuditBackend, Columns, InsertTx, Param, RecordRow,
-    Sql, Stored, ADDED_COLUMNS, COMPLETE, HORIZON, INDEXES, INSERT, PROVISIONAL, TABLES,
+    alerts_table, audit_table, insert_each, record_params, AuditBackend, Columns, InsertTx, Param,
+    RecordRow, Sql, Stored, ADDED_COLUMNS, COMPLETE, HORIZON, INDEXES, INSERT, PROVISIONAL, TABLES,
 };
 use anyhow::{Context, Result};
 use rusqlite::{CachedStatement, OptionalExtension, ToSql, TransactionBehavior};
@@ -33,6 +33,7 @@ impl SqliteStore {
         conn.execute_batch(&audit_table("INTEGER PRIMARY KEY"))?;
         add_columns(&conn)?;
         conn.execute_batch(TABLES)?;
+        conn.execute_batch(&alerts_table("INTEGER PRIMARY KEY"))?;
         conn.execute_batch(INDEXES)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
@@ -193,6 +194,12 @@ impl AuditBackend for SqliteStore {
 
     fn day_expr(&self) -> &'static str {
         "date(timestamp_ms / 1000, 'unixepoch')"
+    }
+
+    // The `->` operators rather than `json_extract`: its `$` path would be
+    // read as a parameter by `numbered`.
+    fn cache_write_1h_expr(&self) -> &'static str {
+        "COALESCE(record -> 'tokens' ->> 'cache_write_1h', 0)"
     }
 }
 
