@@ -135,6 +135,9 @@ pub struct FakeHost {
     pub hold_room: usize,
     /// Buckets other requests are held for (`held_for`).
     pub held_buckets: Vec<String>,
+    /// Properties by path (`connection.uri_san_peer_certificate`), as the
+    /// host serialises them.
+    pub properties: Vec<(Vec<String>, Vec<u8>)>,
 }
 
 impl Default for FakeHost {
@@ -153,6 +156,7 @@ impl Default for FakeHost {
             quota_unreachable: false,
             hold_room: 1024,
             held_buckets: Vec::new(),
+            properties: Vec::new(),
         }
     }
 }
@@ -170,6 +174,13 @@ impl FakeHost {
     pub fn with_request_header(mut self, name: &str, value: &str) -> FakeHost {
         self.request_headers
             .push((name.to_string(), value.as_bytes().to_vec()));
+        self
+    }
+
+    /// A property the host answers (`&["connection", "uri_san_peer_certificate"]`).
+    pub fn with_property(mut self, path: &[&str], value: &[u8]) -> FakeHost {
+        self.properties
+            .push((path.iter().map(|p| p.to_string()).collect(), value.to_vec()));
         self
     }
 
@@ -279,6 +290,13 @@ impl Host for FakeHost {
 
     fn set_gauge(&mut self, name: &str, value: u64) {
         self.gauges.insert(name.to_string(), value);
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.properties
+            .iter()
+            .find(|(p, _)| p.iter().map(String::as_str).eq(path.iter().copied()))
+            .map(|(_, v)| v.clone())
     }
 
     fn now_ms(&self) -> u64 {
