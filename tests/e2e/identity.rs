@@ -96,20 +96,22 @@ impl Pki {
     }
 }
 
-fn tls_gateway(pki: &Pki, certs: &tempfile::TempDir) -> Gateway {
+fn tls_gateway(pki: &Pki, certs: &tempfile::TempDir, more: &[&str]) -> Gateway {
     pki.server_files(certs.path());
     let file = |n: &str| certs.path().join(n).display().to_string();
+    let mut extra_args = vec![
+        "--tls-cert".into(),
+        file("server.pem"),
+        "--tls-key".into(),
+        file("server.key"),
+        "--client-ca".into(),
+        file("ca.pem"),
+    ];
+    extra_args.extend(more.iter().map(|a| a.to_string()));
     Gateway::start_with(
         &policy(),
         Options {
-            extra_args: vec![
-                "--tls-cert".into(),
-                file("server.pem"),
-                "--tls-key".into(),
-                file("server.key"),
-                "--client-ca".into(),
-                file("ca.pem"),
-            ],
+            extra_args,
             ..Options::default()
         },
     )
@@ -142,7 +144,7 @@ fn message(body: &Value) -> &str {
 fn a_workload_with_only_its_spiffe_id_is_admitted_limited_and_audited_under_its_identity() {
     let pki = Pki::new();
     let certs = tempfile::tempdir().unwrap();
-    let gw = tls_gateway(&pki, &certs);
+    let gw = tls_gateway(&pki, &certs, &[]);
     let url = gw.base.replace("http://", "https://");
     let billing = pki.client(Some(BILLING));
 
@@ -234,6 +236,24 @@ fn a_workload_with_only_its_spiffe_id_is_admitted_limited_and_audited_under_its_
         .body(HAIKU)
         .send();
     assert!(sent.is_err(), "the handshake fails: {sent:?}");
+}
+
+#[test]
+fn with_require_client_cert_a_client_without_a_certificate_is_refused_at_the_handshake() {
+    let pki = Pki::new();
+    let certs = tempfile::tempdir().unwrap();
+    let gw = tls_gateway(&pki, &certs, &["--require-client-cert"]);
+    let url = gw.base.replace("http://", "https://");
+    let sent = pki
+        .client(None)
+        .post(format!("{url}/v1/messages"))
+        .header("x-api-key", KEY)
+        .body(HAIKU)
+        .send();
+    assert!(sent.is_err(), "no certificate, no connection: {sent:?}");
+    let (status, body) = call(&pki.client(Some(BILLING)), &url, &[], "required-cert");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(gw.audit_record("required-cert")["key_id"], "billing-svc");
 }
 
 /// An ES256 key: signs JWTs and describes itself as a JWKS.
