@@ -523,6 +523,16 @@ mod tests {
         ] {
             assert!(b.contains(line), "{line} in:\n{b}");
         }
+        // TLS alone asks for no client certificate.
+        let tls_only = listener_tls(Some(&ListenerTls {
+            cert: PathBuf::from("/c.pem"),
+            key: PathBuf::from("/k.pem"),
+            client_ca: None,
+            require_client_cert: false,
+        }))
+        .unwrap();
+        assert!(!tls_only.contains("validation_context"), "{tls_only}");
+        assert!(tls_only.contains("require_client_certificate: false"));
         // jwt_authn runs before the filter, which reads its metadata.
         let (jwt, filter) = (
             b.find("envoy.filters.http.jwt_authn").unwrap(),
