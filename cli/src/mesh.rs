@@ -73,16 +73,33 @@ pub fn istio(
          \x20 selector:\n    matchLabels:\n      {key}: {value}\n\
          \x20 url: oci://{image}\n\
          \x20 imagePullPolicy: IfNotPresent\n\
-         \x20 # Before Istio's own authn/authz: the virtual key is the credential.\n\
-         \x20 phase: AUTHN\n\
+         {}\
          \x20 # A VM that cannot load or traps refuses traffic rather than letting it through ungoverned.\n\
          \x20 failStrategy: FAIL_CLOSE\n\
          \x20 pluginName: tollgate\n\
          {}\
          \x20 pluginConfig: {}\n",
+        istio_phase(policy_json),
         istio_vm_env(vm),
         without_header_hold(policy_json)?
     ))
+}
+
+/// Where the filter goes among Istio's filters. Before Istio's authn
+/// (`AUTHN`) by default: the virtual key is the credential. A policy with
+/// "jwt" identities needs the payload Istio's `jwt_authn` (from a
+/// `RequestAuthentication`) writes, so it goes after authn (`AUTHZ`); the
+/// mTLS peer's SPIFFE ID is the connection's, there at either phase.
+fn istio_phase(policy_json: &str) -> &'static str {
+    let uses_jwt = serde_json::from_str::<serde_json::Value>(policy_json)
+        .ok()
+        .and_then(|v| v.get("identities")?.as_array().cloned())
+        .is_some_and(|ids| ids.iter().any(|i| i.get("jwt").is_some()));
+    if uses_jwt {
+        "  # After Istio's authn: \"jwt\" identities read the payload its jwt_authn verified.\n  phase: AUTHZ\n"
+    } else {
+        "  # Before Istio's own authn/authz: the virtual key is the credential.\n  phase: AUTHN\n"
+    }
 }
 
 /// The extension's `env`, when limits are shared: Envoy Gateway passes only
@@ -127,4 +144,26 @@ pub fn envoy_gateway(
         envoy_gateway_vm_env(vm),
         without_header_hold(policy_json)?
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwt_identities_put_the_istio_plugin_after_istios_authn() {
+        let vm = VmOptions {
+            hold_request_headers: false,
+            shared: None,
+        };
+        let render = |policy: &str| istio(policy, "r/t:1", "ns", "app=gw", &vm).unwrap();
+        let keyed = render(r#"{"version":1}"#);
+        assert!(keyed.contains("\n  phase: AUTHN\n"), "{keyed}");
+        let spiffe = render(
+            r#"{"version":1,"identities":[{"id":"a","spiffe":"spiffe://cluster.local/ns/a/sa/b"}]}"#,
+        );
+        assert!(spiffe.contains("\n  phase: AUTHN\n"), "{spiffe}");
+        let jwt = render(r#"{"version":1,"identities":[{"id":"a","jwt":{"sub":"x"}}]}"#);
+        assert!(jwt.contains("\n  phase: AUTHZ\n"), "{jwt}");
+    }
 }

@@ -327,8 +327,12 @@ pub fn check(file: &Path) -> Verdict {
                 0 => String::new(),
                 n => format!(" ({n} provider)"),
             };
+            let identities = match p.identities().len() {
+                0 => String::new(),
+                n => format!(", {n} identities"),
+            };
             lines.push(format!(
-                "{name}: OK: {} keys ({revoked} revoked), {} groups, {} pools{provider}, {} model patterns, {} warnings",
+                "{name}: OK: {} keys ({revoked} revoked){identities}, {} groups, {} pools{provider}, {} model patterns, {} warnings",
                 p.keys().len(),
                 p.groups.len(),
                 p.pools.len() + p.provider_pools.len(),

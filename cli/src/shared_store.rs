@@ -187,7 +187,8 @@ pub async fn reseed(
         utc_offset_min: policy.settings.utc_offset_minutes,
     };
     let mut buckets: Vec<(Bucket, u64)> = Vec::new();
-    for key in policy.keys() {
+    // Identities' windows too: their audit records carry their id as key_id.
+    for key in policy.callers() {
         // Provider pools hold per-minute limits only: no window to rebuild.
         for b in buckets_for(policy, key, None) {
             if !b.metric.is_quota() || buckets.iter().any(|(o, _)| o.label() == b.label()) {

@@ -186,6 +186,16 @@ pub struct AuditRecord {
     /// as the stream progresses, see `flow`).
     pub complete: bool,
     pub key_id: Option<String>,
+    /// How the caller was identified: `key` (a virtual key), `spiffe` (the
+    /// mTLS peer's SPIFFE ID) or `jwt` (a JWT verified by Envoy's
+    /// `jwt_authn`); `None` when it was not (and in older records).
+    #[serde(default)]
+    pub identified_by: Option<crate::mesh::Method>,
+    /// The mesh principal the request came with: the SPIFFE ID, or the
+    /// JWT's `iss/sub`; set for identities and for the refusal of a mesh
+    /// caller no identity matches.
+    #[serde(default)]
+    pub principal: Option<String>,
     pub user: Option<String>,
     pub team: Option<String>,
     pub project: Option<String>,

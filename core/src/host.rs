@@ -233,6 +233,10 @@ pub trait Host: SharedPlane {
     /// use. [`Stat`] is a fixed table the host keeps by index; these names
     /// come from the policy's provider pools, so the host keeps them by name.
     fn set_gauge(&mut self, name: &str, value: u64);
+    /// A property of the request or its connection (proxy-wasm
+    /// `get_property`: `["connection", "uri_san_peer_certificate"]`), as the
+    /// host serialises it; `None` when absent.
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
     /// Wall-clock time in milliseconds since the Unix epoch. The core asks the
     /// host for the time once per phase and passes it down; nothing below the
     /// flow reads a clock.

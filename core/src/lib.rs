@@ -54,6 +54,7 @@
 pub mod audit;
 pub mod flow;
 pub mod host;
+pub mod mesh;
 pub mod meter;
 pub mod policy;
 pub mod price;

@@ -138,6 +138,9 @@ pub struct FakeHost {
     /// Calls made through the host, by method: each is one proxy-wasm host
     /// call in the filter (the host-call budget test counts them).
     pub calls: std::cell::RefCell<std::collections::BTreeMap<&'static str, u32>>,
+    /// Properties by path (`connection.uri_san_peer_certificate`), as the
+    /// host serialises them.
+    pub properties: Vec<(Vec<String>, Vec<u8>)>,
 }
 
 impl Default for FakeHost {
@@ -157,6 +160,7 @@ impl Default for FakeHost {
             hold_room: 1024,
             held_buckets: Vec::new(),
             calls: Default::default(),
+            properties: Vec::new(),
         }
     }
 }
@@ -183,6 +187,13 @@ impl FakeHost {
     pub fn with_request_header(mut self, name: &str, value: &str) -> FakeHost {
         self.request_headers
             .push((name.to_string(), value.as_bytes().to_vec()));
+        self
+    }
+
+    /// A property the host answers (`&["connection", "uri_san_peer_certificate"]`).
+    pub fn with_property(mut self, path: &[&str], value: &[u8]) -> FakeHost {
+        self.properties
+            .push((path.iter().map(|p| p.to_string()).collect(), value.to_vec()));
         self
     }
 
@@ -314,6 +325,14 @@ impl Host for FakeHost {
     fn set_gauge(&mut self, name: &str, value: u64) {
         self.count("record_metric");
         self.gauges.insert(name.to_string(), value);
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.count("get_property");
+        self.properties
+            .iter()
+            .find(|(p, _)| p.iter().map(String::as_str).eq(path.iter().copied()))
+            .map(|(_, v)| v.clone())
     }
 
     fn now_ms(&self) -> u64 {

@@ -144,6 +144,18 @@ impl Host for Hostcalls {
         }
     }
 
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        // Envoy answers Ok, NotFound, or a serialisation / internal
+        // failure; the SDK turns only other statuses into a panic.
+        match hostcalls::get_property(path.to_vec()) {
+            Ok(value) => value,
+            Err(status) => {
+                log::warn!("tollgate: property {path:?}: host status {status:?}");
+                None
+            }
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.now()
     }

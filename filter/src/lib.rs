@@ -140,8 +140,9 @@ impl RootContext for Root {
                     log::warn!("policy warning: {w}");
                 }
                 log::info!(
-                    "policy loaded: {} keys, {} pools, {} provider pools, {} bytes, compiled in {took_ms} ms",
+                    "policy loaded: {} keys, {} identities, {} pools, {} provider pools, {} bytes, compiled in {took_ms} ms",
                     policy.keys().len(),
+                    policy.identities().len(),
                     policy.pools.len(),
                     policy.provider_pools.len(),
                     bytes.len()

@@ -127,6 +127,31 @@ pub struct RunArgs {
     /// (default: provider-limits.json beside the policy).
     #[arg(long)]
     pub provider_limits_file: Option<PathBuf>,
+    /// Serve TLS on the listener with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Verify client certificates against this CA bundle (PEM): a verified certificate's
+    /// SPIFFE ID (URI SAN) identifies the policy's "spiffe" identities. Needs --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// Refuse connections without a client certificate --client-ca verifies (by default a
+    /// client without one may still call with a virtual key).
+    #[arg(long, requires = "client_ca")]
+    pub require_client_cert: bool,
+    /// Verify JWTs (`Authorization: Bearer`) from this issuer with Envoy's jwt_authn before
+    /// the filter: a verified token's claims identify the policy's "jwt" identities.
+    /// Needs --jwt-jwks.
+    #[arg(long, requires = "jwt_jwks")]
+    pub jwt_issuer: Option<String>,
+    /// The issuer's keys as a local JWKS file (JSON).
+    #[arg(long, requires = "jwt_issuer")]
+    pub jwt_jwks: Option<PathBuf>,
+    /// An accepted `aud` of the JWTs (repeatable); without one, `aud` is not checked.
+    #[arg(long, requires = "jwt_issuer")]
+    pub jwt_audience: Vec<String>,
     #[command(flatten)]
     pub admin_api: AdminApiArgs,
 }
@@ -225,7 +250,42 @@ fn options(args: &RunArgs) -> Result<gateway::Options> {
         alert_webhook: args.alert_webhook.clone(),
         stream_idle_timeout_s: args.stream_idle_timeout,
         shared: shared(args)?,
+        listener_tls: listener_tls(args)?,
+        jwt: jwt(args)?,
     })
+}
+
+/// A file Envoy reads, as an absolute path (Envoy's working directory is
+/// not the caller's), which must exist now.
+fn input_file(path: &std::path::Path, flag: &str) -> Result<PathBuf> {
+    std::fs::canonicalize(path).with_context(|| format!("{flag} {}: not found", path.display()))
+}
+
+fn listener_tls(args: &RunArgs) -> Result<Option<gateway::render::ListenerTls>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    Ok(Some(gateway::render::ListenerTls {
+        cert: input_file(cert, "--tls-cert")?,
+        key: input_file(key, "--tls-key")?,
+        client_ca: args
+            .client_ca
+            .as_deref()
+            .map(|ca| input_file(ca, "--client-ca"))
+            .transpose()?,
+        require_client_cert: args.require_client_cert,
+    }))
+}
+
+fn jwt(args: &RunArgs) -> Result<Option<gateway::render::JwtProvider>> {
+    let (Some(issuer), Some(jwks)) = (&args.jwt_issuer, &args.jwt_jwks) else {
+        return Ok(None);
+    };
+    Ok(Some(gateway::render::JwtProvider {
+        issuer: issuer.clone(),
+        audiences: args.jwt_audience.clone(),
+        jwks: input_file(jwks, "--jwt-jwks")?,
+    }))
 }
 
 /// Limits shared through Redis (`--redis`) or external quota services

@@ -24,7 +24,7 @@ use crate::shared_store::{self, Redis, RedisAt};
 use crate::shutdown::Stop;
 use crate::{atomic_file, policy_file};
 use anyhow::{bail, Context, Result};
-use render::{Gateway, Layout, Upstream, VmOptions};
+use render::{Gateway, JwtProvider, Layout, ListenerTls, Upstream, VmOptions};
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -63,6 +63,10 @@ pub struct Options {
     /// Limits shared by every replica through a shared store; `None`: in
     /// this Envoy alone.
     pub shared: Option<Shared>,
+    /// TLS, and client certificates (mTLS), on the listener.
+    pub listener_tls: Option<ListenerTls>,
+    /// JWTs verified by Envoy's jwt_authn before the filter.
+    pub jwt: Option<JwtProvider>,
 }
 
 /// Limits shared by every Envoy replica (`docs/scale-out.md`).
@@ -153,6 +157,8 @@ pub struct Summary {
     /// The quota service's replicas and Redis, with a shared store.
     pub quota: Vec<(String, u16)>,
     pub redis: Option<String>,
+    /// Whether the listener serves TLS.
+    pub tls: bool,
 }
 
 /// A gateway whose Envoy answers; [`Running::serve`] supervises it.
@@ -244,6 +250,7 @@ pub async fn start(
         layout: layout.clone(),
         redis: quota.as_ref().map(|q| q._redis.url.clone()),
         quota: quota_at,
+        tls: opts.listener_tls.is_some(),
     };
     write_ready(&summary, child.id())?;
     Ok(Running {
@@ -609,6 +616,8 @@ fn gateway(
         stream_idle_timeout_s: opts.stream_idle_timeout_s,
         ca_bundle: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
         quota: quota.to_vec(),
+        listener_tls: opts.listener_tls.clone(),
+        jwt: opts.jwt.clone(),
     }
 }
 
@@ -666,7 +675,8 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (listen, admin, layout) = (self.listen, self.admin, &self.layout);
         let (host, port) = (&self.collector.0, self.collector.1);
-        writeln!(f, "Tollgate is listening on http://{listen}")?;
+        let scheme = if self.tls { "https" } else { "http" };
+        writeln!(f, "Tollgate is listening on {scheme}://{listen}")?;
         writeln!(f, "  routes:    Anthropic /v1/messages, /v1/messages/count_tokens; OpenAI /v1/chat/completions, /v1/responses")?;
         match self.mock {
             Some(a) => writeln!(f, "  upstream:  built-in mock provider on http://{a}")?,

@@ -12,6 +12,32 @@ const TLS: &str = include_str!("../../../envoy/tls.yaml");
 const ECDS: &str = include_str!("../../../envoy/ecds.yaml");
 const SECRET: &str = include_str!("../../../envoy/secret.yaml");
 const QUOTA: &str = include_str!("../../../envoy/quota.yaml");
+const LISTENER_TLS: &str = include_str!("../../../envoy/listener-tls.yaml");
+const JWT: &str = include_str!("../../../envoy/jwt.yaml");
+
+/// TLS on the listener, optionally verifying client certificates (mTLS):
+/// the verified certificate's SPIFFE ID identifies the policy's "spiffe"
+/// identities.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA bundle client certificates are verified against; `None`: no
+    /// client certificate is asked for.
+    pub client_ca: Option<PathBuf>,
+    /// Refuse connections without a verified client certificate.
+    pub require_client_cert: bool,
+}
+
+/// Envoy's `jwt_authn` with a local JWKS: the verified payload identifies
+/// the policy's "jwt" identities.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtProvider {
+    pub issuer: String,
+    /// Accepted `aud` values; empty: `aud` is not checked.
+    pub audiences: Vec<String>,
+    pub jwks: PathBuf,
+}
 
 /// Where a provider's traffic goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +158,10 @@ pub struct Gateway {
     /// The quota service's replicas (host, port), with limits shared by
     /// every Envoy through it; empty for limits in this Envoy alone.
     pub quota: Vec<(String, u16)>,
+    /// TLS (and mTLS) on the listener; `None`: plain HTTP.
+    pub listener_tls: Option<ListenerTls>,
+    /// JWT verification before the filter; `None`: none.
+    pub jwt: Option<JwtProvider>,
 }
 
 /// The Envoy cluster of the quota service in every configuration Tollgate
@@ -238,9 +268,58 @@ pub fn bootstrap(gw: &Gateway, layout: &Layout) -> Result<String> {
         ("collector_port", gw.collector.1.to_string()),
         ("collector_dns_type", dns_type(&gw.collector.0)),
         ("quota_cluster", quota_cluster(&gw.quota)?),
+        ("listener_tls", listener_tls(gw.listener_tls.as_ref())?),
+        ("jwt_filter", jwt_filter(gw.jwt.as_ref())?),
     ];
     values.extend(failover);
     fill(BOOTSTRAP, &values)
+}
+
+/// The listener's TLS transport socket, or nothing for plain HTTP.
+fn listener_tls(tls: Option<&ListenerTls>) -> Result<String> {
+    let Some(tls) = tls else {
+        return Ok(String::new());
+    };
+    let validation = match &tls.client_ca {
+        Some(ca) => format!(
+            "            validation_context:\n              trusted_ca: {{ filename: {} }}",
+            p(ca)
+        ),
+        None => String::new(),
+    };
+    fill(
+        LISTENER_TLS,
+        &[
+            (
+                "require_client_certificate",
+                tls.require_client_cert.to_string(),
+            ),
+            ("cert_path", p(&tls.cert)),
+            ("key_path", p(&tls.key)),
+            ("client_validation", validation),
+        ],
+    )
+}
+
+/// The `jwt_authn` filter, or nothing.
+fn jwt_filter(jwt: Option<&JwtProvider>) -> Result<String> {
+    let Some(jwt) = jwt else {
+        return Ok(String::new());
+    };
+    let audiences = if jwt.audiences.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = jwt.audiences.iter().map(|a| q(a)).collect();
+        format!("                  audiences: [{}]", list.join(", "))
+    };
+    fill(
+        JWT,
+        &[
+            ("jwt_issuer", q(&jwt.issuer)),
+            ("jwt_audiences", audiences),
+            ("jwks_path", p(&jwt.jwks)),
+        ],
+    )
 }
 
 /// STATIC for IP addresses, STRICT_DNS for names (every address a name
@@ -354,6 +433,8 @@ mod tests {
             stream_idle_timeout_s: 600,
             ca_bundle: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
             quota: Vec::new(),
+            listener_tls: None,
+            jwt: None,
         }
     }
 
@@ -407,6 +488,61 @@ mod tests {
         );
         let s = secret("openai_api_key", "Bearer sk-\"quoted\"").unwrap();
         assert!(s.contains(r#"inline_string: "Bearer sk-\"quoted\"""#));
+    }
+
+    #[test]
+    fn listener_mtls_and_jwt_authn_render_only_when_asked() {
+        let plain = rendered_bootstrap();
+        assert!(!plain.contains("DownstreamTlsContext"));
+        assert!(!plain.contains("jwt_authn"));
+        let b = bootstrap(
+            &Gateway {
+                listener_tls: Some(ListenerTls {
+                    cert: PathBuf::from("/certs/server.pem"),
+                    key: PathBuf::from("/certs/server.key"),
+                    client_ca: Some(PathBuf::from("/certs/ca.pem")),
+                    require_client_cert: true,
+                }),
+                jwt: Some(JwtProvider {
+                    issuer: "https://idp.example.com".into(),
+                    audiences: vec!["tollgate".into(), "llm".into()],
+                    jwks: PathBuf::from("/certs/jwks.json"),
+                }),
+                ..test_gateway()
+            },
+            &layout(),
+        )
+        .unwrap();
+        for line in [
+            "require_client_certificate: true",
+            "- certificate_chain: { filename: \"/certs/server.pem\" }",
+            "private_key: { filename: \"/certs/server.key\" }",
+            "trusted_ca: { filename: \"/certs/ca.pem\" }",
+            "issuer: \"https://idp.example.com\"",
+            "audiences: [\"tollgate\", \"llm\"]",
+            "filename: \"/certs/jwks.json\"",
+            "payload_in_metadata: tollgate",
+            "forward: false",
+            "requires: { allow_missing_or_failed: {} }",
+        ] {
+            assert!(b.contains(line), "{line} in:\n{b}");
+        }
+        // TLS alone asks for no client certificate.
+        let tls_only = listener_tls(Some(&ListenerTls {
+            cert: PathBuf::from("/c.pem"),
+            key: PathBuf::from("/k.pem"),
+            client_ca: None,
+            require_client_cert: false,
+        }))
+        .unwrap();
+        assert!(!tls_only.contains("validation_context"), "{tls_only}");
+        assert!(tls_only.contains("require_client_certificate: false"));
+        // jwt_authn runs before the filter, which reads its metadata.
+        let (jwt, filter) = (
+            b.find("envoy.filters.http.jwt_authn").unwrap(),
+            b.find("- name: tollgate").unwrap(),
+        );
+        assert!(jwt < filter);
     }
 
     #[test]

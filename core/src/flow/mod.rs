@@ -41,6 +41,7 @@ pub use refusal::Refusal;
 use crate::audit::{AuditRecord, Origin, Outcome, Reason, TokenSource, Tokens, SCHEMA_VERSION};
 use crate::host::{header, Decision, Host, LocalReply, Stat};
 use crate::host::{Queue, QuotaMethod};
+use crate::mesh::{self, Method};
 use crate::meter::shared::{self, Plan, RemoteRefusal, SharedOptions, Source};
 use crate::meter::{self, Admission, BucketState, Clock, Demand, Denial};
 use crate::policy::{Key, KeyRefusal, Policy, Price, Secret, UnknownRoutes};
@@ -300,7 +301,7 @@ impl RequestFlow {
             }
         }
         let policy = self.policy.clone();
-        let secret = match self.identify(&policy, presented) {
+        let secret = match self.identify(host, &policy, presented) {
             Ok(secret) => secret,
             Err(refusal) => return self.refuse(host, refusal, &[]),
         };
@@ -314,7 +315,15 @@ impl RequestFlow {
         // The key's own state first: a revoked or expired key is refused as
         // such whichever of its secrets is presented.
         let valid = |k: &Key| k.check_valid(now).and_then(|()| secret.check_valid(now));
+        let mesh = self.audit.identified_by.is_some_and(|m| m != Method::Key);
         let refusal = match policy.key(key).map(|k| (k, valid(k))) {
+            Some((k, Err(KeyRefusal::Revoked))) if mesh => {
+                Some(Refusal::RevokedIdentity { id: k.id.clone() })
+            }
+            Some((k, Err(KeyRefusal::Expired(at_ms)))) if mesh => Some(Refusal::ExpiredIdentity {
+                id: k.id.clone(),
+                at_ms,
+            }),
             Some((_, Err(KeyRefusal::Revoked))) => Some(Refusal::RevokedKey),
             Some((_, Err(KeyRefusal::Expired(at_ms)))) => Some(Refusal::ExpiredKey { at_ms }),
             Some((_, Err(KeyRefusal::SecretRotated(at_ms)))) => Some(Refusal::RotatedKey { at_ms }),
@@ -358,17 +367,53 @@ impl RequestFlow {
     /// The presented secret and its key's position in the policy; the
     /// audit record then carries the key's identity (its one id, whichever
     /// of its secrets was presented), whatever is decided next.
-    fn identify(&mut self, policy: &Policy, presented: Presented) -> Result<Secret, Refusal> {
+    ///
+    /// A virtual key, when one is presented, decides alone: the caller chose
+    /// it, and falling back to the mesh on an unknown key would bill some
+    /// other identity for it. Without one, the policy's identities are
+    /// tried in file order against what the mesh says of the caller
+    /// ([`crate::mesh`]).
+    fn identify(
+        &mut self,
+        host: &impl Host,
+        policy: &Policy,
+        presented: Presented,
+    ) -> Result<Secret, Refusal> {
         let hash = match presented {
             Presented::Key(hash) => hash,
-            Presented::Missing => return Err(Refusal::MissingKey),
+            Presented::Missing => return self.identify_from_mesh(host, policy),
             Presented::Conflicting => return Err(Refusal::ConflictingKeys),
         };
         let secret = policy.lookup_secret(&hash).ok_or(Refusal::UnknownKey)?;
         let key = policy.key(secret.key).ok_or(Refusal::UnknownKey)?;
         self.key_sha256 = Some(hash);
         self.fill_identity(key);
+        self.audit.identified_by = Some(Method::Key);
         Ok(secret)
+    }
+
+    /// The first identity the mesh's evidence matches. A caller the mesh
+    /// vouches for but no identity names is refused as an unknown key is,
+    /// naming the principal it came with; with no evidence at all, the key
+    /// is missing.
+    fn identify_from_mesh(&mut self, host: &impl Host, policy: &Policy) -> Result<Secret, Refusal> {
+        if policy.identities().is_empty() {
+            return Err(Refusal::MissingKey);
+        }
+        let evidence = mesh::Evidence::read(host, policy);
+        let Some(found) = mesh::identify(policy, &evidence) else {
+            let principal = evidence.describe().ok_or(Refusal::MissingKey)?;
+            self.audit.principal = Some(principal.clone());
+            return Err(Refusal::UnknownIdentity { principal });
+        };
+        let caller = policy.key(found.caller).ok_or(Refusal::UnknownKey)?;
+        self.fill_identity(caller);
+        self.audit.identified_by = Some(found.method);
+        self.audit.principal = Some(found.principal);
+        Ok(Secret {
+            key: found.caller,
+            not_after_ms: None,
+        })
     }
 
     fn fill_identity(&mut self, key: &Key) {
@@ -1298,6 +1343,8 @@ pub fn reply_headers(reply: &LocalReply) -> Vec<(&str, &str)> {
 mod cost_tests;
 #[cfg(test)]
 mod hold_tests;
+#[cfg(test)]
+mod identity_tests;
 #[cfg(test)]
 mod ladder_tests;
 #[cfg(test)]

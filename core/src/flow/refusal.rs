@@ -26,6 +26,18 @@ pub enum Refusal {
     RotatedKey {
         at_ms: u64,
     },
+    /// No virtual key, and the mesh vouches for a caller (an mTLS peer, a
+    /// verified JWT) no identity of the policy matches.
+    UnknownIdentity {
+        principal: String,
+    },
+    RevokedIdentity {
+        id: String,
+    },
+    ExpiredIdentity {
+        id: String,
+        at_ms: u64,
+    },
     /// A path outside the LLM APIs while the policy denies unknown routes.
     UnknownRoute {
         path: String,
@@ -88,9 +100,11 @@ impl Refusal {
     pub fn reason(&self) -> Reason {
         match self {
             Refusal::MissingKey => Reason::MissingKey,
-            Refusal::ConflictingKeys | Refusal::UnknownKey => Reason::UnknownKey,
-            Refusal::RevokedKey => Reason::RevokedKey,
-            Refusal::ExpiredKey { .. } => Reason::ExpiredKey,
+            Refusal::ConflictingKeys | Refusal::UnknownKey | Refusal::UnknownIdentity { .. } => {
+                Reason::UnknownKey
+            }
+            Refusal::RevokedKey | Refusal::RevokedIdentity { .. } => Reason::RevokedKey,
+            Refusal::ExpiredKey { .. } | Refusal::ExpiredIdentity { .. } => Reason::ExpiredKey,
             Refusal::RotatedKey { .. } => Reason::RotatedKey,
             Refusal::UnknownRoute { .. }
             | Refusal::BadPath {
@@ -166,6 +180,13 @@ impl Refusal {
                 "this API key was rotated and its previous secret expired at {}",
                 format_rfc3339(*at_ms)
             ),
+            Refusal::UnknownIdentity { principal } => format!(
+                "no virtual key, and no identity of the policy matches the caller ({principal})"
+            ),
+            Refusal::RevokedIdentity { id } => format!("identity {id} has been revoked"),
+            Refusal::ExpiredIdentity { id, at_ms } => {
+                format!("identity {id} expired at {}", format_rfc3339(*at_ms))
+            }
             Refusal::UnknownRoute { path } => {
                 format!("{path} is not an LLM API route served by this gateway")
             }
@@ -287,6 +308,14 @@ mod tests {
             Refusal::RevokedKey,
             Refusal::ExpiredKey { at_ms: 0 },
             Refusal::RotatedKey { at_ms: 0 },
+            Refusal::UnknownIdentity {
+                principal: "spiffe://cluster.local/ns/x/sa/y".into(),
+            },
+            Refusal::RevokedIdentity { id: "svc".into() },
+            Refusal::ExpiredIdentity {
+                id: "svc".into(),
+                at_ms: 0,
+            },
             Refusal::UnknownRoute {
                 path: "/v1/files".into(),
             },

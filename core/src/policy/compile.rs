@@ -5,11 +5,11 @@
 
 use super::error::{PolicyError, PolicyReport};
 use super::pattern::ModelPattern;
-use super::raw::{Obj, RawLongContext, RawPolicy, RawPrice};
+use super::raw::{Caller, Obj, RawLongContext, RawPolicy, RawPrice};
 use super::schema::{self, join, show, Problem};
 use super::{
-    Identity, Key, Limits, ModelSet, OnExhausted, Policy, Pool, Price, ProviderPool, Secret,
-    SessionPool, Settings, DEFAULT_MAX_TRACKED, POOL_KINDS,
+    Identity, Key, Limits, MeshIdentity, MeshMatch, ModelSet, OnExhausted, Policy, Pool, Price,
+    ProviderPool, Secret, SessionPool, Settings, DEFAULT_MAX_TRACKED, POOL_KINDS,
 };
 use crate::price::{LongContext, Rates, DEFAULT_WEB_SEARCH_PER_THOUSAND};
 use hashbrown::HashMap;
@@ -107,12 +107,12 @@ fn unpriced_allowlists(raw: &RawPolicy, policy: &Policy) -> Vec<Problem> {
     let mut lists: Vec<(String, &'static str, &[super::ModelPattern])> = Vec::new();
     let mut seen = hashbrown::HashSet::new();
     let mut defaults_seen = false;
-    for (k, key) in raw.keys.iter().zip(policy.keys()) {
+    for (k, key) in raw_callers(raw).zip(policy.callers()) {
         if !crate::meter::budget_applies(policy, key) {
             continue;
         }
         let mut from_groups = false;
-        for g in &k.groups {
+        for g in k.groups {
             let Some(models) = raw.groups.get(g).and_then(|g| g.models.as_deref()) else {
                 continue;
             };
@@ -276,26 +276,36 @@ fn provider_pool_problems(raw: &RawPolicy) -> Vec<Problem> {
     out
 }
 
-/// Checks that need more than one value: unique key ids and hashes (of
-/// current and previous secrets alike), groups
-/// that exist. Run on the raw document so they are reported together with
-/// shape errors.
+/// Checks that need more than one value: unique ids (keys and identities
+/// share one id space: audit records and buckets name both alike) and key
+/// hashes (of current and previous secrets alike), groups that exist, and
+/// how each identity is recognised. Run on the raw document so they are
+/// reported together with shape errors.
 fn cross_references(doc: &Value, out: &mut Vec<Problem>) {
     let groups = doc.get("groups").and_then(Value::as_object);
-    let Some(keys) = doc.get("keys").and_then(Value::as_array) else {
-        return;
+    let entries = |name: &str| {
+        doc.get(name)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
     };
-    let mut ids: HashMap<&str, usize> = HashMap::new();
+    // Id to the path of its first holder.
+    let mut ids: HashMap<&str, String> = HashMap::new();
     // Hash (lower case) to the path of its first holder.
     let mut hashes: HashMap<String, String> = HashMap::new();
-    for (i, k) in keys.iter().enumerate() {
+    for (i, k) in entries("keys") {
         if let Some(id) = k.get("id").and_then(Value::as_str) {
-            if let Some(first) = ids.insert(id, i) {
-                out.push(Problem {
-                    path: format!("keys[{i}].id"),
+            let path = format!("keys[{i}].id");
+            match ids.entry(id) {
+                hashbrown::hash_map::Entry::Occupied(first) => out.push(Problem {
+                    path,
                     value: Some(show(&Value::String(id.into()))),
-                    reason: format!("duplicate key id (also keys[{first}].id)"),
-                });
+                    reason: format!("duplicate key id (also {})", first.get()),
+                }),
+                hashbrown::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(path);
+                }
             }
         }
         // Every secret, current and previous, opens exactly one key: a hash
@@ -330,56 +340,168 @@ fn cross_references(doc: &Value, out: &mut Vec<Problem>) {
                 }
             }
         }
-        for (j, g) in k
-            .get("groups")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .enumerate()
-        {
-            let Some(name) = g.as_str() else { continue };
-            if !groups.is_some_and(|gs| gs.contains_key(name)) {
-                let defined: Vec<&str> = groups
-                    .map(|gs| gs.keys().map(String::as_str).collect())
-                    .unwrap_or_default();
-                out.push(Problem {
-                    path: format!("keys[{i}].groups[{j}]"),
-                    value: Some(show(g)),
-                    reason: if defined.is_empty() {
-                        "unknown group (no groups are defined under \"groups\")".to_string()
-                    } else {
-                        format!("unknown group (defined: {})", defined.join(", "))
-                    },
-                });
+        known_groups(k, groups, &format!("keys[{i}]"), out);
+    }
+    // Matcher (as JSON text) to the path of the first identity using it.
+    let mut matchers: HashMap<String, String> = HashMap::new();
+    for (i, entry) in entries("identities") {
+        let at = format!("identities[{i}]");
+        if let Some(id) = entry.get("id").and_then(Value::as_str) {
+            let path = format!("{at}.id");
+            match ids.entry(id) {
+                hashbrown::hash_map::Entry::Occupied(first) => out.push(Problem {
+                    path,
+                    value: Some(show(&Value::String(id.into()))),
+                    reason: format!(
+                        "duplicate id (also {}): keys and identities share one id space",
+                        first.get()
+                    ),
+                }),
+                hashbrown::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(path);
+                }
+            }
+        }
+        known_groups(entry, groups, &at, out);
+        if !entry.is_object() {
+            continue;
+        }
+        let (spiffe, jwt) = (entry.get("spiffe"), entry.get("jwt"));
+        match (spiffe, jwt) {
+            (None, None) => out.push(Problem {
+                path: at.clone(),
+                value: None,
+                reason: "name how this identity is recognised: \"spiffe\" (the mTLS peer's SPIFFE ID) or \"jwt\" (claims of a verified JWT)".to_string(),
+            }),
+            (Some(_), Some(_)) => out.push(Problem {
+                path: at.clone(),
+                value: None,
+                reason: "an identity is recognised by \"spiffe\" or by \"jwt\", not both (declare two identities)".to_string(),
+            }),
+            _ => {}
+        }
+        if jwt.and_then(Value::as_object).is_some_and(|m| m.is_empty()) {
+            out.push(Problem {
+                path: format!("{at}.jwt"),
+                value: Some("{}".to_string()),
+                reason: "name at least one claim, e.g. {\"iss\": \"https://idp.example.com\", \"sub\": \"*\"}".to_string(),
+            });
+        }
+        for (field, m) in [("spiffe", spiffe), ("jwt", jwt)] {
+            let Some(m) = m.filter(|m| m.is_string() || m.is_object()) else {
+                continue;
+            };
+            let path = format!("{at}.{field}");
+            // Claims in any order are one matcher (as the typed parse
+            // reads them: a sorted map).
+            let canonical = match m.as_object() {
+                Some(o) => format!(
+                    "{:?}",
+                    o.iter().collect::<std::collections::BTreeMap<_, _>>()
+                ),
+                None => m.to_string(),
+            };
+            match matchers.entry(format!("{field}:{canonical}")) {
+                hashbrown::hash_map::Entry::Occupied(first) => out.push(Problem {
+                    reason: format!(
+                        "never matches: {} is the same and is tried first",
+                        first.get()
+                    ),
+                    value: Some(show(m)),
+                    path,
+                }),
+                hashbrown::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(path);
+                }
             }
         }
     }
 }
 
-/// The typed twin of [`cross_references`] for the fast path: whether key
-/// ids and the hashes of all secrets are unique and every group a key names
-/// exists. When not, the DOM path says which.
+/// Every group a key or identity (`entry` at `at`) names must be defined.
+fn known_groups(
+    entry: &Value,
+    groups: Option<&serde_json::Map<String, Value>>,
+    at: &str,
+    out: &mut Vec<Problem>,
+) {
+    for (j, g) in entry
+        .get("groups")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let Some(name) = g.as_str() else { continue };
+        if !groups.is_some_and(|gs| gs.contains_key(name)) {
+            let defined: Vec<&str> = groups
+                .map(|gs| gs.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            out.push(Problem {
+                path: format!("{at}.groups[{j}]"),
+                value: Some(show(g)),
+                reason: if defined.is_empty() {
+                    "unknown group (no groups are defined under \"groups\")".to_string()
+                } else {
+                    format!("unknown group (defined: {})", defined.join(", "))
+                },
+            });
+        }
+    }
+}
+
+/// The typed twin of [`cross_references`] for the fast path: whether ids
+/// (of keys and identities) and the hashes of all secrets are unique, every
+/// group named exists, and every identity has exactly one distinct
+/// matcher. When not, the DOM path says which.
 fn references_resolve(raw: &RawPolicy) -> bool {
-    let mut ids = hashbrown::HashSet::with_capacity(raw.keys.len());
+    let mut ids = hashbrown::HashSet::with_capacity(raw.keys.len() + raw.identities.len());
     let mut hashes = hashbrown::HashSet::with_capacity(raw.keys.len());
-    raw.keys.iter().all(|k| {
+    let keys_resolve = raw.keys.iter().all(|k| {
         ids.insert(k.id.0.as_str())
             && hashes.insert(k.key_sha256.0)
             && k.previous.iter().all(|p| hashes.insert(p.key_sha256.0))
             && k.groups.iter().all(|g| raw.groups.contains_key(g))
-    })
+    });
+    let mut spiffes = hashbrown::HashSet::new();
+    let mut jwts = Vec::new();
+    keys_resolve
+        && raw.identities.iter().all(|e| {
+            let matcher = match (&e.spiffe, &e.jwt) {
+                (Some(s), None) => spiffes.insert(s.0.as_str()),
+                (None, Some(claims)) if !claims.is_empty() => {
+                    let fresh = !jwts.contains(&claims);
+                    jwts.push(claims);
+                    fresh
+                }
+                _ => false,
+            };
+            matcher
+                && ids.insert(e.id.0.as_str())
+                && e.groups.iter().all(|g| raw.groups.contains_key(g))
+        })
 }
 
 fn expiry_warnings(raw: &RawPolicy, now_ms: u64) -> Vec<Problem> {
-    raw.keys
+    let keys = raw
+        .keys
         .iter()
         .enumerate()
-        .filter_map(|(i, k)| {
-            let at = k.expires_at.as_ref()?;
+        .map(|(i, k)| (format!("keys[{i}]"), "key", k.expires_at.as_ref()));
+    let identities = raw.identities.iter().enumerate().map(|(i, e)| {
+        (
+            format!("identities[{i}]"),
+            "identity",
+            e.expires_at.as_ref(),
+        )
+    });
+    keys.chain(identities)
+        .filter_map(|(at_path, what, at)| {
+            let at = at?;
             (at.ms <= now_ms).then(|| Problem {
-                path: format!("keys[{i}].expires_at"),
+                path: format!("{at_path}.expires_at"),
                 value: Some(show(&Value::String(at.text.clone()))),
-                reason: "already expired: this key is refused".to_string(),
+                reason: format!("already expired: this {what} is refused"),
             })
         })
         .collect()
@@ -497,7 +619,7 @@ fn build(raw: &RawPolicy) -> Policy {
         .collect();
     prices.sort_by(|(a, _), (b, _)| a.lookup_order(b));
 
-    let mut keys = Vec::with_capacity(raw.keys.len());
+    let mut keys = Vec::with_capacity(raw.keys.len() + raw.identities.len());
     let mut index = HashMap::with_capacity(raw.keys.len());
     for k in &raw.keys {
         let key = keys.len();
@@ -517,68 +639,42 @@ fn build(raw: &RawPolicy) -> Policy {
                 },
             );
         }
-        let member_of: Vec<&(Option<&[ModelPattern]>, &Limits)> = k
-            .groups
-            .iter()
-            .filter_map(|g| groups.get(g.0.as_str()))
-            .collect();
-        let group_limits: Vec<&Limits> = member_of.iter().map(|(_, l)| *l).collect();
-        let models = if member_of.iter().any(|(m, _)| m.is_some()) {
-            ModelSet::new(
-                member_of
+        let mut built = caller(k.caller(), raw, &groups, &pool_index, &default_models);
+        built.previous_not_after_ms = k.previous.iter().map(|p| p.not_after.ms).collect();
+        keys.push(built);
+    }
+    let key_count = keys.len();
+    let mut identities = Vec::with_capacity(raw.identities.len());
+    for e in &raw.identities {
+        let matcher = match (&e.spiffe, &e.jwt) {
+            (Some(s), _) => MeshMatch::Spiffe(s.0.clone()),
+            (None, Some(claims)) => MeshMatch::Jwt(
+                claims
                     .iter()
-                    .filter_map(|(m, _)| *m)
-                    .flatten()
-                    .cloned()
+                    .map(|(name, p)| (name.0.clone(), p.0.clone()))
                     .collect(),
-            )
-        } else {
-            ModelSet::new(default_models.clone())
+            ),
+            // Refused by the cross-field checks before anything is built.
+            (None, None) => continue,
         };
-        let text = |t: &Option<super::leaf::Text>| t.as_ref().map(|t| t.0.clone());
-        let key_pools = POOL_KINDS
-            .iter()
-            .zip([&k.team, &k.project, &k.user, &k.app, &k.agent])
-            .filter_map(|(kind, value)| {
-                pool_index
-                    .get(format!("{kind}:{}", value.as_ref()?.0).as_str())
-                    .copied()
-            })
-            .collect();
-        keys.push(Key {
-            id: k.id.0.clone(),
-            identity: Identity {
-                user: text(&k.user),
-                team: text(&k.team),
-                project: text(&k.project),
-                app: text(&k.app),
-                agent: text(&k.agent),
-                environment: text(&k.environment),
-                cost_center: text(&k.cost_center),
-                groups: k.groups.iter().map(|g| g.0.clone()).collect(),
-            },
-            limits: k.limits.resolve(&group_limits, &raw.defaults.limits),
-            models,
-            pools: key_pools,
-            revoked: k.revoked,
-            expires_at_ms: k.expires_at.as_ref().map(|t| t.ms),
-            previous_not_after_ms: k.previous.iter().map(|p| p.not_after.ms).collect(),
-            // The key's own, else the highest of its groups', else normal.
-            priority: k
-                .priority
-                .or_else(|| {
-                    k.groups
-                        .iter()
-                        .filter_map(|g| raw.groups.get(g)?.priority)
-                        .max()
-                })
-                .unwrap_or_default(),
+        identities.push(MeshIdentity {
+            caller: keys.len(),
+            matcher,
         });
+        keys.push(caller(
+            e.caller(),
+            raw,
+            &groups,
+            &pool_index,
+            &default_models,
+        ));
     }
 
     let settings = &raw.settings;
     Policy {
         keys,
+        key_count,
+        identities,
         index,
         groups: raw.groups.keys().map(|g| g.0.clone()).collect(),
         pools,
@@ -598,5 +694,84 @@ fn build(raw: &RawPolicy) -> Policy {
             default_price: settings.default_price.as_ref().map(|p| p.build()),
             hold_request_headers: settings.hold_request_headers.unwrap_or(true),
         },
+    }
+}
+
+/// Keys then identities, as [`Policy::callers`] holds them.
+fn raw_callers(raw: &RawPolicy) -> impl Iterator<Item = Caller<'_>> {
+    raw.keys
+        .iter()
+        .map(|k| k.caller())
+        .chain(raw.identities.iter().map(|e| e.caller()))
+}
+
+type GroupIndex<'a> = HashMap<&'a str, (Option<&'a [ModelPattern]>, &'a Limits)>;
+
+/// One caller, key or identity, with everything resolved: limits (its own,
+/// else the most restrictive group's, else the defaults), allowlist (the
+/// union of its groups' lists, else the defaults), pools, priority.
+fn caller(
+    k: Caller<'_>,
+    raw: &RawPolicy,
+    groups: &GroupIndex<'_>,
+    pool_index: &HashMap<&str, usize>,
+    default_models: &[ModelPattern],
+) -> Key {
+    let member_of: Vec<&(Option<&[ModelPattern]>, &Limits)> = k
+        .groups
+        .iter()
+        .filter_map(|g| groups.get(g.0.as_str()))
+        .collect();
+    let group_limits: Vec<&Limits> = member_of.iter().map(|(_, l)| *l).collect();
+    let models = if member_of.iter().any(|(m, _)| m.is_some()) {
+        ModelSet::new(
+            member_of
+                .iter()
+                .filter_map(|(m, _)| *m)
+                .flatten()
+                .cloned()
+                .collect(),
+        )
+    } else {
+        ModelSet::new(default_models.to_vec())
+    };
+    let text = |t: &Option<super::leaf::Text>| t.as_ref().map(|t| t.0.clone());
+    let key_pools = POOL_KINDS
+        .iter()
+        .zip([k.team, k.project, k.user, k.app, k.agent])
+        .filter_map(|(kind, value)| {
+            pool_index
+                .get(format!("{kind}:{}", value.as_ref()?.0).as_str())
+                .copied()
+        })
+        .collect();
+    Key {
+        id: k.id.0.clone(),
+        identity: Identity {
+            user: text(k.user),
+            team: text(k.team),
+            project: text(k.project),
+            app: text(k.app),
+            agent: text(k.agent),
+            environment: text(k.environment),
+            cost_center: text(k.cost_center),
+            groups: k.groups.iter().map(|g| g.0.clone()).collect(),
+        },
+        limits: k.limits.resolve(&group_limits, &raw.defaults.limits),
+        models,
+        pools: key_pools,
+        revoked: k.revoked,
+        expires_at_ms: k.expires_at.map(|t| t.ms),
+        previous_not_after_ms: Vec::new(),
+        // Its own, else the highest of its groups', else normal.
+        priority: k
+            .priority
+            .or_else(|| {
+                k.groups
+                    .iter()
+                    .filter_map(|g| raw.groups.get(g)?.priority)
+                    .max()
+            })
+            .unwrap_or_default(),
     }
 }

@@ -4,7 +4,7 @@
 //! its validation; the schema walker (`schema::check`) calls the same
 //! functions to report every error of an invalid one with its path.
 
-use super::pattern::ModelPattern;
+use super::pattern::{Glob, ModelPattern};
 use super::UnknownRoutes;
 use serde::{Deserialize, Deserializer};
 
@@ -111,6 +111,25 @@ pub fn provider_pool_name(s: &str) -> Result<(), String> {
     } else {
         Err("provider pool names are provider:<provider>:<group>, e.g. provider:anthropic:claude-sonnet-4".to_string())
     }
+}
+
+/// A SPIFFE ID or a glob over SPIFFE IDs, as the mTLS peer's certificate
+/// carries it in its URI SAN (`spiffe://cluster.local/ns/billing/sa/api`,
+/// `spiffe://cluster.local/ns/billing/sa/*`).
+pub fn spiffe(s: &str) -> Result<Glob, String> {
+    const WHAT: &str = "must be a SPIFFE ID or pattern, spiffe://<trust domain>/<path> (e.g. spiffe://cluster.local/ns/billing/sa/api)";
+    let domain = s
+        .strip_prefix("spiffe://")
+        .map(|rest| rest.split('/').next().unwrap_or_default());
+    match domain {
+        Some(d) if !d.is_empty() && !s.chars().any(char::is_whitespace) => Glob::parse(s),
+        _ => Err(WHAT.to_string()),
+    }
+}
+
+/// A pattern a JWT claim must match ([`Glob`]).
+pub fn claim(s: &str) -> Result<Glob, String> {
+    Glob::parse(s)
 }
 
 /// The policy format version this build reads.
@@ -422,6 +441,30 @@ impl<'de> Deserialize<'de> for ProviderPoolName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         checked(d, |s: String| {
             provider_pool_name(&s).map(|()| ProviderPoolName(s))
+        })
+    }
+}
+
+/// A SPIFFE ID pattern ([`spiffe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpiffePattern(pub Glob);
+
+impl<'de> Deserialize<'de> for SpiffePattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |s: std::borrow::Cow<'de, str>| {
+            spiffe(&s).map(SpiffePattern)
+        })
+    }
+}
+
+/// A JWT claim pattern ([`claim`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimPattern(pub Glob);
+
+impl<'de> Deserialize<'de> for ClaimPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked(d, |s: std::borrow::Cow<'de, str>| {
+            claim(&s).map(ClaimPattern)
         })
     }
 }

@@ -17,7 +17,7 @@ pub use crate::price::Price;
 pub use compile::{compile, compile_checked};
 pub use error::{PolicyError, PolicyReport};
 pub use limits::{Alerts, Limit, Limits, OnExhausted, Reserve, StoreFailure};
-pub use pattern::ModelPattern;
+pub use pattern::{Glob, ModelPattern};
 
 use hashbrown::HashMap;
 
@@ -28,7 +28,13 @@ pub const POOL_KINDS: [&str; 5] = ["team", "project", "user", "app", "agent"];
 /// A compiled, validated policy. Immutable; a reload builds a new one.
 #[derive(Debug, Default)]
 pub struct Policy {
+    /// Every caller: the virtual keys (the first `key_count`), then the
+    /// identities in file order. Both are metered, limited and audited
+    /// alike; a request's caller is its position here.
     keys: Vec<Key>,
+    key_count: usize,
+    /// How each identity is recognised, in file order (first match wins).
+    identities: Vec<MeshIdentity>,
     /// Every secret's hash, current and previous, to the key it opens.
     index: HashMap<[u8; 32], Secret>,
     pub pools: Vec<Pool>,
@@ -83,6 +89,23 @@ pub struct Key {
     /// Reserved headroom (`reserve`) is kept for requests at or above a
     /// priority.
     pub priority: leaf::Priority,
+}
+
+/// A caller recognised by the mesh rather than by a virtual key.
+#[derive(Debug, Clone)]
+pub struct MeshIdentity {
+    /// Position of its caller in the policy (see [`Policy::key`]).
+    pub caller: usize,
+    pub matcher: MeshMatch,
+}
+
+/// How an identity is recognised.
+#[derive(Debug, Clone)]
+pub enum MeshMatch {
+    /// The mTLS peer certificate's URI SAN.
+    Spiffe(Glob),
+    /// Claims of a verified JWT: every (claim, pattern) must match.
+    Jwt(Vec<(String, Glob)>),
 }
 
 /// A shared pool (`team:payments`): every key whose attribute matches draws
@@ -185,15 +208,26 @@ impl Policy {
         self.keys.get(index)
     }
 
+    /// The virtual keys (not the identities).
     pub fn keys(&self) -> &[Key] {
+        self.keys.get(..self.key_count).unwrap_or_default()
+    }
+
+    /// Every caller, keys then identities.
+    pub fn callers(&self) -> &[Key] {
         &self.keys
+    }
+
+    /// The identities, in the order they are tried.
+    pub fn identities(&self) -> &[MeshIdentity] {
+        &self.identities
     }
 
     /// Whether any limit holds requests for a refill (`max_wait_ms`): the
     /// filter then needs its timer.
     pub fn holds_requests(&self) -> bool {
         let waits = |l: &Limits| l.iter().any(|(_, limit)| limit.max_wait_ms.is_some());
-        self.keys.iter().any(|k| waits(&k.limits))
+        self.callers().iter().any(|k| waits(&k.limits))
             || self.pools.iter().any(|p| waits(&p.limits))
             || self.session_pools.iter().any(|p| waits(&p.limits))
     }

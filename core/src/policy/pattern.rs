@@ -83,6 +83,44 @@ impl ModelPattern {
     }
 }
 
+/// A pattern over identity values (SPIFFE IDs, JWT claims): an exact
+/// value or a glob with `*` (any run of characters, `/` included) and `?`
+/// (one character), matched as model patterns are. `[`, `]`, `{`, `}` are
+/// refused for the same reason: a security team's `team-[ab]` must be an
+/// error, not a silent literal. Unlike model names, claims may hold spaces
+/// (`"name": "Alice Smith"`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Glob {
+    text: String,
+}
+
+impl Glob {
+    pub fn parse(text: &str) -> Result<Glob, String> {
+        if text.is_empty() {
+            return Err("empty pattern".to_string());
+        }
+        if let Some(c) = text.chars().find(|c| matches!(c, '[' | ']' | '{' | '}')) {
+            return Err(format!(
+                "'{c}' is not supported in patterns (only '*' and '?')"
+            ));
+        }
+        if text.chars().any(char::is_control) {
+            return Err("patterns cannot contain control characters".to_string());
+        }
+        Ok(Glob {
+            text: text.to_string(),
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn matches(&self, value: &str) -> bool {
+        glob_match(self.text.as_bytes(), value.as_bytes())
+    }
+}
+
 /// Explores pairs of positions in two patterns, both at once, from the
 /// start: a `*` in `a` (and in `b` when `skip_b_stars`) may be skipped (it
 /// matches nothing), and `step`

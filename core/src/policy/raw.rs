@@ -5,8 +5,8 @@
 //! exist) before building the runtime `Policy`.
 
 use super::leaf::{
-    HeaderName, MaxTracked, Multiplier, PerMillion, PerThousand, PoolName, Priority,
-    ProviderPoolName, Sha256, Text, Threshold, Time, TimeZone, Version,
+    ClaimPattern, HeaderName, MaxTracked, Multiplier, PerMillion, PerThousand, PoolName, Priority,
+    ProviderPoolName, Sha256, SpiffePattern, Text, Threshold, Time, TimeZone, Version,
 };
 use super::pattern::ModelPattern;
 use super::{Limits, UnknownRoutes};
@@ -62,6 +62,8 @@ pub struct RawPolicy {
     pub session_pools: BTreeMap<Text, Obj<RawSessionPool>>,
     #[serde(default)]
     pub keys: Vec<Obj<RawKey>>,
+    #[serde(default)]
+    pub identities: Vec<Obj<RawIdentity>>,
     #[serde(default)]
     pub prices: BTreeMap<ModelPattern, Obj<RawPrice>>,
     #[serde(default)]
@@ -130,6 +132,79 @@ pub struct RawKey {
     pub revoked: bool,
     pub priority: Option<Priority>,
 }
+
+/// A caller the mesh identifies instead of a virtual key (`identities[]`):
+/// the mTLS peer's SPIFFE ID, or claims of a JWT Envoy's `jwt_authn`
+/// verified. Exactly one of `spiffe` and `jwt` (checked across fields in
+/// `compile`); every other field is a key's.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    pub id: Text,
+    pub spiffe: Option<SpiffePattern>,
+    /// Claim name to the pattern its value (or one element of a list
+    /// claim) must match; every named claim must match.
+    pub jwt: Option<BTreeMap<Text, ClaimPattern>>,
+    pub user: Option<Text>,
+    pub team: Option<Text>,
+    pub project: Option<Text>,
+    pub app: Option<Text>,
+    pub agent: Option<Text>,
+    pub environment: Option<Text>,
+    pub cost_center: Option<Text>,
+    #[serde(default)]
+    pub groups: Vec<Text>,
+    #[serde(default)]
+    pub limits: Limits,
+    pub expires_at: Option<Time>,
+    #[serde(default)]
+    pub revoked: bool,
+    pub priority: Option<Priority>,
+}
+
+/// What keys and identities share: who the caller is and what it may use.
+/// Compiling builds both kinds of caller from this one view.
+pub struct Caller<'a> {
+    pub id: &'a Text,
+    pub user: &'a Option<Text>,
+    pub team: &'a Option<Text>,
+    pub project: &'a Option<Text>,
+    pub app: &'a Option<Text>,
+    pub agent: &'a Option<Text>,
+    pub environment: &'a Option<Text>,
+    pub cost_center: &'a Option<Text>,
+    pub groups: &'a [Text],
+    pub limits: &'a Limits,
+    pub expires_at: Option<&'a Time>,
+    pub revoked: bool,
+    pub priority: Option<Priority>,
+}
+
+macro_rules! caller_view {
+    ($t:ty) => {
+        impl $t {
+            pub fn caller(&self) -> Caller<'_> {
+                Caller {
+                    id: &self.id,
+                    user: &self.user,
+                    team: &self.team,
+                    project: &self.project,
+                    app: &self.app,
+                    agent: &self.agent,
+                    environment: &self.environment,
+                    cost_center: &self.cost_center,
+                    groups: &self.groups,
+                    limits: &self.limits,
+                    expires_at: self.expires_at.as_ref(),
+                    revoked: self.revoked,
+                    priority: self.priority,
+                }
+            }
+        }
+    };
+}
+caller_view!(RawKey);
+caller_view!(RawIdentity);
 
 /// An earlier secret of a key (`keys[].previous[]`), left working by a
 /// rotation until `not_after` so that its holders can switch to the new one.

@@ -83,6 +83,10 @@ pub enum Leaf {
     MaxTracked,
     /// A fraction of a limit in (0, 1.5].
     AlertThreshold,
+    /// `spiffe://<trust domain>/<path>`, globs allowed.
+    SpiffePattern,
+    /// A JWT claim's value, globs allowed.
+    ClaimPattern,
 }
 
 const fn field(name: &'static str, ty: &'static Ty, doc: &'static str) -> Field {
@@ -383,6 +387,48 @@ static SESSION_POOL: Ty = Ty::Object(&[
     ),
 ]);
 
+/// The fields an identity shares with a key, after its matcher.
+static IDENTITY: Ty = Ty::Object(&[
+    required(
+        "id",
+        &TEXT,
+        "Stable identifier, shown in audit records (key_id) and errors; unique across keys and identities.",
+    ),
+    field(
+        "spiffe",
+        &Ty::Leaf(Leaf::SpiffePattern),
+        "The mTLS peer's SPIFFE ID (its certificate's URI SAN, as Istio issues it), exact or a glob: spiffe://cluster.local/ns/billing/sa/*.",
+    ),
+    field(
+        "jwt",
+        &Ty::Map {
+            key: Leaf::Text,
+            value: &Ty::Leaf(Leaf::ClaimPattern),
+        },
+        "Claims of a JWT verified by Envoy's jwt_authn (payload_in_metadata), each exact or a glob; a list claim matches when one element does; every claim named must match: {\"iss\": \"https://idp.example.com\", \"groups\": \"finops\"}.",
+    ),
+    field("user", &TEXT, "User identity (also the pool user:<value>)."),
+    field("team", &TEXT, "Team (pool team:<value>)."),
+    field("project", &TEXT, "Project (pool project:<value>)."),
+    field("app", &TEXT, "Application (pool app:<value>)."),
+    field("agent", &TEXT, "Agent (pool agent:<value>)."),
+    field("environment", &TEXT, "Environment, for audit."),
+    field("cost_center", &TEXT, "Cost center, for audit."),
+    field("groups", &TEXT_LIST, "Groups (defined under \"groups\")."),
+    field("limits", &LIMITS, "This identity's own limits."),
+    field(
+        "expires_at",
+        &Ty::Leaf(Leaf::Rfc3339),
+        "RFC 3339 time after which the identity is refused.",
+    ),
+    field("revoked", &BOOL, "Refuse this identity."),
+    field(
+        "priority",
+        &Ty::Leaf(Leaf::Priority),
+        "This identity's priority: batch, normal (default), interactive, or 0-100.",
+    ),
+]);
+
 static SETTINGS: Ty = Ty::Object(&[
     field(
         "unknown_routes",
@@ -451,6 +497,11 @@ pub static POLICY: Ty = Ty::Object(&[
         "Pool templates keyed by a request header (x-claude-code-session-id): every distinct value of the header, per key, gets its own buckets from these limits.",
     ),
     field("keys", &Ty::Array(&KEY), "Virtual keys."),
+    field(
+        "identities",
+        &Ty::Array(&IDENTITY),
+        "Callers identified without a virtual key, by their mTLS peer's SPIFFE ID or a verified JWT's claims; the first entry that matches wins, and a virtual key, when presented, wins over all.",
+    ),
     field(
         "prices",
         &Ty::Map {
@@ -685,6 +736,8 @@ pub fn leaf(v: &Value, rule: Leaf) -> Result<(), String> {
         Leaf::HeaderName => leaf::header_name(&text(v)?),
         Leaf::MaxTracked => leaf::max_tracked(number(v)?).map(|_| ()),
         Leaf::AlertThreshold => leaf::alert_threshold(number(v)?).map(|_| ()),
+        Leaf::SpiffePattern => leaf::spiffe(&text(v)?).map(|_| ()),
+        Leaf::ClaimPattern => leaf::claim(&text(v)?).map(|_| ()),
     }
 }
 
@@ -703,6 +756,23 @@ pub fn json_schema() -> Value {
                 "description": "Files (relative to this one) whose groups, pools, provider_pools and prices are merged into this policy by the tollgate CLI (e.g. provider-limits.json from `tollgate limits pull`); a name defined twice is an error."
             }),
         );
+    }
+    // An identity names exactly one way to recognise it; the shape walker
+    // has no "one of these fields", so the rule is added here (and checked
+    // with its path by `compile`).
+    if let Some(item) = root.pointer_mut("/properties/identities/items") {
+        if let Some(m) = item.as_object_mut() {
+            m.insert(
+                "oneOf".into(),
+                json!([{ "required": ["spiffe"] }, { "required": ["jwt"] }]),
+            );
+        }
+        if let Some(jwt) = item
+            .pointer_mut("/properties/jwt")
+            .and_then(Value::as_object_mut)
+        {
+            jwt.insert("minProperties".into(), json!(1));
+        }
     }
     if let Some(obj) = root.as_object_mut() {
         obj.insert(
@@ -809,6 +879,12 @@ fn leaf_schema(rule: Leaf) -> Value {
         Leaf::MaxTracked => json!({ "type": "integer", "minimum": 1, "maximum": 1000000 }),
         Leaf::AlertThreshold => {
             json!({ "type": "number", "exclusiveMinimum": 0, "maximum": 1.5 })
+        }
+        Leaf::SpiffePattern => {
+            json!({ "type": "string", "pattern": "^spiffe://[^/\\[\\]{}\\s\\x00-\\x1f\\x7f-\\x9f]+(/[^\\[\\]{}\\s\\x00-\\x1f\\x7f-\\x9f]*)?$" })
+        }
+        Leaf::ClaimPattern => {
+            json!({ "type": "string", "minLength": 1, "pattern": "^[^\\[\\]{}\\x00-\\x1f\\x7f-\\x9f]+$" })
         }
     }
 }

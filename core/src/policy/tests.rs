@@ -414,3 +414,42 @@ fn both_paths_agree_on_previous_secrets_at_the_edges() {
         }
     }
 }
+
+#[test]
+fn identities_are_callers_with_a_keys_fields_but_not_keys() {
+    let json = format!(
+        r#"{{"version":1,"defaults":{{"limits":{{"requests_per_minute":100}}}},
+            "groups":{{"eng":{{"models":["claude-sonnet-*"],"limits":{{"requests_per_minute":30}}}}}},
+            "pools":{{"team:billing":{{"tokens_per_day":1000}}}},
+            "keys":[{{"id":"k","key_sha256":"{}"}}],
+            "identities":[
+              {{"id":"billing-svc","spiffe":"spiffe://cluster.local/ns/billing/sa/*","team":"billing","groups":["eng"]}},
+              {{"id":"finops","jwt":{{"groups":"finops"}},"limits":{{"requests_per_minute":5}},"expires_at":"2020-01-01T00:00:00Z"}}]}}"#,
+        crate::vkey::sha256_hex("tg-k")
+    );
+    let (p, report) = compile(json.as_bytes(), "p.json", 1_800_000_000_000).unwrap();
+    assert_eq!(p.keys().len(), 1, "identities are not keys");
+    assert_eq!(p.callers().len(), 3);
+    let ids: Vec<&str> = p
+        .identities()
+        .iter()
+        .map(|i| p.key(i.caller).unwrap().id.as_str())
+        .collect();
+    assert_eq!(ids, ["billing-svc", "finops"]);
+    let svc = p.key(p.identities()[0].caller).unwrap();
+    assert_eq!(svc.limits.get(Metric::Requests), Some(30.0), "group limit");
+    assert!(svc.models.allows("claude-sonnet-4-5"));
+    assert_eq!(p.pool(svc.pools[0]).unwrap().name, "team:billing");
+    assert!(
+        matches!(&p.identities()[0].matcher, MeshMatch::Spiffe(g) if g.matches("spiffe://cluster.local/ns/billing/sa/api"))
+    );
+    let finops = p.key(p.identities()[1].caller).unwrap();
+    assert_eq!(finops.limits.get(Metric::Requests), Some(5.0));
+    assert_eq!(
+        report.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["p.json: identities[1].expires_at: already expired: this identity is refused (value: \"2020-01-01T00:00:00Z\")"]
+    );
+    // The DOM path builds the same policy.
+    let (q, _) = compile_checked(json.as_bytes(), "p.json", 1).unwrap();
+    assert_eq!(q.callers().len(), 3);
+}
