@@ -51,11 +51,9 @@ fn a_shadow_limit_admits_and_audits_would_deny() {
         rec["would_deny"],
         serde_json::json!(["key:ladder:requests_per_minute"])
     );
-    assert!(
-        gw.stats("tollgate.ladder.shadow_would_deny")
-            .contains("tollgate.ladder.shadow_would_deny: 1"),
-        "{}",
-        gw.stats("tollgate.ladder")
+    assert_eq!(
+        gw.wait_for_stat("tollgate.ladder.shadow_would_deny", |v| v >= 1),
+        1
     );
 }
 
