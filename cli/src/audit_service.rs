@@ -29,6 +29,8 @@ pub struct Upkeep {
     pub policy: Option<PathBuf>,
     /// Where alert events are posted; without it they are only recorded.
     pub alert_webhook: Option<String>,
+    /// What a write (gRPC stream, `POST /api/ingest`) must carry.
+    pub write_token: collector::auth::WriteToken,
 }
 
 /// Serves both listeners until `shutdown` resolves, then stops the HTTP
@@ -47,6 +49,7 @@ pub async fn serve(
         store.clone(),
         stats.clone(),
         upkeep.policy.clone(),
+        upkeep.write_token.clone(),
         side_stop.stopped(),
     ));
     let maintain = tokio::spawn(collector::maintain(
@@ -74,7 +77,8 @@ pub async fn serve(
             side_stop.stopped(),
         ))
     });
-    let result = collector::serve_with_stats(grpc, store, stats, shutdown).await;
+    let result =
+        collector::serve_with_stats(grpc, store, stats, upkeep.write_token, shutdown).await;
     side_stop.stop();
     let _ = web.await;
     let _ = maintain.await;

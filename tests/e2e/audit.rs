@@ -890,3 +890,62 @@ fn the_file_log_rotates_by_size_without_losing_a_line() {
         assert!(stored.contains(id), "{id} not in the store");
     }
 }
+
+/// Writes need the collector's write token: a POST to the gateway's own
+/// collector without it (or with another) is refused and stores nothing,
+/// while Envoy's access-log stream, which carries the token `tollgate run`
+/// gave it, keeps storing every request; a log shipper holding the token
+/// from the state directory is let in.
+#[test]
+fn an_unauthenticated_write_to_the_collector_is_refused() {
+    let gw = Gateway::start(&audit_policy());
+    let r = gw.post_with(
+        "/v1/messages",
+        &[("x-api-key", KEY), ("x-request-id", "auth-envoy")],
+        MSG,
+    );
+    assert_eq!(r.status(), 200);
+    // Stored through Envoy's authenticated stream.
+    let mut forged = gw.audit_record("auth-envoy");
+    let http = gw.collector_http.clone().unwrap();
+    let token_file = gw.dir.path().join("state/collector-token");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    forged["request_id"] = "auth-forged".into();
+    forged["cost_usd"] = 1000.0.into();
+    let client = reqwest::blocking::Client::new();
+    let post = |auth: Option<String>| {
+        let mut req = client
+            .post(format!("{http}/api/ingest"))
+            .body(format!("{forged}\n"));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let r = req.send().unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    for auth in [None, Some("Bearer not-the-token".to_string())] {
+        let (status, body) = post(auth);
+        assert_eq!(status, 401, "{body}");
+        assert!(
+            body.contains("writing audit records needs the collector's write token"),
+            "{body}"
+        );
+    }
+    let stored = |id: &str| {
+        let out = cli_ok(
+            Command::new(tollgate_bin())
+                .args(["audit", "tail", "--format", "json", "-n", "100", "--db"])
+                .arg(&gw.audit_db),
+        );
+        String::from_utf8_lossy(&out.stdout).contains(id)
+    };
+    assert!(!stored("auth-forged"), "a refused write stored nothing");
+    let (status, body) = post(Some(format!("Bearer {}", token.trim())));
+    assert_eq!(status, 200, "{body}");
+    assert!(stored("auth-forged"));
+}

@@ -2,6 +2,7 @@
 //! where Envoy runs elsewhere).
 
 use crate::audit_service;
+use crate::collector::auth::WriteToken;
 use crate::collector::store::AuditStore;
 use crate::output::status;
 use crate::shutdown;
@@ -38,12 +39,21 @@ pub struct CollectorArgs {
     /// first reaches one of its `alerts` thresholds in a window. Needs --policy.
     #[arg(long, value_name = "URL", requires = "policy")]
     pub alert_webhook: Option<String>,
+    /// File holding the write token: Envoy's access-log stream and POST /api/ingest must
+    /// send `authorization: Bearer <token>` (Envoy: the grpc_service's initial_metadata).
+    /// Without it every write is accepted.
+    #[arg(long, value_name = "FILE")]
+    pub write_token_file: Option<PathBuf>,
 }
 
 pub fn run(args: CollectorArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     // Opened before entering the runtime: the PostgreSQL client blocks on a
     // runtime of its own, which tokio forbids inside an async context.
+    let write_token = match &args.write_token_file {
+        Some(file) => WriteToken::new(&WriteToken::read(file)?),
+        None => WriteToken::open(),
+    };
     let store = AuditStore::open(&args.db)?;
     if let Some(file) = &args.import {
         audit_service::import_at_start(&store, file);
@@ -61,10 +71,17 @@ pub fn run(args: CollectorArgs) -> Result<()> {
             http.local_addr()?,
             args.db.display()
         ));
+        if write_token.is_open() {
+            eprintln!(
+                "warning: no --write-token-file: anyone who reaches {} or POST /api/ingest can write audit records",
+                grpc.local_addr()?
+            );
+        }
         let upkeep = audit_service::Upkeep {
             retain_days: args.retain_days,
             policy: args.policy.clone(),
             alert_webhook: args.alert_webhook,
+            write_token,
         };
         audit_service::serve(grpc, http, store, upkeep, shutdown::signal()).await
     })

@@ -51,6 +51,11 @@ pub struct RunArgs {
     /// as HOST:PORT, instead of starting one in this process.
     #[arg(long)]
     pub external_collector: Option<String>,
+    /// The external collector's write token (its --write-token-file), sent with Envoy's
+    /// access-log stream. The in-process collector gets a fresh token at each start,
+    /// written to <state dir>/collector-token for log shippers.
+    #[arg(long, value_name = "FILE", requires = "external_collector")]
+    pub collector_token_file: Option<PathBuf>,
     /// Write the Envoy configuration (bootstrap, ECDS policy, SDS secrets, a copy of
     /// the wasm) into --state-dir and exit, for an Envoy started elsewhere
     /// (Docker Compose). Needs --external-collector.
@@ -252,6 +257,11 @@ fn options(args: &RunArgs) -> Result<gateway::Options> {
         shared: shared(args)?,
         listener_tls: listener_tls(args)?,
         jwt: jwt(args)?,
+        collector_token: args
+            .collector_token_file
+            .as_deref()
+            .map(crate::collector::auth::WriteToken::read)
+            .transpose()?,
     })
 }
 

@@ -35,6 +35,8 @@ struct App {
     /// The policy whose limits the burn-down draws, read at each request
     /// so edits show at once.
     policy: Option<Arc<PathBuf>>,
+    /// Writes (`POST /api/ingest`) without it are refused.
+    token: super::auth::WriteToken,
 }
 
 pub async fn serve(
@@ -42,6 +44,7 @@ pub async fn serve(
     store: AuditStore,
     stats: Arc<Stats>,
     policy: Option<PathBuf>,
+    token: super::auth::WriteToken,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let app = Router::new()
@@ -60,6 +63,7 @@ pub async fn serve(
             store,
             stats,
             policy: policy.map(Arc::new),
+            token,
         });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -160,8 +164,16 @@ async fn key(State(app): State<App>, Query(q): Params) -> Response {
 }
 
 /// Stores the records of a JSON-lines body; answers what it did.
-async fn ingest(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn ingest(
+    State(app): State<App>,
+    headers: axum::http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     use super::ingest::{self, Refused};
+    let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    if !app.token.allows(authorization) {
+        return error(StatusCode::UNAUTHORIZED, super::auth::REFUSED.to_string());
+    }
     let body = match body {
         Ok(b) => b,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {

@@ -6,6 +6,7 @@
 //! durable copy.
 
 pub mod alerts;
+pub mod auth;
 pub mod burndown;
 pub mod drilldown;
 pub mod filter;
@@ -184,6 +185,8 @@ pub fn with_envoy_status(mut r: AuditRecord, code: Option<u16>) -> AuditRecord {
 struct Service {
     queue: mpsc::Sender<AuditRecord>,
     stats: Arc<Stats>,
+    /// Streams without it are refused.
+    token: auth::WriteToken,
     /// Becomes `true` when the collector shuts down.
     stopping: watch::Receiver<bool>,
 }
@@ -233,6 +236,11 @@ impl AccessLogService for Service {
         &self,
         request: tonic::Request<tonic::Streaming<StreamAccessLogsMessage>>,
     ) -> Result<tonic::Response<StreamAccessLogsResponse>, tonic::Status> {
+        let authorization = request.metadata().get("authorization");
+        if !self.token.allows(authorization.map(|v| v.as_bytes())) {
+            tracing::warn!("access-log stream without the write token refused");
+            return Err(tonic::Status::unauthenticated(auth::REFUSED));
+        }
         let mut stream = request.into_inner();
         // Envoy keeps one stream per worker open for the life of the process
         // and never half-closes it, so graceful shutdown (which waits for open
@@ -444,6 +452,7 @@ pub async fn serve_with_stats(
     listener: tokio::net::TcpListener,
     store: AuditStore,
     stats: Arc<Stats>,
+    token: auth::WriteToken,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
@@ -452,6 +461,7 @@ pub async fn serve_with_stats(
     let service = Service {
         queue: tx,
         stats,
+        token,
         stopping,
     };
     tonic::transport::Server::builder()
@@ -565,6 +575,7 @@ mod tests {
         let service = Service {
             queue,
             stats: Arc::new(Stats::default()),
+            token: auth::WriteToken::open(),
             stopping,
         };
         service.accept(&message(vec![
@@ -578,6 +589,42 @@ mod tests {
         assert_eq!(stats.without_record.load(Ordering::Relaxed), 1);
         assert_eq!(stats.dropped.load(Ordering::Relaxed), 2);
         assert_eq!(rx.try_recv().unwrap().request_id, "kept");
+    }
+
+    #[tokio::test]
+    async fn a_stream_without_the_write_token_is_refused_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(dir.path().join("a.db")).unwrap();
+        let token = "0123456789abcdef0123456789abcdef";
+        let running = start_with(&store, auth::WriteToken::new(token)).await;
+        let mut client = AccessLogServiceClient::connect(format!("http://{}", running.addr))
+            .await
+            .unwrap();
+        let msgs = || tokio_stream::iter(vec![message(vec![entry(Some(bytes_value(&json("x"))))])]);
+        let refused = client.stream_access_logs(msgs()).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        assert_eq!(refused.message(), auth::REFUSED);
+        let mut wrong = tonic::Request::new(msgs());
+        wrong.metadata_mut().insert(
+            "authorization",
+            "Bearer 0123456789abcdef0123456789abcdeX".parse().unwrap(),
+        );
+        assert_eq!(
+            client.stream_access_logs(wrong).await.unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        let mut right = tonic::Request::new(msgs());
+        right
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        client.stream_access_logs(right).await.unwrap();
+        let stats = running.stop().await;
+        assert_eq!(
+            stats.received.load(Ordering::Relaxed),
+            1,
+            "only the third stream's"
+        );
+        assert_eq!(store.count().unwrap(), 1);
     }
 
     #[tokio::test]
@@ -647,6 +694,10 @@ mod tests {
     }
 
     pub(super) async fn start(store: &AuditStore) -> Running {
+        start_with(store, auth::WriteToken::open()).await
+    }
+
+    pub(super) async fn start_with(store: &AuditStore, token: auth::WriteToken) -> Running {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -655,6 +706,7 @@ mod tests {
             listener,
             store.clone(),
             stats.clone(),
+            token,
             async move {
                 let _ = stop_rx.await;
             },
@@ -828,9 +880,16 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let web = tokio::spawn(http::serve(listener, store, stats, None, async move {
-            let _ = stop_rx.await;
-        }));
+        let web = tokio::spawn(http::serve(
+            listener,
+            store,
+            stats,
+            None,
+            auth::WriteToken::open(),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
         let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

@@ -19,6 +19,7 @@ pub mod render;
 
 use crate::audit_log::{self, Rotation};
 use crate::audit_service;
+use crate::collector::auth::WriteToken;
 use crate::collector::store::AuditStore;
 use crate::shared_store::{self, Redis, RedisAt};
 use crate::shutdown::Stop;
@@ -67,6 +68,9 @@ pub struct Options {
     pub listener_tls: Option<ListenerTls>,
     /// JWTs verified by Envoy's jwt_authn before the filter.
     pub jwt: Option<JwtProvider>,
+    /// The write token of an external collector (`--collector-token-file`);
+    /// the in-process collector gets a fresh one at each start.
+    pub collector_token: Option<String>,
 }
 
 /// Limits shared by every Envoy replica (`docs/scale-out.md`).
@@ -211,16 +215,30 @@ pub async fn start(
     let (policy, wasm, layout) = prepare(&opts)?;
     let stop = Stop::new();
     // Collector first: Envoy connects to it as soon as it starts.
+    // The write token: Envoy sends it with its access-log stream; log
+    // shippers read it from the state directory.
+    let token = match &collector {
+        Collector::InProcess { .. } => {
+            let token = WriteToken::generate();
+            atomic_file::write(&layout.collector_token(), &token, 0o600)?;
+            Some(token)
+        }
+        Collector::External(..) => opts.collector_token.clone(),
+    };
     let upkeep = audit_service::Upkeep {
         retain_days: opts.audit_retain_days,
         policy: Some(opts.policy.clone()),
         alert_webhook: opts.alert_webhook.clone(),
+        write_token: token.as_deref().map(WriteToken::new).unwrap_or_default(),
     };
     let collector = start_collector(collector, &layout, upkeep, &stop).await?;
     let (quota_at, quota) = start_quota(opts.shared.as_ref(), &layout, &stop).await?;
     let providers = start_providers(providers, &stop).await?;
     let (listen, admin) = (free_port(opts.listen)?, free_port(opts.admin)?);
-    let gateway = gateway(&opts, listen, admin, &collector.addr, &providers, &quota_at);
+    let gateway = Gateway {
+        collector_token: token,
+        ..gateway(&opts, listen, admin, &collector.addr, &providers, &quota_at)
+    };
     let vm = vm_options(&opts);
     write_config(&layout, &policy.json, &wasm, &vm, &gateway, &providers)?;
 
@@ -618,6 +636,7 @@ fn gateway(
         quota: quota.to_vec(),
         listener_tls: opts.listener_tls.clone(),
         jwt: opts.jwt.clone(),
+        collector_token: opts.collector_token.clone(),
     }
 }
 

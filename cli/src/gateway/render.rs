@@ -138,6 +138,10 @@ impl Layout {
     pub fn ready(&self) -> PathBuf {
         self.dir.join("ready.json")
     }
+    /// The in-process collector's write token, for log shippers.
+    pub fn collector_token(&self) -> PathBuf {
+        self.dir.join("collector-token")
+    }
 }
 
 /// Everything the bootstrap needs.
@@ -162,6 +166,9 @@ pub struct Gateway {
     pub listener_tls: Option<ListenerTls>,
     /// JWT verification before the filter; `None`: none.
     pub jwt: Option<JwtProvider>,
+    /// The collector's write token, sent with Envoy's access-log stream;
+    /// `None`: a collector that takes every write.
+    pub collector_token: Option<String>,
 }
 
 /// The Envoy cluster of the quota service in every configuration Tollgate
@@ -270,6 +277,10 @@ pub fn bootstrap(gw: &Gateway, layout: &Layout) -> Result<String> {
         ("quota_cluster", quota_cluster(&gw.quota)?),
         ("listener_tls", listener_tls(gw.listener_tls.as_ref())?),
         ("jwt_filter", jwt_filter(gw.jwt.as_ref())?),
+        (
+            "collector_auth",
+            collector_auth(gw.collector_token.as_deref()),
+        ),
     ];
     values.extend(failover);
     fill(BOOTSTRAP, &values)
@@ -299,6 +310,19 @@ fn listener_tls(tls: Option<&ListenerTls>) -> Result<String> {
             ("client_validation", validation),
         ],
     )
+}
+
+/// The access logger's `authorization` metadata for the collector's write
+/// token, or nothing. (Envoy sends `initial_metadata` with the stream;
+/// there is no secret reference for it, so the token sits in the
+/// bootstrap, which only this state directory's owner reads.)
+fn collector_auth(token: Option<&str>) -> String {
+    token.map_or_else(String::new, |t| {
+        format!(
+            "                  initial_metadata: [{{ key: authorization, value: {} }}]",
+            q(&format!("Bearer {t}"))
+        )
+    })
 }
 
 /// The `jwt_authn` filter, or nothing.
@@ -435,6 +459,7 @@ mod tests {
             quota: Vec::new(),
             listener_tls: None,
             jwt: None,
+            collector_token: None,
         }
     }
 
@@ -493,6 +518,18 @@ mod tests {
     #[test]
     fn listener_mtls_and_jwt_authn_render_only_when_asked() {
         let plain = rendered_bootstrap();
+        assert!(!plain.contains("initial_metadata"), "no token, no metadata");
+        let with_token = bootstrap(
+            &Gateway {
+                collector_token: Some("t0k3n".into()),
+                ..test_gateway()
+            },
+            &layout(),
+        )
+        .unwrap();
+        assert!(with_token.contains(
+            "envoy_grpc: { cluster_name: tollgate_collector }\n                  initial_metadata: [{ key: authorization, value: \"Bearer t0k3n\" }]"
+        ));
         assert!(!plain.contains("DownstreamTlsContext"));
         assert!(!plain.contains("jwt_authn"));
         let b = bootstrap(
