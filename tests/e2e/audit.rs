@@ -364,21 +364,11 @@ fn dashboard_shows_the_real_figures_in_a_browser() {
     let profile = tempfile::tempdir().unwrap();
     let flags = |extra: &[&str]| {
         let mut c = Command::new(&chromium);
-        c.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=5000",
-            "--window-size=1280,1100",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(extra)
-        .arg(&url);
+        c.args(tollgate_e2e::cdp::HEADLESS)
+            .args(["--virtual-time-budget=5000", "--window-size=1280,1100"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg(&url);
         c
     };
     let dom = flags(&["--dump-dom"])

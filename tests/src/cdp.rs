@@ -36,6 +36,19 @@ fn pipe() -> (OwnedFd, OwnedFd) {
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
 
+/// Chromium without a window, a sandbox (root in CI) or anything that
+/// reaches the network on its own: what every browser test starts with.
+pub const HEADLESS: [&str; 8] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+];
+
 impl Browser {
     /// Starts headless Chromium with one page (a tab) attached.
     pub fn start() -> Browser {
@@ -44,23 +57,13 @@ impl Browser {
         let (out_read, out_write) = pipe();
         let profile = tempfile::tempdir().unwrap();
         let mut c = Command::new(chromium());
-        c.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            "--remote-debugging-pipe",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("about:blank")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        c.args(HEADLESS)
+            .args(["--hide-scrollbars", "--remote-debugging-pipe"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         let (r, w) = (cmd_read.as_raw_fd(), out_write.as_raw_fd());
         // SAFETY: only async-signal-safe calls between fork and exec. The
         // ends are first copied above 9 so that placing them on 3 and 4

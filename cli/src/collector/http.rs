@@ -205,13 +205,7 @@ async fn metrics(State(app): State<App>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn query(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::collector::filter::tests::query;
 
     #[test]
     fn a_view_query_names_its_bucket_or_says_what_is_wrong() {
