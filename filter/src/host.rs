@@ -17,13 +17,48 @@ use tollgate_core::route::Provider;
 pub struct Hostcalls;
 
 impl Hostcalls {
+    /// The wall clock in ms. Inside [`one_instant`] it is read once and
+    /// the callback's phases share that instant.
     pub fn now(&self) -> u64 {
-        hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
+        let read = || {
+            hostcalls::get_current_time()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0)
+        };
+        INSTANT.with(|i| match i.get() {
+            Instant::Outside => read(),
+            Instant::Unread => {
+                let t = read();
+                i.set(Instant::Read(t));
+                t
+            }
+            Instant::Read(t) => t,
+        })
     }
+}
+
+#[derive(Clone, Copy)]
+enum Instant {
+    /// Not in a request callback: every read asks the host.
+    Outside,
+    Unread,
+    Read(u64),
+}
+
+thread_local! {
+    static INSTANT: std::cell::Cell<Instant> = const { std::cell::Cell::new(Instant::Outside) };
+}
+
+/// Runs one request callback with one clock read at most: a request's
+/// phases ask for the time several times (admission, audit, headers), and
+/// each read is a host call; microseconds apart, they are one instant.
+pub fn one_instant<T>(f: impl FnOnce() -> T) -> T {
+    INSTANT.with(|i| i.set(Instant::Unread));
+    let out = f();
+    INSTANT.with(|i| i.set(Instant::Outside));
+    out
 }
 
 fn log_status(what: &str, result: Result<(), Status>) {

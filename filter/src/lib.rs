@@ -212,12 +212,12 @@ impl Http {
     /// Runs one callback on the flow; a request the flow holds joins the
     /// worker's queue.
     fn run(&mut self, f: impl FnOnce(&mut RequestFlow) -> Decision) -> Option<Decision> {
-        let decision = {
+        let decision = host::one_instant(|| {
             let mut slot = self.flow.try_borrow_mut().ok()?;
             let flow = slot.as_mut()?;
             let decision = f(flow);
-            (decision, flow.held().is_some())
-        };
+            Some((decision, flow.held().is_some()))
+        })?;
         if decision.1 {
             held::enqueue(self.id, &self.flow);
         }
@@ -309,7 +309,7 @@ impl HttpContext for Http {
     fn on_log(&mut self) {
         if let Ok(mut slot) = self.flow.try_borrow_mut() {
             if let Some(flow) = slot.as_mut() {
-                flow.on_end(&mut Hostcalls);
+                host::one_instant(|| flow.on_end(&mut Hostcalls));
             }
         }
     }
