@@ -107,60 +107,58 @@ pub struct RawSessionPool {
     pub max_tracked: Option<MaxTracked>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawKey {
-    pub id: Text,
-    /// The current secret's hash.
-    pub key_sha256: Sha256,
-    /// Earlier secrets still honoured through a rotation's grace period.
-    #[serde(default)]
-    pub previous: Vec<Obj<RawPreviousSecret>>,
-    pub user: Option<Text>,
-    pub team: Option<Text>,
-    pub project: Option<Text>,
-    pub app: Option<Text>,
-    pub agent: Option<Text>,
-    pub environment: Option<Text>,
-    pub cost_center: Option<Text>,
-    #[serde(default)]
-    pub groups: Vec<Text>,
-    #[serde(default)]
-    pub limits: Limits,
-    pub expires_at: Option<Time>,
-    #[serde(default)]
-    pub revoked: bool,
-    pub priority: Option<Priority>,
+/// A caller's struct: its own fields, then the ones every caller has, in
+/// that order (the order unknown-field errors list them in). A macro, not
+/// a flattened struct: serde's `flatten` does not combine with
+/// `deny_unknown_fields`, which gives the precise unknown-field errors.
+macro_rules! caller {
+    ($(#[$meta:meta])* $name:ident { $($(#[$fmeta:meta])* $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: $ty,)*
+            pub user: Option<Text>,
+            pub team: Option<Text>,
+            pub project: Option<Text>,
+            pub app: Option<Text>,
+            pub agent: Option<Text>,
+            pub environment: Option<Text>,
+            pub cost_center: Option<Text>,
+            #[serde(default)]
+            pub groups: Vec<Text>,
+            #[serde(default)]
+            pub limits: Limits,
+            pub expires_at: Option<Time>,
+            #[serde(default)]
+            pub revoked: bool,
+            pub priority: Option<Priority>,
+        }
+    };
 }
 
-/// A caller the mesh identifies instead of a virtual key (`identities[]`):
-/// the mTLS peer's SPIFFE ID, or claims of a JWT Envoy's `jwt_authn`
-/// verified. Exactly one of `spiffe` and `jwt` (checked across fields in
-/// `compile`); every other field is a key's.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawIdentity {
-    pub id: Text,
-    pub spiffe: Option<SpiffePattern>,
-    /// Claim name to the pattern its value (or one element of a list
-    /// claim) must match; every named claim must match.
-    pub jwt: Option<BTreeMap<Text, ClaimPattern>>,
-    pub user: Option<Text>,
-    pub team: Option<Text>,
-    pub project: Option<Text>,
-    pub app: Option<Text>,
-    pub agent: Option<Text>,
-    pub environment: Option<Text>,
-    pub cost_center: Option<Text>,
+caller!(RawKey {
+    id: Text,
+    /// The current secret's hash.
+    key_sha256: Sha256,
+    /// Earlier secrets still honoured through a rotation's grace period.
     #[serde(default)]
-    pub groups: Vec<Text>,
-    #[serde(default)]
-    pub limits: Limits,
-    pub expires_at: Option<Time>,
-    #[serde(default)]
-    pub revoked: bool,
-    pub priority: Option<Priority>,
-}
+    previous: Vec<Obj<RawPreviousSecret>>,
+});
+
+caller!(
+    /// A caller the mesh identifies instead of a virtual key (`identities[]`):
+    /// the mTLS peer's SPIFFE ID, or claims of a JWT Envoy's `jwt_authn`
+    /// verified. Exactly one of `spiffe` and `jwt` (checked across fields in
+    /// `compile`); every other field is a key's.
+    RawIdentity {
+        id: Text,
+        spiffe: Option<SpiffePattern>,
+        /// Claim name to the pattern its value (or one element of a list
+        /// claim) must match; every named claim must match.
+        jwt: Option<BTreeMap<Text, ClaimPattern>>,
+    }
+);
 
 /// What keys and identities share: who the caller is and what it may use.
 /// Compiling builds both kinds of caller from this one view.

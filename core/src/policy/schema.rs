@@ -318,7 +318,37 @@ static PROVIDER_POOL: Ty = Ty::Object(&[
     ),
 ]);
 
-static KEY: Ty = Ty::Object(&[
+/// A caller of the policy (a key, an identity): its own fields, then the
+/// ones every caller has, in that order (the order unknown-field errors
+/// list them in). `$what` names the caller in the shared fields' docs.
+macro_rules! caller {
+    ($what:literal, $priority:literal, [$($own:expr),* $(,)?]) => {
+        Ty::Object(&[
+            $($own,)*
+            field("user", &TEXT, "User identity (also the pool user:<value>)."),
+            field("team", &TEXT, "Team (pool team:<value>)."),
+            field("project", &TEXT, "Project (pool project:<value>)."),
+            field("app", &TEXT, "Application (pool app:<value>)."),
+            field("agent", &TEXT, "Agent (pool agent:<value>)."),
+            field("environment", &TEXT, "Environment, for audit."),
+            field("cost_center", &TEXT, "Cost center, for audit."),
+            field("groups", &TEXT_LIST, "Groups (defined under \"groups\")."),
+            field("limits", &LIMITS, concat!("This ", $what, "'s own limits.")),
+            field(
+                "expires_at",
+                &Ty::Leaf(Leaf::Rfc3339),
+                concat!("RFC 3339 time after which the ", $what, " is refused."),
+            ),
+            field("revoked", &BOOL, concat!("Refuse this ", $what, ".")),
+            field("priority", &Ty::Leaf(Leaf::Priority), $priority),
+        ])
+    };
+}
+
+static KEY: Ty = caller!(
+    "key",
+    "This key's priority: batch, normal (default), interactive, or 0-100; reserved headroom is kept for higher priorities.",
+    [
     required(
         "id",
         &TEXT,
@@ -334,27 +364,8 @@ static KEY: Ty = Ty::Object(&[
         &Ty::Array(&PREVIOUS_SECRET),
         "Earlier secrets of this key, each refused from its not_after (tollgate key rotate keeps the old one through a grace period); audit records carry the one id.",
     ),
-    field("user", &TEXT, "User identity (also the pool user:<value>)."),
-    field("team", &TEXT, "Team (pool team:<value>)."),
-    field("project", &TEXT, "Project (pool project:<value>)."),
-    field("app", &TEXT, "Application (pool app:<value>)."),
-    field("agent", &TEXT, "Agent (pool agent:<value>)."),
-    field("environment", &TEXT, "Environment, for audit."),
-    field("cost_center", &TEXT, "Cost center, for audit."),
-    field("groups", &TEXT_LIST, "Groups (defined under \"groups\")."),
-    field("limits", &LIMITS, "This key's own limits."),
-    field(
-        "expires_at",
-        &Ty::Leaf(Leaf::Rfc3339),
-        "RFC 3339 time after which the key is refused.",
-    ),
-    field("revoked", &BOOL, "Refuse this key."),
-    field(
-        "priority",
-        &Ty::Leaf(Leaf::Priority),
-        "This key's priority: batch, normal (default), interactive, or 0-100; reserved headroom is kept for higher priorities.",
-    ),
-]);
+    ]
+);
 
 static PREVIOUS_SECRET: Ty = Ty::Object(&[
     required(
@@ -388,7 +399,10 @@ static SESSION_POOL: Ty = Ty::Object(&[
 ]);
 
 /// The fields an identity shares with a key, after its matcher.
-static IDENTITY: Ty = Ty::Object(&[
+static IDENTITY: Ty = caller!(
+    "identity",
+    "This identity's priority: batch, normal (default), interactive, or 0-100.",
+    [
     required(
         "id",
         &TEXT,
@@ -407,27 +421,8 @@ static IDENTITY: Ty = Ty::Object(&[
         },
         "Claims of a JWT verified by Envoy's jwt_authn (payload_in_metadata), each exact or a glob; a list claim matches when one element does; every claim named must match: {\"iss\": \"https://idp.example.com\", \"groups\": \"finops\"}.",
     ),
-    field("user", &TEXT, "User identity (also the pool user:<value>)."),
-    field("team", &TEXT, "Team (pool team:<value>)."),
-    field("project", &TEXT, "Project (pool project:<value>)."),
-    field("app", &TEXT, "Application (pool app:<value>)."),
-    field("agent", &TEXT, "Agent (pool agent:<value>)."),
-    field("environment", &TEXT, "Environment, for audit."),
-    field("cost_center", &TEXT, "Cost center, for audit."),
-    field("groups", &TEXT_LIST, "Groups (defined under \"groups\")."),
-    field("limits", &LIMITS, "This identity's own limits."),
-    field(
-        "expires_at",
-        &Ty::Leaf(Leaf::Rfc3339),
-        "RFC 3339 time after which the identity is refused.",
-    ),
-    field("revoked", &BOOL, "Refuse this identity."),
-    field(
-        "priority",
-        &Ty::Leaf(Leaf::Priority),
-        "This identity's priority: batch, normal (default), interactive, or 0-100.",
-    ),
-]);
+    ]
+);
 
 static SETTINGS: Ty = Ty::Object(&[
     field(
