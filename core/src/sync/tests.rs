@@ -644,3 +644,46 @@ fn a_shadow_limit_redis_refuses_is_audited_and_left_out_of_the_next_admission() 
     assert_eq!(rec.would_deny, ["key:k:requests_per_minute"]);
     assert_eq!(rec.reason, crate::audit::Reason::Ok);
 }
+
+#[test]
+fn a_key_used_once_stops_syncing_once_its_lease_is_gone() {
+    // Found by make bench-scale: 20,000 keys used once each went on
+    // syncing, forever (a zero grant still carries an expiry, which looked
+    // like a lease to renew): 7.7 Redis calls per later request.
+    let store = MemStore::new();
+    let p = policy(r#"{"output_tokens_per_minute": 100000}"#);
+    let (mut f, mut h) = admitted_by_redis(&p, &store, "once");
+    respond(&mut f, &mut h, 100);
+    let mut root = FakeRoot::new(store.clone(), NOW);
+    let mut leader = Leader::new("vm-1".into(), opts());
+    let mut at = NOW;
+    // Each Sync answered as Redis would: the lease asked for (while the
+    // demand decays to nothing), and an expiry even when that is none.
+    let answer_last = |leader: &mut Leader, root: &mut FakeRoot, at: u64, seen: usize| {
+        let all = syncs(root);
+        if all.len() > seen {
+            let (token, sync) = all.last().cloned().unwrap();
+            let lease = sync.buckets.first().map_or(0, |b| b.want);
+            let (_, answer) = grant_all(&sync.encode_to_vec(), lease, at);
+            leader.on_response(root, &p, token, Some(&answer));
+        }
+    };
+    for _ in 0..30 {
+        at += 100;
+        root.now_ms = at;
+        let seen = syncs(&root).len();
+        leader.tick(&mut root);
+        answer_last(&mut leader, &mut root, at, seen);
+    }
+    let total = syncs(&root).len();
+    assert!(total >= 1, "the request was reported");
+    // Three seconds after the request: idle, nothing more to tell Redis.
+    for _ in 0..20 {
+        at += 100;
+        root.now_ms = at;
+        let seen = syncs(&root).len();
+        leader.tick(&mut root);
+        answer_last(&mut leader, &mut root, at, seen);
+    }
+    assert_eq!(syncs(&root).len(), total, "an idle key keeps syncing");
+}
