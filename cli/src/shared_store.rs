@@ -137,19 +137,10 @@ pub struct Reseeded {
 /// read counts what it was charged: its reservation.
 fn audited_use(r: &AuditRecord) -> (u64, f64) {
     let t = &r.tokens;
-    let classes = [
-        t.input,
-        t.output,
-        t.cache_write,
-        t.cache_write_1h,
-        t.cache_read,
-    ];
-    let tokens = if classes.iter().any(Option::is_some) {
-        classes.iter().flatten().sum()
-    } else if r.decision == Outcome::Allowed {
-        t.input_estimated + t.output_reserved
-    } else {
-        0
+    let tokens = match t.counted() {
+        Some(n) => n,
+        None if r.decision == Outcome::Allowed => t.input_estimated + t.output_reserved,
+        None => 0,
     };
     (tokens, r.cost_usd.unwrap_or(0.0))
 }

@@ -174,6 +174,25 @@ pub struct Tokens {
     pub output_source: Option<TokenSource>,
 }
 
+impl Tokens {
+    /// Every token class the record carries, summed (what a daily token
+    /// quota counts, cache reads and writes included); `None` when it
+    /// carries none (a denial, or a request that ended before its usage).
+    pub fn counted(&self) -> Option<u64> {
+        let classes = [
+            self.input,
+            self.output,
+            self.cache_write,
+            self.cache_write_1h,
+            self.cache_read,
+        ];
+        classes
+            .iter()
+            .any(Option::is_some)
+            .then(|| classes.iter().flatten().sum())
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
     pub schema: u32,

@@ -328,19 +328,8 @@ fn identity(r: &AuditRecord) -> IdentityUsage {
 /// What a record was charged: every token of every class (as daily token
 /// quotas count them) and its cost.
 fn charged(r: &AuditRecord) -> Used {
-    let t = &r.tokens;
-    let tokens = [
-        t.input,
-        t.output,
-        t.cache_write,
-        t.cache_write_1h,
-        t.cache_read,
-    ]
-    .iter()
-    .map(|n| n.unwrap_or(0))
-    .sum::<u64>();
     Used {
-        tokens: tokens as f64,
+        tokens: r.tokens.counted().unwrap_or(0) as f64,
         usd: r.cost_usd.unwrap_or(0.0),
     }
 }
