@@ -143,6 +143,31 @@ fn wait_for_sample(http: &str, sample: &str, value: &str) {
 /// A standalone `tollgate collector` on the gateway's store, stopped on drop.
 struct Collector(Child);
 
+impl Collector {
+    /// A `tollgate collector` on `db` watching `policy`'s alerts and
+    /// posting them to `webhook`.
+    fn start(
+        listen: &str,
+        http: &str,
+        db: &std::path::Path,
+        policy: &std::path::Path,
+        webhook: &str,
+    ) -> Collector {
+        Collector(
+            Command::new(tollgate_bin())
+                .args(["collector", "--listen", listen, "--http", http, "--db"])
+                .arg(db)
+                .arg("--policy")
+                .arg(policy)
+                .args(["--alert-webhook", webhook])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
 impl Drop for Collector {
     fn drop(&mut self) {
         unsafe {
@@ -246,24 +271,12 @@ fn a_daily_quota_sends_one_event_per_threshold_and_never_repeats_it() {
     // and a record it ingests itself (past 100%) adds no event either.
     let policy_path = gw.policy.clone();
     let http2 = free_addr();
-    let second = Collector(
-        Command::new(tollgate_bin())
-            .args([
-                "collector",
-                "--listen",
-                "127.0.0.1:0",
-                "--http",
-                &http2,
-                "--db",
-            ])
-            .arg(&gw.audit_db)
-            .arg("--policy")
-            .arg(&policy_path)
-            .args(["--alert-webhook", &webhook.url])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let second = Collector::start(
+        "127.0.0.1:0",
+        &http2,
+        &gw.audit_db,
+        &policy_path,
+        &webhook.url,
     );
     let http2 = format!("http://{http2}");
     wait_for_sample(&http2, gauge, &limit.to_string());
@@ -325,18 +338,7 @@ fn a_team_pool_crossing_50_and_80_percent_through_two_envoys_sends_two_events() 
     let (policy_path, db) = (dir.path().join("policy.json"), dir.path().join("audit.db"));
     std::fs::write(&policy_path, &policy_json).unwrap();
     let (grpc, http) = (free_addr(), free_addr());
-    let _collector = Collector(
-        Command::new(tollgate_bin())
-            .args(["collector", "--listen", &grpc, "--http", &http, "--db"])
-            .arg(&db)
-            .arg("--policy")
-            .arg(&policy_path)
-            .args(["--alert-webhook", &webhook.url])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _collector = Collector::start(&grpc, &http, &db, &policy_path, &webhook.url);
     let envoys: Vec<Gateway> = (0..2)
         .map(|_| {
             Gateway::start_with(
