@@ -469,8 +469,8 @@ mod tests {
         let (p, _) = tollgate_core::policy::compile(text.as_bytes(), "p.json", NOW).unwrap();
         for k in ["tg-a", &r.key] {
             assert_eq!(
-                p.lookup(&vkey::sha256(k.as_bytes())).map(|k| k.id.as_str()),
-                Some("a")
+                p.lookup(&vkey::sha256(k.as_bytes())).map(|k| k.id.clone()),
+                Some("a".to_string())
             );
         }
     }

@@ -23,6 +23,8 @@ mod clock;
 mod collector;
 /// The local gateway: Envoy's rendered configuration and its supervision.
 mod gateway;
+/// The key service: the policy's keys served to Envoy as a table.
+mod key_service;
 /// Keys as `key list` and `key show` print them.
 mod key_view;
 /// Minting virtual keys, adding their entries to a policy file, rotating and revoking them.

@@ -155,6 +155,7 @@ mod tests {
         let vm = VmOptions {
             hold_request_headers: false,
             shared: None,
+            keys: None,
         };
         let render = |policy: &str| istio(policy, "r/t:1", "ns", "app=gw", &vm).unwrap();
         let keyed = render(r#"{"version":1}"#);

@@ -1,6 +1,7 @@
 //! `tollgate_core::host::Host` over proxy-wasm hostcalls. Every host status
 //! is turned into a core value here; nothing unwraps.
 
+use crate::keys::KeysOptions;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 use std::time::Duration;
@@ -454,13 +455,25 @@ pub fn vm_options() -> (Vec<u8>, &'static str) {
     }
 }
 
+/// What the VM configuration says: the flow's options, the quota
+/// service's cluster (with `shared`), where the key table comes from (with
+/// `keys`).
+#[derive(Debug, Default)]
+pub struct VmOptions {
+    pub flow: FilterOptions,
+    pub quota_cluster: Option<String>,
+    pub keys: Option<KeysOptions>,
+}
+
 /// VM configuration: deployment options, not policy. Empty means defaults.
 /// `{"hold_request_headers": true, "shared": {"cluster": "tollgate_quota",
-/// "sync_period_ms": 100, "admit_timeout_ms": 1000}}`; with `shared`, every
-/// bucket is shared by the replicas through the quota service on `cluster`.
-pub fn parse_options(bytes: &[u8]) -> Result<(FilterOptions, Option<String>), String> {
+/// "sync_period_ms": 100, "admit_timeout_ms": 1000}, "keys": {"cluster":
+/// "tollgate_keys", "path": "/v1/keys"}}`; with `shared`, every bucket is
+/// shared by the replicas through the quota service on `cluster`; with
+/// `keys`, the policy's keys come from the key service on `cluster`.
+pub fn parse_options(bytes: &[u8]) -> Result<VmOptions, String> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok((FilterOptions::default(), None));
+        return Ok(VmOptions::default());
     }
     let v: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| format!("vm configuration: {e}"))?;
@@ -469,10 +482,10 @@ pub fn parse_options(bytes: &[u8]) -> Result<(FilterOptions, Option<String>), St
         .ok_or("vm configuration must be a JSON object")?;
     if let Some(name) = obj
         .keys()
-        .find(|k| !["hold_request_headers", "shared"].contains(&k.as_str()))
+        .find(|k| !["hold_request_headers", "shared", "keys"].contains(&k.as_str()))
     {
         return Err(format!(
-            "vm configuration: unknown field {name:?} (known: hold_request_headers, shared)"
+            "vm configuration: unknown field {name:?} (known: hold_request_headers, shared, keys)"
         ));
     }
     let hold = match obj.get("hold_request_headers") {
@@ -519,13 +532,46 @@ pub fn parse_options(bytes: &[u8]) -> Result<(FilterOptions, Option<String>), St
             )
         }
     };
-    Ok((
-        FilterOptions {
+    Ok(VmOptions {
+        flow: FilterOptions {
             hold_request_headers: hold,
             shared,
         },
-        cluster,
-    ))
+        quota_cluster: cluster,
+        keys: obj.get("keys").map(keys_options).transpose()?,
+    })
+}
+
+fn keys_options(v: &serde_json::Value) -> Result<KeysOptions, String> {
+    let k = v
+        .as_object()
+        .ok_or("vm configuration: keys must be an object")?;
+    if let Some(name) = k
+        .keys()
+        .find(|n| !["cluster", "path"].contains(&n.as_str()))
+    {
+        return Err(format!(
+            "vm configuration: keys: unknown field {name:?} (known: cluster, path)"
+        ));
+    }
+    let text = |name: &str, default: &str| match k.get(name) {
+        None => Ok(default.to_string()),
+        Some(c) => c
+            .as_str()
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .ok_or(format!(
+                "vm configuration: keys.{name} must be a non-empty string"
+            )),
+    };
+    let path = text("path", "/v1/keys")?;
+    if !path.starts_with('/') {
+        return Err("vm configuration: keys.path must start with /".to_string());
+    }
+    Ok(KeysOptions {
+        cluster: text("cluster", "tollgate_keys")?,
+        path,
+    })
 }
 
 /// The answer when no valid policy was ever loaded: fail closed.

@@ -6,6 +6,7 @@
 
 mod held;
 mod host;
+mod keys;
 
 use held::SharedFlow;
 use host::Hostcalls;
@@ -13,9 +14,10 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::Arc;
 use tollgate_core::flow::{FilterOptions, RequestFlow};
 use tollgate_core::host::Decision;
-use tollgate_core::policy::{self, Policy};
+use tollgate_core::policy::{self, Policy, TableState};
 use tollgate_core::sync::Leader;
 
 proxy_wasm::main! {{
@@ -37,6 +39,11 @@ proxy_wasm::main! {{
 /// second is seen within a tenth of it.
 const HELD_TICK_MS: u64 = 50;
 
+/// How often a VM looks whether the key table moved on (ms): one
+/// shared-data read, so that a revocation applies within this of Envoy
+/// having it.
+const KEYS_TICK_MS: u64 = 100;
+
 /// The longest Envoy's counters lag behind the requests that moved them
 /// (ms): stats are handed over from the timer, not from each request.
 pub const STATS_FLUSH_MS: u64 = 1000;
@@ -48,6 +55,43 @@ struct Root {
     options: FilterOptions,
     /// With a shared store: this VM's side of the sync leadership.
     leader: Option<Leader>,
+    /// With a key service: this VM's side of fetching the key table.
+    keys: Option<keys::Fetcher>,
+    /// The timer's period now (ms): the shortest any feature asked for.
+    tick_ms: u64,
+}
+
+impl Root {
+    /// Shortens the timer to `ms` if it is longer; false if the host
+    /// refused.
+    fn tick_at_most(&mut self, ms: u64, what: &str) -> bool {
+        if self.tick_ms != 0 && self.tick_ms <= ms {
+            return true;
+        }
+        if let Err(e) = proxy_wasm::hostcalls::set_tick_period(std::time::Duration::from_millis(ms))
+        {
+            log::error!("cannot start the timer of {what}: {e:?}");
+            return false;
+        }
+        self.tick_ms = ms;
+        true
+    }
+
+    /// The key table moved on: new requests use a fresh view of it.
+    fn renew_key_view(&mut self) {
+        let Some(state) = TableState::read(&Hostcalls) else {
+            return;
+        };
+        let Some(policy) = &self.policy else { return };
+        let Some(table) = policy.key_table() else {
+            return;
+        };
+        if table.state() != Some(state) {
+            if let Some(renewed) = policy.with_table_state(state) {
+                self.policy = Some(Rc::new(renewed));
+            }
+        }
+    }
 }
 
 impl Context for Root {
@@ -59,15 +103,25 @@ impl Context for Root {
         body_size: usize,
         num_trailers: usize,
     ) {
+        if let Some(fetcher) = self.keys.as_mut().filter(|f| f.owns(token_id)) {
+            if fetcher.on_response(num_headers, body_size) {
+                self.renew_key_view();
+            }
+            return;
+        }
         let response = host::grpc_response(num_headers, body_size, num_trailers);
         if let (Some(leader), Some(policy)) = (&mut self.leader, &self.policy) {
             leader.on_response(&mut Hostcalls, policy, token_id, response.as_deref());
         }
     }
 
-    /// The VM is stopping: counts not yet flushed are handed over.
+    /// The VM is stopping: counts not yet flushed are handed over, and the
+    /// key table's fetching to another VM.
     fn on_done(&mut self) -> bool {
         host::flush_stats();
+        if let Some(fetcher) = &mut self.keys {
+            fetcher.release();
+        }
         true
     }
 }
@@ -84,28 +138,36 @@ fn vm_id() -> String {
 impl RootContext for Root {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
         let (bytes, source) = host::vm_options();
-        let (options, cluster) = match host::parse_options(&bytes) {
+        let vm = match host::parse_options(&bytes) {
             Ok(parsed) => parsed,
             Err(e) => {
                 log::error!("invalid VM options in {source}: {e}");
                 return false;
             }
         };
+        let options = vm.flow;
         self.options = options;
         // The timer flushes the stats the requests counted
-        // (`host::flush_stats`); a shared store or held requests shorten it.
-        if let Err(e) =
-            proxy_wasm::hostcalls::set_tick_period(std::time::Duration::from_millis(STATS_FLUSH_MS))
-        {
-            log::error!("cannot start the stats timer: {e:?}");
+        // (`host::flush_stats`); a shared store, a key table or held
+        // requests shorten it.
+        if !self.tick_at_most(STATS_FLUSH_MS, "stats") {
             return false;
         }
-        if let (Some(shared), Some(cluster)) = (options.shared, cluster) {
+        if let Some(keys) = vm.keys {
+            log::info!(
+                "keys from the key service on cluster {} ({}), VM options from {source}",
+                keys.cluster,
+                keys.path
+            );
+            self.keys = Some(keys::Fetcher::new(keys, vm_id()));
+            if !self.tick_at_most(KEYS_TICK_MS, "the key table") {
+                return false;
+            }
+        }
+        if let (Some(shared), Some(cluster)) = (options.shared, vm.quota_cluster) {
             host::init_shared(&cluster);
             self.leader = Some(Leader::new(vm_id(), shared));
-            let period = std::time::Duration::from_millis(shared.sync_period_ms);
-            if let Err(e) = proxy_wasm::hostcalls::set_tick_period(period) {
-                log::error!("cannot start the sync timer: {e:?}");
+            if !self.tick_at_most(shared.sync_period_ms, "sync") {
                 return false;
             }
             log::info!(
@@ -135,31 +197,40 @@ impl RootContext for Root {
         let result = policy::compile(&bytes, "<plugin configuration>", now);
         let took_ms = Hostcalls.now().saturating_sub(now);
         match result {
-            Ok((policy, report)) => {
+            Ok((mut policy, report)) => {
+                if self.keys.is_some() {
+                    // The keys come from the table: they are compiled
+                    // against this document's groups, defaults and pools.
+                    let Some(base) = policy::base_of(&bytes) else {
+                        log::error!(
+                            "policy rejected: it does not parse again as the key table's base"
+                        );
+                        return false;
+                    };
+                    policy.use_key_table(Arc::new(base), TableState::read(&Hostcalls));
+                }
                 for w in &report.warnings {
                     log::warn!("policy warning: {w}");
                 }
                 log::info!(
-                    "policy loaded: {} keys, {} identities, {} pools, {} provider pools, {} bytes, compiled in {took_ms} ms",
-                    policy.keys().len(),
+                    "policy loaded: {}, {} identities, {} pools, {} provider pools, {} bytes, compiled in {took_ms} ms",
+                    if self.keys.is_some() {
+                        "keys from the key table".to_string()
+                    } else {
+                        format!("{} keys", policy.keys().len())
+                    },
                     policy.identities().len(),
                     policy.pools.len(),
                     policy.provider_pools.len(),
                     bytes.len()
                 );
-                if policy.holds_requests() {
-                    // Held requests are retried from the timer; the sync
-                    // leader keeps its own period on top of it.
-                    let period = self
-                        .options
-                        .shared
-                        .map_or(HELD_TICK_MS, |s| s.sync_period_ms.min(HELD_TICK_MS));
-                    if let Err(e) = proxy_wasm::hostcalls::set_tick_period(
-                        std::time::Duration::from_millis(period),
-                    ) {
-                        log::error!("cannot start the timer of held requests: {e:?}");
-                        return false;
-                    }
+                // Held requests are retried from the timer. With a key
+                // table, any key may hold requests: the table's keys are
+                // only known when used.
+                if (policy.holds_requests() || self.keys.is_some())
+                    && !self.tick_at_most(HELD_TICK_MS, "held requests")
+                {
+                    return false;
                 }
                 self.policy = Some(Rc::new(policy));
                 true
@@ -193,6 +264,10 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         if let Some(leader) = &mut self.leader {
             leader.tick(&mut Hostcalls);
+        }
+        if let Some(fetcher) = &mut self.keys {
+            fetcher.poll();
+            self.renew_key_view();
         }
         held::tick(self.id, |d| {
             act(d);

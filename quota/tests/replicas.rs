@@ -354,7 +354,7 @@ impl Sim {
             w.name, w.name
         );
         let policy = w.policy();
-        let buckets = meter::buckets_for(&policy, policy.key(0).unwrap(), None);
+        let buckets = meter::buckets_for(&policy, &policy.key(0).unwrap(), None);
         let input_estimate =
             tollgate_core::usage::inspect_request(Route::AnthropicMessages, body(100).as_bytes())
                 .unwrap()

@@ -112,6 +112,7 @@ pub fn run(args: PolicyArgs) -> Result<()> {
                     cluster,
                     sync_period_ms,
                 }),
+                keys: None,
             };
             let text = match format {
                 RenderFormat::Ecds => {

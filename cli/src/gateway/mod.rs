@@ -21,6 +21,7 @@ use crate::audit_log::{self, Rotation};
 use crate::audit_service;
 use crate::collector::auth::WriteToken;
 use crate::collector::store::AuditStore;
+use crate::key_service::{self, KeyTable};
 use crate::shared_store::{self, Redis, RedisAt};
 use crate::shutdown::Stop;
 use crate::{atomic_file, policy_file};
@@ -173,6 +174,8 @@ pub struct Running {
     /// Stops the in-process collector, quota service and mock provider.
     stop: Stop,
     collector: Option<JoinHandle<Result<()>>>,
+    /// The key service Envoy fetches the key table from.
+    keys_task: Option<JoinHandle<Result<()>>>,
     quota: Option<QuotaRunning>,
     rotation: Rotation,
     /// When the audit file log was renamed and Envoy has not reopened it
@@ -232,15 +235,25 @@ pub async fn start(
         write_token: token.as_deref().map(WriteToken::new).unwrap_or_default(),
     };
     let collector = start_collector(collector, &layout, upkeep, &stop).await?;
+    // The keys travel as a table from this process, not in Envoy's
+    // filter configuration (`docs/keys-at-scale.md`).
+    let keys = KeyTable::new(&serde_json::from_str(&policy.json)?);
+    let (keys_at, keys_task) =
+        key_service::serve(keys.clone(), KEYS_LISTEN.into(), stop.stopped()).await?;
     let (quota_at, quota) = start_quota(opts.shared.as_ref(), &layout, &stop).await?;
     let providers = start_providers(providers, &stop).await?;
     let (listen, admin) = (free_port(opts.listen)?, free_port(opts.admin)?);
     let gateway = Gateway {
         collector_token: token,
+        keys: Some(keys_at),
         ..gateway(&opts, listen, admin, &collector.addr, &providers, &quota_at)
     };
-    let vm = vm_options(&opts);
-    write_config(&layout, &policy.json, &wasm, &vm, &gateway, &providers)?;
+    let vm = VmOptions {
+        keys: Some(render::KEYS_CLUSTER.to_string()),
+        ..vm_options(&opts)
+    };
+    let configured = reload::configured(&policy.json, true)?;
+    write_config(&layout, &configured, &wasm, &vm, &gateway, &providers)?;
 
     let binary = envoy::binary(envoy_opts.binary);
     let mut child = envoy::spawn(
@@ -249,7 +262,12 @@ pub async fn start(
         envoy_opts.concurrency,
         &envoy_opts.log_level,
     )?;
-    if let Err(e) = envoy::wait_ready(&mut child, admin, listen, &layout).await {
+    // Ready once Envoy answers and has the key table.
+    let ready = async {
+        envoy::wait_ready(&mut child, admin, listen, &layout).await?;
+        keys.confirmed(KEYS_LOAD_TIMEOUT).await
+    };
+    if let Err(e) = ready.await {
         stop.stop();
         let _ = child.kill().await;
         return Err(e);
@@ -273,7 +291,15 @@ pub async fn start(
     write_ready(&summary, child.id())?;
     Ok(Running {
         summary,
-        watch: reload::PolicyWatch::new(&opts.policy, policy.json, &wasm, vm, &layout),
+        watch: reload::PolicyWatch::new(
+            &opts.policy,
+            &policy.json,
+            &wasm,
+            vm,
+            &layout,
+            Some(keys),
+        )?,
+        keys_task: Some(keys_task),
         envoy: child,
         stop,
         collector: collector.task,
@@ -290,8 +316,16 @@ fn vm_options(opts: &Options) -> VmOptions {
             cluster: render::QUOTA_CLUSTER.to_string(),
             sync_period_ms: s.sync_period_ms,
         }),
+        keys: None,
     }
 }
+
+/// How long `tollgate run` waits for Envoy to load the key table once it
+/// answers: a 100,000-key table loads in well under a second.
+const KEYS_LOAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The key service listens where only this host's Envoy reaches it.
+const KEYS_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 0);
 
 /// The quota service's replicas as Envoy addresses them, starting Redis
 /// (embedded) and the service in this process when asked.
@@ -339,6 +373,14 @@ impl Running {
                 Ok(Ok(Err(e))) => eprintln!("collector: {e:#}"),
                 Ok(Err(e)) => eprintln!("collector task: {e}"),
                 Err(_) => eprintln!("collector did not flush within 10s"),
+            }
+        }
+        if let Some(task) = self.keys_task.take() {
+            match tokio::time::timeout(Duration::from_secs(5), task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => eprintln!("key service: {e:#}"),
+                Ok(Err(e)) => eprintln!("key service task: {e}"),
+                Err(_) => eprintln!("key service did not stop within 5s"),
             }
         }
         if let Some(quota) = self.quota.take() {
@@ -637,6 +679,7 @@ fn gateway(
         listener_tls: opts.listener_tls.clone(),
         jwt: opts.jwt.clone(),
         collector_token: opts.collector_token.clone(),
+        keys: None,
     }
 }
 

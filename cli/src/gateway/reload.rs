@@ -3,14 +3,19 @@
 //! the refresh of `tollgate run`) are polled, a valid edit of any of them is
 //! rendered into the ECDS file Envoy watches (Envoy then swaps the filter
 //! configuration for new requests, no restart), and an invalid one is
-//! reported and ignored, so the previous policy stays live.
+//! reported and ignored, so the previous policy stays live. With a key
+//! service, the ECDS file carries the policy without its keys and changes
+//! only when something else does; the keys go to the key table
+//! ([`crate::key_service`]), which sends Envoy only the keys that changed.
 
 use super::render::{self, Layout};
+use crate::key_service::KeyTable;
 use crate::output::status;
 use crate::{atomic_file, policy_file};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tollgate_core::policy::table;
 
 /// How often the policy file is read. Polling, not inotify: editors replace
 /// files by rename and Kubernetes swaps ConfigMap symlinks, which file
@@ -22,32 +27,48 @@ pub struct PolicyWatch {
     wasm: PathBuf,
     vm: render::VmOptions,
     layout: Layout,
-    /// The compact policy Envoy has now.
+    /// With a key service: the table it serves, which takes every edit's
+    /// keys; the ECDS file then carries the policy without them.
+    keys: Option<KeyTable>,
+    /// The compact policy Envoy's filter configuration has now.
     live: String,
     /// The files' bytes when last read, to skip unchanged reads cheaply.
     last_seen: policy_file::Sources,
 }
 
+/// What the filter configuration carries of a policy: all of it, or with a
+/// key service, all but its keys.
+pub fn configured(json: &str, keys: bool) -> Result<String> {
+    if !keys {
+        return Ok(json.to_string());
+    }
+    let doc: serde_json::Value = serde_json::from_str(json)?;
+    Ok(table::without_keys(&doc).to_string())
+}
+
 impl PolicyWatch {
-    /// Watches `path`, whose `live` JSON Envoy already has.
+    /// Watches `path`, whose compact JSON `json` Envoy already has (less its
+    /// keys, which `keys` serves, with a key service).
     pub fn new(
         path: &Path,
-        live: String,
+        json: &str,
         wasm: &Path,
         vm: render::VmOptions,
         layout: &Layout,
-    ) -> PolicyWatch {
-        PolicyWatch {
+        keys: Option<KeyTable>,
+    ) -> Result<PolicyWatch> {
+        Ok(PolicyWatch {
             path: path.to_path_buf(),
             wasm: wasm.to_path_buf(),
             vm,
             layout: layout.clone(),
-            live,
+            live: configured(json, keys.is_some())?,
+            keys,
             last_seen: policy_file::read(path),
-        }
+        })
     }
 
-    /// Reads the file once; renders it if it changed and is valid. Fails
+    /// Reads the file once; applies it if it changed and is valid. Fails
     /// only when the ECDS file cannot be written.
     pub fn poll(&mut self) -> Result<()> {
         let current = policy_file::read(&self.path);
@@ -58,26 +79,44 @@ impl PolicyWatch {
         let loaded = current.load();
         self.last_seen = current;
         match loaded {
-            Ok(p) if p.json != self.live => {
-                atomic_file::write(
-                    &self.layout.ecds(),
-                    &render::ecds(&p.json, &self.wasm, &self.vm)?,
-                    0o644,
-                )?;
-                self.live = p.json;
-                status(format_args!(
-                    "policy reloaded: {} ({} keys)",
-                    self.path.display(),
-                    p.keys
-                ));
-            }
-            Ok(_) => {}
+            Ok(p) => self.apply(&p.json, p.keys),
             Err(errors) => {
                 eprintln!("policy edit rejected; the previous policy stays live:");
                 for e in errors {
                     eprintln!("  error: {e}");
                 }
+                Ok(())
             }
+        }
+    }
+
+    /// A valid policy: the filter configuration first (a new group before
+    /// the keys that name it), then the key table, each only if it changed.
+    fn apply(&mut self, json: &str, keys: usize) -> Result<()> {
+        let configured = configured(json, self.keys.is_some())?;
+        let reconfigured = configured != self.live;
+        if reconfigured {
+            atomic_file::write(
+                &self.layout.ecds(),
+                &render::ecds(&configured, &self.wasm, &self.vm)?,
+                0o644,
+            )?;
+            self.live = configured;
+        }
+        let changed = match &self.keys {
+            Some(table) => table.update(&serde_json::from_str(json)?),
+            None => 0,
+        };
+        if reconfigured || changed > 0 {
+            let records = if self.keys.is_some() {
+                format!(", {changed} key records changed")
+            } else {
+                String::new()
+            };
+            status(format_args!(
+                "policy reloaded: {} ({keys} keys{records})",
+                self.path.display()
+            ));
         }
         Ok(())
     }
@@ -99,8 +138,10 @@ mod tests {
         let vm = render::VmOptions {
             hold_request_headers: true,
             shared: None,
+            keys: None,
         };
-        let mut watch = PolicyWatch::new(&policy, r#"{"version":1}"#.into(), wasm, vm, &layout);
+        let mut watch =
+            PolicyWatch::new(&policy, r#"{"version":1}"#, wasm, vm, &layout, None).unwrap();
         watch.poll().unwrap();
         assert!(!layout.ecds().exists(), "unchanged file: nothing written");
 
@@ -144,9 +185,11 @@ mod tests {
         let vm = render::VmOptions {
             hold_request_headers: true,
             shared: None,
+            keys: None,
         };
         let live = policy_file::load(&policy).unwrap().json;
-        let mut watch = PolicyWatch::new(&policy, live, Path::new("/x/t.wasm"), vm, &layout);
+        let mut watch =
+            PolicyWatch::new(&policy, &live, Path::new("/x/t.wasm"), vm, &layout, None).unwrap();
         watch.poll().unwrap();
         assert!(!layout.ecds().exists(), "nothing changed");
 

@@ -12,6 +12,7 @@ const TLS: &str = include_str!("../../../envoy/tls.yaml");
 const ECDS: &str = include_str!("../../../envoy/ecds.yaml");
 const SECRET: &str = include_str!("../../../envoy/secret.yaml");
 const QUOTA: &str = include_str!("../../../envoy/quota.yaml");
+const KEYS: &str = include_str!("../../../envoy/keys.yaml");
 const LISTENER_TLS: &str = include_str!("../../../envoy/listener-tls.yaml");
 const JWT: &str = include_str!("../../../envoy/jwt.yaml");
 
@@ -169,11 +170,16 @@ pub struct Gateway {
     /// The collector's write token, sent with Envoy's access-log stream;
     /// `None`: a collector that takes every write.
     pub collector_token: Option<String>,
+    /// The key service; `None`: the keys travel in the filter configuration.
+    pub keys: Option<std::net::SocketAddr>,
 }
 
 /// The Envoy cluster of the quota service in every configuration Tollgate
 /// ships (`envoy/quota.yaml`, the Istio and Envoy Gateway manifests).
 pub const QUOTA_CLUSTER: &str = "tollgate_quota";
+
+/// The Envoy cluster of the key service.
+pub const KEYS_CLUSTER: &str = "tollgate_keys";
 
 /// The filter's VM configuration: deployment options, not policy. It must
 /// stay byte-identical across policy reloads so Envoy keeps the VM (and
@@ -183,6 +189,8 @@ pub struct VmOptions {
     pub hold_request_headers: bool,
     /// Limits shared by every replica; `None`: this Envoy alone.
     pub shared: Option<SharedVm>,
+    /// Keys from the key service on this cluster; `None`: from the policy.
+    pub keys: Option<String>,
 }
 
 /// How the filter reaches the shared store.
@@ -202,6 +210,12 @@ impl VmOptions {
             obj.insert(
                 "shared".to_string(),
                 serde_json::json!({ "cluster": shared.cluster, "sync_period_ms": shared.sync_period_ms }),
+            );
+        }
+        if let (Some(cluster), Some(obj)) = (&self.keys, v.as_object_mut()) {
+            obj.insert(
+                "keys".to_string(),
+                serde_json::json!({ "cluster": cluster, "path": crate::key_service::PATH }),
             );
         }
         v.to_string()
@@ -275,6 +289,7 @@ pub fn bootstrap(gw: &Gateway, layout: &Layout) -> Result<String> {
         ("collector_port", gw.collector.1.to_string()),
         ("collector_dns_type", dns_type(&gw.collector.0)),
         ("quota_cluster", quota_cluster(&gw.quota)?),
+        ("keys_cluster", keys_cluster(gw.keys)?),
         ("listener_tls", listener_tls(gw.listener_tls.as_ref())?),
         ("jwt_filter", jwt_filter(gw.jwt.as_ref())?),
         (
@@ -381,6 +396,21 @@ fn quota_cluster(replicas: &[(String, u16)]) -> Result<String> {
     )
 }
 
+/// The `tollgate_keys` cluster, or nothing without a key service.
+fn keys_cluster(at: Option<std::net::SocketAddr>) -> Result<String> {
+    let Some(at) = at else {
+        return Ok(String::new());
+    };
+    fill(
+        KEYS,
+        &[
+            ("keys_cluster_name", KEYS_CLUSTER.to_string()),
+            ("keys_address", q(&at.ip().to_string())),
+            ("keys_port", at.port().to_string()),
+        ],
+    )
+}
+
 /// The ECDS resource: the wasm filter with the policy as its configuration.
 /// `policy_json` must already have passed `tollgate_core::policy::compile`.
 pub fn ecds(policy_json: &str, wasm: &Path, vm: &VmOptions) -> Result<String> {
@@ -460,6 +490,7 @@ mod tests {
             listener_tls: None,
             jwt: None,
             collector_token: None,
+            keys: None,
         }
     }
 
@@ -491,6 +522,7 @@ mod tests {
         let vm = VmOptions {
             hold_request_headers: true,
             shared: None,
+            keys: None,
         };
         let e = ecds(
             "{\"version\":1,\"keys\":[]}",
@@ -510,6 +542,29 @@ mod tests {
             }
             .json(),
             r#"{"hold_request_headers":true,"shared":{"cluster":"tollgate_quota","sync_period_ms":100}}"#
+        );
+        // A key service: its cluster, and the VM option naming it.
+        assert!(
+            !b.contains("tollgate_keys"),
+            "no key service, no keys cluster"
+        );
+        let keyed = bootstrap(
+            &Gateway {
+                keys: Some("127.0.0.1:9616".parse().unwrap()),
+                ..test_gateway()
+            },
+            &layout(),
+        )
+        .unwrap();
+        assert!(keyed.contains("- name: tollgate_keys"));
+        assert!(keyed.contains("socket_address: { address: \"127.0.0.1\", port_value: 9616 }"));
+        assert_eq!(
+            VmOptions {
+                keys: Some(KEYS_CLUSTER.into()),
+                ..vm.clone()
+            }
+            .json(),
+            r#"{"hold_request_headers":true,"keys":{"cluster":"tollgate_keys","path":"/v1/keys"}}"#
         );
         let s = secret("openai_api_key", "Bearer sk-\"quoted\"").unwrap();
         assert!(s.contains(r#"inline_string: "Bearer sk-\"quoted\"""#));

@@ -146,7 +146,7 @@ impl RequestFlow {
             }));
         }
         let price = policy.price(model);
-        if price.is_none() && meter::budget_applies(&policy, key) {
+        if price.is_none() && meter::budget_applies(&policy, &key) {
             return Some(Err(Refusal::UnpricedModel {
                 model: model.to_string(),
             }));

@@ -316,7 +316,10 @@ impl RequestFlow {
         // such whichever of its secrets is presented.
         let valid = |k: &Key| k.check_valid(now).and_then(|()| secret.check_valid(now));
         let mesh = self.audit.identified_by.is_some_and(|m| m != Method::Key);
-        let refusal = match policy.key(key).map(|k| (k, valid(k))) {
+        let refusal = match policy.key(key).map(|k| {
+            let v = valid(&k);
+            (k, v)
+        }) {
             Some((k, Err(KeyRefusal::Revoked))) if mesh => {
                 Some(Refusal::RevokedIdentity { id: k.id.clone() })
             }
@@ -342,7 +345,7 @@ impl RequestFlow {
                 Some(Refusal::UnknownRoute { path })
             }
             _ if end_of_stream && self.route.is_llm() => Some(Refusal::BodyRequired),
-            Some((key, Ok(()))) => self.model_not_listed(key),
+            Some((key, Ok(()))) => self.model_not_listed(&key),
             None => None,
         };
         self.phase = Phase::Authenticated { key };
@@ -384,10 +387,14 @@ impl RequestFlow {
             Presented::Missing => return self.identify_from_mesh(host, policy),
             Presented::Conflicting => return Err(Refusal::ConflictingKeys),
         };
-        let secret = policy.lookup_secret(&hash).ok_or(Refusal::UnknownKey)?;
+        let secret = match policy.resolve(host, &hash) {
+            Ok(Some(secret)) => secret,
+            Ok(None) => return Err(Refusal::UnknownKey),
+            Err(_) => return Err(Refusal::KeysUnavailable),
+        };
         let key = policy.key(secret.key).ok_or(Refusal::UnknownKey)?;
         self.key_sha256 = Some(hash);
-        self.fill_identity(key);
+        self.fill_identity(&key);
         self.audit.identified_by = Some(Method::Key);
         Ok(secret)
     }
@@ -407,7 +414,7 @@ impl RequestFlow {
             return Err(Refusal::UnknownIdentity { principal });
         };
         let caller = policy.key(found.caller).ok_or(Refusal::UnknownKey)?;
-        self.fill_identity(caller);
+        self.fill_identity(&caller);
         self.audit.identified_by = Some(found.method);
         self.audit.principal = Some(found.principal);
         Ok(Secret {
@@ -490,7 +497,7 @@ impl RequestFlow {
             return Ok(Demand::none());
         }
         let price = policy.price(&model);
-        if price.is_none() && meter::budget_applies(&policy, key) {
+        if price.is_none() && meter::budget_applies(&policy, &key) {
             return Err(Refusal::UnpricedModel { model });
         }
         let input = self.info.input_estimate;
@@ -560,8 +567,8 @@ impl RequestFlow {
         let Some(key) = self.key_index().and_then(|i| self.policy.key(i)) else {
             return Vec::new();
         };
-        let mut out = meter::buckets_for(&self.policy, key, self.info.model.as_deref());
-        out.extend(self.session_buckets(key));
+        let mut out = meter::buckets_for(&self.policy, &key, self.info.model.as_deref());
+        out.extend(self.session_buckets(&key));
         self.ladder.apply(out, self.options.shared.is_some())
     }
 

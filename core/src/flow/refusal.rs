@@ -80,6 +80,10 @@ pub enum Refusal {
     },
     /// No valid policy was ever loaded: fail closed.
     NoPolicy,
+    /// The policy takes its keys from a key service and this Envoy has not
+    /// loaded its table yet, or the key's record names a group its policy
+    /// does not have yet (the two travel apart): fail closed, retry soon.
+    KeysUnavailable,
     /// A limit would refuse and says `downgrade_to` a model this key may
     /// not call (a provider or session pool's limit: checked per request).
     DowngradeNotAllowed {
@@ -128,7 +132,7 @@ impl Refusal {
             Refusal::Limited { .. } => Reason::RateLimited,
             Refusal::Contention => Reason::StoreContention,
             Refusal::StoreUnavailable { .. } => Reason::QuotaStoreUnavailable,
-            Refusal::NoPolicy => Reason::NoPolicy,
+            Refusal::NoPolicy | Refusal::KeysUnavailable => Reason::NoPolicy,
         }
     }
 
@@ -136,8 +140,11 @@ impl Refusal {
     /// for a model hidden from the key's list: not found, as the provider
     /// says of a model that does not exist.
     pub fn kind(&self) -> ErrorKind {
-        if let Refusal::ModelNotListed { .. } = self {
-            return ErrorKind::NotFound;
+        match self {
+            Refusal::ModelNotListed { .. } => return ErrorKind::NotFound,
+            // A moment's wait cures it, unlike a policy never loaded.
+            Refusal::KeysUnavailable => return ErrorKind::Unavailable,
+            _ => {}
         }
         match self.reason() {
             Reason::MissingKey
@@ -240,6 +247,9 @@ impl Refusal {
                 bucket.label()
             ),
             Refusal::NoPolicy => "tollgate has no valid policy loaded".to_string(),
+            Refusal::KeysUnavailable => {
+                "tollgate is loading its key table; retry shortly".to_string()
+            }
             Refusal::DowngradeNotAllowed {
                 bucket,
                 model,
@@ -259,7 +269,9 @@ impl Refusal {
     pub fn retry_after_s(&self) -> Option<u64> {
         match self {
             Refusal::Limited { wait_ms, .. } => Some(wait_ms.div_ceil(1000).max(1)),
-            Refusal::Contention | Refusal::StoreUnavailable { .. } => Some(1),
+            Refusal::Contention | Refusal::StoreUnavailable { .. } | Refusal::KeysUnavailable => {
+                Some(1)
+            }
             Refusal::SessionPoolFull { .. } => Some(SESSION_RETRY_S),
             _ => None,
         }
@@ -355,6 +367,7 @@ mod tests {
                 bucket: bucket(Metric::UsdPerMonth),
             },
             Refusal::NoPolicy,
+            Refusal::KeysUnavailable,
             Refusal::DowngradeNotAllowed {
                 bucket: bucket(Metric::UsdPerDay),
                 model: "claude-haiku-4-5".into(),

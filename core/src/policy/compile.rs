@@ -5,7 +5,7 @@
 
 use super::error::{PolicyError, PolicyReport};
 use super::pattern::ModelPattern;
-use super::raw::{Caller, Obj, RawLongContext, RawPolicy, RawPrice};
+use super::raw::{Caller, Obj, RawKey, RawLongContext, RawPolicy, RawPrice};
 use super::schema::{self, join, show, Problem};
 use super::{
     Identity, Key, Limits, MeshIdentity, MeshMatch, ModelSet, OnExhausted, Policy, Pool, Price,
@@ -14,6 +14,7 @@ use super::{
 use crate::price::{LongContext, Rates, DEFAULT_WEB_SEARCH_PER_THOUSAND};
 use hashbrown::HashMap;
 use serde_json::Value;
+use std::sync::Arc;
 
 /// Parses and validates policy JSON. `file` names the source in errors;
 /// `now_ms` decides which `expires_at` values deserve a warning.
@@ -159,12 +160,13 @@ fn limits_with_paths<'r>(
     let in_group = |g: &str| -> Vec<&Key> {
         keys.iter()
             .filter(|k| k.identity.groups.iter().any(|x| x == g))
+            .map(|k| &**k)
             .collect()
     };
     let mut out = vec![(
         "defaults.limits".to_string(),
         &raw.defaults.limits,
-        Some(keys.iter().collect()),
+        Some(keys.iter().map(|k| &**k).collect()),
     )];
     for (name, g) in &raw.groups {
         out.push((
@@ -174,7 +176,11 @@ fn limits_with_paths<'r>(
         ));
     }
     for (i, (name, limits)) in raw.pools.iter().enumerate() {
-        let members = keys.iter().filter(|k| k.pools.contains(&i)).collect();
+        let members = keys
+            .iter()
+            .filter(|k| k.pools.contains(&i))
+            .map(|k| &**k)
+            .collect();
         out.push((join("pools", &name.0), limits, Some(members)));
     }
     for (name, pool) in &raw.provider_pools {
@@ -192,7 +198,7 @@ fn limits_with_paths<'r>(
         ));
     }
     for (i, (k, key)) in raw.keys.iter().zip(keys).enumerate() {
-        out.push((format!("keys[{i}].limits"), &k.limits, Some(vec![key])));
+        out.push((format!("keys[{i}].limits"), &k.limits, Some(vec![&**key])));
     }
     out
 }
@@ -572,11 +578,7 @@ impl RawLongContext {
 /// Every value is already typed and valid: nothing here can be dropped.
 fn build(raw: &RawPolicy) -> Policy {
     let default_models = raw.defaults.models.clone().unwrap_or_default();
-    let groups: HashMap<&str, (Option<&[ModelPattern]>, &Limits)> = raw
-        .groups
-        .iter()
-        .map(|(name, g)| (name.0.as_str(), (g.models.as_deref(), &g.limits)))
-        .collect();
+    let groups = group_index(raw);
     let pools: Vec<Pool> = raw
         .pools
         .iter()
@@ -585,12 +587,7 @@ fn build(raw: &RawPolicy) -> Policy {
             limits: limits.clone(),
         })
         .collect();
-    let pool_index: HashMap<&str, usize> = raw
-        .pools
-        .keys()
-        .enumerate()
-        .map(|(i, name)| (name.0.as_str(), i))
-        .collect();
+    let pool_index = pool_index(raw);
 
     let provider_pools = raw
         .provider_pools
@@ -639,9 +636,13 @@ fn build(raw: &RawPolicy) -> Policy {
                 },
             );
         }
-        let mut built = caller(k.caller(), raw, &groups, &pool_index, &default_models);
-        built.previous_not_after_ms = k.previous.iter().map(|p| p.not_after.ms).collect();
-        keys.push(built);
+        keys.push(Arc::new(key_of(
+            k,
+            raw,
+            &groups,
+            &pool_index,
+            &default_models,
+        )));
     }
     let key_count = keys.len();
     let mut identities = Vec::with_capacity(raw.identities.len());
@@ -661,13 +662,13 @@ fn build(raw: &RawPolicy) -> Policy {
             caller: keys.len(),
             matcher,
         });
-        keys.push(caller(
+        keys.push(Arc::new(caller(
             e.caller(),
             raw,
             &groups,
             &pool_index,
             &default_models,
-        ));
+        )));
     }
 
     let settings = &raw.settings;
@@ -694,7 +695,56 @@ fn build(raw: &RawPolicy) -> Policy {
             default_price: settings.default_price.as_ref().map(|p| p.build()),
             hold_request_headers: settings.hold_request_headers.unwrap_or(true),
         },
+        table: None,
     }
+}
+
+/// The typed document of a policy [`compile`] accepted, for a key table to
+/// compile its keys against ([`super::table`]).
+pub fn base_of(json: &[u8]) -> Option<RawPolicy> {
+    serde_json::from_slice::<Obj<RawPolicy>>(json)
+        .ok()
+        .map(|Obj(raw)| raw)
+}
+
+/// A key of the key table, compiled as [`build`] compiles the same key
+/// inline: against `base`'s groups, defaults and pools.
+pub(super) fn table_key(k: &RawKey, base: &RawPolicy) -> Key {
+    let default_models = base.defaults.models.clone().unwrap_or_default();
+    key_of(
+        k,
+        base,
+        &group_index(base),
+        &pool_index(base),
+        &default_models,
+    )
+}
+
+fn key_of(
+    k: &RawKey,
+    raw: &RawPolicy,
+    groups: &GroupIndex<'_>,
+    pool_index: &HashMap<&str, usize>,
+    default_models: &[ModelPattern],
+) -> Key {
+    let mut built = caller(k.caller(), raw, groups, pool_index, default_models);
+    built.previous_not_after_ms = k.previous.iter().map(|p| p.not_after.ms).collect();
+    built
+}
+
+fn group_index(raw: &RawPolicy) -> GroupIndex<'_> {
+    raw.groups
+        .iter()
+        .map(|(name, g)| (name.0.as_str(), (g.models.as_deref(), &g.limits)))
+        .collect()
+}
+
+fn pool_index(raw: &RawPolicy) -> HashMap<&str, usize> {
+    raw.pools
+        .keys()
+        .enumerate()
+        .map(|(i, name)| (name.0.as_str(), i))
+        .collect()
 }
 
 /// Keys then identities, as [`Policy::callers`] holds them.

@@ -12,14 +12,18 @@ pub mod limits;
 pub mod pattern;
 pub mod raw;
 pub mod schema;
+pub mod table;
 
 pub use crate::price::Price;
-pub use compile::{compile, compile_checked};
+pub use compile::{base_of, compile, compile_checked};
 pub use error::{PolicyError, PolicyReport};
 pub use limits::{Alerts, Limit, Limits, OnExhausted, Reserve, StoreFailure};
 pub use pattern::{Glob, ModelPattern};
+pub use table::{KeyTable, TableError, TableState};
 
+use crate::host::SharedStore;
 use hashbrown::HashMap;
+use std::sync::Arc;
 
 /// Identity attributes that name pools: `team: payments` draws from
 /// `team:payments`.
@@ -30,8 +34,9 @@ pub const POOL_KINDS: [&str; 5] = ["team", "project", "user", "app", "agent"];
 pub struct Policy {
     /// Every caller: the virtual keys (the first `key_count`), then the
     /// identities in file order. Both are metered, limited and audited
-    /// alike; a request's caller is its position here.
-    keys: Vec<Key>,
+    /// alike; a request's caller is its position here (then in the key
+    /// table's compiled keys, when the keys come from one).
+    keys: Vec<Arc<Key>>,
     key_count: usize,
     /// How each identity is recognised, in file order (first match wins).
     identities: Vec<MeshIdentity>,
@@ -45,6 +50,9 @@ pub struct Policy {
     pub groups: Vec<String>,
     prices: Vec<(ModelPattern, Price)>,
     pub settings: Settings,
+    /// With a key service: where the keys come from ([`table`]); `keys`
+    /// then holds the identities only.
+    table: Option<KeyTable>,
 }
 
 /// Where the hash of a presented virtual key leads: its key, and for a
@@ -176,17 +184,36 @@ pub struct Settings {
 }
 
 impl Policy {
-    /// O(1) lookup by the SHA-256 of a virtual key, current or previous.
-    pub fn lookup(&self, key_sha256: &[u8; 32]) -> Option<&Key> {
-        self.index
-            .get(key_sha256)
-            .and_then(|s| self.keys.get(s.key))
+    /// O(1) lookup by the SHA-256 of a virtual key, current or previous,
+    /// among the keys compiled (inline, or loaded from the key table).
+    pub fn lookup(&self, key_sha256: &[u8; 32]) -> Option<Arc<Key>> {
+        self.lookup_secret(key_sha256).and_then(|s| self.key(s.key))
     }
 
     /// The secret a hash is, with its key's position in [`Policy::keys`]
-    /// (for per-request state that must not borrow the policy).
+    /// (for per-request state that must not borrow the policy), among the
+    /// keys compiled.
     pub fn lookup_secret(&self, key_sha256: &[u8; 32]) -> Option<Secret> {
-        self.index.get(key_sha256).copied()
+        match self.index.get(key_sha256) {
+            Some(s) => Some(*s),
+            None => self.table.as_ref()?.cached(key_sha256),
+        }
+    }
+
+    /// [`Policy::lookup_secret`], and with a key table, the key's record
+    /// read from shared data and compiled the first time it is presented.
+    pub fn resolve(
+        &self,
+        store: &impl SharedStore,
+        key_sha256: &[u8; 32],
+    ) -> Result<Option<Secret>, TableError> {
+        if let Some(secret) = self.lookup_secret(key_sha256) {
+            return Ok(Some(secret));
+        }
+        match &self.table {
+            Some(table) => table.load(store, key_sha256, self.keys.len()),
+            None => Ok(None),
+        }
     }
 
     /// The hashes of every secret of the key at `index`: the current one
@@ -204,17 +231,20 @@ impl Policy {
         out
     }
 
-    pub fn key(&self, index: usize) -> Option<&Key> {
-        self.keys.get(index)
+    pub fn key(&self, index: usize) -> Option<Arc<Key>> {
+        match self.keys.get(index) {
+            Some(k) => Some(k.clone()),
+            None => self.table.as_ref()?.loaded(index - self.keys.len()),
+        }
     }
 
-    /// The virtual keys (not the identities).
-    pub fn keys(&self) -> &[Key] {
+    /// The virtual keys (not the identities) of an inline policy.
+    pub fn keys(&self) -> &[Arc<Key>] {
         self.keys.get(..self.key_count).unwrap_or_default()
     }
 
-    /// Every caller, keys then identities.
-    pub fn callers(&self) -> &[Key] {
+    /// Every caller of an inline policy, keys then identities.
+    pub fn callers(&self) -> &[Arc<Key>] {
         &self.keys
     }
 

@@ -140,8 +140,8 @@ fn lookup_is_by_hash_and_case_insensitive_in_the_file() {
     let (p, _) = compile(json.as_bytes(), "p.json", 0).unwrap();
     assert_eq!(
         p.lookup(&crate::vkey::sha256(b"tg-x"))
-            .map(|k| k.id.as_str()),
-        Some("x")
+            .map(|k| k.id.clone()),
+        Some("x".to_string())
     );
     assert!(p.lookup(&crate::vkey::sha256(b"tg-y")).is_none());
 }
@@ -430,10 +430,10 @@ fn identities_are_callers_with_a_keys_fields_but_not_keys() {
     let (p, report) = compile(json.as_bytes(), "p.json", 1_800_000_000_000).unwrap();
     assert_eq!(p.keys().len(), 1, "identities are not keys");
     assert_eq!(p.callers().len(), 3);
-    let ids: Vec<&str> = p
+    let ids: Vec<String> = p
         .identities()
         .iter()
-        .map(|i| p.key(i.caller).unwrap().id.as_str())
+        .map(|i| p.key(i.caller).unwrap().id.clone())
         .collect();
     assert_eq!(ids, ["billing-svc", "finops"]);
     let svc = p.key(p.identities()[0].caller).unwrap();

@@ -32,6 +32,9 @@ use hashbrown::HashMap;
 use tollgate_proto::prost::Message;
 use tollgate_proto::quota::v1 as pb;
 
+pub mod key_service;
+pub mod keys;
+
 /// Shared-data key of the leadership lease: holder id, then expiry (ms).
 pub const LEADER_KEY: &str = "tollgate/2/leader";
 /// This Envoy's replica id, chosen by the first worker that needs it.
@@ -461,7 +464,9 @@ impl Leader {
             let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
                 continue;
             };
-            if let Some(key) = policy.lookup(&hash) {
+            // A key of the key table is read (and compiled) to learn its id.
+            let key = policy.resolve(host, &hash).ok().flatten();
+            if let Some(key) = key.and_then(|s| policy.key(s.key)) {
                 let key_record = record::store_key(&format!("key:{}", key.id));
                 let _ = store::update(host, &key_record, |r| {
                     let mut r: Record = r.unwrap_or_default();

@@ -294,7 +294,7 @@ fn a_key_revoked_in_redis_is_refused_at_its_headers() {
             },
             opts: opts(),
         },
-        &crate::meter::buckets_for(&p, p.key(0).unwrap(), None),
+        &crate::meter::buckets_for(&p, &p.key(0).unwrap(), None),
         &crate::meter::Demand::one_request(),
         "x",
         &[],
