@@ -22,11 +22,13 @@ use tollgate_core::policy::{self, schema::join, PolicyError};
 pub const INCLUDABLE: [&str; 4] = ["groups", "pools", "provider_pools", "prices"];
 
 /// A valid policy, ready to hand to Envoy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Loaded {
     /// The policy re-serialised compactly, includes merged: the ECDS file
     /// then changes only when the policy does, not when its whitespace does.
     pub json: String,
+    /// The same document, parsed (the key table is built from it).
+    pub doc: serde_json::Value,
     pub keys: usize,
 }
 
@@ -228,10 +230,11 @@ impl Sources {
     /// The merged policy as Envoy gets it.
     pub fn load(&self) -> Result<Loaded, Vec<String>> {
         let (policy, bytes) = self.compiled()?;
-        let v: serde_json::Value =
+        let doc: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| vec![e.to_string()])?;
         Ok(Loaded {
-            json: v.to_string(),
+            json: doc.to_string(),
+            doc,
             keys: policy.keys().len(),
         })
     }

@@ -237,7 +237,7 @@ pub async fn start(
     let collector = start_collector(collector, &layout, upkeep, &stop).await?;
     // The keys travel as a table from this process, not in Envoy's
     // filter configuration (`docs/keys-at-scale.md`).
-    let keys = KeyTable::new(&serde_json::from_str(&policy.json)?);
+    let keys = KeyTable::new(&policy.doc);
     let (keys_at, keys_task) =
         key_service::serve(keys.clone(), KEYS_LISTEN.into(), stop.stopped()).await?;
     let (quota_at, quota) = start_quota(opts.shared.as_ref(), &layout, &stop).await?;
@@ -252,7 +252,7 @@ pub async fn start(
         keys: Some(render::KEYS_CLUSTER.to_string()),
         ..vm_options(&opts)
     };
-    let configured = reload::configured(&policy.json, true)?;
+    let configured = reload::configured(&policy, true);
     write_config(&layout, &configured, &wasm, &vm, &gateway, &providers)?;
 
     let binary = envoy::binary(envoy_opts.binary);
@@ -291,14 +291,7 @@ pub async fn start(
     write_ready(&summary, child.id())?;
     Ok(Running {
         summary,
-        watch: reload::PolicyWatch::new(
-            &opts.policy,
-            &policy.json,
-            &wasm,
-            vm,
-            &layout,
-            Some(keys),
-        )?,
+        watch: reload::PolicyWatch::new(&opts.policy, configured, &wasm, vm, &layout, Some(keys)),
         keys_task: Some(keys_task),
         envoy: child,
         stop,

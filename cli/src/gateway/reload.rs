@@ -38,34 +38,34 @@ pub struct PolicyWatch {
 
 /// What the filter configuration carries of a policy: all of it, or with a
 /// key service, all but its keys.
-pub fn configured(json: &str, keys: bool) -> Result<String> {
-    if !keys {
-        return Ok(json.to_string());
+pub fn configured(p: &policy_file::Loaded, keys: bool) -> String {
+    if keys {
+        table::without_keys(&p.doc).to_string()
+    } else {
+        p.json.clone()
     }
-    let doc: serde_json::Value = serde_json::from_str(json)?;
-    Ok(table::without_keys(&doc).to_string())
 }
 
 impl PolicyWatch {
-    /// Watches `path`, whose compact JSON `json` Envoy already has (less its
-    /// keys, which `keys` serves, with a key service).
+    /// Watches `path`, whose filter configuration Envoy has now is `live`
+    /// ([`configured`]); with a key service, `keys` serves its keys.
     pub fn new(
         path: &Path,
-        json: &str,
+        live: String,
         wasm: &Path,
         vm: render::VmOptions,
         layout: &Layout,
         keys: Option<KeyTable>,
-    ) -> Result<PolicyWatch> {
-        Ok(PolicyWatch {
+    ) -> PolicyWatch {
+        PolicyWatch {
             path: path.to_path_buf(),
             wasm: wasm.to_path_buf(),
             vm,
             layout: layout.clone(),
-            live: configured(json, keys.is_some())?,
+            live,
             keys,
             last_seen: policy_file::read(path),
-        })
+        }
     }
 
     /// Reads the file once; applies it if it changed and is valid. Fails
@@ -79,7 +79,7 @@ impl PolicyWatch {
         let loaded = current.load();
         self.last_seen = current;
         match loaded {
-            Ok(p) => self.apply(&p.json, p.keys),
+            Ok(p) => self.apply(&p),
             Err(errors) => {
                 eprintln!("policy edit rejected; the previous policy stays live:");
                 for e in errors {
@@ -92,8 +92,8 @@ impl PolicyWatch {
 
     /// A valid policy: the filter configuration first (a new group before
     /// the keys that name it), then the key table, each only if it changed.
-    fn apply(&mut self, json: &str, keys: usize) -> Result<()> {
-        let configured = configured(json, self.keys.is_some())?;
+    fn apply(&mut self, p: &policy_file::Loaded) -> Result<()> {
+        let configured = configured(p, self.keys.is_some());
         let reconfigured = configured != self.live;
         if reconfigured {
             atomic_file::write(
@@ -104,7 +104,7 @@ impl PolicyWatch {
             self.live = configured;
         }
         let changed = match &self.keys {
-            Some(table) => table.update(&serde_json::from_str(json)?),
+            Some(table) => table.update(&p.doc),
             None => 0,
         };
         if reconfigured || changed > 0 {
@@ -114,8 +114,9 @@ impl PolicyWatch {
                 String::new()
             };
             status(format_args!(
-                "policy reloaded: {} ({keys} keys{records})",
-                self.path.display()
+                "policy reloaded: {} ({} keys{records})",
+                self.path.display(),
+                p.keys
             ));
         }
         Ok(())
@@ -141,7 +142,7 @@ mod tests {
             keys: None,
         };
         let mut watch =
-            PolicyWatch::new(&policy, r#"{"version":1}"#, wasm, vm, &layout, None).unwrap();
+            PolicyWatch::new(&policy, r#"{"version":1}"#.into(), wasm, vm, &layout, None);
         watch.poll().unwrap();
         assert!(!layout.ecds().exists(), "unchanged file: nothing written");
 
@@ -188,8 +189,7 @@ mod tests {
             keys: None,
         };
         let live = policy_file::load(&policy).unwrap().json;
-        let mut watch =
-            PolicyWatch::new(&policy, &live, Path::new("/x/t.wasm"), vm, &layout, None).unwrap();
+        let mut watch = PolicyWatch::new(&policy, live, Path::new("/x/t.wasm"), vm, &layout, None);
         watch.poll().unwrap();
         assert!(!layout.ecds().exists(), "nothing changed");
 
