@@ -140,7 +140,7 @@ bench-scale: wasm envoy redis ## Shared limits across 4 Envoy replicas on Redis:
 	$(CARGO) build --release -p tollgate
 	@$(VENV)/bin/python scripts/bench_scale.py
 
-bench-policy: build envoy ## Policy scale: check time, load time, in-VM compile time, memory and CPU per request at 0/1k/10k/100k keys
+bench-policy: build envoy ## Policy scale: check time, load time, in-VM compile time, memory, CPU per request, revocation/new-key latency and RSS across edits at 0/1k/10k/100k keys (BENCH_POLICY_SIZES chooses)
 	@command -v wrk >/dev/null || { echo "==> installing wrk (Debian)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	@scripts/bench-policy.sh
 
