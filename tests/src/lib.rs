@@ -385,6 +385,11 @@ impl Gateway {
         }
     }
 
+    /// A file of the gateway's state directory.
+    pub fn state_file(&self, name: &str) -> PathBuf {
+        self.dir.path().join("state").join(name)
+    }
+
     pub fn log(&self, name: &str) -> String {
         let path = match name {
             "envoy" => self.dir.path().join("state/envoy.log"),
