@@ -9,6 +9,7 @@
 
 use crate::audit_log;
 use crate::collector::{self, store::AuditStore};
+use crate::key_service::{self, KeyTable};
 use crate::output::status;
 use crate::shutdown::Stop;
 use anyhow::Result;
@@ -31,6 +32,9 @@ pub struct Upkeep {
     pub alert_webhook: Option<String>,
     /// What a write (gRPC stream, `POST /api/ingest`) must carry.
     pub write_token: collector::auth::WriteToken,
+    /// Serve the policy's keys as a key table (`GET /v1/keys`) on the HTTP
+    /// listener ([`crate::key_service`]).
+    pub serve_keys: bool,
 }
 
 /// Serves both listeners until `shutdown` resolves, then stops the HTTP
@@ -44,12 +48,25 @@ pub async fn serve(
 ) -> Result<()> {
     let stats = Arc::new(collector::Stats::default());
     let side_stop = Stop::new();
+    let keys = match (&upkeep.policy, upkeep.serve_keys) {
+        (Some(path), true) => {
+            let table = KeyTable::empty();
+            tokio::spawn(key_service::watch(
+                table.clone(),
+                path.clone(),
+                side_stop.stopped(),
+            ));
+            Some(table)
+        }
+        _ => None,
+    };
     let web = tokio::spawn(collector::http::serve(
         http,
         store.clone(),
         stats.clone(),
         upkeep.policy.clone(),
         upkeep.write_token.clone(),
+        keys,
         side_stop.stopped(),
     ));
     let maintain = tokio::spawn(collector::maintain(

@@ -6,6 +6,8 @@
 //! generation some Envoy has confirmed loading (a call saying it is at the
 //! current one), for `tollgate run` to say ready only then.
 
+use crate::output::status;
+use crate::policy_file;
 use anyhow::{Context, Result};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -16,6 +18,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -41,12 +44,18 @@ impl KeyTable {
     /// A table of `doc`'s keys, with a new epoch (Envoy fetches the whole
     /// table from a service it has not seen).
     pub fn new(doc: &Value) -> KeyTable {
-        let mut service = KeyService::new(rand::random::<u64>() >> 1);
-        service.update(doc);
-        let generation = service.generation();
+        let table = KeyTable::empty();
+        table.update(doc);
+        table
+    }
+
+    /// A table with no policy yet: calls are answered 503 until
+    /// [`KeyTable::update`] gives it one (an empty table would make Envoy
+    /// refuse every key as unknown).
+    pub fn empty() -> KeyTable {
         KeyTable {
-            service: Arc::new(Mutex::new(service)),
-            generation: watch::channel(generation).0,
+            service: Arc::new(Mutex::new(KeyService::new(rand::random::<u64>() >> 1))),
+            generation: watch::channel(0).0,
             confirmed: watch::channel(0).0,
         }
     }
@@ -108,6 +117,55 @@ pub async fn serve(
     Ok((local, task))
 }
 
+/// Keeps `table` on the policy file at `path` (and the files it
+/// includes) until `stop`: a valid edit's keys replace the table's; an
+/// invalid one is reported and the table kept, as the gateway does.
+pub async fn watch(table: KeyTable, path: PathBuf, stop: impl Future<Output = ()>) {
+    tokio::pin!(stop);
+    let mut seen: Option<policy_file::Sources> = None;
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => {}
+        }
+        let current = policy_file::read(&path);
+        if current.bytes.is_none() || seen.as_ref() == Some(&current) {
+            continue;
+        }
+        let loading = current.clone();
+        let loaded = tokio::task::spawn_blocking(move || loading.load()).await;
+        seen = Some(current);
+        match loaded {
+            Ok(Ok(p)) => {
+                let changed = table.update(&p.doc);
+                if changed > 0 {
+                    status(format_args!(
+                        "key service: {} ({} keys, {changed} key records changed, generation {})",
+                        path.display(),
+                        p.keys,
+                        table.generation()
+                    ));
+                }
+            }
+            Ok(Err(errors)) => {
+                eprintln!(
+                    "key service: policy {} has {} error(s); the key table stays as it was:",
+                    path.display(),
+                    errors.len()
+                );
+                for e in errors {
+                    eprintln!("  error: {e}");
+                }
+            }
+            Err(e) => eprintln!("key service: loading the policy failed: {e}"),
+        }
+    }
+}
+
+/// How often the collector's key service looks at the policy file.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+
 fn bad_request(msg: String) -> Response {
     (StatusCode::BAD_REQUEST, msg).into_response()
 }
@@ -143,6 +201,13 @@ async fn keys(State(table): State<KeyTable>, Query(q): Query<HashMap<String, Str
         Ok(w) => w.unwrap_or(0),
         Err(msg) => return bad_request(msg),
     };
+    if table.generation() == 0 {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the key service has no valid policy yet (see its log)",
+        )
+            .into_response();
+    }
     let after = q.get("after").map(String::as_str);
     let (current, my_epoch) = {
         let service = table.service.lock().unwrap_or_else(|p| p.into_inner());

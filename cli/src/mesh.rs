@@ -40,12 +40,13 @@ fn yaml_str(s: &str) -> String {
 /// WasmPlugin's `vmConfig.env` carrying the VM options, when limits are
 /// shared (Istio passes inline variables to the VM as WASI environment).
 fn istio_vm_env(vm: &VmOptions) -> String {
-    if vm.shared.is_none() {
+    if vm.shared.is_none() && vm.keys.is_none() {
         return String::new();
     }
     format!(
-        "\x20 # Limits shared by every gateway replica through the quota service behind the\n\
-         \x20 # cluster these options name (deploy/istio/quota-cluster.yaml defines tollgate_quota).\n\
+        "\x20 # Limits shared through the quota service and/or keys from the key service, behind\n\
+         \x20 # the clusters these options name (deploy/istio/quota-cluster.yaml defines\n\
+         \x20 # tollgate_quota, deploy/istio/keys-cluster.yaml tollgate_keys).\n\
          \x20 # WasmPlugin cannot set the VM configuration; the filter reads its VM options here.\n\
          \x20 vmConfig:\n    env:\n    - name: {VM_OPTIONS_ENV}\n      value: {}\n",
         yaml_str(&vm.json()),
@@ -106,12 +107,12 @@ fn istio_phase(policy_json: &str) -> &'static str {
 /// variables of the proxy's own environment (`hostKeys`), so the value is
 /// set on the proxy container (the EnvoyProxy resource).
 fn envoy_gateway_vm_env(vm: &VmOptions) -> String {
-    if vm.shared.is_none() {
+    if vm.shared.is_none() && vm.keys.is_none() {
         return String::new();
     }
     format!(
-        "\x20   # Limits shared by every gateway replica through the quota service: the filter\n\
-         \x20   # reads its VM options from the proxy's environment variable {VM_OPTIONS_ENV},\n\
+        "\x20   # Limits shared through the quota service and/or keys from the key service: the\n\
+         \x20   # filter reads its VM options from the proxy's environment variable {VM_OPTIONS_ENV},\n\
          \x20   # which the EnvoyProxy in deploy/envoy-gateway/quota-cluster.yaml sets to\n\
          \x20   #   {}\n\
          \x20   env:\n      hostKeys: [{VM_OPTIONS_ENV}]\n",

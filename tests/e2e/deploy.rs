@@ -13,7 +13,7 @@
 use serde_yaml::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tollgate_e2e::tollgate_bin;
+use tollgate_e2e::{sha, tollgate_bin};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1161,4 +1161,242 @@ fn istio_configured_filter_meters_through_the_quota_service() {
 #[test]
 fn envoy_gateway_configured_filter_meters_through_the_quota_service() {
     mesh_configured_filter_shares_limits(Mesh::EnvoyGateway);
+}
+
+/// Keys at scale on Kubernetes: rendered with `--key-service-cluster`, a
+/// WasmPlugin of a 20,000-key policy stays a few KB (etcd refuses objects
+/// over ~1.5 MB) and its VM options name the cluster that
+/// deploy/istio/keys-cluster.yaml defines, which points at the collector
+/// Service that serves the table (`--serve-keys`).
+#[test]
+fn a_large_key_set_renders_without_its_keys_for_the_key_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.json");
+    let keys: Vec<serde_json::Value> = (0..20_000)
+        .map(|i| serde_json::json!({"id": format!("k{i}"), "key_sha256": sha(&format!("tg-{i}")), "team": "t"}))
+        .collect();
+    let doc = serde_json::json!({"version": 1, "defaults": {"models": ["claude-*"]}, "keys": keys});
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let out = Command::new(tollgate_bin())
+        .args([
+            "policy",
+            "render",
+            file.to_str().unwrap(),
+            "--format",
+            "istio",
+        ])
+        .args(["--key-service-cluster", "tollgate_keys"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.len() < 8_000, "{} bytes", text.len());
+    let d: Value = serde_yaml::from_str(&text).unwrap();
+    assert!(get(&d, "spec.pluginConfig").get("keys").is_none(), "{text}");
+    let env = s(&d, "spec.vmConfig.env.0.value");
+    let vm: serde_json::Value = serde_json::from_str(env).unwrap();
+    assert_eq!(vm["keys"]["cluster"], "tollgate_keys");
+    assert_eq!(vm["keys"]["path"], "/v1/keys");
+
+    let cluster = &docs("deploy/istio/keys-cluster.yaml")[0];
+    let patch = get(cluster, "spec.configPatches.0.patch.value");
+    assert_eq!(s(patch, "name"), "tollgate_keys");
+    let (host, port) = endpoint(patch);
+    let collector = docs("deploy/collector.yaml");
+    let service = find(&collector, "Service", "tollgate-collector");
+    assert_eq!(
+        host,
+        format!(
+            "{}.{}.svc.cluster.local",
+            s(service, "metadata.name"),
+            s(service, "metadata.namespace")
+        )
+    );
+    let args = strings(get(&collector[1], "spec.template.spec.containers.0.args"));
+    assert!(args.contains(&"--serve-keys".to_string()), "{args:?}");
+    assert_eq!(port, port_of(flag(&args, "--http").unwrap()));
+    assert_cli_accepts(&args, "the collector Deployment");
+    let eg = &docs("deploy/envoy-gateway/keys-cluster.yaml")[0];
+    assert_eq!(
+        endpoint(get(eg, "spec.jsonPatches.0.operation.value")),
+        (host, port)
+    );
+}
+
+/// The Kubernetes path of keys at scale, with the real Envoy: the filter
+/// configured as the Istio manifests configure it (the WasmPlugin rendered
+/// with `--key-service-cluster`: no keys in its configuration, its VM
+/// options in the environment; the cluster of deploy/istio/keys-cluster.yaml)
+/// takes its keys from a real `tollgate collector --serve-keys`, and a
+/// revocation saved to the collector's policy file reaches it.
+#[test]
+fn istio_configured_filter_takes_its_keys_from_the_collector() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.json");
+    let defaults = r#"{"models": ["claude-*"]}"#;
+    let keys = |revoked: &str| {
+        tollgate_e2e::policy(
+            defaults,
+            &[("alice", "tg-alice", revoked), ("bob", "tg-bob", "")],
+        )
+    };
+    std::fs::write(&policy, keys("")).unwrap();
+    let mut collector = Proc::start(
+        Command::new(tollgate_bin())
+            .args([
+                "collector",
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+                "--serve-keys",
+            ])
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--db")
+            .arg(dir.path().join("audit.db")),
+        dir.path().join("collector.log"),
+    );
+    collector.listening();
+    let http_at = collector
+        .output()
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let mut mock = Proc::start(
+        Command::new(tollgate_bin()).args(["mock", "--listen", "127.0.0.1:0"]),
+        dir.path().join("mock.log"),
+    );
+    let mock_addr = mock.listening();
+    let state = dir.path().join("state");
+    let out = Command::new(tollgate_bin())
+        .args([
+            "run",
+            "--render-only",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args(["--external-collector", "127.0.0.1:9"])
+        .arg("--upstream")
+        .arg(format!("http://{mock_addr}"))
+        .arg("--policy")
+        .arg(&policy)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--wasm")
+        .arg(wasm_path())
+        .env("ANTHROPIC_API_KEY", "sk-ant-mock-real-key")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // What the mesh delivers: the rendered WasmPlugin's configuration and
+    // VM options, and the manifest's cluster pointed at this collector.
+    let rendered = Command::new(tollgate_bin())
+        .args(["policy", "render"])
+        .arg(&policy)
+        .args([
+            "--format",
+            "istio",
+            "--key-service-cluster",
+            "tollgate_keys",
+        ])
+        .output()
+        .unwrap();
+    let plugin: Value = serde_yaml::from_slice(&rendered.stdout).unwrap();
+    let vm = env_value(get(&plugin, "spec.vmConfig.env"), VM_OPTIONS_ENV);
+    let config = serde_json::to_string(
+        &serde_yaml::from_value::<serde_json::Value>(get(&plugin, "spec.pluginConfig").clone())
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        !config.contains("tg-") && !config.contains(&sha("tg-alice")),
+        "{config}"
+    );
+    let mut cluster = get(
+        find(
+            &docs("deploy/istio/keys-cluster.yaml"),
+            "EnvoyFilter",
+            "tollgate-keys-cluster",
+        ),
+        "spec.configPatches.0.patch.value",
+    )
+    .clone();
+    let socket = &mut cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        ["address"]["socket_address"];
+    socket["address"] = "127.0.0.1".into();
+    socket["port_value"] = port_of(&http_at).into();
+    let mut bootstrap = yaml_file(&state.join("envoy.yaml"));
+    bootstrap["static_resources"]["clusters"]
+        .as_sequence_mut()
+        .unwrap()
+        .push(cluster);
+    std::fs::write(
+        state.join("envoy.yaml"),
+        serde_yaml::to_string(&bootstrap).unwrap(),
+    )
+    .unwrap();
+    let mut ecds = yaml_file(&state.join("ecds/tollgate.yaml"));
+    let filter = &mut ecds["resources"][0]["typed_config"]["config"];
+    filter["configuration"]["value"] = config.into();
+    let vm_config = &mut filter["vm_config"];
+    vm_config.as_mapping_mut().unwrap().remove("configuration");
+    vm_config["environment_variables"] =
+        serde_yaml::to_value(serde_json::json!({ "key_values": { VM_OPTIONS_ENV: vm } })).unwrap();
+    std::fs::write(
+        state.join("ecds/tollgate.yaml"),
+        serde_yaml::to_string(&ecds).unwrap(),
+    )
+    .unwrap();
+
+    let port = |path: &str| get(&bootstrap, path).as_u64().unwrap();
+    let listen = format!(
+        "http://127.0.0.1:{}",
+        port("static_resources.listeners.0.address.socket_address.port_value")
+    );
+    let _envoy = Proc::start(
+        Command::new(envoy_bin())
+            .arg("-c")
+            .arg(state.join("envoy.yaml"))
+            .args(["--concurrency", "2", "--disable-hot-restart"])
+            .args(["--log-level", "warn", "--component-log-level", "wasm:info"]),
+        dir.path().join("envoy.log"),
+    );
+    let http = reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let status = |key: &str| {
+        http.post(format!("{listen}/v1/messages"))
+            .header("x-api-key", key)
+            .header("content-type", "application/json")
+            .body(r#"{"model":"claude-haiku-4-5","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}"#)
+            .send()
+            .map_or(0, |r| r.status().as_u16())
+    };
+    let until = |key: &str, want: u16, what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while status(key) != want {
+            assert!(std::time::Instant::now() < deadline, "{what}: never {want}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    until("tg-alice", 200, "alice, once Envoy has the table");
+    assert_eq!(status("tg-carol"), 401, "a key the table does not have");
+    std::fs::write(&policy, keys(r#""revoked": true"#)).unwrap();
+    until("tg-alice", 401, "alice after her revocation");
+    assert_eq!(status("tg-bob"), 200, "bob is untouched");
 }

@@ -39,6 +39,12 @@ pub struct CollectorArgs {
     /// first reaches one of its `alerts` thresholds in a window. Needs --policy.
     #[arg(long, value_name = "URL", requires = "policy")]
     pub alert_webhook: Option<String>,
+    /// Also serve the policy's keys to Envoy as a key table (GET /v1/keys on the --http
+    /// listener), for filters rendered with `tollgate policy render --key-service-cluster`:
+    /// a key change then reaches every Envoy as that change alone (docs/keys-at-scale.md).
+    /// Needs --policy.
+    #[arg(long, requires = "policy")]
+    pub serve_keys: bool,
     /// File holding the write token: Envoy's access-log stream and POST /api/ingest must
     /// send `authorization: Bearer <token>` (Envoy: the grpc_service's initial_metadata).
     /// Without it every write is accepted.
@@ -82,6 +88,7 @@ pub fn run(args: CollectorArgs) -> Result<()> {
             policy: args.policy.clone(),
             alert_webhook: args.alert_webhook,
             write_token,
+            serve_keys: args.serve_keys,
         };
         audit_service::serve(grpc, http, store, upkeep, shutdown::signal()).await
     })
@@ -101,6 +108,17 @@ mod tests {
             std::iter::once("collector").chain(args.iter().copied()),
         )
         .map(|c| c.collector)
+    }
+
+    #[test]
+    fn serving_keys_needs_the_policy_that_holds_them() {
+        let err = parse(&["--serve-keys"]).err().unwrap().to_string();
+        assert!(err.contains("--policy"), "{err}");
+        assert!(
+            parse(&["--serve-keys", "--policy", "p.json"])
+                .unwrap()
+                .serve_keys
+        );
     }
 
     #[test]

@@ -50,6 +50,12 @@ enum PolicyCommand {
         /// service's --sync-period-ms must be the same.
         #[arg(long, default_value_t = 100, requires = "quota_cluster", value_parser = clap::value_parser!(u64).range(1..))]
         sync_period_ms: u64,
+        /// Leave the keys out: the filter fetches them from the key service
+        /// (`tollgate collector --serve-keys`) behind this Envoy cluster (`tollgate_keys` in the
+        /// shipped manifests). Needed for key sets too large for a Kubernetes object
+        /// (docs/keys-at-scale.md).
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        key_service_cluster: Option<String>,
     },
     /// Print the policy JSON Schema (policies/schema.json).
     Schema,
@@ -92,9 +98,12 @@ pub fn run(args: PolicyArgs) -> Result<()> {
             hold_request_headers,
             quota_cluster,
             sync_period_ms,
+            key_service_cluster,
         } => {
             let json = match policy_file::load(&file) {
-                Ok(loaded) => loaded.json,
+                Ok(loaded) => {
+                    crate::gateway::reload::configured(&loaded, key_service_cluster.is_some())
+                }
                 Err(errors) => {
                     for e in &errors {
                         eprintln!("{e}");
@@ -112,7 +121,7 @@ pub fn run(args: PolicyArgs) -> Result<()> {
                     cluster,
                     sync_period_ms,
                 }),
-                keys: None,
+                keys: key_service_cluster,
             };
             let text = match format {
                 RenderFormat::Ecds => {

@@ -2,7 +2,8 @@
 //! JSON as `tollgate usage --format json`), `POST /api/ingest` (Envoy's file access log shipped
 //! over HTTP, see `ingest.rs`) and the dashboard at `/` with the views it reads: `/api/series`
 //! (usage per hour or day), `/api/burndown` (each daily and monthly limit's use, from the
-//! policy) and `/api/key` (one key's drill-down). Every `/api` read takes the same view
+//! policy) and `/api/key` (one key's drill-down); with `--serve-keys`, the key table Envoy
+//! fetches (`/v1/keys`, see `crate::key_service`). Every `/api` read takes the same view
 //! parameters (`since`, `until`, `team`, `project`, `user`, `app`, `agent`, `model`, `key`;
 //! see `filter.rs`).
 
@@ -45,6 +46,7 @@ pub async fn serve(
     stats: Arc<Stats>,
     policy: Option<PathBuf>,
     token: super::auth::WriteToken,
+    keys: Option<crate::key_service::KeyTable>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let app = Router::new()
@@ -65,6 +67,10 @@ pub async fn serve(
             policy: policy.map(Arc::new),
             token,
         });
+    let app = match keys {
+        Some(table) => app.merge(table.router()),
+        None => app,
+    };
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;

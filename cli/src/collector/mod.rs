@@ -886,6 +886,7 @@ mod tests {
             stats,
             None,
             auth::WriteToken::open(),
+            None,
             async move {
                 let _ = stop_rx.await;
             },

@@ -14,7 +14,7 @@
 
 mod envoy;
 mod failover;
-mod reload;
+pub mod reload;
 pub mod render;
 
 use crate::audit_log::{self, Rotation};
@@ -233,6 +233,8 @@ pub async fn start(
         policy: Some(opts.policy.clone()),
         alert_webhook: opts.alert_webhook.clone(),
         write_token: token.as_deref().map(WriteToken::new).unwrap_or_default(),
+        // This process serves the key table itself, on its own listener.
+        serve_keys: false,
     };
     let collector = start_collector(collector, &layout, upkeep, &stop).await?;
     // The keys travel as a table from this process, not in Envoy's
