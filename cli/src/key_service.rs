@@ -41,17 +41,10 @@ pub struct KeyTable {
 }
 
 impl KeyTable {
-    /// A table of `doc`'s keys, with a new epoch (Envoy fetches the whole
-    /// table from a service it has not seen).
-    pub fn new(doc: &Value) -> KeyTable {
-        let table = KeyTable::empty();
-        table.update(doc);
-        table
-    }
-
-    /// A table with no policy yet: calls are answered 503 until
-    /// [`KeyTable::update`] gives it one (an empty table would make Envoy
-    /// refuse every key as unknown).
+    /// A table with no policy yet, with a new epoch (Envoy fetches the
+    /// whole table from a service it has not seen): calls are answered 503
+    /// until [`KeyTable::update`] gives it one (an empty table would make
+    /// Envoy refuse every key as unknown).
     pub fn empty() -> KeyTable {
         KeyTable {
             service: Arc::new(Mutex::new(KeyService::new(rand::random::<u64>() >> 1))),
@@ -276,7 +269,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_held_call_answers_when_a_key_changes_and_confirms_the_generation() {
-        let table = KeyTable::new(&doc(&["a", "b"]));
+        let table = KeyTable::empty();
+        table.update(&doc(&["a", "b"]));
         let (addr, _task) = serve(
             table.clone(),
             "127.0.0.1:0".parse().unwrap(),
@@ -316,14 +310,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_malformed_query_is_refused_with_what_is_wrong() {
-        let table = KeyTable::new(&doc(&["a"]));
+        let table = KeyTable::empty();
         let (addr, _task) = serve(
-            table,
+            table.clone(),
             "127.0.0.1:0".parse().unwrap(),
             std::future::pending(),
         )
         .await
         .unwrap();
+        // No policy yet: not an empty table, which would refuse every key.
+        let (status, _, body) = get(addr, "since=0").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (503, "the key service has no valid policy yet (see its log)")
+        );
+        table.update(&doc(&["a"]));
         let (status, _, body) = get(addr, "epoch=xyz").await;
         assert_eq!(
             (status, body.as_str()),

@@ -237,28 +237,33 @@ impl Sources {
 
     /// The merged policy as Envoy gets it.
     pub fn load(&self) -> Result<Loaded, Vec<String>> {
-        let (bytes, origins) = self.document()?;
         // The checks and the parse that the key table and the filter
         // configuration are made from, side by side: each takes about half
         // of loading a 100,000-key policy.
-        let (compiled, doc) = std::thread::scope(|s| {
-            let doc = s.spawn(|| serde_json::from_slice::<serde_json::Value>(&bytes));
-            (self.compile_document(&bytes, &origins), doc.join())
+        let (keys, doc) = std::thread::scope(|s| {
+            let doc = s.spawn(|| self.parse());
+            (self.check(), doc.join())
         });
-        let (policy, report) = compiled?;
-        for w in &report.warnings {
-            eprintln!("warning: {w}");
-        }
-        let doc = match doc {
-            Ok(Ok(doc)) => doc,
-            Ok(Err(e)) => return Err(vec![e.to_string()]),
-            Err(_) => return Err(vec!["parsing the policy failed".to_string()]),
-        };
+        let keys = keys?;
+        let doc = doc.map_err(|_| vec!["parsing the policy failed".to_string()])??;
         Ok(Loaded {
             json: doc.to_string(),
             doc,
-            keys: policy.keys().len(),
+            keys,
         })
+    }
+
+    /// Every check of the policy, its warnings printed; the number of keys.
+    pub fn check(&self) -> Result<usize, Vec<String>> {
+        let (policy, _) = self.compiled()?;
+        Ok(policy.keys().len())
+    }
+
+    /// The document (includes merged) as JSON, not checked: see
+    /// [`Sources::check`].
+    pub fn parse(&self) -> Result<serde_json::Value, Vec<String>> {
+        let (bytes, _) = self.document()?;
+        serde_json::from_slice(&bytes).map_err(|e| vec![format!("{}: {e}", self.name())])
     }
 }
 

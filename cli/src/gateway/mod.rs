@@ -35,6 +35,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::process::Child;
 use tokio::task::JoinHandle;
+use tollgate_core::policy::table;
 
 /// What every gateway needs, whoever runs Envoy.
 #[derive(Debug, Clone)]
@@ -215,7 +216,26 @@ pub async fn start(
     collector: Collector,
     providers: Providers,
 ) -> Result<Running> {
-    let (policy, wasm, layout) = prepare(&opts)?;
+    let wasm = find_wasm(&opts.wasm)?;
+    let layout = create_layout(&opts.state_dir)?;
+    // The whole policy is checked while Envoy starts (at 100,000 keys the
+    // checks take ~0.4 s, Envoy ~0.8 s): Envoy gets the policy without its
+    // keys at once (its filter checks that part itself), the key table only
+    // once every check passed. A policy that fails stops everything.
+    let sources = policy_file::read(&opts.policy);
+    let checking = {
+        let sources = sources.clone();
+        tokio::task::spawn_blocking(move || sources.check())
+    };
+    let doc = {
+        let sources = sources.clone();
+        tokio::task::spawn_blocking(move || sources.parse()).await?
+    };
+    let doc = match doc {
+        Ok(doc) => doc,
+        // Not even JSON: the checks say where, with every other error.
+        Err(_) => return Err(policy_errors(&opts.policy, checking.await?.err())),
+    };
     let stop = Stop::new();
     // Collector first: Envoy connects to it as soon as it starts.
     // The write token: Envoy sends it with its access-log stream; log
@@ -239,7 +259,7 @@ pub async fn start(
     let collector = start_collector(collector, &layout, upkeep, &stop).await?;
     // The keys travel as a table from this process, not in Envoy's
     // filter configuration (`docs/keys-at-scale.md`).
-    let keys = KeyTable::new(&policy.doc);
+    let keys = KeyTable::empty();
     let (keys_at, keys_task) =
         key_service::serve(keys.clone(), KEYS_LISTEN.into(), stop.stopped()).await?;
     let (quota_at, quota) = start_quota(opts.shared.as_ref(), &layout, &stop).await?;
@@ -254,7 +274,7 @@ pub async fn start(
         keys: Some(render::KEYS_CLUSTER.to_string()),
         ..vm_options(&opts)
     };
-    let configured = reload::configured(&policy, true);
+    let configured = table::without_keys(&doc).to_string();
     write_config(&layout, &configured, &wasm, &vm, &gateway, &providers)?;
 
     let binary = envoy::binary(envoy_opts.binary);
@@ -264,19 +284,28 @@ pub async fn start(
         envoy_opts.concurrency,
         &envoy_opts.log_level,
     )?;
-    // Ready once Envoy answers and has the key table.
+    // Ready once every check passed, Envoy answers and has the key table.
     let ready = async {
+        let key_count = match checking.await? {
+            Ok(n) => n,
+            Err(errors) => return Err(policy_errors(&opts.policy, Some(errors))),
+        };
+        keys.update(&doc);
         envoy::wait_ready(&mut child, admin, listen, &layout).await?;
-        keys.confirmed(KEYS_LOAD_TIMEOUT).await
+        keys.confirmed(KEYS_LOAD_TIMEOUT).await?;
+        Ok(key_count)
     };
-    if let Err(e) = ready.await {
-        stop.stop();
-        let _ = child.kill().await;
-        return Err(e);
-    }
+    let key_count = match ready.await {
+        Ok(n) => n,
+        Err(e) => {
+            stop.stop();
+            let _ = child.kill().await;
+            return Err(e);
+        }
+    };
     let summary = Summary {
         policy: opts.policy.clone(),
-        keys: policy.keys,
+        keys: key_count,
         listen,
         admin,
         collector: collector.addr,
@@ -494,16 +523,20 @@ fn prepare(opts: &Options) -> Result<(policy_file::Loaded, PathBuf, Layout)> {
 }
 
 fn load_policy(path: &Path) -> Result<policy_file::Loaded> {
-    policy_file::load(path).or_else(|errors| {
-        for e in &errors {
-            eprintln!("error: {e}");
-        }
-        bail!(
-            "policy {} has {} error(s); nothing started",
-            path.display(),
-            errors.len()
-        )
-    })
+    policy_file::load(path).map_err(|errors| policy_errors(path, Some(errors)))
+}
+
+/// Each error on stderr, then one error saying how many.
+fn policy_errors(path: &Path, errors: Option<Vec<String>>) -> anyhow::Error {
+    let errors = errors.unwrap_or_default();
+    for e in &errors {
+        eprintln!("error: {e}");
+    }
+    anyhow::anyhow!(
+        "policy {} has {} error(s); nothing started",
+        path.display(),
+        errors.len()
+    )
 }
 
 fn find_wasm(path: &Path) -> Result<PathBuf> {
