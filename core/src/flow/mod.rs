@@ -953,7 +953,11 @@ impl RequestFlow {
             &headers,
         );
         if let Phase::Admitted { admission, .. } = &self.phase {
-            let ours = rate_limit_headers(self.provider(), &admission.states, host.now_ms());
+            // As of the admission (when the provisional record was
+            // published): no clock read in this callback, and a reset
+            // shown a response's duration early is still a true bound.
+            let ours =
+                rate_limit_headers(self.provider(), &admission.states, self.provisional.at_ms);
             if !ours.is_empty() {
                 // One host call for all of them (a dozen single-header
                 // calls were a third of an allowed request's host calls):
