@@ -294,3 +294,28 @@ fn policy_reloaded_every_second_under_load_fails_no_request() {
         "no request fails during reloads"
     );
 }
+
+/// A policy that fails its checks starts nothing, whether it is not JSON
+/// or fails a check that spans values (the checks run while Envoy starts:
+/// that Envoy is stopped again, and no ready file is written).
+#[test]
+fn a_policy_that_fails_its_checks_starts_nothing() {
+    let (code, err) = Gateway::start_refused(r#"{"version": 1, "keys": ["#);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("invalid JSON"), "{err}");
+    assert!(err.contains("error(s); nothing started"), "{err}");
+
+    let bad_group = policy(
+        r#"{"models": ["claude-*"]}"#,
+        &[("alice", "tg-alice", r#""groups": ["nope"]"#)],
+    );
+    let (code, err) = Gateway::start_refused(&bad_group);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(
+            r#"keys[0].groups[0]: unknown group (no groups are defined under "groups") (value: "nope")"#
+        ),
+        "{err}"
+    );
+    assert!(err.contains("has 1 error(s); nothing started"), "{err}");
+}

@@ -125,13 +125,8 @@ impl Gateway {
         Gateway::start_with(policy_json, Options::default())
     }
 
-    pub fn start_with(policy_json: &str, opts: Options) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        let policy = dir.path().join("policy.json");
-        std::fs::write(&policy, policy_json).unwrap();
-        let state = dir.path().join("state");
-        let stdout = std::fs::File::create(dir.path().join("tollgate.out")).unwrap();
-        let stderr = std::fs::File::create(dir.path().join("tollgate.err")).unwrap();
+    /// `tollgate run` as every gateway of the tests starts it.
+    fn command(policy: &Path, state: &Path, opts: &Options) -> Command {
         let mut cmd = Command::new(artifact("TOLLGATE_BIN", "target/debug/tollgate"));
         cmd.arg("run");
         if let Some(addr) = &opts.external_collector {
@@ -145,8 +140,7 @@ impl Gateway {
         }
         cmd.args(&opts.extra_args);
         cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
-        let child = cmd
-            .current_dir(workspace())
+        cmd.current_dir(workspace())
             .args([
                 "--upstream",
                 "mock",
@@ -180,7 +174,61 @@ impl Gateway {
                     .unwrap_or_else(|| artifact("TOLLGATE_WASM", "target/tollgate.wasm")),
             )
             .arg("--envoy")
-            .arg(artifact("TOLLGATE_ENVOY", ".venv/bin/envoy"))
+            .arg(artifact("TOLLGATE_ENVOY", ".venv/bin/envoy"));
+        cmd
+    }
+
+    /// Starts `tollgate run` with a policy it must refuse: waits for it to
+    /// exit (at most 60 s), checks it left nothing running and no ready
+    /// file, and returns its exit code and stderr.
+    pub fn start_refused(policy_json: &str) -> (Option<i32>, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("policy.json");
+        std::fs::write(&policy, policy_json).unwrap();
+        let state = dir.path().join("state");
+        let stderr = dir.path().join("tollgate.err");
+        let mut child = Gateway::command(&policy, &state, &Options::default())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("starting tollgate run");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("tollgate run did not exit on a refused policy");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!state.join("ready.json").exists(), "ready.json written");
+        // No process of this gateway (an Envoy started while the policy was
+        // checked) outlives it: each names the state directory.
+        let mine = state.to_string_lossy().into_owned();
+        let left: Vec<String> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&mine))
+            .collect();
+        assert!(left.is_empty(), "left running: {left:?}");
+        (
+            status.code(),
+            std::fs::read_to_string(stderr).unwrap_or_default(),
+        )
+    }
+
+    pub fn start_with(policy_json: &str, opts: Options) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("policy.json");
+        std::fs::write(&policy, policy_json).unwrap();
+        let state = dir.path().join("state");
+        let stdout = std::fs::File::create(dir.path().join("tollgate.out")).unwrap();
+        let stderr = std::fs::File::create(dir.path().join("tollgate.err")).unwrap();
+        let child = Gateway::command(&policy, &state, &opts)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
