@@ -164,9 +164,9 @@ impl Gateway {
             .arg("--mock-event-delay-ms")
             .arg(opts.mock_event_delay_ms.to_string())
             .arg("--policy")
-            .arg(&policy)
+            .arg(policy)
             .arg("--state-dir")
-            .arg(&state)
+            .arg(state)
             .arg("--wasm")
             .arg(
                 opts.wasm
