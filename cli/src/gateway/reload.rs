@@ -23,15 +23,6 @@ use tollgate_core::policy::table;
 /// files are read only when one changed (a 100,000-key policy is 17 MB).
 pub const EVERY: Duration = Duration::from_millis(100);
 
-/// What a `stat` says of a file: size, modification time, inode.
-type Stamp = Option<(u64, Option<std::time::SystemTime>, u64)>;
-
-fn stamp(path: &Path) -> Stamp {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.len(), m.modified().ok(), m.ino()))
-}
-
 pub struct PolicyWatch {
     path: PathBuf,
     wasm: PathBuf,
@@ -45,7 +36,7 @@ pub struct PolicyWatch {
     /// The files' bytes when last read, to skip unchanged reads cheaply.
     last_seen: policy_file::Sources,
     /// The files' stamps when last read: unchanged, nothing is read.
-    last_stamps: Vec<Stamp>,
+    last_stamps: Vec<policy_file::Stamp>,
 }
 
 /// What the filter configuration carries of a policy: all of it, or with a
@@ -81,19 +72,11 @@ impl PolicyWatch {
         }
     }
 
-    /// The stamps of the policy file and the files it included when last
-    /// read.
-    fn stamps(&self) -> Vec<Stamp> {
-        std::iter::once(self.path.as_path())
-            .chain(self.last_seen.included.iter().map(|(p, _)| p.as_path()))
-            .map(stamp)
-            .collect()
-    }
 
     /// Reads the file once; applies it if it changed and is valid. Fails
     /// only when the ECDS file cannot be written.
     pub fn poll(&mut self) -> Result<()> {
-        let stamps = self.stamps();
+        let stamps = self.last_seen.stamps();
         if stamps == self.last_stamps {
             return Ok(());
         }
