@@ -83,6 +83,10 @@ def policy(path):
                "prices": {"claude-*": {"input": 3, "output": 15}, "gpt-*": {"input": 0.15, "output": 0.6}}}, open(path, "w"))
 
 
+# The `tollgate run` process (collector and mock provider), once started.
+GATEWAY = [0]
+
+
 def start_gateway():
     pol = os.path.join(work, "policy.json")
     policy(pol)
@@ -93,6 +97,7 @@ def start_gateway():
                           "--state-dir", state, "--wasm", WASM, "--envoy", ENVOY, "--concurrency", "1",
                           "--mock-event-delay-ms", "0", "--audit-flush-ms", "1000"], stdout=out, stderr=subprocess.STDOUT)
     procs.append(p)
+    GATEWAY[0] = p.pid
     ready = os.path.join(state, "ready.json")
     deadline = time.time() + 120
     while not os.path.exists(ready):
@@ -231,17 +236,18 @@ def main():
         for v in VARIANTS:
             pid, port = variants[v]["pid"], variants[v]["listen"]
             wrk(port, path, body, key, exchange, openai, conns, 1)  # warm-up
-            cpu, rps, p50, p99 = [], [], [], []
+            cpu, rps, p50, p99, gw = [], [], [], [], []
             for _ in range(RUNS):
-                c0 = cpu_seconds(pid)
+                c0, g0 = cpu_seconds(pid), cpu_seconds(GATEWAY[0])
                 n, r, _, _ = wrk(port, path, body, key, exchange, openai, conns, SECONDS)
                 cpu.append((cpu_seconds(pid) - c0) / n * 1e6)
+                gw.append((cpu_seconds(GATEWAY[0]) - g0) / n * 1e6)
                 rps.append(r)
                 _, _, a, z = wrk(port, path, body, key, exchange, openai, 2, 2)
                 p50.append(a)
                 p99.append(z)
             t = ttfb(port, path, body, key, exchange, openai) if "stream" in name else None
-            res[v] = {"cpu": med(cpu), "rps": med(rps), "p50": med(p50), "p99": med(p99), "ttfb": t}
+            res[v] = {"cpu": med(cpu), "rps": med(rps), "p50": med(p50), "p99": med(p99), "ttfb": t, "gw": med(gw)}
             log(f"  {name:<36} {v:<11} cpu/req {res[v]['cpu'][0]:8.1f} us  rps {res[v]['rps'][0]:8.0f}  p50 {res[v]['p50'][0]:.2f} ms  p99 {res[v]['p99'][0]:.2f} ms" + (f"  ttfb {t:.2f} ms" if t else ""))
         rows.append((name, res))
     mem = {v: rss_mb(variants[v]["pid"]) for v in variants}
@@ -263,9 +269,23 @@ def main():
         none, noop, noopb, tg = (res[v]["cpu"][0] for v in VARIANTS)
         ratio = f"Tollgate adds {(tg - none) / (noop - none):.1f}x what the no-op adds" if noop - none > 2 else "no-op cost within noise"
         print(f"{'':<36} {'added CPU us':<14} {'':>15} {noop - none:8.2f}       {noopb - none:8.2f}       {tg - none:8.2f}       {ratio}")
+    collector_share(rows)
     profile(variants, b)
     v8, native = phases()
     targets(rows, v8, native)
+
+
+def collector_share(rows):
+    """The in-process collector's CPU per request, in place: the `tollgate
+    run` process (collector and mock provider) under Tollgate's Envoy, less
+    the same process under Envoy with no filter (the same mock answers, its
+    access log carries no audit record to store)."""
+    print("\nEnvoy and the collector, CPU per request (the collector: `tollgate run`'s process under Tollgate less under no filter):")
+    for name, res in rows:
+        (gw_tg, s_tg), (gw_none, s_none) = res["tollgate"]["gw"], res["none"]["gw"]
+        env, s_env = res["tollgate"]["cpu"]
+        col = gw_tg - gw_none
+        print(f"  {name:<36} Envoy {env:7.1f} us ±{s_env:<5.1f} collector {col:6.1f} us ±{s_tg + s_none:<5.1f} together {env + col:7.1f} us")
 
 
 def profile(variants, b):
