@@ -18,11 +18,16 @@ pub struct KeysOptions {
     pub path: String,
 }
 
+/// Failed calls between two warnings (a minute of retries).
+const FAILURES_PER_LOG: u32 = 60;
+
 pub struct Fetcher {
     options: KeysOptions,
     fetch: KeyFetch,
     /// The token of the call under way.
     token: Option<u32>,
+    /// Calls failed in a row: logged at the first and every minute after.
+    failures: u32,
 }
 
 impl Fetcher {
@@ -31,6 +36,7 @@ impl Fetcher {
             options,
             fetch: KeyFetch::new(vm),
             token: None,
+            failures: 0,
         }
     }
 
@@ -54,7 +60,13 @@ impl Fetcher {
         ) {
             Ok(token) => self.token = Some(token),
             Err(status) => {
-                log::warn!("key table: call to cluster {cluster} not started: {status:?}");
+                self.failures += 1;
+                if self.failures % FAILURES_PER_LOG == 1 {
+                    log::warn!(
+                        "key table: call to cluster {cluster} not started: {status:?} (is the cluster defined?); {} failed in a row",
+                        self.failures
+                    );
+                }
                 self.fetch.not_started(&Hostcalls, now);
             }
         }
@@ -74,6 +86,13 @@ impl Fetcher {
         let applied = self
             .fetch
             .on_response(&Hostcalls, page.as_ref(), Hostcalls.now());
+        if !matches!(applied, Applied::Failed(_)) && self.failures > 0 {
+            log::info!(
+                "key table: the key service answers again, after {} failed calls",
+                self.failures
+            );
+            self.failures = 0;
+        }
         let moved = match applied {
             Applied::Records {
                 written,
@@ -90,7 +109,16 @@ impl Fetcher {
             }
             Applied::Records { state: None, .. } => false,
             Applied::Failed(why) => {
-                log::warn!("key table: {why}; retrying");
+                self.failures += 1;
+                // Calls are retried every second: say it at the first
+                // failure and once a minute while it lasts.
+                if self.failures % FAILURES_PER_LOG == 1 {
+                    log::warn!(
+                        "key table: {why}; retrying every {} ms ({} failed in a row; keys already loaded keep working)",
+                        tollgate_core::sync::keys::RETRY_MS,
+                        self.failures
+                    );
+                }
                 false
             }
         };
