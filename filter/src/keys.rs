@@ -9,6 +9,7 @@ use crate::host::Hostcalls;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
 use std::time::Duration;
+use tollgate_core::host::SharedStore;
 use tollgate_core::sync::keys::{Applied, KeyFetch, Page, CALL_TIMEOUT_MS};
 
 /// Where the key service is: VM options `{"keys": {"cluster": ..., "path": ...}}`.
@@ -26,8 +27,6 @@ pub struct Fetcher {
     fetch: KeyFetch,
     /// The token of the call under way.
     token: Option<u32>,
-    /// Calls failed in a row: logged at the first and every minute after.
-    failures: u32,
 }
 
 impl Fetcher {
@@ -36,7 +35,6 @@ impl Fetcher {
             options,
             fetch: KeyFetch::new(vm),
             token: None,
-            failures: 0,
         }
     }
 
@@ -60,11 +58,10 @@ impl Fetcher {
         ) {
             Ok(token) => self.token = Some(token),
             Err(status) => {
-                self.failures += 1;
-                if self.failures % FAILURES_PER_LOG == 1 {
+                let failures = failed_in_a_row(true);
+                if failures % FAILURES_PER_LOG == 1 {
                     log::warn!(
-                        "key table: call to cluster {cluster} not started: {status:?} (is the cluster defined?); {} failed in a row",
-                        self.failures
+                        "key table: call to cluster {cluster} not started: {status:?} (is the cluster defined?); {failures} failed in a row"
                     );
                 }
                 self.fetch.not_started(&Hostcalls, now);
@@ -86,12 +83,13 @@ impl Fetcher {
         let applied = self
             .fetch
             .on_response(&Hostcalls, page.as_ref(), Hostcalls.now());
-        if !matches!(applied, Applied::Failed(_)) && self.failures > 0 {
-            log::info!(
-                "key table: the key service answers again, after {} failed calls",
-                self.failures
-            );
-            self.failures = 0;
+        if !matches!(applied, Applied::Failed(_)) {
+            let failures = failed_in_a_row(false);
+            if failures > 0 {
+                log::info!(
+                    "key table: the key service answers again, after {failures} failed calls"
+                );
+            }
         }
         let moved = match applied {
             Applied::Records {
@@ -109,14 +107,14 @@ impl Fetcher {
             }
             Applied::Records { state: None, .. } => false,
             Applied::Failed(why) => {
-                self.failures += 1;
-                // Calls are retried every second: say it at the first
-                // failure and once a minute while it lasts.
-                if self.failures % FAILURES_PER_LOG == 1 {
+                // Calls are retried every second, by whichever VM takes the
+                // lease: the count is the Envoy's, so it is said at the
+                // first failure and once a minute while it lasts.
+                let failures = failed_in_a_row(true);
+                if failures % FAILURES_PER_LOG == 1 {
                     log::warn!(
-                        "key table: {why}; retrying every {} ms ({} failed in a row; keys already loaded keep working)",
+                        "key table: {why}; retrying every {} ms ({failures} failed in a row; keys already loaded keep working)",
                         tollgate_core::sync::keys::RETRY_MS,
-                        self.failures
                     );
                 }
                 false
@@ -129,6 +127,28 @@ impl Fetcher {
     /// The VM stops: another takes the fetching over at once.
     pub fn release(&mut self) {
         self.fetch.release(&Hostcalls);
+    }
+}
+
+/// Shared-data key of the fetch calls failed in a row, across the VMs.
+const FAILURES_KEY: &str = "tollgate/keys/failures";
+
+/// Counts a failed call (`true`) and returns the count, or on a success
+/// returns the count it ends and resets it. Not on the request path: one
+/// read per answer, a write when the count changes.
+fn failed_in_a_row(failed: bool) -> u32 {
+    let now = Hostcalls
+        .get(FAILURES_KEY)
+        .and_then(|(b, _)| Some(u32::from_le_bytes(b.get(..4)?.try_into().ok()?)))
+        .unwrap_or(0);
+    let next = if failed { now.saturating_add(1) } else { 0 };
+    if next != now {
+        let _ = Hostcalls.set(FAILURES_KEY, &next.to_le_bytes(), 0);
+    }
+    if failed {
+        next
+    } else {
+        now
     }
 }
 

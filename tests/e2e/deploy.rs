@@ -1399,4 +1399,19 @@ fn istio_configured_filter_takes_its_keys_from_the_collector() {
     std::fs::write(&policy, keys(r#""revoked": true"#)).unwrap();
     until("tg-alice", 401, "alice after her revocation");
     assert_eq!(status("tg-bob"), 200, "bob is untouched");
+
+    // The key service goes away: what Envoy loaded keeps working while the
+    // fetcher retries (every second, logged once a minute).
+    drop(collector);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(status("tg-bob"), 200, "bob, with the key service gone");
+    assert_eq!(status("tg-alice"), 401, "alice, still revoked");
+    let log = std::fs::read_to_string(dir.path().join("envoy.log")).unwrap();
+    assert_eq!(
+        log.matches("(1 failed in a row; keys already loaded keep working)")
+            .count(),
+        1,
+        "one warning for this Envoy, not one per retry or per VM:\n{log}"
+    );
+    assert!(!log.contains("(2 failed in a row"), "{log}");
 }

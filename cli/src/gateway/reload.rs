@@ -72,7 +72,6 @@ impl PolicyWatch {
         }
     }
 
-
     /// Reads the file once; applies it if it changed and is valid. Fails
     /// only when the ECDS file cannot be written.
     pub fn poll(&mut self) -> Result<()> {
