@@ -279,6 +279,14 @@ impl Sources {
         Ok(policy.keys().len())
     }
 
+    /// [`Sources::parse`] without the keys (skipped, not built): what the
+    /// filter configuration carries with a key service.
+    pub fn parse_base(&self) -> Result<serde_json::Value, Vec<String>> {
+        let (bytes, _) = self.document()?;
+        tollgate_core::policy::table::base_document(&bytes)
+            .map_err(|e| vec![format!("{}: {e}", self.name())])
+    }
+
     /// The document (includes merged) as JSON, not checked: see
     /// [`Sources::check`].
     pub fn parse(&self) -> Result<serde_json::Value, Vec<String>> {

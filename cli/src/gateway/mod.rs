@@ -35,7 +35,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::process::Child;
 use tokio::task::JoinHandle;
-use tollgate_core::policy::table;
 
 /// What every gateway needs, whoever runs Envoy.
 #[derive(Debug, Clone)]
@@ -227,12 +226,18 @@ pub async fn start(
         let sources = sources.clone();
         tokio::task::spawn_blocking(move || sources.check())
     };
-    let doc = {
+    // The keys' part, for the key table, is parsed beside Envoy's start;
+    // the rest first, for Envoy's filter configuration.
+    let parsing = {
         let sources = sources.clone();
-        tokio::task::spawn_blocking(move || sources.parse()).await?
+        tokio::task::spawn_blocking(move || sources.parse())
     };
-    let doc = match doc {
-        Ok(doc) => doc,
+    let base = {
+        let sources = sources.clone();
+        tokio::task::spawn_blocking(move || sources.parse_base()).await?
+    };
+    let base = match base {
+        Ok(base) => base,
         // Not even JSON: the checks say where, with every other error.
         Err(_) => return Err(policy_errors(&opts.policy, checking.await?.err())),
     };
@@ -274,7 +279,7 @@ pub async fn start(
         keys: Some(render::KEYS_CLUSTER.to_string()),
         ..vm_options(&opts)
     };
-    let configured = table::without_keys(&doc).to_string();
+    let configured = base.to_string();
     write_config(&layout, &configured, &wasm, &vm, &gateway, &providers)?;
 
     let binary = envoy::binary(envoy_opts.binary);
@@ -290,7 +295,11 @@ pub async fn start(
             Ok(n) => n,
             Err(errors) => return Err(policy_errors(&opts.policy, Some(errors))),
         };
-        keys.update(&doc);
+        let doc = parsing
+            .await?
+            .map_err(|errors| policy_errors(&opts.policy, Some(errors)))?;
+        let table = keys.clone();
+        tokio::task::spawn_blocking(move || table.update(&doc)).await?;
         envoy::wait_ready(&mut child, admin, listen, &layout).await?;
         keys.confirmed(KEYS_LOAD_TIMEOUT).await?;
         Ok(key_count)
