@@ -19,6 +19,7 @@ pub mod retention;
 pub mod series;
 pub mod sheet;
 pub mod store;
+pub mod wire;
 
 #[cfg(test)]
 mod cpu_bench;
@@ -26,13 +27,7 @@ mod cpu_bench;
 mod disk_bench;
 
 use anyhow::Result;
-use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::{
-    AccessLogService, AccessLogServiceServer,
-};
-use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::LogEntries;
-use envoy_types::pb::envoy::service::accesslog::v3::{
-    StreamAccessLogsMessage, StreamAccessLogsResponse,
-};
+use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsResponse;
 use envoy_types::pb::google::protobuf::Any;
 use futures_util::FutureExt;
 use prost::Message;
@@ -56,6 +51,10 @@ const BATCH: usize = 512;
 /// steady load, and delays a record by far less than Envoy's own flush
 /// interval already does.
 const LINGER: Duration = Duration::from_millis(50);
+
+/// The HTTP/2 flow-control window of each access-log stream and of the
+/// connection, in bytes.
+const WINDOW: u32 = 1 << 20;
 
 /// Counters of what the collector saw, for metrics and tests.
 #[derive(Debug, Default)]
@@ -131,35 +130,31 @@ fn record_from_any(any: &Any) -> Result<AuditRecord, String> {
         .map_err(|raw| format!("invalid audit record: {}", first.unwrap_or(raw)))
 }
 
+/// The HTTP entries of one message.
+fn entries_in(msg: &wire::LogMessage) -> &[wire::HttpEntry] {
+    msg.http_logs
+        .as_ref()
+        .map_or(&[], |logs| logs.log_entry.as_slice())
+}
+
 /// The Tollgate records carried by one message, each decoded once; `Err`
 /// for an entry whose filter state is not a valid record. Entries without
 /// the state are skipped.
-fn records_in(
-    msg: &StreamAccessLogsMessage,
-) -> impl Iterator<Item = Result<AuditRecord, String>> + '_ {
-    let entries = match &msg.log_entries {
-        Some(LogEntries::HttpLogs(logs)) => logs.log_entry.as_slice(),
-        _ => &[],
-    };
-    entries.iter().filter_map(|entry| {
-        let any = entry
-            .common_properties
-            .as_ref()?
-            .filter_state_objects
-            .get(FILTER_STATE_KEY)?;
-        let code = entry
-            .response
-            .as_ref()
-            .and_then(|r| r.response_code)
-            .map(|c| c.value as u16);
+fn records_in(msg: &wire::LogMessage) -> impl Iterator<Item = Result<AuditRecord, String>> + '_ {
+    entries_in(msg).iter().filter_map(|entry| {
+        let any = entry.filter_state(FILTER_STATE_KEY)?;
+        let code = entry.response_code().map(|c| c as u16);
         Some(record_from_any(any).map(|r| with_envoy_status(r, code)))
     })
 }
 
-/// The Tollgate records carried by one message (see [`records_in`]).
+/// The Tollgate records carried by one message as Envoy encodes it (see
+/// [`records_in`]).
 #[cfg(test)]
-pub fn records_from_message(msg: &StreamAccessLogsMessage) -> Vec<Result<AuditRecord, String>> {
-    records_in(msg).collect()
+pub fn records_from_message(
+    msg: &envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage,
+) -> Vec<Result<AuditRecord, String>> {
+    records_in(&tests::lean(msg)).collect()
 }
 /// A record the filter never completed (Envoy answered itself, or the client
 /// or upstream went away) takes its status from Envoy's access-log entry.
@@ -192,11 +187,8 @@ struct Service {
 }
 
 impl Service {
-    fn accept(&self, msg: &StreamAccessLogsMessage) {
-        let entries = match &msg.log_entries {
-            Some(LogEntries::HttpLogs(l)) => l.log_entry.len() as u64,
-            _ => 0,
-        };
+    fn accept(&self, msg: &wire::LogMessage) {
+        let entries = entries_in(msg).len() as u64;
         self.stats.received.fetch_add(entries, Ordering::Relaxed);
         let mut with_record = 0u64;
         for r in records_in(msg) {
@@ -230,11 +222,19 @@ async fn stopped(mut stopping: watch::Receiver<bool>) {
     }
 }
 
-#[tonic::async_trait]
-impl AccessLogService for Service {
-    async fn stream_access_logs(
+impl wire::Sink for Service {
+    fn stream_access_logs(
+        self: Arc<Self>,
+        request: tonic::Request<tonic::Streaming<wire::LogMessage>>,
+    ) -> tonic::codegen::BoxFuture<tonic::Response<StreamAccessLogsResponse>, tonic::Status> {
+        Box::pin(async move { self.stream(request).await })
+    }
+}
+
+impl Service {
+    async fn stream(
         &self,
-        request: tonic::Request<tonic::Streaming<StreamAccessLogsMessage>>,
+        request: tonic::Request<tonic::Streaming<wire::LogMessage>>,
     ) -> Result<tonic::Response<StreamAccessLogsResponse>, tonic::Status> {
         let authorization = request.metadata().get("authorization");
         if !self.token.allows(authorization.map(|v| v.as_bytes())) {
@@ -465,7 +465,12 @@ pub async fn serve_with_stats(
         stopping,
     };
     tonic::transport::Server::builder()
-        .add_service(AccessLogServiceServer::new(service))
+        // HTTP/2 windows of 1 MiB rather than 64 KiB: the server grants a
+        // window update each time half of one is read, a write and a
+        // wake-up every few of Envoy's 16 KiB messages otherwise.
+        .initial_stream_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW)
+        .add_service(wire::AccessLogServer::new(service))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             async move {
@@ -487,7 +492,15 @@ mod tests {
     use super::*;
     use envoy_types::pb::envoy::data::accesslog::v3::{AccessLogCommon, HttpAccessLogEntry};
     use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
-    use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::HttpAccessLogEntries;
+    use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::{
+        HttpAccessLogEntries, LogEntries,
+    };
+    use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
+
+    /// `msg` as the collector decodes it from the wire.
+    pub fn lean(msg: &StreamAccessLogsMessage) -> wire::LogMessage {
+        wire::LogMessage::decode(msg.encode_to_vec().as_slice()).unwrap()
+    }
 
     fn entry(state: Option<Any>) -> HttpAccessLogEntry {
         let mut common = AccessLogCommon::default();
@@ -578,12 +591,12 @@ mod tests {
             token: auth::WriteToken::open(),
             stopping,
         };
-        service.accept(&message(vec![
+        service.accept(&lean(&message(vec![
             entry(Some(bytes_value(&json("kept")))),
             entry(Some(bytes_value(&json("lost1")))),
             entry(None),
             entry(Some(bytes_value(&json("lost2")))),
-        ]));
+        ])));
         let stats = &service.stats;
         assert_eq!(stats.received.load(Ordering::Relaxed), 4);
         assert_eq!(stats.without_record.load(Ordering::Relaxed), 1);

@@ -788,11 +788,13 @@ fn gaps_ignore_numbers_retention_deleted(s: &dyn AuditBackend) {
     );
 }
 
-/// A store written before the audit sequence opens, gains its columns, and
-/// keeps its rows.
+/// A store written before the audit sequence opens, gains its columns,
+/// keeps its rows, and loses the `audit_key` index no query used;
+/// `index_count` counts the indexes of that name.
 fn a_store_from_before_the_sequence_gains_its_columns(
     open: impl Fn() -> AuditStore,
     create: &dyn Fn(&str),
+    index_count: &str,
 ) {
     create(
         "CREATE TABLE audit (seq INTEGER PRIMARY KEY, request_id TEXT NOT NULL UNIQUE,
@@ -804,9 +806,18 @@ fn a_store_from_before_the_sequence_gains_its_columns(
             record TEXT NOT NULL);
          INSERT INTO audit (request_id, timestamp_ms, complete, route, decision, reason, status, record)
          VALUES ('old', 1, 1, 'anthropic.messages', 'allowed', 'ok', 200,
-            '{\"schema\":1,\"request_id\":\"old\",\"timestamp_ms\":1,\"complete\":true,\"key_id\":null,\"user\":null,\"team\":null,\"project\":null,\"app\":null,\"agent\":null,\"environment\":null,\"cost_center\":null,\"groups\":[],\"route\":\"anthropic.messages\",\"provider\":\"anthropic\",\"model_requested\":null,\"model_served\":null,\"stream\":false,\"decision\":\"allowed\",\"reason\":\"ok\",\"detail\":null,\"status\":200,\"tokens\":{\"input_estimated\":0,\"output_reserved\":0,\"input\":null,\"output\":null,\"cache_write\":null,\"cache_read\":null},\"cost_usd\":null,\"latency_ms\":null,\"bucket\":null}');",
+            '{\"schema\":1,\"request_id\":\"old\",\"timestamp_ms\":1,\"complete\":true,\"key_id\":null,\"user\":null,\"team\":null,\"project\":null,\"app\":null,\"agent\":null,\"environment\":null,\"cost_center\":null,\"groups\":[],\"route\":\"anthropic.messages\",\"provider\":\"anthropic\",\"model_requested\":null,\"model_served\":null,\"stream\":false,\"decision\":\"allowed\",\"reason\":\"ok\",\"detail\":null,\"status\":200,\"tokens\":{\"input_estimated\":0,\"output_reserved\":0,\"input\":null,\"output\":null,\"cache_write\":null,\"cache_read\":null},\"cost_usd\":null,\"latency_ms\":null,\"bucket\":null}');
+         CREATE INDEX audit_key ON audit(key_id);",
     );
     let store = open();
+    let mut indexes = None;
+    store
+        .query(index_count, &[Param::Text("audit_key")], &mut |row| {
+            indexes = row.nullable_int("n")?;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(indexes, Some(0));
     assert_eq!(store.get("old").unwrap().unwrap().origin, None);
     store.insert_batch(&[numbered("new", "e", 2, 10)]).unwrap();
     assert_eq!(store.gaps(0, u64::MAX).unwrap(), [gap("e", 1, 1, None, 10)]);
@@ -817,12 +828,16 @@ fn a_store_from_before_the_sequence_gains_its_columns(
 fn a_sqlite_store_from_before_the_sequence_gains_its_columns() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("old.db");
-    a_store_from_before_the_sequence_gains_its_columns(|| AuditStore::open(&db).unwrap(), &|sql| {
-        rusqlite::Connection::open(&db)
-            .unwrap()
-            .execute_batch(sql)
-            .unwrap()
-    });
+    a_store_from_before_the_sequence_gains_its_columns(
+        || AuditStore::open(&db).unwrap(),
+        &|sql| {
+            rusqlite::Connection::open(&db)
+                .unwrap()
+                .execute_batch(sql)
+                .unwrap()
+        },
+        "SELECT count(*) AS n FROM sqlite_master WHERE type = 'index' AND name = $1",
+    );
 }
 
 #[test]
@@ -838,6 +853,7 @@ fn a_postgres_store_from_before_the_sequence_gains_its_columns() {
                 .batch_execute(&sql.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY"))
                 .unwrap()
         },
+        "SELECT count(*) AS n FROM pg_indexes WHERE schemaname = current_schema() AND indexname = $1",
     );
 }
 
