@@ -62,12 +62,28 @@ fn ms(n: i32) -> Option<PbDuration> {
     })
 }
 
+/// Record `i`'s request id as Envoy makes them: a random (version 4) UUID,
+/// here drawn from a hash of `i` so that runs are alike. Ids in order
+/// would flatter the store: its unique index on `request_id` takes random
+/// ids all over its pages, as it does in production (about 5 µs more per
+/// record paced, measured when this was switched).
+fn request_id(i: usize) -> String {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest((i as u64).to_le_bytes());
+    let hex: String = h.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    let (a, rest) = hex.split_at(8);
+    let (b, rest) = rest.split_at(4);
+    let (c, rest) = rest.split_at(4);
+    let (d, e) = rest.split_at(4);
+    format!("{a}-{b}-4{}-{d}-{e}", c.get(1..).unwrap_or_default())
+}
+
 /// A complete record with identity, models, tokens and cost: what a
 /// served request's audit record holds.
 pub(super) fn record(i: usize) -> AuditRecord {
     AuditRecord {
         schema: 1,
-        request_id: format!("bench-{i:08}-5f0c2a4e-8f1d-4c7a-9a57-2f1f0c3d4b5a"),
+        request_id: request_id(i),
         timestamp_ms: 1_790_000_000_000 + i as u64,
         complete: true,
         key_id: Some(format!("key-{}", i % 500)),
@@ -138,7 +154,7 @@ fn entry(i: usize) -> HttpAccessLogEntry {
             authority: "gateway.internal:8080".into(),
             path: "/v1/messages".into(),
             user_agent: "anthropic-sdk-python/0.40.0".into(),
-            request_id: format!("bench-{i:08}-5f0c2a4e-8f1d-4c7a-9a57-2f1f0c3d4b5a"),
+            request_id: request_id(i),
             request_headers_bytes: 412,
             request_body_bytes: 16_384,
             ..Default::default()
