@@ -107,7 +107,7 @@ fn resolve(path: &Path, bytes: Option<Vec<u8>>) -> Sources {
 /// policy is 17 MB).
 pub type Stamp = Option<(u64, Option<std::time::SystemTime>, u64)>;
 
-fn stamp(path: &Path) -> Stamp {
+pub fn stamp(path: &Path) -> Stamp {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
     Some((m.len(), m.modified().ok(), m.ino()))
@@ -117,10 +117,21 @@ impl Sources {
     /// The stamps of the policy file and of the files it included when
     /// read: unchanged, reading them again would find the same bytes.
     pub fn stamps(&self) -> Vec<Stamp> {
-        std::iter::once(self.path.as_path())
-            .chain(self.included.iter().map(|(p, _)| p.as_path()))
-            .map(stamp)
+        self.paths().iter().map(|p| stamp(p)).collect()
+    }
+
+    /// The policy file and the files it included when read.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        std::iter::once(self.path.clone())
+            .chain(self.included.iter().map(|(p, _)| p.clone()))
             .collect()
+    }
+
+    /// [`Sources::compiled`] without printing warnings, for a reader that
+    /// reads the policy again and again (the dashboard's burn-down), where
+    /// the gateway already said them once.
+    pub fn compiled_quietly(&self) -> Result<policy::Policy, Vec<String>> {
+        self.compile().map(|(policy, _, _)| policy)
     }
 
     /// Whether `file` is one of the included files.
@@ -333,15 +344,6 @@ pub fn load(path: &Path) -> Result<Loaded, Vec<String>> {
 /// bytes it came from. Warnings go to stderr; errors as [`load`]'s.
 pub fn compiled(path: &Path) -> Result<(policy::Policy, Vec<u8>), Vec<String>> {
     read(path).compiled()
-}
-
-/// [`compiled`] without printing warnings, for a reader that reads the
-/// policy again and again (the dashboard's burn-down), where the gateway
-/// already said them once.
-pub fn compiled_quietly(path: &Path) -> Result<(policy::Policy, Vec<u8>), Vec<String>> {
-    read(path)
-        .compile()
-        .map(|(policy, _, bytes)| (policy, bytes))
 }
 
 /// [`compiled`] for a command that reads a policy: each error on stderr,
