@@ -260,7 +260,7 @@ mod tests {
             )
         };
         std::fs::write(&file, policy(1000)).unwrap();
-        let store = AuditStore::open(&dir.path().join("audit.db")).unwrap();
+        let store = AuditStore::open(dir.path().join("audit.db")).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(serve(
