@@ -138,10 +138,14 @@ pub enum Stat {
     ShadowWouldDeny,
     Downgraded,
     Throttled,
+    /// Key-table records this Envoy wrote from the key service, and fetch
+    /// calls that failed (`crate::sync::keys`).
+    KeyRecords,
+    KeyFetchFailed,
 }
 
 /// Every stat besides decisions, with its name, in index order.
-const STATS: [(Stat, &str); 15] = [
+const STATS: [(Stat, &str); 17] = [
     (Stat::CasConflict, "tollgate.cas_conflicts"),
     (Stat::CasExhausted, "tollgate.cas_exhausted"),
     (Stat::UsageUnreadable, "tollgate.usage_unreadable"),
@@ -163,6 +167,8 @@ const STATS: [(Stat, &str); 15] = [
     (Stat::ShadowWouldDeny, "tollgate.ladder.shadow_would_deny"),
     (Stat::Downgraded, "tollgate.ladder.downgraded"),
     (Stat::Throttled, "tollgate.ladder.throttled"),
+    (Stat::KeyRecords, "tollgate.keys.records"),
+    (Stat::KeyFetchFailed, "tollgate.keys.fetch_failed"),
 ];
 
 impl Stat {

@@ -9,7 +9,7 @@ use crate::host::Hostcalls;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
 use std::time::Duration;
-use tollgate_core::host::SharedStore;
+use tollgate_core::host::{SharedStore, Stat};
 use tollgate_core::sync::keys::{Applied, KeyFetch, Page, CALL_TIMEOUT_MS};
 
 /// Where the key service is: VM options `{"keys": {"cluster": ..., "path": ...}}`.
@@ -58,6 +58,7 @@ impl Fetcher {
         ) {
             Ok(token) => self.token = Some(token),
             Err(status) => {
+                stat(Stat::KeyFetchFailed, 1);
                 let failures = failed_in_a_row(true);
                 if failures % FAILURES_PER_LOG == 1 {
                     log::warn!(
@@ -90,6 +91,10 @@ impl Fetcher {
                     "key table: the key service answers again, after {failures} failed calls"
                 );
             }
+        }
+        match &applied {
+            Applied::Records { written, .. } => stat(Stat::KeyRecords, *written as i64),
+            Applied::Failed(_) => stat(Stat::KeyFetchFailed, 1),
         }
         let moved = match applied {
             Applied::Records {
@@ -128,6 +133,10 @@ impl Fetcher {
     pub fn release(&mut self) {
         self.fetch.release(&Hostcalls);
     }
+}
+
+fn stat(stat: Stat, delta: i64) {
+    tollgate_core::host::RootHost::stat(&mut Hostcalls, stat, delta);
 }
 
 /// Shared-data key of the fetch calls failed in a row, across the VMs.

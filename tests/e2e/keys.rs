@@ -302,6 +302,12 @@ fn a_key_change_travels_alone_and_applies_within_a_second() {
     );
     let out = gw.log("tollgate.out");
     assert!(out.contains("1 key records changed"), "{out}");
+    // Records written into Envoy: the first table (1), the new key (1), its
+    // revocation (1), the last edit (2: one removed, one changed).
+    gw.wait_for_stat("tollgate.keys.records", |n| n == 5);
+    // No call failed: the counter is never defined, or zero.
+    let failed = gw.stats("tollgate.keys.fetch_failed");
+    assert!(failed.lines().all(|l| l.ends_with(": 0")), "{failed}");
     assert!(
         gw.log("envoy").contains("key table: "),
         "Envoy logs what it loaded"
