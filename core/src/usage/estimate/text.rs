@@ -163,6 +163,7 @@ impl Runs {
     /// from the masks: a run of up to `k` characters of a class counted one
     /// token per `k` is one token, so only the rare longer runs are measured
     /// one by one.
+    #[inline(always)]
     fn ascii(&mut self, m: &Masks, n: u32) {
         let valid = u64::MAX >> (64 - n.clamp(1, 64));
         let continuing = match self.run {
@@ -373,6 +374,13 @@ fn scan_runs(
             }
         };
         let m = classify(window, json);
+        if m.special == 0 {
+            // Most windows of a prompt: 64 plain ASCII characters, read
+            // by the same step with its bounds known (inlined for them).
+            runs.ascii(&m, 64);
+            base += 64;
+            continue;
+        }
         let mut a = 0u32;
         while a < 64 {
             let special = m.special >> a;
