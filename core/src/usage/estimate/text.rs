@@ -339,27 +339,37 @@ pub(super) fn hex4(bytes: &[u8], i: usize) -> Option<u32> {
     })
 }
 
+/// What reading a text found.
+pub(super) struct Scanned {
+    pub(super) tokens: u64,
+    /// Where reading stopped: the closing quote, or the end.
+    pub(super) end: usize,
+    /// JSON escapes met on the way.
+    pub(super) escapes: usize,
+}
+
 /// Reads `bytes` window by window; `json` says they are the inside of a
-/// JSON string (escapes decoded, ends at the closing quote). Returns the
-/// tokens and the index where reading stopped (the closing quote, or the
-/// end), or `None` if the string is not valid JSON.
-fn scan(
-    bytes: &[u8],
-    json: bool,
-    classify: impl Fn(&[u8; 64], bool) -> Masks,
-) -> Option<(u64, usize)> {
-    scan_runs(Runs::default(), bytes, json, classify).map(|(runs, end)| (runs.finish(), end))
+/// JSON string (escapes decoded, ends at the closing quote). `None` if the
+/// string is not valid JSON.
+fn scan(bytes: &[u8], json: bool, classify: impl Fn(&[u8; 64], bool) -> Masks) -> Option<Scanned> {
+    scan_runs(Runs::default(), bytes, json, classify).map(|(runs, end, escapes)| Scanned {
+        tokens: runs.finish(),
+        end,
+        escapes,
+    })
 }
 
 /// [`scan`] continuing from `runs` (a text that arrives in pieces): returns
-/// the runs with the run at the end still open, and where reading stopped.
+/// the runs with the run at the end still open, where reading stopped and
+/// the escapes met.
 fn scan_runs(
     mut runs: Runs,
     bytes: &[u8],
     json: bool,
     classify: impl Fn(&[u8; 64], bool) -> Masks,
-) -> Option<(Runs, usize)> {
+) -> Option<(Runs, usize, usize)> {
     let mut base = 0usize;
+    let mut escapes = 0usize;
     let mut tail = [0u8; 64];
     loop {
         let window = match bytes.get(base..base + 64) {
@@ -401,15 +411,18 @@ fn scan_runs(
                 return if json {
                     None
                 } else {
-                    Some((runs, bytes.len()))
+                    Some((runs, bytes.len(), escapes))
                 };
+            }
+            if json {
+                escapes += usize::from(bytes.get(i) == Some(&b'\\'));
             }
             match step(bytes, i, json) {
                 Step::Char(c, len) => {
                     runs.push(c);
                     a = b + len as u32;
                 }
-                Step::End => return Some((runs, i)),
+                Step::End => return Some((runs, i, escapes)),
                 Step::Invalid => return None,
             }
         }
@@ -419,15 +432,14 @@ fn scan_runs(
 
 /// Tokens of a piece of text by the character-class rule.
 pub(super) fn text_tokens(s: &str) -> u64 {
-    scan(s.as_bytes(), false, classify).map_or(0, |(t, _)| t)
+    scan(s.as_bytes(), false, classify).map_or(0, |s| s.tokens)
 }
 
 /// Tokens of a JSON string read in place: `raw` starts just after its
-/// opening quote. Returns the tokens and the index of the closing quote, or
-/// `None` when the string is not valid (a raw control, a bad escape, a lone
-/// surrogate, bad UTF-8, no closing quote): serde then reads it and reports
-/// the error.
-pub(super) fn json_text_tokens(raw: &[u8]) -> Option<(u64, usize)> {
+/// opening quote; `end` is the index of its closing quote. `None` when the
+/// string is not valid (a raw control, a bad escape, a lone surrogate, bad
+/// UTF-8, no closing quote): serde then reads it and reports the error.
+pub(super) fn json_text_tokens(raw: &[u8]) -> Option<Scanned> {
     scan(raw, true, classify)
 }
 
@@ -445,7 +457,7 @@ impl TextCounter {
     /// quote. Returns the index of the closing quote, or `None` (and adds
     /// nothing) when it is not a valid JSON string.
     pub fn push_json(&mut self, raw: &[u8]) -> Option<usize> {
-        let (runs, end) = scan_runs(self.runs, raw, true, classify)?;
+        let (runs, end, _) = scan_runs(self.runs, raw, true, classify)?;
         self.runs = runs;
         Some(end)
     }
@@ -462,7 +474,7 @@ pub(super) fn text_tokens_with(
     json: bool,
     classify: impl Fn(&[u8; 64], bool) -> Masks,
 ) -> Option<(u64, usize)> {
-    scan(s, json, classify)
+    scan(s, json, classify).map(|s| (s.tokens, s.end))
 }
 
 #[cfg(test)]
