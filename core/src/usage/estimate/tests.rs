@@ -310,6 +310,15 @@ fn invalid_strings_are_left_to_serde() {
         b"short \\u12\"",
         b"bad utf-8 \xff\"",
         b"cut \xc3",
+        b"cut \xe4\xb8\"",
+        b"cut \xf0\x9f\x98 \"",
+        b"overlong \xc0\x80\"",
+        b"overlong \xe0\x80\xaf\"",
+        b"overlong \xf0\x8f\xbf\xbf\"",
+        b"surrogate \xed\xa0\x80\"",
+        b"above U+10FFFF \xf4\x90\x80\x80\"",
+        b"above U+10FFFF \xf5\x80\x80\x80\"",
+        b"lone continuation \x80\"",
         b"no closing quote",
     ] {
         assert_eq!(
@@ -319,6 +328,40 @@ fn invalid_strings_are_left_to_serde() {
             String::from_utf8_lossy(raw)
         );
     }
+}
+
+/// UTF-8 is decoded in place by hand: on random bytes around the edges of
+/// its encodings, a string is read in place exactly when serde reads it
+/// (valid UTF-8), and then to the rule's count.
+#[test]
+fn in_place_reads_exactly_the_utf8_serde_reads() {
+    let mut rng = Rng(31);
+    let alphabet = [
+        b'a', b' ', b'.', 0x7f, 0x80, 0x8f, 0x90, 0x9f, 0xa0, 0xbf, 0xc0, 0xc1, 0xc2, 0xc3, 0xdf,
+        0xe0, 0xe4, 0xed, 0xee, 0xef, 0xf0, 0xf1, 0xf4, 0xf5, 0xff,
+    ];
+    let mut valid = 0;
+    for case in 0..50_000 {
+        let len = 1 + rng.below(12);
+        let mut raw: Vec<u8> = (0..len)
+            .map(|_| alphabet[rng.below(alphabet.len())])
+            .collect();
+        let through_serde = serde_json::from_slice::<String>(&[b"\"", &raw[..], b"\""].concat());
+        raw.push(b'"');
+        let in_place = text_tokens_with(&raw, true, classify);
+        match through_serde {
+            Ok(text) => {
+                valid += 1;
+                assert_eq!(
+                    in_place,
+                    Some((rule::text_tokens(&text), len)),
+                    "case {case}: {raw:x?}"
+                );
+            }
+            Err(_) => assert_eq!(in_place, None, "case {case}: {raw:x?}"),
+        }
+    }
+    assert!(valid > 1_000, "{valid} valid strings");
 }
 
 /// The strings of a JSON text, raw: each `"..."` with its escapes.

@@ -281,20 +281,44 @@ fn step(bytes: &[u8], i: usize, json: bool) -> Step {
             _ => Step::Char(Class::of_ascii(b), 1),
         };
     }
-    let width = match b {
-        0xC2..=0xDF => 2,
-        0xE0..=0xEF => 3,
-        0xF0..=0xF4 => 4,
-        _ => return Step::Invalid,
-    };
-    match bytes
-        .get(i..i + width)
-        .and_then(|c| std::str::from_utf8(c).ok())
-        .and_then(|c| c.chars().next())
-    {
-        Some(c) => Step::Char(Class::of(c), width),
+    match utf8_char(bytes, i, b) {
+        Some((c, width)) => Step::Char(Class::of(c), width),
         None => Step::Invalid,
     }
+}
+
+/// The character whose UTF-8 encoding starts with `b0` at `bytes[i]`, and
+/// its width; `None` if the encoding is invalid. Decoded by hand rather
+/// than with `str::from_utf8` on its bytes: that call, made for every
+/// character of a CJK prompt, cost more than all the rest of its reading
+/// (in V8). The checks are UTF-8's: continuation bytes, no overlong form
+/// (the code point needs the width), no surrogate and nothing above
+/// U+10FFFF (`char::from_u32`).
+fn utf8_char(bytes: &[u8], i: usize, b0: u8) -> Option<(char, usize)> {
+    let next = |k: usize| {
+        bytes
+            .get(i + k)
+            .filter(|b| *b & 0xC0 == 0x80)
+            .map(|b| u32::from(b & 0x3F))
+    };
+    let (code, width, least) = match b0 {
+        0xC2..=0xDF => (u32::from(b0 & 0x1F) << 6 | next(1)?, 2, 0x80),
+        0xE0..=0xEF => (
+            u32::from(b0 & 0x0F) << 12 | next(1)? << 6 | next(2)?,
+            3,
+            0x800,
+        ),
+        0xF0..=0xF4 => (
+            u32::from(b0 & 0x07) << 18 | next(1)? << 12 | next(2)? << 6 | next(3)?,
+            4,
+            0x1_0000,
+        ),
+        _ => return None,
+    };
+    if code < least {
+        return None;
+    }
+    Some((char::from_u32(code)?, width))
 }
 
 /// The class of the character a JSON escape at `bytes[i]` stands for.
