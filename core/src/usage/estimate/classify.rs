@@ -131,47 +131,89 @@ mod simd {
 
     /// 16 bytes per v128. Unsigned ranges are tested with one signed
     /// compare: `b - (lo + 0x80)` is below `-128 + len` (as i8) exactly
-    /// when `b` is in `lo..lo + len`.
+    /// when `b` is in `lo..lo + len`. Letters and spaces come first: a
+    /// window of nothing else (much of a prompt) needs no other test, which
+    /// took a third off a 900 KB prompt's estimate in V8.
     pub(in super::super) fn classify(w: &[u8; 64], json: bool) -> Masks {
-        let mut m = Masks::default();
-        for (k, chunk) in w.chunks_exact(16).enumerate() {
-            let Ok(&[b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15]) =
-                <&[u8; 16]>::try_from(chunk)
-            else {
-                continue;
-            };
-            let x = u8x16(
-                b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
-            );
-            let folded = v128_or(x, u8x16_splat(0x20));
-            let letter = i8x16_lt(
-                u8x16_sub(folded, u8x16_splat(b'a' + 0x80)),
-                i8x16_splat(-128 + 26),
-            );
-            let digit = i8x16_lt(
-                u8x16_sub(x, u8x16_splat(b'0' + 0x80)),
-                i8x16_splat(-128 + 10),
-            );
-            let blank = u8x16_eq(x, u8x16_splat(b' '));
+        let [q0, q1, q2, q3] = quarters(w);
+        let special = |x: v128| {
             // Signed: bytes from 0x80 are negative, so one compare finds
             // controls and non-ASCII bytes.
-            let mut special = i8x16_lt(x, i8x16_splat(0x20));
+            let s = i8x16_lt(x, i8x16_splat(0x20));
             if json {
-                special = v128_or(
-                    special,
+                v128_or(
+                    s,
                     v128_or(
                         u8x16_eq(x, u8x16_splat(b'"')),
                         u8x16_eq(x, u8x16_splat(b'\\')),
                     ),
+                )
+            } else {
+                s
+            }
+        };
+        let (s0, s1, s2, s3) = (special(q0), special(q1), special(q2), special(q3));
+        let letter = |x: v128| {
+            i8x16_lt(
+                u8x16_sub(v128_or(x, u8x16_splat(0x20)), u8x16_splat(b'a' + 0x80)),
+                i8x16_splat(-128 + 26),
+            )
+        };
+        let digit = |x: v128| {
+            i8x16_lt(
+                u8x16_sub(x, u8x16_splat(b'0' + 0x80)),
+                i8x16_splat(-128 + 10),
+            )
+        };
+        let blank = |x: v128| u8x16_eq(x, u8x16_splat(b' '));
+        let letter = join(letter(q0), letter(q1), letter(q2), letter(q3));
+        let blank = join(blank(q0), blank(q1), blank(q2), blank(q3));
+        if letter | blank == u64::MAX {
+            return Masks {
+                letter,
+                blank,
+                ..Masks::default()
+            };
+        }
+        Masks {
+            letter,
+            digit: join(digit(q0), digit(q1), digit(q2), digit(q3)),
+            blank,
+            special: join_any(s0, s1, s2, s3),
+        }
+    }
+
+    /// [`join`] for special bytes, which most windows of a prompt have none
+    /// of: one test of the four quarters saves four bitmasks.
+    fn join_any(a: v128, b: v128, c: v128, d: v128) -> u64 {
+        if v128_any_true(v128_or(v128_or(a, b), v128_or(c, d))) {
+            join(a, b, c, d)
+        } else {
+            0
+        }
+    }
+
+    /// The window as four v128s.
+    fn quarters(w: &[u8; 64]) -> [v128; 4] {
+        let mut q = [u8x16_splat(0); 4];
+        for (v, chunk) in q.iter_mut().zip(w.chunks_exact(16)) {
+            if let Ok(&[b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15]) =
+                <&[u8; 16]>::try_from(chunk)
+            {
+                *v = u8x16(
+                    b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
                 );
             }
-            let at = 16 * k as u32;
-            m.letter |= u64::from(u8x16_bitmask(letter)) << at;
-            m.digit |= u64::from(u8x16_bitmask(digit)) << at;
-            m.blank |= u64::from(u8x16_bitmask(blank)) << at;
-            m.special |= u64::from(u8x16_bitmask(special)) << at;
         }
-        m
+        q
+    }
+
+    /// The bit masks of four quarters' lanes as one u64 (quarter 0 low).
+    fn join(a: v128, b: v128, c: v128, d: v128) -> u64 {
+        u64::from(u8x16_bitmask(a))
+            | u64::from(u8x16_bitmask(b)) << 16
+            | u64::from(u8x16_bitmask(c)) << 32
+            | u64::from(u8x16_bitmask(d)) << 48
     }
 }
 
@@ -189,44 +231,80 @@ mod simd {
 
     #[target_feature(enable = "sse2")]
     fn sse2(w: &[u8; 64], json: bool) -> Masks {
-        let mut m = Masks::default();
-        for (k, chunk) in w.chunks_exact(16).enumerate() {
-            let Ok(&[b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15]) =
-                <&[u8; 16]>::try_from(chunk)
-            else {
-                continue;
-            };
-            let x = _mm_set_epi8(
-                b15 as i8, b14 as i8, b13 as i8, b12 as i8, b11 as i8, b10 as i8, b9 as i8,
-                b8 as i8, b7 as i8, b6 as i8, b5 as i8, b4 as i8, b3 as i8, b2 as i8, b1 as i8,
-                b0 as i8,
-            );
-            let folded = _mm_or_si128(x, _mm_set1_epi8(0x20));
-            let letter = _mm_cmplt_epi8(
-                _mm_sub_epi8(folded, _mm_set1_epi8((b'a' + 0x80) as i8)),
-                _mm_set1_epi8(-128 + 26),
-            );
-            let digit = _mm_cmplt_epi8(
-                _mm_sub_epi8(x, _mm_set1_epi8((b'0' + 0x80) as i8)),
-                _mm_set1_epi8(-128 + 10),
-            );
-            let blank = _mm_cmpeq_epi8(x, _mm_set1_epi8(b' ' as i8));
-            let mut special = _mm_cmplt_epi8(x, _mm_set1_epi8(0x20));
+        let [q0, q1, q2, q3] = quarters(w);
+        let special = |x: __m128i| {
+            let s = _mm_cmplt_epi8(x, _mm_set1_epi8(0x20));
             if json {
-                special = _mm_or_si128(
-                    special,
+                _mm_or_si128(
+                    s,
                     _mm_or_si128(
                         _mm_cmpeq_epi8(x, _mm_set1_epi8(b'"' as i8)),
                         _mm_cmpeq_epi8(x, _mm_set1_epi8(b'\\' as i8)),
                     ),
+                )
+            } else {
+                s
+            }
+        };
+        let (s0, s1, s2, s3) = (special(q0), special(q1), special(q2), special(q3));
+        let letter = |x: __m128i| {
+            _mm_cmplt_epi8(
+                _mm_sub_epi8(
+                    _mm_or_si128(x, _mm_set1_epi8(0x20)),
+                    _mm_set1_epi8((b'a' + 0x80) as i8),
+                ),
+                _mm_set1_epi8(-128 + 26),
+            )
+        };
+        let digit = |x: __m128i| {
+            _mm_cmplt_epi8(
+                _mm_sub_epi8(x, _mm_set1_epi8((b'0' + 0x80) as i8)),
+                _mm_set1_epi8(-128 + 10),
+            )
+        };
+        let blank = |x: __m128i| _mm_cmpeq_epi8(x, _mm_set1_epi8(b' ' as i8));
+        let letter = join(letter(q0), letter(q1), letter(q2), letter(q3));
+        let blank = join(blank(q0), blank(q1), blank(q2), blank(q3));
+        if letter | blank == u64::MAX {
+            return Masks {
+                letter,
+                blank,
+                ..Masks::default()
+            };
+        }
+        let any_special = _mm_or_si128(_mm_or_si128(s0, s1), _mm_or_si128(s2, s3));
+        Masks {
+            letter,
+            digit: join(digit(q0), digit(q1), digit(q2), digit(q3)),
+            blank,
+            special: if _mm_movemask_epi8(any_special) != 0 {
+                join(s0, s1, s2, s3)
+            } else {
+                0
+            },
+        }
+    }
+
+    #[target_feature(enable = "sse2")]
+    fn quarters(w: &[u8; 64]) -> [__m128i; 4] {
+        let mut q = [_mm_setzero_si128(); 4];
+        for (v, chunk) in q.iter_mut().zip(w.chunks_exact(16)) {
+            if let Ok(&[b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15]) =
+                <&[u8; 16]>::try_from(chunk)
+            {
+                *v = _mm_set_epi8(
+                    b15 as i8, b14 as i8, b13 as i8, b12 as i8, b11 as i8, b10 as i8, b9 as i8,
+                    b8 as i8, b7 as i8, b6 as i8, b5 as i8, b4 as i8, b3 as i8, b2 as i8, b1 as i8,
+                    b0 as i8,
                 );
             }
-            let at = 16 * k as u32;
-            m.letter |= u64::from(_mm_movemask_epi8(letter) as u16) << at;
-            m.digit |= u64::from(_mm_movemask_epi8(digit) as u16) << at;
-            m.blank |= u64::from(_mm_movemask_epi8(blank) as u16) << at;
-            m.special |= u64::from(_mm_movemask_epi8(special) as u16) << at;
         }
-        m
+        q
+    }
+
+    #[target_feature(enable = "sse2")]
+    fn join(a: __m128i, b: __m128i, c: __m128i, d: __m128i) -> u64 {
+        let mask = |v: __m128i| u64::from(_mm_movemask_epi8(v) as u16);
+        mask(a) | mask(b) << 16 | mask(c) << 32 | mask(d) << 48
     }
 }

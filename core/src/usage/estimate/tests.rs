@@ -86,6 +86,49 @@ fn simd_and_scalar_classifiers_give_the_masks_of_the_definition() {
     }
 }
 
+/// Most windows of a prompt are printable ASCII with no special byte at all,
+/// which the SIMD classifiers answer without taking the special bitmasks,
+/// many only letters and spaces, answered from those two masks: such
+/// windows, and ones with a single other byte anywhere.
+#[test]
+fn simd_classifier_gives_the_masks_of_the_definition_on_plain_ascii_windows() {
+    let mut rng = Rng(5);
+    let printable: Vec<u8> = (b' '..=b'~')
+        .filter(|b| !matches!(b, b'"' | b'\\'))
+        .collect();
+    let words = b"aZqz AMm ";
+    let special = b"\"\\\n\t\x0c\x00\x1f\x80\xc3\xff";
+    let other = b"09@[`{.-~\x7f\"\\\n\t\x0c\x00\x1f\x80\xc3\xff";
+    for case in 0..20_000 {
+        let mut w = [0u8; 64];
+        // A third of the windows only letters and spaces (then answered
+        // from those two masks alone), with one other byte half the time.
+        let only_words = case % 3 == 2;
+        for b in w.iter_mut() {
+            *b = if only_words {
+                words[rng.below(words.len())]
+            } else {
+                printable[rng.below(printable.len())]
+            };
+        }
+        if only_words {
+            if case % 2 == 1 {
+                w[rng.below(64)] = other[rng.below(other.len())];
+            }
+        } else if case % 2 == 1 {
+            w[rng.below(64)] = special[rng.below(special.len())];
+        }
+        for json in [false, true] {
+            assert_eq!(
+                classify(&w, json),
+                masks_by_definition(&w, json),
+                "case {case}: SIMD {SIMD}, json {json}: {:?}",
+                String::from_utf8_lossy(&w)
+            );
+        }
+    }
+}
+
 /// Pieces of prompt text as they appear inside a JSON string: words,
 /// numbers, punctuation, white space, escapes, multi-byte UTF-8.
 const PIECES: &[&str] = &[
@@ -238,6 +281,38 @@ fn in_place_simd_and_scalar_counts_equal_the_rule_on_random_strings() {
     }
 }
 
+/// Prompts of plain ASCII (most of them): whole windows without a special
+/// byte, read by the run step alone, with words, numbers and punctuation of
+/// every length running across window edges; now and then an escape or a
+/// non-ASCII letter between them.
+#[test]
+fn in_place_simd_and_scalar_counts_equal_the_rule_on_plain_ascii_prompts() {
+    let mut rng = Rng(23);
+    let run = |rng: &mut Rng, chars: &[u8], max: usize| -> String {
+        (0..1 + rng.below(max))
+            .map(|_| char::from(chars[rng.below(chars.len())]))
+            .collect()
+    };
+    for case in 0..2_000 {
+        let len = rng.below(3_000);
+        let mut raw = String::new();
+        while raw.len() < len {
+            let piece = match rng.below(20) {
+                0..=7 => run(&mut rng, b"abcdefghijklmnopqrstuvwxyzXY", 12),
+                8 => run(&mut rng, b"x", 150),
+                9..=10 => run(&mut rng, b"0123456789", 8),
+                11..=12 => run(&mut rng, b".,;:!?()-=<>{}[]*'/", 5),
+                13..=17 => run(&mut rng, b" ", 3),
+                // A line break and its indentation.
+                18 => format!("\\n{}", run(&mut rng, b" ", 70)),
+                _ => rng.pick(PIECES).to_string(),
+            };
+            raw.push_str(&piece);
+        }
+        assert_counts_agree(&raw, &format!("plain case {case}, {len} bytes"));
+    }
+}
+
 #[test]
 fn invalid_strings_are_left_to_serde() {
     for raw in [
@@ -249,6 +324,15 @@ fn invalid_strings_are_left_to_serde() {
         b"short \\u12\"",
         b"bad utf-8 \xff\"",
         b"cut \xc3",
+        b"cut \xe4\xb8\"",
+        b"cut \xf0\x9f\x98 \"",
+        b"overlong \xc0\x80\"",
+        b"overlong \xe0\x80\xaf\"",
+        b"overlong \xf0\x8f\xbf\xbf\"",
+        b"surrogate \xed\xa0\x80\"",
+        b"above U+10FFFF \xf4\x90\x80\x80\"",
+        b"above U+10FFFF \xf5\x80\x80\x80\"",
+        b"lone continuation \x80\"",
         b"no closing quote",
     ] {
         assert_eq!(
@@ -258,6 +342,40 @@ fn invalid_strings_are_left_to_serde() {
             String::from_utf8_lossy(raw)
         );
     }
+}
+
+/// UTF-8 is decoded in place by hand: on random bytes around the edges of
+/// its encodings, a string is read in place exactly when serde reads it
+/// (valid UTF-8), and then to the rule's count.
+#[test]
+fn in_place_reads_exactly_the_utf8_serde_reads() {
+    let mut rng = Rng(31);
+    let alphabet = [
+        b'a', b' ', b'.', 0x7f, 0x80, 0x8f, 0x90, 0x9f, 0xa0, 0xbf, 0xc0, 0xc1, 0xc2, 0xc3, 0xdf,
+        0xe0, 0xe4, 0xed, 0xee, 0xef, 0xf0, 0xf1, 0xf4, 0xf5, 0xff,
+    ];
+    let mut valid = 0;
+    for case in 0..50_000 {
+        let len = 1 + rng.below(12);
+        let mut raw: Vec<u8> = (0..len)
+            .map(|_| alphabet[rng.below(alphabet.len())])
+            .collect();
+        let through_serde = serde_json::from_slice::<String>(&[b"\"", &raw[..], b"\""].concat());
+        raw.push(b'"');
+        let in_place = text_tokens_with(&raw, true, classify);
+        match through_serde {
+            Ok(text) => {
+                valid += 1;
+                assert_eq!(
+                    in_place,
+                    Some((rule::text_tokens(&text), len)),
+                    "case {case}: {raw:x?}"
+                );
+            }
+            Err(_) => assert_eq!(in_place, None, "case {case}: {raw:x?}"),
+        }
+    }
+    assert!(valid > 1_000, "{valid} valid strings");
 }
 
 /// The strings of a JSON text, raw: each `"..."` with its escapes.
@@ -367,6 +485,23 @@ fn prompt_strings_are_read_in_place_unless_serde_must_unescape_them() {
     // An escaped key is unescaped by serde, which then reads its value.
     let escaped = plain.replace(r#""content""#, r#""cont\u0065nt""#);
     assert_eq!(est(&escaped), (est(plain).0, 1), "{escaped}");
+    // A form feed before the value is white space to Rust, not to JSON:
+    // serde refuses the body, and the walk must not have read ahead of it.
+    for body in [
+        "{\"system\":\x0c\"Be brief.\"}",
+        "{\"system\":\"Be brief.\",\"messages\":[{\"content\"\x0c:\"hi\"}]}",
+    ] {
+        let (in_place, n) = {
+            let mut r = None;
+            let n =
+                in_place_reads(|| r = Some(read(Route::AnthropicMessages, body.as_bytes(), true)));
+            (r, n)
+        };
+        let through_serde = read(Route::AnthropicMessages, body.as_bytes(), false);
+        assert!(through_serde.is_err(), "{body:?}");
+        assert_eq!(in_place, Some(through_serde), "{body:?}");
+        assert!(n <= 1, "{body:?}: {n} read in place");
+    }
     // Base64 with an escaped slash: serde unescapes it for the media check.
     let b64 = r#"{"messages":[{"role":"user","content":[{"type":"image","source":{"data":"iVBORw0KGgo\/AAAA"}}]}]}"#;
     assert_eq!(est(b64).1, 0, "{b64}");

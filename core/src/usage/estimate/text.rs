@@ -163,6 +163,7 @@ impl Runs {
     /// from the masks: a run of up to `k` characters of a class counted one
     /// token per `k` is one token, so only the rare longer runs are measured
     /// one by one.
+    #[inline(always)]
     fn ascii(&mut self, m: &Masks, n: u32) {
         let valid = u64::MAX >> (64 - n.clamp(1, 64));
         let continuing = match self.run {
@@ -280,20 +281,44 @@ fn step(bytes: &[u8], i: usize, json: bool) -> Step {
             _ => Step::Char(Class::of_ascii(b), 1),
         };
     }
-    let width = match b {
-        0xC2..=0xDF => 2,
-        0xE0..=0xEF => 3,
-        0xF0..=0xF4 => 4,
-        _ => return Step::Invalid,
-    };
-    match bytes
-        .get(i..i + width)
-        .and_then(|c| std::str::from_utf8(c).ok())
-        .and_then(|c| c.chars().next())
-    {
-        Some(c) => Step::Char(Class::of(c), width),
+    match utf8_char(bytes, i, b) {
+        Some((c, width)) => Step::Char(Class::of(c), width),
         None => Step::Invalid,
     }
+}
+
+/// The character whose UTF-8 encoding starts with `b0` at `bytes[i]`, and
+/// its width; `None` if the encoding is invalid. Decoded by hand rather
+/// than with `str::from_utf8` on its bytes: that call, made for every
+/// character of a CJK prompt, cost more than all the rest of its reading
+/// (in V8). The checks are UTF-8's: continuation bytes, no overlong form
+/// (the code point needs the width), no surrogate and nothing above
+/// U+10FFFF (`char::from_u32`).
+fn utf8_char(bytes: &[u8], i: usize, b0: u8) -> Option<(char, usize)> {
+    let next = |k: usize| {
+        bytes
+            .get(i + k)
+            .filter(|b| *b & 0xC0 == 0x80)
+            .map(|b| u32::from(b & 0x3F))
+    };
+    let (code, width, least) = match b0 {
+        0xC2..=0xDF => (u32::from(b0 & 0x1F) << 6 | next(1)?, 2, 0x80),
+        0xE0..=0xEF => (
+            u32::from(b0 & 0x0F) << 12 | next(1)? << 6 | next(2)?,
+            3,
+            0x800,
+        ),
+        0xF0..=0xF4 => (
+            u32::from(b0 & 0x07) << 18 | next(1)? << 12 | next(2)? << 6 | next(3)?,
+            4,
+            0x1_0000,
+        ),
+        _ => return None,
+    };
+    if code < least {
+        return None;
+    }
+    Some((char::from_u32(code)?, width))
 }
 
 /// The class of the character a JSON escape at `bytes[i]` stands for.
@@ -338,27 +363,37 @@ pub(super) fn hex4(bytes: &[u8], i: usize) -> Option<u32> {
     })
 }
 
+/// What reading a text found.
+pub(super) struct Scanned {
+    pub(super) tokens: u64,
+    /// Where reading stopped: the closing quote, or the end.
+    pub(super) end: usize,
+    /// JSON escapes met on the way.
+    pub(super) escapes: usize,
+}
+
 /// Reads `bytes` window by window; `json` says they are the inside of a
-/// JSON string (escapes decoded, ends at the closing quote). Returns the
-/// tokens and the index where reading stopped (the closing quote, or the
-/// end), or `None` if the string is not valid JSON.
-fn scan(
-    bytes: &[u8],
-    json: bool,
-    classify: impl Fn(&[u8; 64], bool) -> Masks,
-) -> Option<(u64, usize)> {
-    scan_runs(Runs::default(), bytes, json, classify).map(|(runs, end)| (runs.finish(), end))
+/// JSON string (escapes decoded, ends at the closing quote). `None` if the
+/// string is not valid JSON.
+fn scan(bytes: &[u8], json: bool, classify: impl Fn(&[u8; 64], bool) -> Masks) -> Option<Scanned> {
+    scan_runs(Runs::default(), bytes, json, classify).map(|(runs, end, escapes)| Scanned {
+        tokens: runs.finish(),
+        end,
+        escapes,
+    })
 }
 
 /// [`scan`] continuing from `runs` (a text that arrives in pieces): returns
-/// the runs with the run at the end still open, and where reading stopped.
+/// the runs with the run at the end still open, where reading stopped and
+/// the escapes met.
 fn scan_runs(
     mut runs: Runs,
     bytes: &[u8],
     json: bool,
     classify: impl Fn(&[u8; 64], bool) -> Masks,
-) -> Option<(Runs, usize)> {
+) -> Option<(Runs, usize, usize)> {
     let mut base = 0usize;
+    let mut escapes = 0usize;
     let mut tail = [0u8; 64];
     loop {
         let window = match bytes.get(base..base + 64) {
@@ -373,6 +408,13 @@ fn scan_runs(
             }
         };
         let m = classify(window, json);
+        if m.special == 0 {
+            // Most windows of a prompt: 64 plain ASCII characters, read
+            // by the same step with its bounds known (inlined for them).
+            runs.ascii(&m, 64);
+            base += 64;
+            continue;
+        }
         let mut a = 0u32;
         while a < 64 {
             let special = m.special >> a;
@@ -393,15 +435,18 @@ fn scan_runs(
                 return if json {
                     None
                 } else {
-                    Some((runs, bytes.len()))
+                    Some((runs, bytes.len(), escapes))
                 };
+            }
+            if json {
+                escapes += usize::from(bytes.get(i) == Some(&b'\\'));
             }
             match step(bytes, i, json) {
                 Step::Char(c, len) => {
                     runs.push(c);
                     a = b + len as u32;
                 }
-                Step::End => return Some((runs, i)),
+                Step::End => return Some((runs, i, escapes)),
                 Step::Invalid => return None,
             }
         }
@@ -411,15 +456,14 @@ fn scan_runs(
 
 /// Tokens of a piece of text by the character-class rule.
 pub(super) fn text_tokens(s: &str) -> u64 {
-    scan(s.as_bytes(), false, classify).map_or(0, |(t, _)| t)
+    scan(s.as_bytes(), false, classify).map_or(0, |s| s.tokens)
 }
 
 /// Tokens of a JSON string read in place: `raw` starts just after its
-/// opening quote. Returns the tokens and the index of the closing quote, or
-/// `None` when the string is not valid (a raw control, a bad escape, a lone
-/// surrogate, bad UTF-8, no closing quote): serde then reads it and reports
-/// the error.
-pub(super) fn json_text_tokens(raw: &[u8]) -> Option<(u64, usize)> {
+/// opening quote; `end` is the index of its closing quote. `None` when the
+/// string is not valid (a raw control, a bad escape, a lone surrogate, bad
+/// UTF-8, no closing quote): serde then reads it and reports the error.
+pub(super) fn json_text_tokens(raw: &[u8]) -> Option<Scanned> {
     scan(raw, true, classify)
 }
 
@@ -437,7 +481,7 @@ impl TextCounter {
     /// quote. Returns the index of the closing quote, or `None` (and adds
     /// nothing) when it is not a valid JSON string.
     pub fn push_json(&mut self, raw: &[u8]) -> Option<usize> {
-        let (runs, end) = scan_runs(self.runs, raw, true, classify)?;
+        let (runs, end, _) = scan_runs(self.runs, raw, true, classify)?;
         self.runs = runs;
         Some(end)
     }
@@ -454,7 +498,7 @@ pub(super) fn text_tokens_with(
     json: bool,
     classify: impl Fn(&[u8; 64], bool) -> Masks,
 ) -> Option<(u64, usize)> {
-    scan(s, json, classify)
+    scan(s, json, classify).map(|s| (s.tokens, s.end))
 }
 
 #[cfg(test)]
