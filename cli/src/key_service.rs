@@ -263,6 +263,16 @@ mod tests {
         json!({"version": 1, "keys": keys})
     }
 
+    /// An empty table served on a free port until the test ends.
+    async fn started() -> (KeyTable, SocketAddr) {
+        let table = KeyTable::empty();
+        let at = "127.0.0.1:0".parse().unwrap();
+        let (addr, _) = serve(table.clone(), at, std::future::pending())
+            .await
+            .unwrap();
+        (table, addr)
+    }
+
     async fn get(addr: SocketAddr, query: &str) -> (u16, HashMap<String, String>, String) {
         let url = format!("http://{addr}{PATH}?{query}");
         let resp = reqwest::get(&url).await.unwrap();
@@ -277,15 +287,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_held_call_answers_when_a_key_changes_and_confirms_the_generation() {
-        let table = KeyTable::empty();
+        let (table, addr) = started().await;
         table.update(&doc(&["a", "b"]));
-        let (addr, _task) = serve(
-            table.clone(),
-            "127.0.0.1:0".parse().unwrap(),
-            std::future::pending(),
-        )
-        .await
-        .unwrap();
         let (status, headers, body) = get(addr, "since=0").await;
         assert_eq!(status, 200);
         assert_eq!(body.lines().count(), 2);
@@ -318,14 +321,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_malformed_query_is_refused_with_what_is_wrong() {
-        let table = KeyTable::empty();
-        let (addr, _task) = serve(
-            table.clone(),
-            "127.0.0.1:0".parse().unwrap(),
-            std::future::pending(),
-        )
-        .await
-        .unwrap();
+        let (table, addr) = started().await;
         // No policy yet: not an empty table, which would refuse every key.
         let (status, _, body) = get(addr, "since=0").await;
         assert_eq!(

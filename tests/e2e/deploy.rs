@@ -925,6 +925,109 @@ enum Mesh {
     EnvoyGateway,
 }
 
+/// `tollgate run --render-only` of `policy` for an Envoy in front of the
+/// mock at `mock_addr`, with `extra` arguments: the state directory it
+/// wrote the bootstrap and ECDS files to.
+fn render_only(dir: &Path, policy: &Path, mock_addr: &str, extra: &[&str]) -> PathBuf {
+    let state = dir.join("state");
+    let out = Command::new(tollgate_bin())
+        .args([
+            "run",
+            "--render-only",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args(["--external-collector", "127.0.0.1:9"])
+        .args(extra)
+        .arg("--upstream")
+        .arg(format!("http://{mock_addr}"))
+        .arg("--policy")
+        .arg(policy)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--wasm")
+        .arg(wasm_path())
+        .env("ANTHROPIC_API_KEY", "sk-ant-mock-real-key")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "render failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    state
+}
+
+/// A manifest's cluster with its one endpoint moved to this machine's `at`
+/// (`host:port`), where the test runs the service.
+fn pointed_at(mut cluster: Value, at: &str) -> Value {
+    let socket = &mut cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        ["address"]["socket_address"];
+    socket["address"] = "127.0.0.1".into();
+    socket["port_value"] = port_of(at).into();
+    cluster
+}
+
+/// Adds `cluster` to the rendered bootstrap, in place of one of the same
+/// name, and returns the bootstrap.
+fn with_cluster(state: &Path, cluster: Value) -> Value {
+    let mut bootstrap = yaml_file(&state.join("envoy.yaml"));
+    let clusters = bootstrap["static_resources"]["clusters"]
+        .as_sequence_mut()
+        .unwrap();
+    clusters.retain(|c| c["name"] != cluster["name"]);
+    clusters.push(cluster);
+    std::fs::write(
+        state.join("envoy.yaml"),
+        serde_yaml::to_string(&bootstrap).unwrap(),
+    )
+    .unwrap();
+    bootstrap
+}
+
+/// The rendered Envoy's admin and listener URLs.
+fn urls(bootstrap: &Value) -> (String, String) {
+    let at = |path: &str| {
+        format!(
+            "http://127.0.0.1:{}",
+            get(bootstrap, path).as_u64().unwrap()
+        )
+    };
+    (
+        at("admin.address.socket_address.port_value"),
+        at("static_resources.listeners.0.address.socket_address.port_value"),
+    )
+}
+
+/// Starts the rendered Envoy (`cmd`: the binary, with the environment the
+/// mesh gives it) and waits until its admin says ready.
+fn start_envoy(mut cmd: Command, state: &Path, workers: u32, log: PathBuf) -> Proc {
+    let envoy = Proc::start(
+        cmd.arg("-c")
+            .arg(state.join("envoy.yaml"))
+            .args([
+                "--concurrency",
+                &workers.to_string(),
+                "--disable-hot-restart",
+            ])
+            .args(["--log-level", "warn", "--component-log-level", "wasm:info"]),
+        log,
+    );
+    let (admin, _) = urls(&yaml_file(&state.join("envoy.yaml")));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !reqwest::blocking::get(format!("{admin}/ready")).is_ok_and(|r| r.status() == 200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Envoy not ready in 60 s:\n{}",
+            envoy.output()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    envoy
+}
+
 /// Runs the real Envoy with the filter configured the way the mesh
 /// configures it, from the shipped manifests: no VM configuration, the VM
 /// options in the environment, the quota cluster the manifest adds (pointed
@@ -960,41 +1063,10 @@ fn mesh_configured_filter_shares_limits(mesh: Mesh) {
         ),
     )
     .unwrap();
-    let state = dir.path().join("state");
-    let out = Command::new(tollgate_bin())
-        .args([
-            "run",
-            "--render-only",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--external-collector",
-            "127.0.0.1:9",
-            "--quota",
-            &quota_addr,
-        ])
-        .arg("--upstream")
-        .arg(format!("http://{mock_addr}"))
-        .arg("--policy")
-        .arg(&policy)
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--wasm")
-        .arg(wasm_path())
-        .env("ANTHROPIC_API_KEY", "sk-ant-mock-real-key")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "render failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let state = render_only(dir.path(), &policy, &mock_addr, &["--quota", &quota_addr]);
 
     // Swap in what the mesh delivers: the manifest's cluster and VM options.
-    let (vm, mut cluster) = match mesh {
+    let (vm, cluster) = match mesh {
         Mesh::Istio => (
             env_value(
                 get(
@@ -1031,21 +1103,7 @@ fn mesh_configured_filter_shares_limits(mesh: Mesh) {
             )
         }
     };
-    let socket = &mut cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-        ["address"]["socket_address"];
-    socket["address"] = "127.0.0.1".into();
-    socket["port_value"] = port_of(&quota_addr).into();
-    let mut bootstrap = yaml_file(&state.join("envoy.yaml"));
-    let clusters = bootstrap["static_resources"]["clusters"]
-        .as_sequence_mut()
-        .unwrap();
-    clusters.retain(|c| c["name"].as_str() != Some("tollgate_quota"));
-    clusters.push(cluster);
-    std::fs::write(
-        state.join("envoy.yaml"),
-        serde_yaml::to_string(&bootstrap).unwrap(),
-    )
-    .unwrap();
+    let bootstrap = with_cluster(&state, pointed_at(cluster, &quota_addr));
     let mut ecds = yaml_file(&state.join("ecds/tollgate.yaml"));
     let vm_config = &mut ecds["resources"][0]["typed_config"]["config"]["vm_config"];
     vm_config
@@ -1073,45 +1131,12 @@ fn mesh_configured_filter_shares_limits(mesh: Mesh) {
     )
     .unwrap();
 
-    let admin = format!(
-        "http://127.0.0.1:{}",
-        get(&bootstrap, "admin.address.socket_address.port_value")
-            .as_u64()
-            .unwrap()
-    );
-    let listen = format!(
-        "http://127.0.0.1:{}",
-        get(
-            &bootstrap,
-            "static_resources.listeners.0.address.socket_address.port_value"
-        )
-        .as_u64()
-        .unwrap()
-    );
-    let envoy = Proc::start(
-        envoy_cmd
-            .arg("-c")
-            .arg(state.join("envoy.yaml"))
-            .args(["--concurrency", "1", "--disable-hot-restart"])
-            .args(["--log-level", "warn", "--component-log-level", "wasm:info"]),
-        dir.path().join("envoy.log"),
-    );
+    let (admin, listen) = urls(&bootstrap);
+    let envoy = start_envoy(envoy_cmd, &state, 1, dir.path().join("envoy.log"));
     let http = reqwest::blocking::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !http
-        .get(format!("{admin}/ready"))
-        .send()
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "Envoy not ready in 60 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
 
     let response = http
         .post(format!("{listen}/v1/messages"))
@@ -1274,33 +1299,7 @@ fn istio_configured_filter_takes_its_keys_from_the_collector() {
         dir.path().join("mock.log"),
     );
     let mock_addr = mock.listening();
-    let state = dir.path().join("state");
-    let out = Command::new(tollgate_bin())
-        .args([
-            "run",
-            "--render-only",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ])
-        .args(["--external-collector", "127.0.0.1:9"])
-        .arg("--upstream")
-        .arg(format!("http://{mock_addr}"))
-        .arg("--policy")
-        .arg(&policy)
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--wasm")
-        .arg(wasm_path())
-        .env("ANTHROPIC_API_KEY", "sk-ant-mock-real-key")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let state = render_only(dir.path(), &policy, &mock_addr, &[]);
 
     // What the mesh delivers: the rendered WasmPlugin's configuration and
     // VM options, and the manifest's cluster pointed at this collector.
@@ -1326,7 +1325,7 @@ fn istio_configured_filter_takes_its_keys_from_the_collector() {
         !config.contains("tg-") && !config.contains(&sha("tg-alice")),
         "{config}"
     );
-    let mut cluster = get(
+    let cluster = get(
         find(
             &docs("deploy/istio/keys-cluster.yaml"),
             "EnvoyFilter",
@@ -1335,20 +1334,7 @@ fn istio_configured_filter_takes_its_keys_from_the_collector() {
         "spec.configPatches.0.patch.value",
     )
     .clone();
-    let socket = &mut cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-        ["address"]["socket_address"];
-    socket["address"] = "127.0.0.1".into();
-    socket["port_value"] = port_of(&http_at).into();
-    let mut bootstrap = yaml_file(&state.join("envoy.yaml"));
-    bootstrap["static_resources"]["clusters"]
-        .as_sequence_mut()
-        .unwrap()
-        .push(cluster);
-    std::fs::write(
-        state.join("envoy.yaml"),
-        serde_yaml::to_string(&bootstrap).unwrap(),
-    )
-    .unwrap();
+    let bootstrap = with_cluster(&state, pointed_at(cluster, &http_at));
     let mut ecds = yaml_file(&state.join("ecds/tollgate.yaml"));
     let filter = &mut ecds["resources"][0]["typed_config"]["config"];
     filter["configuration"]["value"] = config.into();
@@ -1362,17 +1348,11 @@ fn istio_configured_filter_takes_its_keys_from_the_collector() {
     )
     .unwrap();
 
-    let port = |path: &str| get(&bootstrap, path).as_u64().unwrap();
-    let listen = format!(
-        "http://127.0.0.1:{}",
-        port("static_resources.listeners.0.address.socket_address.port_value")
-    );
-    let _envoy = Proc::start(
-        Command::new(envoy_bin())
-            .arg("-c")
-            .arg(state.join("envoy.yaml"))
-            .args(["--concurrency", "2", "--disable-hot-restart"])
-            .args(["--log-level", "warn", "--component-log-level", "wasm:info"]),
+    let (_, listen) = urls(&bootstrap);
+    let _envoy = start_envoy(
+        Command::new(envoy_bin()),
+        &state,
+        2,
         dir.path().join("envoy.log"),
     );
     let http = reqwest::blocking::Client::builder()

@@ -391,6 +391,17 @@ async fn start_quota(
     ))
 }
 
+/// Waits up to `secs` for a service's task to end, and says how it ended
+/// if not cleanly.
+async fn stopped(name: &str, verb: &str, task: JoinHandle<Result<()>>, secs: u64) {
+    match tokio::time::timeout(Duration::from_secs(secs), task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => eprintln!("{name}: {e:#}"),
+        Ok(Err(e)) => eprintln!("{name} task: {e}"),
+        Err(_) => eprintln!("{name} did not {verb} within {secs}s"),
+    }
+}
+
 impl Running {
     /// Runs until `shutdown` resolves or Envoy exits, applying policy edits;
     /// then stops Envoy, the mock and the collector, in that order.
@@ -401,28 +412,13 @@ impl Running {
         envoy::stop(&mut self.envoy).await;
         self.stop.stop();
         if let Some(task) = self.collector.take() {
-            match tokio::time::timeout(Duration::from_secs(10), task).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => eprintln!("collector: {e:#}"),
-                Ok(Err(e)) => eprintln!("collector task: {e}"),
-                Err(_) => eprintln!("collector did not flush within 10s"),
-            }
+            stopped("collector", "flush", task, 10).await;
         }
         if let Some(task) = self.keys_task.take() {
-            match tokio::time::timeout(Duration::from_secs(5), task).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => eprintln!("key service: {e:#}"),
-                Ok(Err(e)) => eprintln!("key service task: {e}"),
-                Err(_) => eprintln!("key service did not stop within 5s"),
-            }
+            stopped("key service", "stop", task, 5).await;
         }
         if let Some(quota) = self.quota.take() {
-            match tokio::time::timeout(Duration::from_secs(5), quota.task).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => eprintln!("quota service: {e:#}"),
-                Ok(Err(e)) => eprintln!("quota service task: {e}"),
-                Err(_) => eprintln!("quota service did not stop within 5s"),
-            }
+            stopped("quota service", "stop", quota.task, 5).await;
         }
         let _ = std::fs::remove_file(self.summary.layout.ready());
         result
