@@ -84,7 +84,8 @@ pub fn tick(root_id: u32, act: impl Fn(Decision)) {
         if proxy_wasm::hostcalls::set_effective_context(id).is_err() {
             continue;
         }
-        match flow.on_wait_tick(&mut Hostcalls) {
+        // One clock read per resumed request, as in its own callbacks.
+        match crate::host::one_instant(|| flow.on_wait_tick(&mut Hostcalls)) {
             None => {
                 blocked.push(bucket);
                 still.push((id, weak));

@@ -316,7 +316,9 @@ impl Context for Http {
                 return;
             };
             let Some(flow) = slot.as_mut() else { return };
-            let answer = flow.on_quota_response(&mut Hostcalls, response.as_deref());
+            // One clock read for the whole answer, as in a request callback.
+            let answer =
+                host::one_instant(|| flow.on_quota_response(&mut Hostcalls, response.as_deref()));
             (answer, flow.held().is_some())
         };
         if answer.1 {
