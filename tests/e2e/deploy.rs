@@ -1269,7 +1269,12 @@ fn istio_configured_filter_takes_its_keys_from_the_collector() {
             &[("alice", "tg-alice", revoked), ("bob", "tg-bob", "")],
         )
     };
-    std::fs::write(&policy, keys("")).unwrap();
+    // The collector starts on a policy that does not parse (a save cut
+    // short): it serves no table, and Envoy fails closed until it does. The
+    // mesh resources are rendered from the valid one.
+    std::fs::write(&policy, r#"{"version": 1, "keys": ["#).unwrap();
+    let valid = dir.path().join("render.json");
+    std::fs::write(&valid, keys("")).unwrap();
     let mut collector = Proc::start(
         Command::new(tollgate_bin())
             .args([
@@ -1299,13 +1304,13 @@ fn istio_configured_filter_takes_its_keys_from_the_collector() {
         dir.path().join("mock.log"),
     );
     let mock_addr = mock.listening();
-    let state = render_only(dir.path(), &policy, &mock_addr, &[]);
+    let state = render_only(dir.path(), &valid, &mock_addr, &[]);
 
     // What the mesh delivers: the rendered WasmPlugin's configuration and
     // VM options, and the manifest's cluster pointed at this collector.
     let rendered = Command::new(tollgate_bin())
         .args(["policy", "render"])
-        .arg(&policy)
+        .arg(&valid)
         .args([
             "--format",
             "istio",
@@ -1374,6 +1379,20 @@ fn istio_configured_filter_takes_its_keys_from_the_collector() {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     };
+    let loading = http
+        .post(format!("{listen}/v1/messages"))
+        .header("x-api-key", "tg-alice")
+        .body(r#"{"model":"claude-haiku-4-5","max_tokens":16,"messages":[]}"#)
+        .send()
+        .unwrap();
+    assert_eq!(loading.status(), 503);
+    assert_eq!(loading.headers()["retry-after"], "1");
+    let body: serde_json::Value = loading.json().unwrap();
+    assert_eq!(
+        body["error"]["message"],
+        "tollgate is loading its key table; retry shortly"
+    );
+    std::fs::write(&policy, keys("")).unwrap();
     until("tg-alice", 200, "alice, once Envoy has the table");
     assert_eq!(status("tg-carol"), 401, "a key the table does not have");
     std::fs::write(&policy, keys(r#""revoked": true"#)).unwrap();
@@ -1387,11 +1406,17 @@ fn istio_configured_filter_takes_its_keys_from_the_collector() {
     assert_eq!(status("tg-bob"), 200, "bob, with the key service gone");
     assert_eq!(status("tg-alice"), 401, "alice, still revoked");
     let log = std::fs::read_to_string(dir.path().join("envoy.log")).unwrap();
+    // One warning per outage for this Envoy (the one before the policy
+    // parsed, this one), not one per retry or per VM, and the recovery.
     assert_eq!(
         log.matches("(1 failed in a row; keys already loaded keep working)")
             .count(),
-        1,
-        "one warning for this Envoy, not one per retry or per VM:\n{log}"
+        2,
+        "{log}"
     );
     assert!(!log.contains("(2 failed in a row"), "{log}");
+    assert!(
+        log.contains("key table: the key service answers again, after"),
+        "{log}"
+    );
 }
