@@ -1392,6 +1392,15 @@ fn istio_configured_filter_takes_its_keys_from_the_collector() {
         body["error"]["message"],
         "tollgate is loading its key table; retry shortly"
     );
+    // The fetcher has asked and been told why (not merely not asked yet).
+    let envoy_log = || std::fs::read_to_string(dir.path().join("envoy.log")).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !envoy_log()
+        .contains("the key service answered 503: the key service has no valid policy yet")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", envoy_log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     std::fs::write(&policy, keys("")).unwrap();
     until("tg-alice", 200, "alice, once Envoy has the table");
     assert_eq!(status("tg-carol"), 401, "a key the table does not have");
@@ -1402,10 +1411,21 @@ fn istio_configured_filter_takes_its_keys_from_the_collector() {
     // The key service goes away: what Envoy loaded keeps working while the
     // fetcher retries (every second, logged once a minute).
     drop(collector);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let warned = || {
+        envoy_log()
+            .matches("(1 failed in a row; keys already loaded keep working)")
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while warned() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", envoy_log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // A few retries later (one a second), still one warning.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
     assert_eq!(status("tg-bob"), 200, "bob, with the key service gone");
     assert_eq!(status("tg-alice"), 401, "alice, still revoked");
-    let log = std::fs::read_to_string(dir.path().join("envoy.log")).unwrap();
+    let log = envoy_log();
     // One warning per outage for this Envoy (the one before the policy
     // parsed, this one), not one per retry or per VM, and the recovery.
     assert_eq!(
