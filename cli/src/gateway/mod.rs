@@ -562,10 +562,19 @@ fn create_layout(state_dir: &Path) -> Result<Layout> {
 }
 
 /// A fixed address as is; port 0 resolved to a free port now, because the
-/// address goes into the bootstrap before Envoy binds it.
+/// address goes into the bootstrap before Envoy binds it. The port is
+/// picked below the kernel's ephemeral range (32768 and up on Linux):
+/// between this check and Envoy's bind, an outgoing connection of any
+/// process may take a port from that range, never from below it.
 fn free_port(addr: SocketAddr) -> Result<SocketAddr> {
     if addr.port() != 0 {
         return Ok(addr);
+    }
+    for _ in 0..64 {
+        let port = rand::random_range(20_000..32_768);
+        if let Ok(l) = std::net::TcpListener::bind(SocketAddr::new(addr.ip(), port)) {
+            return Ok(l.local_addr()?);
+        }
     }
     let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
     Ok(l.local_addr()?)
