@@ -70,7 +70,7 @@ fn ms(n: i32) -> Option<PbDuration> {
 fn request_id(i: usize) -> String {
     use sha2::{Digest, Sha256};
     let h = Sha256::digest((i as u64).to_le_bytes());
-    let hex: String = h.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    let hex = hex::encode(h.get(..16).unwrap_or_default());
     let (a, rest) = hex.split_at(8);
     let (b, rest) = rest.split_at(4);
     let (c, rest) = rest.split_at(4);

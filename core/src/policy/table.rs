@@ -38,15 +38,7 @@ pub const STATE_KEY: &str = "tollgate/keys/state";
 
 /// Shared-data name of one secret's record.
 pub fn entry_key(hash: &[u8; 32]) -> String {
-    format!("tollgate/keys/{}", hex(hash))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    format!("tollgate/keys/{}", hex::encode(hash))
 }
 
 /// The record stored for a secret: the epoch it belongs to, then the key's
@@ -360,9 +352,7 @@ mod tests {
         let d = doc();
         for (h, json) in entries(&d) {
             let mut hash = [0u8; 32];
-            for (i, b) in hash.iter_mut().enumerate() {
-                *b = u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap();
-            }
+            hex::decode_to_slice(&h, &mut hash).unwrap();
             store
                 .set(&entry_key(&hash), record(epoch, &json).as_bytes(), 0)
                 .unwrap();

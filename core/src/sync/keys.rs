@@ -270,15 +270,11 @@ impl KeyFetch {
     }
 }
 
-fn parse_hash(hex: &[u8]) -> Option<[u8; 32]> {
-    if hex.len() != 64 {
-        return None;
-    }
+/// A 64-digit hex hash; anything else (another length, a non-hex digit)
+/// is `None`.
+fn parse_hash(digits: &[u8]) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
-    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
-        let text = std::str::from_utf8(pair).ok()?;
-        *byte = u8::from_str_radix(text, 16).ok()?;
-    }
+    hex::decode_to_slice(digits, &mut out).ok()?;
     Some(out)
 }
 
