@@ -115,28 +115,18 @@ pub async fn serve(
 /// invalid one is reported and the table kept, as the gateway does.
 pub async fn watch(table: KeyTable, path: PathBuf, stop: impl Future<Output = ()>) {
     tokio::pin!(stop);
-    let mut seen: Option<policy_file::Sources> = None;
-    let mut stamps = Vec::new();
+    let mut watch = policy_file::Watch::new(&path);
     let mut tick = tokio::time::interval(WATCH_EVERY);
     loop {
         tokio::select! {
             _ = &mut stop => return,
             _ = tick.tick() => {}
         }
-        // A `stat` per look; the files are read only when one changed.
-        let looked = seen.as_ref().map(policy_file::Sources::stamps);
-        if looked.as_ref().is_some_and(|l| *l == stamps) {
+        let Some(current) = watch.changed() else {
             continue;
-        }
-        stamps = looked.unwrap_or_default();
-        let current = policy_file::read(&path);
-        if current.bytes.is_none() || seen.as_ref() == Some(&current) {
-            continue;
-        }
+        };
         let loading = current.clone();
-        let loaded = tokio::task::spawn_blocking(move || loading.load()).await;
-        seen = Some(current);
-        match loaded {
+        match tokio::task::spawn_blocking(move || loading.load()).await {
             Ok(Ok(p)) => {
                 let changed = table.update(&p.doc);
                 if changed > 0 {

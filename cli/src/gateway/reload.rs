@@ -33,10 +33,8 @@ pub struct PolicyWatch {
     keys: Option<KeyTable>,
     /// The compact policy Envoy's filter configuration has now.
     live: String,
-    /// The files' bytes when last read, to skip unchanged reads cheaply.
-    last_seen: policy_file::Sources,
-    /// The files' stamps when last read: unchanged, nothing is read.
-    last_stamps: Vec<policy_file::Stamp>,
+    /// The files as last applied; an edit is noticed by a `stat`.
+    watch: policy_file::Watch,
 }
 
 /// What the filter configuration carries of a policy: all of it, or with a
@@ -67,28 +65,18 @@ impl PolicyWatch {
             layout: layout.clone(),
             live,
             keys,
-            last_seen: policy_file::read(path),
-            last_stamps: Vec::new(),
+            watch: policy_file::Watch::seeing(path, policy_file::read(path)),
         }
     }
 
     /// Reads the file once; applies it if it changed and is valid. Fails
     /// only when the ECDS file cannot be written.
     pub fn poll(&mut self) -> Result<()> {
-        let stamps = self.last_seen.stamps();
-        if stamps == self.last_stamps {
-            return Ok(());
-        }
-        self.last_stamps = stamps;
         let started = std::time::Instant::now();
-        let current = policy_file::read(&self.path);
-        // A policy file briefly missing mid-save is not an edit.
-        if current.bytes.is_none() || current == self.last_seen {
+        let Some(current) = self.watch.changed() else {
             return Ok(());
-        }
-        let loaded = current.load();
-        self.last_seen = current;
-        match loaded {
+        };
+        match current.load() {
             Ok(p) => self.apply(&p, started),
             Err(errors) => {
                 eprintln!("policy edit rejected; the previous policy stays live:");

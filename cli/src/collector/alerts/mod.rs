@@ -282,8 +282,7 @@ pub async fn keep(
     stop: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(stop);
-    let mut seen: Option<crate::policy_file::Sources> = None;
-    let mut stamps = Vec::new();
+    let mut watch = crate::policy_file::Watch::new(&path);
     let mut policy_tick = tokio::time::interval(POLICY_EVERY);
     let mut last_refresh: Option<std::time::Instant> = None;
     loop {
@@ -292,19 +291,10 @@ pub async fn keep(
             () = &mut stop => return,
             _ = policy_tick.tick() => {}
         }
-        // A `stat` per look; the files are read only when one changed.
-        let looked = seen.as_ref().map(crate::policy_file::Sources::stamps);
-        let current = match looked {
-            Some(l) if l == stamps => None,
-            l => {
-                stamps = l.unwrap_or_default();
-                Some(crate::policy_file::read(&path))
-            }
-        };
-        let current = current.filter(|c| c.bytes.is_some() && seen.as_ref() != Some(c));
+        let current = watch.changed().cloned();
         let changed = current.is_some();
-        if let Some(current) = current {
-            let (stats, sources) = (stats.clone(), current.clone());
+        if let Some(sources) = current {
+            let stats = stats.clone();
             let loaded = low_priority(move || match sources.compiled() {
                 Ok((policy, _)) => {
                     stats.alerts.set_policy(&policy);
@@ -327,7 +317,6 @@ pub async fn keep(
                 }
                 Err(e) => tracing::error!("policy task failed: {e}"),
             }
-            seen = Some(current);
         }
         if changed || last_refresh.is_none_or(|t| t.elapsed() >= REFRESH_EVERY) {
             last_refresh = Some(std::time::Instant::now());
