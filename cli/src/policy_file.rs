@@ -193,7 +193,7 @@ impl Sources {
     /// The policy with its includes merged: one document (bytes as read
     /// when nothing is included, so a large policy takes the compiler's
     /// streaming path), and where each included entry came from.
-    fn document(&self) -> Result<(Vec<u8>, Origins), Vec<String>> {
+    fn merged(&self) -> Result<(Vec<u8>, Origins), Vec<String>> {
         let name = self.name();
         let bytes = self.bytes.as_ref().ok_or_else(|| {
             let e = std::fs::read(&self.path).err();
@@ -293,32 +293,30 @@ impl Sources {
     }
 
     fn compile(&self) -> Result<(policy::Policy, policy::PolicyReport, Vec<u8>), Vec<String>> {
-        let (bytes, origins) = self.document()?;
-        let (policy, report) = self.compile_document(&bytes, &origins)?;
-        Ok((policy, report, bytes))
+        let document = self.document()?;
+        let (policy, report) = document.compile()?;
+        Ok((policy, report, document.bytes))
     }
 
-    fn compile_document(
-        &self,
-        bytes: &[u8],
-        origins: &Origins,
-    ) -> Result<(policy::Policy, policy::PolicyReport), Vec<String>> {
-        policy::compile(bytes, &self.name(), now_ms()).map_err(|errors| {
-            errors
-                .into_iter()
-                .map(|e| origins.attribute(e).to_string())
-                .collect()
+    /// The merged document, merged once for every check and parse of it.
+    pub fn document(&self) -> Result<Document, Vec<String>> {
+        let (bytes, origins) = self.merged()?;
+        Ok(Document {
+            name: self.name(),
+            bytes,
+            origins,
         })
     }
 
     /// The merged policy as Envoy gets it.
     pub fn load(&self) -> Result<Loaded, Vec<String>> {
+        let document = self.document()?;
         // The checks and the parse that the key table and the filter
         // configuration are made from, side by side: each takes about half
         // of loading a 100,000-key policy.
         let (keys, doc) = std::thread::scope(|s| {
-            let doc = s.spawn(|| self.parse());
-            (self.check(), doc.join())
+            let doc = s.spawn(|| document.parse());
+            (document.check(), doc.join())
         });
         let keys = keys?;
         let doc = doc.map_err(|_| vec!["parsing the policy failed".to_string()])??;
@@ -328,26 +326,44 @@ impl Sources {
             keys,
         })
     }
+}
+
+/// A policy document with its includes merged ([`Sources::document`]).
+pub struct Document {
+    name: String,
+    bytes: Vec<u8>,
+    origins: Origins,
+}
+
+impl Document {
+    fn compile(&self) -> Result<(policy::Policy, policy::PolicyReport), Vec<String>> {
+        policy::compile(&self.bytes, &self.name, now_ms()).map_err(|errors| {
+            errors
+                .into_iter()
+                .map(|e| self.origins.attribute(e).to_string())
+                .collect()
+        })
+    }
 
     /// Every check of the policy, its warnings printed; the number of keys.
     pub fn check(&self) -> Result<usize, Vec<String>> {
-        let (policy, _) = self.compiled()?;
+        let (policy, report) = self.compile()?;
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
+        }
         Ok(policy.keys().len())
     }
 
-    /// [`Sources::parse`] without the keys (skipped, not built): what the
+    /// [`Document::parse`] without the keys (skipped, not built): what the
     /// filter configuration carries with a key service.
     pub fn parse_base(&self) -> Result<serde_json::Value, Vec<String>> {
-        let (bytes, _) = self.document()?;
-        tollgate_core::policy::table::base_document(&bytes)
-            .map_err(|e| vec![format!("{}: {e}", self.name())])
+        tollgate_core::policy::table::base_document(&self.bytes)
+            .map_err(|e| vec![format!("{}: {e}", self.name)])
     }
 
-    /// The document (includes merged) as JSON, not checked: see
-    /// [`Sources::check`].
+    /// The document as JSON, not checked: see [`Document::check`].
     pub fn parse(&self) -> Result<serde_json::Value, Vec<String>> {
-        let (bytes, _) = self.document()?;
-        serde_json::from_slice(&bytes).map_err(|e| vec![format!("{}: {e}", self.name())])
+        serde_json::from_slice(&self.bytes).map_err(|e| vec![format!("{}: {e}", self.name)])
     }
 }
 
@@ -416,7 +432,7 @@ pub fn check(file: &Path) -> Verdict {
     if sources.bytes.is_none() {
         // One line says it all: there is nothing to count errors in.
         return Verdict {
-            lines: sources.document().err().unwrap_or_default(),
+            lines: sources.merged().err().unwrap_or_default(),
             ok: false,
         };
     }

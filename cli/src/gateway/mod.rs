@@ -221,20 +221,23 @@ pub async fn start(
     // checks take ~0.4 s, Envoy ~0.8 s): Envoy gets the policy without its
     // keys at once (its filter checks that part itself), the key table only
     // once every check passed. A policy that fails stops everything.
-    let sources = policy_file::read(&opts.policy);
+    let document = policy_file::read(&opts.policy)
+        .document()
+        .map_err(|errors| policy_errors(&opts.policy, Some(errors)))?;
+    let document = std::sync::Arc::new(document);
     let checking = {
-        let sources = sources.clone();
-        tokio::task::spawn_blocking(move || sources.check())
+        let document = document.clone();
+        tokio::task::spawn_blocking(move || document.check())
     };
     // The keys' part, for the key table, is parsed beside Envoy's start;
     // the rest first, for Envoy's filter configuration.
     let parsing = {
-        let sources = sources.clone();
-        tokio::task::spawn_blocking(move || sources.parse())
+        let document = document.clone();
+        tokio::task::spawn_blocking(move || document.parse())
     };
     let base = {
-        let sources = sources.clone();
-        tokio::task::spawn_blocking(move || sources.parse_base()).await?
+        let document = document.clone();
+        tokio::task::spawn_blocking(move || document.parse_base()).await?
     };
     let base = match base {
         Ok(base) => base,
