@@ -64,10 +64,6 @@ impl KeyService {
         }
     }
 
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-
     pub fn generation(&self) -> u64 {
         self.generation
     }
