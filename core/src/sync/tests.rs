@@ -668,22 +668,20 @@ fn a_key_used_once_stops_syncing_once_its_lease_is_gone() {
             leader.on_response(root, &p, token, Some(&answer));
         }
     };
-    for _ in 0..30 {
-        at += 100;
-        root.now_ms = at;
-        let seen = syncs(&root).len();
-        leader.tick(&mut root);
-        answer_last(&mut leader, &mut root, at, seen);
-    }
+    // `ticks` sync periods of 100 ms, each Sync answered.
+    let run = |leader: &mut Leader, root: &mut FakeRoot, at: &mut u64, ticks: usize| {
+        for _ in 0..ticks {
+            *at += 100;
+            root.now_ms = *at;
+            let seen = syncs(root).len();
+            leader.tick(root);
+            answer_last(leader, root, *at, seen);
+        }
+    };
+    run(&mut leader, &mut root, &mut at, 30);
     let total = syncs(&root).len();
     assert!(total >= 1, "the request was reported");
     // Three seconds after the request: idle, nothing more to tell Redis.
-    for _ in 0..20 {
-        at += 100;
-        root.now_ms = at;
-        let seen = syncs(&root).len();
-        leader.tick(&mut root);
-        answer_last(&mut leader, &mut root, at, seen);
-    }
+    run(&mut leader, &mut root, &mut at, 20);
     assert_eq!(syncs(&root).len(), total, "an idle key keeps syncing");
 }
