@@ -39,11 +39,6 @@ proxy_wasm::main! {{
 /// second is seen within a tenth of it.
 const HELD_TICK_MS: u64 = 50;
 
-/// How often a VM looks whether the key table moved on (ms): one
-/// shared-data read, so that a revocation applies within this of Envoy
-/// having it.
-const KEYS_TICK_MS: u64 = 100;
-
 /// The longest Envoy's counters lag behind the requests that moved them
 /// (ms): stats are handed over from the timer, not from each request.
 pub const STATS_FLUSH_MS: u64 = 1000;
@@ -160,7 +155,11 @@ impl RootContext for Root {
                 keys.path
             );
             self.keys = Some(keys::Fetcher::new(keys, vm_id()));
-            if !self.tick_at_most(KEYS_TICK_MS, "the key table") {
+            // The timer looks whether the key table moved on (one
+            // shared-data read: a revocation applies within a period of
+            // Envoy having it), and retries held requests: any key of the
+            // table may hold them, and its keys are only known when used.
+            if !self.tick_at_most(HELD_TICK_MS, "the key table") {
                 return false;
             }
         }
@@ -224,12 +223,9 @@ impl RootContext for Root {
                     policy.provider_pools.len(),
                     bytes.len()
                 );
-                // Held requests are retried from the timer. With a key
-                // table, any key may hold requests: the table's keys are
-                // only known when used.
-                if (policy.holds_requests() || self.keys.is_some())
-                    && !self.tick_at_most(HELD_TICK_MS, "held requests")
-                {
+                // Held requests are retried from the timer (with a key
+                // table it already runs this often).
+                if policy.holds_requests() && !self.tick_at_most(HELD_TICK_MS, "held requests") {
                     return false;
                 }
                 self.policy = Some(Rc::new(policy));
