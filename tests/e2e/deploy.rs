@@ -13,7 +13,7 @@
 use serde_yaml::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tollgate_e2e::{sha, tollgate_bin};
+use tollgate_e2e::{cli_ok, sha, tollgate_bin};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -325,15 +325,10 @@ fn render_compose() -> (tempfile::TempDir, PathBuf) {
             .replace("/usr/share/tollgate/tollgate.wasm", &wasm_path())
         })
         .collect();
-    let out = Command::new(tollgate_bin())
-        .args(&args)
-        .env("ANTHROPIC_API_KEY", "sk-ant-test")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "render failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    cli_ok(
+        Command::new(tollgate_bin())
+            .args(&args)
+            .env("ANTHROPIC_API_KEY", "sk-ant-test"),
     );
     (dir, state)
 }
@@ -930,32 +925,27 @@ enum Mesh {
 /// wrote the bootstrap and ECDS files to.
 fn render_only(dir: &Path, policy: &Path, mock_addr: &str, extra: &[&str]) -> PathBuf {
     let state = dir.join("state");
-    let out = Command::new(tollgate_bin())
-        .args([
-            "run",
-            "--render-only",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ])
-        .args(["--external-collector", "127.0.0.1:9"])
-        .args(extra)
-        .arg("--upstream")
-        .arg(format!("http://{mock_addr}"))
-        .arg("--policy")
-        .arg(policy)
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--wasm")
-        .arg(wasm_path())
-        .env("ANTHROPIC_API_KEY", "sk-ant-mock-real-key")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "render failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    cli_ok(
+        Command::new(tollgate_bin())
+            .args([
+                "run",
+                "--render-only",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ])
+            .args(["--external-collector", "127.0.0.1:9"])
+            .args(extra)
+            .arg("--upstream")
+            .arg(format!("http://{mock_addr}"))
+            .arg("--policy")
+            .arg(policy)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--wasm")
+            .arg(wasm_path())
+            .env("ANTHROPIC_API_KEY", "sk-ant-mock-real-key"),
     );
     state
 }
@@ -1202,21 +1192,16 @@ fn a_large_key_set_renders_without_its_keys_for_the_key_service() {
         .collect();
     let doc = serde_json::json!({"version": 1, "defaults": {"models": ["claude-*"]}, "keys": keys});
     std::fs::write(&file, doc.to_string()).unwrap();
-    let out = Command::new(tollgate_bin())
-        .args([
-            "policy",
-            "render",
-            file.to_str().unwrap(),
-            "--format",
-            "istio",
-        ])
-        .args(["--key-service-cluster", "tollgate_keys"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = cli_ok(
+        Command::new(tollgate_bin())
+            .args([
+                "policy",
+                "render",
+                file.to_str().unwrap(),
+                "--format",
+                "istio",
+            ])
+            .args(["--key-service-cluster", "tollgate_keys"]),
     );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.len() < 8_000, "{} bytes", text.len());
@@ -1308,17 +1293,17 @@ fn istio_configured_filter_takes_its_keys_from_the_collector() {
 
     // What the mesh delivers: the rendered WasmPlugin's configuration and
     // VM options, and the manifest's cluster pointed at this collector.
-    let rendered = Command::new(tollgate_bin())
-        .args(["policy", "render"])
-        .arg(&valid)
-        .args([
-            "--format",
-            "istio",
-            "--key-service-cluster",
-            "tollgate_keys",
-        ])
-        .output()
-        .unwrap();
+    let rendered = cli_ok(
+        Command::new(tollgate_bin())
+            .args(["policy", "render"])
+            .arg(&valid)
+            .args([
+                "--format",
+                "istio",
+                "--key-service-cluster",
+                "tollgate_keys",
+            ]),
+    );
     let plugin: Value = serde_yaml::from_slice(&rendered.stdout).unwrap();
     let vm = env_value(get(&plugin, "spec.vmConfig.env"), VM_OPTIONS_ENV);
     let config = serde_json::to_string(
