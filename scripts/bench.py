@@ -384,7 +384,7 @@ def targets(rows, v8, native):
     m = re.search(r"S1 [^:]*: [\d.]+ us per request, ([\d.]+) host calls", native or v8)
     if m:
         calls = float(m.group(1))
-        out.append(("allowed non-streamed request <= 12 host calls", f"{calls:.0f} (S1; 22 with a team budget, core/src/flow/cost_tests.rs)", calls <= 12))
+        out.append(("allowed non-streamed request <= 12 host calls", f"{calls:.0f} (S1; 16 with a team budget, core/src/flow/cost_tests.rs)", calls <= 12))
     print("\nTargets (this run):")
     width = max(len(t) for t, _, _ in out) if out else 0
     for t, v, ok in out:

@@ -250,7 +250,9 @@ pub struct AuditRecord {
     /// Whether the price's long-context rates applied to the whole request.
     #[serde(default)]
     pub long_context: Option<bool>,
-    /// From request start to the end of the response, milliseconds.
+    /// From request start to the end of the response, milliseconds, on
+    /// the filter's VM clock (`filter::CLOCK_TICK_MS`): within 10 ms
+    /// without a shared store. Envoy's `%DURATION%` is exact.
     pub latency_ms: Option<u64>,
     /// The bucket that decided a denial (`key:alice-laptop:requests_per_minute`).
     pub bucket: Option<String>,
@@ -292,59 +294,88 @@ pub struct SessionRef {
     pub value: String,
 }
 
-/// Which Envoy process published a record, and the record's number in that
-/// process: numbers start at 1 and are handed out without holes, one per
+/// Which numbering stream published a record, and the record's number in
+/// it: numbers start at 1 and are handed out without holes, one per
 /// request, when its record is first published. The provisional and the
 /// final record of a request carry the same number, so a number the store
 /// never receives is a request whose every record was lost.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Origin {
-    /// The Envoy's replica id (`crate::sync::replica_id`), chosen once per
-    /// process by the first worker that needs it.
+    /// The stream: the Envoy's replica id (`crate::sync::replica_id`,
+    /// chosen once per process), `/`, and the number of the worker VM that
+    /// numbered the record (`3f2a9c0d11e4b5a6/2`). Records written before
+    /// streams were per worker carry the replica id alone.
     pub envoy: String,
     pub seq: u64,
 }
 
-/// Shared-data key of this Envoy's audit sequence: the last number handed
-/// out (u64, little-endian), then the Envoy's id. One key holds both so that
-/// numbering a request costs one read and one write.
-pub const SEQ_KEY: &str = "tollgate/2/audit-seq";
+/// Shared-data key of the last worker number handed out in this Envoy
+/// (u64, little-endian): each worker VM takes the next one, once.
+pub const WORKER_KEY: &str = "tollgate/2/audit-workers";
+
+/// A worker VM's audit numbering. Each VM numbers its own requests in a
+/// stream of its own: a VM runs one callback at a time, so its counter
+/// needs no shared data and numbering a request costs no host call (one
+/// Envoy-wide counter cost a shared-data read and CAS write per request).
+/// The stream is named once, at the VM's first numbered request: the
+/// replica id (shared with the sync leader) and the VM's worker number.
+#[derive(Debug, Default)]
+pub struct Numbering {
+    stream: Option<String>,
+    last: u64,
+}
+
+impl Numbering {
+    /// The next number of this VM's stream. On the first call the stream is
+    /// named: the replica id if a worker already chose one, else
+    /// `proposal()`, and the next worker number (a CAS increment, retried
+    /// on conflicts like every shared-data update). `None` when the retries
+    /// run out or the host refuses the write: the record then goes
+    /// unnumbered, no number is skipped, and the next request tries again.
+    pub fn next(
+        &mut self,
+        store: &dyn SharedStore,
+        proposal: &dyn Fn() -> String,
+    ) -> Option<Origin> {
+        let stream = match &self.stream {
+            Some(stream) => stream.clone(),
+            None => {
+                let worker = take_worker(store)?;
+                let replica = crate::sync::replica_id(store, &proposal());
+                let stream = format!("{replica}/{worker}");
+                self.stream = Some(stream.clone());
+                stream
+            }
+        };
+        self.last += 1;
+        Some(Origin {
+            envoy: stream,
+            seq: self.last,
+        })
+    }
+}
+
+/// Takes the next worker number of this Envoy.
+fn take_worker(store: &dyn SharedStore) -> Option<u64> {
+    for _ in 0..MAX_ATTEMPTS {
+        let (last, cas) = match store.get(WORKER_KEY) {
+            Some((bytes, cas)) => (
+                bytes.first_chunk::<8>().map_or(0, |b| u64::from_le_bytes(*b)),
+                cas,
+            ),
+            None => (0, CREATE_CAS),
+        };
+        let worker = last.saturating_add(1);
+        match store.set(WORKER_KEY, &worker.to_le_bytes(), cas) {
+            Ok(()) => return Some(worker),
+            Err(StoreError::CasMismatch) => continue,
+            Err(StoreError::Failed) => return None,
+        }
+    }
+    None
+}
 
 impl Origin {
-    /// Takes the next number of this Envoy's sequence with a CAS increment
-    /// (retried on conflicts, bounded like every shared-data update). On the
-    /// first call in the process the Envoy's id is settled: the replica id if
-    /// a worker already chose one, else `proposal()`. `None` when the
-    /// retries run out or the host refuses the write: the record then goes
-    /// unnumbered, and no number is skipped.
-    pub fn next(store: &dyn SharedStore, proposal: impl Fn() -> String) -> Option<Origin> {
-        for _ in 0..MAX_ATTEMPTS {
-            let (envoy, last, cas) = match store.get(SEQ_KEY) {
-                Some((bytes, cas)) => match bytes.split_first_chunk::<8>() {
-                    Some((last, id)) if !id.is_empty() => (
-                        String::from_utf8_lossy(id).into_owned(),
-                        u64::from_le_bytes(*last),
-                        cas,
-                    ),
-                    // Not a sequence (the ABI's empty "deleted" value):
-                    // replaced under its CAS token.
-                    _ => (crate::sync::replica_id(store, &proposal()), 0, cas),
-                },
-                None => (crate::sync::replica_id(store, &proposal()), 0, CREATE_CAS),
-            };
-            let seq = last.saturating_add(1);
-            let mut value = Vec::with_capacity(8 + envoy.len());
-            value.extend_from_slice(&seq.to_le_bytes());
-            value.extend_from_slice(envoy.as_bytes());
-            match store.set(SEQ_KEY, &value, cas) {
-                Ok(()) => return Some(Origin { envoy, seq }),
-                Err(StoreError::CasMismatch) => continue,
-                Err(StoreError::Failed) => return None,
-            }
-        }
-        None
-    }
-
     /// A replica id to propose when this Envoy has none: 16 hex digits of a
     /// hash of the first numbered request's id (Envoy generates a random
     /// UUID per request) and its start time.
@@ -354,11 +385,7 @@ impl Origin {
             .chain_update(request_id.as_bytes())
             .chain_update(now_ms.to_le_bytes())
             .finalize();
-        let mut id = String::with_capacity(16);
-        for b in digest.iter().take(8) {
-            id.push_str(&format!("{b:02x}"));
-        }
-        id
+        hex::encode(digest.get(..8).unwrap_or_default())
     }
 }
 
@@ -425,49 +452,62 @@ mod tests {
     }
 
     #[test]
-    fn numbers_are_consecutive_per_envoy_and_the_envoy_id_is_the_replica_id() {
+    fn each_worker_numbers_its_own_stream_named_after_the_replica() {
         let store = crate::testing::MemStore::new();
-        let first = Origin::next(&*store, || "proposed".to_string()).unwrap();
+        let (mut one, mut two) = (Numbering::default(), Numbering::default());
+        let origin = |envoy: &str, seq| Origin {
+            envoy: envoy.into(),
+            seq,
+        };
         assert_eq!(
-            first,
-            Origin {
-                envoy: "proposed".into(),
-                seq: 1
-            }
+            one.next(&*store, &|| "proposed".to_string()),
+            Some(origin("proposed/1", 1))
         );
-        // Later proposals lose: the id was chosen once for the process.
-        let second = Origin::next(&*store, || "other".to_string()).unwrap();
+        // The second worker takes the next worker number; later proposals
+        // lose: the replica id was chosen once for the process.
         assert_eq!(
-            second,
-            Origin {
-                envoy: "proposed".into(),
-                seq: 2
-            }
+            two.next(&*store, &|| "other".to_string()),
+            Some(origin("proposed/2", 1))
+        );
+        assert_eq!(
+            one.next(&*store, &|| "other".to_string()),
+            Some(origin("proposed/1", 2))
         );
         assert_eq!(crate::sync::replica_id(&*store, "x"), "proposed");
+        // Numbering after the first costs no shared-data access at all.
+        store.inject_conflicts(MAX_ATTEMPTS);
+        assert_eq!(
+            two.next(&*store, &|| "x".to_string()),
+            Some(origin("proposed/2", 2))
+        );
     }
 
     #[test]
     fn numbering_reuses_a_replica_id_the_sync_leader_chose() {
         let store = crate::testing::MemStore::new();
         assert_eq!(crate::sync::replica_id(&*store, "leader-vm"), "leader-vm");
-        let o = Origin::next(&*store, || "worker".to_string()).unwrap();
-        assert_eq!((o.envoy.as_str(), o.seq), ("leader-vm", 1));
+        let o = Numbering::default()
+            .next(&*store, &|| "worker".to_string())
+            .unwrap();
+        assert_eq!((o.envoy.as_str(), o.seq), ("leader-vm/1", 1));
     }
 
     #[test]
-    fn a_cas_conflict_retries_and_skips_no_number() {
+    fn a_stream_shared_data_could_not_name_skips_no_number() {
         let store = crate::testing::MemStore::new();
-        Origin::next(&*store, || "e".to_string()).unwrap();
+        let mut n = Numbering::default();
         store.inject_conflicts(3);
-        let o = Origin::next(&*store, || "e".to_string()).unwrap();
-        assert_eq!(o.seq, 2);
-        assert_eq!(store.mismatches.get(), 3);
+        assert_eq!(n.next(&*store, &|| "e".to_string()).unwrap().seq, 1);
+        assert_eq!(store.mismatches.get(), 3, "conflicts are retried");
+        let mut late = Numbering::default();
         store.inject_conflicts(MAX_ATTEMPTS);
-        assert_eq!(Origin::next(&*store, || "e".to_string()), None);
+        assert_eq!(late.next(&*store, &|| "e".to_string()), None);
         assert_eq!(
-            Origin::next(&*store, || "e".to_string()).unwrap().seq,
-            3,
+            late.next(&*store, &|| "e".to_string()),
+            Some(Origin {
+                envoy: "e/2".into(),
+                seq: 1
+            }),
             "a request that got no number took none"
         );
     }

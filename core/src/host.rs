@@ -232,6 +232,10 @@ pub trait Host: SharedPlane {
     /// Publishes the audit record as filter state (`wasm.tollgate_audit`),
     /// where Envoy's access loggers read it.
     fn set_audit_record(&mut self, record: &[u8]);
+    /// The next number of this worker VM's audit stream
+    /// ([`crate::audit::Numbering`], which the VM keeps for its life);
+    /// `None` when shared data refused to name the stream.
+    fn next_origin(&mut self, proposal: &dyn Fn() -> String) -> Option<crate::audit::Origin>;
     /// Adds `delta` to a counter or gauge.
     fn stat(&mut self, stat: Stat, delta: i64);
     /// Sets a gauge whose name is known only at run time (the provider's

@@ -25,6 +25,10 @@ pub struct MemStore {
     pub mismatches: StdCell<u32>,
     /// The process-wide shared queues.
     queues: RefCell<HashMap<&'static str, VecDeque<Vec<u8>>>>,
+    /// The audit numbering of the worker VM the tests' requests run in:
+    /// a VM's own state, kept here because a test's hosts come and go per
+    /// request while its store stands for the one Envoy (and VM) they share.
+    pub numbering: RefCell<crate::audit::Numbering>,
 }
 
 impl MemStore {
@@ -138,10 +142,15 @@ pub struct FakeHost {
     /// Calls made through the host, by method: each is one proxy-wasm host
     /// call in the filter (the host-call budget test counts them).
     pub calls: std::cell::RefCell<std::collections::BTreeMap<&'static str, u32>>,
-    /// Whether the clock was read in this callback: the filter reads it
-    /// once per request callback (`filter::host::one_instant`), so only
-    /// the first read counts as a host call ([`FakeHost::new_callback`]).
+    /// Whether the clock was read in this callback: with a shared store
+    /// the filter reads it once per request callback
+    /// (`filter::host::one_instant`), so only the first read counts as a
+    /// host call ([`FakeHost::new_callback`]).
     clock_read: std::cell::Cell<bool>,
+    /// Whether the clock is the VM's (the filter without a shared store:
+    /// the timer reads it, `filter::host::use_vm_clock`), which requests
+    /// read without a host call.
+    pub vm_clock: bool,
     /// Properties by path (`connection.uri_san_peer_certificate`), as the
     /// host serialises them.
     pub properties: Vec<(Vec<String>, Vec<u8>)>,
@@ -165,6 +174,7 @@ impl Default for FakeHost {
             held_buckets: Vec::new(),
             calls: Default::default(),
             clock_read: Default::default(),
+            vm_clock: true,
             properties: Vec::new(),
         }
     }
@@ -265,6 +275,12 @@ impl SharedStore for FakeHost {
 }
 
 impl Host for FakeHost {
+    fn next_origin(&mut self, proposal: &dyn Fn() -> String) -> Option<crate::audit::Origin> {
+        let store = self.store.clone();
+        let mut numbering = store.numbering.borrow_mut();
+        numbering.next(&*self, proposal)
+    }
+
     fn request_headers(&self) -> HeaderList {
         self.count("get_request_headers");
         self.request_headers.clone()
@@ -346,7 +362,7 @@ impl Host for FakeHost {
     }
 
     fn now_ms(&self) -> u64 {
-        if !self.clock_read.replace(true) {
+        if !self.vm_clock && !self.clock_read.replace(true) {
             self.count("get_current_time");
         }
         self.now_ms

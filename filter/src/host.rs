@@ -18,26 +18,53 @@ use tollgate_core::route::Provider;
 pub struct Hostcalls;
 
 impl Hostcalls {
-    /// The wall clock in ms. Inside [`one_instant`] it is read once and
-    /// the callback's phases share that instant.
+    /// The wall clock in ms. Inside [`one_instant`] (a request callback) it
+    /// is the VM clock when the VM keeps one ([`use_vm_clock`]), else read
+    /// once and shared by the callback's phases.
     pub fn now(&self) -> u64 {
-        let read = || {
-            hostcalls::get_current_time()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0)
-        };
         INSTANT.with(|i| match i.get() {
-            Instant::Outside => read(),
+            Instant::Outside => read_clock(),
             Instant::Unread => {
-                let t = read();
+                let t = match VM_CLOCK.get() {
+                    0 => read_clock(),
+                    t => t,
+                };
                 i.set(Instant::Read(t));
                 t
             }
             Instant::Read(t) => t,
         })
     }
+}
+
+/// Envoy's wall clock in ms: one host call.
+fn read_clock() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Makes this VM's requests use the VM clock: the time of the worker's
+/// last timer tick, kept by [`tick_clock`], instead of a clock read of
+/// their own (one host call per request callback, three per served
+/// request). The timer then runs every `crate::CLOCK_TICK_MS`, so the
+/// time a request sees is at most that old: buckets refill as of then
+/// (never more than they should), and expiries and day boundaries apply
+/// that much later. Not with a shared store, whose leases are bounded in
+/// time.
+pub fn use_vm_clock() {
+    VM_CLOCK.set(read_clock().max(1));
+}
+
+/// The timer's tick: a VM that keeps a clock reads it now. Returns the time.
+pub fn tick_clock() -> u64 {
+    let now = read_clock();
+    if VM_CLOCK.get() != 0 {
+        VM_CLOCK.set(now.max(1));
+    }
+    now
 }
 
 #[derive(Clone, Copy)]
@@ -50,6 +77,11 @@ enum Instant {
 
 thread_local! {
     static INSTANT: std::cell::Cell<Instant> = const { std::cell::Cell::new(Instant::Outside) };
+    /// The VM clock (ms), 0 when the VM keeps none ([`use_vm_clock`]).
+    static VM_CLOCK: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// This VM's audit stream: one per worker VM, for the VM's life.
+    static NUMBERING: std::cell::RefCell<tollgate_core::audit::Numbering> =
+        std::cell::RefCell::new(tollgate_core::audit::Numbering::default());
 }
 
 /// Runs one request callback with one clock read at most: a request's
@@ -149,6 +181,13 @@ impl Host for Hostcalls {
             "replace response body",
             hostcalls::set_buffer(BufferType::HttpResponseBody, 0, usize::MAX, body),
         );
+    }
+
+    fn next_origin(
+        &mut self,
+        proposal: &dyn Fn() -> String,
+    ) -> Option<tollgate_core::audit::Origin> {
+        NUMBERING.with(|n| n.borrow_mut().next(self, proposal))
     }
 
     fn set_audit_record(&mut self, record: &[u8]) {

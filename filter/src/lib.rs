@@ -43,6 +43,12 @@ const HELD_TICK_MS: u64 = 50;
 /// (ms): stats are handed over from the timer, not from each request.
 pub const STATS_FLUSH_MS: u64 = 1000;
 
+/// How often a worker without a shared store reads the clock for its
+/// requests (ms): the oldest time a request decides on
+/// (`host::use_vm_clock`). A tick costs one clock read; a hundred a second
+/// per worker is far less than one read per request callback under load.
+pub const CLOCK_TICK_MS: u64 = 10;
+
 #[derive(Default)]
 struct Root {
     id: u32,
@@ -52,8 +58,13 @@ struct Root {
     leader: Option<Leader>,
     /// With a key service: this VM's side of fetching the key table.
     keys: Option<keys::Fetcher>,
-    /// The timer's period now (ms): the shortest any feature asked for.
+    /// The shortest period any feature asked of the timer (ms).
     tick_ms: u64,
+    /// The timer's period now (ms): `tick_ms`, or the VM clock's if shorter.
+    timer_ms: u64,
+    /// When the features last ran (ms): with the VM clock the timer runs
+    /// more often than they ask.
+    features_ran_ms: u64,
 }
 
 impl Root {
@@ -63,12 +74,34 @@ impl Root {
         if self.tick_ms != 0 && self.tick_ms <= ms {
             return true;
         }
-        if let Err(e) = proxy_wasm::hostcalls::set_tick_period(std::time::Duration::from_millis(ms))
+        self.tick_ms = ms;
+        let timer = if self.options.shared.is_none() {
+            ms.min(CLOCK_TICK_MS)
+        } else {
+            ms
+        };
+        if timer == self.timer_ms {
+            return true;
+        }
+        if let Err(e) =
+            proxy_wasm::hostcalls::set_tick_period(std::time::Duration::from_millis(timer))
         {
             log::error!("cannot start the timer of {what}: {e:?}");
             return false;
         }
-        self.tick_ms = ms;
+        self.timer_ms = timer;
+        true
+    }
+
+    /// Whether the features' period has come since they last ran (within
+    /// half a timer period, so a timer that runs at their period never
+    /// skips one for a late millisecond).
+    fn features_due(&mut self, now: u64) -> bool {
+        let elapsed = now.saturating_sub(self.features_ran_ms);
+        if elapsed + self.timer_ms / 2 < self.tick_ms {
+            return false;
+        }
+        self.features_ran_ms = now;
         true
     }
 
@@ -142,6 +175,9 @@ impl RootContext for Root {
         };
         let options = vm.flow;
         self.options = options;
+        if options.shared.is_none() {
+            host::use_vm_clock();
+        }
         // The timer flushes the stats the requests counted
         // (`host::flush_stats`); a shared store, a key table or held
         // requests shorten it.
@@ -255,9 +291,15 @@ impl RootContext for Root {
         Some(ContextType::HttpContext)
     }
 
-    /// Every sync period on every worker: one of them (the elected leader)
-    /// syncs this Envoy's leases with the quota service.
+    /// Every timer period on every worker: the VM clock moves on; at the
+    /// features' period one worker (the elected leader) syncs this Envoy's
+    /// leases with the quota service, the key table is looked at, held
+    /// requests retried and stats handed over.
     fn on_tick(&mut self) {
+        let now = host::tick_clock();
+        if !self.features_due(now) {
+            return;
+        }
         if let Some(leader) = &mut self.leader {
             leader.tick(&mut Hostcalls);
         }

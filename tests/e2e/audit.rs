@@ -594,12 +594,7 @@ fn collector_absent_at_start_loses_nothing_once_it_arrives_or_the_file_is_import
         (Some(0), Some(0)),
         "{after}"
     );
-    let mut seqs: Vec<u64> = numbered()
-        .iter()
-        .map(|r| r["origin"]["seq"].as_u64().unwrap())
-        .collect();
-    seqs.sort_unstable();
-    assert_eq!(seqs, (1..=15).collect::<Vec<u64>>());
+    assert_numbered_without_holes(&numbered(), 15);
     let out = Command::new(tollgate_bin())
         .args(["audit", "tail", "--format", "json", "-n", "1000", "--db"])
         .arg(&db)
@@ -610,6 +605,31 @@ fn collector_absent_at_start_loses_nothing_once_it_arrives_or_the_file_is_import
         .filter(|l| l.contains("\"request_id\":\"absent-") && l.contains("\"complete\":true"))
         .count();
     assert_eq!(complete, 15, "every request has its complete record");
+}
+
+/// `records` are `total` requests numbered 1, 2, 3, … without a hole in
+/// each worker's stream (`origin.envoy`: the Envoy's replica id, `/`, the
+/// worker), all streams of one Envoy.
+fn assert_numbered_without_holes(records: &[serde_json::Value], total: usize) {
+    let mut streams: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for r in records {
+        let envoy = r["origin"]["envoy"].as_str().unwrap().to_string();
+        streams
+            .entry(envoy)
+            .or_default()
+            .push(r["origin"]["seq"].as_u64().unwrap());
+    }
+    let replicas: std::collections::BTreeSet<&str> = streams
+        .keys()
+        .map(|s| s.split_once('/').map_or(s.as_str(), |(replica, _)| replica))
+        .collect();
+    assert_eq!(replicas.len(), 1, "one Envoy: {streams:?}");
+    for (stream, seqs) in streams.iter_mut() {
+        seqs.sort_unstable();
+        let whole: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(*seqs, whole, "stream {stream}");
+    }
+    assert_eq!(streams.values().map(Vec::len).sum::<usize>(), total);
 }
 
 /// `tollgate audit gaps` on a store, every gap settled, as JSON.
@@ -693,7 +713,15 @@ fn ingest(http: &str, body: String) -> (u16, serde_json::Value) {
 /// stored there exactly as the gateway's own collector stored it.
 #[test]
 fn a_real_gateways_file_log_posted_to_another_collector_is_stored_whole() {
-    let gw = Gateway::start(&audit_policy());
+    // One worker: one numbering stream, so the gaps held back below are
+    // known numbers.
+    let gw = Gateway::start_with(
+        &audit_policy(),
+        Options {
+            concurrency: 1,
+            ..Options::default()
+        },
+    );
     let mut ids = Vec::new();
     for i in 0..10 {
         let id = format!("ship-{i}");
@@ -730,17 +758,12 @@ fn a_real_gateways_file_log_posted_to_another_collector_is_stored_whole() {
         std::thread::sleep(Duration::from_millis(200));
     };
 
-    // The Envoy numbered its requests 1, 2, 3, … without a hole.
-    let seq = |l: &String| -> u64 {
-        let r: serde_json::Value = serde_json::from_str(l).unwrap();
-        r["origin"]["seq"].as_u64().unwrap()
-    };
+    // The Envoy's workers numbered their requests 1, 2, 3, … without a hole.
+    let record = |l: &String| -> serde_json::Value { serde_json::from_str(l).unwrap() };
+    let records: Vec<serde_json::Value> = lines.iter().map(record).collect();
+    assert_numbered_without_holes(&records, 10);
     let mut lines = lines;
-    lines.sort_by_key(seq);
-    assert_eq!(
-        lines.iter().map(seq).collect::<Vec<_>>(),
-        (1..=10).collect::<Vec<u64>>()
-    );
+    lines.sort_by_key(|l| record(l)["origin"]["seq"].as_u64());
 
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("second.db");

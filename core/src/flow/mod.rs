@@ -356,10 +356,9 @@ impl RequestFlow {
         if end_of_stream {
             return self.admit(host, Demand::one_request(), 0);
         }
-        // Published now so that a request that never reaches the body
-        // decision (Envoy's own 413, a client that goes away) is still
-        // audited with its identity; the collector adds Envoy's status.
-        self.publish(host);
+        // Nothing is published yet: the body usually follows in the same
+        // read, and its decision publishes. A request that stops before
+        // then is published where it stops ([`Self::publish_waiting`]).
         if self.holds_headers() {
             Decision::Pause
         } else {
@@ -448,6 +447,7 @@ impl RequestFlow {
         };
         if !end_of_stream {
             // Keep buffering: the decision needs the whole body.
+            self.publish_waiting(host);
             return Decision::Pause;
         }
         if !self.route.is_llm() {
@@ -544,16 +544,28 @@ impl RequestFlow {
         }
     }
 
-    /// Publishes the record before the end of the response. The first
-    /// publication numbers it in this Envoy's audit sequence (one shared-data
-    /// read and write): a number is taken only by a request whose record
+    /// Publishes the record, once, when a request waits before its
+    /// decision (for the rest of its body, a refill, the quota service):
+    /// a request that ends there (a client that goes away, Envoy's own 413
+    /// over the buffer limit) is then audited with its identity, and the
+    /// collector adds Envoy's status. A request decided in its first body
+    /// callback, the usual case, publishes only its decision.
+    fn publish_waiting(&mut self, host: &mut impl Host) {
+        if !self.published {
+            self.publish(host);
+        }
+    }
+
+    /// Publishes the record. The first publication numbers it in this
+    /// worker VM's audit stream (no host call after the VM's first): a
+    /// number is taken only by a request whose record
     /// Envoy will log, so a number the collector never sees is a lost
     /// record, and the final record keeps the same number.
     fn publish(&mut self, host: &mut impl Host) {
         if !self.published {
             self.published = true;
             let (id, start) = (&self.audit.request_id, self.audit.timestamp_ms);
-            self.audit.origin = Origin::next(&*host, || Origin::propose_envoy(id, start));
+            self.audit.origin = host.next_origin(&|| Origin::propose_envoy(id, start));
             if self.audit.origin.is_none() {
                 host.stat(Stat::CasExhausted, 1);
             }
@@ -627,6 +639,7 @@ impl RequestFlow {
                 host.stat(Stat::RemoteAdmits, 1);
                 match host.call_quota(QuotaMethod::Admit, &request, opts.admit_timeout_ms) {
                     Ok(()) => {
+                        self.publish_waiting(host);
                         self.phase = Phase::Admitting {
                             key,
                             demand,
@@ -828,6 +841,7 @@ impl RequestFlow {
             host.stat(Stat::Held, 1);
         }
         self.hold_deadline = Some(deadline);
+        self.publish_waiting(host);
         self.phase = Phase::Waiting {
             key,
             demand,

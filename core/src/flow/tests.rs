@@ -775,18 +775,6 @@ fn unpriced_model_is_denied_when_a_budget_applies() {
 }
 
 #[test]
-fn identity_is_published_before_the_body_arrives() {
-    let mut host = request("/v1/messages", ALICE, SONNET);
-    let mut flow = RequestFlow::new(policy(""));
-    assert_eq!(flow.on_request_headers(&mut host, false), Decision::Pause);
-    let rec = host.last_audit().unwrap();
-    assert_eq!(
-        (rec.key_id.as_deref(), rec.complete),
-        (Some("alice-laptop"), false)
-    );
-}
-
-#[test]
 fn compressed_response_charges_the_reservation_and_says_why() {
     let mut host = request("/v1/messages", ALICE, SONNET);
     let mut flow = RequestFlow::new(policy(""));
@@ -1357,11 +1345,11 @@ fn the_providers_headroom_becomes_gauges_and_the_caller_sees_its_own() {
 }
 
 #[test]
-fn every_record_of_a_request_carries_one_number_of_this_envoys_sequence() {
+fn every_record_of_a_request_carries_one_number_of_this_workers_stream() {
     let p = policy("");
     let store = MemStore::new();
-    // Allowed: numbered at the first publication (the identity, before the
-    // body), then the admission and the final record repeat the number.
+    // Allowed: numbered at the first publication (the admission, in the
+    // body's one callback), which the final record repeats.
     let mut host = request("/v1/messages", ALICE, SONNET).with_store(store.clone());
     let mut flow = RequestFlow::new(p.clone());
     assert_eq!(send(&mut flow, &mut host), Decision::Continue);
@@ -1378,10 +1366,13 @@ fn every_record_of_a_request_carries_one_number_of_this_envoys_sequence() {
         .iter()
         .map(|j| AuditRecord::from_json(j).unwrap())
         .collect();
-    assert_eq!(records.len(), 3, "identity, admission, final");
+    assert_eq!(records.len(), 2, "admission, final");
     assert!(records.last().unwrap().complete);
     let envoy = records[0].origin.as_ref().unwrap().envoy.clone();
-    assert_eq!(envoy, Origin::propose_envoy("req-1", host.now_ms));
+    assert_eq!(
+        envoy,
+        format!("{}/1", Origin::propose_envoy("req-1", host.now_ms))
+    );
     for r in &records {
         assert_eq!(
             r.origin,
@@ -1405,13 +1396,36 @@ fn every_record_of_a_request_carries_one_number_of_this_envoys_sequence() {
         .iter()
         .map(|j| AuditRecord::from_json(j).unwrap().origin.unwrap().seq)
         .collect();
-    assert_eq!(seqs, [4, 4], "identity and refusal of the fourth request");
+    assert_eq!(seqs, [4], "the refusal of the fourth request, alone");
+}
+
+#[test]
+fn a_request_that_waits_for_the_rest_of_its_body_is_published_once_while_it_waits() {
+    let p = policy("");
+    let store = MemStore::new();
+    let mut host = request("/v1/messages", ALICE, SONNET).with_store(store.clone());
+    let mut flow = RequestFlow::new(p);
+    assert_eq!(flow.on_request_headers(&mut host, false), Decision::Pause);
+    assert!(host.audit.is_empty(), "the body usually follows at once");
+    let n = host.body_len();
+    // Two partial chunks: the record is published at the first, with the
+    // caller's identity, so a client that leaves now is audited.
+    for _ in 0..2 {
+        assert_eq!(flow.on_request_body(&mut host, n / 2, false), Decision::Pause);
+    }
+    assert_eq!(host.audit.len(), 1);
+    let waiting = host.last_audit().unwrap();
+    assert_eq!(
+        (waiting.key_id.as_deref(), waiting.complete, waiting.origin.map(|o| o.seq)),
+        (Some("alice-laptop"), false, Some(1))
+    );
+    assert_eq!(flow.on_request_body(&mut host, n, true), Decision::Continue);
+    assert_eq!(host.audit.len(), 2, "then the admission");
 }
 
 #[test]
 fn a_request_shared_data_could_not_number_is_published_without_an_origin() {
     let store = MemStore::new();
-    Origin::next(&*store, || "e".to_string()).unwrap();
     store.inject_conflicts(crate::meter::store::MAX_ATTEMPTS);
     let mut host = request("/v1/messages", "tg-nobody", SONNET).with_store(store.clone());
     reply(send(&mut RequestFlow::new(policy("")), &mut host));

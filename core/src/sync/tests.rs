@@ -193,9 +193,9 @@ fn leases_serve_a_busy_key_without_a_round_trip_and_a_lost_sync_is_resent_not_re
     let (req, answer) = grant_all(&sync, 50, NOW);
     // The first request's audit numbering settled this Envoy's replica id
     // before the leader's first tick: the quota service and the audit
-    // records name the Envoy alike.
+    // records name the Envoy alike (the records add their worker's number).
     assert_eq!(
-        Some(req.replica.clone()),
+        Some(format!("{}/1", req.replica)),
         h.last_audit().unwrap().origin.map(|o| o.envoy)
     );
     assert_ne!(req.replica, "vm-1");
