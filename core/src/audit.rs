@@ -360,7 +360,9 @@ fn take_worker(store: &dyn SharedStore) -> Option<u64> {
     for _ in 0..MAX_ATTEMPTS {
         let (last, cas) = match store.get(WORKER_KEY) {
             Some((bytes, cas)) => (
-                bytes.first_chunk::<8>().map_or(0, |b| u64::from_le_bytes(*b)),
+                bytes
+                    .first_chunk::<8>()
+                    .map_or(0, |b| u64::from_le_bytes(*b)),
                 cas,
             ),
             None => (0, CREATE_CAS),

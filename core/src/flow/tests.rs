@@ -1411,12 +1411,19 @@ fn a_request_that_waits_for_the_rest_of_its_body_is_published_once_while_it_wait
     // Two partial chunks: the record is published at the first, with the
     // caller's identity, so a client that leaves now is audited.
     for _ in 0..2 {
-        assert_eq!(flow.on_request_body(&mut host, n / 2, false), Decision::Pause);
+        assert_eq!(
+            flow.on_request_body(&mut host, n / 2, false),
+            Decision::Pause
+        );
     }
     assert_eq!(host.audit.len(), 1);
     let waiting = host.last_audit().unwrap();
     assert_eq!(
-        (waiting.key_id.as_deref(), waiting.complete, waiting.origin.map(|o| o.seq)),
+        (
+            waiting.key_id.as_deref(),
+            waiting.complete,
+            waiting.origin.map(|o| o.seq)
+        ),
         (Some("alice-laptop"), false, Some(1))
     );
     assert_eq!(flow.on_request_body(&mut host, n, true), Decision::Continue);
