@@ -51,6 +51,17 @@ use crate::usage::{self, RequestInfo, StreamUsage, Usage};
 use crate::vkey::{self, Presented};
 use std::rc::Rc;
 
+/// A request id for a request Envoy gave none (its `x-request-id` is
+/// generated unless the HCM says otherwise): the time and a count of this
+/// VM's such requests, since many share one clock tick and the store keeps
+/// one record per id and start.
+fn fallback_request_id(now: u64) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static UNNAMED: AtomicU64 = AtomicU64::new(0);
+    let n = UNNAMED.fetch_add(1, Ordering::Relaxed);
+    format!("tg-{now:x}-{n:x}")
+}
+
 /// Output tokens reserved when a request names no `max_tokens` (OpenAI makes
 /// it optional). Settlement corrects it to the actual count.
 pub const DEFAULT_OUTPUT_RESERVATION: u64 = 4_096;
@@ -289,7 +300,7 @@ impl RequestFlow {
         self.audit.provider = self.provider().name().to_string();
         self.audit.request_id = header(&headers, "x-request-id")
             .map(|v| String::from_utf8_lossy(v).into_owned())
-            .unwrap_or_else(|| format!("tg-{now:x}"));
+            .unwrap_or_else(|| fallback_request_id(now));
 
         let presented = vkey::presented(&headers);
         // The virtual key never goes upstream, whatever happens next.

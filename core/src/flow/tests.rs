@@ -1440,3 +1440,20 @@ fn a_request_shared_data_could_not_number_is_published_without_an_origin() {
     assert_eq!((rec.reason, rec.origin), (Reason::UnknownKey, None));
     assert_eq!(host.stats.get("tollgate.cas_exhausted"), Some(&1));
 }
+
+#[test]
+fn requests_envoy_gave_no_id_get_distinct_ones_within_one_clock_tick() {
+    let ids: Vec<String> = (0..2)
+        .map(|_| {
+            let mut host = FakeHost::new()
+                .with_request_header(":path", "/v1/messages")
+                .with_request_header(":method", "POST");
+            host.now_ms = 0x1234;
+            let mut flow = RequestFlow::new(policy(""));
+            reply(flow.on_request_headers(&mut host, false));
+            host.last_audit().unwrap().request_id
+        })
+        .collect();
+    assert!(ids.iter().all(|id| id.starts_with("tg-1234-")), "{ids:?}");
+    assert_ne!(ids[0], ids[1]);
+}
