@@ -142,10 +142,14 @@ pub enum Stat {
     /// calls that failed (`crate::sync::keys`).
     KeyRecords,
     KeyFetchFailed,
+    /// Requests that ended before the filter published a record (a client
+    /// that left after its headers, before any body byte): Envoy's
+    /// access-log entry for them carries no audit record.
+    EndedUnpublished,
 }
 
 /// Every stat besides decisions, with its name, in index order.
-const STATS: [(Stat, &str); 17] = [
+const STATS: [(Stat, &str); 18] = [
     (Stat::CasConflict, "tollgate.cas_conflicts"),
     (Stat::CasExhausted, "tollgate.cas_exhausted"),
     (Stat::UsageUnreadable, "tollgate.usage_unreadable"),
@@ -169,6 +173,7 @@ const STATS: [(Stat, &str); 17] = [
     (Stat::Throttled, "tollgate.ladder.throttled"),
     (Stat::KeyRecords, "tollgate.keys.records"),
     (Stat::KeyFetchFailed, "tollgate.keys.fetch_failed"),
+    (Stat::EndedUnpublished, "tollgate.ended_unpublished"),
 ];
 
 impl Stat {

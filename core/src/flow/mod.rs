@@ -1060,6 +1060,9 @@ impl RequestFlow {
     /// last provisional record (they run before the filter's `on_log`), so
     /// the reservations are settled with exactly the figures it carries.
     pub fn on_end(&mut self, host: &mut impl Host) {
+        if !self.published && !matches!(self.phase, Phase::Start) {
+            host.stat(Stat::EndedUnpublished, 1);
+        }
         match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Admitted { admission, .. } => {
                 let charged = self.provisional.demand;

@@ -1457,3 +1457,19 @@ fn requests_envoy_gave_no_id_get_distinct_ones_within_one_clock_tick() {
     assert!(ids.iter().all(|id| id.starts_with("tg-1234-")), "{ids:?}");
     assert_ne!(ids[0], ids[1]);
 }
+
+#[test]
+fn a_request_that_ends_after_its_headers_alone_is_counted_as_unpublished() {
+    let mut host = request("/v1/messages", ALICE, SONNET);
+    let mut flow = RequestFlow::new(policy(""));
+    assert_eq!(flow.on_request_headers(&mut host, false), Decision::Pause);
+    flow.on_end(&mut host);
+    assert!(host.audit.is_empty());
+    assert_eq!(host.stats.get("tollgate.ended_unpublished"), Some(&1));
+    // A request that published is not counted.
+    let mut host = request("/v1/messages", ALICE, SONNET);
+    let mut flow = RequestFlow::new(policy(""));
+    send(&mut flow, &mut host);
+    flow.on_end(&mut host);
+    assert_eq!(host.stats.get("tollgate.ended_unpublished"), None);
+}
