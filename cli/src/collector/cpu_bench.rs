@@ -11,6 +11,12 @@
 //! entry received to the last row stored, divided by N. The client that
 //! builds, encodes and sends the messages is this same test run again in a
 //! child process, so its CPU is not counted.
+//!
+//! `TOLLGATE_BENCH_PREFILLED=<file>` measures on a store that already holds
+//! [`PREFILLED`] older rows, as a collector does after weeks: each run
+//! starts from a copy of `<file>`, which the first run fills (slowly) when
+//! it does not exist. A file is made by one schema; give another binary
+//! its own.
 
 use super::store::AuditStore;
 use envoy_types::pb::envoy::config::core::v3::{address, socket_address, Address, SocketAddress};
@@ -29,6 +35,8 @@ use std::time::{Duration, Instant};
 use tollgate_core::audit::{AuditRecord, Tokens, FILTER_STATE_KEY};
 
 const N: usize = 50_000;
+/// Rows of a pre-filled store (`TOLLGATE_BENCH_PREFILLED`).
+const PREFILLED: usize = 1_000_000;
 /// Entries per message: Envoy flushes its 16 KiB buffer, ~1 KiB per entry.
 const PER_MESSAGE: usize = 10;
 
@@ -240,7 +248,16 @@ async fn send(addr: &str, pace: Pace) {
 /// client process, and the records stored per second.
 async fn measure(pace: Pace) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
-    let store = AuditStore::open(dir.path().join("bench.db")).unwrap();
+    let db = dir.path().join("bench.db");
+    let prefilled = match std::env::var_os("TOLLGATE_BENCH_PREFILLED") {
+        Some(template) => {
+            prefill(std::path::Path::new(&template));
+            std::fs::copy(&template, &db).unwrap();
+            PREFILLED
+        }
+        None => 0,
+    };
+    let store = AuditStore::open(&db).unwrap();
     let collector = super::tests::start(&store).await;
     let (addr, stats) = (collector.addr, collector.stats.clone());
     // This same test, run again as the client (see below).
@@ -268,11 +285,43 @@ async fn measure(pace: Pace) -> (f64, f64) {
     let (spent, wall) = (cpu() - before, wall.elapsed());
     assert!(client.wait().await.unwrap().success());
     collector.stop().await;
-    assert_eq!(store.count().unwrap(), N as u64);
+    assert_eq!(store.count().unwrap(), (prefilled + N) as u64);
     (
         spent.as_secs_f64() * 1e6 / N as f64,
         N as f64 / wall.as_secs_f64(),
     )
+}
+
+/// Makes the store at `template` with [`PREFILLED`] rows if it does not
+/// exist: the benchmark's records with other random ids, in the time before
+/// the measured ones.
+fn prefill(template: &std::path::Path) {
+    if template.exists() {
+        return;
+    }
+    let started = Instant::now();
+    let partial = template.with_extension("partial");
+    let _ = std::fs::remove_file(&partial);
+    let store = AuditStore::open(&partial).unwrap();
+    let batch: Vec<usize> = (0..PREFILLED).collect();
+    for chunk in batch.chunks(10_000) {
+        let records: Vec<AuditRecord> = chunk
+            .iter()
+            .map(|j| {
+                let mut r = record(N + j);
+                r.timestamp_ms -= (N + PREFILLED) as u64;
+                r
+            })
+            .collect();
+        store.insert_batch(&records).unwrap();
+    }
+    drop(store);
+    std::fs::rename(&partial, template).unwrap();
+    eprintln!(
+        "pre-filled {} with {PREFILLED} rows in {:.0?}",
+        template.display(),
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
