@@ -274,9 +274,9 @@ pub trait AuditBackend: Send + Sync {
 
     /// The stored record of one request (the newest, should two requests
     /// share an id). No index leads with the id (see the module's doc), so
-    /// this scans the key index, whose entries hold the id: about N ms per
-    /// million rows (`docs/audit.md`, "Collector cost"). Tests and tools
-    /// only; nothing on the collector's path looks a request up.
+    /// this reads the key index through, whose entries hold the id: about
+    /// 50 ms per million rows (`docs/audit.md`, "The request's key"). Tests
+    /// and tools only; nothing on the collector's path looks a request up.
     #[cfg_attr(not(test), allow(dead_code))] // tests and future tools
     fn get(&self, request_id: &str) -> Result<Option<AuditRecord>> {
         let rows = records(
