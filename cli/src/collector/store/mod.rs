@@ -834,9 +834,10 @@ DROP INDEX IF EXISTS audit_key;
 CREATE INDEX IF NOT EXISTS audit_origin ON audit(origin_envoy, origin_seq, timestamp_ms)
     WHERE origin_envoy IS NOT NULL;";
 
-/// `CREATE TABLE` for `audit`, whose row key is `seq_column`.
-fn audit_table(seq_column: &str) -> String {
-    format!("CREATE TABLE IF NOT EXISTS audit (seq {seq_column}, {COLUMNS});")
+/// `CREATE TABLE` for `audit` (or a `table` that will become it), whose
+/// row key is `seq_column`.
+fn audit_table(table: &str, seq_column: &str) -> String {
+    format!("CREATE TABLE IF NOT EXISTS {table} (seq {seq_column}, {COLUMNS});")
 }
 
 /// Stores with at least this many rows say on stderr that their key is

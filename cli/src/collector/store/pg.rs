@@ -40,7 +40,7 @@ impl PostgresStore {
     pub fn connect(url: &str) -> Result<PostgresStore> {
         let mut client = Client::connect(url, postgres::NoTls)
             .with_context(|| format!("connecting to PostgreSQL {}", redact_url(url)))?;
-        client.batch_execute(&audit_table("BIGSERIAL PRIMARY KEY"))?;
+        client.batch_execute(&audit_table("audit", "BIGSERIAL PRIMARY KEY"))?;
         // Only the columns missing: an ALTER TABLE locks the table against
         // every other collector's inserts, even when it changes nothing.
         let have: Vec<String> = client

@@ -31,7 +31,7 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(&audit_table("INTEGER PRIMARY KEY"))?;
+        conn.execute_batch(&audit_table("audit", "INTEGER PRIMARY KEY"))?;
         add_columns(&conn)?;
         migrate_key(&mut conn)?;
         conn.execute_batch(TABLES)?;
@@ -90,9 +90,7 @@ fn migrate_key(conn: &mut rusqlite::Connection) -> Result<()> {
     }
     let rows: i64 = tx.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0))?;
     migrating_key(rows, move || {
-        tx.execute_batch(
-            &audit_table("INTEGER PRIMARY KEY").replace("IF NOT EXISTS audit (", "audit_rekeyed ("),
-        )?;
+        tx.execute_batch(&audit_table("audit_rekeyed", "INTEGER PRIMARY KEY"))?;
         let columns = column_names(&tx, "audit_rekeyed")?
             .iter()
             .map(|c| format!("\"{c}\""))
