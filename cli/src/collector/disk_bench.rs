@@ -99,8 +99,7 @@ fn audit_disk_per_record() {
     }
     let sqlite = sqlite_size(&db);
     println!("SQLite                          {}", per_record(sqlite));
-    // The tables and indexes that grow with the records (the unique index
-    // on request_id is `sqlite_autoindex_audit_1`).
+    // The tables and indexes that grow with the records.
     for (object, bytes) in objects(&db).into_iter().filter(|(_, b)| *b >= N as u64) {
         println!("  {object:<29} {}", per_record(bytes));
     }

@@ -111,6 +111,7 @@ macro_rules! contract {
 contract!(
     inserts_are_idempotent_by_request_id_and_complete_wins,
     a_batch_may_hold_both_records_of_a_request,
+    a_request_is_keyed_by_its_start_time_and_id,
     tail_is_newest_first_and_keeps_the_whole_record,
     get_finds_one_request_and_since_reads_only_newer_rows,
     columns_hold_what_usage_reports_aggregate,
@@ -191,6 +192,27 @@ fn a_batch_may_hold_both_records_of_a_request(store: &dyn AuditBackend) {
     );
     assert_eq!(store.get("a").unwrap(), Some(record("a", true)));
     assert_eq!(store.count().unwrap(), 2);
+}
+
+/// A request is its start time and its id: all its records carry the time
+/// the filter set when it started, so the same id at another time is
+/// another request, completed on its own; `get` answers the newest.
+fn a_request_is_keyed_by_its_start_time_and_id(store: &dyn AuditBackend) {
+    let at = |complete: bool, t: u64| {
+        let mut r = record("same", complete);
+        r.timestamp_ms = t;
+        r
+    };
+    assert_eq!(
+        store.insert_batch(&[at(true, 1), at(false, 2)]).unwrap(),
+        [Stored::New, Stored::New]
+    );
+    assert_eq!(
+        store.insert_batch(&[at(true, 2), at(false, 1)]).unwrap(),
+        [Stored::Replaced(Box::new(at(false, 2))), Stored::Kept]
+    );
+    assert_eq!(store.count().unwrap(), 2);
+    assert_eq!(store.get("same").unwrap(), Some(at(true, 2)));
 }
 
 fn tail_is_newest_first_and_keeps_the_whole_record(store: &dyn AuditBackend) {
@@ -788,15 +810,59 @@ fn gaps_ignore_numbers_retention_deleted(s: &dyn AuditBackend) {
     );
 }
 
-/// A store written before the audit sequence opens, gains its columns,
-/// keeps its rows, and loses the `audit_key` index no query used;
-/// `index_count` counts the indexes of that name.
-fn a_store_from_before_the_sequence_gains_its_columns(
+/// A row as a store written before the audit sequence held it.
+fn old_row(r: &AuditRecord) -> String {
+    format!(
+        "INSERT INTO audit (request_id, timestamp_ms, complete, route, decision, reason, status, record)
+         VALUES ('{}', {}, {}, '{}', '{}', '{}', {}, '{}');",
+        r.request_id,
+        r.timestamp_ms,
+        i32::from(r.complete),
+        r.route,
+        decision_str(r.decision),
+        r.reason.as_str(),
+        r.status,
+        serde_json::to_string(r).unwrap().replace('\'', "''")
+    )
+}
+
+/// What a query selecting one number `n` answers.
+fn number(store: &AuditStore, sql: &str, params: &[Param<'_>]) -> Option<i64> {
+    let mut n = None;
+    store
+        .query(sql, params, &mut |row| {
+            n = row.nullable_int("n")?;
+            Ok(())
+        })
+        .unwrap();
+    n
+}
+
+/// A store written before the audit sequence, keyed by `request_id` alone,
+/// opens: it gains its columns, loses the `audit_key` index no query used,
+/// moves to the `(timestamp_ms, request_id)` key with its rows and their
+/// `seq` (a gap where a row was deleted stays a gap), then dedups and
+/// completes as before. A second open changes nothing. `index_count`
+/// counts the indexes of a name; `schema_stamp` is a number any change of
+/// the schema changes.
+fn a_store_from_before_the_sequence_is_migrated(
     open: impl Fn() -> AuditStore,
     create: &dyn Fn(&str),
     index_count: &str,
+    schema_stamp: &str,
 ) {
-    create(
+    let at = |id: &str, complete: bool, t: u64| {
+        let mut r = record(id, complete);
+        r.timestamp_ms = t;
+        r
+    };
+    let (old, provisional, gone, done) = (
+        at("old", true, 1),
+        at("prov", false, 2),
+        at("gone", true, 3),
+        at("done", true, 4),
+    );
+    create(&format!(
         "CREATE TABLE audit (seq INTEGER PRIMARY KEY, request_id TEXT NOT NULL UNIQUE,
             timestamp_ms BIGINT NOT NULL, complete INTEGER NOT NULL, key_id TEXT, \"user\" TEXT,
             team TEXT, project TEXT, app TEXT, agent TEXT, route TEXT NOT NULL,
@@ -804,31 +870,76 @@ fn a_store_from_before_the_sequence_gains_its_columns(
             status INTEGER NOT NULL, input_tokens BIGINT, output_tokens BIGINT,
             cache_write_tokens BIGINT, cache_read_tokens BIGINT, cost_usd DOUBLE PRECISION,
             record TEXT NOT NULL);
-         INSERT INTO audit (request_id, timestamp_ms, complete, route, decision, reason, status, record)
-         VALUES ('old', 1, 1, 'anthropic.messages', 'allowed', 'ok', 200,
-            '{\"schema\":1,\"request_id\":\"old\",\"timestamp_ms\":1,\"complete\":true,\"key_id\":null,\"user\":null,\"team\":null,\"project\":null,\"app\":null,\"agent\":null,\"environment\":null,\"cost_center\":null,\"groups\":[],\"route\":\"anthropic.messages\",\"provider\":\"anthropic\",\"model_requested\":null,\"model_served\":null,\"stream\":false,\"decision\":\"allowed\",\"reason\":\"ok\",\"detail\":null,\"status\":200,\"tokens\":{\"input_estimated\":0,\"output_reserved\":0,\"input\":null,\"output\":null,\"cache_write\":null,\"cache_read\":null},\"cost_usd\":null,\"latency_ms\":null,\"bucket\":null}');
+         {}{}{}{}
+         DELETE FROM audit WHERE request_id = 'gone';
          CREATE INDEX audit_key ON audit(key_id);",
-    );
+        old_row(&old),
+        old_row(&provisional),
+        old_row(&gone),
+        old_row(&done)
+    ));
     let store = open();
-    let mut indexes = None;
-    store
-        .query(index_count, &[Param::Text("audit_key")], &mut |row| {
-            indexes = row.nullable_int("n")?;
-            Ok(())
-        })
-        .unwrap();
-    assert_eq!(indexes, Some(0));
+    let indexes = |name: &str| number(&store, index_count, &[Param::Text(name)]);
+    assert_eq!(indexes("audit_key"), Some(0));
+    assert_eq!(indexes("audit_request"), Some(1));
+    assert_eq!(
+        store.since(0).unwrap(),
+        (vec![old.clone(), provisional.clone(), done.clone()], 4)
+    );
+    assert_eq!(
+        store.since(2).unwrap(),
+        (vec![done.clone()], 4),
+        "seqs kept"
+    );
     assert_eq!(store.get("old").unwrap().unwrap().origin, None);
-    store.insert_batch(&[numbered("new", "e", 2, 10)]).unwrap();
+
+    let mut completed = at("prov", true, 2);
+    completed.tokens.output = Some(7);
+    assert_eq!(
+        store
+            .insert_batch(&[
+                old.clone(),
+                provisional.clone(),
+                completed.clone(),
+                done.clone(),
+                numbered("new", "e", 2, 10),
+            ])
+            .unwrap(),
+        [
+            Stored::Kept,
+            Stored::Kept,
+            Stored::Replaced(Box::new(provisional)),
+            Stored::Kept,
+            Stored::New
+        ]
+    );
+    assert_eq!(store.get("prov").unwrap(), Some(completed.clone()));
+    // After the old rows (PostgreSQL's sequence also counts the conflicts).
+    assert_eq!(
+        store.since(4).unwrap(),
+        (vec![numbered("new", "e", 2, 10)], store.last_seq().unwrap())
+    );
+    assert_eq!(store.count().unwrap(), 4);
     assert_eq!(store.gaps(0, u64::MAX).unwrap(), [gap("e", 1, 1, None, 10)]);
-    assert_eq!(store.report(GroupBy::Team, 0).unwrap().totals.requests, 2);
+    assert_eq!(store.report(GroupBy::Team, 0).unwrap().totals.requests, 4);
+
+    let stamp = number(&store, schema_stamp, &[]);
+    drop(store);
+    let again = open();
+    assert_eq!(
+        number(&again, schema_stamp, &[]),
+        stamp,
+        "a second open migrates nothing"
+    );
+    assert_eq!(again.count().unwrap(), 4);
+    assert_eq!(again.get("prov").unwrap(), Some(completed));
 }
 
 #[test]
-fn a_sqlite_store_from_before_the_sequence_gains_its_columns() {
+fn a_sqlite_store_from_before_the_sequence_is_migrated() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("old.db");
-    a_store_from_before_the_sequence_gains_its_columns(
+    a_store_from_before_the_sequence_is_migrated(
         || AuditStore::open(&db).unwrap(),
         &|sql| {
             rusqlite::Connection::open(&db)
@@ -837,15 +948,16 @@ fn a_sqlite_store_from_before_the_sequence_gains_its_columns() {
                 .unwrap()
         },
         "SELECT count(*) AS n FROM sqlite_master WHERE type = 'index' AND name = $1",
+        "SELECT schema_version AS n FROM pragma_schema_version",
     );
 }
 
 #[test]
-fn a_postgres_store_from_before_the_sequence_gains_its_columns() {
+fn a_postgres_store_from_before_the_sequence_is_migrated() {
     let Some((target, _cleanup)) = postgres_schema() else {
         return;
     };
-    a_store_from_before_the_sequence_gains_its_columns(
+    a_store_from_before_the_sequence_is_migrated(
         || AuditStore::open(&target).unwrap(),
         &|sql| {
             postgres::Client::connect(&target, postgres::NoTls)
@@ -854,6 +966,10 @@ fn a_postgres_store_from_before_the_sequence_gains_its_columns() {
                 .unwrap()
         },
         "SELECT count(*) AS n FROM pg_indexes WHERE schemaname = current_schema() AND indexname = $1",
+        // Every relation of the schema by its identity: a table or index
+        // made again has a new one.
+        "SELECT CAST(SUM(CAST(CAST(oid AS TEXT) AS BIGINT) * (1 + relnatts)) AS BIGINT) AS n
+         FROM pg_class WHERE relnamespace = CAST(current_schema() AS regnamespace)",
     );
 }
 

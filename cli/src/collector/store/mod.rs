@@ -1,7 +1,17 @@
-//! The audit store: one row per request id, in an embedded SQLite database
+//! The audit store: one row per request, in an embedded SQLite database
 //! by default or in PostgreSQL (`--db postgres://…`) for teams that outgrow
 //! one machine. Inserts are idempotent, so replaying the gRPC stream or
 //! importing the file access log never duplicates a request.
+//!
+//! A request is keyed by its start time and its id, `(timestamp_ms,
+//! request_id)`, unique, in that order: every record of a request (the
+//! provisional one, the complete one, and their copies from the gRPC stream,
+//! a file import or `POST /api/ingest`) carries the time the filter set when
+//! the request started, and new requests land at the index's right edge,
+//! where one commit's records share a few pages. Envoy's ids are random
+//! UUIDs: a key on the id alone took each record to a random page of its
+//! index, rewritten per record at every commit (`docs/audit.md`, "Collector
+//! cost"). Stores made with that key are migrated when opened.
 //!
 //! [`AuditBackend`] is what the collector and the CLI need from a store.
 //! [`SqliteStore`] and [`PostgresStore`] implement its three primitives (a
@@ -235,8 +245,8 @@ pub struct StoredAlert {
 
 /// What the collector and the CLI need from an audit store.
 pub trait AuditBackend: Send + Sync {
-    /// Stores records in one transaction, in order. A new request id is
-    /// inserted; a complete record replaces a provisional one of the same
+    /// Stores records in one transaction, in order. A new request (start
+    /// time and id) is inserted; a complete record replaces a provisional one of the same
     /// request; nothing replaces a complete one. Says what happened to each
     /// record, in the order given.
     fn insert_batch(&self, records: &[AuditRecord]) -> Result<Vec<Stored>>;
@@ -262,12 +272,17 @@ pub trait AuditBackend: Send + Sync {
     /// and no record of it is stored after.
     fn retention_tx(&self, work: &mut dyn FnMut(&mut dyn Sql) -> Result<()>) -> Result<()>;
 
-    /// The stored record of one request.
+    /// The stored record of one request (the newest, should two requests
+    /// share an id). No index leads with the id (see the module's doc), so
+    /// this reads the key index through, whose entries hold the id: about
+    /// 50 ms per million rows (`docs/audit.md`, "The request's key"). Tests
+    /// and tools only; nothing on the collector's path looks a request up.
     #[cfg_attr(not(test), allow(dead_code))] // tests and future tools
     fn get(&self, request_id: &str) -> Result<Option<AuditRecord>> {
         let rows = records(
             self,
-            "SELECT seq, record FROM audit WHERE request_id = $1",
+            "SELECT seq, record FROM audit WHERE request_id = $1
+             ORDER BY timestamp_ms DESC, seq DESC LIMIT 1",
             &[Param::Text(request_id)],
         )?;
         Ok(rows.into_iter().next().map(|(_, r)| r))
@@ -721,7 +736,7 @@ fn is_url(target: &str) -> bool {
 
 /// The `audit` table, after its key column (which differs per backend).
 const COLUMNS: &str = "
-    request_id    TEXT NOT NULL UNIQUE,
+    request_id    TEXT NOT NULL,
     timestamp_ms  BIGINT NOT NULL,
     complete      INTEGER NOT NULL,
     key_id        TEXT,
@@ -803,6 +818,8 @@ CREATE INDEX IF NOT EXISTS audit_alerts_due ON audit_alerts(next_attempt_ms)
     )
 }
 
+/// `audit_request` is the request's key (see the module's doc): what
+/// [`INSERT`] conflicts on, and [`PROVISIONAL`] and [`COMPLETE`] find.
 /// `audit_origin` serves the gap search: each Envoy's numbers in order,
 /// with the time each request started, read from the index alone.
 /// `audit_key` (on `key_id`) is dropped from stores that have it: no query
@@ -811,14 +828,39 @@ CREATE INDEX IF NOT EXISTS audit_alerts_due ON audit_alerts(next_attempt_ms)
 /// record, as many pages as the rows themselves (`docs/audit.md`,
 /// "Collector cost").
 const INDEXES: &str = "
+CREATE UNIQUE INDEX IF NOT EXISTS audit_request ON audit(timestamp_ms, request_id);
 CREATE INDEX IF NOT EXISTS audit_time ON audit(timestamp_ms);
 DROP INDEX IF EXISTS audit_key;
 CREATE INDEX IF NOT EXISTS audit_origin ON audit(origin_envoy, origin_seq, timestamp_ms)
     WHERE origin_envoy IS NOT NULL;";
 
-/// `CREATE TABLE` for `audit`, whose row key is `seq_column`.
-fn audit_table(seq_column: &str) -> String {
-    format!("CREATE TABLE IF NOT EXISTS audit (seq {seq_column}, {COLUMNS});")
+/// `CREATE TABLE` for `audit` (or a `table` that will become it), whose
+/// row key is `seq_column`.
+fn audit_table(table: &str, seq_column: &str) -> String {
+    format!("CREATE TABLE IF NOT EXISTS {table} (seq {seq_column}, {COLUMNS});")
+}
+
+/// Stores with at least this many rows say on stderr that their key is
+/// being migrated (see [`migrating_key`]): it takes seconds per million.
+const MIGRATION_NOTICE_ROWS: i64 = 100_000;
+
+/// Runs `migrate`, which moves a store of `rows` rows from the key on
+/// `request_id` alone to `audit_request`, saying so on stderr when the
+/// store is large enough to make the open slow.
+fn migrating_key(rows: i64, migrate: impl FnOnce() -> Result<()>) -> Result<()> {
+    let loud = rows >= MIGRATION_NOTICE_ROWS;
+    if loud {
+        eprintln!("migrating the audit store's request-id key: {rows} rows…");
+    }
+    let started = std::time::Instant::now();
+    migrate().context("migrating the audit store's request-id key")?;
+    if loud {
+        eprintln!(
+            "migrated the audit store's request-id key: {rows} rows in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 /// The retention horizon (one row).
@@ -833,19 +875,21 @@ const INSERT: &str = "INSERT INTO audit (request_id, timestamp_ms, complete, key
         origin_envoy, origin_seq)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21,
         $22, $23)
-     ON CONFLICT (request_id) DO NOTHING";
+     ON CONFLICT (timestamp_ms, request_id) DO NOTHING";
 
-/// The provisional record a complete one may replace.
-const PROVISIONAL: &str = "SELECT record FROM audit WHERE request_id = $1 AND complete = 0";
+/// The provisional record a complete one may replace: `$1` the request's
+/// id, `$2` its start time, as in [`INSERT`].
+const PROVISIONAL: &str =
+    "SELECT record FROM audit WHERE timestamp_ms = $2 AND request_id = $1 AND complete = 0";
 
 /// A complete record over a provisional one, with [`INSERT`]'s parameters.
 const COMPLETE: &str = "UPDATE audit SET
-        timestamp_ms = $2, complete = $3, key_id = $4, \"user\" = $5, team = $6, project = $7,
+        complete = $3, key_id = $4, \"user\" = $5, team = $6, project = $7,
         app = $8, agent = $9, route = $10, model_requested = $11, model_served = $12,
         decision = $13, reason = $14, status = $15, input_tokens = $16, output_tokens = $17,
         cache_write_tokens = $18, cache_read_tokens = $19, cost_usd = $20, record = $21,
         origin_envoy = $22, origin_seq = $23
-     WHERE request_id = $1 AND complete = 0";
+     WHERE timestamp_ms = $2 AND request_id = $1 AND complete = 0";
 
 /// The column values of one record, borrowed from it, in [`INSERT`]'s
 /// parameter order. `complete` and `status` are `INTEGER` (32 bits in
@@ -935,7 +979,7 @@ trait InsertTx {
     /// [`INSERT`]: `true` when the row is new.
     fn insert(&mut self, row: &RecordRow<'_>) -> Result<bool>;
     /// [`PROVISIONAL`]: the stored record JSON, if provisional.
-    fn provisional(&mut self, request_id: &str) -> Result<Option<String>>;
+    fn provisional(&mut self, row: &RecordRow<'_>) -> Result<Option<String>>;
     /// [`COMPLETE`]: `true` when it replaced the provisional row.
     fn complete(&mut self, row: &RecordRow<'_>) -> Result<bool>;
 }
@@ -964,7 +1008,7 @@ fn insert_each(
             // A provisional record never replaces anything.
             Stored::Kept
         } else {
-            match tx.provisional(&r.request_id)? {
+            match tx.provisional(&row)? {
                 Some(old) if tx.complete(&row)? => Stored::Replaced(Box::new(
                     serde_json::from_str(&old)
                         .with_context(|| format!("stored record is not valid: {old}"))?,

@@ -4,9 +4,9 @@
 //! connection.
 
 use super::{
-    alerts_table, audit_table, insert_each, record_params, redact_url, AuditBackend, Columns,
-    InsertTx, Param, RecordRow, Sql, Stored, ADDED_COLUMNS, COMPLETE, HORIZON, INDEXES, INSERT,
-    PROVISIONAL, TABLES,
+    alerts_table, audit_table, insert_each, migrating_key, record_params, redact_url, AuditBackend,
+    Columns, InsertTx, Param, RecordRow, Sql, Stored, ADDED_COLUMNS, COMPLETE, HORIZON, INDEXES,
+    INSERT, PROVISIONAL, TABLES,
 };
 use anyhow::{Context, Result};
 use postgres::types::ToSql;
@@ -40,7 +40,7 @@ impl PostgresStore {
     pub fn connect(url: &str) -> Result<PostgresStore> {
         let mut client = Client::connect(url, postgres::NoTls)
             .with_context(|| format!("connecting to PostgreSQL {}", redact_url(url)))?;
-        client.batch_execute(&audit_table("BIGSERIAL PRIMARY KEY"))?;
+        client.batch_execute(&audit_table("audit", "BIGSERIAL PRIMARY KEY"))?;
         // Only the columns missing: an ALTER TABLE locks the table against
         // every other collector's inserts, even when it changes nothing.
         let have: Vec<String> = client
@@ -59,6 +59,7 @@ impl PostgresStore {
                 ))?;
             }
         }
+        migrate_key(&mut client)?;
         client.batch_execute(TABLES)?;
         client.batch_execute(&alerts_table("BIGSERIAL PRIMARY KEY"))?;
         client.batch_execute(INDEXES)?;
@@ -81,6 +82,45 @@ impl PostgresStore {
     }
 }
 
+/// The unique constraint on `request_id` alone of stores made before
+/// `audit_request`, by name (`audit_request_id_key` unless renamed).
+const KEYED_BY_ID_ALONE: &str = "SELECT CAST(c.conname AS TEXT) AS name FROM pg_constraint c
+    JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+    WHERE c.conrelid = to_regclass('audit') AND c.contype = 'u'
+      AND cardinality(c.conkey) = 1 AND a.attname = 'request_id'";
+
+/// Moves a store keyed by `request_id` alone to `audit_request`: the new
+/// index is built, the old constraint dropped, in one transaction that
+/// holds the table (other collectors' inserts wait; one that connects
+/// meanwhile finds the work done). Only when the old key is there: a
+/// migrated store costs one catalog query.
+fn migrate_key(client: &mut Client) -> Result<()> {
+    if client.query(KEYED_BY_ID_ALONE, &[])?.is_empty() {
+        return Ok(());
+    }
+    let mut tx = client.transaction()?;
+    tx.batch_execute("LOCK TABLE audit IN ACCESS EXCLUSIVE MODE")?;
+    let old = tx.query(KEYED_BY_ID_ALONE, &[])?;
+    if old.is_empty() {
+        return Ok(());
+    }
+    let rows: i64 = tx
+        .query_one("SELECT COUNT(*) FROM audit", &[])?
+        .try_get(0)?;
+    migrating_key(rows, move || {
+        let mut sql = format!("{INDEXES};");
+        for row in old {
+            let name: String = row.try_get("name")?;
+            sql.push_str(&format!(
+                "ALTER TABLE audit DROP CONSTRAINT \"{}\";",
+                name.replace('"', "\"\"")
+            ));
+        }
+        tx.batch_execute(&sql)?;
+        Ok(tx.commit()?)
+    })
+}
+
 struct Tx<'c, 't> {
     tx: &'t mut Transaction<'c>,
     statements: &'t Statements,
@@ -92,9 +132,12 @@ impl InsertTx for Tx<'_, '_> {
         Ok(self.tx.execute(&self.statements.insert, &params)? == 1)
     }
 
-    fn provisional(&mut self, request_id: &str) -> Result<Option<String>> {
+    fn provisional(&mut self, row: &RecordRow<'_>) -> Result<Option<String>> {
         self.tx
-            .query_opt(&self.statements.provisional, &[&request_id])?
+            .query_opt(
+                &self.statements.provisional,
+                &[&row.request_id, &row.timestamp_ms],
+            )?
             .map(|row| row.text("record"))
             .transpose()
     }

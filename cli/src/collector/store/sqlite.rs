@@ -3,8 +3,9 @@
 //! writes.
 
 use super::{
-    alerts_table, audit_table, insert_each, record_params, AuditBackend, Columns, InsertTx, Param,
-    RecordRow, Sql, Stored, ADDED_COLUMNS, COMPLETE, HORIZON, INDEXES, INSERT, PROVISIONAL, TABLES,
+    alerts_table, audit_table, insert_each, migrating_key, record_params, AuditBackend, Columns,
+    InsertTx, Param, RecordRow, Sql, Stored, ADDED_COLUMNS, COMPLETE, HORIZON, INDEXES, INSERT,
+    PROVISIONAL, TABLES,
 };
 use anyhow::{Context, Result};
 use rusqlite::{CachedStatement, OptionalExtension, ToSql, TransactionBehavior};
@@ -22,7 +23,7 @@ impl SqliteStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let conn = rusqlite::Connection::open(path)
+        let mut conn = rusqlite::Connection::open(path)
             .with_context(|| format!("opening audit database {}", path.display()))?;
         // WAL lets readers work while the collector writes; NORMAL syncs at
         // checkpoints only, so a commit is a WAL append (a power cut may lose
@@ -30,8 +31,9 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(&audit_table("INTEGER PRIMARY KEY"))?;
+        conn.execute_batch(&audit_table("audit", "INTEGER PRIMARY KEY"))?;
         add_columns(&conn)?;
+        migrate_key(&mut conn)?;
         conn.execute_batch(TABLES)?;
         conn.execute_batch(&alerts_table("INTEGER PRIMARY KEY"))?;
         conn.execute_batch(INDEXES)?;
@@ -50,18 +52,69 @@ impl SqliteStore {
 /// Adds the columns a store created before them lacks (SQLite has no
 /// `ADD COLUMN IF NOT EXISTS`).
 fn add_columns(conn: &rusqlite::Connection) -> Result<()> {
-    let mut have = Vec::new();
-    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('audit')")?;
-    let mut rows = stmt.query([])?;
-    while let Some(row) = rows.next()? {
-        have.push(row.get::<_, String>(0)?);
-    }
+    let have = column_names(conn, "audit")?;
     for (column, kind) in ADDED_COLUMNS {
         if !have.iter().any(|c| c == column) {
             conn.execute_batch(&format!("ALTER TABLE audit ADD COLUMN {column} {kind}"))?;
         }
     }
     Ok(())
+}
+
+/// Whether `audit` still has the key on `request_id` alone: the automatic
+/// index of the column's `UNIQUE` in stores made before `audit_request`.
+fn keyed_by_id_alone(conn: &rusqlite::Connection) -> Result<bool> {
+    let alone: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_index_list('audit') AS l
+         WHERE l.\"unique\" = 1 AND l.origin = 'u'
+           AND (SELECT group_concat(name) FROM pragma_index_info(l.name)) = 'request_id'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(alone > 0)
+}
+
+/// Moves a store keyed by `request_id` alone to `audit_request`. SQLite
+/// cannot drop a column's `UNIQUE`, so the table is rebuilt in one
+/// transaction: a new table, every row copied with its `seq` (readers
+/// resume from one with `since`), the old one dropped, the indexes made
+/// again. Stores already migrated (the check is one query) are untouched.
+fn migrate_key(conn: &mut rusqlite::Connection) -> Result<()> {
+    if !keyed_by_id_alone(conn)? {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Another process may have migrated it before this one got the lock.
+    if !keyed_by_id_alone(&tx)? {
+        return Ok(());
+    }
+    let rows: i64 = tx.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0))?;
+    migrating_key(rows, move || {
+        tx.execute_batch(&audit_table("audit_rekeyed", "INTEGER PRIMARY KEY"))?;
+        let columns = column_names(&tx, "audit_rekeyed")?
+            .iter()
+            .map(|c| format!("\"{c}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        tx.execute_batch(&format!(
+            "INSERT INTO audit_rekeyed ({columns}) SELECT {columns} FROM audit ORDER BY seq;
+             DROP TABLE audit;
+             ALTER TABLE audit_rekeyed RENAME TO audit;
+             {INDEXES}"
+        ))?;
+        Ok(tx.commit()?)
+    })
+}
+
+/// The columns of `table`.
+fn column_names(conn: &rusqlite::Connection, table: &str) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
+    let mut rows = stmt.query([table])?;
+    let mut names = Vec::new();
+    while let Some(row) = rows.next()? {
+        names.push(row.get(0)?);
+    }
+    Ok(names)
 }
 
 /// Parameters as rusqlite takes them.
@@ -116,10 +169,12 @@ impl InsertTx for Tx<'_> {
         Ok(self.insert.execute(&record_params!(row, &dyn ToSql)[..])? == 1)
     }
 
-    fn provisional(&mut self, request_id: &str) -> Result<Option<String>> {
+    fn provisional(&mut self, row: &RecordRow<'_>) -> Result<Option<String>> {
         Ok(self
             .provisional
-            .query_row([request_id], |r| r.get("record"))
+            .query_row(rusqlite::params![row.request_id, row.timestamp_ms], |r| {
+                r.get("record")
+            })
             .optional()?)
     }
 
