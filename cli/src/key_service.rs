@@ -30,6 +30,13 @@ pub const PATH: &str = "/v1/keys";
 /// filter's call timeout.
 const MAX_WAIT_MS: u64 = 10_000;
 
+/// How long a call waits for a service that has no valid policy yet
+/// before it is answered 503. `tollgate run` starts Envoy while it checks
+/// the policy, so Envoy's first call often comes before the table: held,
+/// it is answered the moment the table loads, instead of a 503 and the
+/// filter's retry a second later (`tollgate_core::sync::keys::RETRY_MS`).
+const LOADING_HOLD: Duration = Duration::from_millis(2_000);
+
 /// The table served, shared by the HTTP handlers and the policy watch.
 #[derive(Clone)]
 pub struct KeyTable {
@@ -193,6 +200,10 @@ async fn keys(State(table): State<KeyTable>, Query(q): Query<HashMap<String, Str
         Err(msg) => return bad_request(msg),
     };
     if table.generation() == 0 {
+        let mut rx = table.generation.subscribe();
+        let _ = tokio::time::timeout(LOADING_HOLD, rx.wait_for(|g| *g != 0)).await;
+    }
+    if table.generation() == 0 {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "the key service has no valid policy yet (see its log)",
@@ -276,6 +287,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_call_made_before_the_policy_loads_is_answered_when_it_does() {
+        let (table, addr) = started().await;
+        let call = tokio::spawn(async move {
+            let asked = std::time::Instant::now();
+            (get(addr, "since=0").await, asked.elapsed())
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        table.update(&doc(&["a"]));
+        let ((status, headers, body), took) = call.await.unwrap();
+        assert_eq!((status, body.lines().count()), (200, 1), "{body}");
+        assert_eq!(headers["x-tollgate-keys-generation"], "1");
+        // Answered on the load, not at the end of the hold (2 s): 300 ms
+        // of waiting plus a loaded machine's scheduling.
+        assert!(took < Duration::from_millis(1_800), "{took:?}");
+    }
+
+    #[tokio::test]
     async fn a_held_call_answers_when_a_key_changes_and_confirms_the_generation() {
         let (table, addr) = started().await;
         table.update(&doc(&["a", "b"]));
@@ -312,7 +340,8 @@ mod tests {
     #[tokio::test]
     async fn a_malformed_query_is_refused_with_what_is_wrong() {
         let (table, addr) = started().await;
-        // No policy yet: not an empty table, which would refuse every key.
+        // No policy yet (after the hold): not an empty table, which would
+        // refuse every key.
         let (status, _, body) = get(addr, "since=0").await;
         assert_eq!(
             (status, body.as_str()),
