@@ -377,7 +377,7 @@ def targets(rows, v8, native):
     for sc in ("S2", "S3"):
         if sc in res and res[sc]["tollgate"]["ttfb"]:
             d = res[sc]["tollgate"]["ttfb"] - res[sc]["none"]["ttfb"]
-            out.append((f"{sc} first byte within 1 ms of no filter", f"+{d:.2f} ms", d <= 1.0))
+            out.append((f"{sc} first byte within 1 ms of no filter", f"{d:+.2f} ms", d <= 1.0))
     m = re.search(r"estimate of S1's \d+ byte body \(\d+ tokens\): ([\d.]+) us", v8)
     if m:
         out.append(("16 KB estimate <= 10 us in V8", f"{float(m.group(1)):.1f} us (best of 10 batches)", float(m.group(1)) <= 10))
