@@ -89,8 +89,35 @@ enum Command {
     Prices(cmd::prices::PricesArgs),
 }
 
+/// The log lines of the collector, the quota service and the key service
+/// (the `tracing` macros: a refused access-log stream, a full audit queue,
+/// Redis unavailable, an alert) on stderr: Tollgate's own from info up,
+/// other crates' warnings. `TOLLGATE_LOG` overrides it, in `RUST_LOG`'s
+/// syntax (`TOLLGATE_LOG=debug`). A closed stderr loses the lines, not the
+/// process.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,tollgate=info,tollgate_quota=info")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The one TLS provider for `rediss://` and HTTPS, installed rather than
+    // left to rustls, which picks none (and refuses to connect) once two are
+    // compiled in. *ring*, not aws-lc-rs: reqwest already builds it, and
+    // aws-lc-rs needs a build toolchain a fresh machine may lack. rustls
+    // 0.23.48 deprecates it for lacking post-quantum key exchange, which
+    // neither Redis nor the provider APIs offer yet.
+    #[allow(deprecated)]
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    init_logging();
     let result = match cli.command {
         Command::Run(args) => cmd::run::run(args),
         Command::Collector(args) => cmd::collector::run(args),

@@ -86,6 +86,7 @@ pub async fn start_quota(
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<Result<()>>)> {
     let client =
         redis::Client::open(redis_url).with_context(|| format!("Redis URL {redis_url:?}"))?;
+    tokio::spawn(probe(client.clone(), redis_url.to_string()));
     let service = QuotaService::new(client, settings)?;
     let listener = TcpListener::bind(listen)
         .await
@@ -97,6 +98,28 @@ pub async fn start_quota(
             .map_err(anyhow::Error::from)
     });
     Ok((addr, task))
+}
+
+/// Says once, at start, when Redis does not answer. Not an error: the
+/// limits ride an outage out (each by its failure mode, `docs/scale-out.md`),
+/// and Redis may come up later. But at start it is usually a wrong host,
+/// password or CA (`rediss://`), and otherwise nothing would say so.
+async fn probe(client: redis::Client, url: String) {
+    const WITHIN: Duration = Duration::from_secs(3);
+    let answer = tokio::time::timeout(WITHIN, async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    })
+    .await;
+    let problem = match answer {
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {} s", WITHIN.as_secs()),
+    };
+    eprintln!(
+        "tollgate: warning: Redis at {} does not answer ({problem}); until it does, each shared limit applies its failure mode",
+        crate::collector::store::redact_url(&url)
+    );
 }
 
 /// Records a key revocation for every replica (the Revoke script), one

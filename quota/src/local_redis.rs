@@ -16,8 +16,18 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     child: Child,
     port: u16,
+    /// A second port that speaks only TLS ([`RedisServer::start_tls`]).
+    tls_port: Option<u16>,
     log: PathBuf,
     remove_log: bool,
+}
+
+/// The files of a TLS listener: the server's certificate chain and key
+/// (PEM), and the CA it names for client certificates (not required).
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl RedisServer {
@@ -42,15 +52,19 @@ impl RedisServer {
     pub fn start_on(port: u16) -> std::io::Result<RedisServer> {
         let log =
             std::env::temp_dir().join(format!("tollgate-redis-{port}-{}.log", std::process::id()));
-        RedisServer::spawn(port, log, true)
+        RedisServer::spawn(port, log, true, None)
     }
 
-    /// Starts one on a free port that logs to `log` (kept after it stops).
-    pub fn start_logging_to(log: &Path) -> std::io::Result<RedisServer> {
+    /// Starts one that also listens for TLS (`rediss://`, [`Self::tls_url`])
+    /// on a second free port, with the certificate in `tls`.
+    pub fn start_tls(tls: &TlsFiles) -> std::io::Result<RedisServer> {
         let mut last = None;
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            match RedisServer::spawn(port, log.to_path_buf(), false) {
+            let tls_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let log = std::env::temp_dir()
+                .join(format!("tollgate-redis-{port}-{}.log", std::process::id()));
+            match RedisServer::spawn(port, log, true, Some((tls_port, tls))) {
                 Ok(server) => return Ok(server),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(e),
                 Err(e) => last = Some(e),
@@ -59,9 +73,39 @@ impl RedisServer {
         Err(last.unwrap_or_else(|| std::io::Error::other("redis-server did not start")))
     }
 
-    fn spawn(port: u16, log: PathBuf, remove_log: bool) -> std::io::Result<RedisServer> {
+    /// Starts one on a free port that logs to `log` (kept after it stops).
+    pub fn start_logging_to(log: &Path) -> std::io::Result<RedisServer> {
+        let mut last = None;
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            match RedisServer::spawn(port, log.to_path_buf(), false, None) {
+                Ok(server) => return Ok(server),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("redis-server did not start")))
+    }
+
+    fn spawn(
+        port: u16,
+        log: PathBuf,
+        remove_log: bool,
+        tls: Option<(u16, &TlsFiles)>,
+    ) -> std::io::Result<RedisServer> {
         let binary = locate(std::env::var_os("PATH"))?;
         let mut command = Command::new(binary);
+        if let Some((tls_port, files)) = tls {
+            command
+                .args(["--tls-port", &tls_port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&files.cert)
+                .arg("--tls-key-file")
+                .arg(&files.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&files.ca)
+                .args(["--tls-auth-clients", "no"]);
+        }
         // SAFETY: prctl is async-signal-safe; it makes the kernel stop
         // redis-server if this process dies without cleaning up.
         unsafe {
@@ -82,6 +126,7 @@ impl RedisServer {
         let mut server = RedisServer {
             child,
             port,
+            tls_port: tls.map(|(p, _)| p),
             log,
             remove_log,
         };
@@ -113,6 +158,12 @@ impl RedisServer {
     /// `redis://127.0.0.1:<port>/`
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// `rediss://127.0.0.1:<TLS port>/` when started with
+    /// [`Self::start_tls`] (its certificate must name 127.0.0.1).
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port.map(|p| format!("rediss://127.0.0.1:{p}/"))
     }
 
     pub fn client(&self) -> redis::RedisResult<redis::Client> {

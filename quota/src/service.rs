@@ -458,8 +458,57 @@ fn store_error(e: RedisError) -> Status {
         tracing::error!("quota script failed: {text}");
         Status::internal(format!("quota script failed: {text}"))
     } else {
-        tracing::warn!("quota store unavailable: {text}");
+        if let Some(also) = UNAVAILABLE_LOG.due() {
+            tracing::warn!(
+                "quota store unavailable: {text}{}",
+                also.map_or(String::new(), |n| format!(
+                    " ({n} more since the last line)"
+                ))
+            );
+        }
         Status::unavailable(format!("quota store unavailable: {text}"))
+    }
+}
+
+/// An outage fails every call, hundreds a second: one log line per
+/// [`LOG_EVERY`] says it, with how many it stood for.
+static UNAVAILABLE_LOG: Throttle = Throttle::new(LOG_EVERY);
+
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// At most one line per period, counting the ones left out.
+struct Throttle {
+    every: Duration,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    skipped: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    const fn new(every: Duration) -> Throttle {
+        Throttle {
+            every,
+            last: std::sync::Mutex::new(None),
+            skipped: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some` when a line is due, with the lines left out since the last
+    /// one (`None` for the first); `None` when it is not.
+    fn due(&self) -> Option<Option<u64>> {
+        use std::sync::atomic::Ordering;
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match *last {
+            Some(at) if now.duration_since(at) < self.every => {
+                self.skipped.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            previous => {
+                *last = Some(now);
+                let skipped = self.skipped.swap(0, Ordering::Relaxed);
+                Some(previous.map(|_| skipped))
+            }
+        }
     }
 }
 
@@ -659,4 +708,19 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(Error::Serve)
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_logs_a_line_per_period_with_what_it_left_out() {
+        let t = Throttle::new(Duration::from_millis(200));
+        assert_eq!(t.due(), Some(None), "the first failure is said at once");
+        assert_eq!((t.due(), t.due()), (None, None));
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(t.due(), Some(Some(2)), "then once a period, with the count");
+        assert_eq!(t.due(), None);
+    }
 }

@@ -10,7 +10,7 @@ use tollgate_proto::quota::v1::Refill;
 
 use crate::scripts::{inspect_script, keys, window_script, Lua};
 
-pub use crate::local_redis::RedisServer;
+pub use crate::local_redis::{RedisServer, TlsFiles};
 
 /// The time the scripts of a [`crate::QuotaService::with_manual_clock`]
 /// service see, in ms since the Unix epoch. Production scripts read Redis

@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tollgate_e2e::{policy, Gateway, Options};
-use tollgate_quota::testing::RedisServer;
+use tollgate_quota::testing::{RedisServer, TlsFiles};
 
 const HAIKU: &str =
     r#"{"model":"claude-haiku-4-5","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -323,4 +323,70 @@ fn when_redis_is_down_minute_limits_meter_locally_and_budgets_refuse() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn limits_are_shared_through_a_redis_that_speaks_only_tls() {
+    let pki = tollgate_e2e::pki::Pki::new();
+    let certs = tempfile::tempdir().unwrap();
+    pki.server_files(certs.path());
+    let file = |name: &str| certs.path().join(name);
+    let redis = RedisServer::start_tls(&TlsFiles {
+        cert: file("server.pem"),
+        key: file("server.key"),
+        ca: file("ca.pem"),
+    })
+    .expect("redis-server (make redis installs it)");
+    let url = redis.tls_url().unwrap();
+    let json = policy(
+        r#"{"models": ["claude-*"], "limits": {"requests_per_minute": 3}}"#,
+        &[("tls", "tg-tls", "")],
+    );
+    // The private CA is trusted the way an operator's would be: the
+    // system's roots, here replaced by SSL_CERT_FILE.
+    let trusting = |json: &str| {
+        Gateway::start_with(
+            json,
+            Options {
+                redis: Some(url.clone()),
+                concurrency: 1,
+                env: vec![(
+                    "SSL_CERT_FILE".to_string(),
+                    file("ca.pem").display().to_string(),
+                )],
+                ..Options::default()
+            },
+        )
+    };
+    let gws = [trusting(&json), trusting(&json)];
+    let statuses: Vec<u16> = (0..6)
+        .map(|i| {
+            let r = gws[i % 2].post_with(
+                "/v1/messages",
+                &[
+                    ("x-api-key", "tg-tls"),
+                    ("x-request-id", &format!("tls-{i}")),
+                ],
+                HAIKU,
+            );
+            r.status().as_u16()
+        })
+        .collect();
+    // One bucket of 3 across both replicas: each alone would serve 3, six
+    // together. Tolerance as in the four-replica test: one more (Redis
+    // refills by its own clock), a replica's lease fewer.
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert!((2..=4).contains(&admitted), "{statuses:?}");
+    let refused = statuses.iter().position(|s| *s == 429).unwrap();
+    let rec = gws[refused % 2].audit_record(&format!("tls-{refused}"));
+    assert_eq!(rec["bucket"], "key:tls:requests_per_minute", "{rec}");
+    // What the replicas keep in Redis went over TLS: read back through
+    // the server's plain port, which the gateways were never given.
+    let mut conn = redis.client().unwrap().get_connection().unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    assert!(keys.iter().any(|k| k.contains("{tg}")), "{keys:?}");
 }

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod cdp;
+pub mod pki;
 
 use serde_json::Value;
 use std::io::Read;

@@ -1021,7 +1021,7 @@ fn insert_each(
 }
 
 /// A connection URL with its password replaced, for messages.
-fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => match rest.rsplit_once('@') {
             Some((creds, host)) => {
