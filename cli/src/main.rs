@@ -104,6 +104,9 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
+        // A line that cannot be written is dropped, not reported on the
+        // same closed stderr (whose `eprintln!` would panic).
+        .log_internal_errors(false)
         .try_init();
 }
 
