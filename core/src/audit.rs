@@ -3,8 +3,7 @@
 //! access loggers ship it to the collector. Never contains the virtual key,
 //! the prompt or the completion.
 
-use crate::host::{SharedStore, StoreError};
-use crate::meter::store::{CREATE_CAS, MAX_ATTEMPTS};
+use crate::host::SharedStore;
 use serde::{Deserialize, Serialize};
 
 /// Version of the record layout; bumped on any incompatible change.
@@ -340,7 +339,7 @@ impl Numbering {
         let stream = match &self.stream {
             Some(stream) => stream.clone(),
             None => {
-                let worker = take_worker(store)?;
+                let worker = crate::sync::increment(store, WORKER_KEY)?;
                 let replica = crate::sync::replica_id(store, &proposal());
                 let stream = format!("{replica}/{worker}");
                 self.stream = Some(stream.clone());
@@ -353,28 +352,6 @@ impl Numbering {
             seq: self.last,
         })
     }
-}
-
-/// Takes the next worker number of this Envoy.
-fn take_worker(store: &dyn SharedStore) -> Option<u64> {
-    for _ in 0..MAX_ATTEMPTS {
-        let (last, cas) = match store.get(WORKER_KEY) {
-            Some((bytes, cas)) => (
-                bytes
-                    .first_chunk::<8>()
-                    .map_or(0, |b| u64::from_le_bytes(*b)),
-                cas,
-            ),
-            None => (0, CREATE_CAS),
-        };
-        let worker = last.saturating_add(1);
-        match store.set(WORKER_KEY, &worker.to_le_bytes(), cas) {
-            Ok(()) => return Some(worker),
-            Err(StoreError::CasMismatch) => continue,
-            Err(StoreError::Failed) => return None,
-        }
-    }
-    None
 }
 
 impl Origin {
@@ -413,6 +390,7 @@ impl AuditRecord {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::meter::store::MAX_ATTEMPTS;
 
     #[test]
     fn records_written_before_the_pricing_fields_still_read() {

@@ -97,6 +97,20 @@ fn read_u64(store: &dyn SharedStore, key: &str) -> Option<(u64, u32)> {
     Some((u64::from_le_bytes(word), cas))
 }
 
+/// Adds one to the u64 counter under `key` (created at 1) with a CAS
+/// write, retried like every shared-data update; the new value, or `None`
+/// when every attempt failed.
+pub(crate) fn increment(store: &dyn SharedStore, key: &str) -> Option<u64> {
+    for _ in 0..store::MAX_ATTEMPTS {
+        let (last, cas) = read_u64(store, key).unwrap_or((0, store::CREATE_CAS));
+        let next = last.saturating_add(1);
+        if store.set(key, &next.to_le_bytes(), cas).is_ok() {
+            return Some(next);
+        }
+    }
+    None
+}
+
 /// The replica count the leader last learned (at least 1), for the
 /// `on_store_failure: local` fallback (limit / replicas).
 pub fn replicas(store: &dyn SharedStore) -> u32 {
@@ -545,15 +559,8 @@ fn whole_units(units: f64) -> f64 {
 }
 
 fn next_seq(host: &impl RootHost) -> u64 {
-    for _ in 0..store::MAX_ATTEMPTS {
-        let (seq, cas) = read_u64(host, SEQ_KEY).unwrap_or((0, store::CREATE_CAS));
-        let next = seq + 1;
-        if host.set(SEQ_KEY, &next.to_le_bytes(), cas).is_ok() {
-            return next;
-        }
-    }
     // Contended for every attempt: a time-based sequence still increases.
-    host.now_ms()
+    increment(host, SEQ_KEY).unwrap_or_else(|| host.now_ms())
 }
 
 /// Hands buckets back to the sync queue (a failed sync, or consumption
