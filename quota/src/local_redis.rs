@@ -33,12 +33,19 @@ pub struct TlsFiles {
 impl RedisServer {
     /// Starts one on a free port and waits until it answers PING.
     pub fn start() -> std::io::Result<RedisServer> {
+        RedisServer::on_free_ports(RedisServer::start_on)
+    }
+
+    /// Runs `start` on a free port until it works: the free port is only
+    /// free when asked, and another process may take it before
+    /// redis-server binds, so a few are tried.
+    fn on_free_ports(
+        start: impl Fn(u16) -> std::io::Result<RedisServer>,
+    ) -> std::io::Result<RedisServer> {
         let mut last = None;
-        // The free port is only free when asked: another process may take it
-        // before redis-server binds, so try a few.
         for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            match RedisServer::start_on(port) {
+            let port = free_port()?;
+            match start(port) {
                 Ok(server) => return Ok(server),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(e),
                 Err(e) => last = Some(e),
@@ -50,41 +57,20 @@ impl RedisServer {
     /// Starts one on `port` (e.g. the port of a server just dropped, to
     /// restart Redis empty under a running service).
     pub fn start_on(port: u16) -> std::io::Result<RedisServer> {
-        let log =
-            std::env::temp_dir().join(format!("tollgate-redis-{port}-{}.log", std::process::id()));
-        RedisServer::spawn(port, log, true, None)
+        RedisServer::spawn(port, temp_log(port), true, None)
     }
 
     /// Starts one that also listens for TLS (`rediss://`, [`Self::tls_url`])
     /// on a second free port, with the certificate in `tls`.
     pub fn start_tls(tls: &TlsFiles) -> std::io::Result<RedisServer> {
-        let mut last = None;
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            let tls_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            let log = std::env::temp_dir()
-                .join(format!("tollgate-redis-{port}-{}.log", std::process::id()));
-            match RedisServer::spawn(port, log, true, Some((tls_port, tls))) {
-                Ok(server) => return Ok(server),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(e),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| std::io::Error::other("redis-server did not start")))
+        RedisServer::on_free_ports(|port| {
+            RedisServer::spawn(port, temp_log(port), true, Some((free_port()?, tls)))
+        })
     }
 
     /// Starts one on a free port that logs to `log` (kept after it stops).
     pub fn start_logging_to(log: &Path) -> std::io::Result<RedisServer> {
-        let mut last = None;
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            match RedisServer::spawn(port, log.to_path_buf(), false, None) {
-                Ok(server) => return Ok(server),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(e),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| std::io::Error::other("redis-server did not start")))
+        RedisServer::on_free_ports(|port| RedisServer::spawn(port, log.to_path_buf(), false, None))
     }
 
     fn spawn(
@@ -197,6 +183,16 @@ fn locate(path: Option<std::ffi::OsString>) -> std::io::Result<PathBuf> {
                 "redis-server not found on PATH: install Debian's redis-server (`make redis`)",
             )
         })
+}
+
+/// The log of a server a test starts, removed when it stops.
+fn temp_log(port: u16) -> PathBuf {
+    std::env::temp_dir().join(format!("tollgate-redis-{port}-{}.log", std::process::id()))
+}
+
+/// A loopback port nothing listens on now.
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn ping(port: u16) -> bool {
