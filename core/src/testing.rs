@@ -142,15 +142,6 @@ pub struct FakeHost {
     /// Calls made through the host, by method: each is one proxy-wasm host
     /// call in the filter (the host-call budget test counts them).
     pub calls: std::cell::RefCell<std::collections::BTreeMap<&'static str, u32>>,
-    /// Whether the clock was read in this callback: with a shared store
-    /// the filter reads it once per request callback
-    /// (`filter::host::one_instant`), so only the first read counts as a
-    /// host call ([`FakeHost::new_callback`]).
-    clock_read: std::cell::Cell<bool>,
-    /// Whether the clock is the VM's (the filter without a shared store:
-    /// the timer reads it, `filter::host::use_vm_clock`), which requests
-    /// read without a host call.
-    pub vm_clock: bool,
     /// Properties by path (`connection.uri_san_peer_certificate`), as the
     /// host serialises them.
     pub properties: Vec<(Vec<String>, Vec<u8>)>,
@@ -173,8 +164,6 @@ impl Default for FakeHost {
             hold_room: 1024,
             held_buckets: Vec::new(),
             calls: Default::default(),
-            clock_read: Default::default(),
-            vm_clock: true,
             properties: Vec::new(),
         }
     }
@@ -183,11 +172,6 @@ impl Default for FakeHost {
 impl FakeHost {
     fn count(&self, call: &'static str) {
         *self.calls.borrow_mut().entry(call).or_default() += 1;
-    }
-
-    /// A new callback begins: its first clock read is a host call again.
-    pub fn new_callback(&self) {
-        self.clock_read.set(false);
     }
 
     /// Host calls made so far, in total.
@@ -361,10 +345,12 @@ impl Host for FakeHost {
             .map(|(_, v)| v.clone())
     }
 
+    /// The filter's VM clock, which its timer reads
+    /// (`filter::host::use_vm_clock`): no host call for a request. With a
+    /// shared store the filter reads the clock once per request callback
+    /// instead; this host does not count those (the host-call budget is
+    /// the filter's without one).
     fn now_ms(&self) -> u64 {
-        if !self.vm_clock && !self.clock_read.replace(true) {
-            self.count("get_current_time");
-        }
         self.now_ms
     }
 

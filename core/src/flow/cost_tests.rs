@@ -46,7 +46,6 @@ fn policy(team: bool) -> Rc<Policy> {
 /// Host calls made by `f`, by method.
 fn calls_of(host: &mut FakeHost, f: impl FnOnce(&mut FakeHost)) -> Vec<(&'static str, u32)> {
     host.calls.borrow_mut().clear();
-    host.new_callback();
     f(host);
     host.calls.borrow().iter().map(|(k, v)| (*k, *v)).collect()
 }
