@@ -58,10 +58,15 @@ pub fn use_vm_clock() {
     VM_CLOCK.set(read_clock().max(1));
 }
 
+/// Whether this VM's requests use the VM clock ([`use_vm_clock`]).
+pub fn keeps_vm_clock() -> bool {
+    VM_CLOCK.get() != 0
+}
+
 /// The timer's tick: a VM that keeps a clock reads it now. Returns the time.
 pub fn tick_clock() -> u64 {
     let now = read_clock();
-    if VM_CLOCK.get() != 0 {
+    if keeps_vm_clock() {
         VM_CLOCK.set(now.max(1));
     }
     now

@@ -75,7 +75,7 @@ impl Root {
             return true;
         }
         self.tick_ms = ms;
-        let timer = if self.options.shared.is_none() {
+        let timer = if host::keeps_vm_clock() {
             ms.min(CLOCK_TICK_MS)
         } else {
             ms
